@@ -1,0 +1,172 @@
+"""The Python API: load, from_torch, compile, bench. The CLI is a thin layer over these."""
+from __future__ import annotations
+
+import importlib
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import __version__, ort, verify
+from .artifact import MODEL, Artifact, Staging, sha256, write_json, MANIFEST, REPORT
+from .errors import CheckFailed
+from .graph import copy as copy_graph, input_specs, output_specs, to_onnx
+from .loading import load
+from .passmanager import PassContext, PassManager
+
+COMPILED_RTOL, COMPILED_ATOL = 1e-4, 1e-5   # atol scaled by max(1, max|ref|)
+
+
+def get_target(name: str, **options):
+    return importlib.import_module("graphopt.targets").get_target(name, **options)
+
+
+def _versions() -> dict:
+    import onnxruntime
+    v = {"graphopt": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    try:
+        import tvm
+        v["tvm"] = tvm.__version__
+    except Exception:  # pragma: no cover - tvm is a dependency
+        pass
+    return v
+
+
+def _as_pipeline(pipeline) -> PassManager:
+    if pipeline is None:
+        return PassManager([])
+    if isinstance(pipeline, PassManager):
+        return pipeline
+    if isinstance(pipeline, (str, Path)) and str(pipeline).endswith(".toml"):
+        return PassManager.from_toml(Path(pipeline))
+    return PassManager.parse(str(pipeline))
+
+
+def _io(specs) -> list[dict]:
+    return [{"name": n, "shape": [int(d) for d in s], "dtype": np.dtype(dt).name} for n, s, dt in specs]
+
+
+def time_call(fn, repeat: int, warmup: int = 2, budget_s: float | None = None) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times, start = [], time.perf_counter()
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if budget_s is not None and time.perf_counter() - start > budget_s and len(times) >= 3:
+            break
+    return times
+
+
+def measure_latency(art: Artifact, threads: int | None = None, repeat: int = 20, budget_s: float | None = None,
+                    seed: int = 0) -> dict:
+    """Median latency of graphopt's library and of onnxruntime (all optimizations on) running the artifact's
+    own model.onnx, same inputs, same thread count."""
+    model_path = art.path / MODEL
+    specs = [(i["name"], tuple(i["shape"]), i["dtype"]) for i in art.inputs]
+    feeds = ort.random_inputs(specs, seed)
+    arrays = art.check_inputs(feeds)
+    runner = art.runner(threads)
+    sess = ort.session(model_path.read_bytes(), optimize=True, threads=threads)
+    t_ours = time_call(lambda: runner(arrays), repeat, budget_s=budget_s)
+    t_ort = time_call(lambda: sess.run(None, feeds), repeat, budget_s=budget_s)
+    ours, theirs = statistics.median(t_ours) * 1e3, statistics.median(t_ort) * 1e3
+    return {"threads": threads, "graphopt_ms": round(ours, 4), "onnxruntime_ms": round(theirs, 4),
+            "ratio_to_onnxruntime": round(ours / theirs, 3) if theirs > 0 else None,
+            "repeats": min(len(t_ours), len(t_ort))}
+
+
+def compare_with_onnxruntime(art: Artifact, seed: int = 0, feeds: dict | None = None) -> dict:
+    """Run the compiled library and onnxruntime (no optimizations) on the artifact's model.onnx."""
+    specs = [(i["name"], tuple(i["shape"]), i["dtype"]) for i in art.inputs]
+    feeds = feeds if feeds is not None else ort.random_inputs(specs, seed)
+    ref = ort.run((art.path / MODEL).read_bytes(), feeds)
+    got = art.run(feeds)
+    ok, err, name = verify.compare(ref, got, COMPILED_RTOL, COMPILED_ATOL, scale_atol=True)
+    return {"ok": ok, "max_abs_error": err, "worst_output": name}
+
+
+def compile(model, target: str = "cpu", out: str | Path | None = None, pipeline=None, input_shapes: dict | None = None,
+            tuning_db: str | None = None, target_options: dict | None = None, verify_level: str = "full",
+            seed: int = 0, measure: bool = True, threads: int | None = None, log=None) -> Artifact:
+    """Run the pipeline on model (a Graph, a ModelProto or a path), lower it for target and write the artifact
+    atomically into out (a temporary folder when None). Raises CheckFailed when the compiled library does not
+    match onnxruntime on the artifact's own model.onnx."""
+    log = log or (lambda msg: None)
+    where = str(model) if isinstance(model, (str, Path)) else "model"
+    graph = copy_graph(model) if isinstance(model, gs.Graph) else load(model, input_shapes=input_shapes)
+    tgt = get_target(target, **(target_options or {}))
+    pm = _as_pipeline(pipeline)
+    ctx = PassContext(target=target, hw=tgt.hw(), seed=seed, verify=verify_level)
+    original = copy_graph(graph)
+
+    log(f"running pipeline: {pm.resolved() or '(empty)'}")
+    result = pm.run(graph, ctx)
+    records = result.records
+    legal = PassManager.parse(tgt.legalize) if tgt.legalize else PassManager([])
+    lres = legal.run(result.graph, ctx)
+    graph = lres.graph
+    model_proto = to_onnx(graph)
+    tgt.check_supported(model_proto, where)
+
+    dest = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="graphopt-")) / "artifact"
+    with Staging(dest) as stage:
+        onnx.save_model(model_proto, str(stage.path / MODEL))
+        log(f"lowering for {target} ({tgt.describe()})")
+        facts = tgt.lower(model_proto, stage.path, tuning_db=tuning_db)
+        files = [MODEL, tgt.library]
+        manifest = {
+            "format": 1,
+            "versions": _versions(),
+            "target": {**tgt.describe(), "options": dict(target_options or {})},
+            "pipeline": {"text": str(pm), "resolved": pm.resolved(), "legalize": legal.resolved()},
+            "tuning_db": str(tuning_db) if tuning_db else None,
+            "inputs": _io(input_specs(graph)),
+            "outputs": _io(output_specs(graph)),
+            "passes": records + [dict(r, legalize=True) for r in lres.records],
+            "files": {f: sha256(stage.path / f) for f in files},
+        }
+        write_json(stage.path / MANIFEST, manifest)
+        art = Artifact(stage.path)
+        check = compare_with_onnxruntime(art, seed)
+        if not check["ok"]:
+            raise CheckFailed(f"{where}: compiled library differs from onnxruntime on output '{check['worst_output']}' "
+                              f"(max abs error {check['max_abs_error']:.3g}); please report this model")
+        report = {"source": where, "target": target, **facts, "check": check,
+                  **_size_report(original, graph, ctx, stage.path / MODEL)}
+        if measure:
+            report["latency"] = measure_latency(art, threads=threads, repeat=20, budget_s=2.0, seed=seed)
+        write_json(stage.path / REPORT, report)
+        art._runner = None
+        stage.publish()
+    return Artifact(dest)
+
+
+def _size_report(original: gs.Graph, graph: gs.Graph, ctx: PassContext, model_path: Path) -> dict:
+    from .analyses import flops
+    before, after = flops(original, None), flops(graph, None)
+    return {"macs_before": before["macs"], "macs_after": after["macs"], "params_before": before["params"],
+            "params_after": after["params"], "model_bytes": model_path.stat().st_size,
+            "ops": len(graph.nodes)}
+
+
+def bench(source, threads: int | None = None, repeat: int = 50, input_shapes: dict | None = None,
+          target: str = "cpu") -> dict:
+    """graphopt vs onnxruntime on the same model with the same thread count. source: artifact folder or model."""
+    p = Path(source)
+    if p.is_dir():
+        art = Artifact(p)
+    else:
+        art = compile(p, target=target, input_shapes=input_shapes, measure=False)
+    res = measure_latency(art, threads=threads, repeat=repeat)
+    res["model"] = str(source)
+    return res
+
+
+def run(artifact: str | Path, feeds: dict, threads: int | None = None) -> dict[str, np.ndarray]:
+    return Artifact(artifact).run(feeds, threads=threads)

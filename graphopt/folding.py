@@ -1,0 +1,66 @@
+"""Constant folding, shared by the loader (shape-subgraph folding after binding) and the fold-constants pass."""
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from .graph import to_onnx
+from .shapes import infer
+
+
+def constants_to_initializers(graph: gs.Graph) -> bool:
+    """Turn Constant nodes into initializers (gs.Constant tensors). Returns whether anything changed."""
+    changed = False
+    for node in list(graph.nodes):
+        if node.op != "Constant" or (node.domain or "") not in ("", "ai.onnx") or len(node.outputs) != 1:
+            continue
+        out = node.outputs[0]
+        if out in graph.outputs:
+            continue
+        attrs = node.attrs
+        if "value" in attrs and isinstance(attrs["value"], gs.Constant):
+            values = attrs["value"].values
+        else:
+            import numpy as np
+            if "value_float" in attrs:
+                values = np.array(attrs["value_float"], dtype=np.float32)
+            elif "value_floats" in attrs:
+                values = np.array(attrs["value_floats"], dtype=np.float32)
+            elif "value_int" in attrs:
+                values = np.array(attrs["value_int"], dtype=np.int64)
+            elif "value_ints" in attrs:
+                values = np.array(attrs["value_ints"], dtype=np.int64)
+            else:
+                continue
+        out.to_constant(values)
+        node.outputs.clear()
+        changed = True
+    if changed:
+        graph.cleanup()
+    return changed
+
+
+def _signature(graph: gs.Graph):
+    return (len(graph.nodes), tuple(n.op for n in graph.nodes))
+
+
+def fold(graph: gs.Graph, max_rounds: int = 4) -> tuple[gs.Graph, bool]:
+    """Fold every subgraph whose inputs are all known at compile time, shapes of static tensors included.
+    onnx-graphsurgeon evaluates the foldable subgraphs with onnxruntime; we iterate with shape inference
+    in between, since folding a shape computation can make more shapes (and more subgraphs) static."""
+    changed = constants_to_initializers(graph)
+    for _ in range(max_rounds):
+        before = _signature(graph)
+        graph = infer(graph)
+        prev_level = gs.logger.G_LOGGER.severity
+        gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+        try:
+            graph.fold_constants(fold_shapes=True, partitioning=None, error_ok=True, flatten_subgraphs=False)
+        finally:
+            gs.logger.G_LOGGER.severity = prev_level
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        constants_to_initializers(graph)
+        if _signature(graph) == before:
+            break
+        changed = True
+    return graph, changed
+

@@ -1,0 +1,260 @@
+"""Pass infrastructure: the Pass base class with typed options, the registry, the context with its analysis
+cache, and the PassManager that parses/prints pipelines and verifies after every pass."""
+from __future__ import annotations
+
+import importlib
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx_graphsurgeon as gs
+
+from . import ort, pipeline_text, verify
+from .analyses import AnalysisManager
+from .errors import BadInput, CheckFailed
+from .graph import copy as copy_graph, to_onnx
+
+
+@dataclass
+class Option:
+    type: type
+    default: Any
+    help: str = ""
+    choices: tuple | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def convert(self, pass_name: str, key: str, value):
+        def bad(why):
+            return BadInput(f"pass '{pass_name}': option {key}={pipeline_text.format_value(value)} {why}")
+        t = self.type
+        if t is bool:
+            if not isinstance(value, bool):
+                raise bad("must be true or false")
+        elif t is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise bad("must be an integer")
+        elif t is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise bad("must be a number")
+            value = float(value)
+        elif t is str:
+            if isinstance(value, (list, dict)):
+                raise bad("must be a single value")
+            value = pipeline_text.format_value(value) if not isinstance(value, str) else value
+        elif t is list:
+            value = [value] if not isinstance(value, list) else value
+            value = [pipeline_text.format_value(v) if not isinstance(v, str) else v for v in value]
+        if self.choices is not None and value not in self.choices:
+            raise bad(f"must be one of: {', '.join(map(str, self.choices))}")
+        if self.minimum is not None and value < self.minimum:
+            raise bad(f"must be at least {self.minimum}")
+        if self.maximum is not None and value > self.maximum:
+            raise bad(f"must be at most {self.maximum}")
+        return value
+
+
+@dataclass
+class PassResult:
+    graph: gs.Graph
+    modified: bool
+    info: dict = field(default_factory=dict)
+
+
+class Pass:
+    """Subclass, set `name`, `help`, `exact`, `options`, `requires`/`preserves`, implement run()."""
+    name: str = ""
+    help: str = ""
+    exact: bool = True
+    options: dict[str, Option] = {}
+    requires: tuple[str, ...] = ()
+    preserves: tuple[str, ...] = ()
+
+    def __init__(self, **opts):
+        unknown = [k for k in opts if k not in self.options]
+        if unknown:
+            known = ", ".join(self.options) or "none"
+            raise BadInput(f"pass '{self.name}' has no option '{unknown[0]}'; its options: {known}")
+        self.given = {k: self.options[k].convert(self.name, k, v) for k, v in opts.items()}
+        self.opts = {k: o.default for k, o in self.options.items()}
+        self.opts.update(self.given)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check option combinations; raise BadInput."""
+
+    def run(self, graph: gs.Graph, ctx: "PassContext") -> PassResult:
+        raise NotImplementedError
+
+    def text(self, resolved: bool = False) -> str:
+        return pipeline_text.format_step(self.name, self.opts if resolved else self.given)
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.opts == other.opts
+
+    def __repr__(self):
+        return f"<pass {self.text(True)}>"
+
+
+REGISTRY: dict[str, type[Pass]] = {}
+_BUILTINS_LOADED = False
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def load_builtin_passes() -> None:
+    """Import the pass package (a plugin import: core code names no concrete pass)."""
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        importlib.import_module("graphopt.passes")
+        _BUILTINS_LOADED = True
+
+
+def get_pass_class(name: str) -> type[Pass]:
+    load_builtin_passes()
+    if name not in REGISTRY:
+        import difflib
+        close = difflib.get_close_matches(name, REGISTRY, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise BadInput(f"unknown pass '{name}'{hint}; `graphopt passes` lists them")
+    return REGISTRY[name]
+
+
+def make_pass(name: str, **opts) -> Pass:
+    return get_pass_class(name)(**opts)
+
+
+class PassContext:
+    """What passes can see besides the graph: analyses, target hardware constants, user data, the seed."""
+
+    def __init__(self, target: str | None = None, hw: dict | None = None, data: dict | None = None,
+                 seed: int = 0, verify: str = "full", progress=None):
+        self.target = target
+        self.hw = dict(hw or {})
+        self.data = dict(data or {})
+        self.seed = seed
+        self.verify = verify
+        self.progress = progress
+        self.analyses = AnalysisManager(self)
+
+
+@dataclass
+class PipelineResult:
+    graph: gs.Graph
+    modified: bool
+    records: list[dict]
+
+
+class PassManager:
+    def __init__(self, passes: list[Pass] | None = None):
+        self.passes = list(passes or [])
+
+    @classmethod
+    def parse(cls, text: str) -> "PassManager":
+        return cls([make_pass(name, **opts) for name, opts in pipeline_text.parse(text)])
+
+    @classmethod
+    def from_toml(cls, path_or_text: str | Path) -> "PassManager":
+        text = path_or_text
+        where = "pipeline TOML"
+        if isinstance(path_or_text, Path) or (isinstance(path_or_text, str) and "\n" not in path_or_text
+                                              and path_or_text.endswith(".toml")):
+            p = Path(path_or_text)
+            where = str(p)
+            try:
+                text = p.read_text()
+            except OSError as e:
+                raise BadInput(f"{p}: cannot read ({e.strerror})") from None
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise BadInput(f"{where}: invalid TOML ({e})") from None
+        return cls.from_steps(doc.get("pass", []), where)
+
+    @classmethod
+    def from_steps(cls, steps, where: str = "pipeline") -> "PassManager":
+        if not isinstance(steps, list):
+            raise BadInput(f"{where}: [[pass]] must be an array of tables")
+        passes = []
+        for i, step in enumerate(steps):
+            if not isinstance(step, dict) or not isinstance(step.get("name"), str):
+                raise BadInput(f"{where}: [[pass]] #{i + 1} needs a string 'name'")
+            opts = {k: v for k, v in step.items() if k != "name"}
+            passes.append(make_pass(step["name"], **opts))
+        return cls(passes)
+
+    def __str__(self) -> str:
+        return ",".join(p.text() for p in self.passes)
+
+    def resolved(self) -> str:
+        return ",".join(p.text(resolved=True) for p in self.passes)
+
+    def to_toml(self) -> str:
+        lines = []
+        for p in self.passes:
+            lines.append("[[pass]]")
+            lines.append(f'name = "{p.name}"')
+            for k, v in p.given.items():
+                if isinstance(v, str):
+                    lines.append(f'{k} = "{v}"')
+                elif isinstance(v, list):
+                    lines.append(f"{k} = [" + ", ".join(f'"{x}"' if isinstance(x, str) else str(x) for x in v) + "]")
+                else:
+                    lines.append(f"{k} = {pipeline_text.format_value(v)}")
+            lines.append("")
+        return "\n".join(lines)
+
+    def __eq__(self, other):
+        return isinstance(other, PassManager) and self.passes == other.passes
+
+    def _prefix(self, i: int) -> str:
+        return ",".join(p.text() for p in self.passes[:i + 1])
+
+    def run(self, graph: gs.Graph, ctx: PassContext | None = None, feeds: dict | None = None) -> PipelineResult:
+        """Run every pass in order. After each: structural check; for exact passes, outputs compared with
+        the pass's input graph in onnxruntime. A failure names the pass, its position and the prefix."""
+        ctx = ctx or PassContext()
+        records, modified_any = [], False
+        feeds = feeds if feeds is not None else (verify.seeded_inputs(graph, ctx.seed) if ctx.verify == "full" else None)
+        for i, p in enumerate(self.passes):
+            where = f"pass '{p.name}' (#{i + 1} in the pipeline; reproduce with --pipeline '{self._prefix(i)}')"
+            before = copy_graph(graph) if ctx.verify == "full" else None
+            nodes_before = len(graph.nodes)
+            t0 = time.perf_counter()
+            result = p.run(graph, ctx)
+            seconds = time.perf_counter() - t0
+            graph = result.graph
+            if result.modified:
+                modified_any = True
+                ctx.analyses.invalidate(keep=p.preserves, graph=graph)
+            record = {"pass": p.text(resolved=True), "position": i + 1, "exact": p.exact,
+                      "modified": result.modified, "seconds": round(seconds, 4),
+                      "nodes_before": nodes_before, "nodes_after": len(graph.nodes)}
+            record.update(result.info)
+            if ctx.verify in ("full", "structural"):
+                problems = verify.structural_problems(graph)
+                if problems:
+                    raise CheckFailed(f"{where} produced an invalid graph: {problems[0]}")
+            if ctx.verify == "full" and result.modified:
+                ref = ort.run(to_onnx(before), feeds)
+                got = ort.run(to_onnx(graph), {k: v for k, v in feeds.items() if k in {t.name for t in graph.inputs}})
+                got = verify.outputs_by_position(before, ref, graph, got)
+                if p.exact:
+                    ok, err, name = verify.compare(ref, got, verify.EXACT_RTOL, verify.EXACT_ATOL)
+                    record["max_error"] = err
+                    if not ok:
+                        raise CheckFailed(f"{where} is exact but changed output '{name}' (max abs error {err:.3g})")
+                else:
+                    record["drift"] = verify.drift(ref, got)
+                    budget_problem = getattr(p, "check_drift", lambda d: None)(record["drift"])
+                    if budget_problem:
+                        raise CheckFailed(f"{where} exceeded its budget: {budget_problem}")
+            records.append(record)
+        return PipelineResult(graph, modified_any, records)

@@ -1,0 +1,118 @@
+"""Shared TVM lowering: ONNX -> Relax import, fusion, schedules, build, export, load."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import onnx
+
+from graphopt.errors import BadInput, GraphoptError, UnsupportedModel
+from graphopt.graph import MAX_IR_VERSION
+
+
+def supported_onnx_ops() -> set[str]:
+    from tvm.relax.frontend.onnx import onnx_frontend
+    return set(onnx_frontend._get_convert_map())
+
+
+def check_importable(model: onnx.ModelProto, where: str, extra_ok: set[str] = frozenset()) -> None:
+    ok = supported_onnx_ops() | set(extra_ok)
+    missing = [(n.name or "?", n.op_type) for n in model.graph.node if n.op_type not in ok]
+    if missing:
+        ops = sorted({op for _, op in missing})
+        nodes = ", ".join(f"'{name}' ({op})" for name, op in missing[:8])
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise UnsupportedModel(f"{where}: TVM cannot import op type(s) {', '.join(ops)}: nodes {nodes}{more}; "
+                               f"rewrite them into standard ops before compiling")
+
+
+def import_onnx(model: onnx.ModelProto, where: str = "model"):
+    """ONNX -> Relax IRModule with weights bound as constants."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    check_importable(model, where)
+    inits = {i.name for i in model.graph.initializer}
+    shape_dict, dtype_dict = {}, {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+        if any(d <= 0 for d in dims):
+            raise BadInput(f"{where}: input '{vi.name}' is not static; bind it with --input-shape {vi.name}=...")
+        shape_dict[vi.name] = dims
+        dtype_dict[vi.name] = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name
+    try:
+        return from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=False)
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        raise UnsupportedModel(f"{where}: TVM's ONNX importer failed: {msg[-1] if msg else type(e).__name__}") from e
+
+
+def build(mod, target, schedule=None, tuning_db: str | None = None):
+    """Fuse, schedule (our default rules, then tuning records where they exist), and build."""
+    import tvm
+    from tvm import relax
+
+    with target:
+        seq = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
+               relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+               relax.transform.FuseOps(), relax.transform.FuseTIR()]
+        mod = tvm.transform.Sequential(seq)(mod)
+        if tuning_db:
+            from tvm.s_tir import meta_schedule as ms
+            db = ms.database.JSONDatabase(work_dir=tuning_db, allow_missing=False)
+            with db:
+                mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        if schedule is not None:
+            mod = schedule(mod, target)
+        return tvm.compile(mod, target=target)
+
+
+def export(executable, path: Path, cross_compiler=None) -> None:
+    if cross_compiler is None:
+        executable.export_library(str(path))
+    else:
+        executable.export_library(str(path), fcompile=cross_compiler)
+
+
+class VMRunner:
+    """Loads model.so into a Relax VM on the CPU and runs `main` on numpy inputs."""
+
+    def __init__(self, lib_path: Path, threads: int | None = None):
+        import tvm
+        from tvm import relax
+
+        if threads:
+            os.environ["TVM_NUM_THREADS"] = str(threads)
+            cfg = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
+            if cfg is not None:
+                cfg(1, int(threads))
+        self._tvm = tvm
+        try:
+            lib = tvm.runtime.load_module(str(lib_path))
+        except Exception as e:
+            raise GraphoptError(f"{lib_path}: cannot load the compiled library ({str(e).strip().splitlines()[-1]})") from e
+        self.vm = relax.VirtualMachine(lib, tvm.cpu())
+        self.main = self.vm["main"]
+
+    def __call__(self, arrays):
+        from .base import to_numpy_list
+        args = [self._tvm.runtime.tensor(a) for a in arrays]
+        return to_numpy_list(self.main(*args))
+
+    def time(self, arrays, repeat: int, warmup: int = 2) -> list[float]:
+        args = [self._tvm.runtime.tensor(a) for a in arrays]
+        for _ in range(warmup):
+            self.main(*args)
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            self.main(*args)
+            times.append(time.perf_counter() - t0)
+        return times
+
+
+def prepare_for_import(model: onnx.ModelProto) -> onnx.ModelProto:
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    return model

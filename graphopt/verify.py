@@ -1,0 +1,93 @@
+"""Verification: structural checks after every pass, numerical comparison with onnxruntime."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import ort
+from .errors import CheckFailed
+from .graph import input_specs, to_onnx
+
+EXACT_RTOL, EXACT_ATOL = 1e-5, 1e-6
+
+
+def structural_problems(graph: gs.Graph) -> list[str]:
+    """Dangling tensors, non-topological order, and onnx.checker with full shape inference."""
+    problems = []
+    produced = {t.name for t in graph.inputs} | {n for n, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    for node in graph.nodes:
+        for t in node.inputs:
+            if t.name and t.name not in produced and not isinstance(t, gs.Constant):
+                problems.append(f"node '{node.name}' ({node.op}) reads '{t.name}', which nothing produces before it")
+        for t in node.outputs:
+            produced.add(t.name)
+    for t in graph.outputs:
+        if t.name not in produced:
+            problems.append(f"graph output '{t.name}' is never produced")
+    if problems:
+        return problems
+    try:
+        onnx.checker.check_model(to_onnx(graph), full_check=True)
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        problems.append(msg[0] if msg else type(e).__name__)
+    return problems
+
+
+def seeded_inputs(graph: gs.Graph, seed: int = 0) -> dict[str, np.ndarray]:
+    return ort.random_inputs(input_specs(graph), seed)
+
+
+def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], rtol: float, atol: float,
+            scale_atol: bool = False) -> tuple[bool, float, str | None]:
+    """(all close, worst max-abs error, name of the worst output)."""
+    ok, worst, worst_name = True, 0.0, None
+    for name, r in ref.items():
+        if name not in got:
+            return False, float("inf"), name
+        err = ort.max_error(r, got[name])
+        if err > worst or worst_name is None:
+            worst, worst_name = err, name
+        if not ort.allclose(r, got[name], rtol, atol, scale_atol):
+            ok = False
+    return ok, worst, worst_name
+
+
+def outputs_by_position(graph_a: gs.Graph, outs_a: dict, graph_b: gs.Graph, outs_b: dict) -> dict:
+    """Map graph B's outputs onto graph A's output names by position (passes may rename outputs' producers,
+    never the outputs themselves, but compare by position to be safe)."""
+    names_a = [t.name for t in graph_a.outputs]
+    names_b = [t.name for t in graph_b.outputs]
+    return {a: outs_b[b] for a, b in zip(names_a, names_b)}
+
+
+def equivalent(before: gs.Graph, after: gs.Graph, seed: int = 0, rtol: float = EXACT_RTOL, atol: float = EXACT_ATOL,
+               feeds: dict | None = None) -> tuple[bool, float, str | None]:
+    feeds = feeds if feeds is not None else seeded_inputs(before, seed)
+    ref = ort.run(to_onnx(before), feeds)
+    got = ort.run(to_onnx(after), {k: v for k, v in feeds.items() if k in {t.name for t in after.inputs}})
+    if len(before.outputs) != len(after.outputs):
+        return False, float("inf"), "outputs"
+    return compare(ref, outputs_by_position(before, ref, after, got), rtol, atol)
+
+
+def drift(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict:
+    """Error figures for lossy changes: max/mean abs error, cosine similarity, top-1 agreement (2-D outputs)."""
+    out = {}
+    for name, r in ref.items():
+        g = np.asarray(got[name], dtype=np.float64)
+        r = np.asarray(r, dtype=np.float64)
+        d = {"max_abs": float(np.max(np.abs(r - g))) if r.size else 0.0,
+             "mean_abs": float(np.mean(np.abs(r - g))) if r.size else 0.0}
+        denom = np.linalg.norm(r) * np.linalg.norm(g)
+        d["cosine"] = float(np.dot(r.ravel(), g.ravel()) / denom) if denom > 0 else 1.0
+        if r.ndim == 2 and r.shape[1] > 1:
+            d["top1_agreement"] = float(np.mean(np.argmax(r, 1) == np.argmax(g, 1)))
+        out[name] = d
+    return out
+
+
+def require(cond: bool, message: str) -> None:
+    if not cond:
+        raise CheckFailed(message)
