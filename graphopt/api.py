@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import statistics
+from dataclasses import dataclass
 import tempfile
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import onnx_graphsurgeon as gs
 
 from . import __version__, ort, verify
 from .artifact import MODEL, Artifact, Staging, sha256, write_json, MANIFEST, REPORT
-from .errors import CheckFailed
+from .errors import BadInput, CheckFailed
 from .graph import copy as copy_graph, input_specs, output_specs, to_onnx
 from .loading import load
 from .passmanager import PassContext, PassManager
@@ -91,6 +92,51 @@ def compare_with_onnxruntime(art: Artifact, seed: int = 0, feeds: dict | None = 
     return {"ok": ok, "max_abs_error": err, "worst_output": name}
 
 
+@dataclass
+class Prepared:
+    graph: gs.Graph
+    original: gs.Graph
+    target: object
+    pm: PassManager
+    legal: PassManager
+    ctx: PassContext
+    records: list
+    legal_records: list
+    model_proto: onnx.ModelProto
+
+
+def prepare(model, target: str, pipeline=None, input_shapes=None, target_options=None, verify_level="full", seed=0,
+            log=None) -> Prepared:
+    """Load, run the user's pipeline, then the target's legalization: the graph the target will lower.
+    compile and tune both start here, so tuning records match what compile builds."""
+    log = log or (lambda msg: None)
+    where = str(model) if isinstance(model, (str, Path)) else "model"
+    graph = copy_graph(model) if isinstance(model, gs.Graph) else load(model, input_shapes=input_shapes)
+    tgt = get_target(target, **(target_options or {}))
+    pm = _as_pipeline(pipeline)
+    ctx = PassContext(target=target, hw=tgt.hw(), seed=seed, verify=verify_level)
+    original = copy_graph(graph)
+    log(f"running pipeline: {pm.resolved() or '(empty)'}")
+    result = pm.run(graph, ctx)
+    legal = PassManager.parse(tgt.legalize) if tgt.legalize else PassManager([])
+    lres = legal.run(result.graph, ctx)
+    model_proto = to_onnx(lres.graph)
+    tgt.check_supported(model_proto, where)
+    return Prepared(lres.graph, original, tgt, pm, legal, ctx, result.records, lres.records, model_proto)
+
+
+def tune(model, target: str = "cpu", db: str = "tuning-db", trials: int = 64, pipeline=None,
+         input_shapes: dict | None = None, rpc: str | None = None, key: str | None = None, progress: bool = False) -> dict:
+    """Tune the graph compile would lower (same pipeline) with MetaSchedule into a persistent database."""
+    if trials < 1:
+        raise BadInput("--trials must be at least 1")
+    if (rpc is None) != (key is None):
+        raise BadInput("--rpc and --key go together: give both or neither")
+    prep = prepare(model, target, pipeline, input_shapes)
+    Path(db).mkdir(parents=True, exist_ok=True)
+    return prep.target.tune(prep.model_proto, str(db), trials, rpc=rpc, key=key, progress=progress)
+
+
 def compile(model, target: str = "cpu", out: str | Path | None = None, pipeline=None, input_shapes: dict | None = None,
             tuning_db: str | None = None, target_options: dict | None = None, verify_level: str = "full",
             seed: int = 0, measure: bool = True, threads: int | None = None, log=None) -> Artifact:
@@ -99,20 +145,9 @@ def compile(model, target: str = "cpu", out: str | Path | None = None, pipeline=
     match onnxruntime on the artifact's own model.onnx."""
     log = log or (lambda msg: None)
     where = str(model) if isinstance(model, (str, Path)) else "model"
-    graph = copy_graph(model) if isinstance(model, gs.Graph) else load(model, input_shapes=input_shapes)
-    tgt = get_target(target, **(target_options or {}))
-    pm = _as_pipeline(pipeline)
-    ctx = PassContext(target=target, hw=tgt.hw(), seed=seed, verify=verify_level)
-    original = copy_graph(graph)
-
-    log(f"running pipeline: {pm.resolved() or '(empty)'}")
-    result = pm.run(graph, ctx)
-    records = result.records
-    legal = PassManager.parse(tgt.legalize) if tgt.legalize else PassManager([])
-    lres = legal.run(result.graph, ctx)
-    graph = lres.graph
-    model_proto = to_onnx(graph)
-    tgt.check_supported(model_proto, where)
+    prep = prepare(model, target, pipeline, input_shapes, target_options, verify_level, seed, log)
+    graph, original, tgt, pm, legal, ctx = prep.graph, prep.original, prep.target, prep.pm, prep.legal, prep.ctx
+    records, lres, model_proto = prep.records, prep.legal_records, prep.model_proto
 
     dest = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="graphopt-")) / "artifact"
     with Staging(dest) as stage:
@@ -128,7 +163,7 @@ def compile(model, target: str = "cpu", out: str | Path | None = None, pipeline=
             "tuning_db": str(tuning_db) if tuning_db else None,
             "inputs": _io(input_specs(graph)),
             "outputs": _io(output_specs(graph)),
-            "passes": records + [dict(r, legalize=True) for r in lres.records],
+            "passes": records + [dict(r, legalize=True) for r in lres],
             "files": {f: sha256(stage.path / f) for f in files},
         }
         write_json(stage.path / MANIFEST, manifest)

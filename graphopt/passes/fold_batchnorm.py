@@ -53,8 +53,6 @@ def _fold_gemm(prod: gs.Node, scale, shift, graph) -> bool:
     b_t = prod.inputs[1]
     if not isinstance(b_t, gs.Constant) or prod.outputs[0].shape is None or len(prod.outputs[0].shape) != 2:
         return False
-    if prod.attrs.get("transA", 0) and False:
-        return False
     B = b_t.values.astype(np.float64)
     trans_b = int(prod.attrs.get("transB", 0))
     n = B.shape[0] if trans_b else B.shape[1]
@@ -93,11 +91,11 @@ def _fold_matmul(prod: gs.Node, bn: gs.Node, scale, shift, graph) -> bool:
         return False
     dtype = w.values.dtype
     prod.inputs[1] = gs.Constant(w.name + "_bnfolded", (w.values.astype(np.float64) * scale[None, :]).astype(dtype))
-    scaled = gs.Variable(out.name + "_scaled", dtype=out.dtype, shape=out.shape)
-    prod.outputs[0] = scaled
-    add = gs.Node("Add", bn.name + "_bias", inputs=[scaled, gs.Constant(bn.name + "_shift", shift.astype(dtype))],
-                  outputs=[out])
-    graph.nodes.append(add)
+    bn_out = bn.outputs[0]
+    bn.inputs.clear()
+    bn.outputs.clear()
+    graph.nodes.append(gs.Node("Add", bn.name + "_shift", outputs=[bn_out],
+                               inputs=[out, gs.Constant(bn.name + "_shift", shift.astype(dtype))]))
     return True
 
 
@@ -127,17 +125,11 @@ class FoldBatchNorm(Pass):
             elif prod.op == "Gemm":
                 ok = _fold_gemm(prod, scale, shift, graph)
             else:
-                ok = _fold_matmul(prod, bn, scale, shift, graph)
-                if ok:
-                    bn.inputs.clear()
-                    bn.outputs.clear()
+                if _fold_matmul(prod, bn, scale, shift, graph):
                     folded += 1
-                    continue
-            if ok:
-                if bypass(graph, bn):
-                    folded += 1
-                else:  # BN output is a graph output fed by a graph input: impossible here, since prod exists
-                    raise AssertionError("unreachable")
+                continue
+            if ok and bypass(graph, bn):   # bypass cannot fail here: BN's input has a producer
+                folded += 1
         if folded:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return PassResult(graph, folded > 0, {"folded": folded})

@@ -90,3 +90,9 @@ class CpuTarget(Target):
 
     def load(self, art_dir: Path, manifest: dict, threads: int | None = None):
         return tvm_lowering.VMRunner(Path(art_dir) / self.library, threads=threads)
+
+    def tune(self, model: onnx.ModelProto, db: str, trials: int, rpc: str | None = None, key: str | None = None,
+             progress: bool = False) -> dict:
+        from . import cpu_tuning
+        return cpu_tuning.tune(tvm_lowering.prepare_for_import(model), self, db, trials, rpc=rpc, key=key,
+                               progress=progress)

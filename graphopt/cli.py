@@ -1,0 +1,243 @@
+"""Command line: graphopt compile | run | bench | inspect | passes | tune.
+Errors are one line on stderr with exit code 2 (bad input) or 1 (a check failed); --debug shows tracebacks."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import BadInput, GraphoptError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"graphopt: error: {message} (see graphopt {self.prog.split()[-1]} --help)\n")
+
+
+def _add_shapes(p):
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
+                   help="bind an input's dynamic dimensions (repeatable)")
+
+
+def _shapes(args) -> dict:
+    from .shapes import parse_shape_arg
+    out = {}
+    for text in args.input_shape:
+        name, shape = parse_shape_arg(text)
+        out[name] = shape
+    return out
+
+
+def _interactive() -> bool:
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def _log(msg: str) -> None:
+    if _interactive():
+        print(f"graphopt: {msg}", file=sys.stderr)
+
+
+def _emit(args, data: dict, text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, sort_keys=True, default=str))
+    else:
+        print(text)
+
+
+def _table(rows: list[tuple], header: tuple) -> str:
+    rows = [tuple(str(c) for c in r) for r in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in rows])
+
+
+def _load_npz(path: str, what: str) -> dict:
+    import numpy as np
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"{p}: no such file ({what} must be an .npz file)")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:
+        raise BadInput(f"{p}: not a readable .npz file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def cmd_compile(args) -> int:
+    from . import api
+    if args.pipeline and args.config:
+        raise BadInput("give either --pipeline or --config, not both")
+    pipeline = args.config if args.config else args.pipeline
+    if args.config and not Path(args.config).is_file():
+        raise BadInput(f"{args.config}: no such file")
+    out = args.output or f"{Path(args.model).stem}.{args.target}"
+    from .passmanager import PassManager
+    pm = PassManager.from_toml(Path(args.config)) if args.config else PassManager.parse(args.pipeline or "")
+    art = api.compile(args.model, target=args.target, out=out, pipeline=pm, input_shapes=_shapes(args),
+                      tuning_db=args.tuning_db, threads=args.threads, measure=not args.no_bench, log=_log)
+    rep = art.report
+    rows = [("artifact", str(art.path)), ("target", json.dumps(art.manifest["target"].get("llvm_mcpu", args.target))),
+            ("pipeline", art.manifest["pipeline"]["resolved"] or "(none)"), ("ops", rep["ops"]),
+            ("params", f"{rep['params_before']:,} -> {rep['params_after']:,}"),
+            ("MACs", f"{rep['macs_before']:,} -> {rep['macs_after']:,}"),
+            ("model.onnx bytes", f"{rep['model_bytes']:,}"), ("compile s", rep["compile_seconds"]),
+            ("max |err| vs onnxruntime", f"{rep['check']['max_abs_error']:.3g} (ok)")]
+    if "latency" in rep:
+        lat = rep["latency"]
+        rows += [("latency ms (graphopt)", lat["graphopt_ms"]), ("latency ms (onnxruntime)", lat["onnxruntime_ms"]),
+                 ("ratio to onnxruntime", lat["ratio_to_onnxruntime"])]
+    _emit(args, {"artifact": str(art.path), "report": rep, "manifest": art.manifest}, _table(rows, ("", "")))
+    return 0
+
+
+def cmd_run(args) -> int:
+    import numpy as np
+    from .artifact import Artifact
+    art = Artifact(args.artifact)
+    feeds = _load_npz(args.inputs, "--inputs")
+    outs = art.run(feeds, threads=args.threads)
+    if args.outputs:
+        dest = Path(args.outputs)
+        tmp = dest.with_name(f".{dest.name}.tmp.npz")
+        np.savez(tmp, **outs)
+        os.replace(tmp, dest)
+    rows = [(k, "x".join(map(str, v.shape)), str(v.dtype), f"{float(np.mean(v)):.6g}" if v.size else "-")
+            for k, v in outs.items()]
+    _emit(args, {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in outs.items()},
+          _table(rows, ("output", "shape", "dtype", "mean")))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from . import api
+    res = api.bench(args.model, threads=args.threads, repeat=args.repeat, input_shapes=_shapes(args))
+    rows = [("graphopt", res["graphopt_ms"], res["ratio_to_onnxruntime"]), ("onnxruntime", res["onnxruntime_ms"], 1.0)]
+    _emit(args, res, f"{res['model']}  threads={res['threads'] or 'default'}  repeats={res['repeats']}\n"
+          + _table(rows, ("engine", "median ms", "ratio")))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .inspect_model import inspect_model
+    info = inspect_model(args.model, _shapes(args))
+    rows = [(layer["name"], layer["op"], layer["output_shape"], f"{layer['params']:,}", f"{layer['macs']:,}")
+            for layer in info["layers"]]
+    summary = (f"\n{info['nodes']} nodes, {info['params']:,} params, {info['macs']:,} MACs, opset {info['opset']}\n"
+               f"ops: " + ", ".join(f"{k} {v}" for k, v in sorted(info["op_counts"].items())))
+    inputs = "inputs: " + ", ".join(f"{i['name']} {i['dtype']}{i['shape']}" for i in info["inputs"])
+    _emit(args, info, inputs + "\n" + _table(rows, ("node", "op", "output", "params", "MACs")) + summary)
+    return 0
+
+
+def cmd_passes(args) -> int:
+    from .passmanager import REGISTRY, load_builtin_passes
+    load_builtin_passes()
+    data = {name: {"help": cls.help, "exact": cls.exact,
+                   "options": {k: {"type": o.type.__name__, "default": o.default, "help": o.help}
+                               for k, o in cls.options.items()}} for name, cls in sorted(REGISTRY.items())}
+    lines = []
+    for name, d in data.items():
+        lines.append(f"{name}{' (exact)' if d['exact'] else ''}: {d['help']}")
+        for k, o in d["options"].items():
+            lines.append(f"    {k}: {o['type']} = {o['default']!r}  {o['help']}")
+    _emit(args, data, "\n".join(lines))
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from . import api
+    res = api.tune(args.model, target=args.target, db=args.db, trials=args.trials, input_shapes=_shapes(args),
+                   rpc=args.rpc, key=args.key, progress=_interactive())
+    _emit(args, res, f"tuned {res['tasks']} task(s), {res['trials']} trial(s); records in {res['db']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="graphopt", description="Model-graph compiler: ONNX/PyTorch in, verified passes, TVM out.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("compile", help="run a pipeline and compile for a target")
+    c.add_argument("model")
+    c.add_argument("--target", default="cpu")
+    c.add_argument("-o", "--output")
+    c.add_argument("--pipeline", help="pipeline text, e.g. cleanup,fold-batchnorm")
+    c.add_argument("--config", help="pipeline TOML with [[pass]] entries")
+    _add_shapes(c)
+    c.add_argument("--calib", help="calibration data (.npz)")
+    c.add_argument("--tuning-db", help="MetaSchedule database folder from `graphopt tune`")
+    c.add_argument("--threads", type=int, help="threads for the latency measurement")
+    c.add_argument("--no-bench", action="store_true", help="skip the latency measurement")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(fn=cmd_compile)
+
+    r = sub.add_parser("run", help="run a compiled artifact on inputs from an .npz file")
+    r.add_argument("artifact")
+    r.add_argument("--inputs", required=True)
+    r.add_argument("--outputs")
+    r.add_argument("--threads", type=int)
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(fn=cmd_run)
+
+    b = sub.add_parser("bench", help="graphopt vs onnxruntime latency, same model, same threads")
+    b.add_argument("model", help="artifact folder or ONNX file")
+    b.add_argument("--threads", type=int)
+    b.add_argument("--repeat", type=int, default=50)
+    _add_shapes(b)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(fn=cmd_bench)
+
+    i = sub.add_parser("inspect", help="ops, shapes, params and MACs per layer")
+    i.add_argument("model")
+    _add_shapes(i)
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_inspect)
+
+    ps = sub.add_parser("passes", help="list passes and their options")
+    ps.add_argument("--json", action="store_true")
+    ps.set_defaults(fn=cmd_passes)
+
+    t = sub.add_parser("tune", help="tune with MetaSchedule into a persistent database")
+    t.add_argument("model")
+    t.add_argument("--target", default="cpu")
+    t.add_argument("--db", required=True)
+    t.add_argument("--trials", type=int, default=64)
+    _add_shapes(t)
+    t.add_argument("--rpc", help="HOST:PORT of an RPC tracker")
+    t.add_argument("--key", help="device key at the tracker")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(fn=cmd_tune)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            print("graphopt: error: --threads must be at least 1", file=sys.stderr)
+            return 2
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    try:
+        return args.fn(args)
+    except GraphoptError as e:
+        if args.debug:
+            raise
+        print(f"graphopt: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("graphopt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug of ours: still one line, with the way to see more
+        if args.debug:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"graphopt: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

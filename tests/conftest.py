@@ -1,0 +1,28 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import zoo  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def zoo_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("zoo")
+
+
+@pytest.fixture(scope="session")
+def zoo_onnx(zoo_dir):
+    """zoo_onnx(name, dynamic_batch=False) -> path of the model exported once per session."""
+    cache = {}
+
+    def get(name, dynamic_batch=False):
+        key = (name, dynamic_batch)
+        if key not in cache:
+            path = zoo_dir / f"{name}{'_dyn' if dynamic_batch else ''}.onnx"
+            zoo.export_onnx(name, path, dynamic_batch=dynamic_batch)
+            cache[key] = path
+        return cache[key]
+    return get

@@ -1,0 +1,88 @@
+"""Cleanup passes: exact (outputs equal onnxruntime on the input graph), idempotent, and clear on bad input."""
+import numpy as np
+import pytest
+
+import graphopt
+import onnx_builders as ob
+from graphopt import PassContext, PassManager
+from graphopt.errors import BadInput
+from graphopt.verify import equivalent
+
+ZOO_FOR_CLEANUP = ["resnet", "mobilenet_v3", "densenet", "inception", "resnext", "shufflenet", "vit", "convnext",
+                   "yolo", "unet", "lstm", "gru", "mlp_digits", "cnn_digits"]
+CLEANUP_PASSES = ["fold-constants", "eliminate-dead-code", "remove-identity", "fold-batchnorm", "infer-shapes", "cleanup"]
+
+
+def _load(model):
+    return graphopt.load(model)
+
+
+@pytest.mark.parametrize("name", ZOO_FOR_CLEANUP)
+def test_cleanup_is_exact_on_zoo(zoo_onnx, name):
+    g = _load(zoo_onnx(name))
+    before = graphopt.graph.copy(g)
+    res = PassManager.parse("cleanup").run(g)          # the manager itself checks exactness after each pass
+    ok, err, _ = equivalent(before, res.graph)
+    assert ok, err
+    assert len(res.graph.nodes) <= len(before.nodes)
+    if name in ("resnet", "cnn_digits", "unet", "densenet", "inception", "yolo"):
+        assert not any(n.op == "BatchNormalization" for n in res.graph.nodes if n.inputs[0].inputs and
+                       n.inputs[0].inputs[0].op in ("Conv", "ConvTranspose")
+                       and len(n.inputs[0].outputs) == 1), "BN after a single-use conv left unfolded"
+
+
+@pytest.mark.parametrize("pass_name", CLEANUP_PASSES)
+def test_each_cleanup_pass_is_idempotent(zoo_onnx, pass_name):
+    g = _load(zoo_onnx("yolo"))
+    first = PassManager.parse(pass_name).run(g).graph
+    second = PassManager.parse(pass_name).run(first)
+    assert not second.modified, second.records
+
+
+@pytest.mark.parametrize("build", [ob.convtranspose_bn, lambda: ob.convtranspose_bn(group=2), ob.gemm_bn,
+                                   lambda: ob.gemm_bn(trans_b=0, with_c=False), ob.matmul_bn])
+def test_fold_batchnorm_into_convtranspose_gemm_matmul(build):
+    g = _load(build())
+    res = PassManager.parse("fold-batchnorm").run(g)
+    assert res.records[0]["folded"] == 1
+    assert all(n.op != "BatchNormalization" for n in res.graph.nodes)
+    assert res.records[0]["max_error"] < 1e-4
+
+
+def test_remove_identity_keeps_output_names():
+    g = _load(ob.identity_chain())
+    res = PassManager.parse("remove-identity").run(g)
+    ops = [n.op for n in res.graph.nodes]
+    assert "Cast" not in ops and ops.count("Identity") == 1   # x -> z must stay: an output fed by an input
+    assert [t.name for t in res.graph.outputs] == ["y", "z"]
+
+
+def test_fold_constants_folds_shape_subgraph_after_binding():
+    g = graphopt.load(ob.dynamic_reshape(), input_shapes={"x": (5, 2, 3)}, fold_constants=False)
+    assert any(n.op == "Shape" for n in g.nodes)
+    res = PassManager.parse("fold-constants").run(g)
+    assert [n.op for n in res.graph.nodes] == ["Reshape", "MatMul"]
+
+
+def test_eliminate_dead_code_keeps_graph_inputs(zoo_onnx):
+    g = _load(zoo_onnx("mlp_digits"))
+    # add an unused branch
+    import onnx_graphsurgeon as gs
+    dead = gs.Variable("dead", dtype=np.float32)
+    g.nodes.append(gs.Node("Relu", "dead_relu", inputs=[g.inputs[0]], outputs=[dead]))
+    res = PassManager.parse("eliminate-dead-code").run(g)
+    assert res.records[0]["removed_nodes"] == 1 and [t.name for t in res.graph.inputs] == ["x"]
+
+
+@pytest.mark.parametrize("text,needle", [("cleanup{max_iterations=-1}", "at least 1"),
+                                         ("fold-constants{max_rounds=1.5}", "integer"),
+                                         ("infer-shapes{x=1}", "no option 'x'")])
+def test_bad_options(text, needle):
+    with pytest.raises(BadInput, match=needle):
+        PassManager.parse(text)
+
+
+def test_structural_only_mode_skips_numeric_check(zoo_onnx):
+    g = _load(zoo_onnx("resnet"))
+    res = PassManager.parse("cleanup").run(g, PassContext(verify="structural"))
+    assert "max_error" not in res.records[0]

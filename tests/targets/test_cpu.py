@@ -1,0 +1,100 @@
+"""CPU target: every zoo model compiles and matches onnxruntime on the artifact's own model.onnx."""
+import json
+
+import numpy as np
+import pytest
+
+import graphopt
+import onnx_builders as ob
+from graphopt import ort
+from graphopt.artifact import Artifact, sha256
+from graphopt.errors import BadInput, UnsupportedModel
+from graphopt.targets.cpu import pick_mcpu
+
+ZOO = ["resnet", "mobilenet_v3", "densenet", "inception", "resnext", "shufflenet", "vit", "convnext", "yolo", "unet",
+       "lstm", "gru", "mlp_digits", "cnn_digits"]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_compiles_and_matches_onnxruntime(zoo_onnx, tmp_path, name):
+    art = graphopt.compile(zoo_onnx(name), target="cpu", out=tmp_path / name, pipeline="cleanup", measure=False)
+    assert art.report["check"]["ok"]
+    # independent re-check on fresh inputs, against onnxruntime on the ORIGINAL file
+    feeds = ort.random_inputs([(i["name"], tuple(i["shape"]), i["dtype"]) for i in art.inputs], seed=7)
+    want = ort.run(open(zoo_onnx(name), "rb").read(), feeds)
+    got = art.run(feeds)
+    for k, ref in want.items():
+        np.testing.assert_allclose(got[k], ref, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(ref).max())))
+
+
+def test_artifact_layout_and_manifest(zoo_onnx, tmp_path):
+    art = graphopt.compile(zoo_onnx("cnn_digits"), out=tmp_path / "a", pipeline="cleanup")
+    files = sorted(p.name for p in art.path.iterdir())
+    assert files == ["manifest.json", "model.onnx", "model.so", "report.json"]
+    m = json.loads((art.path / "manifest.json").read_text())
+    assert m["pipeline"]["resolved"] == "cleanup{max_iterations=8}"
+    assert m["target"]["name"] == "cpu" and m["target"]["llvm_mcpu"]
+    assert set(m["versions"]) >= {"graphopt", "tvm", "onnx", "onnxruntime"}
+    assert m["inputs"] == [{"name": "x", "shape": [1, 1, 8, 8], "dtype": "float32"}]
+    assert all(m["files"][f] == sha256(art.path / f) for f in ("model.onnx", "model.so"))
+    assert m["passes"][0]["pass"].startswith("cleanup")
+    rep = art.report
+    assert rep["macs_before"] == rep["macs_after"] > 0 and rep["params_after"] < rep["params_before"]
+    assert rep["latency"]["graphopt_ms"] > 0 and rep["latency"]["onnxruntime_ms"] > 0
+
+
+def test_artifact_reloads_in_a_fresh_object_and_rejects_tampering(zoo_onnx, tmp_path):
+    art = graphopt.compile(zoo_onnx("mlp_digits"), out=tmp_path / "a", measure=False)
+    x = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
+    y = Artifact(tmp_path / "a").run({"x": x})["y"]
+    np.testing.assert_allclose(y, ort.run(open(zoo_onnx("mlp_digits"), "rb").read(), {"x": x})["y"], atol=1e-5)
+    with open(tmp_path / "a" / "model.so", "ab") as f:
+        f.write(b"junk")
+    with pytest.raises(BadInput, match="does not match the manifest's sha256"):
+        Artifact(tmp_path / "a")
+
+
+@pytest.mark.parametrize("mcpu", ["haswell", "skylake-avx512"])
+def test_other_isas_compile_and_run_here(zoo_onnx, tmp_path, mcpu):
+    """AVX2 machines must work: build for haswell (and plain AVX-512) and run on this superset CPU."""
+    art = graphopt.compile(zoo_onnx("resnext"), out=tmp_path / mcpu, target_options={"mcpu": mcpu}, measure=False)
+    assert art.manifest["target"]["llvm_mcpu"] == mcpu
+    assert art.report["check"]["ok"]
+
+
+def test_mcpu_choice_from_flags():
+    assert pick_mcpu({"avx2", "fma"}) == "haswell"
+    assert pick_mcpu({"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"}) == "skylake-avx512"
+    assert pick_mcpu({"avx512_vnni", "avx512bw", "avx512_vbmi2"}) == "icelake-server"
+    assert pick_mcpu({"sse2"}) == "x86-64"
+
+
+def test_unsupported_op_refused_up_front_with_names(tmp_path):
+    with pytest.raises(UnsupportedModel, match=r"CenterCropPad: nodes 'crop' \(CenterCropPad\)"):
+        graphopt.compile(ob.unsupported_op(), out=tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    assert not list(tmp_path.iterdir()), "no half-written output"
+
+
+def test_unknown_target_and_option(zoo_onnx, tmp_path):
+    with pytest.raises(BadInput, match="unknown target 'tpu'"):
+        graphopt.compile(zoo_onnx("mlp_digits"), target="tpu", out=tmp_path / "a")
+    with pytest.raises(BadInput, match="unknown mcpu 'pentium9'"):
+        graphopt.compile(zoo_onnx("mlp_digits"), target_options={"mcpu": "pentium9"}, out=tmp_path / "a")
+    assert not list(tmp_path.iterdir())
+
+
+def test_recompiling_into_an_existing_artifact_replaces_it(zoo_onnx, tmp_path):
+    graphopt.compile(zoo_onnx("mlp_digits"), out=tmp_path / "a", measure=False)
+    art = graphopt.compile(zoo_onnx("cnn_digits"), out=tmp_path / "a", measure=False)
+    import onnx
+    assert any(n.op_type == "Conv" for n in onnx.load(str(art.path / "model.onnx")).graph.node)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_refuses_to_overwrite_a_foreign_folder(zoo_onnx, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "precious.txt").write_text("keep me")
+    with pytest.raises(BadInput, match="not a graphopt artifact"):
+        graphopt.compile(zoo_onnx("mlp_digits"), out=tmp_path / "a")
+    assert (tmp_path / "a" / "precious.txt").read_text() == "keep me"

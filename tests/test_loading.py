@@ -1,0 +1,161 @@
+"""Loading: opsets, shape binding and folding, Constant weights, external data, torch export."""
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+import graphopt
+import onnx_builders as ob
+import zoo
+from graphopt import ort
+from graphopt.errors import BadInput, UnsupportedModel
+
+
+def _conv_model(opset):
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Reshape", ["r", "shape"], ["f"], name="flat"),
+             helper.make_node("Softmax", ["f"], ["y"], name="softmax", axis=1)]
+    return ob.model(nodes, [ob.vi("x", [1, 2, 4, 4])], [ob.vi("y", [1, 48])],
+                    [("w", ob.rnd(3, 2, 3, 3)), ("shape", np.array([1, -1], np.int64))], opset=opset)
+
+
+@pytest.mark.parametrize("opset", list(range(11, 22)))
+def test_opsets_11_to_21_load_and_match(opset):
+    m = _conv_model(opset)
+    g = graphopt.load(m)
+    assert g.opset == opset
+    x = np.random.default_rng(0).standard_normal((1, 2, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(ort.run(graphopt.to_onnx(g), {"x": x})["y"], ort.run(m, {"x": x})["y"], atol=1e-6)
+
+
+def test_old_opset_is_upgraded():
+    g = graphopt.load(ob.old_opset_model())
+    assert g.opset >= 11
+
+
+def test_dynamic_dims_must_be_bound_with_clear_message():
+    with pytest.raises(BadInput, match=r"input 'x' has dynamic shape \[batch,2,3\]; bind it with --input-shape x=N,2,3"):
+        graphopt.load(ob.dynamic_reshape())
+
+
+def test_binding_folds_shape_subgraphs_to_a_static_graph():
+    g = graphopt.load(ob.dynamic_reshape(), input_shapes={"x": (5, 2, 3)})
+    assert [n.op for n in g.nodes] == ["Reshape", "MatMul"]
+    assert g.outputs[0].shape == [5, 4]
+
+
+@pytest.mark.parametrize("shapes,needle", [({"nope": (1, 2, 3)}, "'nope', which is not a graph input; inputs are: x"),
+                                           ({"x": (1, 2)}, "rank 2 but the input has rank 3"),
+                                           ({"x": (1, 5, 3)}, "dimension 1 is fixed to 2")])
+def test_bad_bindings(shapes, needle):
+    with pytest.raises(BadInput, match=needle.replace("(", r"\(")):
+        graphopt.load(ob.dynamic_reshape(), input_shapes=shapes)
+
+
+@pytest.mark.parametrize("name", ["resnet", "vit", "yolo", "shufflenet", "lstm"])
+def test_dynamic_batch_zoo_binds_and_matches(zoo_onnx, name):
+    path = zoo_onnx(name, dynamic_batch=True)
+    g = graphopt.load(path, input_shapes={"x": (3,) + tuple(zoo.INPUT_SHAPES[name][0][1:])})
+    assert not any(n.op == "Shape" for n in g.nodes), "shape subgraphs must be folded after binding"
+    feeds = graphopt.verify.seeded_inputs(g)
+    ref = ort.run(onnx.load(str(path)), feeds)
+    got = ort.run(graphopt.to_onnx(g), feeds)
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], atol=1e-5)
+
+
+def test_constant_node_weights_become_initializers():
+    nodes = [helper.make_node("Constant", [], ["w"], name="wconst", value=numpy_helper.from_array(ob.rnd(4, 3), "w")),
+             helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
+    g = graphopt.load(ob.model(nodes, [ob.vi("x", [2, 4])], [ob.vi("y", [2, 3])]))
+    assert [n.op for n in g.nodes] == ["MatMul"]
+    assert isinstance(g.nodes[0].inputs[1], graphopt.graph.gs.Constant)
+
+
+def _external(tmp_path, location):
+    m = _conv_model(17)
+    onnx.external_data_helper.convert_model_to_external_data(m, all_tensors_to_one_file=True, location="w.bin",
+                                                             size_threshold=0)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    onnx.save_model(m, str(model_dir / "m.onnx"))   # writes model_dir/w.bin
+    if location != "w.bin":
+        mm = onnx.load(str(model_dir / "m.onnx"), load_external_data=False)
+        for t in mm.graph.initializer:
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = location
+        onnx.save_model(mm, str(model_dir / "m.onnx"))
+    return model_dir / "m.onnx"
+
+
+def test_external_data_inside_folder_loads(tmp_path):
+    g = graphopt.load(_external(tmp_path, "w.bin"))
+    assert any(isinstance(t, graphopt.graph.gs.Constant) for t in g.tensors().values())
+
+
+@pytest.mark.parametrize("location,needle", [("../w.bin", "outside the model's folder"),
+                                             ("/etc/passwd", "outside the model's folder"),
+                                             ("missing.bin", "which does not exist")])
+def test_external_data_outside_folder_is_refused(tmp_path, location, needle):
+    (tmp_path / "w.bin").write_bytes(b"\0" * 1024)
+    with pytest.raises(BadInput, match=needle):
+        graphopt.load(_external(tmp_path, location))
+
+
+def test_unknown_domain_is_refused_with_node_names():
+    with pytest.raises(UnsupportedModel, match=r"'fancy' \(FancyOp, domain 'com.acme'\)"):
+        graphopt.load(ob.custom_domain())
+
+
+@pytest.mark.parametrize("content,needle", [(None, "no such file"), (b"", "file is empty"),
+                                            (b"this is not onnx at all\n" * 10, "not"),
+                                            ("truncate", "truncated")])
+def test_unreadable_files(tmp_path, zoo_onnx, content, needle):
+    p = tmp_path / "m.onnx"
+    if content == "truncate":
+        data = open(zoo_onnx("resnet"), "rb").read()
+        p.write_bytes(data[: len(data) // 2])
+    elif content is not None:
+        p.write_bytes(content)
+    with pytest.raises(BadInput, match=needle):
+        graphopt.load(p)
+
+
+def test_from_torch_matches_torch():
+    module, inputs = zoo.build("resnet")
+    g = graphopt.from_torch(module, inputs)
+    feeds = {g.inputs[0].name: inputs[0].numpy()}
+    got = ort.run(graphopt.to_onnx(g), feeds)
+    want = module(*inputs).detach().numpy()
+    np.testing.assert_allclose(next(iter(got.values())), want, atol=1e-5)
+
+
+def test_from_torch_compiles(tmp_path):
+    module, inputs = zoo.build("cnn_digits")
+    art = graphopt.compile(graphopt.from_torch(module, inputs), out=tmp_path / "a", measure=False)
+    out = art.run({art.inputs[0]["name"]: inputs[0].numpy()})
+    np.testing.assert_allclose(next(iter(out.values())), module(*inputs).detach().numpy(), atol=1e-5)
+
+
+def test_from_torch_failure_is_one_clear_error():
+    class Bad(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x)
+    with pytest.raises(UnsupportedModel, match="torch export of Bad failed"):
+        graphopt.from_torch(Bad(), (torch.randn(2, 3),))   # wrong example input width
+
+
+def test_load_does_not_touch_the_file(zoo_onnx):
+    p = zoo_onnx("mlp_digits")
+    before = os.stat(p).st_mtime_ns
+    graphopt.load(p)
+    assert os.stat(p).st_mtime_ns == before
