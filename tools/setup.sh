@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: a virtual environment at .venv/ with graphopt (editable) and its pinned dependencies.
+# torch==2.13.0 resolves to the CPU wheel in the machine's local wheel folder (pip's find-links).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/python -c "import tvm_ffi, tvm, torch, onnxruntime; assert tvm_ffi.__version__ == '0.1.14.post1', tvm_ffi.__version__" \
+    || { echo "setup: dependency check failed" >&2; exit 1; }
+echo "setup: .venv ready ($(.venv/bin/graphopt --help >/dev/null && echo graphopt installed))"
