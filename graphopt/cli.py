@@ -88,7 +88,7 @@ def cmd_compile(args) -> int:
         lat = rep["latency"]
         rows += [("latency ms (graphopt)", lat["graphopt_ms"]), ("latency ms (onnxruntime)", lat["onnxruntime_ms"]),
                  ("ratio to onnxruntime", lat["ratio_to_onnxruntime"])]
-    _emit(args, {"artifact": str(art.path), "report": rep, "manifest": art.manifest}, _table(rows, ("", "")))
+    _emit(args, {"artifact": str(art.path), "report": rep, "manifest": art.manifest}, _table(rows, ("report", "")))
     return 0
 
 
