@@ -106,7 +106,7 @@ class Prepared:
 
 
 def prepare(model, target: str, pipeline=None, input_shapes=None, target_options=None, verify_level="full", seed=0,
-            log=None) -> Prepared:
+            log=None, data: dict | None = None) -> Prepared:
     """Load, run the user's pipeline, then the target's legalization: the graph the target will lower.
     compile and tune both start here, so tuning records match what compile builds."""
     log = log or (lambda msg: None)
@@ -114,7 +114,7 @@ def prepare(model, target: str, pipeline=None, input_shapes=None, target_options
     graph = copy_graph(model) if isinstance(model, gs.Graph) else load(model, input_shapes=input_shapes)
     tgt = get_target(target, **(target_options or {}))
     pm = _as_pipeline(pipeline)
-    ctx = PassContext(target=target, hw=tgt.hw(), seed=seed, verify=verify_level)
+    ctx = PassContext(target=target, hw=tgt.hw(), seed=seed, verify=verify_level, data=data)
     original = copy_graph(graph)
     log(f"running pipeline: {pm.resolved() or '(empty)'}")
     result = pm.run(graph, ctx)
@@ -139,13 +139,15 @@ def tune(model, target: str = "cpu", db: str = "tuning-db", trials: int = 64, pi
 
 def compile(model, target: str = "cpu", out: str | Path | None = None, pipeline=None, input_shapes: dict | None = None,
             tuning_db: str | None = None, target_options: dict | None = None, verify_level: str = "full",
-            seed: int = 0, measure: bool = True, threads: int | None = None, log=None) -> Artifact:
+            seed: int = 0, measure: bool = True, threads: int | None = None, log=None,
+            data: dict | None = None) -> Artifact:
     """Run the pipeline on model (a Graph, a ModelProto or a path), lower it for target and write the artifact
     atomically into out (a temporary folder when None). Raises CheckFailed when the compiled library does not
-    match onnxruntime on the artifact's own model.onnx."""
+    match onnxruntime on the artifact's own model.onnx. data: user data for passes, e.g. {"calib": {input: array}}.
+    Targets that cannot run on this machine (runs_here() False) are built and published without the run check."""
     log = log or (lambda msg: None)
     where = str(model) if isinstance(model, (str, Path)) else "model"
-    prep = prepare(model, target, pipeline, input_shapes, target_options, verify_level, seed, log)
+    prep = prepare(model, target, pipeline, input_shapes, target_options, verify_level, seed, log, data)
     graph, original, tgt, pm, legal, ctx = prep.graph, prep.original, prep.target, prep.pm, prep.legal, prep.ctx
     records, lres, model_proto = prep.records, prep.legal_records, prep.model_proto
 
@@ -168,13 +170,15 @@ def compile(model, target: str = "cpu", out: str | Path | None = None, pipeline=
         }
         write_json(stage.path / MANIFEST, manifest)
         art = Artifact(stage.path)
-        check = compare_with_onnxruntime(art, seed)
-        if not check["ok"]:
+        runs_here = tgt.runs_here()
+        check = compare_with_onnxruntime(art, seed) if runs_here else \
+            {"ok": None, "skipped": f"target {target} cannot run on this machine"}
+        if check["ok"] is False:
             raise CheckFailed(f"{where}: compiled library differs from onnxruntime on output '{check['worst_output']}' "
                               f"(max abs error {check['max_abs_error']:.3g}); please report this model")
         report = {"source": where, "target": target, **facts, "check": check,
                   **_size_report(original, graph, ctx, stage.path / MODEL)}
-        if measure:
+        if measure and runs_here:
             report["latency"] = measure_latency(art, threads=threads, repeat=20, budget_s=2.0, seed=seed)
         write_json(stage.path / REPORT, report)
         art._runner = None

@@ -75,15 +75,19 @@ def cmd_compile(args) -> int:
     out = args.output or f"{Path(args.model).stem}.{args.target}"
     from .passmanager import PassManager
     pm = PassManager.from_toml(Path(args.config)) if args.config else PassManager.parse(args.pipeline or "")
+    data = {"calib": _load_npz(args.calib, "--calib")} if args.calib else None
+    if args.tuning_db and not Path(args.tuning_db).is_dir():
+        raise BadInput(f"{args.tuning_db}: no such tuning database folder (create one with `graphopt tune`)")
     art = api.compile(args.model, target=args.target, out=out, pipeline=pm, input_shapes=_shapes(args),
-                      tuning_db=args.tuning_db, threads=args.threads, measure=not args.no_bench, log=_log)
+                      tuning_db=args.tuning_db, threads=args.threads, measure=not args.no_bench, log=_log, data=data)
     rep = art.report
     rows = [("artifact", str(art.path)), ("target", json.dumps(art.manifest["target"].get("llvm_mcpu", args.target))),
             ("pipeline", art.manifest["pipeline"]["resolved"] or "(none)"), ("ops", rep["ops"]),
             ("params", f"{rep['params_before']:,} -> {rep['params_after']:,}"),
             ("MACs", f"{rep['macs_before']:,} -> {rep['macs_after']:,}"),
             ("model.onnx bytes", f"{rep['model_bytes']:,}"), ("compile s", rep["compile_seconds"]),
-            ("max |err| vs onnxruntime", f"{rep['check']['max_abs_error']:.3g} (ok)")]
+            ("max |err| vs onnxruntime", f"{rep['check']['max_abs_error']:.3g} (ok)" if rep["check"]["ok"]
+             else rep["check"].get("skipped", "not checked"))]
     if "latency" in rep:
         lat = rep["latency"]
         rows += [("latency ms (graphopt)", lat["graphopt_ms"]), ("latency ms (onnxruntime)", lat["onnxruntime_ms"]),
@@ -154,6 +158,24 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_build(args) -> int:
+    from .build import build
+    from .errors import CheckFailed
+    try:
+        summary = build(args.pipeline, log=_log)
+    except CheckFailed as e:
+        if getattr(args, "json", False):
+            print(json.dumps({"ok": False, "error": str(e)}))
+        raise
+    m = summary["metrics"]
+    rows = [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in m.items()
+            if not isinstance(v, dict) and v is not None]
+    rows += [(f"gate {n}", "passed" if g["passed"] else "FAILED") for n, g in summary["gates"].items()]
+    _emit(args, summary, f"artifact {summary['artifact']} (report.html beside it); cached: "
+          f"{', '.join(summary['cached_stages']) or 'none'}\n" + _table(rows, ("metric", "value")))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="graphopt", description="Model-graph compiler: ONNX/PyTorch in, verified passes, TVM out.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -209,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--key", help="device key at the tracker")
     t.add_argument("--json", action="store_true")
     t.set_defaults(fn=cmd_tune)
+
+    bd = sub.add_parser("build", help="deployment pipeline from a TOML file, with quality gates")
+    bd.add_argument("pipeline", help="PIPELINE.toml")
+    bd.add_argument("--json", action="store_true")
+    bd.set_defaults(fn=cmd_build)
     return p
 
 

@@ -1,0 +1,355 @@
+"""`graphopt build PIPELINE.toml`: an unattended deployment pipeline with quality gates.
+
+Stages (each cached by a content hash of everything it depends on): optimize (the [[pass]] pipeline, through
+`compress` with distillation when [data].train is given and a pass is lossy), compile (the target artifact) and
+evaluate (size, MACs, latency, accuracy, agreement, CKA, robustness). Gates then decide the exit code."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import __version__
+from .artifact import Staging, write_json
+from .errors import BadInput, CheckFailed
+from .graph import copy as copy_graph, input_specs, to_onnx
+
+# gate -> (direction, default used when the gate is turned on with `true`)
+GATES = {
+    "max_top1_drop": ("max", 0.02),
+    "min_agreement": ("min", 0.95),
+    "min_cka": ("min", 0.9),
+    "min_speedup": ("min", 2.0),            # latency at most 50% of onnxruntime on the original
+    "min_flops_reduction": ("min", 0.75),
+    "min_size_reduction": ("min", 0.75),
+    "max_latency_ms": ("max", None),
+    "max_noise_drop": ("max", 0.04),
+    "max_adversarial_drop": ("max", 0.03),
+}
+SECTIONS = {
+    "model": {"path", "input_shapes"},
+    "target": None,                          # name + target options
+    "pass": None,
+    "data": {"train", "calib", "eval"},
+    "gates": set(GATES),
+    "output": {"dir", "cache"},
+    "evaluate": {"cka_layers", "noise_std", "fgsm_eps", "threads", "repeat", "robustness"},
+    "compress": {"epochs", "batch_size", "lr", "seed"},
+}
+
+
+class BuildConfig:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise BadInput(f"{self.path}: no such file")
+        try:
+            self.doc = tomllib.loads(self.path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise BadInput(f"{self.path}: invalid TOML ({e})") from None
+        self.base = self.path.resolve().parent
+        for section, value in self.doc.items():
+            if section not in SECTIONS:
+                raise BadInput(f"{self.path}: unknown section [{section}]; sections: {', '.join(SECTIONS)}")
+            keys = SECTIONS[section]
+            if keys is not None:
+                if not isinstance(value, dict):
+                    raise BadInput(f"{self.path}: [{section}] must be a table")
+                bad = [k for k in value if k not in keys]
+                if bad:
+                    raise BadInput(f"{self.path}: [{section}] has no key '{bad[0]}'; keys: {', '.join(sorted(keys))}")
+        model = self.doc.get("model")
+        if not isinstance(model, dict) or not isinstance(model.get("path"), str):
+            raise BadInput(f"{self.path}: [model] needs path = \"model.onnx\"")
+        self.model_path = self.resolve(model["path"])
+        shapes = model.get("input_shapes", {})
+        if not isinstance(shapes, dict) or not all(isinstance(v, list) and all(isinstance(d, int) for d in v)
+                                                   for v in shapes.values()):
+            raise BadInput(f"{self.path}: [model].input_shapes must map input names to lists of integers")
+        self.input_shapes = {k: tuple(v) for k, v in shapes.items()}
+        target = dict(self.doc.get("target", {"name": "cpu"}))
+        if not isinstance(target.get("name", "cpu"), str):
+            raise BadInput(f"{self.path}: [target].name must be a string")
+        self.target = target.pop("name", "cpu")
+        self.target_options = target
+        steps = self.doc.get("pass", [])
+        from .passmanager import PassManager
+        self.pm = PassManager.from_steps(steps, str(self.path))
+        data = self.doc.get("data", {})
+        self.data_paths = {k: self.resolve(v) for k, v in data.items()}
+        self.gates = {}
+        for name, value in self.doc.get("gates", {}).items():
+            direction, default = GATES[name]
+            if value is True:
+                if default is None:
+                    raise BadInput(f"{self.path}: gate {name} needs a number")
+                value = default
+            if value is False:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise BadInput(f"{self.path}: gate {name} must be a number or true")
+            self.gates[name] = float(value)
+        out = self.doc.get("output", {})
+        self.out_dir = self.resolve(out.get("dir", "build"), must_exist=False)
+        self.cache_dir = self.resolve(out.get("cache", ".graphopt-cache"), must_exist=False)
+        self.eval_opts = {"noise_std": 0.1, "fgsm_eps": 0.05, "threads": 1, "repeat": 30, "cka_layers": [],
+                          "robustness": True, **self.doc.get("evaluate", {})}
+        self.compress_opts = dict(self.doc.get("compress", {}))
+
+    def resolve(self, p, must_exist: bool = True) -> Path:
+        if not isinstance(p, str):
+            raise BadInput(f"{self.path}: paths must be strings, got {p!r}")
+        q = (self.base / p) if not os.path.isabs(p) else Path(p)
+        if must_exist and not q.exists():
+            raise BadInput(f"{self.path}: '{p}' (resolved to {q}) does not exist")
+        return q
+
+
+def _sha(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _file_sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _load_npz(p: Path) -> dict:
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:
+        raise BadInput(f"{p}: not a readable .npz file ({type(e).__name__})") from None
+
+
+class Cache:
+    """Content-addressed stage cache: CACHE/<stage>/<key>/ holds the stage's files and a done marker."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def get(self, stage: str, key: str) -> Path | None:
+        d = self.root / stage / key
+        return d if (d / ".done").is_file() else None
+
+    def put(self, stage: str, key: str, fill) -> Path:
+        final = self.root / stage / key
+        tmp = self.root / stage / f".{key}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        fill(tmp)
+        (tmp / ".done").write_text("ok\n")
+        try:
+            os.rename(tmp, final)
+        except OSError:          # a concurrent build filled it first; theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final
+
+
+def build(toml_path, log=None) -> dict:
+    """Run the build; return the summary. Raises CheckFailed (exit 1) naming every failed gate, after writing the
+    artifact and its reports (so the failure can be inspected)."""
+    from . import api
+    from .loading import load
+
+    log = log or (lambda m: None)
+    cfg = BuildConfig(Path(toml_path))
+    data = {k: _load_npz(p) for k, p in cfg.data_paths.items()}
+    cache = Cache(cfg.cache_dir)
+    cached = []
+
+    original = load(cfg.model_path, input_shapes=cfg.input_shapes)
+    specs = input_specs(original)
+    base_key = _sha(__version__, _file_sha(cfg.model_path), cfg.input_shapes,
+                    {k: _file_sha(p) for k, p in sorted(cfg.data_paths.items())})
+
+    # --- optimize -------------------------------------------------------------------------------------------
+    opt_key = _sha(base_key, cfg.pm.resolved(), cfg.target, cfg.target_options, cfg.compress_opts)
+    hit = cache.get("optimize", opt_key)
+    if hit is None:
+        log(f"optimize: {cfg.pm.resolved() or '(no passes)'}")
+
+        def fill(d):
+            graph, stages = _optimize(cfg, original, data, log)
+            onnx.save_model(to_onnx(graph), str(d / "model.onnx"))
+            write_json(d / "stages.json", {"stages": stages})
+        hit = cache.put("optimize", opt_key, fill)
+    else:
+        cached.append("optimize")
+    optimized = load(hit / "model.onnx")
+    stages = json.loads((hit / "stages.json").read_text())["stages"]
+
+    # --- compile + evaluate into a staging folder, published atomically ----------------------------------------
+    with Staging(cfg.out_dir) as stage:
+        comp_key = _sha(opt_key, "compile", api._versions())
+        chit = cache.get("compile", comp_key)
+        if chit is None:
+            log(f"compile for {cfg.target}")
+            chit = cache.put("compile", comp_key, lambda d: _compile_into(optimized, cfg, d / "artifact"))
+        else:
+            cached.append("compile")
+        for f in (chit / "artifact").iterdir():
+            shutil.copy2(f, stage.path / f.name)
+        from .artifact import Artifact
+        art = Artifact(stage.path)
+
+        ev_key = _sha(comp_key, "evaluate", cfg.eval_opts)
+        ehit = cache.get("evaluate", ev_key)
+        if ehit is None:
+            log("evaluate")
+            metrics = evaluate_build(cfg, original, optimized, art, data)
+            ehit = cache.put("evaluate", ev_key, lambda d: write_json(d / "metrics.json", metrics))
+        else:
+            cached.append("evaluate")
+        metrics = json.loads((ehit / "metrics.json").read_text())
+
+        failures = check_gates(cfg.gates, metrics)
+        summary = {"toml": str(cfg.path), "artifact": str(cfg.out_dir), "target": cfg.target,
+                   "pipeline": cfg.pm.resolved(), "metrics": metrics, "stages": stages,
+                   "gates": {name: {"threshold": th, "passed": name not in {f["gate"] for f in failures}}
+                             for name, th in cfg.gates.items()},
+                   "failed_gates": failures, "cached_stages": cached}
+        report = json.loads((stage.path / "report.json").read_text())
+        report["build"] = summary
+        write_json(stage.path / "report.json", report)
+        from .report_html import render
+        (stage.path / "report.html").write_text(render(summary))
+        stage.publish()
+    if failures:
+        raise CheckFailed("quality gate(s) failed: " + "; ".join(f["message"] for f in failures))
+    return summary
+
+
+def _compile_into(graph, cfg: BuildConfig, dest: Path) -> None:
+    from . import api
+    api.compile(graph, target=cfg.target, out=dest, target_options=cfg.target_options,
+                threads=cfg.eval_opts["threads"], measure=False)
+
+
+def _optimize(cfg: BuildConfig, original, data: dict, log):
+    """Run the pipeline pass by pass, recording size and accuracy after each stage. With training data and a
+    lossy pass, the whole pipeline goes through compress (distillation from the original)."""
+    from .passmanager import PassContext, PassManager
+    stages = [_stage_metrics("original", original, data)]
+    lossy = any(not p.exact for p in cfg.pm.passes)
+    if "train" in data and lossy:
+        from .compress import compress
+        graph, info = compress(original, data["train"], cfg.pm, eval_data=data.get("eval"), log=log,
+                               **cfg.compress_opts)
+        stages.append(dict(_stage_metrics("compressed", graph, data), info=info))
+        return graph, stages
+    graph = copy_graph(original)
+    ctx = PassContext(target=cfg.target, seed=0, data={k: v for k, v in data.items() if k in ("calib", "train")})
+    for p in cfg.pm.passes:
+        graph = PassManager([p]).run(graph, ctx).graph
+        stages.append(_stage_metrics(p.text(), graph, data))
+    return graph, stages
+
+
+def _stage_metrics(name, graph, data) -> dict:
+    from .evaluate import graph_size, ort_latency_ms, run_onnx, top1
+    m = {"stage": name, **graph_size(graph)}
+    specs = input_specs(graph)
+    m["ort_latency_ms"] = round(ort_latency_ms(to_onnx(graph), specs, threads=1, repeat=10), 4)
+    ev = data.get("eval")
+    if ev is not None and "labels" in ev:
+        outs = run_onnx(to_onnx(graph), ev, [(n, s) for n, s, _ in specs])
+        m["top1"] = top1(next(iter(outs.values())), ev["labels"])
+    return m
+
+
+def evaluate_build(cfg: BuildConfig, original, optimized, art, data: dict) -> dict:
+    from . import api
+    from .evaluate import (agreement, channels_per_layer, fgsm, gaussian_noise, linear_cka, ort_latency_ms,
+                           penultimate_tensor, run_artifact, run_onnx, top1)
+    threads = int(cfg.eval_opts["threads"])
+    specs = input_specs(original)
+    from .evaluate import graph_size
+    before = graph_size(original)
+    m = {"macs_before": before["macs"], "macs_after": art.report["macs_after"],
+         "params_before": before["params"], "params_after": art.report["params_after"]}
+    orig_model = to_onnx(original)
+    m["size_before"] = len(orig_model.SerializeToString())
+    m["size_after"] = (art.path / "model.onnx").stat().st_size
+    m["flops_reduction"] = 1 - m["macs_after"] / m["macs_before"] if m["macs_before"] else 0.0
+    m["size_reduction"] = 1 - m["size_after"] / m["size_before"]
+    lat = api.measure_latency(art, threads=threads, repeat=int(cfg.eval_opts["repeat"]))
+    m["latency_ms"] = lat["graphopt_ms"]
+    m["onnxruntime_original_ms"] = round(ort_latency_ms(orig_model, specs, threads, int(cfg.eval_opts["repeat"])), 4)
+    m["speedup"] = m["onnxruntime_original_ms"] / m["latency_ms"] if m["latency_ms"] else None
+    m["threads"] = threads
+    m["channels_before"] = channels_per_layer(original)
+    m["channels_after"] = channels_per_layer(optimized)
+    ev = data.get("eval")
+    if ev is None:
+        return m
+    in_specs = [(n, s) for n, s, _ in specs]
+    ref = run_onnx(orig_model, ev, in_specs)
+    got = run_artifact(art, ev)
+    ref_logits, got_logits = next(iter(ref.values())), next(iter(got.values()))
+    m["agreement"] = agreement(ref_logits, got_logits)
+    layers = list(cfg.eval_opts["cka_layers"]) or [t for t in [penultimate_tensor(original)] if t]
+    opt_model = to_onnx(optimized)
+    cka = {}
+    for name in layers:
+        try:
+            a = run_onnx(orig_model, ev, in_specs, [name])[name]
+            b = run_onnx(opt_model, ev, in_specs, [name])[name]
+        except Exception:
+            cka[name] = None
+            continue
+        cka[name] = linear_cka(a, b)
+    m["cka"] = cka
+    valid = [v for v in cka.values() if v is not None]
+    m["cka_min"] = min(valid) if valid else None
+    if "labels" in ev:
+        labels = ev["labels"]
+        m["top1_before"] = top1(ref_logits, labels)
+        m["top1_after"] = top1(got_logits, labels)
+        m["top1_drop"] = m["top1_before"] - m["top1_after"]
+        if cfg.eval_opts.get("robustness", True):
+            names = [n for n, _ in in_specs]
+            noisy = gaussian_noise(ev, names, float(cfg.eval_opts["noise_std"]))
+            m["noise_top1_before"] = top1(next(iter(run_onnx(orig_model, noisy, in_specs).values())), labels)
+            m["noise_top1_after"] = top1(next(iter(run_onnx(opt_model, noisy, in_specs).values())), labels)
+            m["noise_drop"] = m["noise_top1_before"] - m["noise_top1_after"]
+            try:
+                eps = float(cfg.eval_opts["fgsm_eps"])
+                adv_o = fgsm(original, ev, labels, eps, names[0])
+                adv_n = fgsm(optimized, ev, labels, eps, names[0])
+                m["adversarial_top1_before"] = top1(next(iter(run_onnx(orig_model, adv_o, in_specs).values())), labels)
+                m["adversarial_top1_after"] = top1(next(iter(run_onnx(opt_model, adv_n, in_specs).values())), labels)
+                m["adversarial_drop"] = m["adversarial_top1_before"] - m["adversarial_top1_after"]
+            except ImportError:
+                m["adversarial_drop"] = None
+    return m
+
+
+def check_gates(gates: dict, metrics: dict) -> list[dict]:
+    value_of = {"max_top1_drop": "top1_drop", "min_agreement": "agreement", "min_cka": "cka_min",
+                "min_speedup": "speedup", "min_flops_reduction": "flops_reduction",
+                "min_size_reduction": "size_reduction", "max_latency_ms": "latency_ms",
+                "max_noise_drop": "noise_drop", "max_adversarial_drop": "adversarial_drop"}
+    failures = []
+    for gate, threshold in gates.items():
+        direction = GATES[gate][0]
+        value = metrics.get(value_of[gate])
+        if value is None:
+            failures.append({"gate": gate, "threshold": threshold, "value": None,
+                             "message": f"{gate}: no value ({value_of[gate]} needs [data].eval with labels)"})
+            continue
+        ok = value <= threshold if direction == "max" else value >= threshold
+        if not ok:
+            rel = "above" if direction == "max" else "below"
+            failures.append({"gate": gate, "threshold": threshold, "value": value,
+                             "message": f"{gate}: {value_of[gate]} = {value:.4g} is {rel} {threshold:g}"})
+    return failures

@@ -1,0 +1,151 @@
+"""Model evaluation for reports and quality gates: size, MACs, latency, top-1, agreement, CKA, robustness."""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import ort
+from .analyses import flops
+from .errors import BadInput
+from .graph import from_onnx, to_onnx
+
+
+def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear centered kernel alignment between two feature matrices (samples on axis 0)."""
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
+    y = np.asarray(y, np.float64).reshape(len(y), -1)
+    x = x - x.mean(0, keepdims=True)
+    y = y - y.mean(0, keepdims=True)
+    hsic = np.linalg.norm(x.T @ y) ** 2
+    norm = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
+    return float(hsic / norm) if norm > 0 else 0.0
+
+
+def batches(data: dict[str, np.ndarray], input_specs: list[tuple[str, tuple]]):
+    """Split eval arrays (batch on axis 0) into chunks the model's fixed batch size accepts."""
+    names = [n for n, _ in input_specs]
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise BadInput(f"evaluation data lacks input(s) {', '.join(missing)}; it has: {', '.join(sorted(data))}")
+    total = len(data[names[0]])
+    b = input_specs[0][1][0] if input_specs[0][1] else 1
+    for start in range(0, total - total % b if total >= b else 0, b):
+        yield start, {n: data[n][start:start + b] for n in names}
+
+
+def run_onnx(model: onnx.ModelProto, data: dict, input_specs, extra_outputs: list[str] = ()) -> dict[str, np.ndarray]:
+    """Run a model over all eval samples with onnxruntime; concatenate outputs along axis 0."""
+    if extra_outputs:
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        have = {o.name for o in model.graph.output}
+        for name in extra_outputs:
+            if name not in have:
+                model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    sess = ort.session(model, optimize=True)
+    outs: dict[str, list] = {}
+    names = [o.name for o in sess.get_outputs()]
+    for _, feed in batches(data, input_specs):
+        for k, v in zip(names, sess.run(names, feed)):
+            outs.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def run_artifact(art, data: dict) -> dict[str, np.ndarray]:
+    specs = [(i["name"], tuple(i["shape"])) for i in art.inputs]
+    outs: dict[str, list] = {}
+    for _, feed in batches(data, specs):
+        for k, v in art.run({n: np.ascontiguousarray(a.astype(np.dtype(i["dtype"]))) for (n, a), i
+                             in zip(feed.items(), art.inputs)}).items():
+            outs.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    n = min(len(logits), len(labels))
+    return float(np.mean(np.argmax(logits[:n].reshape(n, -1), 1) == labels[:n]))
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    n = min(len(a), len(b))
+    return float(np.mean(np.argmax(a[:n].reshape(n, -1), 1) == np.argmax(b[:n].reshape(n, -1), 1)))
+
+
+def graph_size(graph: gs.Graph) -> dict:
+    f = flops(graph, None)
+    return {"macs": int(f["macs"]), "params": int(f["params"]), "bytes": len(to_onnx(graph).SerializeToString())}
+
+
+def ort_latency_ms(model: onnx.ModelProto, input_specs, threads: int | None, repeat: int = 20) -> float:
+    sess = ort.session(model, optimize=True, threads=threads)
+    feeds = ort.random_inputs([(n, s, dt) for n, s, dt in input_specs])
+    for _ in range(2):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def channels_per_layer(graph: gs.Graph) -> dict[str, int]:
+    """Output channels of every Conv/ConvTranspose/Gemm/MatMul with constant weights, by node name."""
+    out = {}
+    for n in graph.nodes:
+        if len(n.inputs) < 2 or not isinstance(n.inputs[1], gs.Constant):
+            continue
+        w = n.inputs[1].values
+        if n.op == "Conv":
+            out[n.name] = int(w.shape[0])
+        elif n.op == "ConvTranspose":
+            out[n.name] = int(w.shape[1] * n.attrs.get("group", 1))
+        elif n.op == "Gemm":
+            out[n.name] = int(w.shape[0] if n.attrs.get("transB", 0) else w.shape[1])
+        elif n.op == "MatMul" and w.ndim == 2:
+            out[n.name] = int(w.shape[1])
+    return out
+
+
+def penultimate_tensor(graph: gs.Graph) -> str | None:
+    """The input of the last Gemm/MatMul with constant weights: the usual CKA layer for classifiers."""
+    for n in reversed(graph.nodes):
+        if n.op in ("Gemm", "MatMul") and len(n.inputs) > 1 and isinstance(n.inputs[1], gs.Constant):
+            return n.inputs[0].name
+    return None
+
+
+def gaussian_noise(data: dict, names: list[str], std: float, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    out = dict(data)
+    for n in names:
+        x = data[n]
+        if x.dtype.kind == "f":
+            scale = std * float(np.std(x)) if np.std(x) > 0 else std
+            out[n] = (x + rng.standard_normal(x.shape) * scale).astype(x.dtype)
+    return out
+
+
+def fgsm(graph: gs.Graph, data: dict, labels: np.ndarray, eps: float, input_name: str) -> dict:
+    """FGSM inputs against the graph itself (white box), through the trainable torch view."""
+    import torch
+    from .trainable import TrainableGraph
+
+    module = TrainableGraph(graph)
+    module.eval()
+    x = torch.tensor(data[input_name], requires_grad=True)
+    out = module(x)
+    logits = out[0] if isinstance(out, (tuple, list)) else out
+    loss = torch.nn.functional.cross_entropy(logits.reshape(len(x), -1), torch.as_tensor(labels[:len(x)]))
+    loss.backward()
+    scale = eps * float(data[input_name].std() or 1.0)
+    adv = (x + scale * x.grad.sign()).detach().numpy().astype(data[input_name].dtype)
+    return dict(data, **{input_name: adv})
+
+
+def load_onnx_graph(path: Path) -> gs.Graph:
+    return from_onnx(onnx.load(str(path)))

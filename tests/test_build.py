@@ -1,0 +1,151 @@
+"""graphopt build: gates, reproducibility, caching, the HTML report in a real browser, concurrent builds."""
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from graphopt.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import make_example  # noqa: E402
+
+FIXTURE = ROOT / "tests" / "fixtures" / "digits_cnn.onnx"
+
+
+@pytest.fixture
+def project(tmp_path):
+    shutil.copy(FIXTURE, tmp_path / "model.onnx")
+    (xtr, ytr), (xte, yte) = make_example.digits_split()
+    np.savez(tmp_path / "eval.npz", x=xte[:200], labels=yte[:200])
+    np.savez(tmp_path / "calib.npz", x=xtr[:64])
+    return tmp_path
+
+
+def write_toml(d: Path, gates: str = "", passes: str = '[[pass]]\nname = "cleanup"\n', out="out/build", extra=""):
+    (d / "pipeline.toml").write_text(f"""
+[model]
+path = "model.onnx"
+
+[target]
+name = "cpu"
+
+{passes}
+[data]
+eval = "eval.npz"
+calib = "calib.npz"
+
+[gates]
+{gates}
+
+[evaluate]
+threads = 1
+repeat = 5
+{extra}
+[output]
+dir = "{out}"
+""")
+    return d / "pipeline.toml"
+
+
+def test_build_passes_gates_and_writes_reports(project, capsys):
+    toml = write_toml(project, gates="max_top1_drop = true\nmin_agreement = 1.0\nmin_cka = 0.999\n"
+                                     "max_noise_drop = true\nmax_adversarial_drop = true\n")
+    assert main(["build", str(toml), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    m = summary["metrics"]
+    assert m["top1_before"] > 0.95 and m["top1_drop"] == 0.0 and m["agreement"] == 1.0
+    assert m["cka_min"] > 0.999
+    assert all(g["passed"] for g in summary["gates"].values())
+    art = project / "out" / "build"
+    assert sorted(p.name for p in art.iterdir()) == ["manifest.json", "model.onnx", "model.so", "report.html",
+                                                       "report.json"]
+    assert json.loads((art / "report.json").read_text())["build"]["metrics"]["agreement"] == 1.0
+    assert [s["stage"] for s in summary["stages"]] == ["original", "cleanup"]
+
+
+def test_failing_gate_exits_1_and_names_it(project, capsys):
+    toml = write_toml(project, gates="min_flops_reduction = true\nmax_latency_ms = 1000\n")
+    code = main(["build", str(toml)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "min_flops_reduction: flops_reduction = 0 is below 0.75" in err
+    assert "max_latency_ms" not in err
+    report = json.loads((project / "out" / "build" / "report.json").read_text())["build"]
+    assert report["gates"]["min_flops_reduction"]["passed"] is False
+    assert report["gates"]["max_latency_ms"]["passed"] is True
+
+
+def test_same_inputs_same_bytes_and_cache(project, capsys):
+    toml = write_toml(project, out="out/a")
+    assert main(["build", str(toml)]) == 0
+    toml2 = write_toml(project, out="out/b", extra="")
+    shutil.rmtree(project / ".graphopt-cache")
+    assert main(["build", str(toml2)]) == 0
+    a, b = project / "out" / "a", project / "out" / "b"
+    assert (a / "model.onnx").read_bytes() == (b / "model.onnx").read_bytes()
+    assert json.loads((a / "manifest.json").read_text())["files"] == json.loads((b / "manifest.json").read_text())["files"]
+    capsys.readouterr()
+    assert main(["build", str(toml2), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cached_stages"] == ["optimize", "compile", "evaluate"]
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("[model]\npath = 'model.onnx'\n[bogus]\nx=1\n", "unknown section [bogus]"),
+    ("[target]\nname='cpu'\n", "[model] needs path"),
+    ("[model]\npath = 'nope.onnx'\n", "'nope.onnx' (resolved to"),
+    ("[model]\npath = 'model.onnx'\n[gates]\nmin_speed = 2\n", "[gates] has no key 'min_speed'"),
+    ("[model]\npath = 'model.onnx'\n[gates]\nmax_latency_ms = true\n", "gate max_latency_ms needs a number"),
+    ("[model]\npath = 'model.onnx'\n[[pass]]\nname = 'nonsense'\n", "unknown pass 'nonsense'"),
+    ("[model\npath = 'model.onnx'\n", "invalid TOML"),
+])
+def test_bad_pipeline_files(project, capsys, content, needle):
+    (project / "p.toml").write_text(content)
+    assert main(["build", str(project / "p.toml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("graphopt: error:") and needle in err and "\n" not in err
+
+
+def test_concurrent_builds_leave_one_complete_artifact(project):
+    toml = write_toml(project)
+    results = []
+
+    def go():
+        results.append(subprocess.run([sys.executable, "-m", "graphopt.cli", "build", str(toml)],
+                                      capture_output=True, text=True))
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
+    art = project / "out" / "build"
+    from graphopt.artifact import Artifact
+    Artifact(art)   # checks every file against the manifest's sha256
+    assert (art / "report.html").is_file()
+    leftovers = [p.name for p in (project / "out").iterdir() if p.name != "build"]
+    assert leftovers == []
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(not _chromium(), reason="chromium not installed (tools/setup.sh installs it)")
+def test_report_renders_in_headless_chromium(project):
+    toml = write_toml(project, passes='[[pass]]\nname = "fold-batchnorm"\n\n[[pass]]\nname = "cleanup"\n')
+    assert main(["build", str(toml)]) == 0
+    page = project / "out" / "build" / "report.html"
+    r = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        f"--user-data-dir={project / 'chrome'}", "--virtual-time-budget=3000", "--dump-dom",
+                        page.as_uri()], capture_output=True, text=True, timeout=120)
+    dom = r.stdout
+    assert 'data-plots="3"' in dom, dom[:500]
+    assert '<div id="errors"></div>' in dom, "a script error was recorded"
+    assert dom.count("<svg") >= 3
