@@ -158,6 +158,31 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_compress(args) -> int:
+    import onnx
+    from .compress import compress
+    from .graph import to_onnx
+    from .loading import load
+    from .passmanager import PassManager
+    pm = PassManager.parse(args.pipeline)
+    original = load(args.model, input_shapes=_shapes(args))
+    train = _load_npz(args.train, "--train")
+    ev = _load_npz(args.eval, "--eval") if args.eval else None
+    graph, info = compress(original, train, pm, eval_data=ev, epochs=args.epochs, batch_size=args.batch_size,
+                           lr=args.lr, seed=args.seed, log=_log if not args.json else None)
+    dest = Path(args.output)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    onnx.save_model(to_onnx(graph), str(tmp))
+    os.replace(tmp, dest)
+    final = info.get("final") or {}
+    rows = [("output", str(dest)), ("MACs ratio", f"{info['macs_ratio']:.3f}"), ("params ratio", f"{info['params_ratio']:.3f}")]
+    rows += [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in final.items() if v is not None]
+    rows += [(f"step {h['step']} {h['phase']}", f"macs={h['macs']:,}" + (f" top1={h['top1']:.4f}" if h.get("top1") is not None else ""))
+             for h in info["history"]]
+    _emit(args, {"output": str(dest), **info}, _table(rows, ("compress", "")))
+    return 0
+
+
 def cmd_build(args) -> int:
     from .build import build
     from .errors import CheckFailed
@@ -231,6 +256,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--key", help="device key at the tracker")
     t.add_argument("--json", action="store_true")
     t.set_defaults(fn=cmd_tune)
+
+    cp = sub.add_parser("compress", help="lossy passes with distillation from the original model")
+    cp.add_argument("model")
+    cp.add_argument("--train", required=True, help="training data .npz (arrays named after inputs, optional labels)")
+    cp.add_argument("--eval", help="held-out data .npz (inputs and labels)")
+    cp.add_argument("--pipeline", required=True)
+    cp.add_argument("--epochs", type=int, default=12)
+    cp.add_argument("--batch-size", type=int, default=64)
+    cp.add_argument("--lr", type=float, default=2e-3)
+    cp.add_argument("--seed", type=int, default=0)
+    cp.add_argument("-o", "--output", required=True)
+    _add_shapes(cp)
+    cp.add_argument("--json", action="store_true")
+    cp.set_defaults(fn=cmd_compress)
 
     bd = sub.add_parser("build", help="deployment pipeline from a TOML file, with quality gates")
     bd.add_argument("pipeline", help="PIPELINE.toml")
