@@ -1,0 +1,806 @@
+"""prune-channels: dependency-aware structural channel pruning, exact by construction.
+
+The `channel-groups` analysis (channel_groups.py) cuts the graph's channels into *units* that must be removed
+together (a conv's output channel with its BN slice, the next conv's input slice, every summand of a residual
+add, a whole attention head, ...), frozen where it cannot prove a removal safe. This pass ranks the prunable
+units, picks the ones to remove under the budgets, and removes them: weights, biases, norm parameters, bare
+parameters (layer scale, position embedding, class token), Reshape targets, Split sizes, Slice bounds, Gather
+indices, Resize sizes and the `group` attribute of depthwise convs shrink together.
+
+The oracle (why removal is exact by construction)
+-------------------------------------------------
+Every use of a unit's channels is one of: a pass-through op whose output channel c depends only on input channel
+c (activations, BN, per-channel parameters, layout ops, elementwise ops with the other operands in the same
+unit), or a *sink* that contracts channels away (the input-channel axis of Conv / ConvTranspose / Gemm /
+MatMul, both sides of an activation x activation MatMul contraction). Anything else froze the unit. So the only
+way a unit influences what is kept is through its sinks, and
+
+    pruned graph == original graph with the unit's channels multiplied by 0 at every sink
+
+must hold exactly (up to float summation order). Zeroing the producer's weights would not be enough (a BN shift
+or a bias after it makes the channel non-zero again), which is why the oracle zeroes the *incoming* side at the
+consumers: `oracle_check(graph, plan)` inserts `Mul(x, mask)` in front of every sink input of the ORIGINAL graph
+(mask 0 on the removed channels, 1 elsewhere), builds the pruned graph, and runs both in onnxruntime on seeded
+inputs (or on ctx.data's calibration arrays); it returns the largest absolute difference. The pass runs it by
+default (`verify_oracle=true`) and fails with CheckFailed when the graphs disagree beyond 1e-5 (relative to the
+output magnitude). A wrong weight slice, a wrong Reshape constant or a missed coupling all break that equality.
+
+`criterion=dead` removes only units whose value is provably zero at every sink (zero weights and bias, zero
+norm shift, carried through zero-preserving ops such as Relu, GELU, x*sigmoid(x), pooling, layout ops; a
+negative bias before a Relu counts too): the mask changes nothing, so the pass is exact and declares itself so
+(`exact` depends on the criterion), and the PassManager checks the outputs against the input graph.
+
+Budgets: `ratio` (fraction of the prunable channels removed), `flops` (fraction of the MACs kept), `params`
+(fraction of the weights kept), in any combination; every budget given is met when the structure allows it,
+otherwise the pass prunes what it can and says what limited it (`strict=true` makes that an error).
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt import ort, verify
+from graphopt.analyses import flops as flops_analysis
+from graphopt.errors import BadInput, CheckFailed, GraphoptError
+from graphopt.graph import constant_value, copy as copy_graph, np_dtype, to_onnx
+from graphopt.passmanager import Option, Pass, PassResult, register
+from graphopt.shapes import infer
+
+from . import channel_groups as cg
+
+CRITERIA = ("l1", "l2", "bn_scale", "taylor", "random", "dead")
+ORACLE_ATOL = 1e-5
+
+
+@dataclass
+class Plan:
+    """What to remove: the analysis (records by node index and tensor name) and a removed flag per unit."""
+    groups: cg.ChannelGroups
+    removed: np.ndarray
+
+    def keep(self, slots) -> np.ndarray:
+        return ~self.removed[self.groups.classes(slots)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# applying a plan
+# ----------------------------------------------------------------------------------------------------------------
+
+class _Names:
+    def __init__(self, graph):
+        self.used = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
+
+    def __call__(self, base: str) -> str:
+        name, k = base, 0
+        while name in self.used:
+            k += 1
+            name = f"{base}_{k}"
+        self.used.add(name)
+        return name
+
+
+def _nodes_for(graph: gs.Graph, groups: cg.ChannelGroups) -> list[gs.Node]:
+    nodes = list(graph.nodes)
+    if len(nodes) != len(groups.nodes) or any(a.op != b.op for a, b in zip(nodes, groups.nodes)):
+        raise GraphoptError("prune-channels: the plan was made for another graph (node lists differ)")
+    return nodes
+
+
+def _set_const(node, i, values, names, base):
+    node.inputs[i] = gs.Constant(names(base), np.ascontiguousarray(values))
+
+
+def apply_removal(graph: gs.Graph, plan: Plan) -> gs.Graph:
+    """Remove the plan's channels from `graph` (edited in place; shapes re-inferred into the returned graph)."""
+    g = plan.groups
+    nodes = _nodes_for(graph, g)
+    names = _Names(graph)
+    edits = defaultdict(list)
+    for p in g.params:
+        k = plan.keep(p.slots)
+        if not k.all():
+            edits[(p.node, p.input)].append((p.axis, k))
+    for (ni, ii), lst in edits.items():
+        node = nodes[ni]
+        t = node.inputs[ii]
+        v = constant_value(t)
+        done = set()
+        for axis, k in lst:
+            if axis in done:
+                continue
+            if v.shape[axis] != len(k):
+                raise CheckFailed(f"prune-channels: internal error: {cg.ChannelGroups.label(None, node)} input {ii} "
+                                  f"axis {axis} has {v.shape[axis]} positions, the plan {len(k)}")
+            v = np.compress(k, v, axis=axis)
+            done.add(axis)
+        _set_const(node, ii, v, names, (t.name or node.name) + "_pruned")
+    opset = int(getattr(graph, "opset", 17) or 17)
+    for r in g.rewrites:
+        node = nodes[r.node]
+        d = r.data
+        if r.kind in ("group", "groups"):
+            k = plan.keep(d["slots"])
+            if not k.all():
+                node.attrs["group" if r.kind == "group" else "num_groups"] = int(k.sum())
+        elif r.kind == "reshape":
+            k = plan.keep(d["slots"])
+            if k.all():
+                continue
+            shape = constant_value(node.inputs[1]).astype(np.int64).copy()
+            if shape[d["axis"]] > 0:
+                shape[d["axis"]] = int(k.sum())
+                _set_const(node, 1, shape, names, node.inputs[1].name + "_pruned")
+        elif r.kind == "split":
+            sizes = [int(plan.keep(p).sum()) for p in d["parts"]]
+            if sizes == [len(p) for p in d["parts"]]:
+                continue
+            arr = np.array(sizes, dtype=np.int64)
+            if len(node.inputs) > 1 and node.inputs[1].name:
+                _set_const(node, 1, arr, names, node.inputs[1].name + "_pruned")
+            elif opset >= 13:
+                node.attrs.pop("num_outputs", None)
+                node.attrs.pop("split", None)
+                node.inputs.append(gs.Constant(names(node.name + "_split"), arr))
+            else:
+                node.attrs["split"] = sizes
+        elif r.kind == "slice":
+            k = plan.keep(d["slots"])
+            if k.all():
+                continue
+            st, en = int(k[:d["start"]].sum()), int(k[:d["end"]].sum())
+            for inp, val in ((1, st), (2, en)):
+                arr = constant_value(node.inputs[inp]).astype(np.int64).copy()
+                arr[d["k"]] = val
+                _set_const(node, inp, arr.astype(constant_value(node.inputs[inp]).dtype), names,
+                           node.inputs[inp].name + "_pruned")
+        elif r.kind == "gather":
+            k = plan.keep(d["slots"])
+            if k.all():
+                continue
+            pos = np.cumsum(k) - 1
+            idx = constant_value(node.inputs[1])
+            new = np.array([pos[i] for i in d["indices"] if k[i]], dtype=idx.dtype)
+            _set_const(node, 1, new, names, node.inputs[1].name + "_pruned")
+        elif r.kind in ("resize", "expand"):
+            k = plan.keep(d["slots"])
+            if k.all():
+                continue
+            inp = 3 if r.kind == "resize" else 1
+            arr = constant_value(node.inputs[inp]).astype(np.int64).copy()
+            if arr[d["axis"]] > 1:
+                arr[d["axis"]] = int(k.sum())
+                _set_const(node, inp, arr, names, node.inputs[inp].name + "_pruned")
+    keep_shapes = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Variable) and t.name not in keep_shapes:
+            t.shape = None
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    try:
+        return infer(graph, "pruned graph")
+    except BadInput as e:
+        raise CheckFailed(f"prune-channels produced a graph that fails shape inference: {e}") from None
+
+
+def apply_masks(graph: gs.Graph, plan: Plan) -> gs.Graph:
+    """The oracle's 'zeroed original': Mul(x, mask) in front of every sink input that loses channels."""
+    g = plan.groups
+    nodes = _nodes_for(graph, g)
+    names = _Names(graph)
+    for s in g.sinks:
+        k = plan.keep(s.slots)
+        if k.all():
+            continue
+        node = nodes[s.node]
+        x = node.inputs[s.input]
+        mshape = [1] * s.rank
+        mshape[s.axis] = len(k)
+        mask = gs.Constant(names(f"{x.name}_oracle_mask"), k.astype(np_dtype(x)).reshape(mshape))
+        y = gs.Variable(names(f"{x.name}_oracle_masked"), dtype=x.dtype)
+        graph.nodes.append(gs.Node("Mul", names(f"{node.name}_oracle_mask"), inputs=[x, mask], outputs=[y]))
+        node.inputs[s.input] = y
+    graph.toposort()
+    return graph
+
+
+def _feeds_list(graph: gs.Graph, data: dict | None, seed: int, limit: int = 4) -> tuple[list[dict], str | None]:
+    """Per-run feeds from ctx.data ('calib' or 'train': {input name: array with a leading sample axis}), else
+    seeded random inputs. Returns (feeds, note)."""
+    specs = [(t.name, tuple(t.shape), np_dtype(t)) for t in graph.inputs]
+    src = None
+    for key in ("calib", "train"):
+        if data and isinstance(data.get(key), dict) and all(n in data[key] for n, _, _ in specs):
+            src = data[key]
+            break
+    if src is None:
+        return [ort.random_inputs(specs, seed + i) for i in range(limit)], "no calibration data: seeded random inputs"
+    runs = []
+    arrays = {}
+    for name, shape, dt in specs:
+        a = np.asarray(src[name])
+        if a.shape == shape:
+            a = a[None]
+        elif a.shape[1:] != shape[1:]:
+            raise BadInput(f"prune-channels: data for input '{name}' has shape {list(a.shape)}; the graph takes "
+                           f"{list(shape)} (a leading sample axis is allowed)")
+        arrays[name] = a.astype(dt)
+    b0 = specs[0][1][0] if specs and specs[0][1] else 1
+    n = min(len(a) for a in arrays.values()) // max(1, b0)
+    for i in range(min(n, limit)):
+        runs.append({k: v[i * b0:(i + 1) * b0] for k, v in arrays.items()})
+    if not runs:
+        raise BadInput("prune-channels: the calibration data has fewer samples than the graph's batch")
+    return runs, None
+
+
+def _oracle_outputs(graph, plan, pruned, feeds, seed):
+    masked = apply_masks(copy_graph(graph), plan)
+    if pruned is None:
+        pruned = apply_removal(copy_graph(graph), plan)
+    feeds = feeds if feeds is not None else verify.seeded_inputs(graph, seed)
+    ref = ort.run(to_onnx(masked), feeds)
+    got = ort.run(to_onnx(pruned), {k: v for k, v in feeds.items() if k in {t.name for t in pruned.inputs}})
+    return ref, verify.outputs_by_position(masked, ref, pruned, got)
+
+
+def oracle_check(graph: gs.Graph, plan: Plan, pruned: gs.Graph | None = None, feeds: dict | None = None,
+                 seed: int = 0) -> float:
+    """Largest |zeroed original - pruned| over the outputs (onnxruntime). `graph` is the graph the plan was made
+    for (left unchanged); `pruned` the result of apply_removal (computed on a copy when not given)."""
+    ref, got = _oracle_outputs(graph, plan, pruned, feeds, seed)
+    return max((ort.max_error(r, got[name]) for name, r in ref.items()), default=0.0)
+
+
+def oracle_holds(graph, plan, pruned=None, feeds=None, seed=0, atol=ORACLE_ATOL) -> tuple[bool, float]:
+    """(outputs agree within atol scaled by the output magnitude and rtol=atol, max abs error)."""
+    ref, got = _oracle_outputs(graph, plan, pruned, feeds, seed)
+    ok, err, _ = verify.compare(ref, got, rtol=atol, atol=atol, scale_atol=True)
+    return ok, err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# importance
+# ----------------------------------------------------------------------------------------------------------------
+
+def total_macs(graph: gs.Graph) -> int:
+    from graphopt.analyses import node_macs, shapes
+    sh = shapes(graph, None)
+    return int(sum(node_macs(n, sh) for n in graph.nodes))
+
+
+def _slice_stats(g: cg.ChannelGroups, roles, fn) -> tuple[np.ndarray, np.ndarray]:
+    """Per unit: sum over its parameter slices (of the given roles) of fn(slice) and the number of slices."""
+    tot = np.zeros(g.n_units)
+    cnt = np.zeros(g.n_units)
+    for p in g.params:
+        if p.role not in roles:
+            continue
+        v = constant_value(g.nodes[p.node].inputs[p.input])
+        if v is None or v.shape[p.axis] != len(p.slots):
+            continue
+        m = np.moveaxis(v.astype(np.float64), p.axis, 0).reshape(len(p.slots), -1)
+        vals = fn(m)
+        c = g.classes(p.slots)
+        np.add.at(tot, c, vals)
+        np.add.at(cnt, c, 1)
+    return tot, cnt
+
+
+def magnitude_scores(g: cg.ChannelGroups, kind: str) -> np.ndarray:
+    """l1: mean |w|, l2: root-mean-square w, over every weight slice of the unit (producer rows and consumer
+    columns), averaged over the slices."""
+    if kind == "l1":
+        tot, cnt = _slice_stats(g, ("weight_out", "weight_in"), lambda m: np.mean(np.abs(m), axis=1))
+    else:
+        tot, cnt = _slice_stats(g, ("weight_out", "weight_in"), lambda m: np.sqrt(np.mean(m * m, axis=1)))
+    return np.where(cnt > 0, tot / np.maximum(cnt, 1), 0.0)
+
+
+def bn_scale_scores(g: cg.ChannelGroups) -> tuple[np.ndarray, np.ndarray]:
+    """|gamma| of the BatchNormalization / InstanceNormalization slices of each unit; (scores, has_norm)."""
+    tot = np.zeros(g.n_units)
+    cnt = np.zeros(g.n_units)
+    for p in g.params:
+        node = g.nodes[p.node]
+        if p.role != "norm" or p.input != 1 or node.op not in ("BatchNormalization", "InstanceNormalization"):
+            continue
+        v = constant_value(node.inputs[1]).astype(np.float64)
+        c = g.classes(p.slots)
+        np.add.at(tot, c, np.abs(v))
+        np.add.at(cnt, c, 1)
+    return np.where(cnt > 0, tot / np.maximum(cnt, 1), 0.0), cnt > 0
+
+
+def _loss(outs: list[np.ndarray], labels: list) -> float:
+    total = 0.0
+    for y, lab in zip(outs, labels):
+        y = y.astype(np.float64)
+        if lab is not None:
+            z = y - y.max(axis=1, keepdims=True)
+            logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+            total += float(-np.mean(logp[np.arange(len(lab)), lab]))
+        else:
+            total += 0.5 * float(np.mean(y * y))
+    return total
+
+
+def taylor_scores(graph: gs.Graph, g: cg.ChannelGroups, units: list[int], runs: list[dict],
+                  eps: float = 1e-2) -> tuple[np.ndarray, str]:
+    """First-order Taylor importance |sum a * dL/da| over a unit's sink inputs, averaged over the runs.
+    L: cross-entropy against the model's own top-1 for 2-D outputs, 0.5*mean(y^2) otherwise. Gradients from
+    graphopt.trainable (torch autograd) when it can run the graph, else central differences of L in a scale
+    alpha put on the unit's sink inputs (onnxruntime)."""
+    try:
+        return _taylor_autograd(graph, g, runs), "taylor: autograd"
+    except Exception:     # noqa: BLE001 - fall back to finite differences (the trainable view is optional)
+        pass
+    budget = 6000                       # onnxruntime runs: 2 per unit per batch
+    runs = runs[:max(1, budget // max(1, 2 * len(units)))]
+    return _taylor_fd(graph, g, units, runs, eps), f"taylor: central differences on {len(runs)} batch(es)"
+
+
+def _sink_inputs(graph, g):
+    """Masked copy where each sink input with a prunable unit is multiplied by a named mask tensor."""
+    m = copy_graph(graph)
+    nodes = list(m.nodes)
+    masks = []
+    for s in g.sinks:
+        if len(s.slots) < 2:           # a single channel is frozen: nothing to rank
+            continue
+        node = nodes[s.node]
+        x = node.inputs[s.input]
+        mshape = [1] * s.rank
+        mshape[s.axis] = len(s.slots)
+        masks.append((s, mshape, x))
+    return m, nodes, masks
+
+
+def _taylor_autograd(graph, g, runs):
+    import torch
+    from graphopt.trainable import TrainableGraph
+    m, nodes, masks = _sink_inputs(graph, g)
+    names = _Names(m)
+    mask_names = []
+    for s, mshape, x in masks:
+        nm = names(f"__taylor_mask_{len(mask_names)}")
+        c = gs.Constant(nm, np.ones(mshape, dtype=np.float32))
+        y = gs.Variable(names(nm + "_out"), dtype=x.dtype)
+        m.nodes.append(gs.Node("Mul", names(nm + "_mul"), inputs=[x, c], outputs=[y]))
+        nodes[s.node].inputs[s.input] = y
+        mask_names.append(nm)
+    m.toposort()
+    tg = TrainableGraph(m, trainable=mask_names, tie_identical=False)
+    params = tg.graph_parameters()
+    scores = np.zeros(g.n_units)
+    for feeds in runs:
+        for p in tg.parameters():
+            p.grad = None
+        outs = tg(feeds)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        loss = 0
+        for y in outs:
+            if y.dim() == 2 and y.shape[1] > 1:
+                loss = loss + torch.nn.functional.cross_entropy(y, y.detach().argmax(1))
+            else:
+                loss = loss + 0.5 * (y * y).mean()
+        loss.backward()
+        per = np.zeros(g.n_units)
+        for (s, _, _), nm in zip(masks, mask_names):
+            grad = params[nm].grad
+            if grad is None:
+                continue
+            np.add.at(per, g.classes(s.slots), grad.detach().numpy().reshape(-1).astype(np.float64))
+        scores += np.abs(per)
+    return scores / max(1, len(runs))
+
+
+def _taylor_fd(graph, g, units, runs, eps):
+    m, nodes, masks = _sink_inputs(graph, g)
+    names = _Names(m)
+    inputs = []
+    for i, (s, mshape, x) in enumerate(masks):
+        nm = names(f"__taylor_alpha_{i}")
+        v = gs.Variable(nm, dtype=np.float32, shape=mshape)
+        y = gs.Variable(names(nm + "_out"), dtype=x.dtype)
+        m.nodes.append(gs.Node("Mul", names(nm + "_mul"), inputs=[x, v], outputs=[y]))
+        nodes[s.node].inputs[s.input] = y
+        m.inputs.append(v)
+        inputs.append((nm, s, mshape))
+    m.toposort()
+    sess = ort.session(to_onnx(m))
+    out_names = [o.name for o in sess.get_outputs()]
+    ones = {nm: np.ones(sh, np.float32) for nm, _, sh in inputs}
+    member = {}
+    for nm, s, sh in inputs:
+        cls = g.classes(s.slots)
+        for k in set(cls.tolist()):
+            member.setdefault(k, []).append((nm, (cls == k).reshape(sh)))
+    scores = np.zeros(g.n_units)
+    for feeds in runs:
+        base = sess.run(out_names, {**feeds, **ones})
+        labels = [np.argmax(y, 1) if y.ndim == 2 and y.shape[1] > 1 else None for y in base]
+        for k in units:
+            vals = []
+            for sign in (1.0, -1.0):
+                f = dict(ones)
+                for nm, sel in member.get(k, []):
+                    f[nm] = np.where(sel, 1.0 + sign * eps, f[nm]).astype(np.float32)
+                vals.append(_loss(sess.run(out_names, {**feeds, **f}), labels))
+            scores[k] += abs(vals[0] - vals[1]) / (2 * eps)
+    return scores / max(1, len(runs))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cost model: MACs and parameters as functions of the removed units
+# ----------------------------------------------------------------------------------------------------------------
+
+class CostModel:
+    def __init__(self, graph: gs.Graph, g: cg.ChannelGroups, ctx):
+        self.g = g
+        fl = ctx.analyses.get("flops", graph)
+        self.params0 = int(fl["params"])
+        base = g.base_macs()
+        self.macs0 = int(sum(base.values()))     # per node index (the flops analysis keys nodes by name)
+        self.mac_terms = []
+        self.fixed_macs = 0
+        for i, macs in base.items():
+            fs = g.mac_factors.get(i)
+            if not macs:
+                continue
+            if not fs:
+                self.fixed_macs += macs
+                continue
+            self.mac_terms.append((macs, [g.classes(f) for f in fs]))
+        per = defaultdict(list)
+        for p in g.params:
+            per[(p.node, p.input)].append(p)
+        self.param_terms = []
+        for (ni, ii), ps in per.items():
+            v = constant_value(g.nodes[ni].inputs[ii])
+            if v is None or v.dtype.kind != "f":
+                continue
+            axes = {}
+            for p in ps:
+                axes.setdefault(p.axis, g.classes(p.slots))
+            self.param_terms.append((int(v.size), list(axes.values())))
+
+    def macs(self, removed: np.ndarray) -> float:
+        kept = removed.__invert__()
+        total = self.fixed_macs
+        for macs, fs in self.mac_terms:
+            f = macs
+            for c in fs:
+                f *= kept[c].mean() if len(c) else 1.0
+            total += f
+        return total
+
+    def params(self, removed: np.ndarray) -> float:
+        kept = ~removed
+        gone = 0.0
+        for size, fs in self.param_terms:
+            f = 1.0
+            for c in fs:
+                f *= kept[c].mean() if len(c) else 1.0
+            gone += size * (1.0 - f)
+        return self.params0 - gone
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the pass
+# ----------------------------------------------------------------------------------------------------------------
+
+@register
+class PruneChannels(Pass):
+    name = "prune-channels"
+    help = ("Structural channel pruning over dependency groups (conv/linear channels, heads); exact by "
+            "construction (oracle-checked)")
+    exact = False     # per instance: True for criterion=dead
+    options = {
+        "criterion": Option(str, "l1", "importance: l1, l2, bn_scale, taylor, random, or dead (exact: only "
+                                       "provably zero channels)", choices=CRITERIA),
+        "ratio": Option(float, 0.0, "fraction of the prunable channels to remove (0: no channel budget)"),
+        "flops": Option(float, 1.0, "fraction of the MACs to keep (0 < flops <= 1)"),
+        "params": Option(float, 1.0, "fraction of the weights to keep (0 < params <= 1)"),
+        "scope": Option(str, "global", "global: one LAMP-normalized ranking; local: the same ratio per layer",
+                        choices=("global", "local")),
+        "max_layer_ratio": Option(float, 0.9, "at most this fraction of a layer's channels is removed",
+                                  minimum=0.0, maximum=1.0),
+        "round_to": Option(int, 0, "kept channel counts are multiples of this where a layer is wider "
+                                   "(0: the target's fp32 SIMD lanes, else 16)", minimum=0),
+        "ignore": Option(list, [], "node names whose channels are never pruned"),
+        "verify_oracle": Option(bool, True, "check the pruning oracle (zeroed original == pruned) in onnxruntime"),
+        "seed": Option(int, -1, "seed for criterion=random and for generated inputs (-1: the context's)"),
+        "samples": Option(int, 4, "batches of data (or random inputs) used by taylor and the oracle", minimum=1),
+        "strict": Option(bool, False, "fail when a budget cannot be met"),
+    }
+
+    def validate(self):
+        o = self.opts
+        self.exact = o["criterion"] == "dead"
+        for key in ("flops", "params"):
+            v = o[key]
+            if not (0.0 < v <= 1.0):
+                raise BadInput(f"pass 'prune-channels': option {key}={v:g} must be in (0, 1]: the fraction of "
+                               f"{'MACs' if key == 'flops' else 'weights'} to keep (flops=0.5 keeps half)")
+        if not (0.0 <= o["ratio"] < 1.0):
+            raise BadInput(f"pass 'prune-channels': option ratio={o['ratio']:g} must be in [0, 1): the fraction of "
+                           f"channels to remove")
+        targets = [k for k in ("ratio", "flops", "params") if k in self.given]
+        if o["criterion"] == "dead" and targets:
+            raise BadInput(f"pass 'prune-channels': criterion=dead removes exactly the provably dead channels; "
+                           f"drop {targets[0]}=")
+        if o["criterion"] != "dead" and not targets:
+            raise BadInput("pass 'prune-channels' needs a budget: ratio=, flops= or params= "
+                           "(for example prune-channels{flops=0.5}), or criterion=dead")
+
+    # ------------------------------------------------------------------ run
+    def run(self, graph, ctx):
+        o = self.opts
+        seed = ctx.seed if o["seed"] < 0 else o["seed"]
+        names = {n.name for n in graph.nodes}
+        for n in o["ignore"]:
+            if n not in names:
+                import difflib
+                close = difflib.get_close_matches(n, sorted(names), n=1)
+                hint = f"did you mean '{close[0]}'?" if close else \
+                    "node names look like: " + ", ".join(sorted(x for x in names if x)[:3])
+                raise BadInput(f"pass 'prune-channels': ignore names node '{n}', which is not in the graph ({hint})")
+        g: cg.ChannelGroups = ctx.analyses.get("channel-groups", graph)
+        round_to = o["round_to"] or int(ctx.hw.get("fp32_lanes", 16) or 16)
+        extra = self._ignored(g, set(o["ignore"]))
+        notes = []
+        cand = np.array([not u.frozen and u.id not in extra for u in g.units], dtype=bool)
+        cost = CostModel(graph, g, ctx)
+        removed = np.zeros(g.n_units, dtype=bool)
+        if o["criterion"] == "dead":
+            removed = self._dead(g, cand, round_to)
+        elif cand.any():
+            scores, note = self._scores(graph, g, cand, ctx, seed)
+            if note:
+                notes.append(note)
+            removed = self._select(g, cand, scores, cost, round_to)
+        info = self._report(graph, g, cost, removed, extra, round_to, notes)
+        if not info["budget_met"]:
+            floor = self._floor(g, cand, round_to)
+            info["reachable"] = {"macs": round(cost.macs(floor) / max(1, cost.macs0), 4),
+                                 "params": round(cost.params(floor) / max(1, cost.params0), 4)}
+            self._check_budgets(info)
+        if not removed.any():
+            if o["strict"] and not info["budget_met"]:
+                raise CheckFailed(f"pass 'prune-channels' cannot meet its budget: {info['limits']}")
+            return PassResult(graph, False, info)
+        plan = Plan(g, removed)
+        original = copy_graph(graph) if o["verify_oracle"] else None
+        pruned = apply_removal(graph, plan)
+        if o["verify_oracle"]:
+            runs, _ = _feeds_list(original, ctx.data, seed, limit=min(2, o["samples"]))
+            worst = 0.0
+            for feeds in runs:
+                ok, err = oracle_holds(original, plan, pruned, feeds)
+                worst = max(worst, err)
+                if not ok:
+                    raise CheckFailed(f"pass 'prune-channels': the pruning oracle fails (zeroed original and "
+                                      f"pruned graph differ by {err:.3g}); this is a bug in the channel analysis")
+            info["oracle_max_error"] = worst
+        after = flops_analysis(pruned, None)
+        after["macs"] = total_macs(pruned)
+        info["macs"]["after"] = int(after["macs"])
+        info["macs"]["ratio"] = round(after["macs"] / max(1, cost.macs0), 4)
+        info["params"]["after"] = int(after["params"])
+        info["params"]["ratio"] = round(after["params"] / max(1, cost.params0), 4)
+        self._check_budgets(info)
+        if o["strict"] and not info["budget_met"]:
+            raise CheckFailed(f"pass 'prune-channels' cannot meet its budget: {info['limits']}")
+        return PassResult(pruned, True, info)
+
+    # ------------------------------------------------------------------ pieces
+    def _ignored(self, g, names: set) -> dict[int, list[str]]:
+        if not names:
+            return {}
+        idx = {i for i, n in enumerate(g.nodes) if n.name in names}
+        hit = set()
+        for s in g.sources:
+            if s.node in idx:
+                hit |= set(g.classes(s.slots).tolist())
+        for s in g.sinks:
+            if s.node in idx:
+                hit |= set(g.classes(s.slots).tolist())
+        for p in g.params:
+            if p.node in idx:
+                hit |= set(g.classes(p.slots).tolist())
+        for i in idx:
+            for t in list(g.nodes[i].outputs) + list(g.nodes[i].inputs):
+                c = g.chan.get(t.name) if isinstance(t, gs.Variable) else None
+                if c is not None:
+                    hit |= set(g.classes(c.slots).tolist())
+        return {k: ["ignored by the user"] for k in hit}
+
+    def _scores(self, graph, g, cand, ctx, seed):
+        crit = self.opts["criterion"]
+        note = None
+        if crit in ("l1", "l2"):
+            return magnitude_scores(g, crit), None
+        if crit == "random":
+            return np.random.default_rng(seed).random(g.n_units), None
+        if crit == "bn_scale":
+            s, has = bn_scale_scores(g)
+            fallback = magnitude_scores(g, "l2")
+            missing = []
+            for lay in g.layers:
+                ids = [k for k in lay.units if cand[k]]
+                if ids and not all(has[k] for k in ids):
+                    s[ids] = fallback[ids]
+                    missing.append(lay.name)
+            if missing:
+                note = f"bn_scale: {len(missing)} layer(s) without a BatchNormalization ranked by l2"
+            return s, note
+        runs, data_note = _feeds_list(graph, ctx.data, seed, limit=self.opts["samples"])
+        s, how = taylor_scores(graph, g, [k for k in range(g.n_units) if cand[k]], runs)
+        return s, how + (f"; {data_note}" if data_note else "")
+
+    def _floor(self, g, cand, round_to):
+        rem = np.zeros(g.n_units, dtype=bool)
+        for lay in g.layers:
+            ids = [k for k in lay.units if cand[k]]
+            if ids:
+                allowed = self._allowed(len(lay.units), len(ids), round_to, self.opts["max_layer_ratio"])
+                rem[ids[:len(lay.units) - allowed[-1]]] = True
+        return rem
+
+    @staticmethod
+    def _allowed(n: int, n_cand: int, round_to: int, max_ratio: float | None) -> list[int]:
+        """Allowed kept counts of a layer with n units of which n_cand are prunable, largest first."""
+        m = round_to if n > round_to else 1
+        floor = max(1, n - n_cand)
+        if max_ratio is not None:
+            floor = max(floor, math.ceil(n * (1.0 - max_ratio) - 1e-9))
+        ks = [k for k in range(n - 1, 0, -1) if k >= floor and k % m == 0]
+        return [n] + ks
+
+    def _dead(self, g, cand, round_to):
+        dead = cand.copy()
+        for s in g.sinks:
+            t = g.nodes[s.node].inputs[s.input]
+            c = g.chan.get(t.name)
+            cls = g.classes(s.slots)
+            cv = c.cval if c is not None and len(c.cval) == len(s.slots) else np.full(len(s.slots), np.nan)
+            bad = cls[~(cv == 0)]
+            dead[bad] = False
+        removed = np.zeros(g.n_units, dtype=bool)
+        for lay in g.layers:
+            ids = [k for k in lay.units if dead[k]]
+            if not ids:
+                continue
+            n = len(lay.units)
+            allowed = self._allowed(n, sum(1 for k in lay.units if cand[k]), round_to, None)
+            best = max((n - k for k in allowed if n - k <= len(ids)), default=0)
+            removed[ids[:best]] = True
+        return removed
+
+    def _select(self, g, cand, scores, cost: CostModel, round_to):
+        o = self.opts
+        removed = np.zeros(g.n_units, dtype=bool)
+        total_cand = int(cand.sum())
+        layers = []
+        for lay in g.layers:
+            ids = [k for k in lay.units if cand[k]]
+            if not ids:
+                continue
+            ids.sort(key=lambda k: (scores[k], k))
+            allowed = self._allowed(len(lay.units), len(ids), round_to, o["max_layer_ratio"])
+            if len(allowed) > 1:
+                layers.append((lay, ids, allowed))
+
+        def met(rem):
+            if cost.macs(rem) > o["flops"] * cost.macs0 * (1 + 1e-9):
+                return False
+            if cost.params(rem) > o["params"] * cost.params0 * (1 + 1e-9):
+                return False
+            if rem.sum() < o["ratio"] * total_cand - 1e-9:
+                return False
+            return True
+
+        if o["scope"] == "local":
+            steps = [i / 400 for i in range(0, 401)]
+            best = removed
+            for r in steps:
+                rem = np.zeros(g.n_units, dtype=bool)
+                for lay, ids, allowed in layers:
+                    n = len(lay.units)
+                    want = n * (1 - r)
+                    k = min((a for a in allowed if a >= want - 1e-9), default=n)
+                    rem[ids[:n - k]] = True
+                best = rem
+                if met(rem):
+                    break
+            return best
+        # global: LAMP-normalized scores, greedy over moves (a move takes a layer to its next allowed width)
+        lamp = np.zeros(g.n_units)
+        for lay, ids, allowed in layers:
+            s2 = np.array([scores[k] for k in ids], dtype=np.float64) ** 2
+            tail = np.cumsum(s2[::-1])[::-1]
+            lamp[ids] = s2 / np.maximum(tail, 1e-30)
+        heap = []
+        state = {}
+        for li, (lay, ids, allowed) in enumerate(layers):
+            state[li] = 0          # index into allowed
+            self._push(heap, li, layers, state, lamp)
+        while heap and not met(removed):
+            _, li, nxt = heapq.heappop(heap)
+            lay, ids, allowed = layers[li]
+            if state[li] + 1 != nxt:
+                continue
+            n = len(lay.units)
+            removed[ids[:n - allowed[nxt]]] = True
+            state[li] = nxt
+            self._push(heap, li, layers, state, lamp)
+        return removed
+
+    @staticmethod
+    def _push(heap, li, layers, state, lamp):
+        lay, ids, allowed = layers[li]
+        nxt = state[li] + 1
+        if nxt >= len(allowed):
+            return
+        n = len(lay.units)
+        units = ids[n - allowed[state[li]]:n - allowed[nxt]]
+        heapq.heappush(heap, (float(max(lamp[k] for k in units)), li, nxt))
+
+    def _report(self, graph, g, cost, removed, extra, round_to, notes) -> dict:
+        o = self.opts
+        layers = {}
+        for s in g.sources:
+            node = g.nodes[s.node]
+            if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+                continue
+            k = ~removed[g.classes(s.slots)]
+            layers[g.name(s.node)] = [len(s.slots), int(k.sum())]
+        info = {
+            "criterion": o["criterion"], "scope": o["scope"], "round_to": round_to,
+            "units": {"total": g.n_units, "prunable": int(sum(1 for u in g.units if not u.frozen
+                                                              and u.id not in extra)),
+                      "removed": int(removed.sum())},
+            "layers": layers,
+            "macs": {"before": cost.macs0, "after": int(round(cost.macs(removed))),
+                     "ratio": round(cost.macs(removed) / max(1, cost.macs0), 4)},
+            "params": {"before": cost.params0, "after": int(round(cost.params(removed))),
+                       "ratio": round(cost.params(removed) / max(1, cost.params0), 4)},
+            "frozen": (g.frozen_summary(extra) + [{"layer": d["node"], "channels": None, "why": [d["why"]]}
+                                                  for d in g.opaque])[:40],
+            "notes": notes,
+        }
+        self._check_budgets(info)
+        return info
+
+    def _check_budgets(self, info):
+        o = self.opts
+        budget, limits = {}, []
+        for key, what in (("flops", "macs"), ("params", "params")):
+            if key in self.given:
+                reached = info[what]["ratio"]
+                ok = reached <= o[key] + 1e-6
+                budget[key] = {"target": o[key], "reached": reached, "met": ok}
+                if not ok:
+                    limits.append(f"{key}: reached {reached:.3f} of the original, target {o[key]:g}")
+        if "ratio" in self.given:
+            pr = info["units"]["prunable"]
+            reached = info["units"]["removed"] / max(1, pr)
+            ok = reached >= o["ratio"] - 1e-6
+            budget["ratio"] = {"target": o["ratio"], "reached": round(reached, 4), "met": ok}
+            if not ok:
+                limits.append(f"ratio: removed {reached:.3f} of the prunable channels, target {o['ratio']:g}")
+        info["budget"] = budget
+        info["budget_met"] = not limits
+        if limits:
+            why = "limited by frozen channels (see 'frozen'), max_layer_ratio and round_to"
+            info["limits"] = "; ".join(limits) + f" ({why})"
+            if "reachable" in info:
+                info["limits"] += (f"; with every prunable layer at its narrowest the graph keeps "
+                                   f"{info['reachable']['macs']:.3f} of its MACs and "
+                                   f"{info['reachable']['params']:.3f} of its weights")
+        else:
+            info.pop("limits", None)

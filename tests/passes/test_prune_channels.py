@@ -1,0 +1,406 @@
+"""prune-channels: the oracle (zeroed original == pruned) on every model and criterion, budgets, exactness of
+criterion=dead, idempotence, option handling and bad input."""
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+
+import graphopt
+import prune_models as pm
+from graphopt import PassContext, PassManager
+from graphopt.errors import BadInput, CheckFailed
+from graphopt.graph import constant_value, copy as copy_graph
+from graphopt.passes import prune_channels as pc
+
+ZOO = ["resnet", "mobilenet_v3", "densenet", "inception", "resnext", "shufflenet", "vit", "convnext", "yolo",
+       "unet", "lstm", "gru", "mlp_digits", "cnn_digits"]
+RECURRENT = ("lstm", "gru")          # an LSTM/GRU op is opaque: its hidden units need decompose-rnn first
+EXTRA = ["cat_twice", "one_channel", "depthwise_residual", "linear_to_deconv", "bare_params", "se_block",
+         "dead_channels", "unknown_op", "squeeze_gate", "split_branches", "group_norm"]
+
+
+@pytest.fixture(scope="module")
+def pm_onnx(tmp_path_factory):
+    d = tmp_path_factory.mktemp("prune_models")
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = pm.export(name, d / f"{name}.onnx")
+        return cache[name]
+    return get
+
+
+def _model(zoo_onnx, pm_onnx, name):
+    return graphopt.load(pm_onnx(name) if name in pm.MODELS else zoo_onnx(name))
+
+
+def _run(g, text, ctx=None):
+    res = PassManager.parse(text).run(g, ctx)      # structural check (checker + full shape inference) inside
+    return res, res.records[-1]
+
+
+def _node(g, name):
+    return next(n for n in g.nodes if n.name == name)
+
+
+# ---------------------------------------------------------------------------------------------------------- zoo
+
+@pytest.mark.parametrize("name", ZOO)
+def test_flops_half_on_the_zoo(zoo_onnx, name):
+    g = graphopt.load(zoo_onnx(name))
+    res, rec = _run(g, "prune-channels{flops=0.5}")
+    if name in RECURRENT:
+        assert not res.modified and not rec["budget_met"]
+        assert any("decompose-rnn" in why for f in rec["frozen"] for why in f["why"]), rec["frozen"]
+        return
+    assert res.modified and rec["budget_met"], rec.get("limits")
+    assert rec["macs"]["ratio"] <= 0.5 + 1e-6
+    assert rec["oracle_max_error"] < 1e-5
+    assert rec["macs"]["after"] == graphopt.analyses.flops(res.graph, None)["macs"]
+    for before, after in rec["layers"].values():
+        assert 1 <= after <= before
+
+
+@pytest.mark.parametrize("name", RECURRENT)
+def test_recurrent_models_prune_after_decompose_rnn(zoo_onnx, name):
+    g = graphopt.load(zoo_onnx(name))
+    res, rec = _run(g, "decompose-rnn,cleanup,prune-channels{flops=0.5}")
+    assert rec["budget_met"] and rec["macs"]["ratio"] <= 0.6
+    assert rec["oracle_max_error"] < 1e-5
+
+
+@pytest.mark.parametrize("criterion", ["l2", "bn_scale", "random", "taylor"])
+@pytest.mark.parametrize("name", ["resnet", "mobilenet_v3", "densenet", "inception", "resnext", "shufflenet",
+                                  "vit", "convnext", "yolo", "unet", "cnn_digits", "mlp_digits"])
+def test_oracle_for_every_criterion(zoo_onnx, name, criterion):
+    g = graphopt.load(zoo_onnx(name))
+    # verify=structural: the PassManager skips its drift run; the pass's own oracle still runs
+    res, rec = _run(g, f"prune-channels{{criterion={criterion},flops=0.6,samples=1}}", PassContext(verify="structural"))
+    assert res.modified and rec["oracle_max_error"] < 1e-5
+    assert rec["macs"]["ratio"] <= 0.6 + 1e-6
+
+
+@pytest.mark.parametrize("name", EXTRA)
+@pytest.mark.parametrize("criterion", ["l1", "taylor"])
+def test_oracle_on_structural_cases(zoo_onnx, pm_onnx, name, criterion):
+    g = _model(zoo_onnx, pm_onnx, name)
+    res, rec = _run(g, f"prune-channels{{criterion={criterion},flops=0.6,samples=1}}", PassContext(verify="structural"))
+    assert res.modified and rec["oracle_max_error"] < 1e-5
+
+
+# -------------------------------------------------------------------------------------------- structural cases
+
+def test_cat_twice_removes_both_copies(pm_onnx):
+    res, rec = _run(graphopt.load(pm_onnx("cat_twice")), "prune-channels{ratio=0.5}")
+    a = _node(res.graph, "/a/Conv").inputs[1].values.shape[0]
+    b_in = _node(res.graph, "/b/Conv").inputs[1].values.shape[1]
+    assert a == 16 and b_in == 2 * a
+
+
+def test_one_output_channel_is_never_removed(pm_onnx):
+    res, rec = _run(graphopt.load(pm_onnx("one_channel")), "prune-channels{ratio=0.8,round_to=1,max_layer_ratio=1}")
+    assert _node(res.graph, "/a/Conv").inputs[1].values.shape[0] == 1
+    assert _node(res.graph, "/b/Conv").inputs[1].values.shape[0] >= 1
+    assert any("single channel" in why for f in rec["frozen"] for why in f["why"])
+
+
+def test_depthwise_in_a_residual(pm_onnx):
+    res, rec = _run(graphopt.load(pm_onnx("depthwise_residual")), "prune-channels{ratio=0.5}")
+    g = res.graph
+    kept = _node(g, "/a/Conv").inputs[1].values.shape[0]
+    assert kept == 16
+    dw, dw2 = _node(g, "/dw/Conv"), _node(g, "/dw2/Conv")
+    assert dw.attrs["group"] == kept and dw.inputs[1].values.shape == (kept, 1, 3, 3)
+    assert dw2.attrs["group"] == kept and dw2.inputs[1].values.shape[0] == 2 * kept
+
+
+def test_linear_view_convtranspose(pm_onnx):
+    res, rec = _run(graphopt.load(pm_onnx("linear_to_deconv")), "prune-channels{flops=0.5}")
+    g = res.graph
+    deconv = next(n for n in g.nodes if n.op == "ConvTranspose")
+    ch = deconv.inputs[1].values.shape[0]
+    assert ch < 256 and ch % 16 == 0                            # round_to 16 on a 256-channel layer
+    fc = next(n for n in g.nodes if n.op == "Gemm")
+    assert fc.inputs[1].values.shape[0] == 16 * ch              # a channel is a block of 16 features
+    reshape = next(n for n in g.nodes if n.op == "Reshape")
+    assert constant_value(reshape.inputs[1]).tolist()[1] == ch
+
+
+def test_bare_parameters_shrink_with_the_stream(pm_onnx):
+    res, rec = _run(graphopt.load(pm_onnx("bare_params")), "prune-channels{ratio=0.5}")
+    g = res.graph
+    dim = _node(g, "/embed/Conv").inputs[1].values.shape[0]
+    assert dim == 16
+    data = [t.values.shape for n in g.nodes if n.op in ("Concat", "Add", "Mul") for t in n.inputs
+            if isinstance(t, gs.Constant) and t.values.size > 1]
+    assert (1, 1, dim) in data and (1, 17, dim) in data and (dim,) in data     # class token, pos embed, scales
+    assert rec["oracle_max_error"] < 1e-5
+
+
+def test_attention_heads_are_removed_whole(zoo_onnx):
+    res, rec = _run(graphopt.load(zoo_onnx("vit")), "prune-channels{flops=0.5}")
+    g = res.graph
+    q = _node(g, "/layers/layers.0/attn/q/MatMul").inputs[1].values.shape[1]
+    reshape = _node(g, "/layers/layers.0/attn/Reshape")
+    heads = constant_value(reshape.inputs[1]).tolist()
+    assert q % 8 == 0 and heads[2] * 8 == q and heads[2] < 4 and heads[3] == 8
+    merge = constant_value(_node(g, "/layers/layers.0/attn/Reshape_3").inputs[1]).tolist()
+    assert merge[2] == q
+
+
+def test_yolo_chunk_bounds_follow_the_channels(zoo_onnx):
+    res, rec = _run(graphopt.load(zoo_onnx("yolo")), "prune-channels{flops=0.5}")
+    g = res.graph
+    for n in g.nodes:
+        if n.op == "Slice" and n.name.startswith("/c2f"):
+            st, en = int(constant_value(n.inputs[1])[0]), int(constant_value(n.inputs[2])[0])
+            c = n.inputs[0].shape[1]
+            assert 0 <= st < en <= c and n.outputs[0].shape[1] == en - st
+
+
+def test_unet_and_shufflenet_structures(zoo_onnx):
+    for name in ("unet", "shufflenet"):
+        res, rec = _run(graphopt.load(zoo_onnx(name)), "prune-channels{flops=0.5,criterion=l2}")
+        assert rec["oracle_max_error"] < 1e-5 and rec["macs"]["ratio"] <= 0.5
+
+
+def test_pruning_twice_in_a_row(zoo_onnx, pm_onnx):
+    for g in (graphopt.load(zoo_onnx("resnet")), graphopt.load(zoo_onnx("vit")),
+              graphopt.load(pm_onnx("bare_params"))):
+        res = PassManager.parse("prune-channels{flops=0.8},prune-channels{flops=0.8}").run(g)
+        first, second = res.records
+        assert first["modified"] and second["modified"]
+        assert second["macs"]["before"] == first["macs"]["after"]
+        assert second["macs"]["after"] < first["macs"]["after"]
+        assert first["oracle_max_error"] < 1e-5 and second["oracle_max_error"] < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- exact: dead
+
+def test_dead_channels_are_removed_exactly_and_idempotently(pm_onnx):
+    g = graphopt.load(pm_onnx("dead_channels"))
+    res, rec = _run(g, "prune-channels{criterion=dead,round_to=1}")
+    assert rec["exact"] and rec["max_error"] <= 1e-6          # the PassManager's exact check ran
+    assert rec["units"]["removed"] == len(pm.DeadChannels.DEAD_A + pm.DeadChannels.DEAD_B + pm.DeadChannels.DEAD_H)
+    out = res.graph
+    assert _node(out, "/a/Conv").inputs[1].values.shape[0] == 32 - len(pm.DeadChannels.DEAD_A)
+    assert _node(out, "/b/Conv").inputs[1].values.shape[0] == 16 - len(pm.DeadChannels.DEAD_B)
+    again = PassManager.parse("prune-channels{criterion=dead,round_to=1}").run(out)
+    assert not again.modified
+
+
+def test_dead_with_rounding_and_on_the_zoo(pm_onnx, zoo_onnx):
+    g = graphopt.load(pm_onnx("dead_channels"))
+    res, rec = _run(g, "prune-channels{criterion=dead}")
+    # round_to 16: conv a (32 wide, 4 dead) and fc1 (64 wide, 5 dead) cannot reach a multiple of 16 and keep
+    # their dead channels; conv b (16 wide, no rounding) loses its 3
+    assert rec["units"]["removed"] == len(pm.DeadChannels.DEAD_B) and rec["max_error"] <= 1e-6
+    res, rec = _run(graphopt.load(zoo_onnx("resnet")), "prune-channels{criterion=dead}")
+    assert not res.modified
+
+
+def test_exact_depends_on_the_criterion():
+    assert graphopt.passmanager.make_pass("prune-channels", criterion="dead").exact
+    assert not graphopt.passmanager.make_pass("prune-channels", flops=0.5).exact
+    assert not graphopt.passmanager.make_pass("prune-channels", criterion="taylor", ratio=0.2).exact
+
+
+# ------------------------------------------------------------------------------------------------- options
+
+def test_budgets_combined_and_params(zoo_onnx):
+    g = graphopt.load(zoo_onnx("mobilenet_v3"))
+    res, rec = _run(g, "prune-channels{flops=0.6,params=0.3}")
+    assert rec["budget"]["flops"]["met"] and rec["budget"]["params"]["met"]
+    assert rec["params"]["ratio"] <= 0.3 and rec["macs"]["ratio"] <= 0.6
+    res, rec = _run(graphopt.load(zoo_onnx("resnet")), "prune-channels{ratio=0.4,scope=local,criterion=l2}")
+    assert rec["budget"]["ratio"]["met"] and rec["units"]["removed"] >= 0.4 * rec["units"]["prunable"]
+
+
+def test_round_to_and_max_layer_ratio(zoo_onnx):
+    g = graphopt.load(zoo_onnx("mobilenet_v3"))
+    res, rec = _run(g, "prune-channels{flops=0.3,max_layer_ratio=0.5}")
+    for name, (before, after) in rec["layers"].items():
+        assert after >= before * 0.5 - 1e-9, name
+        if before > 16 and after != before:
+            assert after % 16 == 0, (name, before, after)
+    ctx = PassContext(hw={"fp32_lanes": 8})
+    res, rec = _run(graphopt.load(zoo_onnx("mobilenet_v3")), "prune-channels{flops=0.5}", ctx)
+    assert rec["round_to"] == 8
+    assert all(a % 8 == 0 for b, a in rec["layers"].values() if b > 8 and a != b)
+
+
+def test_ignore_keeps_named_layers(zoo_onnx):
+    g = graphopt.load(zoo_onnx("resnet"))
+    keep = "/layer1/conv1/Conv"
+    res, rec = _run(g, f"prune-channels{{flops=0.5,ignore=[{keep}]}}")
+    assert rec["layers"][keep] == [16, 16]
+    assert any("ignored" in why for f in rec["frozen"] for why in f["why"])
+
+
+def test_taylor_uses_given_data(zoo_onnx):
+    g = graphopt.load(zoo_onnx("cnn_digits"))
+    x = np.random.default_rng(0).random((6, 1, 8, 8)).astype(np.float32)
+    res, rec = _run(g, "prune-channels{criterion=taylor,flops=0.5}", PassContext(data={"calib": {"x": x}}))
+    assert rec["notes"] and rec["notes"][0].startswith("taylor") and "random" not in rec["notes"][0]
+    res, rec = _run(graphopt.load(zoo_onnx("cnn_digits")), "prune-channels{criterion=taylor,flops=0.5}")
+    assert "random inputs" in rec["notes"][0]
+
+
+def test_taylor_finite_differences_agree_with_autograd(zoo_onnx):
+    g = graphopt.load(zoo_onnx("mlp_digits"))
+    groups = PassContext().analyses.get("channel-groups", g)
+    runs, _ = pc._feeds_list(g, None, 0, limit=1)
+    units = [u.id for u in groups.units if not u.frozen]
+    fd = pc._taylor_fd(g, groups, units, runs, 1e-3)
+    try:
+        ag = pc._taylor_autograd(g, groups, runs)
+    except Exception:            # the trainable view is optional
+        pytest.skip("graphopt.trainable cannot run this graph")
+    assert np.allclose(fd[units], ag[units], rtol=2e-2, atol=1e-4)
+
+
+def test_random_is_seeded(zoo_onnx):
+    a = _run(graphopt.load(zoo_onnx("resnet")), "prune-channels{criterion=random,flops=0.6,seed=3}")[1]
+    b = _run(graphopt.load(zoo_onnx("resnet")), "prune-channels{criterion=random,flops=0.6,seed=3}")[1]
+    assert a["layers"] == b["layers"] and a["units"] == b["units"]
+
+
+def test_resolved_pipeline_round_trips():
+    pm_ = PassManager.parse("prune-channels{flops=0.5,criterion=bn_scale}")
+    again = PassManager.parse(pm_.resolved())
+    assert again.passes[0].opts == pm_.passes[0].opts
+
+
+def test_strict_fails_when_the_budget_cannot_be_met(zoo_onnx):
+    with pytest.raises(CheckFailed, match="budget"):
+        PassManager.parse("prune-channels{flops=0.5,strict=true}").run(graphopt.load(zoo_onnx("lstm")))
+
+
+# ------------------------------------------------------------------------------------------------ the oracle
+
+def test_oracle_detects_a_wrong_removal(zoo_onnx):
+    g = graphopt.load(zoo_onnx("resnet"))
+    ctx = PassContext()
+    groups = ctx.analyses.get("channel-groups", g)
+    removed = np.zeros(groups.n_units, dtype=bool)
+    inner = groups.classes(next(s for s in groups.sources
+                                if groups.nodes[s.node].name == "/layer1/conv1/Conv").slots)
+    removed[inner[:8]] = True
+    plan = pc.Plan(groups, removed)
+    original = copy_graph(g)
+    assert pc.oracle_check(original, plan) < 1e-5
+    pruned = pc.apply_removal(copy_graph(original), plan)
+    bn = next(n for n in pruned.nodes if n.name == "/layer1/bn1/BatchNormalization")
+    shift = bn.inputs[2].values.copy()
+    shift[0] += 1.0                              # a kept channel gets a wrong parameter
+    bn.inputs[2] = gs.Constant("wrong_shift", shift)
+    assert pc.oracle_check(original, plan, pruned=pruned) > 1e-3
+    # removing a residual summand's channels without its partners is also caught
+    plan2 = pc.Plan(groups, removed.copy())
+    stem = groups.classes(next(s for s in groups.sources if groups.nodes[s.node].name == "/stem/stem.0/Conv").slots)
+    plan2.removed[stem[:4]] = True
+    bad = pc.apply_removal(copy_graph(original), plan2)
+    c2 = next(n for n in bad.nodes if n.name == "/layer1/conv2/Conv")
+    w = c2.inputs[1].values.copy()
+    w[0] += 0.5
+    c2.inputs[1] = gs.Constant("wrong_w", w)
+    assert pc.oracle_check(original, plan2, pruned=bad) > 1e-3
+
+
+def test_oracle_can_be_disabled(zoo_onnx):
+    res, rec = _run(graphopt.load(zoo_onnx("cnn_digits")), "prune-channels{flops=0.5,verify_oracle=false}")
+    assert res.modified and "oracle_max_error" not in rec
+
+
+def test_pruned_model_compiles_on_cpu(zoo_onnx, tmp_path):
+    g = graphopt.load(zoo_onnx("cnn_digits"))
+    pruned = PassManager.parse("prune-channels{flops=0.5}").run(g).graph
+    art = graphopt.compile(pruned, target="cpu", out=tmp_path / "art")
+    x = np.random.default_rng(0).random((1, 1, 8, 8)).astype(np.float32)
+    got = art.run({"x": x})
+    ref = graphopt.ort.run(graphopt.to_onnx(pruned), {"x": x})
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("text,needle", [
+    ("prune-channels{criterion=magic,flops=0.5}", "must be one of"),
+    ("prune-channels{flops=0}", "(0, 1]"),
+    ("prune-channels{flops=1.5}", "(0, 1]"),
+    ("prune-channels{params=0}", "(0, 1]"),
+    ("prune-channels{ratio=1}", "[0, 1)"),
+    ("prune-channels", "needs a budget"),
+    ("prune-channels{criterion=dead,flops=0.5}", "criterion=dead"),
+    ("prune-channels{flops=0.5,scope=everywhere}", "must be one of"),
+    ("prune-channels{flops=0.5,colour=red}", "no option 'colour'"),
+])
+def test_bad_options(text, needle):
+    with pytest.raises(BadInput, match=None) as e:
+        PassManager.parse(text)
+    assert needle in str(e.value)
+
+
+def test_ignore_naming_a_missing_node(zoo_onnx):
+    g = graphopt.load(zoo_onnx("cnn_digits"))
+    with pytest.raises(BadInput, match="ignore names node 'nope'"):
+        PassManager.parse("prune-channels{flops=0.5,ignore=[nope]}").run(g)
+
+
+def _deconv_model(group, w_shape, out_ch):
+    from onnx import helper
+    import onnx_builders as ob
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["a"], name="conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"], name="relu0"),
+             helper.make_node("ConvTranspose", ["r", "wt", "bt"], ["t"], name="deconv", strides=[2, 2], group=group),
+             ob.bn_node("t", "tb", "bn"),
+             helper.make_node("Relu", ["tb"], ["r2"], name="relu1"),
+             helper.make_node("Conv", ["r2", "w2"], ["y"], name="conv2")]
+    cin = w_shape[0]
+    inits = [("w0", ob.rnd(cin, 3, 3, 3)), ("b0", ob.rnd(cin, seed=1)), ("wt", ob.rnd(*w_shape, seed=2)),
+             ("bt", ob.rnd(out_ch, seed=3)), ("w2", ob.rnd(2, out_ch, 1, 1, seed=4))] + ob.bn_params("bn", out_ch)
+    return ob.model(nodes, [ob.vi("x", [1, 3, 5, 5])], [ob.vi("y", None)], inits)
+
+
+@pytest.mark.parametrize("group,w_shape,out_ch", [(1, (8, 6, 3, 3), 6), (2, (8, 3, 3, 3), 6), (8, (8, 2, 2, 2), 16)])
+def test_grouped_and_depthwise_convtranspose(group, w_shape, out_ch):
+    g = graphopt.load(_deconv_model(group, w_shape, out_ch))
+    res, rec = _run(g, "prune-channels{ratio=0.5,round_to=1}")
+    assert res.modified and rec["oracle_max_error"] < 1e-5
+    d = _node(res.graph, "deconv")
+    cin = _node(res.graph, "conv0").inputs[1].values.shape[0]
+    assert d.inputs[1].values.shape[0] == cin
+    if group == 8:                       # depthwise: group follows the channels
+        assert d.attrs["group"] == cin
+    else:
+        assert d.attrs.get("group", 1) == group
+
+
+def test_split_sizes_follow_the_channels(pm_onnx):
+    res, rec = _run(graphopt.load(pm_onnx("split_branches")), "prune-channels{ratio=0.5,round_to=1}")
+    split = next(n for n in res.graph.nodes if n.op == "Split")
+    sizes = constant_value(split.inputs[1]).tolist()
+    assert sum(sizes) == _node(res.graph, "/a/Conv").inputs[1].values.shape[0] and sizes != [16, 32]
+    assert rec["oracle_max_error"] < 1e-5
+
+
+@pytest.mark.parametrize("opset,per_channel", [(21, True)])     # opset 18-20 (per-group scale) is deprecated
+def test_native_group_normalization_prunes_whole_groups(opset, per_channel):
+    from onnx import helper
+    import onnx_builders as ob
+    G, C = 4, 32
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["a"], name="conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("GroupNormalization", ["a", "s", "b"], ["n"], name="gn", num_groups=G),
+             helper.make_node("Relu", ["n"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w1"], ["y"], name="conv1")]
+    k = C if per_channel else G
+    inits = [("w0", ob.rnd(C, 3, 3, 3)), ("b0", ob.rnd(C, seed=1)), ("s", 0.5 + np.abs(ob.rnd(k, seed=2))),
+             ("b", ob.rnd(k, seed=3)), ("w1", ob.rnd(2, C, 1, 1, seed=4))]
+    g = graphopt.load(ob.model(nodes, [ob.vi("x", [1, 3, 4, 4])], [ob.vi("y", [1, 2, 4, 4])], inits, opset=opset))
+    res, rec = _run(g, "prune-channels{ratio=0.5,round_to=1}")
+    gn = _node(res.graph, "gn")
+    kept = _node(res.graph, "conv0").inputs[1].values.shape[0]
+    assert kept % (C // G) == 0 and gn.attrs["num_groups"] == kept // (C // G) < G
+    assert gn.inputs[1].values.shape[0] == (kept if per_channel else kept // (C // G))
+    assert rec["oracle_max_error"] < 1e-5
