@@ -1,0 +1,595 @@
+"""Knowledge distillation on ONNX graphs: losses, schedules, the training loop, evaluation.
+
+`distill(student, teachers, train, labels, config)` trains the student graph's TrainableGraph against one or more
+teacher graphs and returns the trained student graph (same structure, new weights) and metrics. The loss is
+
+    kd_weight * KD  +  hard_weight(t) * CE(labels)  +  feature_weight * FEAT  +  attention_weight * AT
+
+* KD (Hinton et al.): KL(teacher || student) of the outputs softened by the temperature T(t), times T^2. The
+  teachers' softened probabilities are averaged (weighted; or their logits, ensemble="logits") and then label-
+  smoothed (teacher_label_smoothing, 0.1: p = 0.9 p + 0.1 / K). Softmax runs over `class_axis` (1) of every
+  original output whose shape matches the teacher's output at the same position.
+* T(t) follows `temperature`: phases (until_fraction, T_at_phase_start, T_at_phase_end), linear inside a phase.
+  The default anneals 10 -> 5 over the first 30% of the steps, 5 -> 3 until 70%, 2 -> 1 after: the brief's bands
+  "5 to 10", "3 to 5", "1 to 2", each traversed from its high end to its low end.
+* CE: cross-entropy with the hard labels on output `label_output`, weighted hard_weight(t), linear from
+  hard_weight[0] at the start to hard_weight[1] at the end (default 0.5 -> 0.1: lean on the labels while the
+  student is far from the teacher, on the teacher's soft targets later). Zero without labels.
+* FEAT (FitNets): MSE between each adapter output "<s>__adapted" (inserted by the insert-adapters pass) and the
+  first teacher's paired tensor, divided by the teacher feature's mean square (feature_normalize), averaged over
+  pairs. Extra pairs of equal shape can be given without adapters (feature_pairs).
+* AT (Zagoruyko & Komodakis): for the same pairs, when they have spatial positions, the squared L2 distance
+  between the L2-normalized attention maps mean_c |x|^p (p = 2) of the student tensor and of the teacher tensor,
+  averaged over the batch (in [0, 2] whatever the resolution; the paper's beta = 1000 on the per-position mean
+  is this with weight 1000 / positions). Default weight 0.3 (on digits, a half-width student with adapters:
+  0.3 agreed with the teacher slightly more often than 0, 1 or the paper's scale).
+
+Optimization: AdamW (or SGD with momentum), linear learning-rate warmup over `warmup` of the steps then cosine
+decay to lr * min_lr, gradient-norm clipping at clip_grad_norm. The student's adapters train with it and are
+removed from the returned graph (keep_adapters=False), so they never reach an artifact.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import torch
+import torch.nn.functional as F
+
+from .errors import BadInput
+from .trainable import TrainableGraph
+
+__all__ = ["DistillConfig", "distill", "evaluate", "linear_cka", "kd_loss", "attention_map", "attention_loss",
+           "feature_loss", "temperature_at", "hard_weight_at", "lr_at", "predict"]
+
+DEFAULT_TEMPERATURE = ((0.3, 10.0, 5.0), (0.7, 5.0, 3.0), (1.0, 2.0, 1.0))
+
+
+@dataclass
+class DistillConfig:
+    # length and batches
+    epochs: int = 10
+    steps: int | None = None                 # total optimizer steps; overrides epochs
+    batch_size: int = 64
+    # optimizer
+    optimizer: str = "adamw"                 # "adamw" | "sgd"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9                    # sgd only
+    warmup: float = 0.05                     # fraction of the steps with linear warmup
+    decay: str = "cosine"                    # "cosine" | "linear" | "constant" after warmup
+    min_lr: float = 0.0                      # final lr as a fraction of lr
+    clip_grad_norm: float | None = 1.0
+    # knowledge distillation
+    temperature: Any = DEFAULT_TEMPERATURE   # phases (until, T_start, T_end), or a number
+    kd_weight: float = 1.0
+    teacher_label_smoothing: float = 0.1
+    ensemble: str = "probs"                  # average the teachers' "probs" or "logits"
+    teacher_weights: Sequence[float] | None = None
+    class_axis: int = 1
+    # hard labels
+    hard_weight: Any = (0.5, 0.1)            # (start, end), linear; or a number
+    label_smoothing: float = 0.0
+    label_output: int = 0
+    # features
+    feature_weight: float = 1.0
+    feature_normalize: bool = True
+    attention_weight: float = 0.3
+    attention_p: float = 2.0
+    feature_pairs: Sequence[tuple[str, str]] = ()   # (student tensor, teacher tensor) of equal shape, no adapter
+    # misc
+    seed: int = 0
+    keep_adapters: bool = False
+    cache_teacher: bool = True               # precompute teacher outputs for array data (up to cache_limit_mb)
+    cache_limit_mb: float = 512.0
+    eval_samples: int = 2048                 # training examples used for the final metrics
+    progress: Callable | None = field(default=None, repr=False)   # progress(step, total, record)
+
+    def validate(self) -> None:
+        if self.optimizer not in ("adamw", "sgd"):
+            raise BadInput(f"DistillConfig.optimizer must be 'adamw' or 'sgd', not '{self.optimizer}'")
+        if self.decay not in ("cosine", "linear", "constant"):
+            raise BadInput(f"DistillConfig.decay must be 'cosine', 'linear' or 'constant', not '{self.decay}'")
+        if self.ensemble not in ("probs", "logits"):
+            raise BadInput(f"DistillConfig.ensemble must be 'probs' or 'logits', not '{self.ensemble}'")
+        if self.batch_size < 1 or self.epochs < 0 or (self.steps is not None and self.steps < 1):
+            raise BadInput("DistillConfig: batch_size and steps must be positive, epochs non-negative")
+        if not 0 <= self.teacher_label_smoothing < 1 or not 0 <= self.label_smoothing < 1:
+            raise BadInput("DistillConfig: label smoothing must be in [0, 1)")
+        if not 0 <= self.warmup <= 1:
+            raise BadInput("DistillConfig.warmup is a fraction of the steps, in [0, 1]")
+        _check_phases(self.temperature)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# schedules
+# ----------------------------------------------------------------------------------------------------------------
+
+def _check_phases(schedule) -> None:
+    if isinstance(schedule, (int, float)):
+        if schedule <= 0:
+            raise BadInput("the temperature must be positive")
+        return
+    try:
+        phases = [(float(u), float(a), float(b)) for u, a, b in schedule]
+    except (TypeError, ValueError):
+        raise BadInput("the temperature schedule is a number or phases (until_fraction, T_start, T_end)") from None
+    if not phases or any(a <= 0 or b <= 0 for _, a, b in phases):
+        raise BadInput("the temperature schedule needs phases with positive temperatures")
+    untils = [u for u, _, _ in phases]
+    if untils != sorted(untils) or untils[-1] < 1.0 or untils[0] <= 0:
+        raise BadInput("temperature phases must end at increasing fractions, the last at 1.0")
+
+
+def temperature_at(fraction: float, schedule=DEFAULT_TEMPERATURE) -> float:
+    """The KD temperature at `fraction` (0..1) of training."""
+    if isinstance(schedule, (int, float)):
+        return float(schedule)
+    fraction = min(max(float(fraction), 0.0), 1.0)
+    begin = 0.0
+    for until, t0, t1 in schedule:
+        if fraction <= until or until >= 1.0:
+            span = until - begin
+            x = (fraction - begin) / span if span > 0 else 1.0
+            return float(t0 + (t1 - t0) * min(max(x, 0.0), 1.0))
+        begin = until
+    return float(schedule[-1][2])
+
+
+def hard_weight_at(fraction: float, weight=(0.5, 0.1)) -> float:
+    """The hard-label cross-entropy weight at `fraction` of training (linear from start to end)."""
+    if isinstance(weight, (int, float)):
+        return float(weight)
+    a, b = weight
+    fraction = min(max(float(fraction), 0.0), 1.0)
+    return float(a + (b - a) * fraction)
+
+
+def lr_at(step: int, total: int, config: DistillConfig) -> float:
+    """Learning rate at optimizer step `step` (0-based) of `total`: linear warmup, then decay."""
+    warm = int(math.ceil(config.warmup * total))
+    if step < warm:
+        return config.lr * (step + 1) / warm
+    if config.decay == "constant":
+        return config.lr
+    progress = (step - warm) / max(1, total - warm - 1) if total - warm > 1 else 1.0
+    progress = min(max(progress, 0.0), 1.0)
+    low = config.lr * config.min_lr
+    if config.decay == "linear":
+        return config.lr - (config.lr - low) * progress
+    return low + (config.lr - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# losses
+# ----------------------------------------------------------------------------------------------------------------
+
+def teacher_targets(teacher_logits: Sequence[torch.Tensor], T: float, axis: int = 1, smoothing: float = 0.1,
+                    weights: Sequence[float] | None = None, ensemble: str = "probs") -> torch.Tensor:
+    """The teachers' soft targets at temperature T: averaged, then label-smoothed."""
+    w = np.asarray(weights if weights is not None else [1.0] * len(teacher_logits), dtype=np.float64)
+    if len(w) != len(teacher_logits) or np.any(w < 0) or w.sum() <= 0:
+        raise BadInput("teacher_weights: one non-negative weight per teacher, not all zero")
+    w = w / w.sum()
+    if ensemble == "logits":
+        z = sum(float(wi) * t for wi, t in zip(w, teacher_logits))
+        p = torch.softmax(z / T, dim=axis)
+    else:
+        p = sum(float(wi) * torch.softmax(t / T, dim=axis) for wi, t in zip(w, teacher_logits))
+    if smoothing:
+        k = p.shape[axis]
+        p = (1.0 - smoothing) * p + smoothing / k
+    return p
+
+
+def kd_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, T: float, axis: int = 1) -> torch.Tensor:
+    """Hinton KD: T^2 * KL(target || softmax(student / T)), averaged over every position but the class axis."""
+    log_q = torch.log_softmax(student_logits / T, dim=axis)
+    kl = (torch.xlogy(target_probs, target_probs) - target_probs * log_q).sum(dim=axis)
+    return kl.mean() * (T * T)
+
+
+def feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """FitNets hint loss: MSE, divided by the teacher feature's mean square when normalize. Tensors of equal size
+    per example but different ranks ((B, C, 1, 1) against (B, C)) are compared flattened."""
+    if student_feat.shape != teacher_feat.shape and student_feat.numel() == teacher_feat.numel() \
+            and student_feat.shape[0] == teacher_feat.shape[0]:
+        student_feat = student_feat.reshape(teacher_feat.shape)
+    if student_feat.shape != teacher_feat.shape:
+        raise BadInput(f"feature loss: student {tuple(student_feat.shape)} vs teacher {tuple(teacher_feat.shape)}")
+    mse = F.mse_loss(student_feat, teacher_feat)
+    if normalize:
+        mse = mse / (teacher_feat.detach().pow(2).mean() + 1e-8)
+    return mse
+
+
+def attention_map(feat: torch.Tensor, channel_axis: int = 1, p: float = 2.0) -> torch.Tensor:
+    """Zagoruyko & Komodakis' spatial attention: mean over channels of |x|^p, flattened and L2-normalized."""
+    a = feat.abs().pow(p).mean(dim=channel_axis)
+    return F.normalize(a.reshape(a.shape[0], -1), dim=1)
+
+
+def attention_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, channel_axis: int = 1,
+                   p: float = 2.0) -> torch.Tensor:
+    a, b = attention_map(student_feat, channel_axis, p), attention_map(teacher_feat, channel_axis, p)
+    if a.shape != b.shape:
+        raise BadInput(f"attention transfer: maps of {tuple(a.shape)} and {tuple(b.shape)} positions")
+    return (a - b).pow(2).sum(1).mean()
+
+
+def linear_cka(X, Y) -> float:
+    """Linear CKA (Kornblith et al. 2019) of two representations of the same n examples (axis 0; other axes
+    flattened). 1 for representations equal up to rotation and scale, near 0 for unrelated ones."""
+    if torch.is_tensor(X):
+        X = X.detach().cpu().numpy()
+    if torch.is_tensor(Y):
+        Y = Y.detach().cpu().numpy()
+    X = np.asarray(X, dtype=np.float64).reshape(len(X), -1)
+    Y = np.asarray(Y, dtype=np.float64).reshape(len(Y), -1)
+    if len(X) != len(Y):
+        raise BadInput(f"linear_cka: {len(X)} and {len(Y)} examples")
+    X = X - X.mean(0, keepdims=True)
+    Y = Y - Y.mean(0, keepdims=True)
+    if X.shape[1] <= X.shape[0] and Y.shape[1] <= Y.shape[0]:
+        hsic = np.sum((Y.T @ X) ** 2)
+        nx, ny = np.linalg.norm(X.T @ X), np.linalg.norm(Y.T @ Y)
+    else:
+        K, L = X @ X.T, Y @ Y.T
+        hsic = np.sum(K * L)
+        nx, ny = np.linalg.norm(K), np.linalg.norm(L)
+    if nx == 0 or ny == 0:
+        return 0.0
+    return float(hsic / (nx * ny))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------------------------
+
+_LABEL_KEYS = ("labels", "label", "y", "target", "targets")
+
+
+def _adapters_module():
+    # distillation consumes what the insert-adapters pass produced; imported lazily (core names no pass at import)
+    return importlib.import_module("graphopt.passes.insert_adapters")
+
+
+def _array_inputs(data: dict, names: list[str], where: str) -> list[np.ndarray]:
+    if all(n in data for n in names):
+        arrays = [np.asarray(data[n]) for n in names]
+    else:
+        values = [v for k, v in data.items() if k not in _LABEL_KEYS]
+        if len(values) != len(names):
+            raise BadInput(f"{where}: the data has inputs {sorted(data)}, the graph needs {names}")
+        arrays = [np.asarray(v) for v in values]
+    n = len(arrays[0])
+    if any(len(a) != n for a in arrays):
+        raise BadInput(f"{where}: the data's arrays have different lengths (axis 0)")
+    return arrays
+
+
+def _split_batch(batch, n_inputs: int, names: list[str]):
+    """(inputs, labels or None) from a DataLoader batch: dict, tuple/list (inputs..., [labels]) or one tensor."""
+    if isinstance(batch, dict):
+        labels = next((batch[k] for k in _LABEL_KEYS if k in batch), None)
+        rest = {k: v for k, v in batch.items() if k not in _LABEL_KEYS}
+        return _array_inputs(rest, names, "train batch"), labels
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == n_inputs:
+            return list(batch), None
+        if len(batch) == n_inputs + 1:
+            return list(batch[:n_inputs]), batch[n_inputs]
+        raise BadInput(f"train batch: {len(batch)} items, the graph takes {n_inputs} input(s) (+ labels)")
+    return [batch], None
+
+
+def _tensor(x) -> torch.Tensor:
+    return x if torch.is_tensor(x) else torch.from_numpy(np.ascontiguousarray(np.asarray(x)))
+
+
+def _tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def predict(graph: gs.Graph | TrainableGraph, data, batch_size: int = 256, features: Sequence[str] = ()):
+    """Run a graph on {input name: array} data in batches; returns a list of output arrays (and a dict of
+    features when asked)."""
+    tg = graph if isinstance(graph, TrainableGraph) else TrainableGraph(graph)
+    arrays = _array_inputs(data, tg.input_names, "predict") if isinstance(data, dict) else [np.asarray(data)]
+    n = len(arrays[0])
+    outs, feats = [], {f: [] for f in features}
+    was = tg.training
+    tg.eval()
+    with torch.no_grad():
+        for i in range(0, n, batch_size):
+            xs = [a[i:i + batch_size] for a in arrays]
+            if features:
+                o, fd = tg(*xs, features=list(features))
+                for k, v in fd.items():
+                    feats[k].append(v.cpu().numpy())
+            else:
+                o = tg(*xs)
+            outs.append([t.cpu().numpy() for t in _tuple(o)])
+    tg.train(was)
+    result = [np.concatenate([o[j] for o in outs]) for j in range(len(outs[0]))] if outs else []
+    if features:
+        return result, {k: np.concatenate(v) for k, v in feats.items()}
+    return result
+
+
+def evaluate(graph: gs.Graph, data, labels=None, teacher: gs.Graph | None = None, batch_size: int = 256,
+             output: int = 0) -> dict:
+    """{top1, agreement, cka, n}: top-1 accuracy against `labels`, and, with a teacher graph, the fraction of
+    examples where student and teacher agree on the arg-max class and the linear CKA of their outputs (output
+    `output`, classes on axis 1). Figures that need what was not given are None."""
+    out = predict(graph, data, batch_size)[output]
+    res = {"n": int(len(out)), "top1": None, "agreement": None, "cka": None}
+    pred = out.argmax(1)
+    if labels is not None:
+        labels = np.asarray(labels).reshape(len(out), *pred.shape[1:])
+        res["top1"] = float(np.mean(pred == labels))
+    if teacher is not None:
+        tout = predict(teacher, data, batch_size)[output]
+        res["agreement"] = float(np.mean(pred == tout.argmax(1)))
+        res["cka"] = linear_cka(out, tout)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the training loop
+# ----------------------------------------------------------------------------------------------------------------
+
+class _Pair:
+    __slots__ = ("student", "teacher", "adapted", "channel_axis")
+
+    def __init__(self, student, teacher, adapted, channel_axis):
+        self.student, self.teacher, self.adapted, self.channel_axis = student, teacher, adapted, channel_axis
+
+
+def _feature_pairs(student: gs.Graph, teacher: gs.Graph, config: DistillConfig) -> list[_Pair]:
+    mod = _adapters_module()
+    s_lay = mod.tensor_layouts(student)
+    s_tensors, t_names = student.tensors(), set(teacher.tensors())
+
+    def channel_axis(name):
+        """Axis of the channels for attention transfer; None when the tensor has no spatial positions."""
+        lay, shape = s_lay.get(name), s_tensors[name].shape
+        if shape is None or lay not in ("cf", "cl") or len(shape) < 3:
+            return None
+        spatial = shape[2:] if lay == "cf" else shape[1:-1]
+        if all(isinstance(d, (int, np.integer)) and d == 1 for d in spatial):
+            return None
+        return 1 if lay == "cf" else -1
+
+    pairs = []
+    for rec in mod.adapter_pairs(student):
+        if rec["teacher"] not in t_names:
+            raise BadInput(f"distill: the student's adapter for '{rec['student']}' pairs it with teacher tensor "
+                           f"'{rec['teacher']}', which the first teacher does not have")
+        pairs.append(_Pair(rec["student"], rec["teacher"], rec["output"], channel_axis(rec["student"])))
+    for s, t in config.feature_pairs:
+        if s not in s_tensors or t not in t_names:
+            raise BadInput(f"distill: feature pair ('{s}', '{t}') names a tensor the student or teacher lacks")
+        pairs.append(_Pair(s, t, None, channel_axis(s)))
+    return pairs
+
+
+def _batches(train, labels, names: list[str], n_inputs: int, config: DistillConfig, rng):
+    """Yields (inputs list, labels or None, index array or None) forever, epoch after epoch."""
+    if isinstance(train, dict):
+        arrays = _array_inputs(train, names, "distill")
+        n = len(arrays[0])
+        while True:
+            order = rng.permutation(n)
+            for i in range(0, n, config.batch_size):
+                idx = order[i:i + config.batch_size]
+                yield [a[idx] for a in arrays], (labels[idx] if labels is not None else None), idx
+    else:
+        while True:
+            got = False
+            for batch in train:
+                got = True
+                xs, ys = _split_batch(batch, n_inputs, names)
+                yield xs, ys, None
+            if not got:
+                raise BadInput("distill: the training DataLoader yielded no batch")
+
+
+def distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, labels=None,
+            config: DistillConfig | None = None, eval_data=None, eval_labels=None) -> tuple[gs.Graph, dict]:
+    """Train `student` against `teachers` on `train` ({input name: array}, batch first, or a DataLoader whose
+    batches are dicts, (inputs..., labels) tuples or tensors). Returns (trained student graph, metrics).
+    The student may carry adapters from insert-adapters (feature loss on "<s>__adapted" outputs); they are removed
+    from the returned graph unless config.keep_adapters."""
+    config = config or DistillConfig()
+    config.validate()
+    if isinstance(teachers, gs.Graph):
+        teachers = [teachers]
+    teachers = list(teachers)
+    if not teachers:
+        raise BadInput("distill needs at least one teacher graph")
+    if config.teacher_weights is not None and len(config.teacher_weights) != len(teachers):
+        raise BadInput(f"DistillConfig.teacher_weights has {len(config.teacher_weights)} weights for "
+                       f"{len(teachers)} teachers")
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    mod = _adapters_module()
+
+    s_tg = TrainableGraph(student)
+    t_tgs = [TrainableGraph(t, trainable=[]) for t in teachers]
+    for t in t_tgs:
+        t.eval()
+        t.requires_grad_(False)
+    if not list(s_tg.parameters()):
+        raise BadInput("distill: the student graph has no trainable weights")
+    adapted_outputs = {rec["output"] for rec in mod.adapter_pairs(student)}
+    s_out_idx = [i for i, n in enumerate(s_tg.output_names) if n not in adapted_outputs]
+    pairs = _feature_pairs(student, teachers[0], config)
+    s_feat_names = sorted({p.student for p in pairs
+                           if config.attention_weight and p.channel_axis is not None} |
+                          {p.student for p in pairs if p.adapted is None and config.feature_weight})
+    t_feat_names = sorted({p.teacher for p in pairs})
+    n_inputs = len(s_tg.input_names)
+    for t in t_tgs:
+        if len(t.input_names) != n_inputs:
+            raise BadInput("distill: every teacher must take the same inputs as the student")
+
+    if labels is not None:
+        labels = np.asarray(labels).astype(np.int64)
+        if isinstance(train, dict) and len(labels) != len(_array_inputs(train, s_tg.input_names, "distill")[0]):
+            raise BadInput("distill: labels and the training data have different lengths")
+    if isinstance(train, dict):
+        n_train = len(_array_inputs(train, s_tg.input_names, "distill")[0])
+        per_epoch = -(-n_train // config.batch_size)
+    else:
+        try:
+            per_epoch = len(train)
+        except TypeError:
+            per_epoch = None
+    total = config.steps if config.steps is not None else (config.epochs * per_epoch if per_epoch else None)
+    if not total:
+        raise BadInput("distill: set DistillConfig.steps (the DataLoader has no length) or epochs > 0")
+
+    def run_teachers(xs):
+        outs, feats = [], {}
+        with torch.no_grad():
+            for k, t in enumerate(t_tgs):
+                if k == 0 and t_feat_names:
+                    o, feats = t(*xs, features=t_feat_names)
+                else:
+                    o = t(*xs)
+                outs.append(_tuple(o))
+        return outs, feats
+
+    cache = None
+    if isinstance(train, dict) and config.cache_teacher:
+        cache = _teacher_cache(train, s_tg.input_names, run_teachers, config)
+
+    params = list(s_tg.parameters())
+    if config.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+    history = {k: [] for k in ("loss", "kd", "hard", "feature", "attention", "T", "lr", "hard_weight", "grad_norm")}
+    kd_pairs_checked = False
+    kd_positions: list[int] = []
+    t0 = time.perf_counter()
+    s_tg.train()
+    stream = _batches(train, labels, s_tg.input_names, n_inputs, config, rng)
+    for step in range(total):
+        xs, ys, idx = next(stream)
+        xs = [_tensor(x) for x in xs]
+        frac = step / total
+        T = temperature_at(frac, config.temperature)
+        hw = hard_weight_at(frac, config.hard_weight) if ys is not None else 0.0
+        lr = lr_at(step, total, config)
+        for gp in opt.param_groups:
+            gp["lr"] = lr
+        if cache is not None and idx is not None:
+            t_outs = [[torch.from_numpy(o[idx]) for o in outs] for outs in cache["outputs"]]
+            t_feats = {k: torch.from_numpy(v[idx]) for k, v in cache["features"].items()}
+        else:
+            t_outs, t_feats = run_teachers(xs)
+        if s_feat_names:
+            s_out, s_feats = s_tg(*xs, features=s_feat_names)
+        else:
+            s_out, s_feats = s_tg(*xs), {}
+        s_out = _tuple(s_out)
+        s_orig = [s_out[i] for i in s_out_idx]
+        if not kd_pairs_checked:
+            kd_positions = [i for i in range(min(len(s_orig), len(t_outs[0])))
+                            if all(tuple(s_orig[i].shape) == tuple(to[i].shape) for to in t_outs)]
+            if not kd_positions and config.kd_weight:
+                raise BadInput("distill: no student output has the shape of the teacher output at the same position")
+            kd_pairs_checked = True
+        parts = {}
+        loss = s_orig[0].new_zeros(())
+        if config.kd_weight:
+            kd = 0.0
+            for i in kd_positions:
+                target = teacher_targets([to[i] for to in t_outs], T, config.class_axis,
+                                         config.teacher_label_smoothing, config.teacher_weights, config.ensemble)
+                kd = kd + kd_loss(s_orig[i], target, T, config.class_axis)
+            kd = kd / len(kd_positions)
+            parts["kd"] = kd
+            loss = loss + config.kd_weight * kd
+        if hw and ys is not None:
+            y = _tensor(ys).long()
+            ce = F.cross_entropy(s_orig[config.label_output], y, label_smoothing=config.label_smoothing)
+            parts["hard"] = ce
+            loss = loss + hw * ce
+        if pairs and config.feature_weight:
+            fl = 0.0
+            for p in pairs:
+                s_feat = s_out[s_tg.output_names.index(p.adapted)] if p.adapted else s_feats[p.student]
+                fl = fl + feature_loss(s_feat, t_feats[p.teacher], config.feature_normalize)
+            parts["feature"] = fl / len(pairs)
+            loss = loss + config.feature_weight * parts["feature"]
+        at_pairs = [p for p in pairs if p.channel_axis is not None]
+        if at_pairs and config.attention_weight:
+            al = 0.0
+            for p in at_pairs:
+                al = al + attention_loss(s_feats[p.student], t_feats[p.teacher], p.channel_axis, config.attention_p)
+            parts["attention"] = al / len(at_pairs)
+            loss = loss + config.attention_weight * parts["attention"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.clip_grad_norm:
+            gn = torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
+        else:
+            gn = torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in params if p.grad is not None))
+        opt.step()
+        record = {"loss": float(loss.detach()), "T": T, "lr": lr, "hard_weight": hw, "grad_norm": float(gn)}
+        for k in ("kd", "hard", "feature", "attention"):
+            record[k] = float(parts[k].detach()) if k in parts else 0.0
+        for k, v in record.items():
+            history[k].append(v)
+        if config.progress is not None:
+            config.progress(step + 1, total, record)
+    s_tg.eval()
+    trained = s_tg.to_graph()
+    if not config.keep_adapters:
+        mod.remove_adapters(trained)
+    metrics = {"steps": total, "epochs": (total / per_epoch) if per_epoch else None,
+               "seconds": round(time.perf_counter() - t0, 3), "history": history,
+               "loss_first": float(np.mean(history["loss"][:max(1, min(10, total // 10 or 1))])),
+               "loss_last": float(np.mean(history["loss"][-max(1, min(10, total // 10 or 1)):])),
+               "feature_pairs": [{"student": p.student, "teacher": p.teacher, "adapted": p.adapted} for p in pairs],
+               "config": {k: v for k, v in asdict(config).items() if k != "progress"}}
+    if isinstance(train, dict):
+        arrays = _array_inputs(train, s_tg.input_names, "distill")
+        n = min(len(arrays[0]), config.eval_samples)
+        sub = dict(zip(s_tg.input_names, (a[:n] for a in arrays)))
+        metrics["train"] = evaluate(trained, sub, labels[:n] if labels is not None else None, teachers[0])
+    if eval_data is not None:
+        metrics["eval"] = evaluate(trained, eval_data, eval_labels, teachers[0])
+    return trained, metrics
+
+
+def _teacher_cache(train: dict, names: list[str], run_teachers, config: DistillConfig) -> dict | None:
+    """Teacher outputs and features for every training example, when they fit in cache_limit_mb."""
+    arrays = _array_inputs(train, names, "distill")
+    n = len(arrays[0])
+    probe_outs, probe_feats = run_teachers([_tensor(a[:1]) for a in arrays])
+    per_example = sum(o.numel() for outs in probe_outs for o in outs) + sum(f.numel() for f in probe_feats.values())
+    if per_example * 4 * n > config.cache_limit_mb * 2 ** 20:
+        return None
+    outs_acc, feats_acc = None, {}
+    bs = max(config.batch_size, 256)
+    for i in range(0, n, bs):
+        o, f = run_teachers([_tensor(a[i:i + bs]) for a in arrays])
+        if outs_acc is None:
+            outs_acc = [[[] for _ in outs] for outs in o]
+        for k, outs in enumerate(o):
+            for j, t in enumerate(outs):
+                outs_acc[k][j].append(t.numpy())
+        for k, v in f.items():
+            feats_acc.setdefault(k, []).append(v.numpy())
+    return {"outputs": [[np.concatenate(x) for x in outs] for outs in outs_acc],
+            "features": {k: np.concatenate(v) for k, v in feats_acc.items()}}

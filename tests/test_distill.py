@@ -1,0 +1,217 @@
+"""Distillation: schedules, losses, CKA, and distilling students from a digits teacher."""
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import digits  # noqa: E402
+
+import graphopt  # noqa: E402
+from graphopt.distill import (DistillConfig, attention_loss, distill, evaluate, feature_loss,  # noqa: E402
+                              hard_weight_at, kd_loss, linear_cka, lr_at, predict, teacher_targets,
+                              temperature_at)
+from graphopt.errors import BadInput  # noqa: E402
+from graphopt.graph import copy  # noqa: E402
+from graphopt.passes.insert_adapters import adapter_pairs, structure_differences  # noqa: E402
+from graphopt.passmanager import PassContext, PassManager  # noqa: E402
+from graphopt.trainable import TrainableGraph  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# schedules
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_default_temperature_schedule():
+    # 10 -> 5 over the first 30%, 5 -> 3 until 70%, 2 -> 1 after
+    assert temperature_at(0.1) == pytest.approx(10 - 5 * (0.1 / 0.3))      # 8.33
+    assert temperature_at(0.5) == pytest.approx(5 - 2 * (0.2 / 0.4))       # 4.0
+    assert temperature_at(0.9) == pytest.approx(2 - 1 * (0.2 / 0.3))       # 1.33
+    assert temperature_at(0.0) == 10 and temperature_at(0.3) == pytest.approx(5)
+    assert temperature_at(0.7) == pytest.approx(3) and temperature_at(1.0) == pytest.approx(1)
+    assert 5 <= temperature_at(0.2) <= 10 and 3 <= temperature_at(0.6) <= 5 and 1 <= temperature_at(0.8) <= 2
+    assert temperature_at(0.4, 4.0) == 4.0
+    assert DistillConfig().temperature == ((0.3, 10.0, 5.0), (0.7, 5.0, 3.0), (1.0, 2.0, 1.0))
+
+
+def test_hard_weight_and_learning_rate_schedules():
+    assert [hard_weight_at(f) for f in (0.1, 0.5, 0.9)] == pytest.approx([0.46, 0.3, 0.14])
+    assert hard_weight_at(0.5, 0.2) == 0.2
+    cfg = DistillConfig(lr=1e-2, warmup=0.1, min_lr=0.0)
+    lrs = [lr_at(s, 100, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[9] == pytest.approx(1e-2)          # linear warmup, 10 steps
+    assert lrs[10] == pytest.approx(1e-2) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))                          # cosine decay
+    assert lrs[10 + 45] == pytest.approx(0.5e-2, rel=0.05)
+
+
+def test_config_validation():
+    for bad in (dict(optimizer="lion"), dict(temperature=((0.5, 4, 2),)), dict(temperature=-1.0),
+                dict(teacher_label_smoothing=1.0), dict(decay="step")):
+        with pytest.raises(BadInput):
+            DistillConfig(**bad).validate()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# losses and CKA
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_kd_loss_is_t_squared_scaled_kl():
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 10, generator=gen), 3 * torch.randn(6, 10, generator=gen)
+    for T in (1.0, 4.0):
+        p = teacher_targets([t], T, smoothing=0.0)
+        ref = F.kl_div(torch.log_softmax(s / T, 1), p, reduction="batchmean") * T * T
+        assert float(kd_loss(s, p, T)) == pytest.approx(float(ref), rel=1e-5)
+        # gradient w.r.t. the student's logits is T * (q - p) / N: the T^2 factor keeps it O(1) in T
+        x = s.clone().requires_grad_(True)
+        kd_loss(x, p, T).backward()
+        q = torch.softmax(s / T, 1)
+        assert torch.allclose(x.grad, T * (q - p) / 6, atol=1e-6)
+    assert float(kd_loss(t, teacher_targets([t], 2.0, smoothing=0.0), 2.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_teacher_targets_smoothing_and_ensembles():
+    t1, t2 = torch.tensor([[4.0, 0.0, 0.0, 0.0]]), torch.tensor([[0.0, 4.0, 0.0, 0.0]])
+    p = teacher_targets([t1, t2], 1.0, smoothing=0.1)
+    p1, p2 = torch.softmax(t1, 1), torch.softmax(t2, 1)
+    assert torch.allclose(p, 0.9 * (p1 + p2) / 2 + 0.1 / 4)
+    assert float(p.sum()) == pytest.approx(1.0) and float(p.min()) >= 0.1 / 4
+    pw = teacher_targets([t1, t2], 1.0, smoothing=0.0, weights=[3, 1])
+    assert torch.allclose(pw, 0.75 * p1 + 0.25 * p2)
+    pl = teacher_targets([t1, t2], 1.0, smoothing=0.0, ensemble="logits")
+    assert torch.allclose(pl, torch.softmax((t1 + t2) / 2, 1))
+    with pytest.raises(BadInput):
+        teacher_targets([t1, t2], 1.0, weights=[1.0])
+
+
+def test_feature_and_attention_losses():
+    gen = torch.Generator().manual_seed(1)
+    s, t = torch.randn(4, 8, 5, 5, generator=gen), torch.randn(4, 8, 5, 5, generator=gen)
+    assert float(feature_loss(2 * s, 2 * t)) == pytest.approx(float(feature_loss(s, t)), rel=1e-5)
+    assert float(feature_loss(t, t)) == 0.0
+    assert float(feature_loss(s.reshape(4, 200, 1, 1), t.reshape(4, 200))) == pytest.approx(float(feature_loss(s, t)))
+    assert float(attention_loss(s, 3 * s)) == pytest.approx(0.0, abs=1e-7)
+    assert 0 < float(attention_loss(s, t)) <= 2.0
+    # channel counts may differ: attention maps only need the same positions
+    assert float(attention_loss(torch.randn(4, 3, 5, 5, generator=gen), t)) > 0
+    cl = attention_loss(s.permute(0, 2, 3, 1), t.permute(0, 2, 3, 1), channel_axis=-1)
+    assert float(cl) == pytest.approx(float(attention_loss(s, t)), rel=1e-5)
+
+
+def test_linear_cka():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((50, 20))
+    Q, _ = np.linalg.qr(rng.standard_normal((20, 20)))
+    assert linear_cka(X, X) == pytest.approx(1.0)
+    assert linear_cka(X, 3.0 * X @ Q + 1.0) == pytest.approx(1.0)        # rotation, scale, shift invariant
+    assert linear_cka(X, rng.standard_normal((50, 20))) < 0.5
+    wide = rng.standard_normal((50, 300))                                 # the Gram path (features > examples)
+    assert linear_cka(wide, wide @ np.linalg.qr(rng.standard_normal((300, 300)))[0]) == pytest.approx(1.0)
+    a, b = rng.standard_normal((40, 6)), rng.standard_normal((40, 9))
+    K, L = a - a.mean(0), b - b.mean(0)
+    gram = np.sum((K @ K.T) * (L @ L.T)) / (np.linalg.norm(K @ K.T) * np.linalg.norm(L @ L.T))
+    assert linear_cka(a, b) == pytest.approx(gram)
+    assert linear_cka(torch.from_numpy(a), b) == pytest.approx(gram)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# distilling on scikit-learn digits
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def data():
+    return digits.load_digits_split()
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return PassManager.parse("cleanup").run(graphopt.load(digits.teacher_path()), PassContext(verify="none")).graph
+
+
+def test_teacher_fixture_is_accurate(teacher, data):
+    x_tr, y_tr, x_te, y_te = data
+    assert x_tr.shape == (1347, 1, 8, 8) and x_te.shape == (450, 1, 8, 8) and x_tr.dtype == np.float32
+    assert 0.0 <= x_tr.min() and x_tr.max() <= 1.0
+    res = evaluate(teacher, {"x": x_te}, y_te, teacher)
+    assert res["top1"] >= 0.97
+    assert res["agreement"] == 1.0 and res["cka"] == pytest.approx(1.0)
+
+
+def test_distill_reinitialized_teacher_graph(teacher, data):
+    """Student: the teacher's own graph with fresh weights. KD + hard labels recover the teacher."""
+    x_tr, y_tr, x_te, y_te = data
+    student = TrainableGraph(teacher).reinitialize(seed=1).to_graph()
+    start = evaluate(student, {"x": x_te}, y_te, teacher)
+    assert start["agreement"] < 0.3
+    cfg = DistillConfig(epochs=8, lr=1e-2)
+    trained, metrics = distill(student, [teacher], {"x": x_tr}, y_tr, cfg)
+    assert metrics["steps"] == 8 * math.ceil(1347 / 64)
+    assert metrics["loss_last"] < 0.3 * metrics["loss_first"]
+    # the schedule the loop actually used
+    T = metrics["history"]["T"]
+    n = metrics["steps"]
+    for frac in (0.1, 0.5, 0.9):
+        step = int(frac * n)
+        assert T[step] == pytest.approx(temperature_at(step / n))
+    assert max(metrics["history"]["lr"]) == pytest.approx(1e-2)
+    res = evaluate(trained, {"x": x_te}, y_te, teacher)
+    print("reinitialized student:", res)
+    assert res["agreement"] >= 0.95 and res["top1"] >= 0.95
+    assert structure_differences(student, trained) == []
+
+
+def test_distill_narrow_student_with_adapters(teacher, data, tmp_path):
+    """Student: a hand-built CNN half as wide. insert-adapters pairs its stages with the teacher's (1x1 convs,
+    16 -> 32 channels); feature + attention + KD + hard labels train it; the adapters are gone afterwards."""
+    x_tr, y_tr, x_te, y_te = data
+    digits.export_narrow_student(tmp_path / "narrow.onnx")
+    student = TrainableGraph(graphopt.load(tmp_path / "narrow.onnx")).reinitialize(seed=1).to_graph()
+    ctx = PassContext(data={"teacher": teacher, "train": {"x": x_tr}})
+    with_adapters = PassManager.parse("insert-adapters").run(copy(student), ctx).graph
+    pairs = adapter_pairs(with_adapters)
+    assert len(pairs) >= 2 and {p["kind"] for p in pairs} == {"conv1x1"}
+    cfg = DistillConfig(epochs=10, lr=1e-2)
+    trained, metrics = distill(with_adapters, [teacher], {"x": x_tr}, y_tr, cfg, eval_data={"x": x_te},
+                               eval_labels=y_te)
+    h = metrics["history"]
+    assert np.mean(h["feature"][:10]) > 0 and np.mean(h["attention"][:10]) > 0
+    # the paired student layers ended up closer to the teacher's (linear CKA on the test images)
+    s_names, t_names = [p["student"] for p in pairs], [p["teacher"] for p in pairs]
+    _, tf = predict(teacher, {"x": x_te}, features=t_names)
+    _, before = predict(student, {"x": x_te}, features=s_names)
+    _, after = predict(trained, {"x": x_te}, features=s_names)
+    for s, t in zip(s_names, t_names):
+        assert linear_cka(after[s], tf[t]) > linear_cka(before[s], tf[t])
+    assert len(metrics["feature_pairs"]) == len(pairs)
+    assert adapter_pairs(trained) == [] and structure_differences(student, trained) == []
+    res = metrics["eval"]
+    print("narrow student:", res)
+    assert res["agreement"] >= 0.9 and res["top1"] >= 0.9
+
+
+def test_several_teachers_dataloader_and_no_labels(teacher, data):
+    x_tr, y_tr, _, _ = data
+    second = TrainableGraph(teacher)
+    with torch.no_grad():
+        for p in second.parameters():
+            p.mul_(1.1)
+    second = second.to_graph()
+    student = TrainableGraph(teacher).reinitialize(seed=2).to_graph()
+    ds = torch.utils.data.TensorDataset(torch.from_numpy(x_tr[:256]), torch.from_numpy(y_tr[:256]))
+    loader = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    seen = []
+    cfg = DistillConfig(steps=20, lr=1e-2, teacher_weights=(2.0, 1.0), progress=lambda s, n, r: seen.append(s))
+    trained, metrics = distill(student, [teacher, second], loader, config=cfg)
+    assert metrics["steps"] == 20 and seen == list(range(1, 21))
+    assert metrics["history"]["hard"][0] > 0 and metrics["history"]["hard_weight"][0] == 0.5
+    assert metrics["loss_last"] < metrics["loss_first"]
+    # without labels: no hard-label term
+    _, m2 = distill(student, teacher, {"x": x_tr[:128]}, None, DistillConfig(steps=4, cache_teacher=False))
+    assert m2["history"]["hard"] == [0.0] * 4 and m2["train"]["top1"] is None
+    with pytest.raises(BadInput, match="teacher_weights"):
+        distill(student, [teacher], loader, config=DistillConfig(steps=2, teacher_weights=(1.0, 1.0)))
