@@ -8,6 +8,8 @@ from .base import Target
 
 _TARGETS = {
     "cpu": ("graphopt.targets.cpu", "CpuTarget"),
+    "cuda": ("graphopt.targets.cuda", "CudaTarget"),
+    "arm-sve": ("graphopt.targets.arm_sve", "ArmSveTarget"),
 }
 
 
