@@ -178,7 +178,7 @@ def compile(model, target: str = "cpu", out: str | Path | None = None, pipeline=
                               f"(max abs error {check['max_abs_error']:.3g}); please report this model")
         report = {"source": where, "target": target, **facts, "check": check,
                   **_size_report(original, graph, ctx, stage.path / MODEL)}
-        if measure and runs_here:
+        if measure and runs_here and tgt.measures_here():
             report["latency"] = measure_latency(art, threads=threads, repeat=20, budget_s=2.0, seed=seed)
         write_json(stage.path / REPORT, report)
         art._runner = None
@@ -200,6 +200,9 @@ def bench(source, threads: int | None = None, repeat: int = 50, input_shapes: di
     p = Path(source)
     if p.is_dir():
         art = Artifact(p)
+        if not art.target().measures_here():
+            raise BadInput(f"{p}: a {art.manifest['target']['name']} artifact cannot be timed on this machine; "
+                           f"benchmark it on its device")
     else:
         art = compile(p, target=target, input_shapes=input_shapes, measure=False)
     res = measure_latency(art, threads=threads, repeat=repeat)

@@ -143,7 +143,7 @@ class Artifact:
                 raise BadInput(f"{self.path}: input '{spec['name']}' has dtype {a.dtype}, the model wants {spec['dtype']}")
             if list(a.shape) != list(spec["shape"]):
                 raise BadInput(f"{self.path}: input '{spec['name']}' has shape {list(a.shape)}, the model wants {spec['shape']}")
-            arrays.append(np.ascontiguousarray(a))
+            arrays.append(np.require(a, requirements='C'))   # keeps 0-d arrays 0-d
         return arrays
 
     def run(self, feeds: dict, threads: int | None = None) -> dict[str, np.ndarray]:

@@ -39,6 +39,28 @@ def constants_to_initializers(graph: gs.Graph) -> bool:
     return changed
 
 
+def fold_static_shapes(graph: gs.Graph) -> bool:
+    """Shape of a statically shaped tensor -> constant, honouring Shape-15's start/end (onnx-graphsurgeon's own
+    shape folding ignores them and folds the whole shape)."""
+    import numpy as np
+    changed = False
+    for node in list(graph.nodes):
+        if node.op != "Shape" or not node.inputs or len(node.outputs) != 1 or node.outputs[0] in graph.outputs:
+            continue
+        shape = node.inputs[0].shape
+        if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
+            continue
+        start = int(node.attrs.get("start", 0))
+        end = node.attrs.get("end")
+        dims = list(shape)[start:] if end is None else list(shape)[start:int(end)]   # python slicing clamps like ONNX
+        node.outputs[0].to_constant(np.array(dims, dtype=np.int64))
+        node.outputs.clear()
+        changed = True
+    if changed:
+        graph.cleanup(remove_unused_graph_inputs=False)
+    return changed
+
+
 def _signature(graph: gs.Graph):
     return (len(graph.nodes), tuple(n.op for n in graph.nodes))
 
@@ -51,6 +73,7 @@ def fold(graph: gs.Graph, max_rounds: int = 4) -> tuple[gs.Graph, bool]:
     for _ in range(max_rounds):
         before = _signature(graph)
         graph = infer(graph)
+        fold_static_shapes(graph)
         prev_level = gs.logger.G_LOGGER.severity
         gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
         try:

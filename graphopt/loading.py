@@ -130,10 +130,32 @@ def load(source, input_shapes: dict | None = None, require_static: bool = True, 
     model = infer_model(model, where)
     graph = from_onnx(model)
     if fold_constants:
-        graph, _ = fold(graph)
+        unfolded = model
+        graph, changed = fold(graph)
+        if changed:
+            _check_folding(unfolded, graph, where)
     graph.name = graph.name or "graph"
     graph.source = where
     return graph
+
+
+def _check_folding(unfolded: onnx.ModelProto, folded: gs.Graph, where: str) -> None:
+    """Folding is evaluated by onnx-graphsurgeon: check its result against onnxruntime on the unfolded model, as
+    every exact pass is checked. Skipped when onnxruntime cannot run the unfolded model on seeded inputs."""
+    from . import ort, verify
+    from .errors import CheckFailed
+    from .graph import to_onnx
+    feeds = verify.seeded_inputs(folded)
+    try:
+        ref = ort.run(unfolded, feeds)
+    except Exception:
+        return
+    got = ort.run(to_onnx(folded), feeds)
+    ok, err, name = verify.compare(ref, {a: got[b] for a, b in zip(ref, got)}, verify.EXACT_RTOL, verify.EXACT_ATOL,
+                                   scale_atol=True)
+    if not ok:
+        raise CheckFailed(f"{where}: constant folding changed output '{name}' (max abs error {err:.3g}); "
+                          f"please report this model")
 
 
 def from_torch(module, example_inputs, input_names=None, output_names=None, opset: int = 18,

@@ -247,7 +247,7 @@ class PassManager:
                 got = ort.run(to_onnx(graph), {k: v for k, v in feeds.items() if k in {t.name for t in graph.inputs}})
                 got = verify.outputs_by_position(before, ref, graph, got)
                 if p.exact:
-                    ok, err, name = verify.compare(ref, got, verify.EXACT_RTOL, verify.EXACT_ATOL)
+                    ok, err, name = verify.compare(ref, got, verify.EXACT_RTOL, verify.EXACT_ATOL, scale_atol=True)
                     record["max_error"] = err
                     if not ok:
                         raise CheckFailed(f"{where} is exact but changed output '{name}' (max abs error {err:.3g})")

@@ -29,6 +29,10 @@ def _dims(vi: onnx.ValueInfoProto):
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
 
 
+def _static(d) -> bool:
+    return isinstance(d, int) and d >= 0          # 0 is a real (empty) dimension, not a dynamic one
+
+
 def bind_input_shapes(model: onnx.ModelProto, input_shapes: dict | None, require_static: bool, where: str) -> None:
     """Write static dims into the model's graph inputs in place. Names and ranks are checked."""
     input_shapes = dict(input_shapes or {})
@@ -47,16 +51,16 @@ def bind_input_shapes(model: onnx.ModelProto, input_shapes: dict | None, require
                                f"({','.join(str(d) for d in dims)})")
             if dims is not None:
                 for i, (have, new) in enumerate(zip(dims, want)):
-                    if isinstance(have, int) and have > 0 and have != new:
+                    if _static(have) and have != new:
                         raise BadInput(f"{where}: --input-shape {vi.name}: dimension {i} is fixed to {have} in the model, not {new}")
             shp = vi.type.tensor_type.shape
             shp.ClearField("dim")
             for d in want:
                 shp.dim.add().dim_value = d
         elif require_static:
-            if dims is None or any(not isinstance(d, int) or d <= 0 for d in dims):
+            if dims is None or not all(_static(d) for d in dims):
                 shown = ",".join(str(d) for d in dims) if dims is not None else "unknown rank"
-                example = ",".join(str(d) if isinstance(d, int) and d > 0 else "N" for d in (dims or ["N"]))
+                example = ",".join(str(d) if _static(d) else "N" for d in (dims or ["N"]))
                 raise BadInput(f"{where}: input '{vi.name}' has dynamic shape [{shown}]; bind it with "
                                f"--input-shape {vi.name}={example} (Python: input_shapes={{'{vi.name}': (...)}})")
     if input_shapes:
@@ -70,7 +74,11 @@ def bind_input_shapes(model: onnx.ModelProto, input_shapes: dict | None, require
 def infer_model(model: onnx.ModelProto, where: str = "model") -> onnx.ModelProto:
     try:
         return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
-    except Exception as e:  # onnx raises InferenceError / ValidationError with multi-line text
+    except Exception as e:  # strict mode rejects some valid models (e.g. onnx's own MVN function body)
+        try:
+            return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=False, data_prop=True)
+        except Exception:
+            pass
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BadInput(f"{where}: shape inference failed: {first}") from e
 

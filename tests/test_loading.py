@@ -159,3 +159,20 @@ def test_load_does_not_touch_the_file(zoo_onnx):
     before = os.stat(p).st_mtime_ns
     graphopt.load(p)
     assert os.stat(p).st_mtime_ns == before
+
+
+def test_shape_start_end_folds_to_the_slice():
+    """onnx-graphsurgeon folds Shape(start, end) to the whole shape; ours honours the slice (found by conformance)."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"], name="shape", start=1, end=-1),
+             helper.make_node("Cast", ["s"], ["sf"], name="cast", to=onnx.TensorProto.FLOAT),
+             helper.make_node("Mul", ["sf", "k"], ["y"], name="mul")]
+    m = ob.model(nodes, [ob.vi("x", [2, 3, 4, 5])], [ob.vi("y", [2])], [("k", np.array([1.0, 1.0], np.float32))])
+    g = graphopt.load(m)
+    x = np.zeros((2, 3, 4, 5), np.float32)
+    np.testing.assert_array_equal(ort.run(graphopt.to_onnx(g), {"x": x})["y"], [3.0, 4.0])
+
+
+def test_zero_size_dimension_is_static():
+    m = ob.model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [ob.vi("x", [0, 3])], [ob.vi("y", [0, 3])])
+    g = graphopt.load(m)
+    assert g.inputs[0].shape == [0, 3]

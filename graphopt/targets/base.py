@@ -39,6 +39,10 @@ class Target:
     def runs_here(self) -> bool:
         return True
 
+    def measures_here(self) -> bool:
+        """Whether latency measured here means anything (not under an emulator)."""
+        return self.runs_here()
+
 
 def to_numpy_list(out) -> list[np.ndarray]:
     if hasattr(out, "numpy"):

@@ -98,3 +98,25 @@ def test_refuses_to_overwrite_a_foreign_folder(zoo_onnx, tmp_path):
     with pytest.raises(BadInput, match="not a graphopt artifact"):
         graphopt.compile(zoo_onnx("mlp_digits"), out=tmp_path / "a")
     assert (tmp_path / "a" / "precious.txt").read_text() == "keep me"
+
+
+def test_scalar_input_compiles_and_runs(tmp_path):
+    from onnx import helper
+    m = ob.model([helper.make_node("Clip", ["x", "lo"], ["y"], name="clip")],
+                 [ob.vi("x", [3, 4]), ob.vi("lo", [])], [ob.vi("y", [3, 4])])
+    art = graphopt.compile(m, out=tmp_path / "a", measure=False)
+    y = art.run({"x": np.arange(12, dtype=np.float32).reshape(3, 4), "lo": np.array(5.0, np.float32)})["y"]
+    assert y.min() == 5.0
+
+
+def test_forms_tvm_gets_wrong_are_refused(tmp_path):
+    from onnx import helper
+    m = ob.model([helper.make_node("IsInf", ["x"], ["y"], name="isinf", detect_negative=0)],
+                 [ob.vi("x", [4])], [ob.vi("y", [4], onnx_bool())])
+    with pytest.raises(UnsupportedModel, match="node 'isinf' \\(IsInf\\): IsInf with detect_positive"):
+        graphopt.compile(m, out=tmp_path / "a")
+
+
+def onnx_bool():
+    import onnx
+    return onnx.TensorProto.BOOL
