@@ -25,6 +25,9 @@ class AnalysisManager:
         self._cache: dict[str, tuple[int, object]] = {}
 
     def get(self, name: str, graph: gs.Graph):
+        if name not in ANALYSES:        # analyses of concrete passes register when the pass package loads
+            from .passmanager import load_builtin_passes
+            load_builtin_passes()
         if name not in ANALYSES:
             raise GraphoptError(f"unknown analysis '{name}'; known: {', '.join(sorted(ANALYSES))}")
         hit = self._cache.get(name)

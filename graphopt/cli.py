@@ -30,6 +30,17 @@ def _shapes(args) -> dict:
     return out
 
 
+def _target_options(args) -> dict:
+    from .pipeline_text import _value
+    out = {}
+    for text in getattr(args, "target_option", []):
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise BadInput(f"--target-option '{text}' is malformed; write KEY=VALUE (for example mcpu=haswell)")
+        out[key.strip()] = _value(value)
+    return out
+
+
 def _interactive() -> bool:
     return sys.stderr.isatty() and not os.environ.get("CI")
 
@@ -79,7 +90,8 @@ def cmd_compile(args) -> int:
     if args.tuning_db and not Path(args.tuning_db).is_dir():
         raise BadInput(f"{args.tuning_db}: no such tuning database folder (create one with `graphopt tune`)")
     art = api.compile(args.model, target=args.target, out=out, pipeline=pm, input_shapes=_shapes(args),
-                      tuning_db=args.tuning_db, threads=args.threads, measure=not args.no_bench, log=_log, data=data)
+                      tuning_db=args.tuning_db, threads=args.threads, measure=not args.no_bench, log=_log, data=data,
+                      target_options=_target_options(args))
     rep = art.report
     rows = [("artifact", str(art.path)), ("target", json.dumps(art.manifest["target"].get("llvm_mcpu", args.target))),
             ("pipeline", art.manifest["pipeline"]["resolved"] or "(none)"), ("ops", rep["ops"]),
@@ -210,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model")
     c.add_argument("--target", default="cpu")
     c.add_argument("-o", "--output")
+    c.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="target option, e.g. mcpu=haswell (cpu), vector_bits=512 (arm-sve) (repeatable)")
     c.add_argument("--pipeline", help="pipeline text, e.g. cleanup,fold-batchnorm")
     c.add_argument("--config", help="pipeline TOML with [[pass]] entries")
     _add_shapes(c)

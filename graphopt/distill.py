@@ -223,28 +223,13 @@ def attention_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, chann
 
 
 def linear_cka(X, Y) -> float:
-    """Linear CKA (Kornblith et al. 2019) of two representations of the same n examples (axis 0; other axes
-    flattened). 1 for representations equal up to rotation and scale, near 0 for unrelated ones."""
+    """Linear CKA of two representations (numpy arrays or tensors); see graphopt.evaluate.linear_cka."""
+    from .evaluate import linear_cka as _cka
     if torch.is_tensor(X):
         X = X.detach().cpu().numpy()
     if torch.is_tensor(Y):
         Y = Y.detach().cpu().numpy()
-    X = np.asarray(X, dtype=np.float64).reshape(len(X), -1)
-    Y = np.asarray(Y, dtype=np.float64).reshape(len(Y), -1)
-    if len(X) != len(Y):
-        raise BadInput(f"linear_cka: {len(X)} and {len(Y)} examples")
-    X = X - X.mean(0, keepdims=True)
-    Y = Y - Y.mean(0, keepdims=True)
-    if X.shape[1] <= X.shape[0] and Y.shape[1] <= Y.shape[0]:
-        hsic = np.sum((Y.T @ X) ** 2)
-        nx, ny = np.linalg.norm(X.T @ X), np.linalg.norm(Y.T @ Y)
-    else:
-        K, L = X @ X.T, Y @ Y.T
-        hsic = np.sum(K * L)
-        nx, ny = np.linalg.norm(K), np.linalg.norm(L)
-    if nx == 0 or ny == 0:
-        return 0.0
-    return float(hsic / (nx * ny))
+    return _cka(X, Y)
 
 
 # ----------------------------------------------------------------------------------------------------------------

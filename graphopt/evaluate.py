@@ -15,15 +15,25 @@ from .errors import BadInput
 from .graph import from_onnx, to_onnx
 
 
-def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
-    """Linear centered kernel alignment between two feature matrices (samples on axis 0)."""
-    x = np.asarray(x, np.float64).reshape(len(x), -1)
-    y = np.asarray(y, np.float64).reshape(len(y), -1)
+def linear_cka(x, y) -> float:
+    """Linear CKA (Kornblith et al. 2019) of two representations of the same n examples (axis 0; other axes
+    flattened). 1 for representations equal up to rotation and scale, near 0 for unrelated ones."""
+    x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    y = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
+    if len(x) != len(y):
+        raise BadInput(f"linear_cka: {len(x)} and {len(y)} examples")
     x = x - x.mean(0, keepdims=True)
     y = y - y.mean(0, keepdims=True)
-    hsic = np.linalg.norm(x.T @ y) ** 2
-    norm = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
-    return float(hsic / norm) if norm > 0 else 0.0
+    if x.shape[1] <= x.shape[0] and y.shape[1] <= y.shape[0]:
+        hsic = np.sum((y.T @ x) ** 2)
+        nx, ny = np.linalg.norm(x.T @ x), np.linalg.norm(y.T @ y)
+    else:           # wide features: the n x n Gram form is cheaper
+        k, l_ = x @ x.T, y @ y.T
+        hsic = np.sum(k * l_)
+        nx, ny = np.linalg.norm(k), np.linalg.norm(l_)
+    if nx == 0 or ny == 0:
+        return 0.0
+    return float(hsic / (nx * ny))
 
 
 def batches(data: dict[str, np.ndarray], input_specs: list[tuple[str, tuple]]):
