@@ -86,7 +86,11 @@ def cmd_compile(args) -> int:
     out = args.output or f"{Path(args.model).stem}.{args.target}"
     from .passmanager import PassManager
     pm = PassManager.from_toml(Path(args.config)) if args.config else PassManager.parse(args.pipeline or "")
-    data = {"calib": _load_npz(args.calib, "--calib")} if args.calib else None
+    data = {}
+    if args.calib:
+        data["calib"] = _load_npz(args.calib, "--calib")
+    if args.eval:
+        data["eval"] = _load_npz(args.eval, "--eval")
     if args.tuning_db and not Path(args.tuning_db).is_dir():
         raise BadInput(f"{args.tuning_db}: no such tuning database folder (create one with `graphopt tune`)")
     art = api.compile(args.model, target=args.target, out=out, pipeline=pm, input_shapes=_shapes(args),
@@ -228,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="pipeline TOML with [[pass]] entries")
     _add_shapes(c)
     c.add_argument("--calib", help="calibration data (.npz)")
+    c.add_argument("--eval", help="evaluation data (.npz, inputs + labels) for accuracy-aware passes")
     c.add_argument("--tuning-db", help="MetaSchedule database folder from `graphopt tune`")
     c.add_argument("--threads", type=int, help="threads for the latency measurement")
     c.add_argument("--no-bench", action="store_true", help="skip the latency measurement")

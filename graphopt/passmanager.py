@@ -155,6 +155,8 @@ class PipelineResult:
 class PassManager:
     def __init__(self, passes: list[Pass] | None = None):
         self.passes = list(passes or [])
+        for cls in {type(p) for p in self.passes}:   # e.g. quantize refuses structural passes after it
+            getattr(cls, "check_pipeline", lambda ps: None)(self.passes)
 
     @classmethod
     def parse(cls, text: str) -> "PassManager":

@@ -4,3 +4,5 @@ from . import (cleanup, decompose_rnn, eliminate_dead_code, fold_batchnorm, fold
 from . import insert_adapters  # noqa: F401,E402
 from . import channel_groups, prune_channels, sparsify  # noqa: F401,E402
 from . import factorize_lowrank  # noqa: F401,E402
+from . import quantize  # noqa: F401,E402
+from . import lower_int8  # noqa: F401,E402

@@ -53,7 +53,7 @@ def vector_bits(mcpu: str) -> int:
 
 class CpuTarget(Target):
     name = "cpu"
-    legalize = "decompose-rnn"
+    legalize = "decompose-rnn,lower-int8"
 
     def __init__(self, mcpu: str | None = None, cores: int | None = None, **options):
         super().__init__(**options)
@@ -81,12 +81,14 @@ class CpuTarget(Target):
         tvm_lowering.check_importable(model, where)
 
     def lower(self, model: onnx.ModelProto, out_dir: Path, tuning_db: str | None = None) -> dict:
+        from .cpu_int8 import import_int8
         from .cpu_schedules import schedule_module
         t0 = time.perf_counter()
-        mod = tvm_lowering.import_onnx(tvm_lowering.prepare_for_import(model))
+        # import_int8 = import_onnx plus the rewrite of QDQ conv/matmul chains into graphopt's VNNI kernels
+        mod, int8_facts = import_int8(model, self.tvm_target())
         ex = tvm_lowering.build(mod, self.tvm_target(), schedule=schedule_module, tuning_db=tuning_db)
         tvm_lowering.export(ex, Path(out_dir) / self.library)
-        return {"compile_seconds": round(time.perf_counter() - t0, 3)}
+        return {"compile_seconds": round(time.perf_counter() - t0, 3), **int8_facts}
 
     def load(self, art_dir: Path, manifest: dict, threads: int | None = None):
         return tvm_lowering.VMRunner(Path(art_dir) / self.library, threads=threads)

@@ -1,0 +1,615 @@
+"""quantize: int8 post-training quantization (QDQ), and weight-only int8 / int4 for MatMul and Gemm.
+
+`scheme=int8` (static PTQ) calibrates activation ranges on user data with onnxruntime.quantization's calibrators
+and writes a standard-domain QDQ graph (QuantizeLinear / DequantizeLinear around every quantized op), so the
+result runs in onnxruntime as is and the cpu target lowers the Conv / MatMul / Gemm chains to integer SIMD code
+(targets/cpu_int8.py: u8 x s8 -> s32 with AVX-512 VNNI, fused requantize):
+
+* weights: symmetric int8, per output channel (`per_channel=false`: per tensor); biases int32 (scale sx*sw);
+* activations: per tensor, `activations=u8` (asymmetric, the fast path of the VNNI kernels) or `s8` (symmetric);
+* calibration data: ctx.data["calib"], a dict of arrays named after the graph inputs with the samples on axis 0
+  (`graphopt compile --calib DATA.npz` fills it); at most `calib_samples` samples are used;
+  `calibration=minmax|percentile|entropy` picks onnxruntime's calibrator;
+* `exclude_nodes=[...]` (node names) and `exclude_ops=[...]` (op types) stay fp32;
+* `max_drop=P` (accuracy-aware): with ctx.data["eval"] (the inputs plus "labels"), the top-1 accuracy of the
+  quantized graph may be at most P points (percent) below the fp32 graph's; otherwise the most sensitive
+  Conv / MatMul / Gemm layers (ranked by the logit error when each alone is left in fp32) go back to fp32, one at
+  a time, until the budget holds (or nothing is left to exclude: then the pass fails);
+* BatchNormalization right after a Conv / Gemm / MatMul is folded first (as fold-batchnorm does), so the folded
+  weights are quantized once instead of a Conv whose output is renormalized in fp32.
+
+`scheme=weight_int8` / `weight_int4` quantize only the constant weights of MatMul and Gemm (no calibration):
+the weight becomes an INT8 (per output channel) or INT4 (blocks of `block_size` along the reduction axis, opset
+21) initializer read through a DequantizeLinear; activations stay fp32. This shrinks model.onnx; onnxruntime runs
+it as is. (The cpu target folds the dequantized weights back to fp32 constants before TVM import, so the compiled
+library is as fast and as large as fp32.)
+
+Ordering: quantize is the last lossy step of a pipeline: run structural passes (prune-channels, factorize-lowrank,
+sparsify, insert-adapters ...) and folding before it. Structural passes do not understand QDQ graphs (they would
+see DequantizeLinear outputs instead of weights), so a pipeline that places one after quantize is refused (when
+the PassManager exposes the pipeline: see check_pipeline) and quantizing an already quantized graph is refused.
+
+The pass is lossy: the PassManager reports its drift against the fp32 graph on seeded inputs; `min_cosine`
+(default 0: off) turns the cosine similarity of every output into a budget.
+
+Also here (pure ONNX, no TVM; used by api.compile's self-check of int8 artifacts):
+    check_criterion(model_proto) -> None | {"kind": "quant_step", "fraction": 0.99, "steps": {output: step}}
+    within_quant_steps(ref, got, criterion) -> {"ok", "max_abs_error", "worst_output", "criterion", "outputs"}
+    compare_quantized(model.onnx, ref, got) -> that dict, or None for graphs without QuantizeLinear
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from graphopt.errors import BadInput, CheckFailed
+from graphopt.graph import MAX_IR_VERSION, constant_value, from_onnx, to_onnx
+from graphopt.passmanager import Option, Pass, PassResult, register
+
+#: op types whose weights are quantized and that the cpu target lowers to integer kernels
+COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
+#: recorded in the graph's doc_string by the pass
+META_PREFIX = "graphopt.quantized:"
+#: passes that may follow quantize (they understand or leave alone QDQ graphs)
+SAFE_AFTER = {"quantize", "lower-int8", "cleanup", "eliminate-dead-code", "remove-identity", "infer-shapes",
+              "fold-constants"}
+#: fraction of output elements that must lie within one quantization step (compiled int8 vs onnxruntime)
+STEP_FRACTION = 0.99
+
+# ---------------------------------------------------------------------------------------------------------------
+# data helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+def _graph_inputs(graph: gs.Graph) -> list[tuple[str, tuple, np.dtype]]:
+    out = []
+    for t in graph.inputs:
+        dt = t.dtype if t.dtype is not None else np.float32
+        if isinstance(dt, int):
+            dt = onnx.helper.tensor_dtype_to_np_dtype(dt)
+        out.append((t.name, tuple(t.shape or ()), np.dtype(dt)))
+    return out
+
+
+def split_samples(data: dict, specs, what: str, limit: int | None = None) -> list[dict[str, np.ndarray]]:
+    """Cut arrays (samples on axis 0) into feeds of the graph's batch size."""
+    if not isinstance(data, dict) or not data:
+        raise BadInput(f"{what}: expected arrays named after the graph inputs ({', '.join(n for n, _, _ in specs)})")
+    missing = [n for n, _, _ in specs if n not in data]
+    if missing:
+        raise BadInput(f"{what} lacks input(s) {', '.join(missing)}; it has: {', '.join(sorted(data))}")
+    feeds, total = [], None
+    for name, shape, dt in specs:
+        a = np.asarray(data[name])
+        if len(shape) and all(isinstance(d, int) and d > 0 for d in shape):
+            if a.ndim == len(shape) and tuple(a.shape[1:]) != tuple(shape[1:]):
+                raise BadInput(f"{what}: array '{name}' has shape {list(a.shape)}; the graph input is "
+                               f"{list(shape)} (samples go on axis 0)")
+            if a.ndim == len(shape) + 1 and shape[0] == 1 and tuple(a.shape[1:]) == tuple(shape):
+                a = a.reshape((-1,) + tuple(shape[1:]))
+        n = len(a)
+        total = n if total is None else min(total, n)
+        data = {**data, name: a.astype(dt, copy=False)}
+    b = specs[0][1][0] if specs and specs[0][1] and isinstance(specs[0][1][0], int) and specs[0][1][0] > 0 else 1
+    count = total // b
+    if count == 0:
+        raise BadInput(f"{what}: needs at least {b} sample(s), has {total}")
+    if limit:
+        count = min(count, max(1, limit // b))
+    for i in range(count):
+        feeds.append({n: np.ascontiguousarray(data[n][i * b:(i + 1) * b]) for n, _, _ in specs})
+    return feeds
+
+
+def _reader(feeds):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(feeds)
+
+        def get_next(self):
+            return next(self._it, None)
+
+        def __len__(self):
+            return len(feeds)
+
+        def set_range(self, start_index, end_index):
+            self._it = iter(feeds[start_index:end_index])
+
+    return Reader()
+
+
+def _run_outputs(model: onnx.ModelProto, feeds: list[dict]) -> list[np.ndarray]:
+    """First output of model over every feed, concatenated on axis 0 (onnxruntime, all optimizations)."""
+    from graphopt import ort
+    sess = ort.session(model, optimize=True)
+    name = sess.get_outputs()[0].name
+    return np.concatenate([sess.run([name], f)[0] for f in feeds])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the pass
+# ---------------------------------------------------------------------------------------------------------------
+
+@register
+class Quantize(Pass):
+    name = "quantize"
+    help = ("Post-training quantization: int8 QDQ (calibrated on --calib data, per-channel weights) or "
+            "weight-only int8/int4 for MatMul/Gemm")
+    exact = False
+    options = {
+        "scheme": Option(str, "int8", "int8 (static, weights + activations), weight_int8 or weight_int4 "
+                                      "(MatMul/Gemm weights only)", choices=("int8", "weight_int8", "weight_int4")),
+        "calibration": Option(str, "minmax", "activation range calibrator", choices=("minmax", "percentile",
+                                                                                     "entropy")),
+        "activations": Option(str, "u8", "activation type: u8 (asymmetric) or s8 (symmetric)", choices=("u8", "s8")),
+        "per_channel": Option(bool, True, "per-output-channel weight scales (else one per tensor)"),
+        "exclude_nodes": Option(list, [], "node names left in fp32"),
+        "exclude_ops": Option(list, [], "op types left in fp32"),
+        "max_drop": Option(float, -1.0, "accuracy-aware mode: allowed top-1 drop in points on ctx.data['eval'] "
+                                        "(negative: off); the most sensitive layers go back to fp32"),
+        "calib_samples": Option(int, 512, "at most this many calibration samples", minimum=1),
+        "percentile": Option(float, 99.999, "percentile for calibration=percentile", minimum=50.0, maximum=100.0),
+        "block_size": Option(int, 32, "weight_int4: block length along the reduction axis", minimum=16),
+        "min_cosine": Option(float, 0.0, "drift budget: every output's cosine similarity to fp32 on seeded "
+                                         "inputs must be at least this (0: no budget)", minimum=0.0, maximum=1.0),
+    }
+
+    def validate(self):
+        bs = self.opts["block_size"]
+        if bs & (bs - 1):
+            raise BadInput(f"pass 'quantize': block_size={bs} must be a power of two (16, 32, 64, ...)")
+        if self.opts["scheme"] != "int8":
+            for k in ("calibration", "activations", "max_drop", "calib_samples", "percentile"):
+                if k in self.given:
+                    raise BadInput(f"pass 'quantize': option {k} applies to scheme=int8 only, not "
+                                   f"scheme={self.opts['scheme']}")
+
+    # -- ordering -------------------------------------------------------------------------------------------
+    @classmethod
+    def check_pipeline(cls, passes) -> None:
+        """Raise BadInput when a pass that does not understand QDQ graphs follows quantize in `passes`
+        (a list of Pass objects or names). The PassManager calls this at parse time when it supports it."""
+        names = [p if isinstance(p, str) else p.name for p in passes]
+        if cls.name not in names:
+            return
+        first = names.index(cls.name)
+        for later in names[first + 1:]:
+            if later not in SAFE_AFTER:
+                raise BadInput(f"pipeline: '{later}' runs after 'quantize'; structural and lossy passes must come "
+                               f"before quantize (they do not understand QDQ graphs): move quantize to the end")
+
+    def check_drift(self, drift: dict) -> str | None:
+        floor = self.opts["min_cosine"]
+        if floor <= 0:
+            return None
+        for name, d in drift.items():
+            if d.get("cosine", 1.0) < floor:
+                return f"output '{name}' has cosine {d['cosine']:.4f} < min_cosine={floor}"
+        return None
+
+    # -- run ------------------------------------------------------------------------------------------------
+    def run(self, graph: gs.Graph, ctx) -> PassResult:
+        pipeline = getattr(ctx, "pipeline", None)
+        if pipeline is not None:
+            self.check_pipeline(pipeline)
+        if any(n.op in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+                        "MatMulInteger", "DynamicQuantizeLinear") for n in graph.nodes):
+            raise BadInput("pass 'quantize': the graph is already quantized (it has QuantizeLinear/"
+                           "DequantizeLinear nodes); quantize the fp32 model instead")
+        names = {n.name for n in graph.nodes}
+        unknown = [n for n in self.opts["exclude_nodes"] if n not in names]
+        if unknown:
+            raise BadInput(f"pass 'quantize': exclude_nodes names no node '{unknown[0]}'")
+        if self.opts["scheme"] == "int8":
+            return self._static(graph, ctx)
+        return self._weight_only(graph, ctx)
+
+    # -- static int8 ----------------------------------------------------------------------------------------
+    def _ort_args(self):
+        from onnxruntime.quantization import CalibrationMethod, QuantType
+        methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                   "entropy": CalibrationMethod.Entropy}
+        s8 = self.opts["activations"] == "s8"
+        extra = {"ActivationSymmetric": s8, "WeightSymmetric": True,
+                 "CalibPercentile": self.opts["percentile"], "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}}
+        return dict(activation_type=QuantType.QInt8 if s8 else QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=methods[self.opts["calibration"]], per_channel=self.opts["per_channel"],
+                    extra_options=extra)
+
+    def _static(self, graph: gs.Graph, ctx) -> PassResult:
+        from onnxruntime.quantization import QuantFormat, quantize_static
+        from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+        calib = ctx.data.get("calib")
+        if calib is None:
+            raise BadInput("pass 'quantize{scheme=int8}' needs calibration data: pass --calib DATA.npz (arrays "
+                           "named after the graph inputs, samples on axis 0) or data={'calib': {...}}")
+        graph, folded = _fold_batchnorm(graph, ctx)
+        specs = _graph_inputs(graph)
+        feeds = split_samples(calib, specs, "calibration data", self.opts["calib_samples"])
+        excluded_ops = set(self.opts["exclude_ops"])
+        op_types = sorted((set(QLinearOpsRegistry) | set(QDQRegistry)) - excluded_ops)
+        base_excluded = list(self.opts["exclude_nodes"])
+        fp32 = to_onnx(graph)
+        args = self._ort_args()
+
+        with tempfile.TemporaryDirectory(prefix="graphopt-quant-") as tmp:
+            src = os.path.join(tmp, "fp32.onnx")
+            onnx.save_model(fp32, src)
+            cache = os.path.join(tmp, "calib.json")
+
+            def quantize(excluded: list[str]) -> onnx.ModelProto:
+                dst = os.path.join(tmp, "q.onnx")
+                have_cache = os.path.exists(cache)
+                kw = dict(quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
+                          nodes_to_exclude=list(excluded), **args)
+                with _quiet():
+                    try:      # calibrate once; later calls (accuracy-aware mode) reuse the ranges
+                        quantize_static(src, dst, None if have_cache else _reader(feeds),
+                                        calibration_cache_path=cache, **kw)
+                    except TypeError as e:            # onnxruntime < 1.22: no calibration cache
+                        if "calibration_cache_path" not in str(e):
+                            raise
+                        quantize_static(src, dst, _reader(feeds), **kw)
+                m = onnx.load(dst)
+                _tidy(m)
+                return m
+
+            try:
+                model = quantize(base_excluded)
+            except (BadInput, CheckFailed):
+                raise
+            except Exception as e:  # noqa: BLE001 - onnxruntime's quantizer reports many kinds of errors
+                msg = str(e).strip().splitlines()
+                raise BadInput(f"pass 'quantize': onnxruntime's quantizer failed: {msg[-1] if msg else e}") from e
+            info = {"scheme": "int8", "calibration": self.opts["calibration"], "calib_samples": len(feeds),
+                    "activations": self.opts["activations"], "per_channel": self.opts["per_channel"],
+                    "batchnorm_folded": folded}
+            fallback: list[str] = []
+            if self.opts["max_drop"] >= 0:
+                model, fallback, acc = self._accuracy_aware(fp32, model, quantize, base_excluded, specs, ctx)
+                info.update(acc)
+        quantized = sorted({n.name for n in model.graph.node if n.op_type in COMPUTE_OPS
+                            and any(_is_dq_output(model, i) for i in n.input[1:2])})
+        compute = {n.name for n in fp32.graph.node if n.op_type in COMPUTE_OPS}
+        info.update({"quantized": quantized, "quantized_count": len(quantized),
+                     "fp32_nodes": sorted(compute - set(quantized)), "fallback": fallback})
+        out = from_onnx(model)
+        _write_meta(out, f"{META_PREFIX}int8,{self.opts['activations']}")
+        return PassResult(out, True, info)
+
+    def _accuracy_aware(self, fp32, model, quantize, base_excluded, specs, ctx):
+        ev = ctx.data.get("eval")
+        if ev is None or "labels" not in ev:
+            raise BadInput("pass 'quantize': max_drop needs evaluation data with labels: "
+                           "data={'eval': {<inputs>..., 'labels': array}}")
+        labels = np.asarray(ev["labels"]).reshape(-1)
+        feeds = split_samples({k: v for k, v in ev.items() if k != "labels"}, specs, "evaluation data")
+        b = len(next(iter(feeds[0].values())))
+        labels = labels[:len(feeds) * b]
+        ref = _run_outputs(fp32, feeds)
+        ref2 = ref.reshape(len(ref), -1)
+
+        def acc_of(m):
+            out = _run_outputs(m, feeds).reshape(len(ref), -1)
+            return float(np.mean(np.argmax(out, 1) == labels)) * 100.0, out
+
+        fp_acc = float(np.mean(np.argmax(ref2, 1) == labels)) * 100.0
+        q_acc, _ = acc_of(model)
+        info = {"fp32_top1": round(fp_acc, 3), "int8_top1_all_layers": round(q_acc, 3), "max_drop": self.opts["max_drop"]}
+        budget = self.opts["max_drop"]
+        if fp_acc - q_acc <= budget:
+            info["int8_top1"] = round(q_acc, 3)
+            return model, [], info
+        # sensitivity: logit error with each candidate layer alone left in fp32
+        candidates = [n.name for n in model.graph.node if n.op_type in COMPUTE_OPS and n.name not in base_excluded
+                      and any(_is_dq_output(model, i) for i in n.input[1:2])]
+        scale = float(np.mean(ref2 ** 2)) or 1.0
+        sens = []
+        for name in candidates:
+            _, out = acc_of(quantize(base_excluded + [name]))
+            err = float(np.mean((out - ref2) ** 2)) / scale
+            sens.append((err, name))
+        sens.sort()
+        info["sensitivity"] = [{"node": n, "rel_mse_when_fp32": round(e, 6)} for e, n in sens]
+        fallback: list[str] = []
+        q = model
+        for _, name in sens:
+            fallback.append(name)
+            q = quantize(base_excluded + fallback)
+            q_acc, _ = acc_of(q)
+            if fp_acc - q_acc <= budget:
+                info["int8_top1"] = round(q_acc, 3)
+                return q, fallback, info
+        raise CheckFailed(f"pass 'quantize': top-1 drops {fp_acc - q_acc:.2f} points even with every "
+                          f"Conv/MatMul/Gemm in fp32 (budget max_drop={budget}); the drop comes from other "
+                          f"quantized ops: exclude them with exclude_ops=[...]")
+
+    # -- weight-only ----------------------------------------------------------------------------------------
+    def _weight_only(self, graph: gs.Graph, ctx) -> PassResult:
+        bits = 8 if self.opts["scheme"] == "weight_int8" else 4
+        excluded_ops = set(self.opts["exclude_ops"])
+        excluded = set(self.opts["exclude_nodes"])
+        done, skipped = [], []
+        for node in list(graph.nodes):
+            if node.op not in ("MatMul", "Gemm") or node.name in excluded or node.op in excluded_ops:
+                continue
+            w = node.inputs[1] if len(node.inputs) > 1 else None
+            W = constant_value(w) if w is not None else None
+            if W is None or W.ndim != 2 or W.dtype != np.float32 or constant_value(node.inputs[0]) is not None:
+                skipped.append({"node": node.name, "reason": "weight is not a constant fp32 matrix"})
+                continue
+            if node.op == "Gemm" and int(node.attrs.get("transA", 0)):
+                skipped.append({"node": node.name, "reason": "transA"})
+                continue
+            # reduction axis of the stored weight: MatMul B[K, N] -> 0; Gemm B[K, N] -> 0, transB B[N, K] -> 1
+            k_axis = 1 if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else 0
+            if bits == 4 and W.shape[k_axis] % 2:
+                skipped.append({"node": node.name, "reason": "odd reduction length"})
+                continue
+            q, scale, dq_attrs = _quantize_weight(W, bits, k_axis, self.opts["block_size"])
+            base = f"{node.name}/weight_int{bits}"
+            out = gs.Variable(f"{base}/dequantized", dtype=np.float32, shape=list(W.shape))
+            if bits == 8:
+                inputs = [gs.Constant(f"{base}/q", q), gs.Constant(f"{base}/scale", scale),
+                          gs.Constant(f"{base}/zero_point", np.zeros(scale.shape, np.int8))]
+            else:
+                inputs = [_int4_constant(f"{base}/q", q), gs.Constant(f"{base}/scale", scale)]
+            graph.nodes.append(gs.Node("DequantizeLinear", f"{base}/DequantizeLinear", inputs=inputs,
+                                       outputs=[out], attrs=dq_attrs))
+            node.inputs[1] = out
+            deq = _dequantize_blocks(q, scale, k_axis, self.opts["block_size"]) if bits == 4 else \
+                q.astype(np.float64) * scale.reshape((1, -1) if k_axis == 0 else (-1, 1))
+            done.append({"node": node.name, "shape": list(W.shape),
+                         "max_abs_error": float(np.max(np.abs(deq - W))) if W.size else 0.0})
+        if not done:
+            return PassResult(graph, False, {"scheme": self.opts["scheme"], "quantized_count": 0, "skipped": skipped})
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        if bits == 4:
+            graph = _upgrade_opset(graph, 21)
+        else:
+            graph = _upgrade_opset(graph, 13)
+        _write_meta(graph, f"{META_PREFIX}{self.opts['scheme']}")
+        return PassResult(graph, True, {"scheme": self.opts["scheme"], "quantized": [d["node"] for d in done],
+                                        "quantized_count": len(done), "layers": done, "skipped": skipped})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+def _fold_batchnorm(graph: gs.Graph, ctx) -> tuple[gs.Graph, int]:
+    if not any(n.op == "BatchNormalization" for n in graph.nodes):
+        return graph, 0
+    from graphopt.passes.fold_batchnorm import FoldBatchNorm
+    res = FoldBatchNorm().run(graph, ctx)
+    return res.graph, int(res.info.get("folded", 0))
+
+
+def _is_dq_output(model: onnx.ModelProto, name: str) -> bool:
+    for n in model.graph.node:
+        if name in n.output:
+            return n.op_type == "DequantizeLinear"
+    return False
+
+
+def _tidy(model: onnx.ModelProto) -> None:
+    """What onnxruntime's quantizer leaves that graphopt's checks dislike: a newer IR version, value_info of
+    removed tensors, its pre-processing metadata."""
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    del model.graph.value_info[:]
+    keep = [p for p in model.metadata_props if not p.key.startswith("onnx.quant")]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    bad = [n for n in model.graph.node if n.domain not in ("", "ai.onnx")]
+    if bad:
+        raise BadInput(f"pass 'quantize': onnxruntime produced non-standard op {bad[0].domain}.{bad[0].op_type}")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """onnxruntime's quantizer logs pre-processing advice on the root logger and its histogram calibrators
+    print progress: keep both out of graphopt's output."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _write_meta(graph: gs.Graph, line: str) -> None:
+    lines = [ln for ln in (graph.doc_string or "").splitlines() if not ln.startswith(META_PREFIX)]
+    graph.doc_string = "\n".join(lines + [line])
+
+
+def quantized_scheme(graph_or_model) -> str | None:
+    """The scheme the quantize pass recorded in the graph ('int8,u8', 'weight_int4', ...), or None."""
+    doc = graph_or_model.graph.doc_string if isinstance(graph_or_model, onnx.ModelProto) else graph_or_model.doc_string
+    for ln in (doc or "").splitlines():
+        if ln.startswith(META_PREFIX):
+            return ln[len(META_PREFIX):]
+    return None
+
+
+def _quantize_weight(W: np.ndarray, bits: int, k_axis: int, block: int):
+    """Symmetric quantization of W[K, N] (k_axis 0) or W[N, K] (k_axis 1). int8: one scale per output channel;
+    int4: one per block of `block` along K and output channel. Returns (q int8 values, scale, DQ attributes)."""
+    qmax = 127 if bits == 8 else 7
+    Wd = W.astype(np.float64)
+    if bits == 8:
+        amax = np.max(np.abs(Wd), axis=k_axis)
+        scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+        s = scale.reshape((1, -1) if k_axis == 0 else (-1, 1)).astype(np.float64)
+        q = np.clip(np.rint(Wd / s), -qmax, qmax).astype(np.int8)
+        return q, scale, {"axis": 1 - k_axis}
+    K = W.shape[k_axis]
+    nb = -(-K // block)
+    pad = nb * block - K
+    Wp = np.pad(Wd, ((0, pad), (0, 0)) if k_axis == 0 else ((0, 0), (0, pad)))
+    if k_axis == 0:
+        blocks = Wp.reshape(nb, block, W.shape[1])
+        amax = np.max(np.abs(blocks), axis=1)                       # [nb, N]
+    else:
+        blocks = Wp.reshape(W.shape[0], nb, block)
+        amax = np.max(np.abs(blocks), axis=2)                       # [N, nb]
+    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    full = np.repeat(scale.astype(np.float64), block, axis=k_axis)
+    full = full[:W.shape[0], :W.shape[1]]
+    q = np.clip(np.rint(Wd / full), -8, 7).astype(np.int8)
+    return q, scale, {"axis": k_axis, "block_size": block}
+
+
+def _int4_constant(name: str, values: np.ndarray) -> gs.Constant:
+    """An INT4 initializer (packed two per byte by onnx.helper) as a graphsurgeon constant."""
+    tensor = onnx.helper.make_tensor(name, onnx.TensorProto.INT4, list(values.shape),
+                                     values.astype(np.int8).ravel().tolist())
+    return gs.Constant(name, gs.ir.tensor.LazyValues(tensor))
+
+
+def _dequantize_blocks(q: np.ndarray, scale: np.ndarray, k_axis: int, block: int) -> np.ndarray:
+    full = np.repeat(scale.astype(np.float64), block, axis=k_axis)[:q.shape[0], :q.shape[1]]
+    return q.astype(np.float64) * full
+
+
+def _upgrade_opset(graph: gs.Graph, opset: int) -> gs.Graph:
+    if (graph.opset or 0) >= opset:
+        return graph
+    model = to_onnx(graph)
+    from onnx import version_converter
+    try:
+        up = version_converter.convert_version(model, opset)
+    except Exception as e:  # noqa: BLE001
+        raise BadInput(f"pass 'quantize': cannot convert the model to opset {opset} "
+                       f"(needed for DequantizeLinear with INT4 / blocks): {e}") from e
+    up.ir_version = min(max(up.ir_version, 10), MAX_IR_VERSION)
+    return from_onnx(up)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the self-check criterion for compiled int8 artifacts
+# ---------------------------------------------------------------------------------------------------------------
+
+def check_criterion(model: onnx.ModelProto) -> dict | None:
+    """None for graphs without QuantizeLinear (use the fp32 tolerances). Otherwise the quantization step of
+    every graph output: the scale of the DequantizeLinear that produces it; for an fp32 output computed by a
+    Conv/MatMul/Gemm from dequantized operands, the change one input step makes: input scale times the largest
+    L1 norm of a dequantized weight row; else the step of the nearest quantized tensor upstream."""
+    if not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
+        return None
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: i for i in model.graph.initializer}
+
+    def const(name):
+        if name in inits:
+            return onnx.numpy_helper.to_array(inits[name])
+        p = producers.get(name)
+        if p is not None and p.op_type == "Constant":
+            for a in p.attribute:
+                if a.name == "value":
+                    return onnx.numpy_helper.to_array(a.t)
+        return None
+
+    def dq_of(name):
+        p = producers.get(name)
+        return p if p is not None and p.op_type == "DequantizeLinear" else None
+
+    def step(name, depth=0):
+        p = producers.get(name)
+        if p is None or depth > 50:
+            return None
+        if p.op_type == "DequantizeLinear":
+            s = const(p.input[1])
+            return float(np.max(s)) if s is not None else None
+        if p.op_type in COMPUTE_OPS and len(p.input) > 1:
+            xdq, wdq = dq_of(p.input[0]), dq_of(p.input[1])
+            if xdq is not None and wdq is not None:
+                sx, wq, sw = const(xdq.input[1]), const(wdq.input[0]), const(wdq.input[1])
+                zw = const(wdq.input[2]) if len(wdq.input) > 2 and wdq.input[2] else None
+                if sx is not None and wq is not None and sw is not None:
+                    w = _dequantize_np(wq, sw, zw, wdq)
+                    if p.op_type == "Conv":
+                        norm = np.abs(w.reshape(w.shape[0], -1)).sum(1).max()
+                    elif p.op_type == "Gemm" and any(a.name == "transB" and a.i for a in p.attribute):
+                        norm = np.abs(w).sum(1).max()
+                    else:
+                        norm = np.abs(w).sum(0).max()
+                    return float(np.max(sx)) * float(norm)
+        steps = [s for s in (step(i, depth + 1) for i in p.input if i) if s is not None]
+        return max(steps) if steps else None
+
+    steps = {}
+    for o in model.graph.output:
+        s = step(o.name)
+        steps[o.name] = s
+    return {"kind": "quant_step", "fraction": STEP_FRACTION, "steps": steps}
+
+
+def _dequantize_np(q, scale, zp, node) -> np.ndarray:
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+    block = next((a.i for a in node.attribute if a.name == "block_size"), 0)
+    q = q.astype(np.float64)
+    zp = np.zeros_like(scale) if zp is None else zp.astype(np.float64)
+    scale = scale.astype(np.float64)
+    if scale.size == 1:
+        return (q - zp.reshape(())) * scale.reshape(())
+    if block:
+        scale = np.repeat(scale, block, axis=axis)
+        zp = np.repeat(zp, block, axis=axis)
+        sl = tuple(slice(0, d) for d in q.shape)
+        return (q - zp[sl]) * scale[sl]
+    shape = [1] * q.ndim
+    shape[axis % q.ndim] = -1
+    return (q - zp.reshape(shape)) * scale.reshape(shape)
+
+
+def within_quant_steps(ref: dict, got: dict, criterion: dict) -> dict:
+    """Compare compiled outputs with onnxruntime's under the int8 criterion: at least criterion['fraction'] of
+    every output's elements within one quantization step (plus float slack). Returns api.compile's check dict:
+    {"ok", "max_abs_error", "worst_output", "criterion", "outputs": {name: {...}}}."""
+    outputs, ok, worst, worst_name = {}, True, 0.0, None
+    for name, r in ref.items():
+        g = got.get(name)
+        r = np.asarray(r, np.float64)
+        if g is None or np.shape(g) != r.shape:
+            return {"ok": False, "max_abs_error": float("inf"), "worst_output": name,
+                    "criterion": "quant_step", "outputs": outputs}
+        g = np.asarray(g, np.float64)
+        stp = criterion["steps"].get(name) or 0.0
+        tol = stp * (1 + 1e-3) + 1e-5 * max(1.0, float(np.max(np.abs(r))) if r.size else 1.0)
+        err = np.abs(r - g)
+        frac = float(np.mean(err <= tol)) if r.size else 1.0
+        e = float(err.max()) if r.size else 0.0
+        outputs[name] = {"step": stp, "within_one_step": round(frac, 6), "max_abs_error": e,
+                         "max_steps": round(e / stp, 3) if stp else None}
+        if frac < criterion["fraction"]:
+            ok = False
+        if worst_name is None or e > worst:
+            worst, worst_name = e, name
+    return {"ok": ok, "max_abs_error": worst, "worst_output": worst_name,
+            "criterion": f"quant_step: >= {criterion['fraction']:.0%} of elements within one quantization step",
+            "outputs": outputs}
+
+
+def compare_quantized(model, ref: dict, got: dict) -> dict | None:
+    """api.compile's self-check for quantized graphs. model: the artifact's model.onnx (path or ModelProto).
+    None when the graph has no QuantizeLinear (keep the fp32 tolerances); else within_quant_steps' check dict.
+    Any target that compiles a QDQ graph needs it: rounding ties in intermediate requantizations may move an
+    element by one step whether the target computes in integers (cpu int8 kernels) or in fp32."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model))
+    crit = check_criterion(model)
+    if crit is None:
+        return None
+    return within_quant_steps(ref, got, crit)

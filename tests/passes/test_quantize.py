@@ -1,0 +1,220 @@
+"""quantize (int8 PTQ, weight-only int8/int4) and lower-int8: valid standard-domain QDQ graphs that run in
+onnxruntime, per-channel symmetric weights, u8/s8 activations, calibrators, exclusions, the accuracy-aware
+fallback on real data (scikit-learn digits), ordering and bad-input errors, the int8 self-check criterion."""
+import numpy as np
+import onnx
+import pytest
+
+import digits
+import graphopt
+from graphopt import PassContext, PassManager, ort
+from graphopt.errors import BadInput, CheckFailed
+from graphopt.graph import to_onnx
+from graphopt.passes.quantize import Quantize, check_criterion, quantized_scheme, within_quant_steps
+
+
+@pytest.fixture(scope="module")
+def data():
+    return digits.load_digits_split()
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return str(digits.teacher_path())
+
+
+def _ctx(data, n_calib=256, eval_=False):
+    x_tr, y_tr, x_te, y_te = data
+    d = {"calib": {"x": x_tr[:n_calib]}}
+    if eval_:
+        d["eval"] = {"x": x_te, "labels": y_te}
+    return PassContext(data=d)
+
+
+def _top1(model: onnx.ModelProto, x, y) -> float:
+    sess = ort.session(model)
+    name = sess.get_inputs()[0].name
+    return float(np.mean([np.argmax(sess.run(None, {name: xi[None]})[0]) == yi for xi, yi in zip(x, y)]))
+
+
+def _nodes(model, op):
+    return [n for n in model.graph.node if n.op_type == op]
+
+
+def _quantize(path, pipeline, ctx):
+    res = PassManager.parse(pipeline).run(graphopt.load(path), ctx)
+    return res, to_onnx(res.graph)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# static int8
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_int8_on_digits_keeps_accuracy_and_is_standard_qdq(teacher, data):
+    x_tr, y_tr, x_te, y_te = data
+    res, q = _quantize(teacher, "quantize", _ctx(data))
+    rec = res.records[-1]
+    assert rec["exact"] is False and rec["modified"] and "drift" in rec
+    assert rec["quantized_count"] == 4 and rec["calib_samples"] == 256 and rec["batchnorm_folded"] == 3
+    assert all(n.domain in ("", "ai.onnx") for n in q.graph.node)
+    onnx.checker.check_model(q, full_check=True)
+    assert not _nodes(q, "BatchNormalization")
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
+    convs = _nodes(q, "Conv") + _nodes(q, "Gemm")
+    producers = {o: n for n in q.graph.node for o in n.output}
+    for c in convs:
+        x_dq, w_dq = producers[c.input[0]], producers[c.input[1]]
+        assert x_dq.op_type == "DequantizeLinear" and w_dq.op_type == "DequantizeLinear"
+        assert inits[x_dq.input[0] if x_dq.input[0] in inits else x_dq.input[2]].dtype == np.uint8
+        w, scale, zp = (inits[i] for i in w_dq.input)
+        assert w.dtype == np.int8 and np.all(zp == 0) and scale.size == w.shape[0] > 1    # per channel, symmetric
+    assert quantized_scheme(res.graph) == "int8,u8"
+    fp, q8 = _top1(to_onnx(graphopt.load(teacher)), x_te, y_te), _top1(q, x_te, y_te)
+    assert fp - q8 <= 0.005, (fp, q8)            # at most 0.5 points of top-1 (QDQ graph in onnxruntime)
+
+
+def test_s8_activations_are_symmetric(teacher, data):
+    res, q = _quantize(teacher, "quantize{activations=s8}", _ctx(data, 64))
+    zps = [onnx.numpy_helper.to_array(i) for i in q.graph.initializer if i.name.endswith("zero_point")]
+    act = [z for z in zps if z.size == 1]
+    assert act and all(z.dtype == np.int8 and int(z) == 0 for z in act)
+    assert quantized_scheme(res.graph) == "int8,s8"
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_calibrators(teacher, data, method):
+    x_tr, y_tr, x_te, y_te = data
+    res, q = _quantize(teacher, f"quantize{{calibration={method}}}", _ctx(data, 64))
+    assert res.records[-1]["calibration"] == method
+    assert _top1(q, x_te[:150], y_te[:150]) >= 0.95
+
+
+def test_exclusions_by_name_and_op(teacher, data):
+    g = graphopt.load(teacher)
+    conv = next(n.name for n in g.nodes if n.op == "Conv")
+    res, q = _quantize(teacher, f"quantize{{exclude_nodes=['{conv}'],exclude_ops=[Gemm]}}", _ctx(data, 32))
+    rec = res.records[-1]
+    assert conv not in rec["quantized"] and conv in rec["fp32_nodes"] and rec["quantized_count"] == 2
+    producers = {o: n for n in q.graph.node for o in n.output}
+    for n in q.graph.node:
+        if n.name == conv or n.op_type == "Gemm":
+            assert producers.get(n.input[1]) is None or producers[n.input[1]].op_type != "DequantizeLinear"
+
+
+def test_accuracy_aware_fallback_meets_the_budget(teacher, data):
+    x_tr, y_tr, x_te, y_te = data
+    res, q = _quantize(teacher, "quantize{max_drop=0.0}", _ctx(data, 256, eval_=True))
+    rec = res.records[-1]
+    assert rec["int8_top1_all_layers"] < rec["fp32_top1"]           # all-int8 loses a little on this split
+    assert rec["fp32_top1"] - rec["int8_top1"] <= 1e-2               # the fallback wins it back
+    assert len(rec["sensitivity"]) == 4 and rec["fallback"]
+    assert set(rec["fallback"]) <= set(rec["fp32_nodes"]) and rec["quantized_count"] == 4 - len(rec["fallback"])
+    assert abs(_top1(q, x_te, y_te) * 100 - rec["int8_top1"]) < 1e-2
+    # a generous budget keeps every layer in int8
+    res2, _ = _quantize(teacher, "quantize{max_drop=50}", _ctx(data, 64, eval_=True))
+    assert res2.records[-1]["fallback"] == [] and res2.records[-1]["quantized_count"] == 4
+
+
+def test_drift_budget(teacher, data):
+    with pytest.raises(CheckFailed, match="min_cosine"):
+        _quantize(teacher, "quantize{min_cosine=0.99999}", _ctx(data, 32))
+
+
+def test_bad_inputs(teacher, data):
+    g = graphopt.load(teacher)
+    with pytest.raises(BadInput, match="--calib"):
+        PassManager.parse("quantize").run(g, PassContext())
+    with pytest.raises(BadInput, match="lacks input"):
+        PassManager.parse("quantize").run(g, PassContext(data={"calib": {"z": np.zeros((4, 1, 8, 8), np.float32)}}))
+    with pytest.raises(BadInput, match="shape"):
+        PassManager.parse("quantize").run(g, PassContext(data={"calib": {"x": np.zeros((4, 1, 7, 7), np.float32)}}))
+    with pytest.raises(BadInput, match="names no node"):
+        PassManager.parse("quantize{exclude_nodes=[nope]}").run(g, _ctx(data, 8))
+    with pytest.raises(BadInput, match="labels"):
+        PassManager.parse("quantize{max_drop=1}").run(g, _ctx(data, 8))
+    with pytest.raises(BadInput, match="scheme=int8 only"):
+        PassManager.parse("quantize{scheme=weight_int8,calibration=entropy}")
+    with pytest.raises(BadInput, match="one of"):
+        PassManager.parse("quantize{activations=u4}")
+    with pytest.raises(BadInput, match="power of two"):
+        PassManager.parse("quantize{scheme=weight_int4,block_size=48}")
+    res = PassManager.parse("quantize").run(g, _ctx(data, 8))
+    with pytest.raises(BadInput, match="already quantized"):
+        PassManager.parse("quantize").run(res.graph, _ctx(data, 8))
+
+
+def test_pipeline_order_check():
+    Quantize.check_pipeline(PassManager.parse("fold-batchnorm,prune-channels{flops=0.5},quantize,lower-int8").passes)
+    with pytest.raises(BadInput, match="before quantize"):
+        Quantize.check_pipeline(PassManager.parse("quantize,prune-channels{flops=0.5}").passes)
+    with pytest.raises(BadInput, match="before quantize"):
+        Quantize.check_pipeline(["quantize", "sparsify"])
+
+
+def test_pipeline_text_round_trips():
+    text = "quantize{scheme=int8,calibration=entropy,activations=s8,exclude_ops=[Gemm],max_drop=0.5}"
+    pm = PassManager.parse(text)
+    assert PassManager.parse(str(pm)) == pm
+    assert "per_channel=true" in pm.resolved()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# weight-only
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheme,opset", [("weight_int8", 17), ("weight_int4", 21)])
+def test_weight_only(zoo_onnx, scheme, opset):
+    path = zoo_onnx("mlp_digits")
+    res = PassManager.parse(f"quantize{{scheme={scheme}}}").run(graphopt.load(path))   # no calibration needed
+    rec = res.records[-1]
+    q = to_onnx(res.graph)
+    assert rec["quantized_count"] >= 2 and rec["modified"]
+    assert all(n.domain in ("", "ai.onnx") for n in q.graph.node)
+    assert max(o.version for o in q.opset_import if o.domain in ("", "ai.onnx")) >= opset
+    dqs = _nodes(q, "DequantizeLinear")
+    assert len(dqs) == rec["quantized_count"]
+    inits = {i.name: i for i in q.graph.initializer}
+    want = onnx.TensorProto.INT8 if scheme == "weight_int8" else onnx.TensorProto.INT4
+    assert all(inits[d.input[0]].data_type == want for d in dqs)
+    if scheme == "weight_int4":
+        assert all(any(a.name == "block_size" for a in d.attribute) for d in dqs)
+    d = rec["drift"]["y"]
+    assert d["cosine"] > (0.9999 if scheme == "weight_int8" else 0.99) and d["top1_agreement"] >= 0.99
+    assert len(q.SerializeToString()) < len(to_onnx(graphopt.load(path)).SerializeToString())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lower-int8 and the self-check criterion
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_lower_int8_is_exact_and_moves_pooling_onto_integers(zoo_onnx):
+    g = graphopt.load(zoo_onnx("resnet"))
+    rng = np.random.default_rng(0)
+    ctx = PassContext(data={"calib": {"x": rng.standard_normal((8, 3, 32, 32)).astype(np.float32)}})
+    res = PassManager.parse("quantize{calib_samples=8},lower-int8").run(g, ctx)   # the manager checks exactness
+    rec = res.records[-1]
+    assert rec["exact"] and rec["modified"] and rec["max_error"] == 0.0
+    assert rec["rewritten"].get("MaxPool", 0) + rec["rewritten"].get("Flatten", 0) >= 1
+    q = to_onnx(res.graph)
+    for n in q.graph.node:
+        if n.op_type in ("MaxPool", "Flatten"):
+            assert n.name.endswith("/int8")
+    # nothing to do on fp32 graphs
+    assert not PassManager.parse("lower-int8").run(graphopt.load(zoo_onnx("resnet"))).modified
+
+
+def test_check_criterion_and_within_quant_steps(teacher, data):
+    _, q = _quantize(teacher, "quantize", _ctx(data, 32))
+    crit = check_criterion(q)
+    step = crit["steps"]["y"]
+    assert crit["kind"] == "quant_step" and crit["fraction"] == 0.99 and step > 0
+    assert check_criterion(to_onnx(graphopt.load(teacher))) is None
+    ref = {"y": np.arange(1000, dtype=np.float32).reshape(1, 1000) * step}
+    off = ref["y"].copy()
+    off[0, :5] += step                   # 0.5 % one step off: fine
+    assert within_quant_steps(ref, {"y": off}, crit)["ok"]
+    off = ref["y"].copy()
+    off[0, :20] += 2 * step              # 2 % two steps off: not
+    chk = within_quant_steps(ref, {"y": off}, crit)
+    assert not chk["ok"] and chk["worst_output"] == "y" and chk["outputs"]["y"]["max_steps"] == pytest.approx(2, 0.01)
+    assert chk["outputs"]["y"]["within_one_step"] == pytest.approx(0.98)
