@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from graphopt.datasets import digits_split, train_classifier
+
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
@@ -32,13 +34,7 @@ TEACHER_EPOCHS = 30
 
 def load_digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(x_train, y_train, x_test, y_test): 1347 / 450 examples, stratified, seeded."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    d = load_digits()
-    x = (d.images / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
-    y = d.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=y)
-    return x_tr, y_tr, x_te, y_te
+    return digits_split(SPLIT_SEED, TEST_FRACTION)
 
 
 def teacher_module() -> nn.Module:
@@ -50,24 +46,7 @@ def teacher_module() -> nn.Module:
 def train_teacher(epochs: int = TEACHER_EPOCHS, seed: int = TEACHER_SEED) -> nn.Module:
     """Train the cnn_digits architecture on the training split with Adam; returns it in eval mode."""
     x_tr, y_tr, _, _ = load_digits_split()
-    torch.manual_seed(seed)
-    model = teacher_module()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
-    x, y = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            loss.backward()
-            opt.step()
-        sched.step()
-    model.eval()
-    return model
+    return train_classifier(teacher_module(), x_tr, y_tr, epochs, lr=3e-3, seed=seed)
 
 
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:

@@ -9,14 +9,11 @@ import sys
 import numpy as np
 
 
-def digits_split(seed: int = 0):
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    x = (d.images / 16.0).astype(np.float32)[:, None]
-    y = d.target.astype(np.int64)
-    idx = np.random.default_rng(seed).permutation(len(x))
-    cut = int(0.8 * len(x))
-    return (x[idx[:cut]], y[idx[:cut]]), (x[idx[cut:]], y[idx[cut:]])
+def digits_split():
+    """((x_train, y_train), (x_test, y_test)) from graphopt.datasets.digits_split (stratified, seeded)."""
+    from graphopt.datasets import digits_split as split
+    x_tr, y_tr, x_te, y_te = split()
+    return (x_tr, y_tr), (x_te, y_te)
 
 
 def build():
@@ -30,19 +27,10 @@ def build():
 
 def train(out_path: str) -> None:
     import torch
+    from graphopt.datasets import train_classifier
     torch.manual_seed(0)
     (xtr, ytr), (xte, yte) = digits_split()
-    model = build()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    xt, yt = torch.from_numpy(xtr), torch.from_numpy(ytr)
-    for epoch in range(15):
-        model.train()
-        perm = torch.randperm(len(xt))
-        for i in range(0, len(xt), 64):
-            b = perm[i:i + 64]
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(xt[b]), yt[b]).backward()
-            opt.step()
+    model = train_classifier(build(), xtr, ytr, epochs=15, lr=3e-3, seed=0)
     model.eval()
     with torch.no_grad():
         acc = (model(torch.from_numpy(xte)).argmax(1).numpy() == yte).mean()

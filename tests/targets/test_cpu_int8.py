@@ -10,6 +10,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
+
+from graphopt.datasets import train_classifier
 import torch.nn as nn
 from onnx import helper
 
@@ -283,25 +285,11 @@ def _train_mobilenet_v2_digits(path, epochs=8):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        torch.manual_seed(0)
-        model = MobileNetV2Digits()
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
-        x, y = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
-        gen = torch.Generator().manual_seed(0)
-        model.train()
-        for _ in range(epochs):
-            perm = torch.randperm(len(x), generator=gen)
-            for i in range(0, len(x), 64):
-                idx = perm[i:i + 64]
-                opt.zero_grad()
-                nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-                opt.step()
-            sched.step()
+        model = train_classifier(MobileNetV2Digits(), x_tr, y_tr, epochs, lr=3e-3, seed=0)
         model.eval()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (x[:1],), str(path), input_names=["x"], output_names=["y"], opset_version=17,
+            torch.onnx.export(model, (torch.from_numpy(x_tr[:1]),), str(path), input_names=["x"], output_names=["y"], opset_version=17,
                               dynamo=False, training=torch.onnx.TrainingMode.PRESERVE)
     finally:
         torch.set_num_threads(threads)
