@@ -40,12 +40,13 @@ def constants_to_initializers(graph: gs.Graph) -> bool:
 
 
 def fold_static_shapes(graph: gs.Graph) -> bool:
-    """Shape of a statically shaped tensor -> constant, honouring Shape-15's start/end (onnx-graphsurgeon's own
-    shape folding ignores them and folds the whole shape)."""
+    """Shape of a statically shaped tensor -> constant, honouring Shape-15's start/end. onnx-graphsurgeon's own
+    shape folding ignores them and folds the whole shape, so fold() runs it with fold_shapes=False. A Shape that
+    is itself a graph output becomes a Constant node."""
     import numpy as np
     changed = False
     for node in list(graph.nodes):
-        if node.op != "Shape" or not node.inputs or len(node.outputs) != 1 or node.outputs[0] in graph.outputs:
+        if node.op != "Shape" or not node.inputs or len(node.outputs) != 1:
             continue
         shape = node.inputs[0].shape
         if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
@@ -53,8 +54,13 @@ def fold_static_shapes(graph: gs.Graph) -> bool:
         start = int(node.attrs.get("start", 0))
         end = node.attrs.get("end")
         dims = list(shape)[start:] if end is None else list(shape)[start:int(end)]   # python slicing clamps like ONNX
-        node.outputs[0].to_constant(np.array(dims, dtype=np.int64))
-        node.outputs.clear()
+        values = np.array(dims, dtype=np.int64)
+        if node.outputs[0] in graph.outputs:      # an output cannot be an initializer: keep a Constant node
+            node.op, node.attrs = "Constant", {"value": gs.Constant(node.outputs[0].name + "_value", values)}
+            node.inputs.clear()
+        else:
+            node.outputs[0].to_constant(values)
+            node.outputs.clear()
         changed = True
     if changed:
         graph.cleanup(remove_unused_graph_inputs=False)
@@ -77,7 +83,7 @@ def fold(graph: gs.Graph, max_rounds: int = 4) -> tuple[gs.Graph, bool]:
         prev_level = gs.logger.G_LOGGER.severity
         gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
         try:
-            graph.fold_constants(fold_shapes=True, partitioning=None, error_ok=True, flatten_subgraphs=False)
+            graph.fold_constants(fold_shapes=False, partitioning=None, error_ok=True, flatten_subgraphs=False)
         finally:
             gs.logger.G_LOGGER.severity = prev_level
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
