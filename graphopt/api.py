@@ -207,9 +207,11 @@ def bench(source, threads: int | None = None, repeat: int = 50, input_shapes: di
         if not art.target().measures_here():
             raise BadInput(f"{p}: a {art.manifest['target']['name']} artifact cannot be timed on this machine; "
                            f"benchmark it on its device")
+        res = measure_latency(art, threads=threads, repeat=repeat)
     else:
-        art = compile(p, target=target, input_shapes=input_shapes, measure=False)
-    res = measure_latency(art, threads=threads, repeat=repeat)
+        with tempfile.TemporaryDirectory(prefix="graphopt-bench-") as d:
+            art = compile(p, target=target, out=Path(d) / "artifact", input_shapes=input_shapes, measure=False)
+            res = measure_latency(art, threads=threads, repeat=repeat)
     res["model"] = str(source)
     return res
 
