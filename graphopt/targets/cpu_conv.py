@@ -1,0 +1,429 @@
+"""CPU schedule rules for 2-D convolutions in NCHW (the PrimFuncs LegalizeOps + FuseTIR make of ONNX Conv:
+optional padding block, the conv block, then elementwise epilogue blocks).
+
+schedule_conv (regular, pointwise and grouped convolutions; weights constant or not):
+  * the epilogue chain (bias, batch-norm arithmetic, activation, residual add, ...) is inlined into one block
+    that is computed right after each register tile (reverse_compute_at), so outputs are written once;
+  * a constant weight is repacked at compile time (layout-rewrite preprocess block) so that the weights one
+    tile step needs are contiguous;
+  * variant P, "pixels": unit stride along the width and a width that fills SIMD registers: a tile of m_bn
+    output channels x n_bn output pixels of one row, pixels vectorized (unaligned input loads), weights
+    broadcast, channels unrolled; the epilogue is vectorized along the pixels like the output;
+  * variant C, "channels": otherwise (stride 2, 7x7 maps ...), when the output channels per group are a
+    multiple of the SIMD width: a tile of ow_bn pixels x oc_bn channels, channels vectorized, input pixels
+    broadcast; the accumulator is [pixel][channel], the epilogue is computed vectorized along the channels into
+    a scratch tile and copied out to NCHW;
+  * the reduction (input channels, kernel rows, kernel columns) runs outside the unrolled tile, whose
+    accumulators stay in registers; (batch, channel blocks, output rows) are fused and run in parallel.
+
+schedule_conv_spatial (depthwise convolutions, pooling windows, anything conv-like the first rule rejects):
+  one output row segment vectorized along the width per step, reduction outside it, (batch, channel) in
+  parallel, the padded input plane produced per parallel iteration (de-interleaved by phase for stride-2
+  windows so the window reads stay contiguous).
+"""
+from __future__ import annotations
+
+from tvm import tirx
+
+from .cpu_sched_common import (MAX_STACK_BYTES, PREPROC, Ctx, TensorLoad, extents, inline_epilogue, int_or_none,
+                               iter_kinds, maybe_parallel, must_vectorize, param_index, read_index,
+                               root_blocks, schedule_injective_block, try_vectorize, uses_var, vectorize_inner,
+                               walk_expr)
+
+
+def find_conv(sch):
+    """The main conv block: 4 spatial + 3 reduce iters, out[n, f, y, x] += A[n, c', y', x'] * W[f, c, ry, rx]."""
+    for b in root_blocks(sch):
+        if iter_kinds(sch, b) != "SSSSRRR":
+            continue
+        blk = sch.get(b)
+        if len(blk.reads) != 2 or len(blk.writes) != 1:
+            continue
+        if len(blk.writes[0].source.shape) != 4 or str(blk.writes[0].source.dtype) != "float32":
+            continue
+        return b
+    return None
+
+
+def _conv_info(sch, block):
+    """Return (data_read_index, weight_read_index), or None unless the weight is read as W[f, c, ry, rx]."""
+    blk = sch.get(block)
+    _, f, _, _, c, ry, rx = [v.var for v in blk.iter_vars]
+    w_idx = None
+    for i, r in enumerate(blk.reads):
+        mins = [rg.min for rg in r.region]
+        if len(mins) == 4 and all(isinstance(m, tirx.Var) for m in mins) and \
+                [m.same_as(v) for m, v in zip(mins, (f, c, ry, rx))] == [True] * 4:
+            w_idx = i
+    if w_idx is None:
+        return None
+    d_idx = 1 - w_idx
+    return d_idx, w_idx
+
+
+def _unit_stride_x(sch, conv, d_idx) -> bool:
+    """The data's last index is x + (something without x): output pixels along x read consecutive inputs."""
+    blk = sch.get(conv)
+    x = blk.iter_vars[3].var
+    last = blk.reads[d_idx].region[-1].min
+    if isinstance(last, tirx.Var):
+        return last.same_as(x)
+    if isinstance(last, tirx.Add):
+        for a, b in ((last.a, last.b), (last.b, last.a)):
+            if isinstance(a, tirx.Var) and a.same_as(x) and not uses_var(b, x):
+                return True
+    return False
+
+
+def _pixel_tile(OW: int, OC: int, ocg: int | None, lanes: int, min_eff: float = 0.75):
+    """(m_bn output channels, n_bn pixels) for the pixel-vectorized variant, or None when the width does not
+    fill SIMD registers to at least min_eff (the channel-vectorized variant is then better)."""
+    best = None
+    for n_bn in range(min(OW, 2 * lanes), 3, -1):
+        if OW % n_bn or (n_bn > lanes and n_bn % lanes):
+            continue  # LLVM handles odd vector lengths above one register badly
+        v = -(-n_bn // lanes)
+        eff = n_bn / (v * lanes)
+        if eff < min_eff:
+            continue
+        for m_bn in range(12, 0, -1):
+            if OC % m_bn or (ocg is not None and ocg % m_bn) or m_bn * n_bn * 4 > MAX_STACK_BYTES or m_bn * v > 24:
+                continue
+            score = eff * (m_bn * v) / (m_bn + v)
+            if best is None or score > best[0] + 1e-9:
+                best = (score, m_bn, n_bn)
+    return None if best is None else best[1:]
+
+
+def schedule_conv(sch, ctx: Ctx) -> bool:
+    conv = find_conv(sch)
+    if conv is None:
+        return False
+    info = _conv_info(sch, conv)
+    if info is None:
+        return False
+    d_idx, w_idx = info
+    ext = extents(sch, conv)
+    if ext is None:
+        return False
+    N, OC, OH, OW, IC, KH, KW = ext
+    work = N * OC * OH * OW * IC * KH * KW
+    blk = sch.get(conv)
+    data_region = blk.reads[d_idx].region
+    f_var = blk.iter_vars[1].var
+    # the input channel index depends on f for grouped convolutions: f // ocg * icg + c
+    grouped = uses_var(data_region[1].min, f_var)
+    ocg = _group_out_channels(data_region[1].min, f_var) if grouped else None
+    if grouped and ocg is None:
+        return False
+    lanes = ctx.lanes
+    # variant P (pixels vectorized along the output width, weights broadcast, vectorized epilogue) for unit
+    # stride and widths that fill vectors; variant C (output channels vectorized) otherwise
+    unit = _unit_stride_x(sch, conv, d_idx)
+    pixel = _pixel_tile(OW, OC, ocg, lanes) if unit else None
+    chan = None
+    if pixel is None:
+        # channels per group must cover whole vectors, else lanes would read different input channels
+        chan = _channel_tile(OW, ocg if grouped else OC, lanes)
+        if chan is None and unit:
+            # channel counts without a vector-sized divisor (detection heads: 3 x 85 ...): partly filled
+            # pixel vectors still beat one channel at a time
+            pixel = _pixel_tile(OW, OC, ocg, lanes, min_eff=0.3)
+        if chan is None and pixel is None:
+            return False
+    w_buf = blk.reads[w_idx].source
+    w_param = param_index(sch.mod["main"], w_buf)
+    name = blk.name_hint
+
+    # producers: the padding stays its own (parallel) stage unless it is a plain copy
+    _schedule_producers(sch, conv, ctx)
+    # epilogue chain -> one block
+    out_buf_is_param = param_index(sch.mod["main"], blk.writes[0].source) is not None
+    epi = inline_epilogue(sch, conv)
+    if epi is None:
+        if not out_buf_is_param:
+            return False
+        epi = sch.cache_write(conv, 0, "global")
+        # cache_write puts the write-back block after conv: that is our epilogue
+    conv = sch.get_sblock(name)
+    n, f, y, x, c, ry, rx = sch.get_loops(conv)
+    if pixel is not None:
+        m_bn, n_bn = pixel
+        fo, fi = sch.split(f, [None, m_bn])
+        xo, xi = sch.split(x, [None, n_bn])
+        sch.reorder(n, fo, y, xo, c, ry, rx, fi, xi)
+        par = sch.fuse(n, fo, y)
+        maybe_parallel(sch, par, work, ctx)
+        sch.unroll(fi)
+        must_vectorize(sch, xi)
+        sch.reverse_compute_at(epi, xo)
+        el = sch.get_loops(epi)
+        try_vectorize(sch, el[-1])
+        pack = m_bn
+        tile = f"pixels m_bn={m_bn} n_bn={n_bn}"
+    else:
+        oc_bn, ow_bn = chan
+        fo, fi = sch.split(f, [None, oc_bn])
+        xo, xi = sch.split(x, [None, ow_bn])
+        sch.reorder(n, fo, y, xo, c, ry, rx, xi, fi)
+        par = sch.fuse(n, fo, y)
+        maybe_parallel(sch, par, work, ctx)
+        sch.unroll(xi)
+        must_vectorize(sch, fi)
+        # accumulator: (ow_bn, oc_bn) with the channel block innermost
+        sch.transform_layout(conv, ("write", 0), lambda a, b, c_, d: (a, b // oc_bn, c_, d, b % oc_bn))
+        sch.reverse_compute_at(epi, xo)
+        _vectorize_channel_epilogue(sch, epi, xo, oc_bn)
+        pack = oc_bn
+        tile = f"channels oc_bn={oc_bn} ow_bn={ow_bn}"
+    init = sch.decompose_reduction(conv, c)
+    # constant weight: repack once at compile time so the tile's weights are contiguous
+    if w_param is not None and w_param in ctx.const_params:
+        wc = sch.cache_read(conv, read_index(sch, conv, w_buf), "global")
+        sch.annotate(wc, PREPROC, True)
+        ctx.preproc = True
+        sch.transform_layout(wc, ("write", 0), lambda o, i, h, w: (o // pack, i, h, w, o % pack))
+    il = sch.get_loops(init)
+    try_vectorize(sch, il[-1])
+    sch.unroll(il[-2])
+    ctx.notes.append(f"conv {N}x{IC}->{OC} {OH}x{OW} k{KH}x{KW} {tile} grouped={grouped}")
+    return True
+
+
+def _vectorize_channel_epilogue(sch, epi, xo, oc_bn: int) -> None:
+    """The channel-vectorized tile holds its accumulators as [pixel][channel] while the output is NCHW. An
+    epilogue with real arithmetic (batch-norm, activation, residual) is computed vectorized along the channels
+    into a [pixel][channel] scratch tile, then copied out along the pixels (the copy is the only scalar part)."""
+    blk = sch.get(epi)
+    if isinstance(blk.body, tirx.BufferStore) and isinstance(blk.body.value, TensorLoad):
+        return  # a plain copy: nothing to vectorize
+    if len(blk.writes) != 1 or len(blk.writes[0].region) != 4:
+        return
+    copy = sch.cache_write(epi, 0, "global")
+    sch.reverse_compute_at(copy, xo)
+    sch.transform_layout(epi, ("write", 0), lambda a, b, c_, d: (a, b // oc_bn, c_, d, b % oc_bn))
+    loops = sch.get_loops(epi)
+    inner = [lp for lp in loops if (int_or_none(sch.get(lp).extent) or 1) > 1][-2:]
+    if len(inner) == 2 and int_or_none(sch.get(inner[0]).extent) == oc_bn:
+        sch.reorder(inner[1], inner[0])
+        try_vectorize(sch, inner[0])
+
+
+def _group_out_channels(expr, f_var):
+    """From f // ocg * icg + c return ocg."""
+    found = []
+
+    def visit(e):
+        if isinstance(e, tirx.FloorDiv) and isinstance(e.a, tirx.Var) and e.a.same_as(f_var):
+            v = int_or_none(e.b)
+            if v:
+                found.append(v)
+    walk_expr(expr, visit)
+    return found[0] if len(found) == 1 else None
+
+
+def _channel_tile(OW: int, oc: int, lanes: int):
+    """(oc_bn, ow_bn) for the channel-vectorized variant: oc_bn a multiple of the SIMD width dividing oc
+    (the channels per group), ow_bn a divisor of the width; maximises FMAs per load with the accumulator on the
+    stack. A width without a usable divisor gets a partial last tile (predicated, still correct)."""
+    best = None
+    for oc_bn in (2 * lanes, lanes, lanes // 2):
+        if oc_bn < 4 or oc % oc_bn:
+            continue
+        v = max(1, oc_bn // lanes)
+        max_ow = max(1, MAX_STACK_BYTES // 4 // oc_bn)
+        for ow_bn in range(min(OW, max_ow), 0, -1):
+            if OW % ow_bn:
+                continue
+            score = (ow_bn * v) / (ow_bn + v) * (oc_bn / (v * lanes))
+            if best is None or score > best[0] + 1e-9:
+                best = (score, oc_bn, ow_bn)
+    if best is None:
+        return None
+    _, oc_bn, ow_bn = best
+    max_ow = max(1, MAX_STACK_BYTES // 4 // oc_bn)
+    if ow_bn < 4 and OW > max_ow:  # e.g. a prime width: a full tile plus a predicated remainder
+        ow_bn = max_ow
+    return oc_bn, ow_bn
+
+
+def _schedule_producers(sch, conv, ctx: Ctx) -> None:
+    for b in root_blocks(sch):
+        if b.same_as(conv) or sch.get(b).name_hint == sch.get(conv).name_hint:
+            break
+        if "R" in iter_kinds(sch, b):
+            continue
+        blk = sch.get(b)
+        body = blk.body
+        plain = isinstance(body, tirx.BufferStore) and isinstance(body.value, TensorLoad)
+        if plain:
+            try:
+                sch.compute_inline(b)
+                continue
+            except Exception:  # noqa: BLE001
+                pass
+        schedule_injective_block(sch, b, ctx.lanes, ctx.cores)
+
+
+def find_window(sch):
+    """A reduction block S..S R..R whose innermost spatial iter x and some reduce iter both index the last
+    dimension of one input (x * stride + r): depthwise / narrow-group convolutions, pooling windows."""
+    for b in reversed(root_blocks(sch)):
+        kinds = iter_kinds(sch, b)
+        a = len(kinds) - len(kinds.lstrip("S"))
+        if a < 3 or kinds[a:] != "R" * (len(kinds) - a) or len(kinds) == a:
+            continue
+        blk = sch.get(b)
+        if len(blk.writes) != 1 or str(blk.writes[0].source.dtype) not in ("float32", "float16"):
+            continue
+        ivs = [iv.var for iv in blk.iter_vars]
+        x, rs = ivs[a - 1], ivs[a:]
+        for r in blk.reads:
+            last = r.region[-1].min
+            if uses_var(last, x) and any(uses_var(last, rv) for rv in rs):
+                return b, a
+    return None
+
+
+def _pick_width(ow: int, lanes: int) -> int:
+    """Vector length along the width: the whole row when it fits one register, else a multiple of the
+    register width, else the largest divisor that fits one register (odd lengths above one register
+    legalize badly in LLVM)."""
+    if ow <= lanes:
+        return ow
+    for c in (2 * lanes, lanes):
+        if ow % c == 0:
+            return c
+    for c in range(lanes, 1, -1):
+        if ow % c == 0:
+            return c
+    return ow
+
+
+def _x_stride(expr, x) -> int | None:
+    """s for an index of the form x * s + r (r free of x)."""
+    if isinstance(expr, tirx.Var):
+        return 1 if expr.same_as(x) else None
+    if isinstance(expr, tirx.Mul):
+        if isinstance(expr.a, tirx.Var) and expr.a.same_as(x):
+            return int_or_none(expr.b)
+        return None
+    if isinstance(expr, (tirx.Add, tirx.Sub)):
+        sa = _x_stride(expr.a, x) if uses_var(expr.a, x) else None
+        if uses_var(expr.b, x):
+            return None
+        return sa
+    return None
+
+
+def _deinterleave_map(nd: int, s: int):
+    return tirx.IndexMap.from_func(lambda *ax: tuple(ax[:nd - 1]) + (ax[nd - 1] % s, ax[nd - 1] // s), ndim=nd)
+
+
+def _split_padding(sch, block, lanes: int, stride: int) -> None:
+    """A padding block computed per parallel iteration (its first loop is the parallel one): fill the plane
+    with the pad value and copy the interior without a per-element condition (vectorized)."""
+    loops = sch.get_loops(block)
+    fill = None
+    if len(loops) > 1:
+        try:
+            fill = sch.decompose_padding(block, loops[1])
+        except Exception:  # noqa: BLE001 - not a recognised padding pattern: keep the conditional copy
+            fill = None
+    if fill is not None:
+        vectorize_inner(sch, fill, lanes)
+    vectorize_inner(sch, block, lanes)
+
+
+def _deinterleave_plane(sch, pad_block, s: int) -> bool:
+    """At root, before compute_at: store the padded plane as [.., h, w % s, w // s] (so a stride-s window reads
+    consecutive addresses) and iterate the padding block in that storage order."""
+    buf = sch.get(pad_block).writes[0].source
+    nd = len(buf.shape)
+    wp = int_or_none(buf.shape[-1])
+    if wp is None or wp % s or len(sch.get(pad_block).iter_vars) != nd:
+        return False
+    imap = tirx.IndexMap.from_func(lambda *ax: tuple(ax[:nd - 1]) + (ax[nd - 1] % s, ax[nd - 1] // s), ndim=nd)
+    sch.transform_layout(pad_block, ("write", 0), imap)
+    sch.transform_block_layout(pad_block, imap)
+    return True
+
+
+def schedule_conv_spatial(sch, ctx: Ctx) -> bool:
+    """Window reductions vectorized along the output width: loops (outer spatial, fused and parallel), rows,
+    width blocks, reduction, width vector; the padded input plane is computed per parallel iteration."""
+    found = find_window(sch)
+    if found is None:
+        return False
+    main, a = found
+    ext = extents(sch, main)
+    if ext is None:
+        return False
+    OW = ext[a - 1]
+    work = 1
+    for e in ext:
+        work *= e
+    blk = sch.get(main)
+    name = blk.name_hint
+    out_is_param = param_index(sch.mod["main"], blk.writes[0].source) is not None
+    epi = inline_epilogue(sch, main)
+    if epi is None:
+        if not out_is_param:
+            return False
+        epi = sch.cache_write(main, 0, "global")
+    main = sch.get_sblock(name)
+    ivs = [iv.var for iv in sch.get(main).iter_vars]
+    stride = 1
+    for r in sch.get(main).reads:
+        last = r.region[-1].min
+        if uses_var(last, ivs[a - 1]):
+            stride = _x_stride(last, ivs[a - 1]) or 1
+    xb = _pick_width(OW, ctx.lanes)
+    loops = sch.get_loops(main)
+    outer, h, x, red = loops[:a - 2], loops[a - 2], loops[a - 1], loops[a:]
+    xo, xi = sch.split(x, [None, xb])
+    sch.reorder(*outer, h, xo, *red, xi)
+    par = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    maybe_parallel(sch, par, work, ctx)
+    must_vectorize(sch, xi)
+    sch.reverse_compute_at(epi, xo)
+    el = sch.get_loops(epi)
+    try_vectorize(sch, el[-1])
+    # producers (padding): one plane per parallel iteration, or inlined when a plain copy
+    for b in root_blocks(sch):
+        bn = sch.get(b).name_hint
+        if bn == name or "R" in iter_kinds(sch, b):
+            continue
+        if sch.get(b).annotations.get(PREPROC) is not None:
+            continue
+        consumers = sch.get_consumers(b)
+        if not any(sch.get(c).name_hint.startswith(name) for c in consumers):
+            continue
+        body = sch.get(b).body
+        if isinstance(body, tirx.BufferStore) and isinstance(body.value, TensorLoad):
+            try:
+                sch.compute_inline(b)
+                continue
+            except Exception:  # noqa: BLE001
+                pass
+        deint = False
+        if stride > 1:
+            try:
+                deint = _deinterleave_plane(sch, b, stride)
+            except Exception:  # noqa: BLE001 - keep the natural layout
+                deint = False
+        try:
+            sch.compute_at(b, par)
+            if deint:
+                pl = sch.get_loops(b)
+                if len(pl) >= 3:  # (.., phase, column) -> (.., column, phase unrolled): s contiguous streams
+                    sch.reorder(pl[-1], pl[-2])
+                    sch.unroll(sch.get_loops(b)[-1])
+            else:
+                _split_padding(sch, b, ctx.lanes, stride)
+        except Exception:  # noqa: BLE001
+            schedule_injective_block(sch, b, ctx.lanes, ctx.cores)
+    init = sch.decompose_reduction(main, red[0])
+    try_vectorize(sch, sch.get_loops(init)[-1])
+    ctx.notes.append(f"window {name} width block {xb}")
+    return True

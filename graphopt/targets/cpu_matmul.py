@@ -1,0 +1,169 @@
+"""CPU schedule rule for matmul / dense / batch_matmul: C[b.., m, n] += A[b.., m, k] * B[b.., k, n].
+
+Register tile of m_bn rows x n_bn columns (n vectorized, rows unrolled, A broadcast), reduction over k
+outside the tile; the tile loop nest is (batch, n blocks, m blocks) fused and parallel so a B panel
+(K x n_bn) stays in cache while the rows of A stream past it. A constant B is repacked at compile time into
+panels [N / n_bn, K, n_bn] (layout-rewrite preprocess, evaluated by cpu_schedules.fold_prepack); a B stored as
+[.., n, k]
+(transposed) that is not constant is repacked once per call in a parallel stage. The epilogue (bias,
+activation, residual, scaling) is inlined into one block computed after each tile, vectorized along n.
+"""
+from __future__ import annotations
+
+from tvm import tirx
+
+from .cpu_sched_common import (MAX_STACK_BYTES, PREPROC, Ctx, extents, inline_epilogue, iter_kinds, maybe_parallel,
+                               must_vectorize, param_index, read_index, root_blocks, schedule_injective_block,
+                               try_vectorize)
+
+
+def find_matmul(sch):
+    for b in root_blocks(sch):
+        kinds = iter_kinds(sch, b)
+        if not (kinds.endswith("R") and kinds.count("R") == 1 and kinds[:-1] == "S" * (len(kinds) - 1)
+                and len(kinds) >= 3):
+            continue
+        blk = sch.get(b)
+        if len(blk.reads) != 2 or len(blk.writes) != 1 or str(blk.writes[0].source.dtype) != "float32":
+            continue
+        return b
+    return None
+
+
+def _analyse(sch, block):
+    """Return (a_index, b_index, b_is_nt) or None."""
+    blk = sch.get(block)
+    ivs = [iv.var for iv in blk.iter_vars]
+    m, n, k = ivs[-3], ivs[-2], ivs[-1]
+    w = blk.writes[0]
+    if not all(isinstance(r.min, tirx.Var) and r.min.same_as(v) for r, v in zip(w.region, ivs[:-1])):
+        return None
+    a_i = b_i = None
+    for i, r in enumerate(blk.reads):
+        mins = [rg.min for rg in r.region]
+        if any(not (isinstance(x, tirx.Var) or isinstance(x, tirx.IntImm)) for x in mins):
+            return None
+        uses = lambda v: any(isinstance(x, tirx.Var) and x.same_as(v) for x in mins)  # noqa: E731
+        if uses(m) and uses(k) and not uses(n):
+            a_i = i
+        elif uses(n) and uses(k) and not uses(m):
+            b_i = i
+    if a_i is None or b_i is None:
+        return None
+    bmins = [rg.min for rg in blk.reads[b_i].region]
+    amins = [rg.min for rg in blk.reads[a_i].region]
+    if not (isinstance(amins[-1], tirx.Var) and amins[-1].same_as(k)):
+        return None  # A must be [.., m, k]
+    if isinstance(bmins[-1], tirx.Var) and bmins[-1].same_as(n) and bmins[-2].same_as(k):
+        nt = False
+    elif isinstance(bmins[-1], tirx.Var) and bmins[-1].same_as(k) and bmins[-2].same_as(n):
+        nt = True
+    else:
+        return None
+    return a_i, b_i, nt
+
+
+def _pick(n: int, cands) -> int | None:
+    for c in cands:
+        if c <= n and n % c == 0:
+            return c
+    return None
+
+
+def _pick_tile(M: int, N: int, lanes: int):
+    """Register tile (m_bn rows, n_bn columns) maximising FMAs per load. The accumulator may take up to twice
+    the stack limit: a workspace allocation per tile is cheap next to its K-long reduction, and LLVM keeps the
+    accumulators in registers either way."""
+    best = None
+    for n_bn in (2 * lanes, lanes, lanes // 2, lanes // 4):
+        if n_bn < 4 or N % n_bn:
+            continue
+        v = max(1, n_bn // lanes)
+        max_rows = min(12, 2 * MAX_STACK_BYTES // 4 // n_bn)
+        for m_bn in range(max_rows, 0, -1):
+            if M % m_bn:
+                continue
+            score = (m_bn * n_bn / lanes) / (m_bn + v)
+            if best is None or score > best[0] + 1e-9:
+                best = (score, m_bn, n_bn)
+    return None if best is None else best[1:]
+
+
+def schedule_matmul(sch, ctx: Ctx) -> bool:
+    mm = find_matmul(sch)
+    if mm is None:
+        return False
+    info = _analyse(sch, mm)
+    if info is None:
+        return False
+    a_i, b_i, nt = info
+    ext = extents(sch, mm)
+    if ext is None:
+        return False
+    M, N, K = ext[-3], ext[-2], ext[-1]
+    work = 1
+    for e in ext:
+        work *= e
+    lanes = ctx.lanes
+    tile = _pick_tile(M, N, lanes)
+    if tile is None:
+        return False
+    m_bn, n_bn = tile
+    blk = sch.get(mm)
+    func = sch.mod["main"]
+    b_buf = blk.reads[b_i].source
+    b_param = param_index(func, b_buf)
+    b_const = b_param is not None and b_param in ctx.const_params and len(b_buf.shape) == 2
+
+    _schedule_producers(sch, mm, ctx)
+    epi = inline_epilogue(sch, mm)
+    if epi is None:
+        if param_index(func, blk.writes[0].source) is None:
+            return False
+        epi = sch.cache_write(mm, 0, "global")
+
+    loops = sch.get_loops(mm)
+    batch, m, n, k = loops[:-3], loops[-3], loops[-2], loops[-1]
+    mo, mi = sch.split(m, [None, m_bn])
+    no, ni = sch.split(n, [None, n_bn])
+    sch.reorder(*batch, no, mo, k, mi, ni)
+    par = sch.fuse(*batch, no, mo)
+    maybe_parallel(sch, par, work, ctx)
+    sch.unroll(mi)
+    must_vectorize(sch, ni)
+    sch.reverse_compute_at(epi, par)
+    el = sch.get_loops(epi)
+    if len(el) >= 2:
+        try_vectorize(sch, el[-1])
+    init = sch.decompose_reduction(mm, k)
+    il = sch.get_loops(init)
+    try_vectorize(sch, il[-1])
+    if b_const:
+        bc = sch.cache_read(mm, read_index(sch, mm, b_buf), "global")
+        sch.annotate(bc, PREPROC, True)
+        ctx.preproc = True
+        if nt:
+            sch.transform_layout(bc, ("write", 0), lambda nn, kk: (nn // n_bn, kk, nn % n_bn))
+        else:
+            sch.transform_layout(bc, ("write", 0), lambda kk, nn: (nn // n_bn, kk, nn % n_bn))
+    elif nt:
+        # a transposed activation: repack into [.., K, N] once per call
+        bc = sch.cache_read(mm, read_index(sch, mm, b_buf), "global")
+        nd = len(b_buf.shape)
+        perm = list(range(nd - 2)) + [nd - 1, nd - 2]
+        sch.transform_layout(bc, ("write", 0), lambda *ax: tuple(ax[p] for p in perm))
+        schedule_injective_block(sch, bc, lanes, ctx.cores)
+    ctx.notes.append(f"matmul M={M} N={N} K={K} m_bn={m_bn} n_bn={n_bn} nt={nt} const_b={b_const}")
+    return True
+
+
+def _schedule_producers(sch, main, ctx: Ctx) -> None:
+    """Injective blocks before the matmul (fused reshapes/transposes) stay their own parallel stages:
+    inlining them could turn the vectorized B loads into gathers."""
+    name = sch.get(main).name_hint
+    for b in root_blocks(sch):
+        if sch.get(b).name_hint == name:
+            break
+        if "R" in iter_kinds(sch, b):
+            raise ValueError("a reduction before the matmul")
+        schedule_injective_block(sch, b, ctx.lanes, ctx.cores)

@@ -1,0 +1,324 @@
+"""Helpers shared by graphopt's CPU schedule rules (cpu_conv, cpu_matmul, cpu_reduce, cpu_schedules).
+
+Everything here analyses TIR structurally (iteration kinds, buffer accesses, block graph); block names are
+only hints, never the sole reason a rule applies."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import tvm
+from tvm import tirx
+from tvm.s_tir import Schedule
+
+#: annotation SplitLayoutRewritePreproc looks for: the block is moved out into a prepack function, which
+#: cpu_schedules.fold_prepack then evaluates at compile time when its input is a constant
+PREPROC = "meta_schedule.layout_rewrite_preproc"
+#: below this many multiply-adds (or elements) a parallel loop costs more (thread-pool wake-up, a few us) than
+#: it saves
+PAR_MIN_WORK = 1 << 16
+#: the largest register-tile accumulator (bytes) kept on the stack: TVM allocates constant-size buffers of
+#: 1024 bytes or more from the workspace pool (a call per tile)
+MAX_STACK_BYTES = 1020
+
+
+@dataclass
+class Ctx:
+    """What a rule may know about the function and the machine."""
+    lanes: int                                   # fp32 SIMD lanes (16 AVX-512, 8 AVX2, 4 SSE)
+    cores: int
+    const_params: set = field(default_factory=set)  # indices of params that are constants at every call site
+    notes: list = field(default_factory=list)       # what the rule did (for debugging and tests)
+    preproc: bool = False                           # a layout-rewrite preprocess block was added
+
+
+Expr = tvm.ir.expr.Expr
+TensorLoad = tvm.ir.expr.TensorLoad
+
+
+def walk_expr(e, fn) -> None:
+    """Call fn on every node of the TIR expression e (pre-order)."""
+    fn(e)
+    if isinstance(e, (tirx.Var, tirx.IntImm, tirx.FloatImm)):
+        return
+    for name in ("a", "b", "value", "condition", "true_value", "false_value"):
+        sub = getattr(e, name, None)
+        if isinstance(sub, Expr):
+            walk_expr(sub, fn)
+    for name in ("args", "indices"):
+        subs = getattr(e, name, None)
+        if subs is not None:
+            for s in subs:
+                if isinstance(s, Expr):
+                    walk_expr(s, fn)
+
+
+def uses_var(e, var) -> bool:
+    """Whether the TIR expression e mentions var."""
+    return any(v.same_as(var) for v in tirx.analysis.undefined_vars(e, []))
+
+
+def maybe_parallel(sch: Schedule, loop, work: int, ctx: "Ctx") -> bool:
+    """Parallelize loop when the function does enough work and there is more than one core."""
+    ext = int_or_none(sch.get(loop).extent) or 0
+    if ctx.cores > 1 and work >= PAR_MIN_WORK and ext > 1:
+        sch.parallel(loop)
+        return True
+    return False
+
+
+def block_work(sch: Schedule, block) -> int:
+    """Iterations of block's loop nest (multiply-adds for a conv / matmul, elements for an elementwise op)."""
+    n = 1
+    for e in extents(sch, block) or [PAR_MIN_WORK]:
+        n *= e
+    return n
+
+
+def int_or_none(e) -> int | None:
+    if isinstance(e, int):
+        return e
+    if isinstance(e, tirx.IntImm):
+        return int(e.value)
+    return None
+
+
+def extents(sch: Schedule, block) -> list[int] | None:
+    out = []
+    for iv in sch.get(block).iter_vars:
+        v = int_or_none(iv.dom.extent)
+        if v is None:
+            return None
+        out.append(v)
+    return out
+
+
+def iter_kinds(sch: Schedule, block) -> str:
+    return "".join({tirx.IterVar.DataPar: "S", tirx.IterVar.CommReduce: "R"}.get(iv.iter_type, "O")
+                   for iv in sch.get(block).iter_vars)
+
+
+def root_blocks(sch: Schedule):
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def param_index(func: tirx.PrimFunc, buf) -> int | None:
+    """Position of buffer buf among func's parameters (None for an allocated buffer)."""
+    for i, p in enumerate(func.params):
+        if p.same_as(buf):
+            return i
+    return None
+
+
+def read_index(sch: Schedule, block, buf) -> int:
+    """Position of buf among block's reads (what cache_read wants)."""
+    for i, r in enumerate(sch.get(block).reads):
+        if r.source.same_as(buf):
+            return i
+    raise ValueError(f"block does not read {buf}")
+
+
+_get_realize = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")
+
+
+def block_realize(sch: Schedule, block):
+    """The SBlockRealize of block (its iter bindings)."""
+    return _get_realize(sch, block)
+
+
+def consumers_chain(sch: Schedule, block) -> list:
+    """Blocks after block at root level, in program order."""
+    blocks = root_blocks(sch)
+    names = [sch.get(b).name_hint for b in blocks]
+    me = sch.get(block).name_hint
+    i = names.index(me)
+    return blocks[i + 1:]
+
+
+def inline_epilogue(sch: Schedule, main_block):
+    """Inline the injective blocks that follow main_block into the last one, so that one epilogue block
+    reads main_block's output. Returns that block, or None when there is no epilogue. Raises when the
+    chain cannot be reduced to one block (the caller then falls back)."""
+    after = consumers_chain(sch, main_block)
+    if not after:
+        return None
+    for b in after[:-1]:
+        sch.compute_inline(b)
+    return after[-1]
+
+
+def pick_divisor(n: int, candidates) -> int | None:
+    """The first candidate that divides n."""
+    for c in candidates:
+        if c <= n and n % c == 0:
+            return c
+    return None
+
+
+def schedule_injective_block(sch: Schedule, block, lanes: int, cores: int) -> None:
+    """Parallelize the outer spatial loops and vectorize the innermost one (when it is long enough)."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    exts = [int_or_none(sch.get(lp).extent) for lp in loops]
+    if any(e is None for e in exts):
+        return
+    inner = loops[-1]
+    vec = None
+    if exts[-1] >= lanes and exts[-1] % lanes == 0:
+        o, vec = sch.split(inner, [None, lanes])
+        loops = loops[:-1] + [o]
+        exts = exts[:-1] + [exts[-1] // lanes]
+    elif 4 <= exts[-1] <= 4 * lanes:
+        vec = inner
+        loops, exts = loops[:-1], exts[:-1]
+    # parallel over the outer loops until there is enough work per core
+    n_par, par_ext = 0, 1
+    for e in exts:
+        if par_ext >= 4 * cores and n_par >= 1:
+            break
+        par_ext *= e
+        n_par += 1
+    total = 1
+    for e in exts:
+        total *= e
+    if n_par and cores > 1 and total * (lanes if vec is not None else 1) >= PAR_MIN_WORK:
+        fused = sch.fuse(*loops[:n_par]) if n_par > 1 else loops[0]
+        if par_ext > 1:
+            sch.parallel(fused)
+    if vec is not None:
+        try_vectorize(sch, vec)
+
+
+def is_innermost_serial(sch: Schedule, loop) -> bool:
+    """loop is serial and its body is exactly one block (vectorizing anything else is unsafe)."""
+    lp = sch.get(loop)
+    return lp.kind == tirx.ForKind.SERIAL and isinstance(lp.body, tvm.s_tir.SBlockRealize)
+
+
+def must_vectorize(sch: Schedule, loop) -> None:
+    """Vectorize loop or raise (the rule then fails and the next one is tried)."""
+    if not is_innermost_serial(sch, loop):
+        raise ValueError("refusing to vectorize a loop that is not innermost and serial")
+    sch.vectorize(loop)
+
+
+def try_vectorize(sch: Schedule, loop) -> bool:
+    """Vectorize loop when that is safe; report whether it was done."""
+    if not is_innermost_serial(sch, loop) or (int_or_none(sch.get(loop).extent) or 0) < 2:
+        return False
+    sch.vectorize(loop)
+    return True
+
+
+def vectorize_inner(sch: Schedule, block, lanes: int) -> None:
+    """Vectorize the innermost loop of block: split by lanes when divisible, whole when short; otherwise
+    leave it to LLVM's loop vectorizer (a predicated split would not vectorize)."""
+    loops = sch.get_loops(block)
+    if not loops or not is_innermost_serial(sch, loops[-1]):
+        return
+    inner = loops[-1]
+    ext = int_or_none(sch.get(inner).extent)
+    if ext is None or ext < 2:
+        return
+    if ext % lanes == 0 and ext > lanes:
+        _, v = sch.split(inner, [None, lanes])
+        try_vectorize(sch, v)
+    elif ext <= 2 * lanes:
+        try_vectorize(sch, inner)
+
+
+# --------------------------------------------------------------------------- vectorizable erf
+# LLVM lowers tirx.erf to a scalar libm call (erff), which blocks vectorization of GELU epilogues. This is the
+# rational approximation Eigen (and TVM's topi.fast_erf) use; max abs error 4e-7 in fp32, well inside
+# graphopt's 1e-4 tolerance (onnxruntime's own Erf kernel is also a polynomial approximation).
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+          -1.42647390514189e-02)
+_fast_math_registered = False
+
+
+def fast_erf_f32(x):
+    f = lambda v: tirx.const(v, "float32")  # noqa: E731
+    x = tirx.max(tirx.min(x, f(4.0)), f(-4.0))
+    x2 = x * x
+    p = f(_ERF_P[0])
+    for a in _ERF_P[1:]:
+        p = p * x2 + f(a)
+    q = f(_ERF_Q[0])
+    for b in _ERF_Q[1:]:
+        q = q * x2 + f(b)
+    return p * x / q
+
+
+def _lower_erf(op):
+    x = op.args[0]
+    dt = str(x.ty.dtype) if hasattr(x.ty, "dtype") else str(x.ty)
+    base, _, lanes = dt.partition("x")
+    if base == "float32":
+        return fast_erf_f32(x)
+    if base in ("float16", "bfloat16"):
+        f32 = "float32" + (f"x{lanes}" if lanes else "")
+        return tirx.Cast(dt, fast_erf_f32(tirx.Cast(f32, x)))
+    return tirx.call_pure_extern(dt, "erf", x)
+
+
+# LLVM also scalarizes llvm.exp on vectors into libm expf calls (softmax, sigmoid / SiLU, ...). Cephes' expf:
+# 2^n * p(r) with r = x - n ln2 (split in two constants), relative error ~1e-7; NaN and +-inf behave like expf,
+# results below the smallest normal flush to 0, and (88.0, 88.72] saturates at e^88.
+_EXP_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+
+
+def fast_exp_f32(x, lanes: str = ""):
+    f = lambda v: tirx.const(v, "float32")  # noqa: E731
+    xc = tirx.max(tirx.min(x, f(88.0)), f(-87.33654475))
+    n = tirx.floor(xc * f(1.44269504088896341) + f(0.5))
+    r = xc - n * f(0.693359375) - n * f(-2.12194440e-4)
+    p = f(_EXP_P[0])
+    for c in _EXP_P[1:]:
+        p = p * r + f(c)
+    y = p * (r * r) + r + f(1.0)
+    i32 = "int32" + (f"x{lanes}" if lanes else "")
+    f32 = "float32" + (f"x{lanes}" if lanes else "")
+    two_n = tirx.reinterpret(f32, tirx.shift_left(tirx.Cast(i32, n) + tirx.const(127, "int32"),
+                                                  tirx.const(23, "int32")))
+    vec = (lambda v: tirx.Broadcast(f(v), int(lanes))) if lanes else f  # noqa: E731
+    out = tirx.Select(x < f(-87.33654475), vec(0.0), y * two_n)
+    out = tirx.Select(x > f(88.72283905), vec(float("inf")), out)
+    return tirx.Select(tirx.isnan(x), x, out)
+
+
+def _lower_exp(op):
+    x = op.args[0]
+    dt = str(x.ty.dtype) if hasattr(x.ty, "dtype") else str(x.ty)
+    base, _, lanes = dt.partition("x")
+    if base == "float32":
+        return fast_exp_f32(x, lanes)
+    return tirx.call_llvm_pure_intrin(dt, "llvm.exp", x)
+
+
+def register_fast_math() -> None:
+    """Lower tirx.erf and tirx.exp (fp32) on llvm targets to the vectorizable approximations above
+    (process-wide, idempotent)."""
+    global _fast_math_registered
+    if not _fast_math_registered:
+        tirx.register_intrin_lowering("tirx.erf", target="llvm", f=_lower_erf, level=99)
+        tirx.register_intrin_lowering("tirx.exp", target="llvm", f=_lower_exp, level=99)
+        _fast_math_registered = True
+
+
+def check_vectorized_loops(sch: Schedule) -> None:
+    """Raise unless every vectorized loop's body is exactly one block (TVM's vectorizer silently miscompiles
+    a vectorized loop around other loops or several blocks)."""
+    seen = set()
+    todo = list(sch.get_child_blocks(sch.get_sblock("root")))
+    while todo:
+        b = todo.pop()
+        for lp in sch.get_loops(b):
+            loop = sch.get(lp)
+            key = loop.loop_var.name + str(id(loop))
+            if loop.kind == tirx.ForKind.VECTORIZED and key not in seen:
+                seen.add(key)
+                if not isinstance(loop.body, tvm.s_tir.SBlockRealize):
+                    raise ValueError(f"vectorized loop {loop.loop_var.name} does not hold exactly one block")
+        todo.extend(sch.get_child_blocks(b))

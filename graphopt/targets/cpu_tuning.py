@@ -1,0 +1,304 @@
+"""MetaSchedule tuning for the CPU target, into a persistent JSON database.
+
+tune() tunes exactly the module tvm_lowering.build() schedules: it runs build() itself with a schedule hook
+that captures the fused module and stops before compiling, so the structural hashes the records are keyed by
+always match what `graphopt compile --tuning-db` looks up (the fusion pipeline lives in one place only).
+
+Per task it first measures graphopt's default schedule (cpu_schedules) with the same builder and runner and
+commits it as a tuning record, so the database's best record for a function is never worse than what compiling
+without a database would give; MetaSchedule's evolutionary search then adds its own candidates. Only functions
+with a reduction (convolutions, matmuls, pooling, normalisations) are tuned: elementwise functions gain nothing.
+
+The database lives in db_dir as database_workload.json + database_tuning_record.json; running tune again adds
+records to it (and MetaSchedule starts its search from the best ones already there).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+log = logging.getLogger("graphopt.cpu_tuning")
+
+
+class _Captured(BaseException):
+    """Raised by the schedule hook to stop build() once it has the fused module (a BaseException, so build's
+    own error handling does not swallow it)."""
+
+    def __init__(self, mod):
+        super().__init__("captured")
+        self.mod = mod
+
+
+def pre_tuning_module(model, target_obj):
+    """The fused IRModule tvm_lowering.build() hands to the schedule hook (before any schedule)."""
+    from . import tvm_lowering
+
+    mod = tvm_lowering.import_onnx(tvm_lowering.prepare_for_import(model))
+
+    def capture(m, _target):
+        raise _Captured(m)
+
+    try:
+        tvm_lowering.build(mod, target_obj.tvm_target(), schedule=capture, tuning_db=None)
+    except _Captured as c:
+        return c.mod
+    raise RuntimeError("tvm_lowering.build did not call its schedule hook")
+
+
+def make_builder(max_workers: int | None = None, timeout_sec: float = 60.0, in_process: bool = False):
+    """LocalBuilder whose workers register graphopt's build function (no tensor_intrin import), or, for small
+    budgets, a builder running in this process."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from . import cpu_tuning_worker as w
+    if in_process:
+        return w.in_process_builder()
+    return ms.builder.LocalBuilder(max_workers=max_workers or max(1, os.cpu_count() or 1), timeout_sec=timeout_sec,
+                                   f_build=w.BUILD_FUNC, f_export=w.EXPORT_FUNC, initializer=w.initialize)
+
+
+def make_runner(rpc: str | None = None, key: str | None = None, timeout_sec: float = 30.0):
+    from tvm.s_tir import meta_schedule as ms
+
+    config = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40, enable_cpu_cache_flush=False)
+    if rpc:
+        host, _, port = rpc.rpartition(":")
+        rpc_config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=key,
+                                         session_timeout_sec=timeout_sec)
+        return ms.runner.RPCRunner(rpc_config=rpc_config, evaluator_config=config)
+    return ms.runner.LocalRunner(timeout_sec=timeout_sec, evaluator_config=config)
+
+
+def _has_reduction(func) -> bool:
+    from tvm import tirx
+    from tvm.s_tir import Schedule
+
+    from .cpu_sched_common import iter_kinds
+    try:
+        sch = Schedule(func)
+        todo = list(sch.get_child_blocks(sch.get_sblock("root")))
+        while todo:
+            b = todo.pop()
+            if "R" in iter_kinds(sch, b):
+                return True
+            todo.extend(sch.get_child_blocks(b))
+    except Exception:  # noqa: BLE001
+        return False
+    return False
+
+
+def _flops(func) -> float:
+    from tvm.s_tir.analysis import estimate_tir_flops
+    try:
+        import tvm
+        return float(estimate_tir_flops(tvm.IRModule({"main": func})))
+    except Exception:  # noqa: BLE001
+        return 0.0
+
+
+def select_tasks(tasks, min_share: float = 0.002):
+    """Tasks worth tuning: functions with a reduction, heaviest first, dropping those below min_share of the
+    total estimated FLOPs."""
+    cands = []
+    for t in tasks:
+        func = t.dispatched[0]["main"]
+        if not _has_reduction(func):
+            continue
+        cands.append((t, _flops(func) * t.weight))
+    total = sum(f for _, f in cands) or 1.0
+    cands.sort(key=lambda tf: -tf[1])
+    return [t for t, f in cands if f >= min_share * total or len(cands) <= 4]
+
+
+def _commit_default_schedules(tasks, target, consts, database, builder, runner) -> dict:
+    """Measure graphopt's default schedule for every task and commit it as a tuning record."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from .cpu_schedules import default_schedule
+    done = {}
+    inputs, records = [], []
+    for t in tasks:
+        mod = t.dispatched[0]
+        sch, rule, _ = default_schedule(mod, target, consts.get(t.task_name, set()))
+        if sch is None:
+            continue
+        inputs.append(ms.builder.BuilderInput(sch.mod, target))
+        records.append((t, mod, sch, rule))
+    if not inputs:
+        return done
+    built = builder.build(inputs)
+    run_inputs, keep = [], []
+    for (t, mod, sch, rule), b in zip(records, built):
+        if b.error_msg:
+            log.warning("default schedule of %s did not build: %s", t.task_name, b.error_msg.splitlines()[-1:])
+            continue
+        run_inputs.append(ms.runner.RunnerInput(b.artifact_path, "cpu",
+                                                ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)))
+        keep.append((t, mod, sch, rule, b))
+    futures = runner.run(run_inputs)
+    for (t, mod, sch, rule, b), fut in zip(keep, futures):
+        res = fut.result()
+        try:
+            os.remove(b.artifact_path)
+        except OSError:
+            pass
+        if res.error_msg or not res.run_secs:
+            log.warning("default schedule of %s did not run: %s", t.task_name, (res.error_msg or "").splitlines()[-1:])
+            continue
+        workload = database.commit_workload(mod)
+        database.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, workload, [float(s) for s in res.run_secs], target,
+            ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+        done[t.task_name] = (rule, float(sum(float(s) for s in res.run_secs) / len(res.run_secs)))
+    return done
+
+
+def _progress_callback(progress, total: int):
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvm.ir.utils import derived_object
+
+    @derived_object
+    class _Progress(ms.measure_callback.PyMeasureCallback):
+        def __init__(self):
+            self.done = 0
+
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            self.done += len(measure_candidates)
+            progress(min(self.done, total), total)
+
+    return _Progress()
+
+
+class _LightTensorIntrin:
+    """MetaSchedule's TuneContext imports tvm.s_tir.tensor_intrin, whose CUDA half parses hundreds of TVMScript
+    functions (30-130 s, slower the more modules the process has loaded). CPU tuning needs only the x86
+    intrinsics: while tuning, the package is a stub holding just those; afterwards the stub is removed again so
+    a later `import tvm.s_tir.tensor_intrin` in this process loads the real package."""
+
+    NAME = "tvm.s_tir.tensor_intrin"
+
+    def __enter__(self):
+        import importlib
+        import importlib.util
+        import types
+        self.installed = False
+        if self.NAME in sys.modules:
+            return self
+        spec = importlib.util.find_spec(self.NAME)
+        if spec is None or not spec.submodule_search_locations:
+            return self
+        stub = types.ModuleType(self.NAME, "graphopt stub: x86 intrinsics only")
+        stub.__path__ = list(spec.submodule_search_locations)
+        stub.__package__ = self.NAME
+        sys.modules[self.NAME] = stub
+        self.installed = True
+        try:
+            importlib.import_module(self.NAME + ".x86")
+        except Exception as e:  # noqa: BLE001 - tuning still works without tensorization candidates
+            log.debug("x86 tensor intrinsics unavailable: %s", e)
+        return self
+
+    def __exit__(self, *exc):
+        if self.installed and isinstance(sys.modules.get(self.NAME), type(sys)) and \
+                getattr(sys.modules[self.NAME], "__doc__", "") == "graphopt stub: x86 intrinsics only":
+            del sys.modules[self.NAME]
+            import tvm.s_tir as s_tir
+            if getattr(getattr(s_tir, "tensor_intrin", None), "__doc__", "") == "graphopt stub: x86 intrinsics only":
+                delattr(s_tir, "tensor_intrin")
+        return False
+
+
+def _quiet_metaschedule() -> None:
+    """MetaSchedule logs every round at INFO on the console; keep that in its per-task log files only.
+    Its logger set-up (re-run by every tuning call) lists the logger's current handlers by name and fails on
+    unnamed ones, so start each call from a logger without handlers."""
+    lg = logging.getLogger("tvm.s_tir.meta_schedule")
+    for h in list(lg.handlers):
+        lg.removeHandler(h)
+    if lg.level == logging.NOTSET or lg.level < logging.WARNING:
+        lg.setLevel(logging.WARNING)
+
+
+def _terminal_progress(done: int, total: int) -> None:
+    sys.stderr.write(f"\rtuning: {done}/{total} trials")
+    sys.stderr.flush()
+    if done >= total:
+        sys.stderr.write("\n")
+
+
+def tune(model, target_obj, db_dir: str, trials: int, progress=None, rpc: str | None = None,
+         key: str | None = None, in_process_builder: bool | None = None) -> dict:
+    """Tune the fused functions of model for target_obj (a CpuTarget) with MetaSchedule, adding records to the
+    JSON database in db_dir. progress: None, a callable(done_trials, total_trials), or True for a terminal
+    progress line. in_process_builder: build candidates in this process (default: when measurement batches are
+    small, below 16 candidates, where starting worker processes per batch would dominate). Returns a summary (tasks, trials, seconds, per-function best times)."""
+    t0 = time.perf_counter()
+    _quiet_metaschedule()
+    if progress is True:
+        progress = _terminal_progress if sys.stderr.isatty() else None
+    elif progress is False:
+        progress = None
+    os.makedirs(db_dir, exist_ok=True)
+    with _LightTensorIntrin():
+        return _tune(model, target_obj, db_dir, trials, progress, rpc, key, in_process_builder, t0)
+
+
+def _tune(model, target_obj, db_dir, trials, progress, rpc, key, in_process_builder, t0) -> dict:
+    from tvm.s_tir import meta_schedule as ms
+
+    from .cpu_schedules import constant_params, register_fast_math
+
+    register_fast_math()
+    target = target_obj.tvm_target()
+    fused = pre_tuning_module(model, target_obj)
+    consts = constant_params(fused)
+    with target:
+        all_tasks = ms.relax_integration.extract_tasks(fused, target)
+    tasks = select_tasks(all_tasks)
+    log.info("%d of %d functions to tune (%.1f s)", len(tasks), len(all_tasks), time.perf_counter() - t0)
+    database = ms.database.JSONDatabase(work_dir=db_dir, module_equality="structural")
+    if in_process_builder is None:
+        # small batches: starting builder worker processes per batch would dominate
+        in_process_builder = trials // max(1, 2 * len(tasks)) < 16
+    builder = make_builder(in_process=in_process_builder)
+    runner = make_runner(rpc, key)
+    log.info("builder ready (%.1f s)", time.perf_counter() - t0)
+    summary = {"db": str(db_dir), "tasks": len(tasks), "tasks_total": len(all_tasks), "trials": 0}
+    if not tasks:
+        summary["seconds"] = round(time.perf_counter() - t0, 1)
+        return summary
+    defaults = _commit_default_schedules(tasks, target, consts, database, builder, runner)
+    log.info("default schedules measured after %.1f s", time.perf_counter() - t0)
+    per_iter = max(4, min(64, trials // max(1, 2 * len(tasks))))
+    # the evolutionary population is per task; small measurement batches need only a small population, or
+    # generating candidates costs more than measuring them
+    population = max(32, min(512, 8 * per_iter))
+    strategy = ms.search_strategy.EvolutionarySearch(
+        population_size=population, init_min_unmeasured=min(50, population // 2),
+        genetic_num_iters=4 if per_iter >= 32 else 2)
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        tasks, work_dir=db_dir, strategy=strategy, num_threads=max(1, os.cpu_count() or 1))
+    callbacks = ms.measure_callback.MeasureCallback.create("default")
+    if progress is not None:
+        callbacks = list(callbacks) + [_progress_callback(progress, trials)]
+    ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=db_dir, max_trials_global=trials,
+                       num_trials_per_iter=per_iter, builder=builder, runner=runner, database=database,
+                       measure_callbacks=callbacks, task_scheduler="gradient", module_equality="structural")
+    best = {}
+    for t in tasks:
+        mod = t.dispatched[0]
+        if not database.has_workload(mod):
+            continue
+        top = database.get_top_k(database.commit_workload(mod), 1)
+        if top:
+            secs = [float(s) for s in top[0].run_secs]
+            best[t.task_name] = {"best_us": round(1e6 * sum(secs) / len(secs), 2),
+                                 "default_us": round(1e6 * defaults[t.task_name][1], 2)
+                                 if t.task_name in defaults else None}
+    summary.update(trials=trials, seconds=round(time.perf_counter() - t0, 1), functions=best)
+    if progress is not None:
+        progress(trials, trials)
+    return summary

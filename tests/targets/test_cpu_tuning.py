@@ -1,0 +1,108 @@
+"""MetaSchedule tuning for the CPU target (graphopt/targets/cpu_tuning.py): a few trials on a tiny model into a
+JSON database, then a fresh process compiles with the database and must apply its records."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from onnx_builders import model, rnd, vi
+
+pytest.importorskip("tvm")
+
+from graphopt.targets.cpu import CpuTarget  # noqa: E402
+from graphopt.targets import cpu_tuning  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny_model():
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Add", ["r", "x2"], ["y"])]
+    return model(nodes, [vi("x", [1, 8, 16, 16]), vi("x2", [1, 16, 16, 16])], [vi("y", None)],
+                 [("w", rnd(16, 8, 3, 3)), ("b", rnd(16, seed=1))])
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tune")
+    path = d / "tiny.onnx"
+    onnx.save(tiny_model(), str(path))
+    db = d / "db"
+    seen = []
+    summary = cpu_tuning.tune(onnx.load(str(path)), CpuTarget(), str(db), trials=4,
+                              progress=lambda done, total: seen.append((done, total)))
+    return path, db, summary, seen
+
+
+def test_tune_writes_json_database(tuned):
+    path, db, summary, seen = tuned
+    assert (db / "database_workload.json").is_file()
+    records = (db / "database_tuning_record.json").read_text().splitlines()
+    assert len(records) >= 2  # graphopt's default schedule + MetaSchedule's candidates
+    assert summary["tasks"] == 1 and summary["trials"] == 4
+    (fn, res), = summary["functions"].items()
+    assert "conv2d" in fn and res["best_us"] <= res["default_us"] + 1e-6
+    assert seen and seen[-1] == (4, 4)
+
+
+def test_retuning_adds_records(tuned, tmp_path):
+    path, db, _, _ = tuned
+    before = len((db / "database_tuning_record.json").read_text().splitlines())
+    cpu_tuning.tune(onnx.load(str(path)), CpuTarget(), str(db), trials=4)
+    after = len((db / "database_tuning_record.json").read_text().splitlines())
+    assert after > before
+
+
+def test_pre_tuning_module_matches_build():
+    """The module tune() extracts tasks from is the one build() schedules (same structural hash)."""
+    import tvm
+
+    from graphopt.targets import tvm_lowering
+    m = tiny_model()
+    a = cpu_tuning.pre_tuning_module(m, CpuTarget())
+    seen = {}
+
+    def hook(mod, target):
+        seen["mod"] = mod
+        return mod
+    tvm_lowering.build(tvm_lowering.import_onnx(tvm_lowering.prepare_for_import(m)), CpuTarget().tvm_target(),
+                       schedule=hook)
+    tvm.ir.assert_structural_equal(a, seen["mod"])
+
+
+def test_fresh_process_applies_records(tuned, tmp_path):
+    path, db, _, _ = tuned
+    script = textwrap.dedent(f"""
+        import json, sys
+        import onnx
+        import graphopt
+        from graphopt.targets import tvm_lowering, cpu_schedules
+        from graphopt.targets.cpu import CpuTarget
+        applied = []
+        def hook(mod, target):
+            import tvm
+            for gv, f in mod.functions.items():
+                if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "tirx.is_scheduled" in f.attrs:
+                    applied.append(gv.name_hint)
+            return cpu_schedules.schedule_module(mod, target)
+        m = onnx.load({str(path)!r})
+        tvm_lowering.build(tvm_lowering.import_onnx(tvm_lowering.prepare_for_import(m)), CpuTarget().tvm_target(),
+                           schedule=hook, tuning_db={str(db)!r})
+        art = graphopt.compile({str(path)!r}, out={str(tmp_path / "art")!r}, tuning_db={str(db)!r}, measure=False)
+        print(json.dumps({{"applied": applied, "check": art.report["check"]}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert any("conv2d" in n for n in res["applied"]), res
+    assert res["check"]["ok"], res
+    np.testing.assert_array_less(res["check"]["max_abs_error"], 1e-3)
