@@ -35,7 +35,8 @@ def pre_tuning_module(model, target_obj):
     """The fused IRModule tvm_lowering.build() hands to the schedule hook (before any schedule)."""
     from . import tvm_lowering
 
-    mod = tvm_lowering.import_onnx(tvm_lowering.prepare_for_import(model))
+    from .cpu_int8 import import_int8
+    mod, _ = import_int8(model, target_obj.tvm_target())    # exactly what CpuTarget.lower imports
 
     def capture(m, _target):
         raise _Captured(m)

@@ -97,8 +97,9 @@ def build(mod, target, schedule=None, tuning_db: str | None = None):
                 mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
         if schedule is None:
             return tvm.compile(mod, target=target)
+        scheduled = schedule(mod, target)
         try:
-            return tvm.compile(schedule(mod, target), target=target)
+            return tvm.compile(scheduled, target=target)
         except Exception as e:   # a schedule rule broke the build: TVM's own lowering is slower but correct
             import warnings
             first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
