@@ -1,12 +1,49 @@
 """`graphopt compress`: the pipeline's lossy passes, applied progressively, with the original model as teacher.
 
-Schedule (issue 5, the defaults): light pruning first (40% of the target reduction, distilled at a high temperature),
-then finer steps (15% of the target each, feature loss through insert-adapters), then fine-tuning with no more
-pruning while the temperature falls to 1. Other lossy passes (factorize-lowrank, sparsify) are applied whole and
-distilled after; quantize is post-training and runs last, after fine-tuning. Exact passes run where they stand."""
+Schedule (issue 5; the defaults are `Schedule`'s, picked on digits with a validation split carved out of the
+training set and a teacher trained on the rest):
+
+1. light pruning: 40% of the target reduction, distilled at temperature 8 on the logits only;
+2. finer steps: 15% of the target each, temperature 4, feature loss on: FitNets adapters from insert-adapters
+   plus the penultimate hint (below);
+3. fine-tuning with no more pruning, the temperature falling 4 -> 2 -> 1, feature loss on the penultimate hint.
+
+`epochs` (default 60) covers all of it: fine-tuning gets `fine_tune_share` (half), the pruning steps share the rest
+equally, at least one epoch each. Other lossy passes (factorize-lowrank, sparsify) are applied whole and trained
+like a fine step; quantize is post-training and runs last. Exact passes run where they stand.
+
+Prune steps: every budget of a prune-channels pass (flops, params, ratio) is cut into cumulative fractions of the
+target reduction (in the kept fraction: 1 - f * (1 - target); or geometric), each step re-ranking the channels of
+the student as trained so far. Budgets are relative to the original model. When the pipeline does not set
+`round_to`, compress rounds kept channel counts to the largest power of two (up to the target's vector width)
+that leaves the narrowest prunable layer at least 8 widths: on a 16/32-channel network the pass's default (16)
+lets a layer be only 32 or 16 wide, and the budget steps jump.
+
+The penultimate hint: FitNets adapters map the student's features to the teacher's through a free linear map, so
+they constrain the student's representation only up to any invertible linear map, and the student's penultimate
+layer drifts away from the teacher's as measured by linear CKA (on digits, 0.85 at 0.18x params). The hint pairs
+the student's penultimate vector (the input of the last Gemm/MatMul) directly, with no adapter, with the
+teacher's penultimate vector projected on its top-k principal components (k: the student's width), rotated and
+scaled onto the student's current features (orthogonal Procrustes) and shifted non-negative; see
+pca_hint_teacher. Models without a vector penultimate layer use the adapters only.
+
+`distill=False` trains the same schedule with plain cross-entropy on the labels (no teacher signal at all): the
+baseline distillation is measured against. info["final"] reports top-1, the teacher's top-1 and the drop,
+agreement with the teacher, and linear CKA of the logits and of the penultimate layers, on eval_data.
+
+Data: {input name: array, "labels": optional} (batch first), or a torch DataLoader whose batches are dicts,
+(inputs..., labels) tuples or tensors. Passes that need arrays (taylor importance, the pruning oracle, adapter
+initialization, the hint) get the first `calib_samples` examples of the loader.
+
+Distributed: compress(..., distributed=True) in processes launched by torchrun (see graphopt.distributed): every
+process runs the same passes (the graph is broadcast from rank 0 after each), training runs under
+DistributedDataParallel with each global batch of `batch_size` examples split by rank, and every rank returns the
+same graph (write it from rank 0).
+"""
 from __future__ import annotations
 
-from dataclasses import replace
+import time
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -15,129 +52,495 @@ from .errors import BadInput
 from .graph import copy as copy_graph, input_specs, output_specs
 from .passmanager import PassContext, PassManager, make_pass
 
-LIGHT_FRACTION = 0.4       # of the target reduction, in the first step
-FINE_FRACTION = 0.15       # of the target reduction, in each later step
 POST_TRAINING = ("quantize",)
+DEFAULT_EPOCHS = 60
+_LABEL_KEYS = ("labels", "label", "y", "target", "targets")
 
 
-def _prune_steps(p) -> list[dict]:
+FEATURE_MODES = ("none", "adapters", "hint", "both")
+
+
+@dataclass
+class Schedule:
+    """How compress shares out the epochs and sets the distillation of each phase. Feature modes: "none" (logits
+    only), "adapters" (FitNets hints through insert-adapters, weight DistillConfig.feature_weight), "hint" (the
+    penultimate-layer PCA hint alone, weight hint_weight; "adapters" where the graph has no vector penultimate
+    layer), "both"."""
+    light_fraction: float = 0.4          # of the target reduction, in the first prune step
+    fine_fraction: float = 0.15          # of the target reduction, in each later prune step
+    spacing: str = "linear"              # steps as fractions of the reduction: "linear" in the kept fraction, or
+    #                                      "geometric" (fractions of log(kept): equal ratios per step)
+    fine_tune_share: float = 0.5         # of the epochs, for the final fine-tuning
+    light_temperature: float = 8.0
+    fine_temperature: float = 4.0
+    final_temperature: tuple = ((0.5, 4.0, 2.0), (1.0, 2.0, 1.0))   # distill.temperature_at phases
+    light_features: str = "none"
+    step_features: str = "both"
+    fine_tune_features: str = "hint"
+    hint_align: bool = True              # rotate the hint onto the student's features (orthogonal Procrustes)
+    hint_weight: float = 3.0             # of the PCA hint's MSE relative to the hint's variance (see pca_hint_teacher)
+    narrow_round_to: bool = True         # pick round_to from the layer widths when the pipeline does not set it
+    min_widths: int = 8                  # ... so that a layer has at least this many widths to choose from
+    adapter_options: dict = field(default_factory=dict)   # options of the insert-adapters pass
+    hint_samples: int = 4096             # training examples for the hint's principal components and alignment
+    calib_samples: int = 512             # examples taken from a DataLoader for the passes that need arrays
+    lr: float = 1e-2
+
+    def validate(self) -> None:
+        for k in ("light_features", "step_features", "fine_tune_features"):
+            if getattr(self, k) not in FEATURE_MODES:
+                raise BadInput(f"Schedule.{k} must be one of {', '.join(FEATURE_MODES)}, not '{getattr(self, k)}'")
+        if self.spacing not in ("linear", "geometric"):
+            raise BadInput(f"Schedule.spacing must be 'linear' or 'geometric', not '{self.spacing}'")
+        if not (0 < self.light_fraction <= 1 and 0 < self.fine_fraction <= 1 and 0 <= self.fine_tune_share < 1):
+            raise BadInput("Schedule: light_fraction and fine_fraction in (0, 1], fine_tune_share in [0, 1)")
+
+
+LIGHT_FRACTION = Schedule.light_fraction
+FINE_FRACTION = Schedule.fine_fraction
+
+
+def _prune_steps(p, schedule: Schedule | None = None) -> list[dict]:
     """Cumulative keep-fractions for each budget of a prune-channels pass: [{"flops": 0.8}, {"flops": 0.7}, ...]."""
+    s = schedule or Schedule()
     budgets = {k: p.opts[k] for k in ("flops", "params") if p.opts[k] < 1.0}
     if p.opts.get("ratio", 0.0) > 0:
         budgets["ratio"] = p.opts["ratio"]
     if not budgets:
         return [{}]
-    fractions = [LIGHT_FRACTION]
+    fractions = [s.light_fraction]
     while fractions[-1] < 1.0 - 1e-9:
-        fractions.append(min(1.0, fractions[-1] + FINE_FRACTION))
+        fractions.append(min(1.0, fractions[-1] + s.fine_fraction))
     steps = []
     for f in fractions:
         step = {}
         for k, target in budgets.items():
-            step[k] = f * target if k == "ratio" else 1.0 - f * (1.0 - target)
+            if k == "ratio":
+                step[k] = f * target
+            elif s.spacing == "geometric":
+                step[k] = target ** f
+            else:
+                step[k] = 1.0 - f * (1.0 - target)
         steps.append(step)
     return steps
 
 
-def _metrics(graph, ctx) -> dict:
+def _metrics(graph) -> dict:
     from .analyses import flops
     f = flops(graph, None)
     return {"macs": int(f["macs"]), "params": int(f["params"])}
 
 
-def compress(original: gs.Graph, train, pipeline, labels=None, eval_data=None, epochs: int = 12,
-             batch_size: int = 64, lr: float = 2e-3, seed: int = 0, log=None, distill_config=None,
-             distributed: bool = False) -> tuple[gs.Graph, dict]:
-    """Run `pipeline` on `original` with distillation from it. train: {input: array, "labels": optional} or a torch
-    DataLoader. Returns (compressed graph with the original's input/output names and shapes, info)."""
-    from .distill import DistillConfig, distill, evaluate
+def _auto_round_to(graph, ctx, s: Schedule) -> int:
+    """The largest power of two <= the target's vector width that leaves the narrowest prunable layer (with more
+    than one channel) at least s.min_widths kept counts."""
+    lanes = int(ctx.hw.get("fp32_lanes", 16) or 16)
+    g = ctx.analyses.get("channel-groups", graph)
+    widths = []
+    for lay in g.layers:
+        n = sum(1 for k in lay.units if not g.units[k].frozen)
+        if n > 1:
+            widths.append(len(lay.units))
+    if not widths:
+        return lanes
+    r = 1
+    while r * 2 <= lanes and min(widths) // (r * 2) >= s.min_widths:
+        r *= 2
+    return r
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------------------------
+
+def _split_labels(d: dict, labels, names, what: str):
+    d = dict(d)
+    for k in _LABEL_KEYS:
+        if k in d and k not in names:
+            v = d.pop(k)
+            if labels is None:
+                labels = v
+    missing = [n for n in names if n not in d]
+    if missing:
+        raise BadInput(f"{what} lacks input(s) {', '.join(missing)}; it has: {', '.join(sorted(d)) or 'nothing'}")
+    arrays = {n: np.asarray(d[n]) for n in names}
+    n = len(next(iter(arrays.values())))
+    if any(len(a) != n for a in arrays.values()):
+        raise BadInput(f"{what}: the input arrays have different lengths (axis 0)")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if len(labels) != n:
+            raise BadInput(f"{what}: {len(labels)} labels for {n} examples")
+    return arrays, labels
+
+
+def _from_loader(loader, names, limit: int | None, what: str):
+    """({input: array}, labels or None) from the first batches of a DataLoader (all of it when limit is None)."""
+    from .distill import _split_batch
+    xs, ys = {n: [] for n in names}, []
+    got = 0
+    for batch in loader:
+        inputs, lab = _split_batch(batch, len(names), names)
+        for n, x in zip(names, inputs):
+            xs[n].append(x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x))
+        if lab is not None:
+            ys.append(lab.detach().cpu().numpy() if hasattr(lab, "detach") else np.asarray(lab))
+        got += len(xs[names[0]][-1])
+        if limit is not None and got >= limit:
+            break
+    if not got:
+        raise BadInput(f"{what}: the DataLoader yielded no batch")
+    arrays = {n: np.concatenate(v)[:limit] for n, v in xs.items()}
+    labels = np.concatenate(ys)[:limit] if ys and len(ys) == len(xs[names[0]]) else None
+    return arrays, labels
+
+
+def _is_loader(x) -> bool:
+    """A torch DataLoader or another re-iterable batch source (not an array, a string or a one-shot iterator)."""
+    if isinstance(x, (dict, np.ndarray, str, bytes)) or not hasattr(x, "__iter__"):
+        return False
+    return not hasattr(x, "__next__")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+def final_metrics(graph: gs.Graph, teacher: gs.Graph, data: dict, labels=None) -> dict:
+    """evaluate() (top1, agreement, logits CKA) plus the linear CKA of the penultimate layers (the input of the
+    last Gemm/MatMul) of student and teacher, and the teacher's own top-1."""
+    from .distill import evaluate, linear_cka, predict
+    from .evaluate import penultimate_tensor
+    res = evaluate(graph, data, labels, teacher=teacher)
+    res["cka_logits"] = res.pop("cka")
+    ps, pt = penultimate_tensor(graph), penultimate_tensor(teacher)
+    res["cka_penultimate"] = None
+    if ps and pt:
+        _, fs = predict(graph, data, features=[ps])
+        _, ft = predict(teacher, data, features=[pt])
+        res["cka_penultimate"] = linear_cka(fs[ps], ft[pt])
+        res["penultimate"] = ps
+    if labels is not None:
+        res["teacher_top1"] = evaluate(teacher, data, labels)["top1"]
+        res["top1_drop"] = res["teacher_top1"] - res["top1"]
+    return res
+
+
+def _penultimate_features(graph: gs.Graph, data: dict):
+    from .distill import predict
+    from .evaluate import penultimate_tensor
+    name = penultimate_tensor(graph)
+    if name is None:
+        return None
+    return predict(graph, data, features=[name])[1][name]
+
+
+def _penultimate_cka(graph: gs.Graph, data: dict, teacher_features) -> float | None:
+    from .distill import linear_cka
+    f = _penultimate_features(graph, data)
+    return None if f is None else linear_cka(f, teacher_features)
+
+
+HINT_SUFFIX = "__graphopt_pca_hint"
+
+
+def _vector_width(graph: gs.Graph, name: str) -> int | None:
+    t = graph.tensors().get(name)
+    shape = getattr(t, "shape", None)
+    if shape is None or len(shape) != 2 or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
+        return None
+    return int(shape[1])
+
+
+def pca_hint_teacher(teacher: gs.Graph, features: np.ndarray, k: int,
+                     student_features: np.ndarray | None = None) -> tuple[gs.Graph, str, float]:
+    """A copy of `teacher` with one more tensor: its penultimate vector projected on the top-k principal components
+    of `features` (the teacher's penultimate vectors on the data, n x C). With `student_features` (the student's
+    penultimate vectors on the same data, n x k), the projection is then rotated and scaled onto them (orthogonal
+    Procrustes), so the hint asks the student for the teacher's principal subspace in the student's own basis: the
+    hint loss is then a Procrustes distance, which like linear CKA ignores rotations and scale, instead of forcing
+    the ReLU features onto the signed PCA axes. The hint is shifted to be non-negative on the data. The teacher's
+    outputs are unchanged. Returns (graph, hint tensor name, scale): distill's feature loss divides the MSE by the
+    target's mean square; multiplying the weight by `scale` (mean square / variance of the hint on the data) makes
+    it the MSE relative to the hint's variance, about 1 - R^2."""
+    from .evaluate import penultimate_tensor
+    name = penultimate_tensor(teacher)
+    x = features.reshape(len(features), -1).astype(np.float64)
+    mu = x.mean(0)
+    _, _, vt = np.linalg.svd(x - mu, full_matrices=False)
+    k = min(k, len(vt))
+    m = vt[:k].T.copy()                               # C x k: teacher vector -> principal coordinates
+    m *= np.where(mu @ m < 0, -1.0, 1.0)[None, :]
+    z = (x - mu) @ m
+    offset = np.zeros(k)
+    if student_features is not None:
+        s = student_features.reshape(len(student_features), -1).astype(np.float64)
+        if s.shape == z.shape:
+            sc = s - s.mean(0)
+            u, sig, wt = np.linalg.svd(z.T @ sc)
+            rot = u @ wt                              # k x k orthogonal: z @ rot ~ sc
+            scale = float(sig.sum() / max(np.sum(z * z), 1e-12))
+            m = scale * (m @ rot)
+            z = (x - mu) @ m
+            offset = s.mean(0)
+    offset = offset - mu @ m                          # target = x @ m + offset
+    target = x @ m + offset
+    offset = offset + np.maximum(0.0, -target.min(0))
+    target = x @ m + offset
+    g = copy_graph(teacher)
+    src = g.tensors()[name]
+    dtype = src.dtype or np.float32
+    hint = name + HINT_SUFFIX
+    mid = gs.Variable(hint + "_proj", dtype=dtype, shape=[src.shape[0], k])
+    out = gs.Variable(hint, dtype=dtype, shape=[src.shape[0], k])
+    w = gs.Constant(hint + "_w", np.ascontiguousarray(m.astype(np.float32)))
+    b = gs.Constant(hint + "_b", offset.astype(np.float32))
+    g.nodes.append(gs.Node("MatMul", hint + "_matmul", inputs=[src, w], outputs=[mid]))
+    g.nodes.append(gs.Node("Add", hint + "_add", inputs=[mid, b], outputs=[out]))
+    g.toposort()
+    scale = float(np.mean(target ** 2) / max(np.mean((target - target.mean(0)) ** 2), 1e-12))
+    return g, hint, scale
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the driver
+# ----------------------------------------------------------------------------------------------------------------
+
+def compress(original: gs.Graph, train, pipeline, labels=None, eval_data=None, epochs: int | None = None,
+             batch_size: int = 64, lr: float | None = None, seed: int = 0, log=None, distill_config=None,
+             distributed: bool = False, distill: bool = True, schedule: Schedule | None = None,
+             eval_labels=None, threads: int | None = None) -> tuple[gs.Graph, dict]:
+    """Run `pipeline` on `original` with distillation from it.
+
+    train: {input name: array, "labels": optional} or a torch DataLoader; labels may also be given apart.
+    eval_data: held-out data in the same forms (labels inside or as eval_labels), for the reported metrics.
+    epochs: over the whole schedule (default DEFAULT_EPOCHS); lr: peak learning rate of every phase (default schedule.lr).
+    distill=False: the no-distillation baseline (cross-entropy on the labels only, same schedule).
+    distributed: train with DistributedDataParallel in an initialized (or torchrun-launched) process group.
+    threads: torch intra-op threads while compressing (restored after); None leaves torch's setting. Small models
+    gain nothing from several threads, and on a busy machine spinning OpenMP threads can make training many
+    times slower (digits on 2 shared cores: 13 s with 1 thread, over 3 minutes with 2).
+    Returns (compressed graph with the original's input/output names and shapes, info)."""
+    if threads is None:
+        return _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, lr, seed, log,
+                         distill_config, distributed, distill, schedule, eval_labels)
+    import torch
+    if threads < 1:
+        raise BadInput("compress: threads must be at least 1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        return _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, lr, seed, log,
+                         distill_config, distributed, distill, schedule, eval_labels)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, lr, seed, log, distill_config,
+              distributed, distill, schedule, eval_labels):
+    from .distill import DistillConfig, distill as run_distill
+    from .evaluate import channels_per_layer
+
+    t_start = time.perf_counter()
     log = log or (lambda m: None)
+    s = schedule or Schedule()
+    s.validate()
+    epochs = DEFAULT_EPOCHS if epochs is None else int(epochs)
+    if epochs < 1:
+        raise BadInput("compress: epochs must be at least 1")
     pm = pipeline if isinstance(pipeline, PassManager) else PassManager.parse(str(pipeline))
+    names = [n for n, _, _ in input_specs(original)]
+
     if isinstance(train, dict):
-        train = dict(train)
-        if labels is None and "labels" in train:
-            labels = train.pop("labels")
-        names = [n for n, _, _ in input_specs(original)]
-        missing = [n for n in names if n not in train]
-        if missing:
-            raise BadInput(f"training data lacks input(s) {', '.join(missing)}; it has: {', '.join(sorted(train))}")
-    eval_labels = None
+        train, labels = _split_labels(train, labels, names, "training data")
+        calib = train
+    elif _is_loader(train):
+        calib, loader_labels = _from_loader(train, names, s.calib_samples, "training data")
+    else:
+        raise BadInput("compress: the training data must be {input name: array} or a torch DataLoader")
+    if labels is not None:
+        labels = np.asarray(labels).astype(np.int64)
+    if not distill and labels is None and not (_is_loader(train) and loader_labels is not None):
+        raise BadInput("compress without distillation trains on labels: the training data has none")
     if eval_data is not None:
-        eval_data = dict(eval_data)
-        eval_labels = eval_data.pop("labels", None)
-    base = distill_config or DistillConfig(batch_size=batch_size, lr=lr, seed=seed)
+        if isinstance(eval_data, dict):
+            eval_data, eval_labels = _split_labels(eval_data, eval_labels, names, "evaluation data")
+        elif _is_loader(eval_data):
+            eval_data, got = _from_loader(eval_data, names, None, "evaluation data")
+            eval_labels = eval_labels if eval_labels is not None else got
+        else:
+            raise BadInput("compress: the evaluation data must be {input name: array} or a torch DataLoader")
+
+    dist_info = None
+    if distributed:
+        from . import distributed as dist_mod
+        dist_info = dist_mod.setup()
+    base = distill_config or DistillConfig(batch_size=batch_size, lr=lr if lr is not None else s.lr, seed=seed)
+    if distill_config is not None and lr is not None:
+        base = replace(base, lr=lr)
+    if not distill:
+        base = replace(base, kd_weight=0.0, hard_weight=1.0, feature_weight=0.0, attention_weight=0.0)
+    if dist_info is not None:
+        base = dist_mod.configure(base, dist_info)
+
+    def sync(g):
+        """Rank 0's graph everywhere after a structural pass (distributed), so no process can diverge."""
+        return dist_mod.broadcast_graph(g, dist_info) if dist_info is not None else g
+
     teacher = copy_graph(original)
-    calib = train if isinstance(train, dict) else None
     ctx = PassContext(seed=seed, data={"calib": calib, "train": calib, "teacher": teacher})
 
-    prune_passes = [p for p in pm.passes if p.name == "prune-channels" and not p.exact]
-    n_train_phases = sum(len(_prune_steps(p)) for p in prune_passes) + \
-        sum(1 for p in pm.passes if not p.exact and p.name not in POST_TRAINING and p.name != "prune-channels") + 1
-    per_phase = max(1, epochs // (n_train_phases + 1))
-    final_epochs = max(1, epochs - per_phase * (n_train_phases - 1))
-    graph = copy_graph(original)
-    history, step_no = [], 0
-    post = []
+    # the phases, with their epochs
+    prune_steps = {id(p): _prune_steps(p, s) for p in pm.passes if p.name == "prune-channels" and not p.exact}
+    n_steps = sum(len(v) for v in prune_steps.values()) + \
+        sum(1 for p in pm.passes if not p.exact and p.name not in POST_TRAINING and p.name != "prune-channels")
+    final_epochs = max(1, int(round(epochs * s.fine_tune_share))) if n_steps else epochs
+    if n_steps and epochs - final_epochs < n_steps:      # every step trains at least one epoch
+        final_epochs = max(1, epochs - n_steps)
+    rest = max(n_steps, epochs - final_epochs)
+    per_step = [rest // n_steps + (1 if i < rest % n_steps else 0) for i in range(n_steps)] if n_steps else []
 
-    def train_phase(g, kind: str, n_epochs: int, temperature, features: bool):
+    original_size = _metrics(original)
+    graph = copy_graph(original)
+    history, records, step_no = [], [], 0
+    post = []
+    round_to_used = {}
+
+    def train_phase(g, kind: str, n_epochs: int, temperature, features: str):
         nonlocal step_no
         step_no += 1
-        cfg = replace(base, epochs=n_epochs, temperature=temperature,
-                      feature_weight=base.feature_weight if features else 0.0,
-                      attention_weight=base.attention_weight if features else 0.0)
-        if features:
+        mode = features if distill else "none"
+        t_graph, pair, hint_scale = teacher, None, 1.0
+        if mode in ("hint", "both"):
+            t_graph, pair, hint_scale = hint_for(g)
+            if pair is None:
+                mode = "adapters" if mode == "hint" else mode
+        cfg = replace(base, epochs=n_epochs, temperature=temperature, feature_weight=0.0, attention_weight=0.0)
+        adapters = False
+        if mode in ("adapters", "both") and base.feature_weight:
             try:
-                g = PassManager([make_pass("insert-adapters")]).run(g, PassContext(seed=seed, verify="structural",
-                                                                                   data=ctx.data)).graph
-            except Exception as e:   # no pairable layers: distill on logits only
-                log(f"compress: no feature adapters ({str(e).splitlines()[0]}); logits only")
-        g, m = distill(g, [teacher], train, labels=labels, config=cfg, eval_data=eval_data, eval_labels=eval_labels)
-        rec = {"step": step_no, "phase": kind, "epochs": n_epochs, "temperature": temperature, **_metrics(g, ctx),
-               **{k: v for k, v in m.items() if isinstance(v, (int, float, str)) or v is None}}
+                r = PassManager([make_pass("insert-adapters", **s.adapter_options)]).run(
+                    g, PassContext(seed=seed, verify="structural", data=ctx.data))
+                adapters = r.modified
+                if adapters:
+                    g = r.graph
+                    cfg = replace(cfg, feature_weight=base.feature_weight, attention_weight=base.attention_weight)
+            except Exception as e:   # noqa: BLE001 - no pairable layers: distill on logits (and the hint) only
+                log(f"compress: no feature adapters ({str(e).splitlines()[0]})")
+        if pair is not None:
+            # distill weighs every pair alike (it averages them): with adapters the hint is one more pair at their
+            # weight; alone it gets hint_weight (relative to the hint's variance)
+            weight = cfg.feature_weight if adapters else s.hint_weight * hint_scale
+            cfg = replace(cfg, feature_weight=weight, feature_pairs=tuple(cfg.feature_pairs) + (pair,))
+        t0 = time.perf_counter()
+        g, m = run_distill(g, [t_graph], train, labels=labels, config=cfg, eval_data=eval_data,
+                           eval_labels=eval_labels)
+        rec = {"step": step_no, "phase": kind, "epochs": n_epochs, "features": mode,
+               "temperature": temperature if isinstance(temperature, (int, float)) else "falling to 1",
+               **_metrics(g), "channels": list(channels_per_layer(g).values()), "seconds": round(time.perf_counter() - t0, 2),
+               "loss_first": m.get("loss_first"), "loss_last": m.get("loss_last")}
+        for k in ("top1", "agreement"):
+            if (m.get("eval") or {}).get(k) is not None:
+                rec[k] = m["eval"][k]
+        if pen_teacher is not None:
+            rec["cka_penultimate"] = _penultimate_cka(g, eval_data, pen_teacher)
         history.append(rec)
         log(f"compress: step {step_no} ({kind}): " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                               for k, v in rec.items() if k not in ("step", "phase")))
         return g
 
-    original_macs = _metrics(original, ctx)
+    pen_teacher = _penultimate_features(teacher, eval_data) if eval_data is not None else None
+    hint_cache = {}
+
+    def hint_for(g):
+        """(teacher with the PCA hint for g's penultimate width, (student tensor, hint tensor), weight scale), or
+        (teacher, None, 1) when student or teacher has no vector penultimate layer."""
+        from .evaluate import penultimate_tensor
+        ps, pt = penultimate_tensor(g), penultimate_tensor(teacher)
+        k = _vector_width(g, ps) if ps else None
+        kt = _vector_width(teacher, pt) if pt else None
+        if not k or not kt or k > kt:
+            return teacher, None, 1.0
+        if "features" not in hint_cache:
+            hint_cache["data"] = {n: a[:s.hint_samples] for n, a in calib.items()}
+            hint_cache["features"] = _penultimate_features(teacher, hint_cache["data"])
+        if k > min(hint_cache["features"].shape):
+            return teacher, None, 1.0
+        student = _penultimate_features(g, hint_cache["data"]) if s.hint_align else None
+        t_graph, hint, scale = pca_hint_teacher(teacher, hint_cache["features"], k, student)
+        return t_graph, (ps, hint), scale
+
+    phase_i, carry = 0, 0
     for p in pm.passes:
         if p.exact:
-            graph = PassManager([p]).run(graph, ctx).graph
+            r = PassManager([p]).run(graph, ctx)
+            graph = sync(r.graph)
+            records += r.records
             continue
         if p.name in POST_TRAINING:
             post.append(p)
             continue
         if p.name == "prune-channels":
-            for i, step in enumerate(_prune_steps(p)):
-                cur = _metrics(graph, ctx)
-                opts = dict(p.given)
+            extra = {}
+            if "round_to" not in p.given and s.narrow_round_to:
+                ctx.analyses.invalidate()
+                extra["round_to"] = _auto_round_to(graph, ctx, s)
+                round_to_used[p.text()] = extra["round_to"]
+            for i, step in enumerate(prune_steps[id(p)]):
+                cur = _metrics(graph)
+                opts = {**dict(p.given), **extra}
                 if "flops" in step:
-                    opts["flops"] = min(1.0, step["flops"] * original_macs["macs"] / max(cur["macs"], 1))
+                    opts["flops"] = min(1.0, step["flops"] * original_size["macs"] / max(cur["macs"], 1))
                 if "params" in step:
-                    opts["params"] = min(1.0, step["params"] * original_macs["params"] / max(cur["params"], 1))
+                    opts["params"] = min(1.0, step["params"] * original_size["params"] / max(cur["params"], 1))
                 if "ratio" in step:
-                    opts["ratio"] = step["ratio"] if i == 0 else FINE_FRACTION * p.opts["ratio"]
-                if opts.get("flops", 1.0) >= 1.0 and opts.get("params", 1.0) >= 1.0 and not opts.get("ratio"):
-                    continue
-                graph = PassManager([make_pass("prune-channels", **opts)]).run(graph, ctx).graph
+                    opts["ratio"] = step["ratio"] if i == 0 else s.fine_fraction * p.opts["ratio"]
                 light = i == 0
-                graph = train_phase(graph, "prune-light" if light else "prune-fine", per_phase,
-                                    8.0 if light else 4.0, features=not light)
+                n_ep = per_step[phase_i] + carry
+                phase_i += 1
+                if opts.get("flops", 1.0) >= 1.0 and opts.get("params", 1.0) >= 1.0 and not opts.get("ratio"):
+                    carry = n_ep                  # nothing left to prune at this step: its epochs go to the next
+                    continue
+                carry = 0
+                ctx.analyses.invalidate()      # the trained graph is a new object: never reuse a cached analysis
+                r = PassManager([make_pass("prune-channels", **opts)]).run(graph, ctx)
+                graph = sync(r.graph)
+                records += r.records
+                graph = train_phase(graph, "prune-light" if light else "prune-fine", n_ep,
+                                    s.light_temperature if light else s.fine_temperature,
+                                    s.light_features if light else s.step_features)
         else:
-            graph = PassManager([p]).run(graph, ctx).graph
-            graph = train_phase(graph, p.name, per_phase, 4.0, features=True)
+            ctx.analyses.invalidate()
+            r = PassManager([p]).run(graph, ctx)
+            graph = sync(r.graph)
+            records += r.records
+            n_ep = per_step[phase_i] + carry
+            phase_i, carry = phase_i + 1, 0
+            graph = train_phase(graph, p.name, n_ep, s.fine_temperature, s.step_features)
     # fine-tune: no more structural change, temperature falling to 1
-    graph = train_phase(graph, "fine-tune", final_epochs, [(0.5, 2.0, 1.5), (1.0, 1.5, 1.0)], features=False)
+    graph = train_phase(graph, "fine-tune", final_epochs + carry, s.final_temperature, s.fine_tune_features)
     for p in post:
-        graph = PassManager([p]).run(graph, ctx).graph
+        ctx.analyses.invalidate()
+        r = PassManager([p]).run(graph, ctx)
+        graph = sync(r.graph)
+        records += r.records
     if [t.name for t in graph.inputs] != [t.name for t in original.inputs] or \
             [o[0] for o in output_specs(graph)] != [o[0] for o in output_specs(original)]:
         raise BadInput("compress changed the model's input or output names; this is a bug in a pass")
-    final = evaluate(graph, eval_data, eval_labels, teacher=teacher) if eval_data is not None else {}
-    info = {"history": history, "epochs": epochs, "final": final,
-            "macs_ratio": _metrics(graph, ctx)["macs"] / max(original_macs["macs"], 1),
-            "params_ratio": _metrics(graph, ctx)["params"] / max(original_macs["params"], 1)}
+    final = final_metrics(graph, teacher, eval_data, eval_labels) if eval_data is not None else {}
+    size = _metrics(graph)
+    info = {"history": history, "epochs": sum(h["epochs"] for h in history), "distill": distill, "final": final,
+            "macs_ratio": size["macs"] / max(original_size["macs"], 1),
+            "params_ratio": size["params"] / max(original_size["params"], 1),
+            "macs": {"before": original_size["macs"], "after": size["macs"]},
+            "params": {"before": original_size["params"], "after": size["params"]},
+            "channels": channels_per_layer(graph), "round_to": round_to_used,
+            "passes": [{k: v for k, v in rec.items() if k in ("pass", "position", "modified", "seconds",
+                                                               "budget_met", "limits", "notes")} for rec in records],
+            "seconds": round(time.perf_counter() - t_start, 1)}
+    if dist_info is not None:
+        info["distributed"] = {"world_size": dist_info.world_size, "rank": dist_info.rank,
+                               "backend": dist_info.backend}
     return graph, info
 
 

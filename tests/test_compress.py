@@ -1,0 +1,187 @@
+"""graphopt compress: progressive prune -> distill -> fine-tune on scikit-learn digits (a fast version of the
+acceptance experiment in tools/compress_digits.py: fewer epochs, a looser budget), the schedule, the PCA hint,
+DataLoader input, the command line and bad input."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import graphopt  # noqa: E402
+from graphopt.compress import Schedule, _prune_steps, compress, pca_hint_teacher  # noqa: E402
+from graphopt.errors import BadInput  # noqa: E402
+from graphopt.graph import input_specs, output_specs  # noqa: E402
+from graphopt.passmanager import make_pass  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import digits  # noqa: E402
+
+PIPELINE = "cleanup,prune-channels{flops=0.5}"
+EPOCHS = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine this is several times faster than two spinning threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data():
+    x_tr, y_tr, x_te, y_te = digits.load_digits_split()
+    return {"x": x_tr, "labels": y_tr}, {"x": x_te, "labels": y_te}
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return graphopt.load(digits.teacher_path())
+
+
+@pytest.fixture(scope="module")
+def runs(teacher, data):
+    train, ev = data
+    out = {}
+    for name, flag in (("distilled", True), ("plain", False)):
+        out[name] = compress(teacher, train, PIPELINE, eval_data=ev, epochs=EPOCHS, seed=0, distill=flag)
+    return out
+
+
+def test_budget_met_and_interface_unchanged(teacher, runs):
+    graph, info = runs["distilled"]
+    assert info["macs_ratio"] <= 0.5 + 1e-9
+    assert info["macs"]["after"] < info["macs"]["before"]
+    assert [(n, s) for n, s, _ in input_specs(graph)] == [(n, s) for n, s, _ in input_specs(teacher)]
+    assert [(n, s) for n, s, _ in output_specs(graph)] == [(n, s) for n, s, _ in output_specs(teacher)]
+    assert not any(n.name.startswith("graphopt.adapter:") for n in graph.nodes), "adapters leaked into the result"
+
+
+def test_schedule_light_then_fine_then_fine_tune(runs):
+    _, info = runs["distilled"]
+    phases = [h["phase"] for h in info["history"]]
+    assert phases[0] == "prune-light" and phases[-1] == "fine-tune"
+    assert set(phases[1:-1]) == {"prune-fine"}
+    assert info["history"][0]["features"] == "none" and info["history"][0]["temperature"] == 8.0
+    assert all(h["features"] != "none" for h in info["history"][1:])
+    assert sum(h["epochs"] for h in info["history"]) == EPOCHS
+    macs = [h["macs"] for h in info["history"]]
+    assert macs == sorted(macs, reverse=True)
+    assert info["round_to"] == {"prune-channels{flops=0.5}": 2}      # 16/32-channel layers: fine steps
+
+
+def test_accuracy_and_distillation_beats_plain_fine_tuning(runs):
+    fd, fp = runs["distilled"][1]["final"], runs["plain"][1]["final"]
+    assert fd["teacher_top1"] >= 0.97
+    assert fd["top1_drop"] <= 0.03
+    assert fd["top1"] >= fp["top1"] - 2 / fd["n"]                   # at least matches (2 examples of slack)
+    assert fd["cka_penultimate"] >= 0.85
+    assert fd["cka_penultimate"] > fp["cka_penultimate"] + 0.03     # and keeps the teacher's representation
+    assert fd["agreement"] >= fp["agreement"] - 2 / fd["n"]
+    assert runs["plain"][1]["distill"] is False
+    assert all(h["features"] == "none" for h in runs["plain"][1]["history"])
+
+
+def test_prune_steps_fractions():
+    p = make_pass("prune-channels", flops=0.25, params=0.18)
+    steps = _prune_steps(p)
+    assert len(steps) == 5
+    assert steps[0]["flops"] == pytest.approx(1 - 0.4 * 0.75)
+    assert steps[1]["flops"] == pytest.approx(1 - 0.55 * 0.75)
+    assert steps[-1] == {"flops": pytest.approx(0.25), "params": pytest.approx(0.18)}
+    geo = _prune_steps(p, Schedule(spacing="geometric"))
+    assert geo[0]["flops"] == pytest.approx(0.25 ** 0.4) and geo[-1]["flops"] == pytest.approx(0.25)
+    with pytest.raises(BadInput, match="step_features"):
+        Schedule(step_features="nope").validate()
+
+
+def test_pca_hint_teacher(teacher, data):
+    from graphopt.distill import linear_cka, predict
+    from graphopt.evaluate import penultimate_tensor
+    train, _ = data
+    x = {"x": train["x"][:300]}
+    pen = penultimate_tensor(teacher)
+    ref_out, feats = predict(teacher, x, features=[pen])
+    t = feats[pen]
+    g, hint, scale = pca_hint_teacher(teacher, t, 12)
+    out, hf = predict(g, x, features=[hint])
+    np.testing.assert_allclose(out[0], ref_out[0], rtol=1e-6, atol=1e-6)      # outputs untouched
+    h = hf[hint]
+    assert h.shape == (300, 12) and h.min() >= -1e-4                          # non-negative on the data
+    assert linear_cka(h, t) > 0.99 and scale > 1
+    # aligned onto a rotated, scaled copy of the teacher's principal coordinates, it reproduces that copy
+    rot = np.linalg.qr(np.random.default_rng(0).standard_normal((12, 12)))[0]
+    z = (t - t.mean(0)) @ np.linalg.svd(t - t.mean(0), full_matrices=False)[2][:12].T
+    student = 0.5 * z @ rot + 3.0
+    g2, hint2, _ = pca_hint_teacher(teacher, t, 12, student)
+    h2 = predict(g2, x, features=[hint2])[1][hint2]
+    np.testing.assert_allclose(h2, student, atol=2e-3 * np.abs(student).max())
+
+
+def test_dataloader_training_data(teacher, data):
+    from torch.utils.data import DataLoader, TensorDataset
+    train, ev = data
+    ds = TensorDataset(torch.from_numpy(train["x"]), torch.from_numpy(train["labels"]))
+    loader = DataLoader(ds, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
+    eval_loader = DataLoader(TensorDataset(torch.from_numpy(ev["x"]), torch.from_numpy(ev["labels"])),
+                             batch_size=100)
+    graph, info = compress(teacher, loader, "cleanup,prune-channels{flops=0.6,criterion=taylor}",
+                           eval_data=eval_loader, epochs=4, seed=0)
+    assert info["macs_ratio"] <= 0.6 + 1e-9
+    assert info["final"]["n"] == len(ev["labels"])
+    assert info["final"]["top1"] >= info["final"]["teacher_top1"] - 0.05
+    assert [h["phase"] for h in info["history"]][-1] == "fine-tune"
+
+
+def test_labels_are_optional_for_distillation(teacher, data):
+    train, ev = data
+    graph, info = compress(teacher, {"x": train["x"][:256]}, "prune-channels{flops=0.7}", eval_data=ev,
+                           epochs=2, schedule=Schedule(light_fraction=1.0))
+    assert info["macs_ratio"] <= 0.7 + 1e-9 and len(info["history"]) == 2
+    with pytest.raises(BadInput, match="labels"):
+        compress(teacher, {"x": train["x"][:256]}, "prune-channels{flops=0.7}", epochs=1, distill=False)
+
+
+def test_bad_input(teacher, data):
+    train, ev = data
+    with pytest.raises(BadInput, match="lacks input.*x"):
+        compress(teacher, {"images": train["x"], "labels": train["labels"]}, PIPELINE, epochs=1)
+    with pytest.raises(BadInput, match="evaluation data lacks input"):
+        compress(teacher, train, PIPELINE, eval_data={"labels": ev["labels"]}, epochs=1)
+    with pytest.raises(BadInput, match="labels for"):
+        compress(teacher, {"x": train["x"], "labels": train["labels"][:10]}, PIPELINE, epochs=1)
+    with pytest.raises(BadInput, match="epochs"):
+        compress(teacher, train, PIPELINE, epochs=0)
+    with pytest.raises(BadInput, match="unknown pass"):
+        compress(teacher, train, "prune-chanels{flops=0.5}", epochs=1)
+
+
+def test_command_line(tmp_path, data, capsys):
+    from graphopt import cli
+    train, ev = data
+    np.savez(tmp_path / "train.npz", x=train["x"][:400], labels=train["labels"][:400])
+    np.savez(tmp_path / "eval.npz", x=ev["x"], labels=ev["labels"])
+    np.savez(tmp_path / "bad.npz", images=train["x"][:10], labels=train["labels"][:10])
+    out = tmp_path / "student.onnx"
+    model = str(digits.teacher_path())
+    rc = cli.main(["compress", model, "--train", str(tmp_path / "train.npz"), "--eval", str(tmp_path / "eval.npz"),
+                   "--pipeline", "cleanup,prune-channels{flops=0.6}", "--epochs", "3", "--lr", "1e-2",
+                   "-o", str(out), "--json"])
+    assert rc == 0 and out.is_file()
+    res = json.loads(capsys.readouterr().out)
+    assert res["macs_ratio"] <= 0.6 + 1e-9
+    assert res["final"]["cka_penultimate"] is not None
+    g = graphopt.load(out)
+    assert [t.name for t in g.inputs] == ["x"]
+    rc = cli.main(["compress", model, "--train", str(tmp_path / "bad.npz"), "--pipeline", PIPELINE,
+                   "-o", str(tmp_path / "never.onnx")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "lacks input(s) x" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "never.onnx").exists()
