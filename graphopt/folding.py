@@ -71,7 +71,7 @@ def _signature(graph: gs.Graph):
     return (len(graph.nodes), tuple(n.op for n in graph.nodes))
 
 
-def fold(graph: gs.Graph, max_rounds: int = 4) -> tuple[gs.Graph, bool]:
+def fold(graph: gs.Graph, max_rounds: int = 32) -> tuple[gs.Graph, bool]:
     """Fold every subgraph whose inputs are all known at compile time, shapes of static tensors included.
     onnx-graphsurgeon evaluates the foldable subgraphs with onnxruntime; we iterate with shape inference
     in between, since folding a shape computation can make more shapes (and more subgraphs) static."""
