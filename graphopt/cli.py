@@ -184,8 +184,15 @@ def cmd_compress(args) -> int:
     original = load(args.model, input_shapes=_shapes(args))
     train = _load_npz(args.train, "--train")
     ev = _load_npz(args.eval, "--eval") if args.eval else None
+    rank0 = True
+    if args.distributed:
+        from .distributed import setup
+        rank0 = setup().rank == 0
     graph, info = compress(original, train, pm, eval_data=ev, epochs=args.epochs, batch_size=args.batch_size,
-                           lr=args.lr, seed=args.seed, log=_log if not args.json else None)
+                           lr=args.lr, seed=args.seed, log=_log if not args.json and rank0 else None,
+                           distributed=args.distributed, threads=args.threads)
+    if not rank0:                       # torchrun: rank 0 writes the output and reports
+        return 0
     dest = Path(args.output)
     tmp = dest.with_name(f".{dest.name}.tmp")
     onnx.save_model(to_onnx(graph), str(tmp))
@@ -193,7 +200,8 @@ def cmd_compress(args) -> int:
     final = info.get("final") or {}
     rows = [("output", str(dest)), ("MACs ratio", f"{info['macs_ratio']:.3f}"), ("params ratio", f"{info['params_ratio']:.3f}")]
     rows += [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in final.items() if v is not None]
-    rows += [(f"step {h['step']} {h['phase']}", f"macs={h['macs']:,}" + (f" top1={h['top1']:.4f}" if h.get("top1") is not None else ""))
+    rows += [(f"step {h['step']} {h['phase']}", f"macs={h['macs']:,}" + (f" top1={h['top1']:.4f}" if h.get("top1") is not None else "")
+              + (f" cka={h['cka_penultimate']:.3f}" if h.get("cka_penultimate") is not None else ""))
              for h in info["history"]]
     _emit(args, {"output": str(dest), **info}, _table(rows, ("compress", "")))
     return 0
@@ -281,10 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--train", required=True, help="training data .npz (arrays named after inputs, optional labels)")
     cp.add_argument("--eval", help="held-out data .npz (inputs and labels)")
     cp.add_argument("--pipeline", required=True)
-    cp.add_argument("--epochs", type=int, default=12)
-    cp.add_argument("--batch-size", type=int, default=64)
-    cp.add_argument("--lr", type=float, default=2e-3)
+    cp.add_argument("--epochs", type=int, default=None, help="over the whole schedule (default 60)")
+    cp.add_argument("--batch-size", type=int, default=64, help="global batch (split over --distributed processes)")
+    cp.add_argument("--lr", type=float, default=None, help="peak learning rate of each phase (default 1e-2)")
     cp.add_argument("--seed", type=int, default=0)
+    cp.add_argument("--threads", type=int, help="torch threads while training (small models: 1 is fastest)")
+    cp.add_argument("--distributed", action="store_true",
+                    help="several processes under torchrun (DDP; gloo on CPU, nccl on GPUs)")
     cp.add_argument("-o", "--output", required=True)
     _add_shapes(cp)
     cp.add_argument("--json", action="store_true")

@@ -314,7 +314,8 @@ def compress(original: gs.Graph, train, pipeline, labels=None, eval_data=None, e
 
     train: {input name: array, "labels": optional} or a torch DataLoader; labels may also be given apart.
     eval_data: held-out data in the same forms (labels inside or as eval_labels), for the reported metrics.
-    epochs: over the whole schedule (default DEFAULT_EPOCHS); lr: peak learning rate of every phase (default schedule.lr).
+    epochs: over the whole schedule (default DEFAULT_EPOCHS, 60); lr: peak learning rate of every phase (default
+    Schedule.lr, 1e-2: right for small models trained from their own pruned weights; lower it for large ones).
     distill=False: the no-distillation baseline (cross-entropy on the labels only, same schedule).
     distributed: train with DistributedDataParallel in an initialized (or torchrun-launched) process group.
     threads: torch intra-op threads while compressing (restored after); None leaves torch's setting. Small models
@@ -437,7 +438,8 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
                            eval_labels=eval_labels)
         rec = {"step": step_no, "phase": kind, "epochs": n_epochs, "features": mode,
                "temperature": temperature if isinstance(temperature, (int, float)) else "falling to 1",
-               **_metrics(g), "channels": list(channels_per_layer(g).values()), "seconds": round(time.perf_counter() - t0, 2),
+               **_metrics(g), "channels": list(channels_per_layer(g).values()),
+               "seconds": round(time.perf_counter() - t0, 2),
                "loss_first": m.get("loss_first"), "loss_last": m.get("loss_last")}
         for k in ("top1", "agreement"):
             if (m.get("eval") or {}).get(k) is not None:

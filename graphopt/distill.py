@@ -27,6 +27,14 @@ teacher graphs and returns the trained student graph (same structure, new weight
 Optimization: AdamW (or SGD with momentum), linear learning-rate warmup over `warmup` of the steps then cosine
 decay to lr * min_lr, gradient-norm clipping at clip_grad_norm. The student's adapters train with it and are
 removed from the returned graph (keep_adapters=False), so they never reach an artifact.
+
+Several processes (graphopt.distributed sets these): `shard=(rank, world_size)` makes each process train on rows
+rank::world_size of every global batch of batch_size examples (array data: the same seeded permutation in every
+process; a DataLoader: every process loads the whole batch and keeps its rows), and `wrap_model` wraps the
+student module for the forward pass (torch DistributedDataParallel, which averages the gradients; the feature
+loss's normalizer is averaged over the processes too), so the processes take the same steps as one process on
+the whole batch, up to float rounding, when every global batch splits evenly. `device` moves student, teachers
+and batches to a torch device ("cuda:0").
 """
 from __future__ import annotations
 
@@ -89,6 +97,10 @@ class DistillConfig:
     cache_limit_mb: float = 512.0
     eval_samples: int = 2048                 # training examples used for the final metrics
     progress: Callable | None = field(default=None, repr=False)   # progress(step, total, record)
+    # several processes / devices
+    device: str | None = None                # torch device of student, teachers and batches (None: CPU)
+    shard: tuple[int, int] | None = None     # (rank, world size): train on rows rank::world of every global batch
+    wrap_model: Callable | None = field(default=None, repr=False)  # wrap_model(student module) -> module to call
 
     def validate(self) -> None:
         if self.optimizer not in ("adamw", "sgd"):
@@ -103,6 +115,13 @@ class DistillConfig:
             raise BadInput("DistillConfig: label smoothing must be in [0, 1)")
         if not 0 <= self.warmup <= 1:
             raise BadInput("DistillConfig.warmup is a fraction of the steps, in [0, 1]")
+        if self.shard is not None:
+            rank, world = self.shard
+            if not (world >= 1 and 0 <= rank < world):
+                raise BadInput(f"DistillConfig.shard=(rank, world size) needs 0 <= rank < world size, "
+                               f"not {self.shard}")
+            if self.batch_size < world:
+                raise BadInput(f"DistillConfig: batch_size {self.batch_size} is smaller than the {world} processes")
         _check_phases(self.temperature)
 
 
@@ -194,9 +213,11 @@ def kd_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, T: float, 
     return kl.mean() * (T * T)
 
 
-def feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-    """FitNets hint loss: MSE, divided by the teacher feature's mean square when normalize. Tensors of equal size
-    per example but different ranks ((B, C, 1, 1) against (B, C)) are compared flattened."""
+def feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, normalize: bool = True,
+                 mean_square: torch.Tensor | None = None) -> torch.Tensor:
+    """FitNets hint loss: MSE, divided by the teacher feature's mean square when normalize (`mean_square` when
+    given: the whole global batch's, in distributed training). Tensors of equal size per example but different
+    ranks ((B, C, 1, 1) against (B, C)) are compared flattened."""
     if student_feat.shape != teacher_feat.shape and student_feat.numel() == teacher_feat.numel() \
             and student_feat.shape[0] == teacher_feat.shape[0]:
         student_feat = student_feat.reshape(teacher_feat.shape)
@@ -204,8 +225,19 @@ def feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, normali
         raise BadInput(f"feature loss: student {tuple(student_feat.shape)} vs teacher {tuple(teacher_feat.shape)}")
     mse = F.mse_loss(student_feat, teacher_feat)
     if normalize:
-        mse = mse / (teacher_feat.detach().pow(2).mean() + 1e-8)
+        ms = teacher_feat.detach().pow(2).mean() if mean_square is None else mean_square
+        mse = mse / (ms + 1e-8)
     return mse
+
+
+def _mean_over_processes(x: torch.Tensor, config: "DistillConfig") -> torch.Tensor:
+    """The mean of x over the processes of a sharded run (each holds an equal part of the global batch)."""
+    world = config.shard[1] if config.shard else 1
+    if world == 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return x
+    x = x.detach().clone()
+    torch.distributed.all_reduce(x)
+    return x / world
 
 
 def attention_map(feat: torch.Tensor, channel_axis: int = 1, p: float = 2.0) -> torch.Tensor:
@@ -365,14 +397,16 @@ def _feature_pairs(student: gs.Graph, teacher: gs.Graph, config: DistillConfig) 
 
 
 def _batches(train, labels, names: list[str], n_inputs: int, config: DistillConfig, rng):
-    """Yields (inputs list, labels or None, index array or None) forever, epoch after epoch."""
+    """Yields (inputs list, labels or None, index array or None) forever, epoch after epoch. With config.shard,
+    this process's rows of every global batch."""
+    rank, world = config.shard or (0, 1)
     if isinstance(train, dict):
         arrays = _array_inputs(train, names, "distill")
         n = len(arrays[0])
         while True:
             order = rng.permutation(n)
             for i in range(0, n, config.batch_size):
-                idx = order[i:i + config.batch_size]
+                idx = order[i:i + config.batch_size][rank::world]
                 yield [a[idx] for a in arrays], (labels[idx] if labels is not None else None), idx
     else:
         while True:
@@ -380,6 +414,9 @@ def _batches(train, labels, names: list[str], n_inputs: int, config: DistillConf
             for batch in train:
                 got = True
                 xs, ys = _split_batch(batch, n_inputs, names)
+                if world > 1:
+                    xs = [x[rank::world] for x in xs]
+                    ys = ys[rank::world] if ys is not None else None
                 yield xs, ys, None
             if not got:
                 raise BadInput("distill: the training DataLoader yielded no batch")
@@ -405,11 +442,16 @@ def distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, l
     rng = np.random.default_rng(config.seed)
     mod = _adapters_module()
 
+    device = torch.device(config.device) if config.device else None
     s_tg = TrainableGraph(student)
     t_tgs = [TrainableGraph(t, trainable=[]) for t in teachers]
     for t in t_tgs:
         t.eval()
         t.requires_grad_(False)
+    if device is not None:
+        s_tg.to(device)
+        for t in t_tgs:
+            t.to(device)
     if not list(s_tg.parameters()):
         raise BadInput("distill: the student graph has no trainable weights")
     adapted_outputs = {rec["output"] for rec in mod.adapter_pairs(student)}
@@ -464,12 +506,15 @@ def distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, l
     history = {k: [] for k in ("loss", "kd", "hard", "feature", "attention", "T", "lr", "hard_weight", "grad_norm")}
     kd_pairs_checked = False
     kd_positions: list[int] = []
+    model = config.wrap_model(s_tg) if config.wrap_model is not None else s_tg
     t0 = time.perf_counter()
     s_tg.train()
     stream = _batches(train, labels, s_tg.input_names, n_inputs, config, rng)
     for step in range(total):
         xs, ys, idx = next(stream)
         xs = [_tensor(x) for x in xs]
+        if device is not None:
+            xs = [x.to(device) for x in xs]
         frac = step / total
         T = temperature_at(frac, config.temperature)
         hw = hard_weight_at(frac, config.hard_weight) if ys is not None else 0.0
@@ -477,14 +522,14 @@ def distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, l
         for gp in opt.param_groups:
             gp["lr"] = lr
         if cache is not None and idx is not None:
-            t_outs = [[torch.from_numpy(o[idx]) for o in outs] for outs in cache["outputs"]]
-            t_feats = {k: torch.from_numpy(v[idx]) for k, v in cache["features"].items()}
+            t_outs = [[torch.from_numpy(o[idx]).to(device or "cpu") for o in outs] for outs in cache["outputs"]]
+            t_feats = {k: torch.from_numpy(v[idx]).to(device or "cpu") for k, v in cache["features"].items()}
         else:
             t_outs, t_feats = run_teachers(xs)
         if s_feat_names:
-            s_out, s_feats = s_tg(*xs, features=s_feat_names)
+            s_out, s_feats = model(*xs, features=s_feat_names)
         else:
-            s_out, s_feats = s_tg(*xs), {}
+            s_out, s_feats = model(*xs), {}
         s_out = _tuple(s_out)
         s_orig = [s_out[i] for i in s_out_idx]
         if not kd_pairs_checked:
@@ -505,7 +550,7 @@ def distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, l
             parts["kd"] = kd
             loss = loss + config.kd_weight * kd
         if hw and ys is not None:
-            y = _tensor(ys).long()
+            y = _tensor(ys).long().to(s_orig[0].device)
             ce = F.cross_entropy(s_orig[config.label_output], y, label_smoothing=config.label_smoothing)
             parts["hard"] = ce
             loss = loss + hw * ce
@@ -513,7 +558,9 @@ def distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, l
             fl = 0.0
             for p in pairs:
                 s_feat = s_out[s_tg.output_names.index(p.adapted)] if p.adapted else s_feats[p.student]
-                fl = fl + feature_loss(s_feat, t_feats[p.teacher], config.feature_normalize)
+                tf = t_feats[p.teacher]
+                ms = _mean_over_processes(tf.detach().pow(2).mean(), config) if config.shard else None
+                fl = fl + feature_loss(s_feat, tf, config.feature_normalize, ms)
             parts["feature"] = fl / len(pairs)
             loss = loss + config.feature_weight * parts["feature"]
         at_pairs = [p for p in pairs if p.channel_axis is not None]
@@ -538,6 +585,8 @@ def distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, l
         if config.progress is not None:
             config.progress(step + 1, total, record)
     s_tg.eval()
+    if device is not None:
+        s_tg.cpu()
     trained = s_tg.to_graph()
     if not config.keep_adapters:
         mod.remove_adapters(trained)
@@ -573,8 +622,8 @@ def _teacher_cache(train: dict, names: list[str], run_teachers, config: DistillC
             outs_acc = [[[] for _ in outs] for outs in o]
         for k, outs in enumerate(o):
             for j, t in enumerate(outs):
-                outs_acc[k][j].append(t.numpy())
+                outs_acc[k][j].append(t.cpu().numpy())
         for k, v in f.items():
-            feats_acc.setdefault(k, []).append(v.numpy())
+            feats_acc.setdefault(k, []).append(v.cpu().numpy())
     return {"outputs": [[np.concatenate(x) for x in outs] for outs in outs_acc],
             "features": {k: np.concatenate(v) for k, v in feats_acc.items()}}

@@ -15,7 +15,8 @@ What runs where: every process loads the model and the data, runs the same passe
 rank 0 after every structural pass, so pruning decisions can never diverge), and trains under torch
 DistributedDataParallel: each global batch of --batch-size examples is split by rank (rows rank::world), DDP
 averages the gradients, so the processes take the steps one process would take on the whole batch (equal up to
-float rounding; the feature loss's normalizer is per process). The teacher's outputs are computed in every process.
+float rounding when every global batch splits evenly: the last, short batch of an epoch may not). The teacher's
+outputs are computed in every process. Needs graphopt.distill's DistillConfig.shard / wrap_model / device hooks.
 
 Backend: NCCL when CUDA is available (each process on cuda:LOCAL_RANK, training on the GPU), else gloo on CPU;
 --backend / setup(backend=...) overrides. In Python: compress(..., distributed=True) inside a torchrun-launched
@@ -167,7 +168,8 @@ def _compress_main(argv: list[str]) -> int:
         ev = cli._load_npz(args.eval, "--eval") if args.eval else None
         log = None if (args.json or quiet) else cli._log
         graph, info_c = compress(original, train, pm, eval_data=ev, epochs=args.epochs, batch_size=args.batch_size,
-                                 lr=args.lr, seed=args.seed, log=log, distributed=True)
+                                 lr=args.lr, seed=args.seed, log=log, distributed=True,
+                                 threads=getattr(args, "threads", None))
         if not quiet:
             dest = Path(args.output)
             tmp = dest.with_name(f".{dest.name}.tmp")

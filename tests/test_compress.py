@@ -160,6 +160,8 @@ def test_bad_input(teacher, data):
         compress(teacher, train, PIPELINE, epochs=0)
     with pytest.raises(BadInput, match="unknown pass"):
         compress(teacher, train, "prune-chanels{flops=0.5}", epochs=1)
+    with pytest.raises(BadInput, match="DataLoader"):
+        compress(teacher, ((train["x"][i:i + 8],) for i in range(0, 64, 8)), PIPELINE, epochs=1)  # one-shot
 
 
 def test_command_line(tmp_path, data, capsys):

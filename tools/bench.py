@@ -11,7 +11,8 @@ interleaved round by round, so that load from other processes hits every engine 
 The table reports median latency, the ratio to onnxruntime, achieved GFLOP/s (2 * MACs / latency, MACs from
 graphopt.analyses.flops) and its fraction of this machine's fp32 peak, estimated in the same run as the best of a
 few 2048^3 sgemm calls through numpy's BLAS limited to the same thread count (threadpoolctl), and the compile
-time of each graphopt build. Compiled models are checked against onnxruntime by graphopt.compile itself.
+time of each graphopt build, and CPU time / wall time while each engine ran (shows whether the requested
+thread count really took effect). Compiled models are checked against onnxruntime by graphopt.compile itself.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import argparse
 import datetime
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -68,24 +70,34 @@ def compile_model(path: Path, out: Path, pipeline: str | None, tuning_db: str | 
     return art, time.perf_counter() - t0
 
 
-def time_engines(engines: dict, rounds: int, per_round_s: float, min_iters: int = 3) -> dict[str, list[float]]:
+def _cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def time_engines(engines: dict, rounds: int, per_round_s: float, min_iters: int = 3):
     """engines: name -> zero-argument callable. Interleaved: every round runs each engine for about
-    per_round_s (at least min_iters calls) after one warm-up call."""
+    per_round_s (at least min_iters calls) after one warm-up call. Returns per-engine latency samples and the
+    process CPU time / wall time while each engine ran (about the number of threads it really kept busy)."""
     samples = {k: [] for k in engines}
+    cpu = {k: 0.0 for k in engines}
+    wall = {k: 0.0 for k in engines}
     for fn in engines.values():  # warm-up (first call allocates)
         fn()
         fn()
     for _ in range(rounds):
         for name, fn in engines.items():
             fn()
-            t_start = time.perf_counter()
+            c0, t_start = _cpu_seconds(), time.perf_counter()
             n = 0
             while n < min_iters or time.perf_counter() - t_start < per_round_s:
                 t0 = time.perf_counter()
                 fn()
                 samples[name].append(time.perf_counter() - t0)
                 n += 1
-    return samples
+            cpu[name] += _cpu_seconds() - c0
+            wall[name] += time.perf_counter() - t_start
+    return samples, {k: cpu[k] / wall[k] if wall[k] else 0.0 for k in engines}
 
 
 def main(argv=None) -> int:
@@ -136,7 +148,7 @@ def main(argv=None) -> int:
                 runner = a.runner(threads)
                 arrays = a.check_inputs(feeds)
                 engines[label] = lambda r=runner, x=arrays: r(x)
-            samples = time_engines(engines, args.rounds, args.round_seconds)
+            samples, busy = time_engines(engines, args.rounds, args.round_seconds)
             med = {k: statistics.median(v) for k, v in samples.items()}
             for label, t in med.items():
                 gflops = 2.0 * macs / t / 1e9
@@ -144,6 +156,7 @@ def main(argv=None) -> int:
                     "model": name, "threads": threads, "engine": label, "ms": t * 1e3,
                     "ratio": t / med["onnxruntime"], "gflops": gflops, "peak": gflops / peaks[threads],
                     "compile_s": builds[label][1] if label in builds else None, "n": len(samples[label]),
+                    "busy": busy[label],
                 })
             print(f"{name} x{threads}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in med.items()), flush=True)
         if len(args.threads) > 1:
@@ -172,15 +185,17 @@ def write_markdown(path: Path, rows, peaks, notes, args, ort_version: str) -> No
         + ", ".join(f"{t} thread(s): {p:.1f} GFLOP/s" for t, p in peaks.items()),
         "",
         f"Latency: median over {args.rounds} interleaved rounds of ~{args.round_seconds} s per engine. "
-        "GFLOP/s = 2 x MACs / latency. Ratio = latency / onnxruntime latency (same model, same threads).",
+        "GFLOP/s = 2 x MACs / latency. Ratio = latency / onnxruntime latency (same model, same threads). "
+        "CPU/wall = process CPU time / wall time while the engine ran (about the number of busy threads: "
+        "shows the thread count took effect; below the thread count when other processes compete for cores).",
         "",
-        "| model | threads | engine | median ms | ratio to ORT | GFLOP/s | % of peak | compile s |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| model | threads | engine | median ms | ratio to ORT | GFLOP/s | % of peak | CPU/wall | compile s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         cs = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else ""
         lines.append(f"| {r['model']} | {r['threads']} | {r['engine']} | {r['ms']:.2f} | {r['ratio']:.2f} | "
-                     f"{r['gflops']:.1f} | {100 * r['peak']:.0f}% | {cs} |")
+                     f"{r['gflops']:.1f} | {100 * r['peak']:.0f}% | {r['busy']:.2f} | {cs} |")
     if notes:
         lines += ["", "Thread scaling (checks that the thread count takes effect):", ""]
         lines += [f"- {n}" for n in notes]

@@ -144,8 +144,9 @@ def main(argv=None) -> int:
                     checks.append(f"penultimate CKA < {MIN_CKA}")
                 ok = ok and not checks
             res["checks_failed"] = checks
-            rows.append([f"{mode} (seed {seed})", f"{info['macs_ratio']:.3f}", f"{info['params_ratio']:.3f}",
-                         f"{f['top1'] * 100:.2f}", f"{-f['top1_drop'] * 100:+.2f}", f"{f['agreement'] * 100:.2f}",
+            drop = round(-f["top1_drop"] * 100, 2) + 0.0
+            rows.append([f"{mode} (seed {seed})", f"{info['macs_ratio']:.4f}", f"{info['params_ratio']:.4f}",
+                         f"{f['top1'] * 100:.2f}", f"{drop:+.2f}", f"{f['agreement'] * 100:.2f}",
                          fmt(f["cka_penultimate"]), fmt(f["cka_logits"]), f"{seconds:.0f}",
                          ("met" if not checks else "NOT met: " + "; ".join(checks)) if flag else
                          ("baseline" if not checks else "; ".join(checks))])
@@ -160,9 +161,9 @@ def main(argv=None) -> int:
         for mode in ("distilled", "plain CE"):
             rs = [r for r in results if r["mode"] == mode]
             mean = {k: float(np.mean([r[k] for r in rs])) for k in ("top1", "agreement", "cka_penultimate")}
-            lines.append(f"| {mode} (mean of {len(rs)}) | | | {mean['top1'] * 100:.2f} | "
-                         f"{(mean['top1'] - first['teacher_top1']) * 100:+.2f} | {mean['agreement'] * 100:.2f} | "
-                         f"{mean['cka_penultimate']:.4f} | | | |")
+            delta = round((mean["top1"] - first["teacher_top1"]) * 100, 2) + 0.0
+            lines.append(f"| {mode} (mean of {len(rs)}) | | | {mean['top1'] * 100:.2f} | {delta:+.2f} | "
+                         f"{mean['agreement'] * 100:.2f} | {mean['cka_penultimate']:.4f} | | | |")
     lines += ["", f"total {time.perf_counter() - t_all:.0f} s; acceptance (distilled): "
               f"{'met' if ok else 'NOT met'}"]
     print("\n".join(lines))

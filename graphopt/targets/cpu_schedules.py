@@ -155,6 +155,7 @@ def schedule_module(mod, target):
         elif new.attrs is not None and "global_symbol" in new.attrs:
             new = new.without_attr("global_symbol")
         updates[gv] = new
+    mod = mod.clone()  # the caller's module stays as it was
     for gv, f in updates.items():
         mod[gv] = f
     # weight repacking blocks (ours, or from MetaSchedule records) -> separate functions, evaluated now

@@ -32,20 +32,30 @@ class _Captured(BaseException):
 
 
 def pre_tuning_module(model, target_obj):
-    """The fused IRModule tvm_lowering.build() hands to the schedule hook (before any schedule)."""
+    """The fused IRModule that compiling `model` for target_obj hands to its schedule hook (before any schedule,
+    without a tuning database): target_obj.lower() itself runs (same import, same int8 rewrite, same fusion
+    pipeline) with tvm_lowering.build wrapped so that its schedule hook captures the module and stops."""
+    import tempfile
+
     from . import tvm_lowering
 
-    from .cpu_int8 import import_int8
-    mod, _ = import_int8(model, target_obj.tvm_target())    # exactly what CpuTarget.lower imports
+    real_build = tvm_lowering.build
 
     def capture(m, _target):
         raise _Captured(m)
 
+    def capturing_build(mod, target, schedule=None, tuning_db=None, **kw):
+        return real_build(mod, target, schedule=capture, tuning_db=None, **kw)
+
+    tvm_lowering.build = capturing_build
     try:
-        tvm_lowering.build(mod, target_obj.tvm_target(), schedule=capture, tuning_db=None)
+        with tempfile.TemporaryDirectory(prefix="graphopt-tune-") as tmp:
+            target_obj.lower(tvm_lowering.prepare_for_import(model), tmp)
     except _Captured as c:
         return c.mod
-    raise RuntimeError("tvm_lowering.build did not call its schedule hook")
+    finally:
+        tvm_lowering.build = real_build
+    raise RuntimeError(f"{type(target_obj).__name__}.lower did not reach tvm_lowering.build's schedule hook")
 
 
 def make_builder(max_workers: int | None = None, timeout_sec: float = 60.0, in_process: bool = False):

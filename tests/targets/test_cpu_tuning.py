@@ -62,20 +62,22 @@ def test_retuning_adds_records(tuned, tmp_path):
     assert after > before
 
 
-def test_pre_tuning_module_matches_build():
-    """The module tune() extracts tasks from is the one build() schedules (same structural hash)."""
+def test_pre_tuning_module_matches_compile(monkeypatch, tmp_path):
+    """The module tune() extracts tasks from is the one compiling hands to the schedule hook (same structural
+    hash, so the records apply)."""
     import tvm
 
-    from graphopt.targets import tvm_lowering
+    from graphopt.targets import cpu_schedules
     m = tiny_model()
     a = cpu_tuning.pre_tuning_module(m, CpuTarget())
     seen = {}
+    real = cpu_schedules.schedule_module
 
     def hook(mod, target):
         seen["mod"] = mod
-        return mod
-    tvm_lowering.build(tvm_lowering.import_onnx(tvm_lowering.prepare_for_import(m)), CpuTarget().tvm_target(),
-                       schedule=hook)
+        return real(mod, target)
+    monkeypatch.setattr(cpu_schedules, "schedule_module", hook)
+    CpuTarget().lower(m, tmp_path)
     tvm.ir.assert_structural_equal(a, seen["mod"])
 
 
@@ -85,18 +87,16 @@ def test_fresh_process_applies_records(tuned, tmp_path):
         import json, sys
         import onnx
         import graphopt
-        from graphopt.targets import tvm_lowering, cpu_schedules
-        from graphopt.targets.cpu import CpuTarget
+        from graphopt.targets import cpu_schedules
         applied = []
+        real = cpu_schedules.schedule_module
         def hook(mod, target):
             import tvm
             for gv, f in mod.functions.items():
                 if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "tirx.is_scheduled" in f.attrs:
                     applied.append(gv.name_hint)
-            return cpu_schedules.schedule_module(mod, target)
-        m = onnx.load({str(path)!r})
-        tvm_lowering.build(tvm_lowering.import_onnx(tvm_lowering.prepare_for_import(m)), CpuTarget().tvm_target(),
-                           schedule=hook, tuning_db={str(db)!r})
+            return real(mod, target)
+        cpu_schedules.schedule_module = hook  # CpuTarget.lower imports it at call time
         art = graphopt.compile({str(path)!r}, out={str(tmp_path / "art")!r}, tuning_db={str(db)!r}, measure=False)
         print(json.dumps({{"applied": applied, "check": art.report["check"]}}))
     """)
