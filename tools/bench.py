@@ -12,7 +12,8 @@ The table reports median latency, the ratio to onnxruntime, achieved GFLOP/s (2 
 graphopt.analyses.flops) and its fraction of this machine's fp32 peak, estimated in the same run as the best of a
 few 2048^3 sgemm calls through numpy's BLAS limited to the same thread count (threadpoolctl), and the compile
 time of each graphopt build, and CPU time / wall time while each engine ran (shows whether the requested
-thread count really took effect). Compiled models are checked against onnxruntime by graphopt.compile itself.
+thread count really took effect). Thread counts are timed from the largest down: in one process TVM's thread
+pool can be shrunk after its first configuration but not grown again. Compiled models are checked against onnxruntime by graphopt.compile itself.
 """
 from __future__ import annotations
 
@@ -141,7 +142,8 @@ def main(argv=None) -> int:
         model_bytes = (art.path / "model.onnx").read_bytes()
         specs = [(i["name"], tuple(i["shape"]), i["dtype"]) for i in art.inputs]
         feeds = gort.random_inputs(specs, 0)
-        for threads in args.threads:
+        # most threads first: TVM's thread pool can shrink after it was configured, but not grow again
+        for threads in sorted(args.threads, reverse=True):
             sess = gort.session(model_bytes, optimize=True, threads=threads)
             engines = {"onnxruntime": lambda s=sess: s.run(None, feeds)}
             for label, (a, _) in builds.items():
@@ -192,6 +194,7 @@ def write_markdown(path: Path, rows, peaks, notes, args, ort_version: str) -> No
         "| model | threads | engine | median ms | ratio to ORT | GFLOP/s | % of peak | CPU/wall | compile s |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
+    rows = sorted(rows, key=lambda r: (args.models.index(r["model"]), r["threads"]))
     for r in rows:
         cs = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else ""
         lines.append(f"| {r['model']} | {r['threads']} | {r['engine']} | {r['ms']:.2f} | {r['ratio']:.2f} | "

@@ -386,6 +386,12 @@ def schedule_conv_spatial(sch, ctx: Ctx) -> bool:
     par = sch.fuse(*outer) if len(outer) > 1 else outer[0]
     maybe_parallel(sch, par, work, ctx)
     must_vectorize(sch, xi)
+    red_ext = 1
+    for r in red:
+        red_ext *= int_or_none(sch.get(r).extent) or 1 << 20
+    if red_ext <= 49:  # small windows (3x3, 5x5, 7x7): unrolled, so the weights stay in registers across rows
+        for r in red:
+            sch.unroll(r)
     sch.reverse_compute_at(epi, xo)
     el = sch.get_loops(epi)
     try_vectorize(sch, el[-1])

@@ -35,7 +35,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.s_tir import Schedule
 
-from .cpu_sched_common import PREPROC, Ctx, check_vectorized_loops, register_fast_math
+from .cpu_sched_common import Ctx, check_vectorized_loops, register_fast_math
 
 log = logging.getLogger("graphopt.cpu_schedules")
 

@@ -70,10 +70,10 @@ def make_builder(max_workers: int | None = None, timeout_sec: float = 60.0, in_p
                                    f_build=w.BUILD_FUNC, f_export=w.EXPORT_FUNC, initializer=w.initialize)
 
 
-def make_runner(rpc: str | None = None, key: str | None = None, timeout_sec: float = 30.0):
+def make_runner(rpc: str | None = None, key: str | None = None, timeout_sec: float = 30.0, repeat: int = 1):
     from tvm.s_tir import meta_schedule as ms
 
-    config = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40, enable_cpu_cache_flush=False)
+    config = ms.runner.EvaluatorConfig(number=3, repeat=repeat, min_repeat_ms=40, enable_cpu_cache_flush=False)
     if rpc:
         host, _, port = rpc.rpartition(":")
         rpc_config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=key,
@@ -83,7 +83,6 @@ def make_runner(rpc: str | None = None, key: str | None = None, timeout_sec: flo
 
 
 def _has_reduction(func) -> bool:
-    from tvm import tirx
     from tvm.s_tir import Schedule
 
     from .cpu_sched_common import iter_kinds
@@ -124,7 +123,9 @@ def select_tasks(tasks, min_share: float = 0.002):
 
 
 def _commit_default_schedules(tasks, target, consts, database, builder, runner) -> dict:
-    """Measure graphopt's default schedule for every task and commit it as a tuning record."""
+    """Measure graphopt's default schedule for every task (several repeats, keeping the fastest) and commit it
+    as a tuning record. Keeping the fastest biases the database towards the default schedule: on a busy machine
+    a single unlucky measurement must not let a slower MetaSchedule candidate win."""
     from tvm.s_tir import meta_schedule as ms
 
     from .cpu_schedules import default_schedule
@@ -158,11 +159,11 @@ def _commit_default_schedules(tasks, target, consts, database, builder, runner) 
         if res.error_msg or not res.run_secs:
             log.warning("default schedule of %s did not run: %s", t.task_name, (res.error_msg or "").splitlines()[-1:])
             continue
+        best = min(float(s) for s in res.run_secs)
         workload = database.commit_workload(mod)
         database.commit_tuning_record(ms.database.TuningRecord(
-            sch.trace, workload, [float(s) for s in res.run_secs], target,
-            ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
-        done[t.task_name] = (rule, float(sum(float(s) for s in res.run_secs) / len(res.run_secs)))
+            sch.trace, workload, [best], target, ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+        done[t.task_name] = (rule, best)
     return done
 
 
@@ -281,7 +282,8 @@ def _tune(model, target_obj, db_dir, trials, progress, rpc, key, in_process_buil
     if not tasks:
         summary["seconds"] = round(time.perf_counter() - t0, 1)
         return summary
-    defaults = _commit_default_schedules(tasks, target, consts, database, builder, runner)
+    # defaults: 5 repeats each (the search keeps 1 per candidate)
+    defaults = _commit_default_schedules(tasks, target, consts, database, builder, make_runner(rpc, key, repeat=5))
     log.info("default schedules measured after %.1f s", time.perf_counter() - t0)
     per_iter = max(4, min(64, trials // max(1, 2 * len(tasks))))
     # the evolutionary population is per task; small measurement batches need only a small population, or
