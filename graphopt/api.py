@@ -18,6 +18,7 @@ from .errors import BadInput, CheckFailed
 from .graph import copy as copy_graph, input_specs, output_specs, to_onnx
 from .loading import load
 from .passmanager import PassContext, PassManager
+from .quant_check import compare_quantized
 
 COMPILED_RTOL, COMPILED_ATOL = 1e-4, 1e-5   # atol scaled by max(1, max|ref|)
 
@@ -89,7 +90,7 @@ def compare_with_onnxruntime(art: Artifact, seed: int = 0, feeds: dict | None = 
     ref = ort.run((art.path / MODEL).read_bytes(), feeds)
     got = art.run(feeds)
     # quantized graphs: >= 99% of elements within one output quantization step (rounding ties may differ)
-    q = importlib.import_module("graphopt.passes.quantize").compare_quantized(art.path / MODEL, ref, got)
+    q = compare_quantized(art.path / MODEL, ref, got)
     if q is not None:
         return q
     ok, err, name = verify.compare(ref, got, COMPILED_RTOL, COMPILED_ATOL, scale_atol=True)
@@ -152,7 +153,7 @@ def compile(model, target: str = "cpu", out: str | Path | None = None, pipeline=
     log = log or (lambda msg: None)
     where = str(model) if isinstance(model, (str, Path)) else "model"
     prep = prepare(model, target, pipeline, input_shapes, target_options, verify_level, seed, log, data)
-    graph, original, tgt, pm, legal, ctx = prep.graph, prep.original, prep.target, prep.pm, prep.legal, prep.ctx
+    graph, original, tgt, pm, legal = prep.graph, prep.original, prep.target, prep.pm, prep.legal
     records, lres, model_proto = prep.records, prep.legal_records, prep.model_proto
 
     dest = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="graphopt-")) / "artifact"
@@ -181,18 +182,17 @@ def compile(model, target: str = "cpu", out: str | Path | None = None, pipeline=
             raise CheckFailed(f"{where}: compiled library differs from onnxruntime on output '{check['worst_output']}' "
                               f"(max abs error {check['max_abs_error']:.3g}); please report this model")
         report = {"source": where, "target": target, **facts, "check": check,
-                  **_size_report(original, graph, ctx, stage.path / MODEL)}
+                  **_size_report(original, graph, stage.path / MODEL)}
         if measure and runs_here and tgt.measures_here():
             report["latency"] = measure_latency(art, threads=threads, repeat=20, budget_s=2.0, seed=seed)
         write_json(stage.path / REPORT, report)
-        art._runner = None
         stage.publish()
     return Artifact(dest)
 
 
-def _size_report(original: gs.Graph, graph: gs.Graph, ctx: PassContext, model_path: Path) -> dict:
-    from .analyses import flops
-    before, after = flops(original, None), flops(graph, None)
+def _size_report(original: gs.Graph, graph: gs.Graph, model_path: Path) -> dict:
+    from .evaluate import graph_size
+    before, after = graph_size(original, with_bytes=False), graph_size(graph, with_bytes=False)
     return {"macs_before": before["macs"], "macs_after": after["macs"], "params_before": before["params"],
             "params_after": after["params"], "model_bytes": model_path.stat().st_size,
             "ops": len(graph.nodes)}

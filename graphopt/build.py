@@ -168,7 +168,6 @@ def build(toml_path, log=None) -> dict:
     cached = []
 
     original = load(cfg.model_path, input_shapes=cfg.input_shapes)
-    specs = input_specs(original)
     base_key = _sha(__version__, _file_sha(cfg.model_path), cfg.input_shapes,
                     {k: _file_sha(p) for k, p in sorted(cfg.data_paths.items())})
 

@@ -80,7 +80,6 @@ def cmd_compile(args) -> int:
     from . import api
     if args.pipeline and args.config:
         raise BadInput("give either --pipeline or --config, not both")
-    pipeline = args.config if args.config else args.pipeline
     if args.config and not Path(args.config).is_file():
         raise BadInput(f"{args.config}: no such file")
     out = args.output or f"{Path(args.model).stem}.{args.target}"

@@ -96,8 +96,6 @@ class Schedule:
             raise BadInput("Schedule: light_fraction and fine_fraction in (0, 1], fine_tune_share in [0, 1)")
 
 
-LIGHT_FRACTION = Schedule.light_fraction
-FINE_FRACTION = Schedule.fine_fraction
 
 
 def _prune_steps(p, schedule: Schedule | None = None) -> list[dict]:
@@ -126,9 +124,8 @@ def _prune_steps(p, schedule: Schedule | None = None) -> list[dict]:
 
 
 def _metrics(graph) -> dict:
-    from .analyses import flops
-    f = flops(graph, None)
-    return {"macs": int(f["macs"]), "params": int(f["params"])}
+    from .evaluate import graph_size
+    return graph_size(graph, with_bytes=False)
 
 
 def _auto_round_to(graph, ctx, s: Schedule) -> int:
@@ -544,7 +541,3 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
         info["distributed"] = {"world_size": dist_info.world_size, "rank": dist_info.rank,
                                "backend": dist_info.backend}
     return graph, info
-
-
-def as_arrays(d) -> dict:
-    return {k: np.asarray(v) for k, v in d.items()}

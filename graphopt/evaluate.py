@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,7 +11,7 @@ import onnx_graphsurgeon as gs
 from . import ort
 from .analyses import flops
 from .errors import BadInput
-from .graph import from_onnx, to_onnx
+from .graph import to_onnx
 
 
 def linear_cka(x, y) -> float:
@@ -85,9 +84,13 @@ def agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.argmax(a[:n].reshape(n, -1), 1) == np.argmax(b[:n].reshape(n, -1), 1)))
 
 
-def graph_size(graph: gs.Graph) -> dict:
+def graph_size(graph: gs.Graph, with_bytes: bool = True) -> dict:
+    """MACs and parameter count (the flops analysis), and the serialized size when with_bytes."""
     f = flops(graph, None)
-    return {"macs": int(f["macs"]), "params": int(f["params"]), "bytes": len(to_onnx(graph).SerializeToString())}
+    out = {"macs": int(f["macs"]), "params": int(f["params"])}
+    if with_bytes:
+        out["bytes"] = len(to_onnx(graph).SerializeToString())
+    return out
 
 
 def ort_latency_ms(model: onnx.ModelProto, input_specs, threads: int | None, repeat: int = 20) -> float:
@@ -155,7 +158,3 @@ def fgsm(graph: gs.Graph, data: dict, labels: np.ndarray, eps: float, input_name
     scale = eps * float(data[input_name].std() or 1.0)
     adv = (x + scale * x.grad.sign()).detach().numpy().astype(data[input_name].dtype)
     return dict(data, **{input_name: adv})
-
-
-def load_onnx_graph(path: Path) -> gs.Graph:
-    return from_onnx(onnx.load(str(path)))

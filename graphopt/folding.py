@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from .graph import to_onnx
+from .graph import constant_node_value
 from .shapes import infer
 
 
@@ -16,21 +16,9 @@ def constants_to_initializers(graph: gs.Graph) -> bool:
         out = node.outputs[0]
         if out in graph.outputs:
             continue
-        attrs = node.attrs
-        if "value" in attrs and isinstance(attrs["value"], gs.Constant):
-            values = attrs["value"].values
-        else:
-            import numpy as np
-            if "value_float" in attrs:
-                values = np.array(attrs["value_float"], dtype=np.float32)
-            elif "value_floats" in attrs:
-                values = np.array(attrs["value_floats"], dtype=np.float32)
-            elif "value_int" in attrs:
-                values = np.array(attrs["value_int"], dtype=np.int64)
-            elif "value_ints" in attrs:
-                values = np.array(attrs["value_ints"], dtype=np.int64)
-            else:
-                continue
+        values = constant_node_value(node)
+        if values is None:
+            continue
         out.to_constant(values)
         node.outputs.clear()
         changed = True

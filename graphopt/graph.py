@@ -46,8 +46,17 @@ def output_specs(graph: gs.Graph) -> list[tuple[str, tuple, np.dtype]]:
     return [(t.name, tuple(t.shape) if t.shape is not None else None, np_dtype(t)) for t in graph.outputs]
 
 
-def is_static(shape) -> bool:
-    return shape is not None and all(isinstance(d, int) and d >= 0 for d in shape)
+def constant_node_value(node: gs.Node) -> np.ndarray | None:
+    """The value a Constant node produces (value / value_float(s) / value_int(s) forms), else None."""
+    attrs = node.attrs
+    if "value" in attrs:
+        v = attrs["value"]
+        return v.values if isinstance(v, gs.Constant) else np.asarray(v)
+    for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
+                       ("value_int", np.int64), ("value_ints", np.int64)):
+        if key in attrs:
+            return np.array(attrs[key], dtype=dtype)
+    return None
 
 
 def constant_value(tensor) -> np.ndarray | None:
@@ -55,10 +64,7 @@ def constant_value(tensor) -> np.ndarray | None:
     if isinstance(tensor, gs.Constant):
         return tensor.values
     if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
-        attrs = tensor.inputs[0].attrs
-        v = attrs.get("value")
-        if isinstance(v, gs.Constant):
-            return v.values
+        return constant_node_value(tensor.inputs[0])
     return None
 
 

@@ -26,12 +26,6 @@ def run(model, feeds: dict[str, np.ndarray], optimize: bool = False) -> dict[str
     return dict(zip(names, sess.run(names, feeds)))
 
 
-NP_DTYPES = {
-    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.FLOAT16: np.float16,
-    onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT8: np.int8,
-    onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.BOOL: np.bool_, onnx.TensorProto.INT16: np.int16,
-}
-
 
 def random_inputs(specs, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded inputs for (name, shape, numpy dtype) specs: normal floats, small non-negative ints."""

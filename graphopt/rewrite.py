@@ -4,10 +4,6 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 
-def consumers(graph: gs.Graph, tensor) -> list[gs.Node]:
-    return list(tensor.outputs)
-
-
 def bypass(graph: gs.Graph, node: gs.Node, keep_input: int = 0) -> bool:
     """Remove `node`, which passes input #keep_input through unchanged, rewiring its consumers.
     Graph outputs keep their names: when the node's output is a graph output, the producer of the input is made

@@ -47,7 +47,7 @@ from torch import nn
 
 from .errors import BadInput, UnsupportedModel
 from .graph import copy as copy_graph
-from .graph import node_label
+from .graph import constant_node_value, node_label
 
 __all__ = ["TrainableGraph", "SUPPORTED_OPS", "parameter_names"]
 
@@ -900,18 +900,8 @@ def _size(op, xs):
 
 @_op("Constant")
 def _constant(op, xs):
-    a = op.attrs
-    if "value" in a:
-        v = a["value"].values if isinstance(a["value"], gs.Constant) else np.asarray(a["value"])
-    elif "value_float" in a:
-        v = np.array(a["value_float"], dtype=np.float32)
-    elif "value_floats" in a:
-        v = np.array(a["value_floats"], dtype=np.float32)
-    elif "value_int" in a:
-        v = np.array(a["value_int"], dtype=np.int64)
-    elif "value_ints" in a:
-        v = np.array(a["value_ints"], dtype=np.int64)
-    else:
+    v = constant_node_value(op.node)
+    if v is None:
         op.fail("only value, value_float(s) and value_int(s) Constants are supported")
     return [_to_tensor(v)]
 

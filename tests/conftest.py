@@ -26,3 +26,17 @@ def zoo_onnx(zoo_dir):
             cache[key] = path
         return cache[key]
     return get
+
+
+@pytest.fixture(scope="session")
+def pm_onnx(tmp_path_factory):
+    """pm_onnx(name) -> path of a tests/prune_models.py model exported once per session."""
+    import prune_models
+    d = tmp_path_factory.mktemp("prune_models")
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = prune_models.export(name, d / f"{name}.onnx")
+        return cache[name]
+    return get

@@ -414,7 +414,7 @@ def blame(model, mp, target, feeds, expected, out_names, lowered_in, crashed: bo
 
     def plain_tvm():
         import onnx
-        m = tvm_lowering.prepare_for_import(onnx.ModelProto.FromString(mp.SerializeToString()))
+        m = onnx.ModelProto.FromString(mp.SerializeToString())
         ex = tvm_lowering.build(tvm_lowering.import_onnx(m), target.tvm_target(), schedule=None)
         with tempfile.TemporaryDirectory(prefix="graphopt-conf-plain-") as d:
             tvm_lowering.export(ex, Path(d) / "plain.so")

@@ -1269,9 +1269,6 @@ class ChannelGroups:
     def classes(self, slots) -> np.ndarray:
         return self.cls[np.asarray(slots, dtype=np.int64)] if len(slots) else np.zeros(0, np.int64)
 
-    def prunable_units(self) -> list[int]:
-        return [u.id for u in self.units if not u.frozen]
-
     def frozen_summary(self, extra: dict[int, list[str]] | None = None) -> list[dict]:
         """Frozen layers and why (a layer is reported once, with the reasons of its units)."""
         out = []

@@ -45,7 +45,6 @@ def _refuse(node, why):
 
 def _decompose(graph, node):
     kind = node.op
-    label = node_label(node)
     ins = list(node.inputs) + [gs.Variable.empty()] * (8 - len(node.inputs))
     X, W, R, B, seq_lens, h0, c0, P = ins[:8]
     Wv, Rv = constant_value(W), constant_value(R)
@@ -120,7 +119,7 @@ def _decompose(graph, node):
                 i_, f_, g_ = b.op("Sigmoid", [gi]), b.op("Sigmoid", [gf]), b.op("Tanh", [gc])
                 c = b.op("Add", [b.op("Mul", [f_, c]), b.op("Mul", [i_, g_])])
                 if Pv is not None:
-                    go = b.op("Add", [go, b.op("Mul", [c, b.const(Pv[d][H:2 * H], "po")])])
+                    go = b.op("Add", [go, b.op("Mul", [c, b.const(po, "po")])])
                 h = b.op("Mul", [b.op("Sigmoid", [go]), b.op("Tanh", [c])])
             elif kind == "GRU":
                 Rzr, Rh = Rd[:2 * H], Rd[2 * H:]

@@ -97,7 +97,7 @@ class ArmSveTarget(Target):
         if shutil.which(CXX) is None:
             raise GraphoptError(f"target arm-sve: the aarch64 cross compiler {CXX} is not installed; {SETUP_HINT}")
         t0 = time.perf_counter()
-        mod = tvm_lowering.import_onnx(tvm_lowering.prepare_for_import(model))
+        mod = tvm_lowering.import_onnx(model)
         try:
             ex = tvm_lowering.build(mod, self.tvm_target(), schedule=schedule, tuning_db=tuning_db)
         except Exception as e:  # noqa: BLE001 - a scheduled function did not build: check each one, drop those

@@ -696,6 +696,6 @@ def build_llvm(model: onnx.ModelProto, impl: str = "cpu", min_sparsity: float = 
     if impl not in ("cpu", "te"):
         raise ValueError(f"llvm block-sparse kernels are 'cpu' or 'te', not '{impl}'")
     tgt = target if target is not None else CpuTarget().tvm_target()
-    mod = tvm_lowering.import_onnx(tvm_lowering.prepare_for_import(model))
+    mod = tvm_lowering.import_onnx(model)
     res = rewrite(mod, impl, weight_table(model), min_sparsity, candidates)
     return tvm_lowering.build(res.mod, tgt, schedule=schedule_module), res

@@ -96,5 +96,5 @@ class CpuTarget(Target):
     def tune(self, model: onnx.ModelProto, db: str, trials: int, rpc: str | None = None, key: str | None = None,
              progress: bool = False) -> dict:
         from . import cpu_tuning
-        return cpu_tuning.tune(tvm_lowering.prepare_for_import(model), self, db, trials, rpc=rpc, key=key,
+        return cpu_tuning.tune(model, self, db, trials, rpc=rpc, key=key,
                                progress=progress)

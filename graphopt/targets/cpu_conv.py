@@ -316,10 +316,6 @@ def _x_stride(expr, x) -> int | None:
     return None
 
 
-def _deinterleave_map(nd: int, s: int):
-    return tirx.IndexMap.from_func(lambda *ax: tuple(ax[:nd - 1]) + (ax[nd - 1] % s, ax[nd - 1] // s), ndim=nd)
-
-
 def _split_padding(sch, block, lanes: int, stride: int) -> None:
     """A padding block computed per parallel iteration (its first loop is the parallel one): fill the plane
     with the pad value and copy the interior without a per-element condition (vectorized)."""

@@ -1040,7 +1040,6 @@ class _Rewriter:
 
     # -- PrimFunc registry --------------------------------------------------------------------------------
     def kernel(self, kind, spec, residual=False):
-        import tvm
         key = (kind, repr(spec), residual, self.dot)
         if key in self.funcs:
             return self.funcs[key]
@@ -1322,7 +1321,6 @@ def rewrite_int8(mod, target):
     """Replace the quantized conv2d / matmul chains of mod['main'] with graphopt's integer kernels.
     Returns (mod, facts); facts counts what was lowered (all zeros and mod unchanged when nothing matched,
     the target has no integer dot product, or the graph has no quantize ops)."""
-    import tvm
     from tvm import relax
     dot = int8_dot(target)
     facts = {"int8_dot": dot, "int8_kernels": 0}
@@ -1421,7 +1419,7 @@ def import_int8(model, target, where: str = "model"):
     into report.json (int8 kernel counts, the dot product used, fp32 leftovers)."""
     from . import tvm_lowering
     model = prepare_onnx(model)
-    mod = tvm_lowering.import_onnx(tvm_lowering.prepare_for_import(model), where)
+    mod = tvm_lowering.import_onnx(model, where)
     return rewrite_int8(mod, target)
 
 

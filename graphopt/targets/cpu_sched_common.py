@@ -146,14 +146,6 @@ def inline_epilogue(sch: Schedule, main_block):
     return after[-1]
 
 
-def pick_divisor(n: int, candidates) -> int | None:
-    """The first candidate that divides n."""
-    for c in candidates:
-        if c <= n and n % c == 0:
-            return c
-    return None
-
-
 def schedule_injective_block(sch: Schedule, block, lanes: int, cores: int) -> None:
     """Parallelize the outer spatial loops and vectorize the innermost one (when it is long enough)."""
     loops = sch.get_loops(block)

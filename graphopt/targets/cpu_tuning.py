@@ -50,7 +50,7 @@ def pre_tuning_module(model, target_obj):
     tvm_lowering.build = capturing_build
     try:
         with tempfile.TemporaryDirectory(prefix="graphopt-tune-") as tmp:
-            target_obj.lower(tvm_lowering.prepare_for_import(model), tmp)
+            target_obj.lower(model, tmp)
     except _Captured as c:
         return c.mod
     finally:

@@ -465,7 +465,7 @@ class CudaTarget(Target):
         if find_nvcc() is None:
             raise CudaBuildError("target cuda: nvcc not found (looked on PATH, $CUDA_HOME, /usr/local/cuda); "
                                  "install the CUDA toolkit on the compiling machine; the GPU host needs none")
-        mod = tvm_lowering.import_onnx(tvm_lowering.prepare_for_import(model))
+        mod = tvm_lowering.import_onnx(model)
         facts: dict = {}
         if self.sparse:
             res = block_sparse.rewrite(mod, "cuda", block_sparse.weight_table(model), self.min_sparsity)

@@ -1,7 +1,6 @@
 """channel-groups analysis: which channels are coupled, which are frozen and why."""
 import numpy as np
 import onnx_graphsurgeon as gs
-import pytest
 from onnx import helper
 
 import graphopt
@@ -9,18 +8,6 @@ import onnx_builders as ob
 import prune_models as pm
 from graphopt import PassContext
 from graphopt.analyses import ANALYSES
-
-
-@pytest.fixture(scope="module")
-def pm_onnx(tmp_path_factory):
-    d = tmp_path_factory.mktemp("prune_models")
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = pm.export(name, d / f"{name}.onnx")
-        return cache[name]
-    return get
 
 
 def _groups(path_or_model, **kw):

@@ -18,18 +18,6 @@ EXTRA = ["cat_twice", "one_channel", "depthwise_residual", "linear_to_deconv", "
          "dead_channels", "unknown_op", "squeeze_gate", "split_branches", "group_norm"]
 
 
-@pytest.fixture(scope="module")
-def pm_onnx(tmp_path_factory):
-    d = tmp_path_factory.mktemp("prune_models")
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = pm.export(name, d / f"{name}.onnx")
-        return cache[name]
-    return get
-
-
 def _model(zoo_onnx, pm_onnx, name):
     return graphopt.load(pm_onnx(name) if name in pm.MODELS else zoo_onnx(name))
 

@@ -44,7 +44,7 @@ def test_artifact_layout_and_manifest(zoo_onnx, tmp_path):
 
 
 def test_artifact_reloads_in_a_fresh_object_and_rejects_tampering(zoo_onnx, tmp_path):
-    art = graphopt.compile(zoo_onnx("mlp_digits"), out=tmp_path / "a", measure=False)
+    graphopt.compile(zoo_onnx("mlp_digits"), out=tmp_path / "a", measure=False)
     x = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
     y = Artifact(tmp_path / "a").run({"x": x})["y"]
     np.testing.assert_allclose(y, ort.run(open(zoo_onnx("mlp_digits"), "rb").read(), {"x": x})["y"], atol=1e-5)

@@ -357,41 +357,7 @@ def test_fp32_and_weight_only_graphs_are_left_alone(zoo_onnx, tmp_path):
     assert np.allclose(runner([x])[0], ref, rtol=1e-4, atol=1e-5)
 
 
-def _hooked_lower(self, model, out_dir, tuning_db=None):
-    """targets/cpu.py's lower() with the int8 hook (import_int8 instead of import_onnx)."""
-    import time
-    from pathlib import Path
-    from graphopt.targets.cpu_schedules import schedule_module
-    t0 = time.perf_counter()
-    mod, facts = ci.import_int8(model, self.tvm_target())
-    ex = tvm_lowering.build(mod, self.tvm_target(), schedule=schedule_module, tuning_db=tuning_db)
-    tvm_lowering.export(ex, Path(out_dir) / self.library)
-    return {"compile_seconds": round(time.perf_counter() - t0, 3), **facts}
-
-
-@pytest.fixture
-def int8_hooks(monkeypatch):
-    """The hooks targets/cpu.py and api.py need, applied here until they are in place."""
-    import inspect
-    from graphopt import api
-    from graphopt.passes import quantize
-    from graphopt.targets import cpu
-    if "import_int8" not in inspect.getsource(cpu.CpuTarget.lower):
-        monkeypatch.setattr(cpu.CpuTarget, "lower", _hooked_lower)
-        monkeypatch.setattr(cpu.CpuTarget, "legalize", "decompose-rnn,lower-int8")
-    if "compare_quantized" not in inspect.getsource(api.compare_with_onnxruntime):
-        original = api.compare_with_onnxruntime
-
-        def compare(art, seed=0, feeds=None):
-            specs = [(i["name"], tuple(i["shape"]), i["dtype"]) for i in art.inputs]
-            feeds = feeds if feeds is not None else ort.random_inputs(specs, seed)
-            ref = ort.run((art.path / "model.onnx").read_bytes(), feeds)
-            check = quantize.compare_quantized(art.path / "model.onnx", ref, art.run(feeds))
-            return check if check is not None else original(art, seed, feeds)
-        monkeypatch.setattr(api, "compare_with_onnxruntime", compare)
-
-
-def test_graphopt_compile_uses_int8_kernels(tmp_path, int8_hooks):
+def test_graphopt_compile_uses_int8_kernels(tmp_path):
     """Through graphopt.compile: --calib data reaches the pass, the cpu target lowers to int8 kernels, the
     self-check uses the one-step criterion, the artifact's model.onnx is the QDQ graph onnxruntime runs."""
     x_tr, y_tr, x_te, y_te = digits.load_digits_split()
