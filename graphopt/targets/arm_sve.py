@@ -7,6 +7,11 @@ linked against the aarch64 TVM runtime (graphopt/targets/arm_runner); tools/setu
 The code is vector-length agnostic: the schedule splits the innermost spatial loop by `4 * vscale` lanes (fp32),
 so one model.so runs on every SVE vector length. The length used when running under qemu comes from the target
 option `vector_bits` (default 256), overridden by the environment variable GRAPHOPT_SVE_VECTOR_BITS.
+
+Quantized (QDQ) graphs: the legalization runs lower-int8 and lower() imports through cpu_int8.import_int8, like
+the x86 target, so Conv / MatMul / Gemm chains run as graphopt's integer kernels; their 16x4 u8 x s8 -> s32 micro
+kernel is NEON `usdot` (FEAT_I8MM, which Neoverse-V1 has). These kernels use fixed 128-bit NEON vectors, not
+scalable ones; fp32 ops left in the graph keep the SVE rule. Graphs without QuantizeLinear are unchanged.
 """
 from __future__ import annotations
 
@@ -41,6 +46,9 @@ MATTR = ["+v8.2a", "+sve"]
 VECTOR_BITS = (128, 256, 512, 1024, 2048)
 DEFAULT_VECTOR_BITS = 256
 ENV_VECTOR_BITS = "GRAPHOPT_SVE_VECTOR_BITS"
+#: the integer dot product of graphopt's int8 kernels on this target: NEON usdot (u8 x s8 -> s32, FEAT_I8MM);
+#: what cpu_int8.int8_dot() says for tvm_target() (a constant here so hw() does not import TVM)
+INT8_DOT = "usdot"
 #: fp32 lanes per 128-bit vscale granule
 LANES_PER_VSCALE = 4
 SETUP_HINT = "run tools/setup_arm.sh"
@@ -63,7 +71,7 @@ def _check_bits(bits, where: str) -> int:
 
 class ArmSveTarget(Target):
     name = "arm-sve"
-    legalize = "decompose-rnn"
+    legalize = "decompose-rnn,lower-int8"
 
     def __init__(self, vector_bits: int | None = None, **options):
         super().__init__(**options)
@@ -74,7 +82,7 @@ class ArmSveTarget(Target):
 
     # ---- what the passes and the manifest see ----
     def hw(self) -> dict:
-        return {"vector_bits": "scalable", "fp32_lanes": LANES_PER_VSCALE, "int8_dot": "sdot"}
+        return {"vector_bits": "scalable", "fp32_lanes": LANES_PER_VSCALE, "int8_dot": INT8_DOT}
 
     def describe(self) -> dict:
         return {"name": self.name, "llvm_mtriple": TRIPLE, "llvm_mcpu": MCPU, "llvm_mattr": list(MATTR), **self.hw()}
@@ -96,8 +104,11 @@ class ArmSveTarget(Target):
         import tvm.support.cc
         if shutil.which(CXX) is None:
             raise GraphoptError(f"target arm-sve: the aarch64 cross compiler {CXX} is not installed; {SETUP_HINT}")
+        from .cpu_int8 import import_int8
         t0 = time.perf_counter()
-        mod = tvm_lowering.import_onnx(model)
+        # import_onnx plus the rewrite of QDQ conv / matmul chains into graphopt's integer (usdot) kernels; those
+        # are marked scheduled, so the SVE rule below leaves them alone
+        mod, int8_facts = import_int8(model, self.tvm_target())
         try:
             ex = tvm_lowering.build(mod, self.tvm_target(), schedule=schedule, tuning_db=tuning_db)
         except Exception as e:  # noqa: BLE001 - a scheduled function did not build: check each one, drop those
@@ -110,7 +121,7 @@ class ArmSveTarget(Target):
         tvm_lowering.export(ex, path, cross_compiler=tvm.support.cc.cross_compiler(CXX))
         if runner_build.elf_machine(path) != runner_build.EM_AARCH64:
             raise GraphoptError(f"target arm-sve: {path} is not an aarch64 library; check {CXX}")
-        return {"compile_seconds": round(time.perf_counter() - t0, 3)}
+        return {"compile_seconds": round(time.perf_counter() - t0, 3), **int8_facts}
 
     def tune(self, model: onnx.ModelProto, db: str, trials: int, rpc: str | None = None, key: str | None = None,
              progress: bool = False) -> dict:

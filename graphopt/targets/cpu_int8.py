@@ -1,4 +1,5 @@
-"""Integer lowering of QDQ graphs for the x86 CPU target: u8 x s8 -> s32 kernels with AVX-512 VNNI.
+"""Integer lowering of QDQ graphs for the CPU targets: u8 x s8 -> s32 kernels with AVX-512 VNNI (x86, targets/cpu.py)
+or NEON usdot (aarch64 with FEAT_I8MM, targets/arm_sve.py).
 
 TVM imports QuantizeLinear / DequantizeLinear as relax.quantize / relax.dequantize and would compute every
 quantized Conv / MatMul / Gemm in fp32 (dequantize -> fp32 op -> quantize). This module replaces those chains,
@@ -29,7 +30,11 @@ fp32 op reads the tensor, and dead views are removed.
 
 Without VNNI (AVX2, AVX-512 without VNNI) the same loop nests are built without tensorization: the 16-lane
 inner product is written in int32, which LLVM turns into vpmovzx/vpmovsx + vpmaddwd (16-bit operands, 32-bit
-pair sums: exact); vpmaddubsw, whose int16 pair sums saturate, is never used. Non-x86 targets keep fp32.
+pair sums: exact); vpmaddubsw, whose int16 pair sums saturate, is never used.
+aarch64 with FEAT_I8MM (the arm-sve target, Neoverse-V1): the same packing and schedules, the 16 x 4 block
+tensorized with `graphopt_usdot_u8s8_16x4`: four NEON usdot (llvm.aarch64.neon.usdot.v4i32.v16i8, u8 x s8 -> s32
+without saturation, exact) on the int32x4 quarters of the accumulator, the activation word broadcast; micro tiles
+hold at most 6 accumulators (4 NEON registers each). Other targets (aarch64 without I8MM too) keep fp32.
 s8 activations are converted to u8 on the fly (x + 128, zero point + 128) by the kernels' input stage.
 Grouped (non-depthwise) convs, per-channel activation scales, non-zero weight zero points, MatMuls with batched
 or computed weights and anything else that does not match stay on TVM's fp32 path (still correct).
@@ -39,7 +44,7 @@ Entry points:
     rewrite_int8(mod, target) -> (IRModule, facts)                  the Relax rewrite alone
     prepare_onnx(model_proto) -> model_proto                        folds weight-only INT4/blocked DQ weights
     build_library(model_proto, path, target, schedule) -> facts     import_int8 + build + export (tests, tools)
-    int8_dot(target) -> "vnni" | "avx2" | None
+    int8_dot(target) -> "vnni" | "avx2" | "usdot" | None
     conv2d_int8 / dwconv2d_int8 / dense_int8 / maxpool_int8          the scheduled PrimFuncs
 """
 from __future__ import annotations
@@ -52,13 +57,18 @@ import numpy as np
 log = logging.getLogger("graphopt.cpu_int8")
 
 VNNI_INTRIN = "graphopt_vnni_u8s8_16x4"
+USDOT_INTRIN = "graphopt_usdot_u8s8_16x4"
+#: dot modes computed by a tensorized 16x4 intrinsic (weights packed [.., 16, 4]) -> the intrinsic's name
+TENSOR_INTRINS = {"vnni": VNNI_INTRIN, "usdot": USDOT_INTRIN}
 #: PrimFunc attribute naming the integer kernel (tests, debugging)
 KERNEL_ATTR = "graphopt.int8_kernel"
 _VNNI_MCPUS = {"sapphirerapids", "cooperlake", "icelake-server", "icelake-client", "cascadelake", "tigerlake",
                "znver4", "znver5", "graniterapids", "emeraldrapids", "alderlake", "x86-64-v4"}
 _AVX2_MCPUS = {"haswell", "broadwell", "skylake", "skylake-avx512", "znver1", "znver2", "znver3", "x86-64-v3"}
-#: accumulator registers a micro tile may use (32 zmm registers: leave room for weights and the broadcast)
+#: 16-lane s32 accumulators a micro tile may use. x86: one zmm each, 24 of the 32 (room for the weights and the
+#: broadcast). aarch64: four 128-bit NEON registers each, 6 (24 registers) of the 32.
 MAX_TILE_ACC = 24
+MAX_TILE_ACC_BY_DOT = {"usdot": 6}
 
 _registered = False
 
@@ -68,9 +78,10 @@ _registered = False
 # ---------------------------------------------------------------------------------------------------------------
 
 def register_intrinsics() -> None:
-    """Register graphopt's 16x4 u8 x s8 -> s32 VNNI intrinsic (once). Defined here rather than taken from
-    tvm.s_tir.tensor_intrin.x86, whose dot_16x4_vnni passes int32x16 operands that LLVM 22 rejects (and whose
-    package import costs tens of seconds)."""
+    """Register graphopt's 16x4 u8 x s8 -> s32 tensor intrinsics (once): VNNI for x86 and NEON usdot for aarch64.
+    Both share one description, C[16] int32 += A[4] u8 . B[16, 4] s8, so the weight packing and the schedules are
+    the same for both. Defined here rather than taken from tvm.s_tir.tensor_intrin.x86 / .arm_cpu: x86's
+    dot_16x4_vnni passes int32x16 operands that LLVM 22 rejects, and the package import costs tens of seconds."""
     global _registered
     if _registered:
         return
@@ -90,8 +101,8 @@ def register_intrinsics() -> None:
                         C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
     @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
-             C: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
+    def vnni_impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
+                  C: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], A[0:4], B[0:16, 0:4])
             T.writes(C[0:16])
@@ -103,18 +114,58 @@ def register_intrinsics() -> None:
                 B.vload([0, 0], dtype="int8x64"),
                 dtype="int32x16")
 
-    try:
-        TensorIntrin.register(VNNI_INTRIN, desc, impl)
-    except Exception:  # noqa: BLE001 - already registered in this process (module reloaded)
-        pass
+    # aarch64 (FEAT_I8MM): usdot Vd.4S, Vn.16B (unsigned), Vm.16B (signed) adds, in every s32 lane i, the four
+    # products of bytes 4i..4i+3: exact, no saturation. The 16 channels are four int32x4 slices of C; the slice j
+    # takes the 16 weight bytes B[4j:4j+4, 0:4] (contiguous) and the four activation bytes broadcast to all lanes
+    # (LLVM 22 emits one dup per activation word and the vector form of usdot).
+    @T.prim_func(s_tir=True)
+    def usdot_impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
+                   C: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 4),
+                              dtype="int8x16")
+            for j in T.unroll(4):
+                C[T.ramp(j * 4, 1, 4)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.usdot.v4i32.v16i8"),
+                    C.vload([j * 4], dtype="int32x4"), a, B.vload([j * 4, 0], dtype="int8x16"),
+                    dtype="int32x4")
+
+    for name, impl in ((VNNI_INTRIN, vnni_impl), (USDOT_INTRIN, usdot_impl)):
+        try:
+            TensorIntrin.register(name, desc, impl)
+        except Exception:  # noqa: BLE001 - already registered in this process (module reloaded)
+            pass
     _registered = True
 
 
+def _is_aarch64(target) -> bool:
+    mtriple = str(target.attrs.get("mtriple", ""))
+    return mtriple.startswith(("aarch64", "arm64"))
+
+
+def _has_i8mm(target) -> bool:
+    """FEAT_I8MM (usdot): TVM derives feature.has_matmul_i8 from the LLVM cpu and mattr (neoverse-v1 has it)."""
+    mattr = {str(a) for a in target.attrs.get("mattr", [])}
+    if "-i8mm" in mattr:
+        return False
+    if "+i8mm" in mattr:
+        return True
+    try:
+        return bool(target.attrs.get("feature.has_matmul_i8", False))
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def int8_dot(target) -> str | None:
-    """Which integer dot product the target's code may use: 'vnni' (AVX-512 VNNI), 'avx2' (exact int32
-    fallback, vectorized by LLVM), or None (not x86: leave quantized graphs on the fp32 path)."""
+    """Which integer dot product the target's code may use: 'vnni' (AVX-512 VNNI), 'avx2' (x86 without VNNI:
+    exact int32 fallback, vectorized by LLVM), 'usdot' (aarch64 with FEAT_I8MM: NEON usdot), or None (anything
+    else, aarch64 without I8MM included: leave quantized graphs on the fp32 path)."""
     if target is None or str(target.kind.name) != "llvm":
         return None
+    if _is_aarch64(target):
+        return "usdot" if _has_i8mm(target) else None
     mtriple = str(target.attrs.get("mtriple", ""))
     if mtriple and not any(a in mtriple for a in ("x86_64", "i686", "amd64")):
         return None
@@ -228,23 +279,24 @@ class DenseSpec:
 # ---------------------------------------------------------------------------------------------------------------
 
 def pack_conv_weight(w: np.ndarray, C4: int, dot: str = "vnni") -> np.ndarray:
-    """int8 OIHW -> [OCp/16, KH, KW, C4/4, 16, 4] (vnni) or [.., 4, 16] (avx2), zero padded."""
+    """int8 OIHW -> [OCp/16, KH, KW, C4/4, 16, 4] (vnni, usdot) or [.., 4, 16] (avx2), zero padded."""
     OC, C, KH, KW = w.shape
     OCp = -(-OC // 16) * 16
     wp = np.zeros((OCp, C4, KH, KW), np.int8)
     wp[:OC, :C] = w
     wp = wp.reshape(OCp // 16, 16, C4 // 4, 4, KH, KW)
-    return np.ascontiguousarray(wp.transpose(0, 4, 5, 2, 1, 3) if dot == "vnni" else wp.transpose(0, 4, 5, 2, 3, 1))
+    return np.ascontiguousarray(wp.transpose(0, 4, 5, 2, 1, 3) if dot in TENSOR_INTRINS
+                                else wp.transpose(0, 4, 5, 2, 3, 1))
 
 
 def pack_dense_weight(w: np.ndarray, K4: int, dot: str = "vnni") -> np.ndarray:
-    """int8 [N, K] -> [Np/16, K4/4, 16, 4] (vnni) or [.., 4, 16] (avx2), zero padded."""
+    """int8 [N, K] -> [Np/16, K4/4, 16, 4] (vnni, usdot) or [.., 4, 16] (avx2), zero padded."""
     N, K = w.shape
     Np = -(-N // 16) * 16
     wp = np.zeros((Np, K4), np.int8)
     wp[:N, :K] = w
     wp = wp.reshape(Np // 16, 16, K4 // 4, 4)
-    return np.ascontiguousarray(wp.transpose(0, 2, 1, 3) if dot == "vnni" else wp.transpose(0, 2, 3, 1))
+    return np.ascontiguousarray(wp.transpose(0, 2, 1, 3) if dot in TENSOR_INTRINS else wp.transpose(0, 2, 3, 1))
 
 
 def epilogue_constants(w: np.ndarray, sx: float, sw: np.ndarray, zx_u: int, bias_i32: np.ndarray | None,
@@ -309,14 +361,14 @@ def _to_u8(x, in_dtype):
     return (x.astype("int32") + 128).astype("uint8")
 
 
-def _pick_tiles(width: int, oc_blocks: int) -> tuple[int, int]:
+def _pick_tiles(width: int, oc_blocks: int, max_acc: int = MAX_TILE_ACC) -> tuple[int, int]:
     """(TM pixels, TN 16-channel blocks): TM divides width, TN divides oc_blocks, TM*TN accumulators fit."""
     best = (1, 1, 0)
     for tn in (4, 3, 2, 1):
         if oc_blocks % tn:
             continue
         for tm in range(min(width, 14), 0, -1):
-            if width % tm or tm * tn > MAX_TILE_ACC:
+            if width % tm or tm * tn > max_acc:
                 continue
             score = tm * tn + (0.5 if tn >= 2 else 0)   # prefer more accumulators, then wider channel tiles
             if score > best[2]:
@@ -336,9 +388,9 @@ def conv2d_int8(spec: ConvSpec, dot: str = "vnni", cores: int = 1, residual: boo
     zx_u = s.zx + (128 if s.in_dtype == "int8" else 0)
     xshape = (s.N, s.C, s.H, s.W) if s.in_layout == "NCHW" else (s.N, s.H, s.W, s.Cphys or s.C)
     X = te.placeholder(xshape, s.in_dtype, name="X")
-    wshape = (OCp // 16, s.KH, s.KW, C4 // 4, 16, 4) if dot == "vnni" else (OCp // 16, s.KH, s.KW, C4 // 4, 4, 16)
+    wshape = (OCp // 16, s.KH, s.KW, C4 // 4) + ((16, 4) if dot in TENSOR_INTRINS else (4, 16))
     Wp = te.placeholder(wshape, "int8", name="W")
-    wl = (lambda ob, kh, kw, c4, oi, ci: Wp[ob, kh, kw, c4, oi, ci]) if dot == "vnni" else \
+    wl = (lambda ob, kh, kw, c4, oi, ci: Wp[ob, kh, kw, c4, oi, ci]) if dot in TENSOR_INTRINS else \
         (lambda ob, kh, kw, c4, oi, ci: Wp[ob, kh, kw, c4, ci, oi])
     Bi = te.placeholder((OCp,), "int32", name="Bi")
     Mq = te.placeholder((OCp,), "float32", name="M")
@@ -398,13 +450,13 @@ def conv2d_int8(spec: ConvSpec, dot: str = "vnni", cores: int = 1, residual: boo
 
 def _schedule_conv(func, spec: ConvSpec, dot: str, cores: int, padded: bool):
     from tvm.s_tir import Schedule
-    if dot == "vnni":
+    if dot in TENSOR_INTRINS:
         register_intrinsics()
     sch = Schedule(func)
     acc = sch.get_sblock("acc")
     out = sch.get_sblock("out")
     OW, OCb = spec.OW, spec.OCp // 16
-    TM, TN = _pick_tiles(OW, OCb)
+    TM, TN = _pick_tiles(OW, OCb, MAX_TILE_ACC_BY_DOT.get(dot, MAX_TILE_ACC))
     sch.set_scope(acc, 0, "local")
     n, h, w, o = sch.get_loops(out)
     wo, wi = sch.split(w, [None, TM])
@@ -414,7 +466,7 @@ def _schedule_conv(func, spec: ConvSpec, dot: str, cores: int, padded: bool):
     par = sch.fuse(oo, n, h)
     sch.parallel(par)
     ln, lh, lw, lob, loi, lkh, lkw, lc4, lci = sch.get_loops(acc)[-9:]
-    if dot == "vnni":
+    if dot in TENSOR_INTRINS:
         sch.reorder(lkh, lkw, lc4, ln, lh, lw, lob, loi, lci)
     else:
         sch.reorder(lkh, lkw, lc4, ln, lh, lw, lob, lci, loi)
@@ -422,8 +474,8 @@ def _schedule_conv(func, spec: ConvSpec, dot: str, cores: int, padded: bool):
         sch.unroll(lci)
     sch.decompose_reduction(acc, lkh)
     init = sch.get_sblock("acc_init")
-    if dot == "vnni":
-        sch.tensorize(loi, VNNI_INTRIN)
+    if dot in TENSOR_INTRINS:
+        sch.tensorize(loi, TENSOR_INTRINS[dot])
     sch.unroll(lw)
     sch.unroll(lob)
     il = sch.get_loops(init)
@@ -447,8 +499,9 @@ def dense_int8(spec: DenseSpec, dot: str = "vnni", cores: int = 1):
     kin = max(s.K, s.Kphys)
     zx_u = s.zx + (128 if s.in_dtype == "int8" else 0)
     A = te.placeholder((s.M, kin), s.in_dtype, name="A")
-    Wp = te.placeholder((Np // 16, K4 // 4, 16, 4) if dot == "vnni" else (Np // 16, K4 // 4, 4, 16), "int8", name="W")
-    wl = (lambda nb, k4, ni, ki: Wp[nb, k4, ni, ki]) if dot == "vnni" else (lambda nb, k4, ni, ki: Wp[nb, k4, ki, ni])
+    tensorized = dot in TENSOR_INTRINS
+    Wp = te.placeholder((Np // 16, K4 // 4) + ((16, 4) if tensorized else (4, 16)), "int8", name="W")
+    wl = (lambda nb, k4, ni, ki: Wp[nb, k4, ni, ki]) if tensorized else (lambda nb, k4, ni, ki: Wp[nb, k4, ki, ni])
     Bi = te.placeholder((Np,), "int32", name="Bi")
     Mq = te.placeholder((Np,), "float32", name="M")
     Bf = te.placeholder((Np,), "float32", name="Bf")
@@ -466,11 +519,11 @@ def dense_int8(spec: DenseSpec, dot: str = "vnni", cores: int = 1):
                    name="out")
     func = te.create_prim_func([A, Wp, Bi, Mq, Bf, Y])
     from tvm.s_tir import Schedule
-    if dot == "vnni":
+    if dot in TENSOR_INTRINS:
         register_intrinsics()
     sch = Schedule(func)
     acc_b, out = sch.get_sblock("acc"), sch.get_sblock("out")
-    TM, TN = _pick_tiles(s.M, Np // 16)
+    TM, TN = _pick_tiles(s.M, Np // 16, MAX_TILE_ACC_BY_DOT.get(dot, MAX_TILE_ACC))
     sch.set_scope(acc_b, 0, "local")
     m, n = sch.get_loops(out)
     mo, mi = sch.split(m, [None, TM])
@@ -479,7 +532,7 @@ def dense_int8(spec: DenseSpec, dot: str = "vnni", cores: int = 1):
     sch.compute_at(acc_b, mo, preserve_unit_loops=True)
     sch.parallel(sch.fuse(no, mo))
     lm, lnb, lni, lk4, lki = sch.get_loops(acc_b)[-5:]
-    if dot == "vnni":
+    if dot in TENSOR_INTRINS:
         sch.reorder(lk4, lm, lnb, lni, lki)
     else:
         sch.reorder(lk4, lm, lnb, lki, lni)
@@ -487,8 +540,8 @@ def dense_int8(spec: DenseSpec, dot: str = "vnni", cores: int = 1):
         sch.unroll(lki)
     sch.decompose_reduction(acc_b, lk4)
     init = sch.get_sblock("acc_init")
-    if dot == "vnni":
-        sch.tensorize(lni, VNNI_INTRIN)
+    if dot in TENSOR_INTRINS:
+        sch.tensorize(lni, TENSOR_INTRINS[dot])
     sch.unroll(lm)
     sch.unroll(lnb)
     sch.vectorize(sch.get_loops(init)[-1])
@@ -1414,7 +1467,7 @@ def prepare_onnx(model):
 
 
 def import_int8(model, target, where: str = "model"):
-    """What targets/cpu.py's lower() calls instead of tvm_lowering.import_onnx: fold what TVM cannot import,
+    """What the cpu and arm-sve targets' lower() call instead of tvm_lowering.import_onnx: fold what TVM cannot import,
     import, and lower the quantized chains to graphopt's integer kernels. Returns (IRModule, facts); facts go
     into report.json (int8 kernel counts, the dot product used, fp32 leftovers)."""
     from . import tvm_lowering

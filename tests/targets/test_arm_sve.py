@@ -79,7 +79,7 @@ def cnn_art(arm_art):
 
 def test_registered_with_hw_constants():
     t = get_target("arm-sve")
-    assert t.hw() == {"vector_bits": "scalable", "fp32_lanes": 4, "int8_dot": "sdot"}
+    assert t.hw() == {"vector_bits": "scalable", "fp32_lanes": 4, "int8_dot": "usdot"}
     d = t.describe()
     assert d["llvm_mtriple"] == "aarch64-linux-gnu" and d["llvm_mcpu"] == "neoverse-v1" and "+sve" in d["llvm_mattr"]
     assert t.measures_here() is False

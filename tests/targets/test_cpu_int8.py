@@ -196,7 +196,7 @@ def test_int8_dot_selection():
     assert ci.int8_dot(T({"kind": "llvm", "mcpu": "sapphirerapids"})) == "vnni"
     assert ci.int8_dot(T({"kind": "llvm", "mcpu": "skylake-avx512"})) == "avx2"
     assert ci.int8_dot(T({"kind": "llvm", "mcpu": "haswell"})) == "avx2"
-    assert ci.int8_dot(T({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-v1"})) is None
+    assert ci.int8_dot(T({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-v1"})) == "usdot"
 
 
 # ---------------------------------------------------------------------------------------------------------------
