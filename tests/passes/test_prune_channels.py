@@ -295,6 +295,45 @@ def test_oracle_detects_a_wrong_removal(zoo_onnx):
     assert pc.oracle_check(original, plan2, pruned=bad) > 1e-3
 
 
+def test_float64_oracle_tells_rounding_from_a_wrong_removal(zoo_onnx):
+    """The fallback for graphs that amplify float32 rounding: in float64 a correct removal agrees to ~1e-12, a
+    wrong one keeps its error and the pass fails naming the analysis."""
+    g = graphopt.load(zoo_onnx("resnet"))
+    groups = PassContext().analyses.get("channel-groups", g)
+    removed = np.zeros(groups.n_units, dtype=bool)
+    inner = groups.classes(next(s for s in groups.sources
+                                if groups.nodes[s.node].name == "/layer1/conv1/Conv").slots)
+    removed[inner[:8]] = True
+    plan = pc.Plan(groups, removed)
+    feeds = graphopt.verify.seeded_inputs(g, 0)
+    pruned = pc.apply_removal(copy_graph(g), plan)
+    err, scale = pc.oracle_fp64(g, plan, pruned, feeds)
+    assert err <= 1e-9 * max(1.0, scale) and scale > 0
+    info = {}
+    pc.PruneChannels._fp64_verdict(g, plan, pruned, feeds, 1e-3, info)    # as if float32 had disagreed
+    assert info["oracle_fp64_max_error"] == err
+    bn = next(n for n in pruned.nodes if n.name == "/layer1/bn1/BatchNormalization")
+    shift = bn.inputs[2].values.copy()
+    shift[0] += 1e-4                             # a small but real mistake on a kept channel
+    bn.inputs[2] = gs.Constant("wrong_shift", shift)
+    assert pc.oracle_fp64(g, plan, pruned, feeds)[0] > 1e-7
+    with pytest.raises(CheckFailed, match="in float64 they differ by .*bug in the channel analysis"):
+        pc.PruneChannels._fp64_verdict(g, plan, pruned, feeds, 1e-3, {})
+
+
+def test_oracle_compares_the_logits_under_a_saturating_output():
+    """A sigmoid output pinned at 0 hides any difference; the oracle also compares the tensor the sigmoid reads."""
+    x = gs.Variable("x", np.float32, (1, 4))
+    w = gs.Constant("w", np.full((4, 3), 1.0, np.float32))
+    logits = gs.Variable("logits", np.float32, (1, 3))
+    y = gs.Variable("y", np.float32, (1, 3))
+    g = gs.Graph(nodes=[gs.Node("MatMul", "mm", inputs=[x, w], outputs=[logits]),
+                        gs.Node("Sigmoid", "sig", inputs=[logits], outputs=[y])], inputs=[x], outputs=[y], opset=17)
+    a, b = pc.with_pre_activations(g, copy_graph(g))
+    assert [t.name for t in a.outputs] == ["y", "logits"] == [t.name for t in b.outputs]
+    assert [t.name for t in g.outputs] == ["y"]          # the graphs given are left alone
+
+
 def test_oracle_can_be_disabled(zoo_onnx):
     res, rec = _run(graphopt.load(zoo_onnx("cnn_digits")), "prune-channels{flops=0.5,verify_oracle=false}")
     assert res.modified and "oracle_max_error" not in rec
