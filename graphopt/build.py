@@ -155,9 +155,10 @@ class Cache:
         return final
 
 
-def build(toml_path, log=None) -> dict:
+def build(toml_path, log=None, progress=None) -> dict:
     """Run the build; return the summary. Raises CheckFailed (exit 1) naming every failed gate, after writing the
-    artifact and its reports (so the failure can be inspected)."""
+    artifact and its reports (so the failure can be inspected). progress: a graphopt.progress.Progress for
+    calibration and training."""
     from . import api
     from .loading import load
 
@@ -178,7 +179,7 @@ def build(toml_path, log=None) -> dict:
         log(f"optimize: {cfg.pm.resolved() or '(no passes)'}")
 
         def fill(d):
-            graph, stages = _optimize(cfg, original, data, log)
+            graph, stages = _optimize(cfg, original, data, log, progress)
             onnx.save_model(to_onnx(graph), str(d / "model.onnx"))
             write_json(d / "stages.json", {"stages": stages})
         hit = cache.put("optimize", opt_key, fill)
@@ -234,7 +235,7 @@ def _compile_into(graph, cfg: BuildConfig, dest: Path) -> None:
                 threads=cfg.eval_opts["threads"], measure=False)
 
 
-def _optimize(cfg: BuildConfig, original, data: dict, log):
+def _optimize(cfg: BuildConfig, original, data: dict, log, progress=None):
     """Run the pipeline pass by pass, recording size and accuracy after each stage. With training data and a
     lossy pass, the whole pipeline goes through compress (distillation from the original)."""
     from .passmanager import PassContext, PassManager
@@ -243,11 +244,12 @@ def _optimize(cfg: BuildConfig, original, data: dict, log):
     if "train" in data and lossy:
         from .compress import compress
         graph, info = compress(original, data["train"], cfg.pm, eval_data=data.get("eval"), log=log,
-                               **cfg.compress_opts)
+                               progress=progress, **cfg.compress_opts)
         stages.append(dict(_stage_metrics("compressed", graph, data), info=info))
         return graph, stages
     graph = copy_graph(original)
-    ctx = PassContext(target=cfg.target, seed=0, data={k: v for k, v in data.items() if k in ("calib", "train")})
+    ctx = PassContext(target=cfg.target, seed=0, data={k: v for k, v in data.items() if k in ("calib", "train")},
+                      progress=progress)
     for p in cfg.pm.passes:
         graph = PassManager([p]).run(graph, ctx).graph
         stages.append(_stage_metrics(p.text(), graph, data))

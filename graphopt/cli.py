@@ -13,7 +13,8 @@ from .errors import BadInput, GraphoptError
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        self.exit(2, f"graphopt: error: {message} (see graphopt {self.prog.split()[-1]} --help)\n")
+        sub = self.prog.split()[1:]      # "graphopt compile" -> ["compile"]; the top-level parser has none
+        self.exit(2, f"graphopt: error: {message} (see {' '.join(['graphopt', *sub[-1:]])} --help)\n")
 
 
 def _add_shapes(p):
@@ -48,6 +49,12 @@ def _interactive() -> bool:
 def _log(msg: str) -> None:
     if _interactive():
         print(f"graphopt: {msg}", file=sys.stderr)
+
+
+def _progress(enabled: bool = True):
+    """Progress for calibration, training and tuning on stderr: a bar on a terminal, plain lines otherwise."""
+    from .progress import Progress
+    return Progress.for_stream(sys.stderr, enabled=enabled)
 
 
 def _emit(args, data: dict, text: str) -> None:
@@ -94,21 +101,47 @@ def cmd_compile(args) -> int:
         raise BadInput(f"{args.tuning_db}: no such tuning database folder (create one with `graphopt tune`)")
     art = api.compile(args.model, target=args.target, out=out, pipeline=pm, input_shapes=_shapes(args),
                       tuning_db=args.tuning_db, threads=args.threads, measure=not args.no_bench, log=_log, data=data,
-                      target_options=_target_options(args))
+                      target_options=_target_options(args), progress=_progress())
     rep = art.report
     rows = [("artifact", str(art.path)), ("target", json.dumps(art.manifest["target"].get("llvm_mcpu", args.target))),
-            ("pipeline", art.manifest["pipeline"]["resolved"] or "(none)"), ("ops", rep["ops"]),
+            ("pipeline", art.manifest["pipeline"]["text"] or "(none)"), ("ops", rep["ops"]),
             ("params", f"{rep['params_before']:,} -> {rep['params_after']:,}"),
             ("MACs", f"{rep['macs_before']:,} -> {rep['macs_after']:,}"),
             ("model.onnx bytes", f"{rep['model_bytes']:,}"), ("compile s", rep["compile_seconds"]),
             ("max |err| vs onnxruntime", f"{rep['check']['max_abs_error']:.3g} (ok)" if rep["check"]["ok"]
              else rep["check"].get("skipped", "not checked"))]
+    if "fp64_error_graphopt" in rep["check"]:
+        rows.append(("error vs float64", f"graphopt {rep['check']['fp64_error_graphopt']:.3g}, onnxruntime "
+                                         f"{rep['check']['fp64_error_onnxruntime']:.3g} (fp32 rounding)"))
     if "latency" in rep:
         lat = rep["latency"]
         rows += [("latency ms (graphopt)", lat["graphopt_ms"]), ("latency ms (onnxruntime)", lat["onnxruntime_ms"]),
                  ("ratio to onnxruntime", lat["ratio_to_onnxruntime"])]
-    _emit(args, {"artifact": str(art.path), "report": rep, "manifest": art.manifest}, _table(rows, ("report", "")))
+        if "original_graphopt_ms" in lat:
+            rows.append(("latency ms before the passes", f"{lat['original_graphopt_ms']} "
+                                                         f"(speedup {lat['speedup_vs_original']}x)"))
+    text = _table(rows, ("report", "")) + "".join("\n\n" + _pruning_text(p) for p in rep.get("pruning", []))
+    _emit(args, {"artifact": str(art.path), "report": rep, "manifest": art.manifest}, text)
     return 0
+
+
+def _pruning_text(p: dict, max_rows: int = 12) -> str:
+    """The terminal summary of one prune-channels run: changed layers, frozen layers and why, the oracle."""
+    changed = [(k, b, a) for k, (b, a) in p.get("layers", {}).items() if a != b]
+    rows = [(k, b, a, f"{a / b:.2f}") for k, b, a in changed[:max_rows]]
+    if len(changed) > max_rows:
+        rows.append((f"... {len(changed) - max_rows} more layers (report.json)", "", "", ""))
+    lines = [f"prune-channels ({p.get('criterion')}): MACs x{p['macs']['ratio']}, params x{p['params']['ratio']}; "
+             f"{len(changed)} of {len(p.get('layers', {}))} layers narrowed",
+             _table(rows, ("layer", "channels", "kept", "ratio")) if rows else "(no layer narrowed)"]
+    for f in p.get("frozen", [])[:5]:
+        lines.append(f"frozen: {f['layer']}: {'; '.join(f['why'])}")
+    if len(p.get("frozen", [])) > 5:
+        lines.append(f"frozen: ... {len(p['frozen']) - 5} more (report.json)")
+    if "oracle_max_error" in p:
+        lines.append(f"oracle (zeroed original == pruned, onnxruntime): max error {p['oracle_max_error']:.3g}"
+                     + (f"; {p['oracle_note']}" if p.get("oracle_note") else ""))
+    return "\n".join(lines)
 
 
 def cmd_run(args) -> int:
@@ -168,8 +201,10 @@ def cmd_passes(args) -> int:
 def cmd_tune(args) -> int:
     from . import api
     res = api.tune(args.model, target=args.target, db=args.db, trials=args.trials, input_shapes=_shapes(args),
-                   rpc=args.rpc, key=args.key, progress=_interactive())
-    _emit(args, res, f"tuned {res['tasks']} task(s), {res['trials']} trial(s); records in {res['db']}")
+                   rpc=args.rpc, key=args.key, progress=_progress(), target_options=_target_options(args))
+    where = (f" on '{res['rpc']['key']}' via {res['rpc']['tracker']} ({res['rpc']['measured']} measured there)"
+             if res.get("rpc") else "")
+    _emit(args, res, f"tuned {res['tasks']} task(s), {res['trials']} trial(s){where}; records in {res['db']}")
     return 0
 
 
@@ -189,7 +224,7 @@ def cmd_compress(args) -> int:
         rank0 = setup().rank == 0
     graph, info = compress(original, train, pm, eval_data=ev, epochs=args.epochs, batch_size=args.batch_size,
                            lr=args.lr, seed=args.seed, log=_log if not args.json and rank0 else None,
-                           distributed=args.distributed, threads=args.threads)
+                           distributed=args.distributed, threads=args.threads, progress=_progress(rank0))
     if not rank0:                       # torchrun: rank 0 writes the output and reports
         return 0
     dest = Path(args.output)
@@ -210,7 +245,7 @@ def cmd_build(args) -> int:
     from .build import build
     from .errors import CheckFailed
     try:
-        summary = build(args.pipeline, log=_log)
+        summary = build(args.pipeline, log=_log, progress=_progress())
     except CheckFailed as e:
         if getattr(args, "json", False):
             print(json.dumps({"ok": False, "error": str(e)}))
@@ -277,9 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target", default="cpu")
     t.add_argument("--db", required=True)
     t.add_argument("--trials", type=int, default=64)
+    t.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="target option, e.g. mcpu=haswell cores=4: with --rpc, those of the device (repeatable)")
     _add_shapes(t)
-    t.add_argument("--rpc", help="HOST:PORT of an RPC tracker")
-    t.add_argument("--key", help="device key at the tracker")
+    t.add_argument("--rpc", metavar="HOST:PORT", help="TVM RPC tracker to measure candidates on a device through")
+    t.add_argument("--key", help="device key the device's RPC server registered at the tracker")
     t.add_argument("--json", action="store_true")
     t.set_defaults(fn=cmd_tune)
 

@@ -51,6 +51,7 @@ import onnx_graphsurgeon as gs
 from .errors import BadInput
 from .graph import copy as copy_graph, input_specs, output_specs
 from .passmanager import PassContext, PassManager, make_pass
+from .progress import Progress
 
 POST_TRAINING = ("quantize",)
 DEFAULT_EPOCHS = 60
@@ -306,7 +307,7 @@ def pca_hint_teacher(teacher: gs.Graph, features: np.ndarray, k: int,
 def compress(original: gs.Graph, train, pipeline, labels=None, eval_data=None, epochs: int | None = None,
              batch_size: int = 64, lr: float | None = None, seed: int = 0, log=None, distill_config=None,
              distributed: bool = False, distill: bool = True, schedule: Schedule | None = None,
-             eval_labels=None, threads: int | None = None) -> tuple[gs.Graph, dict]:
+             eval_labels=None, threads: int | None = None, progress=None) -> tuple[gs.Graph, dict]:
     """Run `pipeline` on `original` with distillation from it.
 
     train: {input name: array, "labels": optional} or a torch DataLoader; labels may also be given apart.
@@ -321,7 +322,7 @@ def compress(original: gs.Graph, train, pipeline, labels=None, eval_data=None, e
     Returns (compressed graph with the original's input/output names and shapes, info)."""
     if threads is None:
         return _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, lr, seed, log,
-                         distill_config, distributed, distill, schedule, eval_labels)
+                         distill_config, distributed, distill, schedule, eval_labels, progress)
     import torch
     if threads < 1:
         raise BadInput("compress: threads must be at least 1")
@@ -329,13 +330,13 @@ def compress(original: gs.Graph, train, pipeline, labels=None, eval_data=None, e
     torch.set_num_threads(int(threads))
     try:
         return _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, lr, seed, log,
-                         distill_config, distributed, distill, schedule, eval_labels)
+                         distill_config, distributed, distill, schedule, eval_labels, progress)
     finally:
         torch.set_num_threads(before)
 
 
 def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, lr, seed, log, distill_config,
-              distributed, distill, schedule, eval_labels):
+              distributed, distill, schedule, eval_labels, progress=None):
     from .distill import DistillConfig, distill as run_distill
     from .evaluate import channels_per_layer
 
@@ -386,7 +387,7 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
         return dist_mod.broadcast_graph(g, dist_info) if dist_info is not None else g
 
     teacher = copy_graph(original)
-    ctx = PassContext(seed=seed, data={"calib": calib, "train": calib, "teacher": teacher})
+    ctx = PassContext(seed=seed, data={"calib": calib, "train": calib, "teacher": teacher}, progress=progress)
 
     # the phases, with their epochs
     prune_steps = {id(p): _prune_steps(p, s) for p in pm.passes if p.name == "prune-channels" and not p.exact}
@@ -431,8 +432,10 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
             weight = cfg.feature_weight if adapters else s.hint_weight * hint_scale
             cfg = replace(cfg, feature_weight=weight, feature_pairs=tuple(cfg.feature_pairs) + (pair,))
         t0 = time.perf_counter()
-        g, m = run_distill(g, [t_graph], train, labels=labels, config=cfg, eval_data=eval_data,
-                           eval_labels=eval_labels)
+        with (progress or Progress("off")).task(f"training step {step_no} ({kind})", n_epochs) as update:
+            cfg = replace(cfg, progress=lambda i, total, r: update(i, f"loss {r['loss']:.4g}", new_total=total))
+            g, m = run_distill(g, [t_graph], train, labels=labels, config=cfg, eval_data=eval_data,
+                               eval_labels=eval_labels)
         rec = {"step": step_no, "phase": kind, "epochs": n_epochs, "features": mode,
                "temperature": temperature if isinstance(temperature, (int, float)) else "falling to 1",
                **_metrics(g), "channels": list(channels_per_layer(g).values()),

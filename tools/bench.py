@@ -109,6 +109,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench.md")
     ap.add_argument("--work", default=None, help="folder for exported models and artifacts (default: a temp dir)")
     ap.add_argument("--pipeline", default="", help="graphopt pipeline run before lowering (default: none)")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=PIPELINE",
+                    help="also build the model through PIPELINE (e.g. pruned='cleanup,prune-channels{flops=0.5}') "
+                         "and time it, and onnxruntime on its model.onnx, beside the unchanged model (repeatable)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--round-seconds", type=float, default=0.4)
     args = ap.parse_args(argv)
@@ -139,6 +142,14 @@ def main(argv=None) -> int:
             art_t, secs_t = compile_model(onnx_path, work / f"{name}.tuned", args.pipeline, db)
             builds["graphopt tuned"] = (art_t, secs_t)
             print(f"{name}: compiled with {db} in {secs_t:.1f} s", flush=True)
+        variant_macs = {}
+        for spec in args.variant:
+            label, _, pipeline = spec.partition("=")
+            art_v, secs_v = compile_model(onnx_path, work / f"{name}.{label}", pipeline, None)
+            builds[f"graphopt {label}"] = (art_v, secs_v)
+            variant_macs[label] = flops(graphopt.load(str(art_v.path / "model.onnx")), None)["macs"]
+            print(f"{name}: {label} ({pipeline}) compiled in {secs_v:.1f} s, MACs x{variant_macs[label] / macs:.3f}",
+                  flush=True)
         model_bytes = (art.path / "model.onnx").read_bytes()
         specs = [(i["name"], tuple(i["shape"]), i["dtype"]) for i in art.inputs]
         feeds = gort.random_inputs(specs, 0)
@@ -146,6 +157,10 @@ def main(argv=None) -> int:
         for threads in sorted(args.threads, reverse=True):
             sess = gort.session(model_bytes, optimize=True, threads=threads)
             engines = {"onnxruntime": lambda s=sess: s.run(None, feeds)}
+            for label in variant_macs:
+                vs = gort.session((builds[f"graphopt {label}"][0].path / "model.onnx").read_bytes(), optimize=True,
+                                  threads=threads)
+                engines[f"onnxruntime {label}"] = lambda s=vs: s.run(None, feeds)
             for label, (a, _) in builds.items():
                 runner = a.runner(threads)
                 arrays = a.check_inputs(feeds)
@@ -153,7 +168,8 @@ def main(argv=None) -> int:
             samples, busy = time_engines(engines, args.rounds, args.round_seconds)
             med = {k: statistics.median(v) for k, v in samples.items()}
             for label, t in med.items():
-                gflops = 2.0 * macs / t / 1e9
+                own = next((m for v, m in variant_macs.items() if label.endswith(f" {v}")), macs)
+                gflops = 2.0 * own / t / 1e9
                 rows.append({
                     "model": name, "threads": threads, "engine": label, "ms": t * 1e3,
                     "ratio": t / med["onnxruntime"], "gflops": gflops, "peak": gflops / peaks[threads],
@@ -161,6 +177,10 @@ def main(argv=None) -> int:
                     "busy": busy[label],
                 })
             print(f"{name} x{threads}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in med.items()), flush=True)
+            for label, m in variant_macs.items():
+                notes.append(f"{name} x{threads}: {label} (MACs x{m / macs:.3f}) compiled is "
+                             f"{med['graphopt default'] / med[f'graphopt {label}']:.2f}x faster than the unchanged "
+                             f"model compiled; onnxruntime gains {med['onnxruntime'] / med[f'onnxruntime {label}']:.2f}x")
         if len(args.threads) > 1:
             t_lo, t_hi = min(args.threads), max(args.threads)
             lo = [r for r in rows if r["model"] == name and r["threads"] == t_lo and r["engine"] == "graphopt default"]
@@ -187,7 +207,7 @@ def write_markdown(path: Path, rows, peaks, notes, args, ort_version: str) -> No
         + ", ".join(f"{t} thread(s): {p:.1f} GFLOP/s" for t, p in peaks.items()),
         "",
         f"Latency: median over {args.rounds} interleaved rounds of ~{args.round_seconds} s per engine. "
-        "GFLOP/s = 2 x MACs / latency. Ratio = latency / onnxruntime latency (same model, same threads). "
+        "GFLOP/s = 2 x MACs / latency. Ratio = latency / onnxruntime latency on the unchanged model (same threads). "
         "CPU/wall = process CPU time / wall time while the engine ran (about the number of busy threads: "
         "shows the thread count took effect; below the thread count when other processes compete for cores).",
         "",
@@ -200,7 +220,7 @@ def write_markdown(path: Path, rows, peaks, notes, args, ort_version: str) -> No
         lines.append(f"| {r['model']} | {r['threads']} | {r['engine']} | {r['ms']:.2f} | {r['ratio']:.2f} | "
                      f"{r['gflops']:.1f} | {100 * r['peak']:.0f}% | {r['busy']:.2f} | {cs} |")
     if notes:
-        lines += ["", "Thread scaling (checks that the thread count takes effect):", ""]
+        lines += ["", "Notes (variants; thread scaling, which checks that the thread count takes effect):", ""]
         lines += [f"- {n}" for n in notes]
     path.write_text("\n".join(lines) + "\n")
 

@@ -25,6 +25,46 @@ def build():
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
 
 
+class DigitsViT:
+    """A small ViT-style encoder for 8x8 digits (built lazily so importing this file needs no torch): 2x2 patches
+    -> 16 tokens of width 64, a class token and position embeddings, 2 pre-LN encoder layers (4 heads, GELU MLP of
+    width 256), LayerNorm, linear head. About 0.9 M MACs, most of them in the attention and MLP projections."""
+
+    def __new__(cls, dim: int = 64, depth: int = 2, heads: int = 4, mlp: int = 256):
+        import torch
+        import torch.nn as nn
+
+        class Block(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+                self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+                self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
+
+            def forward(self, x):
+                b, n, _ = x.shape
+                q, k, v = self.qkv(self.ln1(x)).reshape(b, n, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+                a = torch.softmax(q @ k.transpose(-2, -1) / (dim // heads) ** 0.5, dim=-1)
+                x = x + self.proj((a @ v).transpose(1, 2).reshape(b, n, dim))
+                return x + self.mlp(self.ln2(x))
+
+        class ViT(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.patch = nn.Conv2d(1, dim, 2, stride=2)
+                self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+                self.pos = nn.Parameter(0.02 * torch.randn(1, 17, dim))
+                self.blocks = nn.Sequential(*[Block() for _ in range(depth)])
+                self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 10)
+
+            def forward(self, x):
+                t = self.patch(x).flatten(2).transpose(1, 2)
+                t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1) + self.pos
+                return self.head(self.norm(self.blocks(t))[:, 0])
+
+        return ViT()
+
+
 def train(out_path: str) -> None:
     import torch
     from graphopt.datasets import train_classifier

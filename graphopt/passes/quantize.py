@@ -50,6 +50,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.errors import BadInput, CheckFailed
+from graphopt.progress import Progress
 from graphopt.graph import MAX_IR_VERSION, constant_value, from_onnx, to_onnx
 from graphopt.passmanager import Option, Pass, PassResult, register
 from graphopt.quant_check import (COMPUTE_OPS, STEP_FRACTION, check_criterion,  # noqa: F401  (re-exported)
@@ -107,15 +108,21 @@ def split_samples(data: dict, specs, what: str, limit: int | None = None) -> lis
     return feeds
 
 
-def _reader(feeds):
+def _reader(feeds, update=None):
+    """onnxruntime's calibration data reader over our batches; update(n) after each batch handed out."""
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self):
             self._it = iter(feeds)
+            self._n = 0
 
         def get_next(self):
-            return next(self._it, None)
+            item = next(self._it, None)
+            if item is not None and update is not None:
+                self._n += 1
+                update(self._n)
+            return item
 
         def __len__(self):
             return len(feeds)
@@ -251,14 +258,15 @@ class Quantize(Pass):
                 have_cache = os.path.exists(cache)
                 kw = dict(quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
                           nodes_to_exclude=list(excluded), **args)
-                with _quiet():
+                progress = ctx.progress if ctx.progress is not None and not have_cache else Progress("off")
+                with _quiet(), progress.task(f"calibration ({self.opts['calibration']})", len(feeds)) as update:
                     try:      # calibrate once; later calls (accuracy-aware mode) reuse the ranges
-                        quantize_static(src, dst, None if have_cache else _reader(feeds),
+                        quantize_static(src, dst, None if have_cache else _reader(feeds, update),
                                         calibration_cache_path=cache, **kw)
                     except TypeError as e:            # onnxruntime < 1.22: no calibration cache
                         if "calibration_cache_path" not in str(e):
                             raise
-                        quantize_static(src, dst, _reader(feeds), **kw)
+                        quantize_static(src, dst, _reader(feeds, update), **kw)
                 m = onnx.load(dst)
                 _tidy(m)
                 return m

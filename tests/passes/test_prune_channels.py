@@ -350,6 +350,31 @@ def test_pruned_model_compiles_on_cpu(zoo_onnx, tmp_path):
         np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-4)
 
 
+def test_pruning_report_in_report_json_and_on_the_terminal(zoo_onnx, tmp_path):
+    """report.json: channels per layer, MAC/param ratios, frozen layers and why, the oracle's error and the measured
+    latency against the unpruned model compiled the same way; the terminal gets the same summary."""
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "art"
+    proc = subprocess.run([sys.executable, "-m", "graphopt.cli", "compile", str(zoo_onnx("vit")), "-o", str(out),
+                           "--pipeline", "cleanup,prune-channels{flops=0.5}", "--threads", "1"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads((out / "report.json").read_text())
+    (p,) = rep["pruning"]
+    assert p["macs"]["ratio"] <= 0.5 and p["params"]["ratio"] < 1 and p["oracle_max_error"] < 1e-5
+    assert any(after < before for before, after in p["layers"].values())
+    assert p["frozen"] and all(f["why"] for f in p["frozen"])    # the classifier head feeds the output
+    lat = rep["latency"]
+    assert lat["original_graphopt_ms"] > 0 and lat["speedup_vs_original"] == \
+        pytest.approx(lat["original_graphopt_ms"] / lat["graphopt_ms"], rel=1e-2)
+    text = proc.stdout
+    assert "prune-channels (l1): MACs x" in text and "layers narrowed" in text
+    assert "frozen: " in text and "oracle (zeroed original == pruned, onnxruntime): max error" in text
+    assert "latency ms before the passes" in text
+
+
 # ------------------------------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("text,needle", [

@@ -27,6 +27,18 @@ def test_zoo_compiles_and_matches_onnxruntime(zoo_onnx, tmp_path, name):
         np.testing.assert_allclose(got[k], ref, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(ref).max())))
 
 
+def test_float64_arbiter_rejects_a_wrong_library(zoo_onnx, tmp_path):
+    """Outside the fp32 tolerance the check asks float64 who is closer; a really wrong result stays wrong."""
+    from graphopt import api
+    art = graphopt.compile(zoo_onnx("cnn_digits"), target="cpu", out=tmp_path / "a", measure=False)
+    feeds = ort.random_inputs([(i["name"], tuple(i["shape"]), i["dtype"]) for i in art.inputs], seed=0)
+    ref = ort.run((art.path / "model.onnx").read_bytes(), feeds)
+    got = {k: v + np.float32(0.01) * np.abs(v).max() for k, v in art.run(feeds).items()}
+    verdict = api._fp64_arbiter(art, feeds, ref, got, seed=0)
+    assert verdict["ok"] is False
+    assert verdict["fp64_error_graphopt"] > 100 * verdict["fp64_error_onnxruntime"] > 0
+
+
 def test_artifact_layout_and_manifest(zoo_onnx, tmp_path):
     art = graphopt.compile(zoo_onnx("cnn_digits"), out=tmp_path / "a", pipeline="cleanup")
     files = sorted(p.name for p in art.path.iterdir())
