@@ -33,7 +33,7 @@ GATES = {
     "max_adversarial_drop": ("max", 0.03),
 }
 SECTIONS = {
-    "model": {"path", "input_shapes"},
+    "model": {"path", "input_shapes", "module", "checkpoint"},
     "target": None,                          # name + target options
     "pass": None,
     "data": {"train", "calib", "eval"},
@@ -65,9 +65,14 @@ class BuildConfig:
                 if bad:
                     raise BadInput(f"{self.path}: [{section}] has no key '{bad[0]}'; keys: {', '.join(sorted(keys))}")
         model = self.doc.get("model")
-        if not isinstance(model, dict) or not isinstance(model.get("path"), str):
-            raise BadInput(f"{self.path}: [model] needs path = \"model.onnx\"")
-        self.model_path = self.resolve(model["path"])
+        if not isinstance(model, dict) or (isinstance(model.get("path"), str) == isinstance(model.get("module"), str)):
+            raise BadInput(f"{self.path}: [model] needs path = \"model.onnx\", or module = \"FILE.py:FUNCTION\" "
+                           f"(PyTorch code) with checkpoint = \"weights.pt\"")
+        if "checkpoint" in model and not isinstance(model.get("module"), str):
+            raise BadInput(f"{self.path}: [model].checkpoint goes with module = \"FILE.py:FUNCTION\"")
+        self.torch_module = model.get("module")
+        self.checkpoint = self.resolve(model["checkpoint"]) if "checkpoint" in model else None
+        self.model_path = self.resolve(model["module"].rpartition(":")[0] if self.torch_module else model["path"])
         shapes = model.get("input_shapes", {})
         if not isinstance(shapes, dict) or not all(isinstance(v, list) and all(isinstance(d, int) for d in v)
                                                    for v in shapes.values()):
@@ -168,8 +173,14 @@ def build(toml_path, log=None, progress=None) -> dict:
     cache = Cache(cfg.cache_dir)
     cached = []
 
-    original = load(cfg.model_path, input_shapes=cfg.input_shapes)
-    base_key = _sha(__version__, _file_sha(cfg.model_path), cfg.input_shapes,
+    if cfg.torch_module:
+        from .loading import load_torch_model
+        original = load_torch_model(cfg.torch_module, cfg.base, str(cfg.checkpoint) if cfg.checkpoint else None,
+                                    cfg.input_shapes, str(cfg.path))
+    else:
+        original = load(cfg.model_path, input_shapes=cfg.input_shapes)
+    base_key = _sha(__version__, _file_sha(cfg.model_path), cfg.torch_module,
+                    _file_sha(cfg.checkpoint) if cfg.checkpoint else None, cfg.input_shapes,
                     {k: _file_sha(p) for k, p in sorted(cfg.data_paths.items())})
 
     # --- optimize -------------------------------------------------------------------------------------------

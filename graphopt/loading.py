@@ -181,3 +181,73 @@ def from_torch(module, example_inputs, input_names=None, output_names=None, opse
         module.train(was_training)
     model = program.model_proto
     return load(model, input_shapes=input_shapes)
+
+
+def load_checkpoint(module, path: str | os.PathLike):
+    """Load a PyTorch checkpoint into module and return it. The file is read with torch.load(weights_only=True):
+    tensors and plain containers only, never pickled code (a checkpoint that holds a whole pickled model or other
+    Python objects is refused: save model.state_dict() instead). Accepts a state_dict, or a dict holding one under
+    "state_dict" or "model" (the usual training-script layouts); keys must match the module's exactly."""
+    import pickle
+
+    import torch
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise BadInput(f"{path}: the checkpoint holds Python objects, not only tensors; graphopt loads checkpoints "
+                       f"with weights_only=True: save model.state_dict() ({_first_line(e)[:120]})") from None
+    except Exception as e:  # noqa: BLE001 - truncated zip, not a torch file, ...
+        raise BadInput(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)[:160]})") from None
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(state.get(key), dict) and all(isinstance(v, torch.Tensor) for v in state[key].values()):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BadInput(f"{path}: not a state_dict (a mapping of parameter names to tensors)")
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or extra or shapes:
+        what = (f"missing {', '.join(missing[:3])}" if missing else
+                f"unexpected {', '.join(extra[:3])}" if extra else
+                f"shape of {shapes[0]} is {list(state[shapes[0]].shape)}, the module has {list(own[shapes[0]].shape)}")
+        raise BadInput(f"{path}: checkpoint does not fit {type(module).__name__}: {what}")
+    module.load_state_dict(state, strict=True)
+    return module
+
+
+def load_torch_model(builder: str, base: Path, checkpoint: str | None, input_shapes: dict, where: str) -> gs.Graph:
+    """A PyTorch model named by "FILE.py:FUNCTION" (FILE relative to base; FUNCTION() returns the nn.Module), its
+    checkpoint (load_checkpoint) and the input shapes (float32 example inputs, in the given order), exported with
+    from_torch. For build pipelines whose model is PyTorch code plus trained weights."""
+    import importlib.util
+    file, _, func = builder.rpartition(":")
+    if not file or not func or not file.endswith(".py"):
+        raise BadInput(f"{where}: [model].module must be \"FILE.py:FUNCTION\", got {builder!r}")
+    path = (base / file).resolve()
+    if not path.is_file():
+        raise BadInput(f"{where}: [model].module file {path} does not exist")
+    if not input_shapes:
+        raise BadInput(f"{where}: a PyTorch [model] needs input_shapes (NAME = [D0, D1, ...]) for its example inputs")
+    spec = importlib.util.spec_from_file_location(f"graphopt_user_model_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+        fn = getattr(mod, func)
+    except AttributeError:
+        raise BadInput(f"{where}: {path} has no function '{func}'") from None
+    except Exception as e:  # noqa: BLE001 - the user's file failed to import
+        raise BadInput(f"{where}: importing {path} failed: {_first_line(e)}") from None
+    module = fn()
+    import torch
+    if not isinstance(module, torch.nn.Module):
+        raise BadInput(f"{where}: {builder} returned {type(module).__name__}, not a torch.nn.Module")
+    if checkpoint:
+        load_checkpoint(module, base / checkpoint)
+    examples = tuple(torch.zeros(tuple(s), dtype=torch.float32) for s in input_shapes.values())
+    return from_torch(module, examples, input_names=list(input_shapes))

@@ -103,12 +103,57 @@ def test_same_inputs_same_bytes_and_cache(project, capsys):
     ("[model]\npath = 'model.onnx'\n[gates]\nmax_latency_ms = true\n", "gate max_latency_ms needs a number"),
     ("[model]\npath = 'model.onnx'\n[[pass]]\nname = 'nonsense'\n", "unknown pass 'nonsense'"),
     ("[model\npath = 'model.onnx'\n", "invalid TOML"),
+    ("[model]\npath = 'model.onnx'\nmodule = 'net.py:build'\n", "[model] needs path"),
+    ("[model]\nmodule = 'net.py'\n", 'must be "FILE.py:FUNCTION"'),
+    ("[model]\nmodule = 'missing.py:build'\ninput_shapes = {x = [1, 1, 8, 8]}\n", "'missing.py' (resolved to"),
+    ("[model]\npath = 'model.onnx'\ncheckpoint = 'model.onnx'\n", "checkpoint goes with module"),
 ])
 def test_bad_pipeline_files(project, capsys, content, needle):
     (project / "p.toml").write_text(content)
     assert main(["build", str(project / "p.toml")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("graphopt: error:") and needle in err and "\n" not in err
+
+
+MODEL_PY = """
+import torch.nn as nn
+
+
+def build():
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+"""
+
+
+def test_pytorch_model_with_checkpoint(project, capsys):
+    """[model] as PyTorch code + a state_dict checkpoint (read with weights_only=True); a checkpoint that pickles
+    the whole module is refused in one line."""
+    import torch
+    (project / "net.py").write_text(MODEL_PY)
+    ns = {}
+    exec(MODEL_PY, ns)
+    torch.manual_seed(3)
+    net = ns["build"]().eval()
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-0.5, 0.5)
+    torch.save({"state_dict": net.state_dict(), "epoch": 7}, project / "weights.pt")
+    toml = write_toml(project, out="out/torch")
+    text = toml.read_text().replace('path = "model.onnx"', 'module = "net.py:build"\ncheckpoint = "weights.pt"\n'
+                                                           'input_shapes = { x = [1, 1, 8, 8] }')
+    toml.write_text(text)
+    assert main(["build", str(toml), "--json"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    from graphopt.artifact import Artifact
+    art = Artifact(project / "out" / "torch")
+    x = np.random.default_rng(0).random((1, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        want = net(torch.from_numpy(x)).numpy()
+    got = next(iter(art.run({"x": x}).values()))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)        # the checkpoint's weights, not fresh ones
+    torch.save(net, project / "weights.pt")                            # a pickled module: code, not weights
+    assert main(["build", str(toml)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "weights_only=True" in err and "state_dict()" in err and "\n" not in err
 
 
 def test_concurrent_builds_leave_one_complete_artifact(project):

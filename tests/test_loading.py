@@ -176,3 +176,31 @@ def test_zero_size_dimension_is_static():
     m = ob.model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [ob.vi("x", [0, 3])], [ob.vi("y", [0, 3])])
     g = graphopt.load(m)
     assert g.inputs[0].shape == [0, 3]
+
+
+def test_load_checkpoint_weights_only_and_clear_errors(tmp_path):
+    """PyTorch checkpoints: state_dicts (also under "state_dict"/"model") load; pickled objects, truncated files and
+    mismatched keys or shapes are one-line BadInput errors."""
+    import torch
+
+    from graphopt.loading import load_checkpoint
+    torch.manual_seed(0)
+    src, dst = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    torch.save({"model": src.state_dict(), "step": 3}, tmp_path / "ok.pt")
+    load_checkpoint(dst, tmp_path / "ok.pt")
+    assert torch.equal(dst.weight, src.weight)
+    torch.save(src, tmp_path / "pickled.pt")
+    with pytest.raises(BadInput, match=r"weights_only=True: save model.state_dict\(\)"):
+        load_checkpoint(dst, tmp_path / "pickled.pt")
+    data = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadInput, match="not a readable PyTorch checkpoint"):
+        load_checkpoint(dst, tmp_path / "cut.pt")
+    torch.save(torch.nn.Linear(5, 3).state_dict(), tmp_path / "shape.pt")
+    with pytest.raises(BadInput, match=r"shape of weight is \[3, 5\], the module has \[3, 4\]"):
+        load_checkpoint(dst, tmp_path / "shape.pt")
+    torch.save({"w": src.weight.detach()}, tmp_path / "keys.pt")
+    with pytest.raises(BadInput, match="does not fit Linear: missing weight, bias"):
+        load_checkpoint(dst, tmp_path / "keys.pt")
+    with pytest.raises(BadInput, match="no such checkpoint"):
+        load_checkpoint(dst, tmp_path / "none.pt")
