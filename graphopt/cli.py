@@ -346,7 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:       # name the subcommand whose --help lists the valid options
+        sub = getattr(args, "command", None)
+        print(f"graphopt: error: unrecognized arguments: {' '.join(extra)} "
+              f"(see graphopt{' ' + sub if sub else ''} --help)", file=sys.stderr)
+        return 2
     if getattr(args, "threads", None) is not None:
         if args.threads < 1:
             print("graphopt: error: --threads must be at least 1", file=sys.stderr)

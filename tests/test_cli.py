@@ -153,3 +153,12 @@ def test_console_script_exit_codes_and_debug(tmp_path):
     assert r.returncode != 0 and "Traceback" in r.stderr
     r = subprocess.run(GRAPHOPT + ["frobnicate"], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_unknown_option_names_the_subcommand_help(capsys):
+    assert main(["compile", "model.onnx", "--passes", "cleanup"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "graphopt: error: unrecognized arguments: --passes cleanup (see graphopt compile --help)"
+    with pytest.raises(SystemExit) as e:
+        main(["inspect"])
+    assert e.value.code == 2 and "see graphopt inspect --help" in capsys.readouterr().err
