@@ -44,7 +44,42 @@ class Target:
         return self.runs_here()
 
 
+#: TVM refuses tensors whose data is not aligned to this many bytes (kAllocAlignment)
+TVM_ALIGN = 64
+
+
+def _aligned(a: np.ndarray) -> np.ndarray:
+    """a itself when C-contiguous and 64-byte aligned, else an aligned copy."""
+    a = np.require(a, requirements="C")      # not ascontiguousarray: it turns 0-d arrays into 1-d ones
+    if a.ctypes.data % TVM_ALIGN == 0:
+        return a
+    raw = np.empty(a.nbytes + TVM_ALIGN, np.uint8)
+    off = (-raw.ctypes.data) % TVM_ALIGN
+    b = raw[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
+    b[...] = a
+    return b
+
+
+def to_tvm_cpu(arrays, tvm) -> list:
+    """numpy inputs as TVM CPU tensors without a copy where possible (DLPack; ~0.4 us instead of ~16 us for
+    tvm.runtime.tensor's allocate-and-copy, which dominated small models' latency). The VM never writes its
+    inputs; outputs are copied out (to_numpy_list), so no result aliases the caller's arrays."""
+    import tvm_ffi
+    out = []
+    for a in arrays:
+        try:
+            out.append(tvm_ffi.from_dlpack(_aligned(a)))
+        except Exception:  # noqa: BLE001 - a dtype DLPack cannot carry (numpy < 1.25 bool, ...), empty arrays
+            out.append(tvm.runtime.tensor(a))
+    return out
+
+
 def to_numpy_list(out) -> list[np.ndarray]:
-    if hasattr(out, "numpy"):
-        return [out.numpy()]
-    return [o.numpy() for o in out]
+    """VM results as numpy arrays the caller owns (copies; DLPack for CPU tensors, .numpy() otherwise)."""
+    res = []
+    for o in ([out] if hasattr(out, "numpy") else list(out)):
+        try:
+            res.append(np.from_dlpack(o).copy())
+        except Exception:  # noqa: BLE001 - device tensors (cuda), dtypes numpy's DLPack lacks
+            res.append(o.numpy())
+    return res

@@ -136,9 +136,8 @@ class VMRunner:
         self.main = self.vm["main"]
 
     def __call__(self, arrays):
-        from .base import to_numpy_list
-        args = [self._tvm.runtime.tensor(a) for a in arrays]
-        return to_numpy_list(self.main(*args))
+        from .base import to_numpy_list, to_tvm_cpu
+        return to_numpy_list(self.main(*to_tvm_cpu(arrays, self._tvm)))
 
     def time(self, arrays, repeat: int, warmup: int = 2) -> list[float]:
         args = [self._tvm.runtime.tensor(a) for a in arrays]

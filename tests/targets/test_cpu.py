@@ -121,6 +121,30 @@ def test_scalar_input_compiles_and_runs(tmp_path):
     assert y.min() == 5.0
 
 
+def test_runner_passes_inputs_without_copies_and_returns_owned_outputs(tmp_path):
+    """Inputs go to the VM through DLPack (aligned ones as they are, unaligned ones through an aligned copy);
+    outputs are copies: a Reshape's result, which the VM may return as a view of its input, never aliases the
+    caller's array."""
+    from onnx import helper
+    from graphopt.targets.base import TVM_ALIGN, to_tvm_cpu
+    m = ob.model([helper.make_node("Reshape", ["x", "s"], ["y"], name="r")], [ob.vi("x", [4, 6])],
+                 [ob.vi("y", [6, 4])], inits=[("s", np.array([6, 4], np.int64))])
+    art = graphopt.compile(m, out=tmp_path / "a", measure=False)
+    raw = np.zeros(4 * 6 + 1, np.float32)
+    x = raw[1:].reshape(4, 6)                   # 4-byte offset: not 64-byte aligned
+    x[...] = np.arange(24, dtype=np.float32).reshape(4, 6)
+    assert x.ctypes.data % TVM_ALIGN != 0
+    y = art.run({"x": x})["y"]
+    np.testing.assert_array_equal(y, np.arange(24, dtype=np.float32).reshape(6, 4))
+    x[...] = -1.0
+    assert y[0, 0] == 0.0 and not np.shares_memory(y, x)
+    import tvm
+    aligned = np.zeros((TVM_ALIGN * 4,), np.uint8).view(np.float32)
+    if aligned.ctypes.data % TVM_ALIGN == 0:    # an aligned array is passed as is (zero copy)
+        (t,) = to_tvm_cpu([aligned], tvm)
+        assert np.shares_memory(np.from_dlpack(t), aligned)
+
+
 def test_forms_tvm_gets_wrong_are_refused(tmp_path):
     from onnx import helper
     m = ob.model([helper.make_node("IsInf", ["x"], ["y"], name="isinf", detect_negative=0)],
