@@ -120,9 +120,21 @@ def cmd_compile(args) -> int:
         if "original_graphopt_ms" in lat:
             rows.append(("latency ms before the passes", f"{lat['original_graphopt_ms']} "
                                                          f"(speedup {lat['speedup_vs_original']}x)"))
-    text = _table(rows, ("report", "")) + "".join("\n\n" + _pruning_text(p) for p in rep.get("pruning", []))
+    text = _table(rows, ("report", "")) + "".join("\n\n" + _pruning_text(p) for p in rep.get("pruning", [])) \
+        + "".join("\n\n" + _factorization_text(f) for f in rep.get("factorization", []))
     _emit(args, {"artifact": str(art.path), "report": rep, "manifest": art.manifest}, text)
     return 0
+
+
+def _factorization_text(f: dict, max_rows: int = 12) -> str:
+    """The terminal summary of one factorize-lowrank run: layers, ranks, reconstruction errors, drift."""
+    rows = [(x["node"], x["method"], "x".join(map(str, x["ranks"])), f"{x['macs_after'] / max(1, x['macs_before']):.2f}",
+             f"{x['rel_error']:.3g}") for x in f.get("layers", [])[:max_rows]]
+    head = (f"factorize-lowrank ({f.get('selection')}): MACs x{f.get('macs_ratio')}, params x{f.get('params_ratio')}; "
+            f"{f.get('factorized', 0)} layer(s) factorized, {len(f.get('skipped', []))} left alone")
+    tail = [f"output drift on '{name}': max abs {d['max_abs']:.3g}, cosine {d['cosine']:.6f}"
+            for name, d in (f.get("drift") or {}).items() if isinstance(d, dict) and "max_abs" in d]
+    return "\n".join([head, _table(rows, ("layer", "method", "ranks", "MACs", "rel. error"))] + tail)
 
 
 def _pruning_text(p: dict, max_rows: int = 12) -> str:

@@ -162,3 +162,13 @@ def test_unknown_option_names_the_subcommand_help(capsys):
     with pytest.raises(SystemExit) as e:
         main(["inspect"])
     assert e.value.code == 2 and "see graphopt inspect --help" in capsys.readouterr().err
+
+
+def test_factorization_summary_in_report_and_terminal(capsys, tmp_path, zoo_onnx):
+    out = tmp_path / "f"
+    assert main(["compile", str(zoo_onnx("cnn_digits")), "-o", str(out), "--no-bench",
+                 "--pipeline", "cleanup,factorize-lowrank{flops=0.6}"]) == 0
+    text = capsys.readouterr().out
+    assert "factorize-lowrank (flops): MACs x" in text and "tucker2" in text and "output drift on" in text
+    (f,) = json.loads((out / "report.json").read_text())["factorization"]
+    assert f["macs_ratio"] <= 0.6 and f["factorized"] >= 1 and all("rel_error" in x for x in f["layers"])
