@@ -290,6 +290,18 @@ class ChannelGroups:
             return None
         return self.chan.get(t.name)
 
+    def known_shape(self, t) -> tuple:
+        """The static shape of t; an unknown one freezes the channels the node touches."""
+        s = self.shape(t)
+        if s is None:
+            raise _Freeze("unknown shape")
+        return s
+
+    def tracked_input(self, node) -> tuple[Chan, tuple] | None:
+        """(channel info, static shape) of the node's first input, or None when it carries no channels."""
+        x = self.get(node.inputs[0])
+        return None if x is None else (x, self.known_shape(node.inputs[0]))
+
     def freeze(self, slots, reason: str) -> None:
         for s in slots:
             self.uf.freeze(s, reason)
@@ -680,12 +692,10 @@ class ChannelGroups:
         self.set(node.outputs[0], 1, x.slots, cv)
 
     def _op_LayerNormalization(self, node):
-        x = self.get(node.inputs[0])
-        if x is None:
+        got = self.tracked_input(node)
+        if got is None:
             return
-        s = self.shape(node.inputs[0])
-        if s is None:
-            raise _Freeze("unknown shape")
+        x, s = got
         ax = int(node.attrs.get("axis", -1)) % len(s)
         if x.axis >= ax:
             raise _Freeze("LayerNormalization normalizes over the channel axis")
@@ -791,9 +801,7 @@ class ChannelGroups:
             if c is not None:
                 vals.append(c.cval if len(c.cval) == C else np.full(C, c.cval[0]))
                 continue
-            s = self.shape(t)
-            if s is None:
-                raise _Freeze("unknown shape")
+            s = self.known_shape(t)
             r = len(s)
             pax = oax - (ro - r)
             size = s[pax] if 0 <= pax < r else 1
@@ -871,12 +879,10 @@ class ChannelGroups:
         return sorted(int(a) % rank for a in axes)
 
     def _reduce(self, node):
-        x = self.get(node.inputs[0])
-        if x is None:
+        got = self.tracked_input(node)
+        if got is None:
             return
-        s = self.shape(node.inputs[0])
-        if s is None:
-            raise _Freeze("unknown shape")
+        x, s = got
         axes = self._axes_of(node, len(s))
         if axes is None:
             if node.attrs.get("noop_with_empty_axes", 0):
@@ -891,12 +897,10 @@ class ChannelGroups:
         self.set(node.outputs[0], oax, x.slots, cv)
 
     def _axis_op(self, node):
-        x = self.get(node.inputs[0])
-        if x is None:
+        got = self.tracked_input(node)
+        if got is None:
             return
-        s = self.shape(node.inputs[0])
-        if s is None:
-            raise _Freeze("unknown shape")
+        x, s = got
         if node.op in ("ArgMax", "ArgMin"):
             raise _Freeze(f"{node.op} output")
         legacy = node.op in ("Softmax", "LogSoftmax", "Hardmax") and self._opset() < 13
@@ -921,12 +925,10 @@ class ChannelGroups:
         self.set(node.outputs[0], list(perm).index(x.axis), x.slots, x.cval)
 
     def _op_Squeeze(self, node):
-        x = self.get(node.inputs[0])
-        if x is None:
+        got = self.tracked_input(node)
+        if got is None:
             return
-        s = self.shape(node.inputs[0])
-        if s is None:
-            raise _Freeze("unknown shape")
+        x, s = got
         axes = self._axes_of(node, len(s))
         if axes is None:
             axes = [i for i, d in enumerate(s) if d == 1]
@@ -938,9 +940,7 @@ class ChannelGroups:
         x = self.get(node.inputs[0])
         if x is None:
             return
-        so = self.shape(node.outputs[0])
-        if so is None:
-            raise _Freeze("unknown shape")
+        so = self.known_shape(node.outputs[0])
         axes = self._axes_of(node, len(so))
         kept = [i for i in range(len(so)) if i not in axes]
         self.set(node.outputs[0], kept[x.axis], x.slots, x.cval)

@@ -126,7 +126,7 @@ def test_runner_passes_inputs_without_copies_and_returns_owned_outputs(tmp_path)
     outputs are copies: a Reshape's result, which the VM may return as a view of its input, never aliases the
     caller's array."""
     from onnx import helper
-    from graphopt.targets.base import TVM_ALIGN, to_tvm_cpu
+    from graphopt.targets.base import TVM_ALIGN, _aligned, to_tvm_cpu
     m = ob.model([helper.make_node("Reshape", ["x", "s"], ["y"], name="r")], [ob.vi("x", [4, 6])],
                  [ob.vi("y", [6, 4])], inits=[("s", np.array([6, 4], np.int64))])
     art = graphopt.compile(m, out=tmp_path / "a", measure=False)
@@ -139,10 +139,10 @@ def test_runner_passes_inputs_without_copies_and_returns_owned_outputs(tmp_path)
     x[...] = -1.0
     assert y[0, 0] == 0.0 and not np.shares_memory(y, x)
     import tvm
-    aligned = np.zeros((TVM_ALIGN * 4,), np.uint8).view(np.float32)
-    if aligned.ctypes.data % TVM_ALIGN == 0:    # an aligned array is passed as is (zero copy)
-        (t,) = to_tvm_cpu([aligned], tvm)
-        assert np.shares_memory(np.from_dlpack(t), aligned)
+    aligned = _aligned(x)                       # an aligned copy of the unaligned array ...
+    assert aligned.ctypes.data % TVM_ALIGN == 0 and not np.shares_memory(aligned, x)
+    (t,) = to_tvm_cpu([aligned], tvm)           # ... is then passed as is (zero copy)
+    assert np.shares_memory(np.from_dlpack(t), aligned)
 
 
 def test_forms_tvm_gets_wrong_are_refused(tmp_path):

@@ -88,15 +88,10 @@ def test_fresh_process_applies_records(tuned, tmp_path):
         import onnx
         import graphopt
         from graphopt.targets import cpu_schedules
+        sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+        from scheduled_hook import recording_hook
         applied = []
-        real = cpu_schedules.schedule_module
-        def hook(mod, target):
-            import tvm
-            for gv, f in mod.functions.items():
-                if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "tirx.is_scheduled" in f.attrs:
-                    applied.append(gv.name_hint)
-            return real(mod, target)
-        cpu_schedules.schedule_module = hook  # CpuTarget.lower imports it at call time
+        cpu_schedules.schedule_module = recording_hook(applied)
         art = graphopt.compile({str(path)!r}, out={str(tmp_path / "art")!r}, tuning_db={str(db)!r}, measure=False)
         print(json.dumps({{"applied": applied, "check": art.report["check"]}}))
     """)

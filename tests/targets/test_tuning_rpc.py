@@ -144,16 +144,9 @@ def test_rpc_tuned_database_compiles_and_matches_onnxruntime(tuned_rpc, tmp_path
     import graphopt
     from graphopt.targets import cpu_schedules
     path, db, _, _ = tuned_rpc
+    from .scheduled_hook import recording_hook
     applied = []
-    real = cpu_schedules.schedule_module
-
-    def hook(mod, target):
-        import tvm
-        for gv, f in mod.functions.items():
-            if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "tirx.is_scheduled" in f.attrs:
-                applied.append(gv.name_hint)
-        return real(mod, target)
-    monkeypatch.setattr(cpu_schedules, "schedule_module", hook)  # CpuTarget.lower imports it at call time
+    monkeypatch.setattr(cpu_schedules, "schedule_module", recording_hook(applied))
     art = graphopt.compile(str(path), out=str(tmp_path / "art"), tuning_db=str(db), measure=False)
     assert any("conv2d" in n for n in applied), applied
     assert art.report["check"]["ok"], art.report["check"]
