@@ -1,6 +1,7 @@
 """Analyses computed on demand through the pass context and cached until a pass invalidates them."""
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Callable
 
@@ -8,6 +9,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .errors import GraphoptError
+from .symbolic_shapes import Poly
 
 ANALYSES: dict[str, Callable] = {}
 
@@ -66,41 +68,93 @@ def use_def(graph: gs.Graph, ctx) -> dict:
     return {"producers": producers, "consumers": dict(consumers)}
 
 
-def _numel(shape) -> int:
-    if shape is None or any(not isinstance(d, int) for d in shape):
+def _known(d) -> bool:
+    """A dimension MACs can be counted with: a static size, or a formula in the dynamic input dimensions (a Poly,
+    which `inspect` puts in the shapes of a graph it cannot bind)."""
+    return (isinstance(d, (int, np.integer)) and d >= 0) or isinstance(d, Poly)
+
+
+def _numel(shape):
+    """Elements of a shape (a Poly when a dimension is one); 0 when a dimension is unknown."""
+    if shape is None or not all(_known(d) for d in shape):
         return 0
-    return int(np.prod(shape)) if len(shape) else 1
+    return math.prod(d if isinstance(d, Poly) else int(d) for d in shape)
+
+
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+
+
+def weight_constant(t) -> gs.Constant | None:
+    """The constant behind a node input: the input itself, or the quantized constant (int8 weight, int32 bias) that
+    the DequantizeLinear producing it reads."""
+    if isinstance(t, gs.Constant):
+        return t
+    src = t.inputs[0] if len(t.inputs) == 1 else None
+    if src is not None and src.op == "DequantizeLinear" and src.inputs and isinstance(src.inputs[0], gs.Constant):
+        return src.inputs[0]
+    return None
+
+
+def weight_tensors(graph: gs.Graph) -> dict[str, gs.Constant]:
+    """The model's weights by name: float constants read by compute ops, and the constants QuantizeLinear /
+    DequantizeLinear quantize or dequantize (not their scales and zero points), so a quantized graph has the
+    parameters of its float original."""
+    out = {}
+    for node in graph.nodes:
+        for i, t in enumerate(node.inputs):
+            if not isinstance(t, gs.Constant):
+                continue
+            quant = node.op in _QDQ
+            if (quant and i == 0) or (not quant and t.values.dtype.kind == "f"):
+                out[t.name] = t
+    return out
+
+
+def _weight_shape(t, shapes: dict):
+    if t.shape is not None:
+        return t.shape
+    if shapes.get(t.name) is not None:
+        return shapes[t.name]
+    c = weight_constant(t)
+    return c.values.shape if c is not None else None
 
 
 def node_macs(node: gs.Node, shapes: dict) -> int:
-    """Multiply-accumulates of one node (0 for ops without a dominant multiply-add)."""
+    """Multiply-accumulates of one node (0 for ops without a dominant multiply-add or with an unknown shape; a Poly
+    when the shapes hold formulas)."""
     op = node.op
     out = shapes.get(node.outputs[0].name) if node.outputs else None
     if op in ("Conv", "ConvTranspose") and len(node.inputs) > 1:
-        w = node.inputs[1].shape
+        w = _weight_shape(node.inputs[1], shapes)
         if w is None:
             return 0
         if op == "Conv":
-            return _numel(out) * int(np.prod(w[1:]))
+            return _numel(out) * _numel(w[1:])
         x = shapes.get(node.inputs[0].name)
-        return _numel(x) * int(np.prod(w[1:]))
+        return _numel(x) * _numel(w[1:])
     if op in ("Gemm", "MatMul"):
         a = shapes.get(node.inputs[0].name)
         if out is None or a is None or len(a) == 0:
             return 0
         k = a[0] if (op == "Gemm" and node.attrs.get("transA", 0)) else a[-1]
-        return _numel(out) * int(k) if isinstance(k, int) else 0
+        return _numel(out) * (k if isinstance(k, Poly) else int(k)) if _known(k) else 0
     return 0
 
 
 @analysis("flops")
 def flops(graph: gs.Graph, ctx) -> dict:
-    """Per-node MACs and parameter counts, and totals."""
+    """MACs and parameter counts per node (a list in graph.nodes order, so nodes with equal or empty names all
+    count), and totals."""
     shapes_ = ctx.analyses.get("shapes", graph) if ctx is not None else shapes(graph, None)
-    per_node = {}
+    per_node = []
     for node in graph.nodes:
-        params = sum(int(t.values.size) for t in node.inputs if isinstance(t, gs.Constant) and t.values.dtype.kind == "f")
-        per_node[node.name] = {"op": node.op, "macs": node_macs(node, shapes_), "params": params}
-    total_params = sum(int(t.values.size) for t in graph.tensors().values()
-                       if isinstance(t, gs.Constant) and t.values.dtype.kind == "f")
-    return {"nodes": per_node, "macs": sum(v["macs"] for v in per_node.values()), "params": total_params}
+        params = 0
+        for t in node.inputs if node.op not in _QDQ else ():
+            c = weight_constant(t)
+            if c is not None and (c is not t or c.values.dtype.kind == "f"):
+                params += int(c.values.size)
+        per_node.append({"name": node.name, "op": node.op, "macs": node_macs(node, shapes_), "params": params})
+    weights = weight_tensors(graph).values()
+    return {"nodes": per_node, "macs": sum(v["macs"] for v in per_node),
+            "params": sum(int(c.values.size) for c in weights),
+            "param_bytes": sum(int(np.asarray(c.values).nbytes) for c in weights)}

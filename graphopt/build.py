@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
+import sys
 import tomllib
 from pathlib import Path
 
@@ -16,9 +18,12 @@ import numpy as np
 import onnx
 
 from . import __version__
-from .artifact import Staging, write_json
-from .errors import BadInput, CheckFailed
+from .artifact import Staging, check_artifact_destination, write_json
+from .errors import BadInput, CheckFailed, printable
 from .graph import copy as copy_graph, input_specs, to_onnx
+from .limits import check_threads
+from .npz import load_npz
+from .stage_cache import StageCache
 
 # gate -> (direction, default used when the gate is turned on with `true`)
 GATES = {
@@ -32,16 +37,44 @@ GATES = {
     "max_noise_drop": ("max", 0.04),
     "max_adversarial_drop": ("max", 0.03),
 }
+#: how messages name the artifact destination of a build
+OUTPUT_OPTION = "[output] dir"
+#: section -> {key: (type, lowest value, lowest excluded)}; a key whose spec is None is checked where it is read
 SECTIONS = {
-    "model": {"path", "input_shapes", "module", "checkpoint"},
+    "model": {"path": (str, None, False), "input_shapes": None, "module": (str, None, False),
+              "checkpoint": (str, None, False)},
     "target": None,                          # name + target options
     "pass": None,
-    "data": {"train", "calib", "eval"},
-    "gates": set(GATES),
-    "output": {"dir", "cache"},
-    "evaluate": {"cka_layers", "noise_std", "fgsm_eps", "threads", "repeat", "robustness"},
-    "compress": {"epochs", "batch_size", "lr", "seed"},
+    "data": {"train": (str, None, False), "calib": (str, None, False), "eval": (str, None, False),
+             "preprocess": (str, None, False)},
+    "gates": dict.fromkeys(GATES),
+    "output": {"dir": (str, None, False), "cache": (str, None, False)},
+    "evaluate": {"cka_layers": (list, None, False), "noise_std": (float, 0.0, False), "fgsm_eps": (float, 0.0, False),
+                 "threads": (int, 1, False), "repeat": (int, 1, False), "robustness": (bool, None, False)},
+    "compress": {"epochs": (int, 1, False), "batch_size": (int, 1, False), "lr": (float, 0.0, True),
+                 "seed": (int, 0, False), "micro_batch": (int, 1, False)},
 }
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+               list: "a list of strings"}
+
+
+def _check_key(where: str, section: str, key: str, value, spec) -> None:
+    """value of [section] key against its SECTIONS spec; [evaluate] threads also against the machine's cores."""
+    kind, low, strict = spec
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise BadInput(f"{where}: [{section}] {key} must be {_TYPE_NAMES[kind]}, got {printable(repr(value))}")
+    if low is not None and (value <= low if strict else value < low):
+        raise BadInput(f"{where}: [{section}] {key} must be {'above' if strict else 'at least'} {low}, got {value}")
+    if (section, key) == ("evaluate", "threads"):
+        check_threads(value, f"{where}: [evaluate] threads")
 
 
 class BuildConfig:
@@ -64,6 +97,9 @@ class BuildConfig:
                 bad = [k for k in value if k not in keys]
                 if bad:
                     raise BadInput(f"{self.path}: [{section}] has no key '{bad[0]}'; keys: {', '.join(sorted(keys))}")
+                for key, v in value.items():
+                    if keys[key] is not None:
+                        _check_key(str(self.path), section, key, v, keys[key])
         model = self.doc.get("model")
         if not isinstance(model, dict) or (isinstance(model.get("path"), str) == isinstance(model.get("module"), str)):
             raise BadInput(f"{self.path}: [model] needs path = \"model.onnx\", or module = \"FILE.py:FUNCTION\" "
@@ -86,7 +122,8 @@ class BuildConfig:
         steps = self.doc.get("pass", [])
         from .passmanager import PassManager
         self.pm = PassManager.from_steps(steps, str(self.path))
-        data = self.doc.get("data", {})
+        data = dict(self.doc.get("data", {}))
+        self.preprocess = data.pop("preprocess", None)      # "FILE.py:FUNCTION" for folders / .txt of lines
         self.data_paths = {k: self.resolve(v) for k, v in data.items()}
         self.gates = {}
         for name, value in self.doc.get("gates", {}).items():
@@ -124,53 +161,71 @@ def _sha(*parts) -> str:
     return h.hexdigest()
 
 
+def _load_data(cfg: BuildConfig, input_names: list[str]) -> dict:
+    """[data] train/calib/eval: .npz files, or folders / .txt files of lines through [data] preprocess."""
+    if not cfg.preprocess:
+        return {k: load_npz(p, f"[data] {k}") for k, p in cfg.data_paths.items()}
+    from .folder_data import load_folder, load_hook
+    hook = load_hook(cfg.preprocess, cfg.base, f"{cfg.path}: [data] preprocess")
+    out = {}
+    for k, p in cfg.data_paths.items():
+        if not p.exists():
+            raise BadInput(f"{cfg.path}: [data] {k} = {p} does not exist")
+        out[k] = load_npz(p, f"[data] {k}") if p.suffix == ".npz" else load_folder(p, hook, input_names,
+                                                                                  f"[data] {k}")
+    return out
+
+
+def _arrays_sha(arrays: dict) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(arrays.items()):
+        a = np.ascontiguousarray(v)
+        h.update(f"{k}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def _file_sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def _load_npz(p: Path) -> dict:
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except Exception as e:
-        raise BadInput(f"{p}: not a readable .npz file ({type(e).__name__})") from None
+def _warn(message: str) -> None:
+    print(f"graphopt: warning: {message}", file=sys.stderr)
 
 
-class Cache:
-    """Content-addressed stage cache: CACHE/<stage>/<key>/ holds the stage's files and a done marker."""
-
-    def __init__(self, root: Path):
-        self.root = root
-
-    def get(self, stage: str, key: str) -> Path | None:
-        d = self.root / stage / key
-        return d if (d / ".done").is_file() else None
-
-    def put(self, stage: str, key: str, fill) -> Path:
-        final = self.root / stage / key
-        tmp = self.root / stage / f".{key}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        fill(tmp)
-        (tmp / ".done").write_text("ok\n")
-        try:
-            os.rename(tmp, final)
-        except OSError:          # a concurrent build filled it first; theirs is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-        return final
+# Readers of the cache entries: whatever they raise makes the entry count as unusable (discarded, built again).
+def _read_optimized(d: Path):
+    from .loading import load
+    stages = json.loads((d / "stages.json").read_text())["stages"]
+    if not isinstance(stages, list):
+        raise TypeError("stages is not a list")
+    return load(d / "model.onnx"), stages
 
 
-def build(toml_path, log=None, progress=None) -> dict:
+def _read_compiled(d: Path) -> Path:
+    from .artifact import Artifact
+    Artifact(d / "artifact")              # a complete artifact, each file matching its manifest
+    return d / "artifact"
+
+
+def _read_metrics(d: Path) -> dict:
+    metrics = json.loads((d / "metrics.json").read_text())
+    if not isinstance(metrics, dict):
+        raise TypeError("metrics is not an object")
+    return metrics
+
+
+def build(toml_path, log=None, progress=None, warn=_warn) -> dict:
     """Run the build; return the summary. Raises CheckFailed (exit 1) naming every failed gate, after writing the
     artifact and its reports (so the failure can be inspected). progress: a graphopt.progress.Progress for
-    calibration and training."""
+    calibration and training; warn(line): a discarded cache entry (default: a line on stderr)."""
     from . import api
     from .loading import load
 
     log = log or (lambda m: None)
     cfg = BuildConfig(Path(toml_path))
-    data = {k: _load_npz(p) for k, p in cfg.data_paths.items()}
-    cache = Cache(cfg.cache_dir)
+    check_artifact_destination(cfg.out_dir, OUTPUT_OPTION)       # before any work
+    cache = StageCache(cfg.cache_dir, warn)
     cached = []
 
     if cfg.torch_module:
@@ -179,13 +234,14 @@ def build(toml_path, log=None, progress=None) -> dict:
                                     cfg.input_shapes, str(cfg.path))
     else:
         original = load(cfg.model_path, input_shapes=cfg.input_shapes)
+    data = _load_data(cfg, [t.name for t in original.inputs])
     base_key = _sha(__version__, _file_sha(cfg.model_path), cfg.torch_module,
                     _file_sha(cfg.checkpoint) if cfg.checkpoint else None, cfg.input_shapes,
-                    {k: _file_sha(p) for k, p in sorted(cfg.data_paths.items())})
+                    {k: _arrays_sha(v) for k, v in sorted(data.items())})
 
     # --- optimize -------------------------------------------------------------------------------------------
     opt_key = _sha(base_key, cfg.pm.resolved(), cfg.target, cfg.target_options, cfg.compress_opts)
-    hit = cache.get("optimize", opt_key)
+    hit = cache.get("optimize", opt_key, _read_optimized)
     if hit is None:
         log(f"optimize: {cfg.pm.resolved() or '(no passes)'}")
 
@@ -193,35 +249,34 @@ def build(toml_path, log=None, progress=None) -> dict:
             graph, stages = _optimize(cfg, original, data, log, progress)
             onnx.save_model(to_onnx(graph), str(d / "model.onnx"))
             write_json(d / "stages.json", {"stages": stages})
-        hit = cache.put("optimize", opt_key, fill)
+        hit = cache.put("optimize", opt_key, fill, _read_optimized)
     else:
         cached.append("optimize")
-    optimized = load(hit / "model.onnx")
-    stages = json.loads((hit / "stages.json").read_text())["stages"]
+    optimized, stages = hit
 
     # --- compile + evaluate into a staging folder, published atomically ----------------------------------------
-    with Staging(cfg.out_dir) as stage:
+    with Staging(cfg.out_dir, OUTPUT_OPTION) as stage:
+        from .artifact import Artifact
         comp_key = _sha(opt_key, "compile", api._versions())
-        chit = cache.get("compile", comp_key)
+        chit = cache.get("compile", comp_key, _read_compiled)
         if chit is None:
             log(f"compile for {cfg.target}")
-            chit = cache.put("compile", comp_key, lambda d: _compile_into(optimized, cfg, d / "artifact"))
+            chit = cache.put("compile", comp_key, lambda d: _compile_into(optimized, cfg, d / "artifact"),
+                             _read_compiled)
         else:
             cached.append("compile")
-        for f in (chit / "artifact").iterdir():
+        for f in chit.iterdir():
             shutil.copy2(f, stage.path / f.name)
-        from .artifact import Artifact
         art = Artifact(stage.path)
 
         ev_key = _sha(comp_key, "evaluate", cfg.eval_opts)
-        ehit = cache.get("evaluate", ev_key)
-        if ehit is None:
+        metrics = cache.get("evaluate", ev_key, _read_metrics)
+        if metrics is None:
             log("evaluate")
-            metrics = evaluate_build(cfg, original, optimized, art, data)
-            ehit = cache.put("evaluate", ev_key, lambda d: write_json(d / "metrics.json", metrics))
+            fresh = evaluate_build(cfg, original, optimized, art, data)
+            metrics = cache.put("evaluate", ev_key, lambda d: write_json(d / "metrics.json", fresh), _read_metrics)
         else:
             cached.append("evaluate")
-        metrics = json.loads((ehit / "metrics.json").read_text())
 
         failures = check_gates(cfg.gates, metrics)
         summary = {"toml": str(cfg.path), "artifact": str(cfg.out_dir), "target": cfg.target,
@@ -250,39 +305,63 @@ def _optimize(cfg: BuildConfig, original, data: dict, log, progress=None):
     """Run the pipeline pass by pass, recording size and accuracy after each stage. With training data and a
     lossy pass, the whole pipeline goes through compress (distillation from the original)."""
     from .passmanager import PassContext, PassManager
-    stages = [_stage_metrics("original", original, data)]
+    reference = _first_output(original, data)
+    stages = [_stage_metrics("original", original, data, reference)]
     lossy = any(not p.exact for p in cfg.pm.passes)
     if "train" in data and lossy:
-        from .compress import compress
+        from .compress import POST_TRAINING, compress
+        trained = []
         graph, info = compress(original, data["train"], cfg.pm, eval_data=data.get("eval"), log=log,
-                               progress=progress, **cfg.compress_opts)
-        stages.append(dict(_stage_metrics("compressed", graph, data), info=info))
+                               progress=progress, after_training=trained.append, **cfg.compress_opts)
+        names = [p.name for p in cfg.pm.passes if not p.exact and p.name not in POST_TRAINING]
+        if trained and names:        # the trained fp32 graph, before quantize
+            stages.append(_stage_metrics(" + ".join(names) + " + distilled", trained[0], data, reference))
+        final = dict(_stage_metrics("compressed", graph, data, reference), info=info)
+        q = info.get("quantization")
+        if q is not None or any(p.name == "quantize" for p in cfg.pm.passes):
+            final["label"] = "quantized (QAT)" if q and q.get("qat") else "quantized"
+        stages.append(final)
         return graph, stages
     graph = copy_graph(original)
     ctx = PassContext(target=cfg.target, seed=0, data={k: v for k, v in data.items() if k in ("calib", "train")},
                       progress=progress)
     for p in cfg.pm.passes:
         graph = PassManager([p]).run(graph, ctx).graph
-        stages.append(_stage_metrics(p.text(), graph, data))
+        stages.append(_stage_metrics(p.text(), graph, data, reference))
     return graph, stages
 
 
-def _stage_metrics(name, graph, data) -> dict:
-    from .evaluate import graph_size, ort_latency_ms, run_onnx, top1
-    m = {"stage": name, **graph_size(graph)}
-    specs = input_specs(graph)
-    m["ort_latency_ms"] = round(ort_latency_ms(to_onnx(graph), specs, threads=1, repeat=10), 4)
+def _first_output(graph, data):
+    """The graph's first output on [data] eval (onnxruntime), or None without eval data."""
+    from .evaluate import run_onnx
     ev = data.get("eval")
-    if ev is not None and "labels" in ev:
-        outs = run_onnx(to_onnx(graph), ev, [(n, s) for n, s, _ in specs])
-        m["top1"] = top1(next(iter(outs.values())), ev["labels"])
+    if ev is None:
+        return None
+    return next(iter(run_onnx(to_onnx(graph), ev, [(n, s) for n, s, _ in input_specs(graph)]).values()))
+
+
+def _stage_metrics(name, graph, data, reference=None) -> dict:
+    """Size, onnxruntime latency (1 thread) and, on [data] eval, top-1 (with labels) and the task agreement with
+    the original's outputs `reference` (graphopt.task_metrics)."""
+    from .evaluate import graph_size, ort_latency_ms, top1
+    from .task_metrics import agreement
+    m = {"stage": name, **graph_size(graph)}
+    m["ort_latency_ms"] = round(ort_latency_ms(to_onnx(graph), input_specs(graph), threads=1, repeat=10), 4)
+    ev = data.get("eval")
+    if ev is not None:
+        out = _first_output(graph, data)
+        if "labels" in ev:
+            m["top1"] = top1(out, ev["labels"])
+        if reference is not None:
+            m["agreement"] = agreement(out, reference)["value"]
     return m
 
 
 def evaluate_build(cfg: BuildConfig, original, optimized, art, data: dict) -> dict:
     from . import api
-    from .evaluate import (agreement, channels_per_layer, fgsm, gaussian_noise, linear_cka, ort_latency_ms,
+    from .evaluate import (channels_per_layer, fgsm, gaussian_noise, linear_cka, ort_latency_ms,
                            penultimate_tensor, run_artifact, run_onnx, top1)
+    from .task_metrics import agreement as task_agreement
     threads = int(cfg.eval_opts["threads"])
     specs = input_specs(original)
     from .evaluate import graph_size
@@ -308,7 +387,8 @@ def evaluate_build(cfg: BuildConfig, original, optimized, art, data: dict) -> di
     ref = run_onnx(orig_model, ev, in_specs)
     got = run_artifact(art, ev)
     ref_logits, got_logits = next(iter(ref.values())), next(iter(got.values()))
-    m["agreement"] = agreement(ref_logits, got_logits)
+    task = task_agreement(got_logits, ref_logits)      # top-1, decoded sequences or map IoU, by output kind
+    m["agreement"], m["agreement_metric"] = task["value"], task["metric"]
     layers = list(cfg.eval_opts["cka_layers"]) or [t for t in [penultimate_tensor(original)] if t]
     opt_model = to_onnx(optimized)
     cka = {}

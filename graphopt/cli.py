@@ -1,4 +1,4 @@
-"""Command line: graphopt compile | run | bench | inspect | passes | tune.
+"""Command line: graphopt compile | run | bench | inspect | passes | profile | sensitivity | tune | compress | build.
 Errors are one line on stderr with exit code 2 (bad input) or 1 (a check failed); --debug shows tracebacks."""
 from __future__ import annotations
 
@@ -8,18 +8,22 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import BadInput, GraphoptError
+from .errors import BadInput, GraphoptError, printable
+from .limits import check_threads
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         sub = self.prog.split()[1:]      # "graphopt compile" -> ["compile"]; the top-level parser has none
-        self.exit(2, f"graphopt: error: {message} (see {' '.join(['graphopt', *sub[-1:]])} --help)\n")
+        self.exit(2, f"graphopt: error: {printable(message, None)} (see {' '.join(['graphopt', *sub[-1:]])} --help)\n")
 
 
 def _add_shapes(p):
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
                    help="bind an input's dynamic dimensions (repeatable)")
+    p.add_argument("--input-value", action="append", default=[], metavar="NAME=V[,V...]",
+                   help="make an input a constant, e.g. a VAD's sample rate sr=16000: control flow and shapes that "
+                        "depend on it fold away (repeatable)")
 
 
 def _shapes(args) -> dict:
@@ -29,6 +33,11 @@ def _shapes(args) -> dict:
         name, shape = parse_shape_arg(text)
         out[name] = shape
     return out
+
+
+def _values(args) -> dict:
+    from .shapes import parse_value_arg
+    return dict(parse_value_arg(text) for text in getattr(args, "input_value", []))
 
 
 def _target_options(args) -> dict:
@@ -48,7 +57,12 @@ def _interactive() -> bool:
 
 def _log(msg: str) -> None:
     if _interactive():
-        print(f"graphopt: {msg}", file=sys.stderr)
+        print(f"graphopt: {printable(msg, None)}", file=sys.stderr)
+
+
+def _note(msg: str) -> None:
+    """A line the user must see even in CI logs (a decision graphopt took for them)."""
+    print(f"graphopt: note: {printable(msg, None)}", file=sys.stderr)
 
 
 def _progress(enabled: bool = True):
@@ -59,7 +73,8 @@ def _progress(enabled: bool = True):
 
 def _emit(args, data: dict, text: str) -> None:
     if getattr(args, "json", False):
-        print(json.dumps(data, indent=2, sort_keys=True, default=str))
+        from .artifact import json_text
+        print(json_text(data, default=str))
     else:
         print(text)
 
@@ -72,15 +87,18 @@ def _table(rows: list[tuple], header: tuple) -> str:
 
 
 def _load_npz(path: str, what: str) -> dict:
-    import numpy as np
-    p = Path(path)
-    if not p.is_file():
-        raise BadInput(f"{p}: no such file ({what} must be an .npz file)")
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except Exception as e:
-        raise BadInput(f"{p}: not a readable .npz file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    from .npz import load_npz
+    return load_npz(path, what)
+
+
+def _load_data(path: str, what: str, preprocess: str | None, input_names: list[str]) -> dict:
+    """An .npz file, or with --preprocess a folder of files / a .txt of lines through the user's hook."""
+    if not preprocess:
+        return _load_npz(path, what)
+    from .folder_data import load_folder, load_hook
+    if not Path(path).exists():
+        raise BadInput(f"{path}: no such file or folder ({what})")
+    return load_folder(path, load_hook(preprocess), input_names, what)
 
 
 def cmd_compile(args) -> int:
@@ -99,17 +117,22 @@ def cmd_compile(args) -> int:
         data["eval"] = _load_npz(args.eval, "--eval")
     if args.tuning_db and not Path(args.tuning_db).is_dir():
         raise BadInput(f"{args.tuning_db}: no such tuning database folder (create one with `graphopt tune`)")
+    check_inputs = _load_npz(args.check_inputs, "--check-inputs") if args.check_inputs else None
     art = api.compile(args.model, target=args.target, out=out, pipeline=pm, input_shapes=_shapes(args),
+                      input_values=_values(args),
                       tuning_db=args.tuning_db, threads=args.threads, measure=not args.no_bench, log=_log, data=data,
-                      target_options=_target_options(args), progress=_progress())
+                      target_options=_compile_target_options(args), progress=_progress(),
+                      check_inputs=check_inputs)
     rep = art.report
     rows = [("artifact", str(art.path)), ("target", json.dumps(art.manifest["target"].get("llvm_mcpu", args.target))),
             ("pipeline", art.manifest["pipeline"]["text"] or "(none)"), ("ops", rep["ops"]),
             ("params", f"{rep['params_before']:,} -> {rep['params_after']:,}"),
+            ("weight bytes", f"{rep['param_bytes_before']:,} -> {rep['param_bytes_after']:,}"),
             ("MACs", f"{rep['macs_before']:,} -> {rep['macs_after']:,}"),
             ("model.onnx bytes", f"{rep['model_bytes']:,}"), ("compile s", rep["compile_seconds"]),
-            ("max |err| vs onnxruntime", f"{rep['check']['max_abs_error']:.3g} (ok)" if rep["check"]["ok"]
+            ("max |err| vs onnxruntime", f"{_g(rep['check']['max_abs_error'])} (ok)" if rep["check"]["ok"]
              else rep["check"].get("skipped", "not checked"))]
+    rows += _check_rows(rep["check"])
     if "fp64_error_graphopt" in rep["check"]:
         rows.append(("error vs float64", f"graphopt {rep['check']['fp64_error_graphopt']:.3g}, onnxruntime "
                                          f"{rep['check']['fp64_error_onnxruntime']:.3g} (fp32 rounding)"))
@@ -120,10 +143,64 @@ def cmd_compile(args) -> int:
         if "original_graphopt_ms" in lat:
             rows.append(("latency ms before the passes", f"{lat['original_graphopt_ms']} "
                                                          f"(speedup {lat['speedup_vs_original']}x)"))
+        for b in lat.get("budget", []):
+            rows.append(("latency budget", f"target {b['target']:g} of the original's, predicted {b['predicted']:.3f}, "
+                                           f"achieved {b['achieved']:.3f} (interleaved medians)"))
     text = _table(rows, ("report", "")) + "".join("\n\n" + _pruning_text(p) for p in rep.get("pruning", [])) \
-        + "".join("\n\n" + _factorization_text(f) for f in rep.get("factorization", []))
+        + "".join("\n\n" + _factorization_text(f) for f in rep.get("factorization", [])) \
+        + "".join("\n" + line for line in _quantize_lines(art.manifest.get("passes", [])))
     _emit(args, {"artifact": str(art.path), "report": rep, "manifest": art.manifest}, text)
     return 0
+
+
+def _g(x) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
+
+
+def _compile_target_options(args) -> dict:
+    """--target-option pairs plus --precision (the target option `precision`; the target checks the value)."""
+    opts = _target_options(args)
+    if args.precision is not None:
+        if "precision" in opts and opts["precision"] != args.precision:
+            raise BadInput(f"--precision {printable(args.precision)} and --target-option "
+                           f"precision={printable(str(opts['precision']))} disagree; give one of them")
+        opts["precision"] = args.precision
+    return opts
+
+
+def _check_rows(check: dict) -> list[tuple]:
+    """Terminal rows for the self-check: its inputs, NaNs both engines agree on, and for quantized graphs both
+    engines' distance from the reference and the task-level agreement."""
+    rows = [("checked on", check["inputs"])] if check.get("inputs") else []
+    if check.get("note"):
+        rows.append(("note", check["note"]))
+    if "max_relative_error" in check:
+        rows.append(("bf16 error vs " + check["reference"].split(" (")[0],
+                     f"{check['max_relative_error']:.3g} of the largest output (bound {check['bound']:.3g})"))
+    out = (check.get("outputs") or {}).get(check.get("worst_output")) or {}
+    if "onnxruntime_optimized" in out:
+        rows.append(("within one quant step", f"graphopt {out['graphopt']['within_one_step']:.2%}, onnxruntime-"
+                                              f"optimized {out['onnxruntime_optimized']['within_one_step']:.2%}"))
+    task = check.get("task")
+    if task:
+        a = task["agreement_with_fp32"]
+        rows.append((f"top-1 = fp32 ({task['samples']} samples)", f"graphopt {a['graphopt']:.2%}, onnxruntime-"
+                                                                  f"optimized {a['onnxruntime_optimized']:.2%}"))
+    return rows
+
+
+def _quantize_lines(records: list[dict]) -> list[str]:
+    """What quantize did on its own: nodes left in fp32 because onnxruntime's quantizer emitted an invalid graph,
+    and an opset upgrade."""
+    lines = []
+    for rec in records:
+        for a in rec.get("auto_excluded") or []:
+            lines.append(f"quantize: left '{printable(a['node'])}' in fp32: onnxruntime's quantizer emitted an invalid "
+                         f"graph there ({a['problem']})")
+        if isinstance(rec.get("opset"), dict) and str(rec.get("pass", "")).startswith("quantize"):
+            lines.append(f"quantize: converted the model from opset {rec['opset']['before']} to "
+                         f"{rec['opset']['after']} first")
+    return lines
 
 
 def _factorization_text(f: dict, max_rows: int = 12) -> str:
@@ -138,7 +215,8 @@ def _factorization_text(f: dict, max_rows: int = 12) -> str:
 
 
 def _pruning_text(p: dict, max_rows: int = 12) -> str:
-    """The terminal summary of one prune-channels run: changed layers, frozen layers and why, the oracle."""
+    """The terminal summary of one prune-channels run: changed layers, channels removed and what kept the others,
+    frozen layers and why, the oracle."""
     changed = [(k, b, a) for k, (b, a) in p.get("layers", {}).items() if a != b]
     rows = [(k, b, a, f"{a / b:.2f}") for k, b, a in changed[:max_rows]]
     if len(changed) > max_rows:
@@ -146,6 +224,20 @@ def _pruning_text(p: dict, max_rows: int = 12) -> str:
     lines = [f"prune-channels ({p.get('criterion')}): MACs x{p['macs']['ratio']}, params x{p['params']['ratio']}; "
              f"{len(changed)} of {len(p.get('layers', {}))} layers narrowed",
              _table(rows, ("layer", "channels", "kept", "ratio")) if rows else "(no layer narrowed)"]
+    if "units" in p:
+        u = p["units"]
+        lines.append(f"channels: removed {u['removed']} of {u['prunable']} prunable ({u['total']} in all)")
+    for h in p.get("held", []):
+        lines.append(f"kept {h['channels']} channel(s): {h['why']}")
+    if "latency" in p:
+        lat = p["latency"]
+        lines.append(f"latency on {lat['on']} ({lat['threads']} thread(s)): predicted {lat['predicted']:.3f} of the "
+                     f"original's ({lat['predicted_ms']:.3f} of {lat['original_ms']:.3f} ms; {lat['kernels']} layer "
+                     f"kernels measured, {lat['remainder_ms']:.3f} ms elsewhere)"
+                     + (f", measured {lat['measured']:.3f} after {len(lat['calibration'])} calibration round(s)"
+                        if "measured" in lat else "") + f"; target {lat['target']:g}")
+    if p.get("limits"):
+        lines.append(f"budget not met: {p['limits']}")
     for f in p.get("frozen", [])[:5]:
         lines.append(f"frozen: {f['layer']}: {'; '.join(f['why'])}")
     if len(p.get("frozen", [])) > 5:
@@ -159,14 +251,17 @@ def _pruning_text(p: dict, max_rows: int = 12) -> str:
 def cmd_run(args) -> int:
     import numpy as np
     from .artifact import Artifact
+    from .outputs import check_output_file, write_file
+    if args.outputs:
+        check_output_file(Path(args.outputs), "--outputs")
     art = Artifact(args.artifact)
     feeds = _load_npz(args.inputs, "--inputs")
     outs = art.run(feeds, threads=args.threads)
     if args.outputs:
-        dest = Path(args.outputs)
-        tmp = dest.with_name(f".{dest.name}.tmp.npz")
-        np.savez(tmp, **outs)
-        os.replace(tmp, dest)
+        def save(path):
+            with open(path, "wb") as f:         # a file object: np.savez would append .npz to a name
+                np.savez(f, **outs)
+        write_file(Path(args.outputs), save, "--outputs")
     rows = [(k, "x".join(map(str, v.shape)), str(v.dtype), f"{float(np.mean(v)):.6g}" if v.size else "-")
             for k, v in outs.items()]
     _emit(args, {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in outs.items()},
@@ -176,43 +271,133 @@ def cmd_run(args) -> int:
 
 def cmd_bench(args) -> int:
     from . import api
-    res = api.bench(args.model, threads=args.threads, repeat=args.repeat, input_shapes=_shapes(args))
+    res = api.bench(args.model, threads=args.threads, repeat=args.repeat, input_shapes=_shapes(args),
+                    input_values=_values(args),
+                    profile=args.profile)
     rows = [("graphopt", res["graphopt_ms"], res["ratio_to_onnxruntime"]), ("onnxruntime", res["onnxruntime_ms"], 1.0)]
-    _emit(args, res, f"{res['model']}  threads={res['threads'] or 'default'}  repeats={res['repeats']}\n"
-          + _table(rows, ("engine", "median ms", "ratio")))
+    text = (f"{res['model']}  threads={res['threads'] or 'default'}  repeats={res['repeats']}\n"
+            + _table(rows, ("engine", "median ms", "ratio")))
+    if "profile" in res:
+        from .profiling import profile_tables
+        text += "".join(f"\n\n{title}\n{_table(rows, header)}"
+                        for title, header, rows in profile_tables(res["profile"]))
+    _emit(args, res, text)
     return 0
 
 
 def cmd_inspect(args) -> int:
     from .inspect_model import inspect_model
-    info = inspect_model(args.model, _shapes(args))
-    rows = [(layer["name"], layer["op"], layer["output_shape"], f"{layer['params']:,}", f"{layer['macs']:,}")
+    info = inspect_model(args.model, _shapes(args), _values(args))
+    rows = [(layer["name"], layer["op"], layer["output_shape"], f"{layer['params']:,}", _macs_text(layer["macs"]))
             for layer in info["layers"]]
-    summary = (f"\n{info['nodes']} nodes, {info['params']:,} params, {info['macs']:,} MACs, opset {info['opset']}\n"
+    macs = f"{info['macs']:,} MACs" if isinstance(info["macs"], int) else f"MACs = {info['macs']}"
+    if info.get("macs_unknown_nodes"):
+        macs += f" (+ {info['macs_unknown_nodes']} node(s) whose shapes stay unknown)"
+    summary = (f"\n{info['nodes']} nodes, {info['params']:,} params, {macs}, opset {info['opset']}\n"
                f"ops: " + ", ".join(f"{k} {v}" for k, v in sorted(info["op_counts"].items())))
-    inputs = "inputs: " + ", ".join(f"{i['name']} {i['dtype']}{i['shape']}" for i in info["inputs"])
+    inputs = "inputs: " + ", ".join(f"{i['name']} {i['dtype']}[{', '.join(map(str, i['shape']))}]"
+                                    for i in info["inputs"])
+    if "symbols" in info:
+        inputs += "\nsymbols: " + ", ".join(
+            f"{s['name']} = " + ", ".join(f"{w['input']}[{w['axis']}]" for w in s["inputs"])
+            + (f" ('{printable(s['dim_param'])}')" if s["dim_param"] else "")
+            + (f", fixed at {s['fixed']}" if s["fixed"] else "")
+            for s in info["symbols"])
+        summary += f"\nshapes: {info['shapes_note']}"
     _emit(args, info, inputs + "\n" + _table(rows, ("node", "op", "output", "params", "MACs")) + summary)
     return 0
 
 
+def _macs_text(macs) -> str:
+    return f"{macs:,}" if isinstance(macs, int) else str(macs)
+
+
 def cmd_passes(args) -> int:
+    """The passes and their options; with --target, the values "the target's" defaults take there."""
     from .passmanager import REGISTRY, load_builtin_passes
     load_builtin_passes()
-    data = {name: {"help": cls.help, "exact": cls.exact,
-                   "options": {k: {"type": o.type.__name__, "default": o.default, "help": o.help}
-                               for k, o in cls.options.items()}} for name, cls in sorted(REGISTRY.items())}
-    lines = []
+    hw = None
+    if args.target:
+        from . import api
+        hw = api.get_target(args.target, **_target_options(args)).hw()
+    data = {}
+    for name, cls in sorted(REGISTRY.items()):
+        on = cls.target_defaults(hw) if hw is not None else {}
+        data[name] = {"help": cls.help, "exact": cls.exact,
+                      "options": {k: {"type": o.type.__name__, "default": o.default, "help": o.help,
+                                      **({"on_target": on[k]} if k in on else {})}
+                                  for k, o in cls.options.items()}}
+    lines = [f"target {args.target}: {hw.summary()}"] if hw is not None else []
     for name, d in data.items():
         lines.append(f"{name}{' (exact)' if d['exact'] else ''}: {d['help']}")
         for k, o in d["options"].items():
-            lines.append(f"    {k}: {o['type']} = {o['default']!r}  {o['help']}")
+            on = f" (on {args.target}: {o['on_target']!r})" if "on_target" in o else ""
+            lines.append(f"    {k}: {o['type']} = {o['default']!r}{on}  {o['help']}")
+    if hw is not None:
+        data = {"target": {"name": args.target, **hw.describe()}, "passes": data}
     _emit(args, data, "\n".join(lines))
+    return 0
+
+
+def cmd_profile(args) -> int:
+    """The per-layer latency table a latency budget uses: ms at each measured channel count (* = not faster than a
+    larger count, so never chosen)."""
+    from .latency import profile_model
+    if not Path(args.model).is_file():
+        raise BadInput(f"{args.model}: no such model file")
+    res = profile_model(args.model, args.target, _shapes(args), _target_options(args), progress=_progress(),
+                        input_values=_values(args))
+    rows = [(r["layer"], r["op"], r["axis"], r["channels"],
+             " ".join(f"{k}:{ms:.3g}" + ("" if fast else "*") for k, ms, fast in r["ms"])) for r in res["layers"]]
+    text = (f"latency table for {args.target} ({res['threads']} thread(s), channel step {res['step']}): "
+            f"{res['table']}\n" + _table(rows, ("layer", "op", "axis", "channels", "ms at count (* not faster than "
+                                                                                 "a larger count)"))
+            + f"\nwhole model: {res['model_ms']:.3f} ms"
+            + "".join(f"\n{s['layer']} ({s['op']}): {s['why']}" for s in res["skipped"]))
+    _emit(args, res, text)
+    return 0
+
+
+def cmd_sensitivity(args) -> int:
+    """Prune (and separately quantize) one layer group at a time; table, JSON, plot and report.html."""
+    from .outputs import check_output_file, write_file
+    from .sensitivity import SAMPLES, analyze, parse_levels, plot_png, report_html, table_rows
+    if not Path(args.model).is_file():
+        raise BadInput(f"{args.model}: no such model file")
+    levels = parse_levels(args.levels)
+    if args.samples is not None and args.samples < 1:
+        raise BadInput(f"--samples must be at least 1, not {args.samples}")
+    out = Path(args.out or Path(args.model).with_suffix(".sensitivity.json"))
+    png, page = out.with_suffix(".png"), out.with_suffix(".html")
+    for dest, suffix in ((out, ".json"), (png, ".png"), (page, ".html")):
+        check_output_file(dest, "--out", suffix)
+    data = _load_npz(args.eval, "--eval")
+    res = analyze(args.model, data, target=args.target, levels=levels, quantize=not args.no_quantize,
+                  samples=args.samples or SAMPLES, seed=args.seed, input_shapes=_shapes(args),
+                  input_values=_values(args),
+                  target_options=_target_options(args), progress=_progress())
+    from .artifact import json_text
+    image = plot_png(res)
+    write_file(out, lambda tmp: Path(tmp).write_text(json_text(res)), "--out", ".json")
+    write_file(png, lambda tmp: Path(tmp).write_bytes(image), "--out", ".png")
+    write_file(page, lambda tmp: Path(tmp).write_text(report_html(res, image)), "--out", ".html")
+    head = ("group (node)", "channels", "level", "kept", "MACs", *(["latency"] if args.target else []),
+            res["metric"], "drop")
+    text = (f"{res['metric']} of the original: {res['baseline']:.4f} on {res['samples']} samples"
+            + (" (cached)" if res["cached"] else "") + "\n" + _table(table_rows(res), head))
+    if res["quantize"]:
+        text += "\n\n" + _table([(q["node"], q["op"], f"{q['value']:.4f}" if "value" in q else "failed",
+                                    f"{q['drop']:+.4f}" if "drop" in q else q["error"][:80])
+                                   for q in res["quantize"]], ("int8 node", "op", res["metric"], "drop"))
+    text += f"\n\nwrote {out}, {png} and {page}"
+    _emit(args, {**res, "json": str(out), "png": str(png), "html": str(page)}, text)
     return 0
 
 
 def cmd_tune(args) -> int:
     from . import api
     res = api.tune(args.model, target=args.target, db=args.db, trials=args.trials, input_shapes=_shapes(args),
+                   input_values=_values(args),
                    rpc=args.rpc, key=args.key, progress=_progress(), target_options=_target_options(args))
     where = (f" on '{res['rpc']['key']}' via {res['rpc']['tracker']} ({res['rpc']['measured']} measured there)"
              if res.get("rpc") else "")
@@ -220,36 +405,65 @@ def cmd_tune(args) -> int:
     return 0
 
 
+#: the only existing files `compress -o` replaces (a model it wrote before); a folder or any other file is refused
+COMPRESS_REPLACES = ".onnx"
+
+
 def cmd_compress(args) -> int:
+    """graphopt compress; with --distributed, one process of a torchrun launch (rank 0 writes and reports)."""
     import onnx
     from .compress import compress
     from .graph import to_onnx
     from .loading import load
+    from .limits import parse_bytes
+    from .outputs import check_output_file, write_file
     from .passmanager import PassManager
-    pm = PassManager.parse(args.pipeline)
-    original = load(args.model, input_shapes=_shapes(args))
-    train = _load_npz(args.train, "--train")
-    ev = _load_npz(args.eval, "--eval") if args.eval else None
-    rank0 = True
+    if args.backend and not args.distributed:
+        raise BadInput("--backend goes with --distributed")
+    dest = Path(args.output)
+    if not args.distributed or os.environ.get("RANK", "0") == "0":     # the process that will write it
+        check_output_file(dest, "-o", COMPRESS_REPLACES)
+    max_memory = parse_bytes(args.max_memory, "--max-memory") if args.max_memory else None
+    if not args.checkpoint_every > 0:
+        raise BadInput(f"--checkpoint-every must be a positive number of minutes, not {args.checkpoint_every:g}")
+    dist = None
     if args.distributed:
         from .distributed import setup
-        rank0 = setup().rank == 0
-    graph, info = compress(original, train, pm, eval_data=ev, epochs=args.epochs, batch_size=args.batch_size,
-                           lr=args.lr, seed=args.seed, log=_log if not args.json and rank0 else None,
-                           distributed=args.distributed, threads=args.threads, progress=_progress(rank0))
-    if not rank0:                       # torchrun: rank 0 writes the output and reports
-        return 0
-    dest = Path(args.output)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    onnx.save_model(to_onnx(graph), str(tmp))
-    os.replace(tmp, dest)
-    final = info.get("final") or {}
-    rows = [("output", str(dest)), ("MACs ratio", f"{info['macs_ratio']:.3f}"), ("params ratio", f"{info['params_ratio']:.3f}")]
-    rows += [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in final.items() if v is not None]
-    rows += [(f"step {h['step']} {h['phase']}", f"macs={h['macs']:,}" + (f" top1={h['top1']:.4f}" if h.get("top1") is not None else "")
-              + (f" cka={h['cka_penultimate']:.3f}" if h.get("cka_penultimate") is not None else ""))
-             for h in info["history"]]
-    _emit(args, {"output": str(dest), **info}, _table(rows, ("compress", "")))
+        dist = setup(args.backend)
+    try:
+        rank0 = dist is None or dist.rank == 0
+        pm = PassManager.parse(args.pipeline)
+        original = load(args.model, input_shapes=_shapes(args), input_values=_values(args))
+        names = [t.name for t in original.inputs]
+        train = _load_data(args.train, "--train", args.preprocess, names)
+        ev = _load_data(args.eval, "--eval", args.preprocess, names) if args.eval else None
+        graph, info = compress(original, train, pm, eval_data=ev, epochs=args.epochs, batch_size=args.batch_size,
+                               lr=args.lr, seed=args.seed, log=_log if not args.json and rank0 else None,
+                               distributed=args.distributed, threads=args.threads, progress=_progress(rank0),
+                               micro_batch=args.micro_batch, resume=args.resume,
+                               checkpoint_dir=args.checkpoint_dir or f"{dest}.ckpt",
+                               checkpoint_every_s=60.0 * args.checkpoint_every, notice=_note,
+                               max_memory=max_memory)
+        if rank0:
+            write_file(dest, lambda tmp: onnx.save_model(to_onnx(graph), str(tmp)), "-o", COMPRESS_REPLACES)
+            final = info.get("final") or {}
+            rows = [("output", str(dest))]
+            if dist is not None:
+                rows.append(("processes", f"{dist.world_size} ({dist.backend})"))
+            rows += [("MACs ratio", f"{info['macs_ratio']:.3f}"), ("params ratio", f"{info['params_ratio']:.3f}")]
+            rows += [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in final.items() if v is not None]
+            rows += [(f"step {h['step']} {h['phase']}", f"macs={h['macs']:,}"
+                      + (f" top1={h['top1']:.4f}" if h.get("top1") is not None else "")
+                      + (f" cka={h['cka_penultimate']:.3f}" if h.get("cka_penultimate") is not None else ""))
+                     for h in info["history"]]
+            _emit(args, {"output": str(dest), **info}, _table(rows, ("compress", "")))
+        if dist is not None:
+            from .distributed import barrier
+            barrier(dist)
+    finally:
+        if dist is not None:
+            from .distributed import teardown
+            teardown(dist)
     return 0
 
 
@@ -282,11 +496,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output")
     c.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",
                    help="target option, e.g. mcpu=haswell (cpu), vector_bits=512 (arm-sve) (repeatable)")
+    c.add_argument("--precision", help="cpu: fp32 (default) or bf16 (conv / matmul with bf16 inputs and fp32 "
+                                       "accumulation, AVX512-BF16; checked against float64 with a bf16 bound)")
     c.add_argument("--pipeline", help="pipeline text, e.g. cleanup,fold-batchnorm")
     c.add_argument("--config", help="pipeline TOML with [[pass]] entries")
     _add_shapes(c)
-    c.add_argument("--calib", help="calibration data (.npz)")
+    c.add_argument("--calib", help="calibration data (.npz: arrays named after the inputs; for an input of shape S, "
+                                   "[N, *S] with N samples on an added axis, or batch-first [N, *S[1:]] when S "
+                                   "starts with 1)")
     c.add_argument("--eval", help="evaluation data (.npz, inputs + labels) for accuracy-aware passes")
+    c.add_argument("--check-inputs", metavar="FILE.npz",
+                   help="inputs for the self-check against onnxruntime (arrays named after the inputs; for an input "
+                        "of shape S, [N, *S] or batch-first [N, *S[1:]]; default: the first --eval or --calib "
+                        "sample, else seeded inputs within the ranges the model takes)")
     c.add_argument("--tuning-db", help="MetaSchedule database folder from `graphopt tune`")
     c.add_argument("--threads", type=int, help="threads for the latency measurement")
     c.add_argument("--no-bench", action="store_true", help="skip the latency measurement")
@@ -305,19 +527,57 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("model", help="artifact folder or ONNX file")
     b.add_argument("--threads", type=int)
     b.add_argument("--repeat", type=int, default=50)
+    b.add_argument("--profile", action="store_true",
+                   help="also time every kernel of both engines (per op type, top kernels, same ONNX node side by side)")
     _add_shapes(b)
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=cmd_bench)
 
-    i = sub.add_parser("inspect", help="ops, shapes, params and MACs per layer")
+    i = sub.add_parser("inspect", help="ops, shapes, params and MACs per layer (without --input-shape, dynamic "
+                                       "dimensions are symbols and shapes and MACs formulas in them)")
     i.add_argument("model")
     _add_shapes(i)
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_inspect)
 
     ps = sub.add_parser("passes", help="list passes and their options")
+    ps.add_argument("--target", help="also show the defaults each pass takes on this target (cpu, cuda, arm-sve)")
+    ps.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="target option, e.g. mcpu=haswell (cpu), vector_bits=512 (arm-sve) (repeatable)")
     ps.add_argument("--json", action="store_true")
     ps.set_defaults(fn=cmd_passes)
+
+    pf = sub.add_parser("profile", help="per-layer latency table on the compiled target at a few channel counts "
+                                        "(what prune-channels{latency=...} uses; cached)")
+    pf.add_argument("model")
+    pf.add_argument("--target", default="cpu")
+    pf.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="target option, e.g. mcpu=haswell (repeatable)")
+    pf.add_argument("--threads", type=int, help="threads the kernels run with (default: all cores)")
+    _add_shapes(pf)
+    pf.add_argument("--json", action="store_true")
+    pf.set_defaults(fn=cmd_profile)
+
+    sn = sub.add_parser("sensitivity", help="accuracy lost when one layer group at a time is pruned (at several "
+                                            "levels) or quantized; feeds prune-channels{allocation=sensitivity}")
+    sn.add_argument("model")
+    sn.add_argument("--eval", required=True, help="evaluation data (.npz: arrays named after the inputs, batch "
+                                                   "first; with 'labels' the score is top-1 accuracy, else the "
+                                                   "agreement with the original)")
+    sn.add_argument("--target", help="also predict each variant's latency on this target (its latency table)")
+    sn.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="target option, e.g. mcpu=haswell (repeatable)")
+    sn.add_argument("--levels", default="0.25,0.5,0.75", help="fractions of a group's channels pruned (default "
+                                                              "0.25,0.5,0.75)")
+    sn.add_argument("--no-quantize", action="store_true", help="skip the per-layer int8 runs")
+    sn.add_argument("--samples", type=int, help="evaluation samples used (default 512)")
+    sn.add_argument("--seed", type=int, default=0)
+    sn.add_argument("--threads", type=int, help="threads for the latency table")
+    sn.add_argument("--out", metavar="FILE.json", help="results (default MODEL.sensitivity.json beside the model); "
+                                                     "FILE.png (the plot) and FILE.html (report) beside it")
+    _add_shapes(sn)
+    sn.add_argument("--json", action="store_true")
+    sn.set_defaults(fn=cmd_sensitivity)
 
     t = sub.add_parser("tune", help="tune with MetaSchedule into a persistent database")
     t.add_argument("model")
@@ -334,17 +594,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     cp = sub.add_parser("compress", help="lossy passes with distillation from the original model")
     cp.add_argument("model")
-    cp.add_argument("--train", required=True, help="training data .npz (arrays named after inputs, optional labels)")
-    cp.add_argument("--eval", help="held-out data .npz (inputs and labels)")
+    cp.add_argument("--train", required=True,
+                    help="training data: .npz (arrays named after the inputs; labels optional: the teacher supplies "
+                         "the targets), or a folder / .txt of lines with --preprocess")
+    cp.add_argument("--eval", help="held-out data, as --train; without labels the report gives agreement with the "
+                                   "teacher (top-1, decoded sequences or map IoU, by the output's kind)")
+    cp.add_argument("--preprocess", metavar="FILE.py:FUNCTION",
+                    help="turns each file of a --train/--eval folder (or each line of a .txt) into the model's "
+                         "input arrays (see graphopt/folder_data.py)")
     cp.add_argument("--pipeline", required=True)
     cp.add_argument("--epochs", type=int, default=None, help="over the whole schedule (default 60)")
     cp.add_argument("--batch-size", type=int, default=64, help="global batch (split over --distributed processes)")
     cp.add_argument("--lr", type=float, default=None, help="peak learning rate of each phase (default 1e-2)")
     cp.add_argument("--seed", type=int, default=0)
+    cp.add_argument("--micro-batch", type=int, default=32,
+                    help="examples per forward/backward pass, gradients accumulated to --batch-size (default 32; "
+                         "runs with the same value agree bit for bit on 1 or N processes)")
+    cp.add_argument("--checkpoint-dir", help="checkpoints of this run (default: OUT.ckpt beside -o; removed when "
+                                             "the run completes)")
+    cp.add_argument("--checkpoint-every", type=float, default=5.0, metavar="MINUTES",
+                    help="save the training state this often within a phase (default 5; every phase end is saved)")
+    cp.add_argument("--resume", action="store_true",
+                    help="continue the interrupted run saved in the checkpoint folder (same result as uninterrupted)")
     cp.add_argument("--threads", type=int, help="torch threads while training (small models: 1 is fastest)")
+    cp.add_argument("--max-memory", metavar="SIZE",
+                    help="memory training may use, e.g. 4G (default: what is available); a smaller micro-batch "
+                         "is used when the estimate does not fit")
+    cp.add_argument("--backend", choices=("gloo", "nccl"),
+                    help="with --distributed: the torch.distributed backend (default nccl on GPUs, else gloo)")
     cp.add_argument("--distributed", action="store_true",
-                    help="several processes under torchrun (DDP; gloo on CPU, nccl on GPUs)")
-    cp.add_argument("-o", "--output", required=True)
+                    help="several processes under torchrun (gloo on CPU, nccl on GPUs); results equal one process's")
+    cp.add_argument("-o", "--output", required=True,
+                    help="the compressed model; an existing .onnx file is replaced, a folder or other file refused")
     _add_shapes(cp)
     cp.add_argument("--json", action="store_true")
     cp.set_defaults(fn=cmd_compress)
@@ -353,6 +634,8 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("pipeline", help="PIPELINE.toml")
     bd.add_argument("--json", action="store_true")
     bd.set_defaults(fn=cmd_build)
+    for sp in sub.choices.values():     # --debug after the subcommand too (`graphopt compile ... --debug`)
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return p
 
 
@@ -361,20 +644,19 @@ def main(argv=None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:       # name the subcommand whose --help lists the valid options
         sub = getattr(args, "command", None)
-        print(f"graphopt: error: unrecognized arguments: {' '.join(extra)} "
+        print(f"graphopt: error: unrecognized arguments: {printable(' '.join(extra), None)} "
               f"(see graphopt{' ' + sub if sub else ''} --help)", file=sys.stderr)
         return 2
-    if getattr(args, "threads", None) is not None:
-        if args.threads < 1:
-            print("graphopt: error: --threads must be at least 1", file=sys.stderr)
-            return 2
-        os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    from .quiet import quiet_libraries
     try:
-        return args.fn(args)
-    except GraphoptError as e:
+        with quiet_libraries(args.debug):
+            if getattr(args, "threads", None) is not None:
+                os.environ["TVM_NUM_THREADS"] = str(check_threads(args.threads))
+            return args.fn(args)
+    except GraphoptError as e:      # every message is printed on one line, whatever user text it holds
         if args.debug:
             raise
-        print(f"graphopt: error: {e}", file=sys.stderr)
+        print(f"graphopt: error: {printable(e, None)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("graphopt: interrupted", file=sys.stderr)
@@ -383,8 +665,8 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"graphopt: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        print(f"graphopt: internal error: {type(e).__name__}: {printable(first, None)} (rerun with --debug for the "
+              f"traceback)", file=sys.stderr)
         return 1
 
 

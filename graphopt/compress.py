@@ -12,6 +12,14 @@ training set and a teacher trained on the rest):
 equally, at least one epoch each. Other lossy passes (factorize-lowrank, sparsify) are applied whole and trained
 like a fine step; quantize is post-training and runs last. Exact passes run where they stand.
 
+`quantize{qat=true}` (quantization-aware training): after the fine-tuning, the post-training quantize pass
+calibrates and writes the QDQ graph, graphopt.qat turns its integer weights and biases back into float weights read
+through QuantizeLinear (scales kept), one more phase ("qat": Schedule.qat_share of the epochs, all of them when no
+other pass trains; lr x qat_lr_scale; logits distilled from the fp32 original at qat_temperature, 1, without label
+smoothing of the teacher's targets: QAT should match the teacher, not regularize) trains them with
+straight-through gradients, and the trained weights are quantized again into the same QDQ graph. info["quantization"]
+has the PTQ graph's top-1 / agreement on eval_data beside the final (QAT) figures.
+
 Prune steps: every budget of a prune-channels pass (flops, params, ratio) is cut into cumulative fractions of the
 target reduction (in the kept fraction: 1 - f * (1 - target); or geometric), each step re-ranking the channels of
 the student as trained so far. Budgets are relative to the original model. When the pipeline does not set
@@ -36,9 +44,9 @@ Data: {input name: array, "labels": optional} (batch first), or a torch DataLoad
 initialization, the hint) get the first `calib_samples` examples of the loader.
 
 Distributed: compress(..., distributed=True) in processes launched by torchrun (see graphopt.distributed): every
-process runs the same passes (the graph is broadcast from rank 0 after each), training runs under
-DistributedDataParallel with each global batch of `batch_size` examples split by rank, and every rank returns the
-same graph (write it from rank 0).
+process runs the same passes (the graph is broadcast from rank 0 after each), the processes share the micro-batches
+of every global batch and sum their gradients in micro-batch order (graphopt.micro_batching), so the result is the
+one process's result bit for bit; every rank returns the same graph (write it from rank 0).
 """
 from __future__ import annotations
 
@@ -48,9 +56,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .errors import BadInput
-from .graph import copy as copy_graph, input_specs, output_specs
+from .data_checks import check_finite, check_labels, class_count, nonfinite_weights
+from .errors import BadInput, CheckFailed
+from .graph import copy as copy_graph, input_specs, output_specs, toposort
 from .passmanager import PassContext, PassManager, make_pass
+from .micro_batching import DEFAULT_MICRO_BATCH
 from .progress import Progress
 
 POST_TRAINING = ("quantize",)
@@ -86,6 +96,11 @@ class Schedule:
     hint_samples: int = 4096             # training examples for the hint's principal components and alignment
     calib_samples: int = 512             # examples taken from a DataLoader for the passes that need arrays
     lr: float = 1e-2
+    qat_share: float = 0.25              # of the epochs, for quantization-aware training (all of them when no other
+    #                                      pass trains)
+    qat_lr_scale: float = 0.1            # QAT's peak lr, relative to lr: the weights move on the int8 grid only
+    qat_temperature: float = 1.0         # logits-only distillation from the fp32 original while training QAT (no
+    #                                      label smoothing of the teacher's targets: QAT matches the teacher)
 
     def validate(self) -> None:
         for k in ("light_features", "step_features", "fine_tune_features"):
@@ -93,6 +108,8 @@ class Schedule:
                 raise BadInput(f"Schedule.{k} must be one of {', '.join(FEATURE_MODES)}, not '{getattr(self, k)}'")
         if self.spacing not in ("linear", "geometric"):
             raise BadInput(f"Schedule.spacing must be 'linear' or 'geometric', not '{self.spacing}'")
+        if not 0 < self.qat_share < 1 or not self.qat_lr_scale > 0:
+            raise BadInput("Schedule: qat_share in (0, 1), qat_lr_scale above 0")
         if not (0 < self.light_fraction <= 1 and 0 < self.fine_fraction <= 1 and 0 <= self.fine_tune_share < 1):
             raise BadInput("Schedule: light_fraction and fine_fraction in (0, 1], fine_tune_share in [0, 1)")
 
@@ -132,7 +149,7 @@ def _metrics(graph) -> dict:
 def _auto_round_to(graph, ctx, s: Schedule) -> int:
     """The largest power of two <= the target's vector width that leaves the narrowest prunable layer (with more
     than one channel) at least s.min_widths kept counts."""
-    lanes = int(ctx.hw.get("fp32_lanes", 16) or 16)
+    lanes = ctx.hw.structure.channels
     g = ctx.analyses.get("channel-groups", graph)
     widths = []
     for lay in g.layers:
@@ -151,7 +168,9 @@ def _auto_round_to(graph, ctx, s: Schedule) -> int:
 # data
 # ----------------------------------------------------------------------------------------------------------------
 
-def _split_labels(d: dict, labels, names, what: str):
+def _split_labels(d: dict, labels, names, what: str, n_classes: int | None = None):
+    """({input: array}, labels or None) from a data dict, checked: every input present, equal lengths, finite
+    values (check_finite names the first bad row), labels whole numbers in the model's class range."""
     d = dict(d)
     for k in _LABEL_KEYS:
         if k in d and k not in names:
@@ -165,10 +184,12 @@ def _split_labels(d: dict, labels, names, what: str):
     n = len(next(iter(arrays.values())))
     if any(len(a) != n for a in arrays.values()):
         raise BadInput(f"{what}: the input arrays have different lengths (axis 0)")
+    check_finite(arrays, what)
     if labels is not None:
         labels = np.asarray(labels)
         if len(labels) != n:
             raise BadInput(f"{what}: {len(labels)} labels for {n} examples")
+        labels = check_labels(labels, n_classes, what)
     return arrays, labels
 
 
@@ -250,6 +271,23 @@ def _vector_width(graph: gs.Graph, name: str) -> int | None:
     return int(shape[1])
 
 
+#: Procrustes ridge toward the identity, relative to the largest singular value of the cross-covariance
+PROCRUSTES_RIDGE = 1e-3
+
+
+def procrustes_rotation(cross: np.ndarray, ridge: float = PROCRUSTES_RIDGE) -> np.ndarray:
+    """The orthogonal R maximizing trace(R^T cross) (orthogonal Procrustes: z @ R ~ s for cross = z^T s), made
+    unique. Where the student has dead or constant units, cross has (near-)zero singular values and the plain
+    solution U @ Vt is arbitrary in that null space: float rounding alone then flips signs and rotations of the
+    hint there (this made 2 training processes end 2% of the logit scale away from 1). A small ridge toward the
+    identity, polar(cross + ridge * sigma_max * I), picks the rotation closest to the identity among the near-
+    optimal ones and leaves the well-determined part as it is."""
+    k = cross.shape[0]
+    sig_max = float(np.linalg.norm(cross, 2)) if cross.size else 0.0
+    u, _, wt = np.linalg.svd(cross + ridge * max(sig_max, 1e-30) * np.eye(k, dtype=cross.dtype))
+    return u @ wt
+
+
 def pca_hint_teacher(teacher: gs.Graph, features: np.ndarray, k: int,
                      student_features: np.ndarray | None = None) -> tuple[gs.Graph, str, float]:
     """A copy of `teacher` with one more tensor: its penultimate vector projected on the top-k principal components
@@ -275,8 +313,9 @@ def pca_hint_teacher(teacher: gs.Graph, features: np.ndarray, k: int,
         s = student_features.reshape(len(student_features), -1).astype(np.float64)
         if s.shape == z.shape:
             sc = s - s.mean(0)
-            u, sig, wt = np.linalg.svd(z.T @ sc)
-            rot = u @ wt                              # k x k orthogonal: z @ rot ~ sc
+            cross = z.T @ sc
+            sig = np.linalg.svd(cross, compute_uv=False)
+            rot = procrustes_rotation(cross)          # k x k orthogonal: z @ rot ~ sc
             scale = float(sig.sum() / max(np.sum(z * z), 1e-12))
             m = scale * (m @ rot)
             z = (x - mu) @ m
@@ -295,9 +334,62 @@ def pca_hint_teacher(teacher: gs.Graph, features: np.ndarray, k: int,
     b = gs.Constant(hint + "_b", offset.astype(np.float32))
     g.nodes.append(gs.Node("MatMul", hint + "_matmul", inputs=[src, w], outputs=[mid]))
     g.nodes.append(gs.Node("Add", hint + "_add", inputs=[mid, b], outputs=[out]))
-    g.toposort()
+    toposort(g)
     scale = float(np.mean(target ** 2) / max(np.mean((target - target.mean(0)) ** 2), 1e-12))
     return g, hint, scale
+
+
+def _output_form(graph: gs.Graph, calib: dict) -> dict:
+    """DistillConfig's class_axis and outputs for the graph's first output, seen on a few training examples: a CTC
+    recognizer's [N, T, C] (graphopt.task_metrics.task_kind) has its classes on the last axis, and an output whose
+    rows are distributions over the class axis (a final Softmax) is distilled through its logs ("probs")."""
+    from .distill import predict
+    from .task_metrics import task_kind
+    out = predict(graph, {k: v[:4] for k, v in calib.items()})[0]
+    axis = out.ndim - 1 if task_kind(out.shape, out) == "ctc" else 1
+    probs = out.ndim > axis and bool(np.min(out) >= 0) and bool(np.allclose(out.sum(axis), 1.0, atol=1e-3))
+    return {"class_axis": axis, "outputs": "probs" if probs else "logits"}
+
+
+def _fit_memory(original, config, train, max_memory, notice, student=None):
+    """(config with a micro-batch whose estimated peak fits the memory budget, the figures for the report). The
+    student is `original` unless given (the fake-quantized graph of QAT)."""
+    from .limits import available_memory
+    from .memory_estimate import fit_micro_batch, output_bytes, training_bytes
+    budget = int(max_memory) if max_memory is not None else available_memory()
+    want = config.micro_batch or config.batch_size
+    cached = 0
+    if isinstance(train, dict) and config.cache_teacher:    # distill caches the teacher's outputs up to a limit
+        n = len(next(iter(train.values())))
+        cached = n if output_bytes(original) * n <= config.cache_limit_mb * 2 ** 20 else 0
+    student = original if student is None else student
+    m, need = fit_micro_batch(student, [original], want, budget, cached)
+    if m < want:
+        full = training_bytes(student, [original], want, cached)
+        notice(f"compress: a micro-batch of {want} would need about {full / 2 ** 30:.1f} GiB of the "
+               f"{budget / 2 ** 30:.1f} GiB budget: training {m} examples at a time instead (gradients accumulated "
+               f"to the batch of {config.batch_size}: the same steps, more time)")
+        config = replace(config, micro_batch=m)
+    return config, {"estimate_bytes": need, "budget_bytes": budget, "micro_batch": m}
+
+
+def _run_key(original, train, labels, pm, config, schedule, epochs, distill, world) -> str:
+    """What identifies a compress run for its checkpoints: the model, the training data, and every option that
+    changes what is trained (a DataLoader cannot be hashed: its length stands in for it)."""
+    from dataclasses import asdict, fields
+
+    from .checkpoints import run_key
+    from .graph import to_onnx
+    cfg = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in ("progress", "checkpoint",
+                                                                                      "resume")}
+    parts = [to_onnx(original).SerializeToString(), pm.resolved(), cfg, asdict(schedule), epochs, distill, world]
+    if isinstance(train, dict):
+        parts += [np.asarray(v) for _, v in sorted(train.items())]
+    else:
+        parts.append(("loader", len(train) if hasattr(train, "__len__") else None))
+    if labels is not None:
+        parts.append(np.asarray(labels))
+    return run_key(parts)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -307,7 +399,10 @@ def pca_hint_teacher(teacher: gs.Graph, features: np.ndarray, k: int,
 def compress(original: gs.Graph, train, pipeline, labels=None, eval_data=None, epochs: int | None = None,
              batch_size: int = 64, lr: float | None = None, seed: int = 0, log=None, distill_config=None,
              distributed: bool = False, distill: bool = True, schedule: Schedule | None = None,
-             eval_labels=None, threads: int | None = None, progress=None) -> tuple[gs.Graph, dict]:
+             eval_labels=None, threads: int | None = None, progress=None,
+             micro_batch: int | None = DEFAULT_MICRO_BATCH, checkpoint_dir=None, resume: bool = False,
+             checkpoint_every_s: float = 300.0, max_memory: int | None = None,
+             notice=None, after_training=None) -> tuple[gs.Graph, dict]:
     """Run `pipeline` on `original` with distillation from it.
 
     train: {input name: array, "labels": optional} or a torch DataLoader; labels may also be given apart.
@@ -315,28 +410,43 @@ def compress(original: gs.Graph, train, pipeline, labels=None, eval_data=None, e
     epochs: over the whole schedule (default DEFAULT_EPOCHS, 60); lr: peak learning rate of every phase (default
     Schedule.lr, 1e-2: right for small models trained from their own pruned weights; lower it for large ones).
     distill=False: the no-distillation baseline (cross-entropy on the labels only, same schedule).
-    distributed: train with DistributedDataParallel in an initialized (or torchrun-launched) process group.
+    distributed: train on the processes of an initialized (or torchrun-launched) process group.
+    micro_batch: examples per forward/backward pass (gradients accumulated over the batch; None: the whole batch);
+    runs on 1 and on N processes agree bit for bit when they use the same micro_batch (graphopt.micro_batching).
+    checkpoint_dir: a folder for checkpoints (graphopt.checkpoints: after every phase and every
+    checkpoint_every_s seconds within one; removed when the run completes); resume=True continues the
+    interrupted run saved there, with the result of an uninterrupted run.
+    max_memory: bytes training may use (default: what the machine has available). compress estimates its peak from
+    the graph's shapes (graphopt.memory_estimate) and, when the micro-batch would not fit, trains fewer examples
+    at a time (same global batch, gradients accumulated) and says so through notice (default: log).
     threads: torch intra-op threads while compressing (restored after); None leaves torch's setting. Small models
     gain nothing from several threads, and on a busy machine spinning OpenMP threads can make training many
     times slower (digits on 2 shared cores: 13 s with 1 thread, over 3 minutes with 2).
+    after_training: called with the trained fp32 graph before the post-training passes (quantize) run, when the
+    pipeline has one (build records it as a stage).
     Returns (compressed graph with the original's input/output names and shapes, info)."""
+    args = dict(original=original, train=train, pipeline=pipeline, labels=labels, eval_data=eval_data,
+                epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, log=log, distill_config=distill_config,
+                distributed=distributed, distill=distill, schedule=schedule, eval_labels=eval_labels,
+                progress=progress, micro_batch=micro_batch, checkpoint_dir=checkpoint_dir, resume=resume,
+                checkpoint_every_s=checkpoint_every_s, max_memory=max_memory, notice=notice,
+                after_training=after_training)
     if threads is None:
-        return _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, lr, seed, log,
-                         distill_config, distributed, distill, schedule, eval_labels, progress)
+        return _compress(**args)
     import torch
     if threads < 1:
         raise BadInput("compress: threads must be at least 1")
     before = torch.get_num_threads()
     torch.set_num_threads(int(threads))
     try:
-        return _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, lr, seed, log,
-                         distill_config, distributed, distill, schedule, eval_labels, progress)
+        return _compress(**args)
     finally:
         torch.set_num_threads(before)
 
 
 def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, lr, seed, log, distill_config,
-              distributed, distill, schedule, eval_labels, progress=None):
+              distributed, distill, schedule, eval_labels, progress, micro_batch, checkpoint_dir, resume,
+              checkpoint_every_s, max_memory, notice, after_training):
     from .distill import DistillConfig, distill as run_distill
     from .evaluate import channels_per_layer
 
@@ -351,7 +461,7 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
     names = [n for n, _, _ in input_specs(original)]
 
     if isinstance(train, dict):
-        train, labels = _split_labels(train, labels, names, "training data")
+        train, labels = _split_labels(train, labels, names, "training data", class_count(original))
         calib = train
     elif _is_loader(train):
         calib, loader_labels = _from_loader(train, names, s.calib_samples, "training data")
@@ -363,10 +473,14 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
         raise BadInput("compress without distillation trains on labels: the training data has none")
     if eval_data is not None:
         if isinstance(eval_data, dict):
-            eval_data, eval_labels = _split_labels(eval_data, eval_labels, names, "evaluation data")
+            eval_data, eval_labels = _split_labels(eval_data, eval_labels, names, "evaluation data",
+                                                   class_count(original))
         elif _is_loader(eval_data):
             eval_data, got = _from_loader(eval_data, names, None, "evaluation data")
+            check_finite(eval_data, "evaluation data")
             eval_labels = eval_labels if eval_labels is not None else got
+            if eval_labels is not None:
+                eval_labels = check_labels(eval_labels, class_count(original), "evaluation data")
         else:
             raise BadInput("compress: the evaluation data must be {input name: array} or a torch DataLoader")
 
@@ -374,7 +488,11 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
     if distributed:
         from . import distributed as dist_mod
         dist_info = dist_mod.setup()
-    base = distill_config or DistillConfig(batch_size=batch_size, lr=lr if lr is not None else s.lr, seed=seed)
+    base = distill_config or DistillConfig(batch_size=batch_size, lr=lr if lr is not None else s.lr, seed=seed,
+                                           micro_batch=micro_batch)
+    if distill_config is None:
+        base = replace(base, **_output_form(original, calib))
+    base.validate()
     if distill_config is not None and lr is not None:
         base = replace(base, lr=lr)
     if not distill:
@@ -386,6 +504,17 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
         """Rank 0's graph everywhere after a structural pass (distributed), so no process can diverge."""
         return dist_mod.broadcast_graph(g, dist_info) if dist_info is not None else g
 
+    base, memory = _fit_memory(original, base, train, max_memory, notice or log)
+    ckpts = None
+    if checkpoint_dir is not None:
+        from .checkpoints import Checkpoints
+        key = _run_key(original, train, labels, pm, base, s, epochs, distill,
+                       dist_info.world_size if dist_info is not None else 1)
+        ckpts = Checkpoints(checkpoint_dir, key, resume=resume, every_s=checkpoint_every_s,
+                            writer=dist_info is None or dist_info.rank == 0)
+    elif resume:
+        raise BadInput("compress: resume needs the checkpoint folder of the interrupted run")
+
     teacher = copy_graph(original)
     ctx = PassContext(seed=seed, data={"calib": calib, "train": calib, "teacher": teacher}, progress=progress)
 
@@ -393,28 +522,42 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
     prune_steps = {id(p): _prune_steps(p, s) for p in pm.passes if p.name == "prune-channels" and not p.exact}
     n_steps = sum(len(v) for v in prune_steps.values()) + \
         sum(1 for p in pm.passes if not p.exact and p.name not in POST_TRAINING and p.name != "prune-channels")
-    final_epochs = max(1, int(round(epochs * s.fine_tune_share))) if n_steps else epochs
-    if n_steps and epochs - final_epochs < n_steps:      # every step trains at least one epoch
-        final_epochs = max(1, epochs - n_steps)
-    rest = max(n_steps, epochs - final_epochs)
+    qat = any(p.name == "quantize" and p.opts.get("qat") for p in pm.passes)
+    qat_epochs = (max(1, int(round(epochs * s.qat_share))) if n_steps else epochs) if qat else 0
+    fine_tune = bool(n_steps) or not qat          # QAT alone: no fp32 fine-tuning of an unchanged model
+    train_epochs = max(1, epochs - qat_epochs)
+    final_epochs = max(1, int(round(train_epochs * s.fine_tune_share))) if n_steps else train_epochs
+    if n_steps and train_epochs - final_epochs < n_steps:      # every step trains at least one epoch
+        final_epochs = max(1, train_epochs - n_steps)
+    rest = max(n_steps, train_epochs - final_epochs)
     per_step = [rest // n_steps + (1 if i < rest % n_steps else 0) for i in range(n_steps)] if n_steps else []
 
+    bad = nonfinite_weights(original)
+    if bad:
+        raise BadInput(f"compress: the model's weight '{bad[0]}' holds NaN or Inf ({len(bad)} weight(s) in all); "
+                       f"there is nothing sound to distill from")
     original_size = _metrics(original)
     graph = copy_graph(original)
     history, records, step_no = [], [], 0
     post = []
     round_to_used = {}
 
-    def train_phase(g, kind: str, n_epochs: int, temperature, features: str):
+    def train_phase(g, kind: str, n_epochs: int, temperature, features: str, config=None):
         nonlocal step_no
         step_no += 1
+        done = ckpts.phase(step_no) if ckpts is not None else None
+        if done is not None:                    # resuming: this phase completed before the interruption
+            history.append(done[1])
+            log(f"compress: step {step_no} ({kind}) read from the checkpoint")
+            return done[0]
         mode = features if distill else "none"
         t_graph, pair, hint_scale = teacher, None, 1.0
         if mode in ("hint", "both"):
             t_graph, pair, hint_scale = hint_for(g)
             if pair is None:
                 mode = "adapters" if mode == "hint" else mode
-        cfg = replace(base, epochs=n_epochs, temperature=temperature, feature_weight=0.0, attention_weight=0.0)
+        cfg = replace(config or base, epochs=n_epochs, temperature=temperature, feature_weight=0.0,
+                      attention_weight=0.0)
         adapters = False
         if mode in ("adapters", "both") and base.feature_weight:
             try:
@@ -434,8 +577,15 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
         t0 = time.perf_counter()
         with (progress or Progress("off")).task(f"training step {step_no} ({kind})", n_epochs) as update:
             cfg = replace(cfg, progress=lambda i, total, r: update(i, f"loss {r['loss']:.4g}", new_total=total))
-            g, m = run_distill(g, [t_graph], train, labels=labels, config=cfg, eval_data=eval_data,
-                               eval_labels=eval_labels)
+            if ckpts is not None:
+                k = step_no
+                cfg = replace(cfg, resume=ckpts.partial(k),
+                              checkpoint=lambda i, state: ckpts.save_partial(k, state()) if ckpts.due() else None)
+            try:
+                g, m = run_distill(g, [t_graph], train, labels=labels, config=cfg, eval_data=eval_data,
+                                   eval_labels=eval_labels)
+            except CheckFailed as e:
+                raise CheckFailed(f"compress: training step {step_no} ({kind}): {e}") from None
         rec = {"step": step_no, "phase": kind, "epochs": n_epochs, "features": mode,
                "temperature": temperature if isinstance(temperature, (int, float)) else "falling to 1",
                **_metrics(g), "channels": list(channels_per_layer(g).values()),
@@ -447,6 +597,8 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
         if pen_teacher is not None:
             rec["cka_penultimate"] = _penultimate_cka(g, eval_data, pen_teacher)
         history.append(rec)
+        if ckpts is not None:
+            ckpts.save_phase(step_no, g, rec)
         log(f"compress: step {step_no} ({kind}): " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                               for k, v in rec.items() if k not in ("step", "phase")))
         return g
@@ -520,15 +672,43 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
             phase_i, carry = phase_i + 1, 0
             graph = train_phase(graph, p.name, n_ep, s.fine_temperature, s.step_features)
     # fine-tune: no more structural change, temperature falling to 1
-    graph = train_phase(graph, "fine-tune", final_epochs + carry, s.final_temperature, s.fine_tune_features)
+    if fine_tune:
+        graph = train_phase(graph, "fine-tune", final_epochs + carry, s.final_temperature, s.fine_tune_features)
+    if post and after_training is not None:
+        after_training(graph)
+    quantization = None
     for p in post:
         ctx.analyses.invalidate()
-        r = PassManager([p]).run(graph, ctx)
+        qat_pass = p.name == "quantize" and p.opts.get("qat")
+        step = make_pass(p.name, **{k: v for k, v in p.given.items() if k != "qat"}) if qat_pass else p
+        r = PassManager([step]).run(graph, ctx)
         graph = sync(r.graph)
         records += r.records
+        if qat_pass:       # quantization-aware training from the PTQ graph (graphopt.qat), logits distilled
+            from .distill import evaluate as evaluate_graph
+            from .qat import export_qdq, fake_quant
+            from .shapes import infer
+            fake, made = fake_quant(infer(graph))
+            qat_cfg, qat_memory = _fit_memory(original, replace(base, lr=base.lr * s.qat_lr_scale,
+                                                                teacher_label_smoothing=0.0),
+                                              train, max_memory, notice or log, student=fake)
+            quantization = {"qat": True, "scales": "kept (PTQ calibration)", "trained_tensors": len(made["weights"]),
+                            "trained_biases": len(made["biases"]), "kept_integer": made["kept"], "epochs": qat_epochs,
+                            "memory": qat_memory}
+            if eval_data is not None:
+                ptq = evaluate_graph(graph, eval_data, eval_labels, teacher=teacher)
+                quantization["ptq"] = {k: ptq[k] for k in ("top1", "agreement", "agreement_metric")}
+            fake = train_phase(fake, "qat", qat_epochs, s.qat_temperature, "none", qat_cfg)
+            graph = sync(export_qdq(fake))
     if [t.name for t in graph.inputs] != [t.name for t in original.inputs] or \
             [o[0] for o in output_specs(graph)] != [o[0] for o in output_specs(original)]:
         raise BadInput("compress changed the model's input or output names; this is a bug in a pass")
+    bad = nonfinite_weights(graph)
+    if bad:
+        raise CheckFailed(f"compress: the compressed model's weight '{bad[0]}' holds NaN or Inf ({len(bad)} "
+                          f"weight(s) in all); nothing was written")
+    if ckpts is not None:
+        ckpts.finish()
     final = final_metrics(graph, teacher, eval_data, eval_labels) if eval_data is not None else {}
     size = _metrics(graph)
     info = {"history": history, "epochs": sum(h["epochs"] for h in history), "distill": distill, "final": final,
@@ -540,6 +720,9 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
             "passes": [{k: v for k, v in rec.items() if k in ("pass", "position", "modified", "seconds",
                                                                "budget_met", "limits", "notes")} for rec in records],
             "seconds": round(time.perf_counter() - t_start, 1)}
+    info["memory"] = memory
+    if quantization is not None:
+        info["quantization"] = quantization
     if dist_info is not None:
         info["distributed"] = {"world_size": dist_info.world_size, "rank": dist_info.rank,
                                "backend": dist_info.backend}

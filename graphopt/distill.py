@@ -28,20 +28,20 @@ Optimization: AdamW (or SGD with momentum), linear learning-rate warmup over `wa
 decay to lr * min_lr, gradient-norm clipping at clip_grad_norm. The student's adapters train with it and are
 removed from the returned graph (keep_adapters=False), so they never reach an artifact.
 
-Several processes (graphopt.distributed sets these): `shard=(rank, world_size)` makes each process train on rows
-rank::world_size of every global batch of batch_size examples (array data: the same seeded permutation in every
-process; a DataLoader: every process loads the whole batch and keeps its rows), and `wrap_model` wraps the
-student module for the forward pass (torch DistributedDataParallel, which averages the gradients; the feature
-loss's normalizer is averaged over the processes too), so the processes take the same steps as one process on
-the whole batch, up to float rounding, when every global batch splits evenly. `device` moves student, teachers
-and batches to a torch device ("cuda:0").
+Micro-batches and several processes (graphopt.micro_batching): every step's global batch of batch_size examples
+is cut into micro-batches of at most micro_batch examples (default 32), whose gradients are accumulated. With
+`shard=(rank, world_size)` (graphopt.distributed sets it) each process computes every world_size-th micro-batch,
+and the micro-batches' gradients are exchanged and summed in micro-batch order, so N processes take bit for bit
+the steps one process takes (same micro_batch, same torch thread count). `device` moves student, teachers and
+batches to a torch device ("cuda:0").
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -49,7 +49,10 @@ import onnx_graphsurgeon as gs
 import torch
 import torch.nn.functional as F
 
-from .errors import BadInput
+from .data_checks import check_finite, check_labels, class_count
+from .errors import BadInput, CheckFailed
+from .micro_batching import (DEFAULT_MICRO_BATCH, SlotSum, micro_batches, ordered_sum, owned,
+                             reduce_gradients)
 from .trainable import TrainableGraph
 
 __all__ = ["DistillConfig", "distill", "evaluate", "linear_cka", "kd_loss", "attention_map", "attention_loss",
@@ -64,6 +67,7 @@ class DistillConfig:
     epochs: int = 10
     steps: int | None = None                 # total optimizer steps; overrides epochs
     batch_size: int = 64
+    micro_batch: int | None = DEFAULT_MICRO_BATCH   # examples per forward/backward (None: the whole batch)
     # optimizer
     optimizer: str = "adamw"                 # "adamw" | "sgd"
     lr: float = 1e-3
@@ -80,6 +84,9 @@ class DistillConfig:
     ensemble: str = "probs"                  # average the teachers' "probs" or "logits"
     teacher_weights: Sequence[float] | None = None
     class_axis: int = 1
+    outputs: str = "logits"                  # "logits", or "probs": the outputs already are probabilities over
+    #                                          class_axis (a final Softmax, PP-OCR's recognizer): KD and the hard
+    #                                          loss take their logs as logits
     # hard labels
     hard_weight: Any = (0.5, 0.1)            # (start, end), linear; or a number
     label_smoothing: float = 0.0
@@ -97,18 +104,26 @@ class DistillConfig:
     cache_limit_mb: float = 512.0
     eval_samples: int = 2048                 # training examples used for the final metrics
     progress: Callable | None = field(default=None, repr=False)   # progress(step, total, record)
+    # checkpoints: checkpoint(steps_done, state_fn) after every optimizer step (state_fn() -> the state to save);
+    # resume: such a state, to continue from (weights, optimizer, step, loss history; the data stream is replayed)
+    checkpoint: Callable | None = field(default=None, repr=False)
+    resume: dict | None = field(default=None, repr=False)
     # several processes / devices
     device: str | None = None                # torch device of student, teachers and batches (None: CPU)
-    shard: tuple[int, int] | None = None     # (rank, world size): train on rows rank::world of every global batch
-    wrap_model: Callable | None = field(default=None, repr=False)  # wrap_model(student module) -> module to call
+    shard: tuple[int, int] | None = None     # (rank, world size): compute micro-batches rank, rank + world, ...
 
     def validate(self) -> None:
         if self.optimizer not in ("adamw", "sgd"):
             raise BadInput(f"DistillConfig.optimizer must be 'adamw' or 'sgd', not '{self.optimizer}'")
         if self.decay not in ("cosine", "linear", "constant"):
             raise BadInput(f"DistillConfig.decay must be 'cosine', 'linear' or 'constant', not '{self.decay}'")
+        if self.outputs not in ("logits", "probs"):
+            raise BadInput(f"DistillConfig.outputs must be 'logits' or 'probs', not '{self.outputs}'")
         if self.ensemble not in ("probs", "logits"):
             raise BadInput(f"DistillConfig.ensemble must be 'probs' or 'logits', not '{self.ensemble}'")
+        if self.micro_batch is not None and (isinstance(self.micro_batch, bool) or not isinstance(self.micro_batch, int)
+                                             or self.micro_batch < 1):
+            raise BadInput(f"DistillConfig.micro_batch must be a positive integer or None, not {self.micro_batch!r}")
         if self.batch_size < 1 or self.epochs < 0 or (self.steps is not None and self.steps < 1):
             raise BadInput("DistillConfig: batch_size and steps must be positive, epochs non-negative")
         if not 0 <= self.teacher_label_smoothing < 1 or not 0 <= self.label_smoothing < 1:
@@ -206,6 +221,11 @@ def teacher_targets(teacher_logits: Sequence[torch.Tensor], T: float, axis: int 
     return p
 
 
+def _as_logits(out: torch.Tensor, config: "DistillConfig") -> torch.Tensor:
+    """An output as logits: itself, or the log of a probability output (DistillConfig.outputs="probs")."""
+    return torch.log(out.clamp_min(1e-12)) if config.outputs == "probs" else out
+
+
 def kd_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, T: float, axis: int = 1) -> torch.Tensor:
     """Hinton KD: T^2 * KL(target || softmax(student / T)), averaged over every position but the class axis."""
     log_q = torch.log_softmax(student_logits / T, dim=axis)
@@ -228,16 +248,6 @@ def feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, normali
         ms = teacher_feat.detach().pow(2).mean() if mean_square is None else mean_square
         mse = mse / (ms + 1e-8)
     return mse
-
-
-def _mean_over_processes(x: torch.Tensor, config: "DistillConfig") -> torch.Tensor:
-    """The mean of x over the processes of a sharded run (each holds an equal part of the global batch)."""
-    world = config.shard[1] if config.shard else 1
-    if world == 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return x
-    x = x.detach().clone()
-    torch.distributed.all_reduce(x)
-    return x / world
 
 
 def attention_map(feat: torch.Tensor, channel_axis: int = 1, p: float = 2.0) -> torch.Tensor:
@@ -340,19 +350,24 @@ def predict(graph: gs.Graph | TrainableGraph, data, batch_size: int = 256, featu
 
 
 def evaluate(graph: gs.Graph, data, labels=None, teacher: gs.Graph | None = None, batch_size: int = 256,
-             output: int = 0) -> dict:
-    """{top1, agreement, cka, n}: top-1 accuracy against `labels`, and, with a teacher graph, the fraction of
-    examples where student and teacher agree on the arg-max class and the linear CKA of their outputs (output
-    `output`, classes on axis 1). Figures that need what was not given are None."""
+             output: int = 0, task: str | None = None) -> dict:
+    """{top1, agreement, cka, n, task, agreement_metric}: top-1 accuracy against `labels` (classes on axis 1), and,
+    with a teacher graph, the agreement with the teacher in the terms of the task (graphopt.task_metrics: top-1
+    agreement for a classifier, decoded-sequence agreement for a CTC recognizer, IoU of thresholded maps for a
+    segmentation or detection map; `task` overrides the guess from the output) and the linear CKA of the
+    outputs. Figures that need what was not given are None."""
+    from .task_metrics import agreement
     out = predict(graph, data, batch_size)[output]
-    res = {"n": int(len(out)), "top1": None, "agreement": None, "cka": None}
-    pred = out.argmax(1)
+    res = {"n": int(len(out)), "top1": None, "agreement": None, "cka": None, "task": task,
+           "agreement_metric": None}
     if labels is not None:
+        pred = out.argmax(1)
         labels = np.asarray(labels).reshape(len(out), *pred.shape[1:])
         res["top1"] = float(np.mean(pred == labels))
     if teacher is not None:
         tout = predict(teacher, data, batch_size)[output]
-        res["agreement"] = float(np.mean(pred == tout.argmax(1)))
+        a = agreement(out, tout, task)
+        res.update(agreement=a["value"], task=a["kind"], agreement_metric=a["metric"])
         res["cka"] = linear_cka(out, tout)
     return res
 
@@ -396,27 +411,29 @@ def _feature_pairs(student: gs.Graph, teacher: gs.Graph, config: DistillConfig) 
     return pairs
 
 
-def _batches(train, labels, names: list[str], n_inputs: int, config: DistillConfig, rng):
-    """Yields (inputs list, labels or None, index array or None) forever, epoch after epoch. With config.shard,
-    this process's rows of every global batch."""
-    rank, world = config.shard or (0, 1)
+def _batches(train, labels, names: list[str], n_inputs: int, config: DistillConfig, rng,
+             n_classes: int | None = None):
+    """Yields (inputs list, labels or None, index array or None) forever, epoch after epoch: whole global batches
+    (every process sees the same batch and computes its own micro-batches of it; see graphopt.micro_batching)."""
     if isinstance(train, dict):
         arrays = _array_inputs(train, names, "distill")
         n = len(arrays[0])
         while True:
             order = rng.permutation(n)
             for i in range(0, n, config.batch_size):
-                idx = order[i:i + config.batch_size][rank::world]
+                idx = order[i:i + config.batch_size]
                 yield [a[idx] for a in arrays], (labels[idx] if labels is not None else None), idx
     else:
         while True:
             got = False
-            for batch in train:
+            for k, batch in enumerate(train):
                 got = True
                 xs, ys = _split_batch(batch, n_inputs, names)
-                if world > 1:
-                    xs = [x[rank::world] for x in xs]
-                    ys = ys[rank::world] if ys is not None else None
+                check_finite({n: (x.detach().cpu().numpy() if torch.is_tensor(x) else x) for n, x in zip(names, xs)},
+                             f"training DataLoader batch {k}")
+                if ys is not None:
+                    ys = check_labels(ys.detach().cpu().numpy() if torch.is_tensor(ys) else ys, n_classes,
+                                      f"training DataLoader batch {k}")
                 yield xs, ys, None
             if not got:
                 raise BadInput("distill: the training DataLoader yielded no batch")
@@ -466,11 +483,14 @@ def distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, l
         if len(t.input_names) != n_inputs:
             raise BadInput("distill: every teacher must take the same inputs as the student")
 
+    n_classes = class_count(student, config.label_output, config.class_axis)
     if labels is not None:
-        labels = np.asarray(labels).astype(np.int64)
+        labels = check_labels(labels, n_classes, "distill")
         if isinstance(train, dict) and len(labels) != len(_array_inputs(train, s_tg.input_names, "distill")[0]):
             raise BadInput("distill: labels and the training data have different lengths")
     if isinstance(train, dict):
+        check_finite(dict(zip(s_tg.input_names, _array_inputs(train, s_tg.input_names, "distill"))),
+                     "training data")
         n_train = len(_array_inputs(train, s_tg.input_names, "distill")[0])
         per_epoch = -(-n_train // config.batch_size)
     else:
@@ -506,11 +526,23 @@ def distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, l
     history = {k: [] for k in ("loss", "kd", "hard", "feature", "attention", "T", "lr", "hard_weight", "grad_norm")}
     kd_pairs_checked = False
     kd_positions: list[int] = []
-    model = config.wrap_model(s_tg) if config.wrap_model is not None else s_tg
     t0 = time.perf_counter()
     s_tg.train()
-    stream = _batches(train, labels, s_tg.input_names, n_inputs, config, rng)
-    for step in range(total):
+    stream = _batches(train, labels, s_tg.input_names, n_inputs, config, rng, n_classes)
+    start = 0
+    if config.resume is not None:
+        start = _restore(config.resume, s_tg, opt, history, total)
+        for _ in range(start):                  # the same batches as the uninterrupted run from here on
+            next(stream)
+
+    def state():
+        return {"step": step + 1, "params": {k: v.detach().cpu().clone() for k, v in s_tg.named_parameters()},
+                "optimizer": opt.state_dict(), "history": {k: list(v) for k, v in history.items()}}
+    at_pairs = [p for p in pairs if p.channel_axis is not None] if config.attention_weight else []
+    feat_pairs = pairs if config.feature_weight else []
+    rank, world = config.shard or (0, 1)
+    term_names = ("loss", "kd", "hard", "feature", "attention")
+    for step in range(start, total):
         xs, ys, idx = next(stream)
         xs = [_tensor(x) for x in xs]
         if device is not None:
@@ -521,69 +553,119 @@ def distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, l
         lr = lr_at(step, total, config)
         for gp in opt.param_groups:
             gp["lr"] = lr
-        if cache is not None and idx is not None:
-            t_outs = [[torch.from_numpy(o[idx]).to(device or "cpu") for o in outs] for outs in cache["outputs"]]
-            t_feats = {k: torch.from_numpy(v[idx]).to(device or "cpu") for k, v in cache["features"].items()}
-        else:
-            t_outs, t_feats = run_teachers(xs)
-        if s_feat_names:
-            s_out, s_feats = model(*xs, features=s_feat_names)
-        else:
-            s_out, s_feats = model(*xs), {}
-        s_out = _tuple(s_out)
-        s_orig = [s_out[i] for i in s_out_idx]
-        if not kd_pairs_checked:
-            kd_positions = [i for i in range(min(len(s_orig), len(t_outs[0])))
-                            if all(tuple(s_orig[i].shape) == tuple(to[i].shape) for to in t_outs)]
-            if not kd_positions and config.kd_weight:
-                raise BadInput("distill: no student output has the shape of the teacher output at the same position")
-            kd_pairs_checked = True
-        parts = {}
-        loss = s_orig[0].new_zeros(())
-        if config.kd_weight:
-            kd = 0.0
-            for i in kd_positions:
-                target = teacher_targets([to[i] for to in t_outs], T, config.class_axis,
-                                         config.teacher_label_smoothing, config.teacher_weights, config.ensemble)
-                kd = kd + kd_loss(s_orig[i], target, T, config.class_axis)
-            kd = kd / len(kd_positions)
-            parts["kd"] = kd
-            loss = loss + config.kd_weight * kd
-        if hw and ys is not None:
-            y = _tensor(ys).long().to(s_orig[0].device)
-            ce = F.cross_entropy(s_orig[config.label_output], y, label_smoothing=config.label_smoothing)
-            parts["hard"] = ce
-            loss = loss + hw * ce
-        if pairs and config.feature_weight:
-            fl = 0.0
-            for p in pairs:
-                s_feat = s_out[s_tg.output_names.index(p.adapted)] if p.adapted else s_feats[p.student]
-                tf = t_feats[p.teacher]
-                ms = _mean_over_processes(tf.detach().pow(2).mean(), config) if config.shard else None
-                fl = fl + feature_loss(s_feat, tf, config.feature_normalize, ms)
-            parts["feature"] = fl / len(pairs)
-            loss = loss + config.feature_weight * parts["feature"]
-        at_pairs = [p for p in pairs if p.channel_axis is not None]
-        if at_pairs and config.attention_weight:
-            al = 0.0
-            for p in at_pairs:
-                al = al + attention_loss(s_feats[p.student], t_feats[p.teacher], p.channel_axis, config.attention_p)
-            parts["attention"] = al / len(at_pairs)
-            loss = loss + config.attention_weight * parts["attention"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        n = len(xs[0])
+        chunks = micro_batches(n, config.micro_batch)
+        mine = owned(len(chunks), rank, world)
+        y_all = _tensor(ys).long() if (hw and ys is not None) else None
+
+        # teacher outputs of this process's micro-batches
+        t_chunk = {}
+        for j in mine:
+            a, b = chunks[j]
+            if cache is not None and idx is not None:
+                sel = idx[a:b]
+                t_chunk[j] = ([[torch.from_numpy(o[sel]).to(device or "cpu") for o in outs] for outs in cache["outputs"]],
+                              {k: torch.from_numpy(v[sel]).to(device or "cpu") for k, v in cache["features"].items()})
+            else:
+                t_chunk[j] = run_teachers([x[a:b] for x in xs])
+        # the feature loss divides by the teacher feature's mean square over the whole global batch
+        mean_sq = {}
+        if feat_pairs:
+            names_t = sorted({p.teacher for p in feat_pairs})
+            dev = device or "cpu"
+            slots = SlotSum(len(chunks), world)
+            for j in mine:
+                slots.put(j, torch.stack([t_chunk[j][1][t].detach().double().pow(2).sum() for t in names_t]))
+            sums = ordered_sum(slots.gather(torch.zeros(len(names_t), dtype=torch.float64, device=dev)))
+            for i, t in enumerate(names_t):
+                if mine:                        # elements in the global batch: per example x examples
+                    a0, b0 = chunks[mine[0]]
+                    count = t_chunk[mine[0]][1][t].numel() // (b0 - a0) * n
+                    mean_sq[t] = (sums[i] / count).to(torch.float32)
+
+        terms_slot = SlotSum(len(chunks), world)
+        grads = {}
+        for j in mine:
+            a, b = chunks[j]
+            share = (b - a) / n                 # every term is a mean over examples: weigh micro-batches by size
+            t_outs, t_feats = t_chunk[j]
+            xc = [x[a:b] for x in xs]
+            if s_feat_names:
+                s_out, s_feats = s_tg(*xc, features=s_feat_names)
+            else:
+                s_out, s_feats = s_tg(*xc), {}
+            s_out = _tuple(s_out)
+            s_orig = [s_out[i] for i in s_out_idx]
+            if not kd_pairs_checked:
+                kd_positions = [i for i in range(min(len(s_orig), len(t_outs[0])))
+                                if all(tuple(s_orig[i].shape) == tuple(to[i].shape) for to in t_outs)]
+                if not kd_positions and config.kd_weight:
+                    raise BadInput("distill: no student output has the shape of the teacher output at the same "
+                                   "position")
+                kd_pairs_checked = True
+            terms = {}
+            loss = s_orig[0].new_zeros(())
+            if config.kd_weight:
+                kd = 0.0
+                for i in kd_positions:
+                    target = teacher_targets([_as_logits(to[i], config) for to in t_outs], T, config.class_axis,
+                                             config.teacher_label_smoothing, config.teacher_weights, config.ensemble)
+                    kd = kd + kd_loss(_as_logits(s_orig[i], config), target, T, config.class_axis)
+                terms["kd"] = kd / len(kd_positions)
+                loss = loss + config.kd_weight * terms["kd"]
+            if y_all is not None:
+                terms["hard"] = F.cross_entropy(_as_logits(s_orig[config.label_output], config),
+                                                y_all[a:b].to(s_orig[0].device),
+                                                label_smoothing=config.label_smoothing)
+                loss = loss + hw * terms["hard"]
+            if feat_pairs:
+                fl = 0.0
+                for p in feat_pairs:
+                    s_feat = s_out[s_tg.output_names.index(p.adapted)] if p.adapted else s_feats[p.student]
+                    fl = fl + feature_loss(s_feat, t_feats[p.teacher], config.feature_normalize, mean_sq[p.teacher])
+                terms["feature"] = fl / len(feat_pairs)
+                loss = loss + config.feature_weight * terms["feature"]
+            if at_pairs:
+                al = 0.0
+                for p in at_pairs:
+                    al = al + attention_loss(s_feats[p.student], t_feats[p.teacher], p.channel_axis,
+                                             config.attention_p)
+                terms["attention"] = al / len(at_pairs)
+                loss = loss + config.attention_weight * terms["attention"]
+            terms["loss"] = loss
+            (loss * share).backward()
+            terms_slot.put(j, torch.stack([terms[k].detach().double() * share if k in terms
+                                           else torch.zeros((), dtype=torch.float64, device=loss.device)
+                                           for k in term_names]))
+            if world > 1:                       # keep this micro-batch's gradient apart (summed in order below)
+                grads[j] = [q.grad for q in params]
+                for q in params:
+                    q.grad = None
+        if world > 1:
+            reduce_gradients(params, grads, len(chunks), world)
+        values = ordered_sum(terms_slot.gather(torch.zeros(len(term_names), dtype=torch.float64,
+                                                           device=device or "cpu"))).tolist()
+        parts = dict(zip(term_names, values))
+        loss_value = parts.pop("loss")
+        if not math.isfinite(loss_value):
+            raise CheckFailed(f"distill: the loss became {loss_value} at optimizer step {step + 1} of {total} "
+                              f"(lr {lr:.3g}); lower the learning rate or check the data for extreme values")
         if config.clip_grad_norm:
             gn = torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
         else:
             gn = torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in params if p.grad is not None))
+        if not math.isfinite(float(gn)):
+            raise CheckFailed(f"distill: the gradient became {float(gn)} at optimizer step {step + 1} of {total} "
+                              f"(lr {lr:.3g}); lower the learning rate or check the data for extreme values")
         opt.step()
-        record = {"loss": float(loss.detach()), "T": T, "lr": lr, "hard_weight": hw, "grad_norm": float(gn)}
-        for k in ("kd", "hard", "feature", "attention"):
-            record[k] = float(parts[k].detach()) if k in parts else 0.0
+        opt.zero_grad(set_to_none=True)
+        record = {"loss": loss_value, "T": T, "lr": lr, "hard_weight": hw, "grad_norm": float(gn), **parts}
         for k, v in record.items():
             history[k].append(v)
         if config.progress is not None:
             config.progress(step + 1, total, record)
+        if config.checkpoint is not None and step + 1 < total:
+            config.checkpoint(step + 1, state)
     s_tg.eval()
     if device is not None:
         s_tg.cpu()
@@ -595,7 +677,8 @@ def distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, l
                "loss_first": float(np.mean(history["loss"][:max(1, min(10, total // 10 or 1))])),
                "loss_last": float(np.mean(history["loss"][-max(1, min(10, total // 10 or 1)):])),
                "feature_pairs": [{"student": p.student, "teacher": p.teacher, "adapted": p.adapted} for p in pairs],
-               "config": {k: v for k, v in asdict(config).items() if k != "progress"}}
+               "config": {f.name: getattr(config, f.name) for f in fields(config)
+                          if f.name not in ("progress", "checkpoint", "resume")}}
     if isinstance(train, dict):
         arrays = _array_inputs(train, s_tg.input_names, "distill")
         n = min(len(arrays[0]), config.eval_samples)
@@ -604,6 +687,25 @@ def distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, l
     if eval_data is not None:
         metrics["eval"] = evaluate(trained, eval_data, eval_labels, teachers[0])
     return trained, metrics
+
+
+def _restore(state: dict, s_tg: TrainableGraph, opt, history: dict, total: int) -> int:
+    """Load a checkpointed training state (weights, optimizer, loss history) and return the step to go on from."""
+    try:
+        step = int(state["step"])
+        params = dict(s_tg.named_parameters())
+        if set(state["params"]) != set(params) or not 0 < step < total:
+            raise ValueError("the checkpoint does not fit this training phase")
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(state["params"][k])
+        opt.load_state_dict(state["optimizer"])
+        for k in history:
+            history[k][:] = list(state["history"][k])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise BadInput(f"distill: cannot resume from the checkpoint ({e}); remove the checkpoint folder to start "
+                       f"over") from None
+    return step
 
 
 def _teacher_cache(train: dict, names: list[str], run_teachers, config: DistillConfig) -> dict | None:

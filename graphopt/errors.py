@@ -18,3 +18,10 @@ class UnsupportedModel(BadInput):
 class CheckFailed(GraphoptError):
     """A verification or quality gate failed: the output would be wrong."""
     exit_code = 1
+
+
+def printable(text, limit: int | None = 200) -> str:
+    """text for a one-line message: control characters and newlines escaped as repr does, at most limit chars
+    (None: no cut), so that user text (node names, file names, pipeline text) cannot forge a `graphopt:` line."""
+    s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+    return s if limit is None or len(s) <= limit else s[:limit - 3] + "..."

@@ -79,23 +79,21 @@ def top1(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits[:n].reshape(n, -1), 1) == labels[:n]))
 
 
-def agreement(a: np.ndarray, b: np.ndarray) -> float:
-    n = min(len(a), len(b))
-    return float(np.mean(np.argmax(a[:n].reshape(n, -1), 1) == np.argmax(b[:n].reshape(n, -1), 1)))
-
-
 def graph_size(graph: gs.Graph, with_bytes: bool = True) -> dict:
-    """MACs and parameter count (the flops analysis), and the serialized size when with_bytes."""
+    """MACs, parameter count and the parameters' bytes (the flops analysis: weights behind DequantizeLinear count
+    at their stored type), and the serialized size when with_bytes."""
     f = flops(graph, None)
-    out = {"macs": int(f["macs"]), "params": int(f["params"])}
+    out = {"macs": int(f["macs"]), "params": int(f["params"]), "param_bytes": int(f["param_bytes"])}
     if with_bytes:
         out["bytes"] = len(to_onnx(graph).SerializeToString())
     return out
 
 
 def ort_latency_ms(model: onnx.ModelProto, input_specs, threads: int | None, repeat: int = 20) -> float:
+    from .check_inputs import input_ranges
+    from .graph import from_onnx
     sess = ort.session(model, optimize=True, threads=threads)
-    feeds = ort.random_inputs([(n, s, dt) for n, s, dt in input_specs])
+    feeds = ort.random_inputs([(n, s, dt) for n, s, dt in input_specs], 0, input_ranges(from_onnx(model)))
     for _ in range(2):
         sess.run(None, feeds)
     times = []

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from .graph import constant_node_value
-from .shapes import infer
+from .control_flow import inline_constant_ifs
+from .graph import constant_node_value, toposort
+from .limits import MAX_FOLD_BYTES
+from .shapes import infer, tensor_bytes
 
 
 def constants_to_initializers(graph: gs.Graph) -> bool:
@@ -59,23 +61,40 @@ def _signature(graph: gs.Graph):
     return (len(graph.nodes), tuple(n.op for n in graph.nodes))
 
 
-def fold(graph: gs.Graph, max_rounds: int = 32) -> tuple[gs.Graph, bool]:
+#: ops whose output can be far larger than their inputs: not folded while the size of their output is unknown
+GROWING_OPS = frozenset({"ConstantOfShape", "Expand", "Tile", "Range", "Resize", "Upsample", "Pad", "OneHot",
+                         "EyeLike"})
+
+
+def _outputs_too_big(max_bytes: int):
+    """should_exclude_node for fold_constants: a node with an output over max_bytes (from the inferred shapes),
+    or a growing op whose output size is unknown, is left to run time, so folding never allocates more."""
+    def exclude(node: gs.Node) -> bool:
+        sizes = [tensor_bytes(t) for t in node.outputs]
+        return any(n > max_bytes if n is not None else node.op in GROWING_OPS for n in sizes)
+    return exclude
+
+
+def fold(graph: gs.Graph, max_rounds: int = 32, max_bytes: int = MAX_FOLD_BYTES) -> tuple[gs.Graph, bool]:
     """Fold every subgraph whose inputs are all known at compile time, shapes of static tensors included.
     onnx-graphsurgeon evaluates the foldable subgraphs with onnxruntime; we iterate with shape inference
-    in between, since folding a shape computation can make more shapes (and more subgraphs) static."""
+    in between, since folding a shape computation can make more shapes (and more subgraphs) static.
+    Nodes whose output would exceed max_bytes stay in the graph (onnxruntime's own folding stops at 1 GB too)."""
     changed = constants_to_initializers(graph)
     for _ in range(max_rounds):
         before = _signature(graph)
         graph = infer(graph)
         fold_static_shapes(graph)
         prev_level = gs.logger.G_LOGGER.severity
-        gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+        gs.logger.G_LOGGER.severity = max(prev_level, gs.logger.G_LOGGER.ERROR)
         try:
-            graph.fold_constants(fold_shapes=False, partitioning=None, error_ok=True, flatten_subgraphs=False)
+            graph.fold_constants(fold_shapes=False, partitioning=None, error_ok=True, flatten_subgraphs=False,
+                                 size_threshold=max_bytes, should_exclude_node=_outputs_too_big(max_bytes))
         finally:
             gs.logger.G_LOGGER.severity = prev_level
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        toposort(graph.cleanup(remove_unused_graph_inputs=False))
         constants_to_initializers(graph)
+        inline_constant_ifs(graph)          # an If whose condition folded to a constant becomes its branch
         if _signature(graph) == before:
             break
         changed = True

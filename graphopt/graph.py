@@ -1,9 +1,13 @@
 """The one IR: an onnx-graphsurgeon Graph. Helpers to move between it and ModelProto and to read its I/O."""
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+
+from .errors import UnsupportedModel
 
 # onnxruntime 1.18+ reads IR 10; newer onnx writes newer IR versions by default.
 MAX_IR_VERSION = 10
@@ -68,5 +72,80 @@ def constant_value(tensor) -> np.ndarray | None:
     return None
 
 
+def name_nodes(graph: onnx.GraphProto) -> None:
+    """Give every node (subgraphs included) a unique name, deterministically: an unnamed node becomes
+    `<op>_<index>` (its position in its graph), and a name already taken gets the first free `_<n>` suffix.
+    Named, unique nodes keep their names; passes, reports and metadata refer to nodes by name."""
+    graphs, stack = [], [graph]
+    while stack:                                 # every graph, parents before their subgraphs
+        g = stack.pop(0)
+        graphs.append(g)
+        for node in g.node:
+            for a in node.attribute:
+                stack.extend([a.g] if a.HasField("g") else list(a.graphs))
+    taken = {n.name for g in graphs for n in g.node if n.name}
+    kept = set()                                 # names whose first holder keeps them
+    for g in graphs:
+        for i, node in enumerate(g.node):
+            if node.name and node.name not in kept:
+                kept.add(node.name)
+                continue
+            base = node.name or f"{node.op_type}_{i}"
+            name, k = base, 0
+            while name in taken:
+                k += 1
+                name = f"{base}_{k}"
+            taken.add(name)
+            node.name = name
+
+
 def node_label(node) -> str:
     return f"node '{node.name or '?'}' ({node.op})"
+
+
+def _reads(node: gs.Node) -> list[int]:
+    """Ids of the tensors a node reads: its inputs and whatever its subgraphs (at any depth) use. By identity, not
+    name: onnx-graphsurgeon shares an outer tensor with the subgraphs that read it, while a subgraph's own tensor
+    is a different object even where it reuses an outer name."""
+    ids = [id(t) for t in node.inputs if t.name]
+    stack = list(node.subgraphs())
+    while stack:
+        sg = stack.pop()
+        for n in sg.nodes:
+            ids.extend(id(t) for t in n.inputs if t.name)
+            stack.extend(n.subgraphs())
+    return ids
+
+
+def toposort(graph: gs.Graph) -> gs.Graph:
+    """Sort the nodes of graph and of every subgraph topologically, in place, without recursion (Kahn's
+    algorithm): among ready nodes the one earlier in the current order comes first, so a sorted graph keeps its
+    order. A node holding subgraphs comes after the producers of every outer tensor its subgraphs read.
+    onnx-graphsurgeon's own toposort recurses once per node of depth and overflows on unrolled RNNs."""
+    graphs = [graph]
+    while graphs:
+        g = graphs.pop()
+        nodes = list(g.nodes)
+        producer = {id(t): i for i, n in enumerate(nodes) for t in n.outputs if t.name}
+        users = [[] for _ in nodes]
+        pending = [0] * len(nodes)
+        for i, n in enumerate(nodes):
+            graphs.extend(n.subgraphs())
+            for j in {producer[t] for t in _reads(n) if t in producer}:
+                users[j].append(i)
+                pending[i] += 1
+        ready = [i for i, k in enumerate(pending) if k == 0]
+        heapq.heapify(ready)
+        order = []
+        while ready:
+            i = heapq.heappop(ready)
+            order.append(nodes[i])
+            for j in users[i]:
+                pending[j] -= 1
+                if pending[j] == 0:
+                    heapq.heappush(ready, j)
+        if len(order) != len(nodes):
+            stuck = next(nodes[i] for i, k in enumerate(pending) if k)
+            raise UnsupportedModel(f"the graph has a cycle through {node_label(stuck)}")
+        g.nodes = order
+    return graph

@@ -2,17 +2,20 @@
 dynamic dims bound, shape subgraphs folded) and PyTorch modules (through torch.export)."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import external_data_helper
+from onnx import external_data_helper, numpy_helper
 
-from .errors import BadInput, UnsupportedModel
+from .errors import BadInput, UnsupportedModel, printable
 from .folding import fold
-from .graph import from_onnx
-from .shapes import bind_input_shapes, infer_model
+from .graph import from_onnx, name_nodes
+from .limits import MAX_PROTOBUF_BYTES, human_bytes, max_tensor_bytes, nbytes
+from .shapes import bind_input_shapes, bind_input_values, check_tensor_sizes, infer_model
 
 MIN_OPSET = 11          # older models are upgraded to UPGRADE_OPSET with onnx's version converter
 UPGRADE_OPSET = 13
@@ -31,8 +34,13 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise BadInput(f"{path}: no such file")
     if path.is_dir():
         raise BadInput(f"{path}: is a folder, not an ONNX file")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise BadInput(f"{path}: file is empty")
+    if size > MAX_PROTOBUF_BYTES:
+        raise BadInput(f"{path}: is {human_bytes(size)}, more than an ONNX file can hold (protobuf stops at 2 GB); "
+                       f"a model this large keeps its weights in external data files "
+                       f"(onnx.save_model(model, path, save_as_external_data=True))")
     try:
         model = onnx.load_model(str(path), load_external_data=False)
     except Exception as e:
@@ -46,20 +54,23 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
 def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
     base = path.resolve().parent
     tensors = [t for t in external_data_helper._get_all_tensors(model) if external_data_helper.uses_external_data(t)]
+    limit = max_tensor_bytes()
     for t in tensors:
-        info = external_data_helper.ExternalDataInfo(t)
-        loc = info.location
+        loc, offset, length = _external_data_entry(t, path)
         target = (base / loc).resolve()
         if os.path.isabs(loc) or (target != base and base not in target.parents):
-            raise BadInput(f"{path}: tensor '{t.name}' stores its data at '{loc}', outside the model's folder; "
-                           f"external data must live next to the model")
+            raise BadInput(f"{path}: tensor '{printable(t.name)}' stores its data at '{printable(loc)}', outside the "
+                           f"model's folder; external data must live next to the model")
         if not target.is_file():
-            raise BadInput(f"{path}: tensor '{t.name}' needs external data file '{loc}', which does not exist")
+            raise BadInput(f"{path}: tensor '{printable(t.name)}' needs external data file '{printable(loc)}', "
+                           f"which does not exist")
         size = target.stat().st_size
-        offset = int(info.offset or 0)
-        length = int(info.length or 0)
         if offset > size or (length and offset + length > size):
-            raise BadInput(f"{path}: external data for tensor '{t.name}' in '{loc}' is truncated")
+            raise BadInput(f"{path}: external data for tensor '{printable(t.name)}' in '{printable(loc)}' is truncated")
+        if (length or size - offset) > limit:
+            raise BadInput(f"{path}: external data for tensor '{printable(t.name)}' is "
+                           f"{human_bytes(length or size - offset)}, more than the {human_bytes(limit)} one tensor "
+                           f"may take (GRAPHOPT_MAX_TENSOR_BYTES)")
     if tensors:
         try:
             external_data_helper.load_external_data_for_model(model, str(base))
@@ -67,10 +78,28 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
             raise BadInput(f"{path}: cannot load external data ({_first_line(e)})") from None
 
 
+def _external_data_entry(t: onnx.TensorProto, path: Path) -> tuple[str, int, int]:
+    """(location, offset, length; 0: to the end) of a tensor's external data, each checked."""
+    entries = {e.key: e.value for e in t.external_data}
+    loc = entries.get("location", "")
+    if not loc or not loc.isprintable():
+        raise BadInput(f"{path}: tensor '{printable(t.name)}' has an invalid external data location "
+                       f"'{printable(loc)}' (empty, or with control characters)")
+    numbers = []
+    for key in ("offset", "length"):
+        text = entries.get(key, "") or "0"
+        if not (text.isascii() and text.isdigit()):
+            raise BadInput(f"{path}: tensor '{printable(t.name)}' has external data {key} '{printable(text)}'; "
+                           f"it must be a non-negative integer")
+        numbers.append(int(text))
+    return loc, numbers[0], numbers[1]
+
+
 def _check_domains(model: onnx.ModelProto, where: str) -> None:
     bad = [(n.name or "?", n.op_type, n.domain) for n in model.graph.node if n.domain not in STANDARD_DOMAINS]
     if bad:
-        listed = ", ".join(f"'{name}' ({op}, domain '{dom}')" for name, op, dom in bad[:8])
+        listed = ", ".join(f"'{printable(name)}' ({printable(op)}, domain '{printable(dom)}')"
+                           for name, op, dom in bad[:8])
         more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
         raise UnsupportedModel(f"{where}: {len(bad)} node(s) use an operator domain graphopt does not know: {listed}{more}; "
                                f"export the model with standard ONNX ops only")
@@ -83,8 +112,102 @@ def _opset(model: onnx.ModelProto) -> int:
     return 0
 
 
+def _one_line(e: Exception, limit: int = 400) -> str:
+    """The whole message of e on one line (onnx.checker puts the node's name on its second line)."""
+    return printable(" ".join(str(e).split()) or type(e).__name__, limit)
+
+
+def _densify_sparse_initializers(model: onnx.ModelProto, where: str) -> None:
+    """Sparse initializers become dense ones (onnx-graphsurgeon, the passes and TVM read dense initializers
+    only), each at most limits.max_tensor_bytes() once dense."""
+    graph, limit = model.graph, max_tensor_bytes()
+    for sp in graph.sparse_initializer:
+        name, dims = sp.values.name, tuple(int(d) for d in sp.dims)
+        try:
+            values = numpy_helper.to_array(sp.values).reshape(-1)
+            indices = numpy_helper.to_array(sp.indices).astype(np.int64)
+            size = nbytes(dims, values.dtype.itemsize)
+            if size > limit:
+                raise BadInput(f"{where}: sparse initializer '{printable(name)}' would be {list(dims)} "
+                               f"({human_bytes(size)}) once dense, more than the {human_bytes(limit)} one tensor may "
+                               f"take (GRAPHOPT_MAX_TENSOR_BYTES)")
+            flat = indices.reshape(-1) if indices.ndim == 1 else np.ravel_multi_index(tuple(indices.T), dims)
+            if len(flat) != len(values) or (len(flat) and (flat.min() < 0 or flat.max() >= math.prod(dims))):
+                raise ValueError("indices do not match the values or lie outside the shape")
+            dense = np.zeros(math.prod(dims), dtype=values.dtype)
+            dense[flat] = values
+        except BadInput:
+            raise
+        except Exception as e:  # noqa: BLE001 - malformed values, indices or dims
+            raise BadInput(f"{where}: sparse initializer '{printable(name)}' is malformed "
+                           f"({_one_line(e, 160)})") from None
+        graph.initializer.append(numpy_helper.from_array(dense.reshape(dims), name))
+    del graph.sparse_initializer[:]
+
+
+def _check_topology(graph: onnx.GraphProto, where: str) -> None:
+    """Refuse, naming the node and op, a node reading a tensor that nothing before it produces: a cycle, nodes out
+    of order, or a missing initializer (onnx.checker's message for these ends before the node's name)."""
+    known = {"", *(i.name for i in graph.input), *(i.name for i in graph.initializer)}
+    producer = {out: n for n in graph.node for out in n.output}
+    for index, node in enumerate(graph.node):
+        label = f"node '{printable(node.name)}' ({node.op_type})" if node.name else f"node #{index} ({node.op_type})"
+        for name in node.input:
+            if name in known:
+                continue
+            if name in producer:
+                later = producer[name]
+                raise BadInput(f"{where}: {label} reads '{printable(name)}', which only the later node "
+                               f"'{printable(later.name)}' ({later.op_type}) produces: the graph has a cycle or its "
+                               f"nodes are not in topological order")
+            raise BadInput(f"{where}: {label} reads '{printable(name)}', which no graph input, initializer or node "
+                           f"produces (a missing initializer?)")
+        known.update(node.output)
+
+
+#: element types of graph inputs and outputs graphopt can feed and compare: onnxruntime's CPU kernels, numpy and
+#: TVM all have them
+IO_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                      onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+                      onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32,
+                      onnx.TensorProto.UINT64, onnx.TensorProto.BOOL})
+
+
+def _check_io_types(graph: onnx.GraphProto, where: str) -> None:
+    """Refuse graph inputs and outputs graphopt cannot feed or compare: bfloat16, float8, int4, strings,
+    sequences, maps (an output without a declared type is left to shape inference)."""
+    inits = {i.name for i in graph.initializer}
+    for kind, values in (("input", graph.input), ("output", graph.output)):
+        for vi in values:
+            which = vi.type.WhichOneof("value")
+            elem = vi.type.tensor_type.elem_type if which == "tensor_type" else None
+            untyped_output = kind == "output" and which in (None, "tensor_type") and not elem
+            if vi.name in inits or elem in IO_TYPES or untyped_output:
+                continue
+            what = onnx.TensorProto.DataType.Name(elem) if which == "tensor_type" else (which or "untyped")
+            raise UnsupportedModel(f"{where}: {kind} '{printable(vi.name)}' is {what}; graphopt takes float32, "
+                                   f"float16, float64, integer and bool tensors (onnxruntime, its reference, has no "
+                                   f"CPU kernels for the others): export the model with float32 inputs and outputs")
+
+
+def _check_text(model: onnx.ModelProto, where: str) -> None:
+    """ONNX strings must be UTF-8; protobuf hands invalid ones back as bytes, which nothing downstream can use."""
+    g = model.graph
+    named = [("graph input", v.name) for v in g.input] + [("graph output", v.name) for v in g.output] + \
+            [("initializer", t.name) for t in g.initializer] + [("value_info", v.name) for v in g.value_info]
+    for i, node in enumerate(g.node):
+        named += [(f"node #{i}", node.name), (f"node #{i}'s op", node.op_type), (f"node #{i}'s domain", node.domain)]
+        named += [(f"an input of node #{i}", t) for t in node.input] + \
+                 [(f"an output of node #{i}", t) for t in node.output]
+    for what, text in named:
+        if isinstance(text, bytes):
+            raise BadInput(f"{where}: the name of {what} is not UTF-8 text ({printable(repr(text), 60)}); the file "
+                           f"is corrupt or was not written by an ONNX exporter")
+
+
 def prepare_model(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
     """Inline local functions, check domains and validity, upgrade old opsets."""
+    _check_text(model, where)
     if len(model.functions):
         try:
             model = onnx.inliner.inline_local_functions(model)
@@ -96,10 +219,13 @@ def prepare_model(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
         raise BadInput(f"{where}: the model imports no standard ONNX opset")
     if opset > onnx.defs.onnx_opset_version():
         raise BadInput(f"{where}: opset {opset} is newer than this onnx ({onnx.defs.onnx_opset_version()}); upgrade onnx")
+    _densify_sparse_initializers(model, where)
+    _check_topology(model.graph, where)
+    _check_io_types(model.graph, where)
     try:
         onnx.checker.check_model(model)
     except Exception as e:
-        raise BadInput(f"{where}: invalid ONNX model: {_first_line(e)}") from None
+        raise BadInput(f"{where}: invalid ONNX model: {_one_line(e)}") from None
     if opset < MIN_OPSET:
         try:
             model = onnx.version_converter.convert_version(model, UPGRADE_OPSET)
@@ -114,11 +240,15 @@ def prepare_model(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
     return model
 
 
-def load(source, input_shapes: dict | None = None, require_static: bool = True, fold_constants: bool = True) -> gs.Graph:
+def load(source, input_shapes: dict | None = None, require_static: bool = True, fold_constants: bool = True,
+         input_values: dict | None = None) -> gs.Graph:
     """Load an ONNX file (path) or ModelProto into graphopt's IR.
 
     input_shapes binds dynamic dimensions ({"x": (1, 3, 224, 224)}). With require_static (the default) every
-    input must end up static; shapes are then inferred and shape subgraphs folded so TVM sees a static graph."""
+    input must end up static; shapes are then inferred and shape subgraphs folded so TVM sees a static graph.
+    input_values turns inputs into constants ({"sr": 16000}): the model is then specialized for that value (a
+    VAD's `If` on its sample rate folds away).
+    Every node gets a unique name (graph.name_nodes)."""
     if isinstance(source, onnx.ModelProto):
         model, where = source, "model"
         model = onnx.ModelProto.FromString(model.SerializeToString())
@@ -126,13 +256,17 @@ def load(source, input_shapes: dict | None = None, require_static: bool = True, 
         where = str(source)
         model = read_model(source)
     model = prepare_model(model, where)
+    name_nodes(model.graph)
+    bind_input_values(model, input_values, where)
     bind_input_shapes(model, input_shapes, require_static, where)
     model = infer_model(model, where)
     graph = from_onnx(model)
+    check_tensor_sizes(graph, where)              # before folding or any run allocates them
     if fold_constants:
         unfolded = model
         graph, changed = fold(graph)
         if changed:
+            check_tensor_sizes(graph, where)      # folding can make more shapes known
             _check_folding(unfolded, graph, where)
     graph.name = graph.name or "graph"
     graph.source = where
@@ -141,10 +275,13 @@ def load(source, input_shapes: dict | None = None, require_static: bool = True, 
 
 def _check_folding(unfolded: onnx.ModelProto, folded: gs.Graph, where: str) -> None:
     """Folding is evaluated by onnx-graphsurgeon: check its result against onnxruntime on the unfolded model, as
-    every exact pass is checked. Skipped when onnxruntime cannot run the unfolded model on seeded inputs."""
+    every exact pass is checked. Skipped when the inputs are dynamic (no seeded inputs to make: `inspect` loads
+    such graphs) or onnxruntime cannot run the unfolded model on seeded inputs."""
     from . import ort, verify
     from .errors import CheckFailed
-    from .graph import to_onnx
+    from .graph import input_specs, to_onnx
+    if any(not isinstance(d, int) or d < 0 for _, shape, _ in input_specs(folded) for d in shape):
+        return
     feeds = verify.seeded_inputs(folded)
     try:
         ref = ort.run(unfolded, feeds)

@@ -13,8 +13,10 @@ import onnx_graphsurgeon as gs
 
 from . import ort, pipeline_text, verify
 from .analyses import AnalysisManager
+from .data_checks import nonfinite_weights
 from .errors import BadInput, CheckFailed
 from .graph import copy as copy_graph, to_onnx
+from .hardware import GENERIC, HardwareInfo
 
 
 @dataclass
@@ -83,7 +85,18 @@ class Pass:
         self.validate()
 
     def validate(self) -> None:
-        """Check option combinations; raise BadInput."""
+        """Check option combinations; raise BadInput. Judge combinations on changed(), not on which keys were
+        given, so that the resolved text (every option spelled out) is accepted like the text it came from."""
+
+    def changed(self) -> dict:
+        """The options whose value differs from their default."""
+        return {k: v for k, v in self.opts.items() if v != self.options[k].default}
+
+    @classmethod
+    def target_defaults(cls, hw: HardwareInfo) -> dict:
+        """{option: value} that an option left at its default (0, empty: "the target's") takes on hardware hw;
+        `graphopt passes --target T` shows them."""
+        return {}
 
     def run(self, graph: gs.Graph, ctx: "PassContext") -> PassResult:
         raise NotImplementedError
@@ -134,10 +147,14 @@ def make_pass(name: str, **opts) -> Pass:
 class PassContext:
     """What passes can see besides the graph: analyses, target hardware constants, user data, the seed."""
 
-    def __init__(self, target: str | None = None, hw: dict | None = None, data: dict | None = None,
-                 seed: int = 0, verify: str = "full", progress=None):
+    def __init__(self, target: str | None = None, hw: HardwareInfo | None = None, data: dict | None = None,
+                 seed: int = 0, verify: str = "full", progress=None, target_options: dict | None = None):
+        if hw is not None and not isinstance(hw, HardwareInfo):
+            raise TypeError(f"PassContext(hw=...) takes a graphopt.hardware.HardwareInfo (Target.hw()), not "
+                            f"{type(hw).__name__}")
         self.target = target
-        self.hw = dict(hw or {})
+        self.target_options = dict(target_options or {})     # as the target was made (mcpu, ...): latency models
+        self.hw = hw if hw is not None else GENERIC
         self.data = dict(data or {})
         self.seed = seed
         self.verify = verify
@@ -155,7 +172,12 @@ class PipelineResult:
 class PassManager:
     def __init__(self, passes: list[Pass] | None = None):
         self.passes = list(passes or [])
-        for cls in {type(p) for p in self.passes}:   # e.g. quantize refuses structural passes after it
+        self.check_order()
+
+    def check_order(self) -> None:
+        """Let each pass class that defines check_pipeline(passes) refuse the order of this pipeline (quantize
+        refuses structural passes after it). Runs when the pipeline is built and again when it runs."""
+        for cls in {type(p) for p in self.passes}:
             getattr(cls, "check_pipeline", lambda ps: None)(self.passes)
 
     @classmethod
@@ -198,18 +220,14 @@ class PassManager:
     def resolved(self) -> str:
         return ",".join(p.text(resolved=True) for p in self.passes)
 
-    def to_toml(self) -> str:
+    def to_toml(self, resolved: bool = False) -> str:
+        """The pipeline as [[pass]] tables (every option when resolved, else the given ones)."""
         lines = []
         for p in self.passes:
             lines.append("[[pass]]")
-            lines.append(f'name = "{p.name}"')
-            for k, v in p.given.items():
-                if isinstance(v, str):
-                    lines.append(f'{k} = "{v}"')
-                elif isinstance(v, list):
-                    lines.append(f"{k} = [" + ", ".join(f'"{x}"' if isinstance(x, str) else str(x) for x in v) + "]")
-                else:
-                    lines.append(f"{k} = {pipeline_text.format_value(v)}")
+            lines.append(f"name = {pipeline_text.quote(p.name)}")
+            for k, v in (p.opts if resolved else p.given).items():
+                lines.append(f"{k} = {pipeline_text.toml_value(v)}")
             lines.append("")
         return "\n".join(lines)
 
@@ -222,9 +240,11 @@ class PassManager:
     def run(self, graph: gs.Graph, ctx: PassContext | None = None, feeds: dict | None = None) -> PipelineResult:
         """Run every pass in order. After each: structural check; for exact passes, outputs compared with
         the pass's input graph in onnxruntime. A failure names the pass, its position and the prefix."""
+        self.check_order()                   # self.passes may have changed since the pipeline was built
         ctx = ctx or PassContext()
         records, modified_any = [], False
         feeds = feeds if feeds is not None else (verify.seeded_inputs(graph, ctx.seed) if ctx.verify == "full" else None)
+        bad_before = set(nonfinite_weights(graph)) if ctx.verify in ("full", "structural") else set()
         for i, p in enumerate(self.passes):
             where = f"pass '{p.name}' (#{i + 1} in the pipeline; reproduce with --pipeline '{self._prefix(i)}')"
             before = copy_graph(graph) if ctx.verify == "full" else None
@@ -244,6 +264,10 @@ class PassManager:
                 problems = verify.structural_problems(graph)
                 if problems:
                     raise CheckFailed(f"{where} produced an invalid graph: {problems[0]}")
+                if result.modified:
+                    bad = [w for w in nonfinite_weights(graph) if w not in bad_before]
+                    if bad:
+                        raise CheckFailed(f"{where} produced NaN or Inf in weight '{bad[0]}'")
             if ctx.verify == "full" and result.modified:
                 ref = ort.run(to_onnx(before), feeds)
                 got = ort.run(to_onnx(graph), {k: v for k, v in feeds.items() if k in {t.name for t in graph.inputs}})

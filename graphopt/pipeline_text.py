@@ -1,12 +1,34 @@
 """Pipeline text, MLIR style: `a,b{k=v,k2=[1,2]},c` <-> [(name, {k: v})]. Values are parsed to
-bool/int/float/str/list here; each pass's typed options convert them further."""
+bool/int/float/str/list here; each pass's typed options convert them further.
+
+Strings are TOML strings where quoting is needed: `"..."` with backslash escapes or `'...'` taken literally, a
+quote opening only at the start of a value. format_value quotes every string that would not parse back as the
+same string (empty, numbers, true/false, separators, quotes, spaces, control characters), so
+parse(format_step(...)) gives back what was formatted; to_toml uses the same string syntax."""
 from __future__ import annotations
 
-from .errors import BadInput
+import tomllib
+
+from .errors import BadInput, printable
+
+_SPECIAL = set(",{}[]=\"'\\")
+
+
+def _unquote(t: str) -> str:
+    try:
+        doc = tomllib.loads(f"v = {t}")
+    except tomllib.TOMLDecodeError as e:
+        raise BadInput(f"pipeline: bad quoted string {printable(t)} ({e}); write \"...\" with \\\" and \\\\ "
+                       f"escapes, or '...'") from None
+    if list(doc) != ["v"] or not isinstance(doc["v"], str):
+        raise BadInput(f"pipeline: bad quoted string {printable(t)}")
+    return doc["v"]
 
 
 def _scalar(tok: str):
     t = tok.strip()
+    if t[:1] in ("'", '"'):
+        return _unquote(t)
     if t.lower() in ("true", "false"):
         return t.lower() == "true"
     for conv in (int, float):
@@ -14,27 +36,41 @@ def _scalar(tok: str):
             return conv(t)
         except ValueError:
             pass
-    if len(t) >= 2 and t[0] == t[-1] and t[0] in "'\"":
-        return t[1:-1]
     return t
 
 
 def _split_top(text: str, sep: str = ",") -> list[str]:
+    """Split at sep outside brackets and quoted strings."""
     parts, depth, cur = [], 0, []
+    quote, escaped, fresh = None, False, True     # fresh: at the start of a value, where a quote may open
     for ch in text:
+        cur.append(ch)
+        if quote:
+            if escaped:
+                escaped = False
+            elif ch == "\\" and quote == '"':
+                escaped = True
+            elif ch == quote:
+                quote, fresh = None, False
+            continue
+        if ch in "'\"" and fresh:
+            quote = ch
+            continue
         if ch in "{[":
             depth += 1
         elif ch in "}]":
             depth -= 1
             if depth < 0:
-                raise BadInput(f"pipeline '{text}': unbalanced '{ch}'")
+                raise BadInput(f"pipeline '{printable(text)}': unbalanced '{ch}'")
         if ch == sep and depth == 0:
+            cur.pop()
             parts.append("".join(cur))
             cur = []
-        else:
-            cur.append(ch)
+        fresh = ch in "{[,=" or (fresh and ch.isspace())
+    if quote:
+        raise BadInput(f"pipeline '{printable(text)}': unterminated {quote}")
     if depth != 0:
-        raise BadInput(f"pipeline '{text}': unbalanced braces")
+        raise BadInput(f"pipeline '{printable(text)}': unbalanced braces")
     parts.append("".join(cur))
     return parts
 
@@ -74,6 +110,26 @@ def parse(text: str) -> list[tuple[str, dict]]:
     return steps
 
 
+def quote(s: str) -> str:
+    """s as a TOML basic string: "..." with \\ \" \n \t \r and \\uXXXX / \\UXXXXXXXX for other unprintables."""
+    out = []
+    for ch in s:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch in "\n\t\r":
+            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}[ch])
+        elif not ch.isprintable():
+            out.append(f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _needs_quotes(s: str) -> bool:
+    return (not s or not s.isprintable() or any(c in _SPECIAL or c.isspace() for c in s)
+            or _scalar(s) != s)
+
+
 def format_value(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -81,7 +137,18 @@ def format_value(v) -> str:
         return "[" + ",".join(format_value(x) for x in v) + "]"
     if isinstance(v, float):
         return repr(v)
+    if isinstance(v, str) and _needs_quotes(v):
+        return quote(v)
     return str(v)
+
+
+def toml_value(v) -> str:
+    """v as a TOML value (bool, int, float, string or an array of them)."""
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, str):
+        return quote(v)
+    return format_value(v)
 
 
 def format_step(name: str, opts: dict) -> str:

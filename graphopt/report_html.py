@@ -53,19 +53,37 @@ def _plots(summary: dict) -> list[tuple[str, str]]:
         fig.suptitle("After each pass (stage 0 = original): " + ", ".join(f"{i}={l}" for i, l in enumerate(labels))[:160],
                      fontsize=8)
         plots.append(("stages", _svg(fig)))
-        if all("top1" in s for s in stages):
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-            ax.scatter([s["ort_latency_ms"] for s in stages], [s["top1"] for s in stages])
-            for i, s in enumerate(stages):
-                ax.annotate(str(i), (s["ort_latency_ms"], s["top1"]))
-            if m.get("latency_ms") is not None and m.get("top1_after") is not None:
-                ax.scatter([m["latency_ms"]], [m["top1_after"]], marker="*", s=150, label="compiled artifact")
-                ax.legend()
-            ax.set_xlabel("latency ms")
-            ax.set_ylabel("top-1")
-            ax.set_title("Accuracy against latency")
-            plots.append(("accuracy-latency", _svg(fig)))
+        pareto = _pareto(summary, plt)
+        if pareto is not None:
+            plots.append(("accuracy-latency", pareto))
     return plots
+
+
+def _pareto(summary: dict, plt) -> str | None:
+    """Accuracy (top-1 with labels, else agreement with the original) against measured latency for every stage
+    (onnxruntime, 1 thread) and for the compiled artifact (graphopt on the target); None without such figures."""
+    stages, m = summary["stages"], summary["metrics"]
+    if all("top1" in s for s in stages):
+        key, compiled, what = "top1", m.get("top1_after"), "top-1"
+    elif all("agreement" in s for s in stages):
+        key, compiled, what = "agreement", m.get("agreement"), f"agreement with the original ({m.get('agreement_metric')})"
+    else:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    xs, ys = [s["ort_latency_ms"] for s in stages], [s[key] for s in stages]
+    ax.plot(xs, ys, marker="o", linestyle=":", label="stages (onnxruntime, 1 thread)")
+    for s, x, y in zip(stages, xs, ys):
+        ax.annotate(s.get("label", s["stage"])[:40], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if m.get("latency_ms") is not None and compiled is not None:
+        ax.plot([xs[-1], m["latency_ms"]], [ys[-1], compiled], linestyle=":", color="gray")
+        ax.scatter([m["latency_ms"]], [compiled], marker="*", s=150, color="C3",
+                   label=f"compiled ({summary['target']}, {m.get('threads', 1)} thread(s))")
+        ax.annotate("compiled", (m["latency_ms"], compiled), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_xlabel("latency ms (measured)")
+    ax.set_ylabel(what)
+    ax.set_title("Accuracy against latency, per stage")
+    ax.legend(fontsize=7)
+    return _svg(fig)
 
 
 def _fmt(v) -> str:

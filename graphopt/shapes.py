@@ -4,8 +4,9 @@ from __future__ import annotations
 import onnx
 import onnx_graphsurgeon as gs
 
-from .errors import BadInput
-from .graph import from_onnx, to_onnx
+from .errors import BadInput, printable
+from .graph import from_onnx, np_dtype, to_onnx
+from .limits import MAX_INT64, human_bytes, max_tensor_bytes, nbytes
 
 
 def parse_shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
@@ -19,7 +20,44 @@ def parse_shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
         raise BadInput(f"--input-shape '{text}' has a non-integer dimension; write NAME=D0,D1,... with positive integers") from None
     if not name or not shape or any(d <= 0 for d in shape):
         raise BadInput(f"--input-shape '{text}' is malformed; write NAME=D0,D1,... with positive integers")
+    if nbytes(shape, 1) > MAX_INT64:
+        raise BadInput(f"--input-shape '{text}' has more elements than a 64-bit integer can count; "
+                       f"give the input's real shape")
     return name, shape
+
+
+def tensor_bytes(t: gs.Tensor) -> int | None:
+    """Bytes of a tensor whose shape is static (dtypes numpy cannot name count 8 bytes), else None."""
+    shape = t.shape
+    if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
+        return None
+    try:
+        itemsize = np_dtype(t).itemsize
+    except (TypeError, KeyError, ValueError):
+        itemsize = 8
+    return nbytes(shape, itemsize)
+
+
+def check_tensor_sizes(graph: gs.Graph, where: str, limit: int | None = None) -> None:
+    """Refuse a graph whose largest tensor of known shape (inputs, weights, inferred intermediates) would need more
+    than limit bytes (default limits.max_tensor_bytes()): checked before anything runs it or folds it."""
+    limit = max_tensor_bytes() if limit is None else limit
+    sizes = {t.name: tensor_bytes(t) for t in graph.tensors().values()}
+    sizes = {k: v for k, v in sizes.items() if v is not None}
+    if not sizes or max(sizes.values()) <= limit:
+        return
+    worst = graph.tensors()[max(sizes, key=sizes.get)]
+    worst_bytes = sizes[worst.name]
+    producer = worst.inputs[0] if worst.inputs else None
+    what = (f"output '{printable(worst.name)}' of node '{printable(producer.name)}' ({producer.op})" if producer
+            else f"input '{printable(worst.name)}'" if worst in graph.inputs else f"weight '{printable(worst.name)}'")
+    try:
+        dtype = np_dtype(worst).name
+    except (TypeError, KeyError, ValueError):
+        dtype = "?"
+    raise BadInput(f"{where}: {what} would be {list(worst.shape)} {dtype} ({human_bytes(worst_bytes)}), more than "
+                   f"the {human_bytes(limit)} one tensor may take (GRAPHOPT_MAX_TENSOR_BYTES, by default half the "
+                   f"available memory); bind smaller --input-shape values or fix the model")
 
 
 def _dims(vi: onnx.ValueInfoProto):
@@ -46,6 +84,9 @@ def bind_input_shapes(model: onnx.ModelProto, input_shapes: dict | None, require
         dims = _dims(vi)
         if vi.name in input_shapes:
             want = tuple(int(d) for d in input_shapes[vi.name])
+            if any(d < 0 for d in want) or nbytes(want, 1) > MAX_INT64:
+                raise BadInput(f"{where}: input shape {vi.name}={','.join(map(str, want))} is negative or has more "
+                               f"elements than a 64-bit integer can count")
             if dims is not None and len(dims) != len(want):
                 raise BadInput(f"{where}: --input-shape {vi.name} has rank {len(want)} but the input has rank {len(dims)} "
                                f"({','.join(str(d) for d in dims)})")
@@ -88,3 +129,55 @@ def infer(graph: gs.Graph, where: str = "graph") -> gs.Graph:
     model = to_onnx(graph)
     del model.graph.value_info[:]
     return from_onnx(infer_model(model, where))
+
+
+def parse_value_arg(text: str) -> tuple[str, list]:
+    """'sr=16000' -> ('sr', [16000]); 'mask=1,1,0' -> ('mask', [1, 1, 0]). Raises BadInput on anything else."""
+    name, sep, values = text.partition("=")
+    if not sep or not name.strip() or not values.strip():
+        raise BadInput(f"--input-value '{printable(text)}' is malformed; write NAME=V or NAME=V0,V1,... (for "
+                       f"example sr=16000)")
+    out = []
+    for v in values.split(","):
+        try:
+            out.append(int(v) if v.strip().lstrip("+-").isdigit() else float(v))
+        except ValueError:
+            raise BadInput(f"--input-value '{printable(text)}': '{printable(v)}' is not a number") from None
+    return name.strip(), out
+
+
+def bind_input_values(model: onnx.ModelProto, values: dict | None, where: str) -> None:
+    """Turn the named graph inputs into constants (initializers) with the given values, in place: a model whose
+    control flow or shapes depend on an input's value (a VAD's sample rate) then folds like a static one. Each value
+    must fit the input's declared shape (a scalar for a 0-d or [1] input, else exactly that many elements)."""
+    import numpy as np
+    from onnx import numpy_helper
+    if not values:
+        return
+    inputs = {vi.name: vi for vi in model.graph.input}
+    inits = {t.name for t in model.graph.initializer}
+    for name, value in values.items():
+        vi = inputs.get(name)
+        if vi is None or name in inits:
+            raise BadInput(f"{where}: --input-value names '{printable(name)}', which is not a graph input; inputs "
+                           f"are: {', '.join(n for n in inputs if n not in inits)}")
+        elem = vi.type.tensor_type.elem_type
+        try:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
+        except Exception:  # noqa: BLE001 - an input that is not a tensor
+            raise BadInput(f"{where}: input '{printable(name)}' is not a tensor; it cannot be given a value") from None
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+        arr = np.asarray(value, dtype=dtype).reshape(-1)
+        if any(d is None for d in dims):
+            shape = [len(arr)] if dims else []
+            if len(dims) > 1 and len(arr) == 1:
+                shape = [1] * len(dims)
+        else:
+            shape = dims
+        if int(np.prod(shape, dtype=np.int64)) != arr.size:
+            raise BadInput(f"{where}: --input-value {printable(name)} gives {arr.size} value(s) for an input of "
+                           f"shape {dims}")
+        model.graph.initializer.append(numpy_helper.from_array(arr.reshape(shape), name))
+        keep = [vi for vi in model.graph.input if vi.name != name]
+        del model.graph.input[:]
+        model.graph.input.extend(keep)

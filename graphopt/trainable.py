@@ -70,6 +70,8 @@ NON_DATA_INPUTS = {
     "Pad": (1, 2, 3), "Clip": (1, 2), "Pow": (1,), "Squeeze": (1,), "Unsqueeze": (1,), "Expand": (1,),
     "Tile": (1,), "Split": (1,), "Gather": (1,), "GatherElements": (1,), "ConstantOfShape": (0,),
     "Range": (0, 1, 2), "Where": (0,), "Shape": (0,), "Size": (0,), "CumSum": (1,), "TopK": (1,),
+    "QuantizeLinear": (1, 2), "DequantizeLinear": (1, 2),     # scales and zero points stay fixed
+    "OneHot": (1, 2),
     **{op: (1,) for op in _REDUCE},
 }
 
@@ -355,6 +357,67 @@ def _cast(op, xs):
 @_op("CastLike")
 def _castlike(op, xs):
     return [xs[0].to(xs[1].dtype)]
+
+
+# --- quantization (QDQ) -----------------------------------------------------------------------------------------
+# Fake quantization, computed as onnxruntime computes it: QuantizeLinear divides by the scale, clamps to the integer
+# range shifted by the zero point, rounds half to even and adds the zero point; DequantizeLinear is
+# (q - zero_point) * scale in the scale's float type. QuantizeLinear's output holds those integers in the input's
+# float dtype (not int8/uint8), so the rounding passes gradients straight through (zero where clamped) and a QDQ
+# graph can be fine-tuned; DequantizeLinear takes either form.
+
+_QRANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.int16: (-32768, 32767)}
+_QRANGE_ONNX = {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127),
+                onnx.TensorProto.INT16: (-32768, 32767), onnx.TensorProto.UINT16: (0, 65535)}
+
+
+def _qparam(op, p: torch.Tensor, x: torch.Tensor, dtype) -> torch.Tensor:
+    """A scale or zero point shaped to broadcast against x: per tensor, per axis (`axis`, default 1) or per block
+    (`block_size` along `axis`: p has x's rank with that axis shortened)."""
+    p = p.to(dtype)
+    if p.numel() == 1:
+        return p.reshape(())
+    axis = _norm_axis(int(op.attr("axis", 1)), x.dim())
+    block = int(op.attr("block_size", 0) or 0)
+    if block:
+        return p.repeat_interleave(block, dim=axis).narrow(axis, 0, x.shape[axis])
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return p.reshape(shape)
+
+
+@_op("QuantizeLinear")
+def _quantize_linear(op, xs):
+    x, scale = xs[0], xs[1]
+    zp = xs[2] if len(xs) > 2 and xs[2] is not None else None
+    if zp is not None:
+        if zp.dtype not in _QRANGE:
+            op.fail(f"quantization to {zp.dtype} is not supported")
+        lo, hi = _QRANGE[zp.dtype]
+    else:
+        lo, hi = _QRANGE_ONNX.get(int(op.attr("output_dtype", 0) or onnx.TensorProto.UINT8), (None, None))
+        if lo is None:
+            op.fail(f"output_dtype {op.attr('output_dtype')} is not supported")
+    s = _qparam(op, scale, x, x.dtype)
+    z = _qparam(op, zp, x, x.dtype) if zp is not None else torch.zeros((), dtype=x.dtype, device=x.device)
+    y = torch.clamp(x / s, lo - z, hi - z)
+    y = y + (torch.round(y) - y).detach()         # round half to even; the gradient passes straight through
+    return [y + z]
+
+
+@_op("DequantizeLinear")
+def _dequantize_linear(op, xs):
+    q, scale = xs[0], xs[1]
+    zp = xs[2] if len(xs) > 2 and xs[2] is not None else None
+    if not q.is_floating_point():
+        q = q.to(torch.int32)
+        if zp is not None:
+            q = q - _qparam(op, zp, q, torch.int32)
+        return [q.to(scale.dtype) * _qparam(op, scale, q, scale.dtype)]
+    q = q.to(scale.dtype)                          # a QuantizeLinear output: integers held in floats
+    if zp is not None:
+        q = q - _qparam(op, zp, q, scale.dtype)
+    return [q * _qparam(op, scale, q, scale.dtype)]
 
 
 # --- linear algebra ---------------------------------------------------------------------------------------------
@@ -815,6 +878,23 @@ def _gather_elements(op, xs):
     return [torch.gather(x, axis, idx)]
 
 
+@_op("OneHot")
+def _one_hot(op, xs):
+    """ONNX OneHot: indices (negative ones count from the end), depth, values [off, on], the new axis."""
+    idx, depth, values = xs
+    n = op.ints(1, xs)[0]
+    idx = idx.long()
+    idx = torch.where(idx < 0, idx + n, idx)
+    valid = (idx >= 0) & (idx < n)
+    hot = F.one_hot(torch.where(valid, idx, torch.zeros_like(idx)), n) * valid.unsqueeze(-1).long()
+    off, on = values.reshape(-1)[0], values.reshape(-1)[1]
+    out = off + (on - off) * hot.to(values.dtype)
+    axis = int(op.attr("axis", -1))
+    if axis < 0:
+        axis += out.dim()
+    return [out.movedim(-1, axis)]
+
+
 @_op("Expand")
 def _expand(op, xs):
     x = xs[0]
@@ -1107,6 +1187,17 @@ class TrainableGraph(nn.Module):
             raise UnsupportedModel(f"{node_label(node)}: {why} in the trainable view{more}; "
                                    f"supported ops: {', '.join(SUPPORTED_OPS)}")
         self._known = {n for n in g.tensors()}
+        # tensors no later node reads, dropped after each node so that a run holds only live tensors (autograd keeps
+        # what the backward pass needs by itself); graph outputs and requested features are kept
+        last = {}
+        for i, op in enumerate(self._plan):
+            for n in op.inputs + op.outputs:
+                if n is not None:
+                    last[n] = i
+        self._dead_after: list[list[str]] = [[] for _ in self._plan]
+        for n, i in last.items():
+            if n not in self.output_names:
+                self._dead_after[i].append(n)
 
     # ---- introspection -----------------------------------------------------------------------------------------
 
@@ -1176,7 +1267,8 @@ class TrainableGraph(nn.Module):
             env[name] = self._params[key] if is_param else self._buffers[key]
         for name, x in zip(self.input_names, inputs):
             env[name] = x
-        for op in self._plan:
+        keep = set(want)
+        for op, dead in zip(self._plan, self._dead_after):
             xs = [env[n] if n is not None else None for n in op.inputs]
             while xs and xs[-1] is None:
                 xs.pop()
@@ -1190,6 +1282,9 @@ class TrainableGraph(nn.Module):
             for name, y in zip(op.outputs, outs):
                 if name is not None:
                     env[name] = y
+            for n in dead:
+                if n not in keep:
+                    env.pop(n, None)
         return [env[n] for n in want]
 
     def forward(self, *inputs, features: Iterable[str] | None = None):

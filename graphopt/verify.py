@@ -37,7 +37,9 @@ def structural_problems(graph: gs.Graph) -> list[str]:
 
 
 def seeded_inputs(graph: gs.Graph, seed: int = 0) -> dict[str, np.ndarray]:
-    return ort.random_inputs(input_specs(graph), seed)
+    """Seeded random inputs the graph can take (index inputs bounded by their tables, masks 0/1: check_inputs)."""
+    from .check_inputs import seeded_inputs as bounded
+    return bounded(graph, input_specs(graph), seed)
 
 
 def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], rtol: float, atol: float,
@@ -55,6 +57,20 @@ def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], rtol: float,
         if not ort.allclose(r, got[name], r_tol, a_tol, scale_atol):
             ok = False
     return ok, worst, worst_name
+
+
+def nonfinite_agreement(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, dict]:
+    """For outputs where both engines give NaN or infinity at exactly the same elements (which compare() counts
+    as agreeing): {output: {"nonfinite": count, "elements": size}}, so reports can say so."""
+    out = {}
+    for name, r in ref.items():
+        r, g = np.asarray(r), np.asarray(got.get(name))
+        if r.dtype.kind != "f" or g.shape != r.shape:
+            continue
+        bad = ~np.isfinite(r)
+        if bad.any() and np.array_equal(bad, ~np.isfinite(g)):
+            out[name] = {"nonfinite": int(bad.sum()), "elements": int(r.size)}
+    return out
 
 
 def fp64_outputs(graph: gs.Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:

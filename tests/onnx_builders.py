@@ -144,3 +144,34 @@ def old_opset_model():
 def save(m, path):
     onnx.save_model(m, str(path))
     return path
+
+
+def growing_constant(op, n):
+    """y = x + sum(c), c a constant of n float32 elements that op (ConstantOfShape, Expand or Tile) makes from a
+    tiny one: folding c costs 4n bytes."""
+    one, shape = ("one", np.ones(1, np.float32)), ("s", np.array([n], np.int64))
+    grow = {"ConstantOfShape": (helper.make_node("ConstantOfShape", ["s"], ["c"], name="grow",
+                                                 value=numpy_helper.from_array(np.array([1.0], np.float32))), [shape]),
+            "Expand": (helper.make_node("Expand", ["one", "s"], ["c"], name="grow"), [one, shape]),
+            "Tile": (helper.make_node("Tile", ["one", "s"], ["c"], name="grow"), [one, shape])}[op]
+    nodes = [grow[0], helper.make_node("ReduceSum", ["c"], ["r"], name="sum", keepdims=0),
+             helper.make_node("Add", ["x", "r"], ["y"], name="add")]
+    return model(nodes, [vi("x", [1, 4])], [vi("y", [1, 4])], grow[1])
+
+
+def shared_weight_chain(steps=4):
+    """x[4, 16] -> Gemm(w0) -> Relu, then `steps` steps h = Relu(h @ R + bR) that share R [32, 32] and bR, as Gemm
+    and as MatMul + Add in turn (an unrolled recurrence), then Gemm(wo) -> y [4, 10]. Step nodes: step0, step1..."""
+    nodes = [helper.make_node("Gemm", ["x", "w0", "b0"], ["g0"], name="in"),
+             helper.make_node("Relu", ["g0"], ["h0"], name="relu0")]
+    for t in range(steps):
+        if t % 2 == 0:
+            nodes.append(helper.make_node("Gemm", [f"h{t}", "R", "bR"], [f"s{t}"], name=f"step{t}"))
+        else:
+            nodes += [helper.make_node("MatMul", [f"h{t}", "R"], [f"m{t}"], name=f"step{t}"),
+                      helper.make_node("Add", [f"m{t}", "bR"], [f"s{t}"], name=f"add{t}")]
+        nodes.append(helper.make_node("Relu", [f"s{t}"], [f"h{t + 1}"], name=f"relu{t + 1}"))
+    nodes.append(helper.make_node("Gemm", [f"h{steps}", "wo", "bo"], ["y"], name="out"))
+    inits = [("w0", rnd(16, 32)), ("b0", rnd(32, seed=1)), ("R", rnd(32, 32, seed=2, scale=0.2)),
+             ("bR", rnd(32, seed=3)), ("wo", rnd(32, 10, seed=4)), ("bo", rnd(10, seed=5))]
+    return model(nodes, [vi("x", [4, 16])], [vi("y", [4, 10])], inits)

@@ -107,6 +107,7 @@ def test_same_inputs_same_bytes_and_cache(project, capsys):
     ("[model]\nmodule = 'net.py'\n", 'must be "FILE.py:FUNCTION"'),
     ("[model]\nmodule = 'missing.py:build'\ninput_shapes = {x = [1, 1, 8, 8]}\n", "'missing.py' (resolved to"),
     ("[model]\npath = 'model.onnx'\ncheckpoint = 'model.onnx'\n", "checkpoint goes with module"),
+    ("[model]\npath = 'model.onnx'\n[target]\nname = 'cpu'\nprecision = 'fp16'\n", "precision must be one of"),
 ])
 def test_bad_pipeline_files(project, capsys, content, needle):
     (project / "p.toml").write_text(content)
@@ -194,3 +195,59 @@ def test_report_renders_in_headless_chromium(project):
     assert 'data-plots="3"' in dom, dom[:500]
     assert '<div id="errors"></div>' in dom, "a script error was recorded"
     assert dom.count("<svg") >= 3
+
+
+def test_prune_distill_quantize_compile_with_gates(project, capsys):
+    """The progressive pipeline end to end: [data] train, prune-channels then quantize{scheme=int8}; compress prunes
+    and distills, quantizes last (its evaluation runs the QDQ graph through the trainable view), compile lowers to
+    int8 kernels and the gates hold."""
+    (xtr, ytr), _ = make_example.digits_split()
+    np.savez(project / "train.npz", x=xtr, labels=ytr)
+    toml = write_toml(project, gates="max_top1_drop = 0.03\nmin_agreement = 0.95\nmin_flops_reduction = 0.4\n",
+                      passes='[[pass]]\nname = "prune-channels"\nflops = 0.5\n\n'
+                             '[[pass]]\nname = "quantize"\nscheme = "int8"\n',
+                      extra="\n[compress]\nepochs = 8\nbatch_size = 64\n")
+    text = toml.read_text().replace('calib = "calib.npz"', 'calib = "calib.npz"\ntrain = "train.npz"')
+    toml.write_text(text)
+    assert main(["build", str(toml), "--json"]) == 0, capsys.readouterr().err
+    summary = json.loads(capsys.readouterr().out)
+    assert all(g["passed"] for g in summary["gates"].values())
+    original, compressed = summary["stages"][0], summary["stages"][-1]
+    assert compressed["stage"] == "compressed" and compressed["info"]["final"]["top1_drop"] <= 0.03
+    assert 0.4 < compressed["macs"] / original["macs"] <= 0.55          # MACs and params seen through DequantizeLinear
+    assert 0.3 < compressed["params"] / original["params"] < 1
+    assert summary["metrics"]["adversarial_drop"] is not None          # FGSM through the QDQ graph's trainable view
+    report = json.loads((project / "out" / "build" / "report.json").read_text())
+    assert report["int8_kernels"] >= 3 and report["check"]["ok"]
+    assert "onnxruntime_optimized" in report["check"]["outputs"]["logits"]
+
+
+def test_progressive_example_prune_distill_qat_compile(tmp_path, capsys):
+    """examples/digits_progressive.toml (fewer epochs, a speed gate no machine misses): prune -> distill -> QAT ->
+    compile runs gated on max_top1_drop and min_speedup; the stages are original, pruned + distilled and quantized
+    (QAT) with top-1 and agreement each, and report.html has the accuracy-against-latency plot."""
+    (xtr, ytr), (xte, yte) = make_example.digits_split()
+    np.savez(tmp_path / "train.npz", x=xtr, labels=ytr)
+    np.savez(tmp_path / "eval.npz", x=xte, labels=yte)
+    text = (ROOT / "examples" / "digits_progressive.toml").read_text()
+    for old, new in [("../tests/fixtures/digits_cnn.onnx", str(FIXTURE)), ("../out/digits_data/", ""),
+                     ("../out/digits_progressive", "out/build"), ("../out/.graphopt-cache", ".graphopt-cache"),
+                     ("epochs = 12", "epochs = 6"), ("min_speedup = 1.2", "min_speedup = 0.25"),
+                     ("repeat = 50", "repeat = 5")]:
+        assert old in text
+        text = text.replace(old, new)
+    (tmp_path / "pipeline.toml").write_text(text)
+    assert main(["build", str(tmp_path / "pipeline.toml"), "--json"]) == 0, capsys.readouterr().err
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary["gates"]) == {"max_top1_drop", "min_speedup"} and all(g["passed"] for g in summary["gates"].values())
+    stages = summary["stages"]
+    assert [s["stage"] for s in stages] == ["original", "prune-channels + distilled", "compressed"]
+    assert stages[-1]["label"] == "quantized (QAT)" and stages[-1]["info"]["quantization"]["qat"]
+    assert all("top1" in s and "agreement" in s and s["ort_latency_ms"] > 0 for s in stages)
+    assert stages[1]["macs"] < 0.6 * stages[0]["macs"] and stages[0]["agreement"] == 1.0
+    m = summary["metrics"]
+    assert m["top1_drop"] <= 0.01 and m["latency_ms"] > 0
+    html = (tmp_path / "out" / "build" / "report.html").read_text()
+    assert "id='plot-accuracy-latency'" in html
+    report = json.loads((tmp_path / "out" / "build" / "report.json").read_text())
+    assert report["int8_kernels"] >= 3 and report["check"]["ok"]

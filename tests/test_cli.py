@@ -59,6 +59,24 @@ def test_compile_run_bench_inspect_passes(compiled, capsys, tmp_path, zoo_onnx):
     assert code == 0 and "fold-batchnorm (exact)" in out and "cleanup" in out
 
 
+def test_bench_profile_prints_both_engines_kernel_tables(compiled, capsys):
+    code, out, _ = run_cli(capsys, "bench", compiled, "--threads", 1, "--repeat", 3, "--profile")
+    assert code == 0, out
+    for title in ("graphopt kernels by op type", "onnxruntime nodes by op type", "graphopt top", "onnxruntime top",
+                  "same ONNX node in both profiles"):
+        assert title in out, title
+    assert sum(line.startswith("total ") for line in out.splitlines()) == 2, out
+
+    code, out, _ = run_cli(capsys, "bench", compiled, "--threads", 1, "--repeat", 3, "--profile", "--json")
+    prof = json.loads(out)["profile"]
+    for engine in ("graphopt", "onnxruntime"):
+        assert prof[engine]["total_ms"] > 0 and prof[engine]["by_op"]
+        assert all(len(item["us"]) == 3 for item in prof[engine]["items"])
+    # every Conv of the model is tied to its ONNX node in both engines' profiles
+    convs = {n.name for n in onnx.load(str(Path(compiled) / "model.onnx")).graph.node if n.op_type == "Conv"}
+    assert convs and convs <= {row["node"] for row in prof["same_node"]}
+
+
 def test_compile_prints_report_table(capsys, tmp_path, zoo_onnx):
     code, out, _ = run_cli(capsys, "compile", zoo_onnx("mlp_digits"), "-o", tmp_path / "a", "--threads", 1)
     assert code == 0

@@ -215,3 +215,40 @@ def test_several_teachers_dataloader_and_no_labels(teacher, data):
     assert m2["history"]["hard"] == [0.0] * 4 and m2["train"]["top1"] is None
     with pytest.raises(BadInput, match="teacher_weights"):
         distill(student, [teacher], loader, config=DistillConfig(steps=2, teacher_weights=(1.0, 1.0)))
+
+
+def _sequence_model(w: np.ndarray, softmax: bool):
+    """x [1, 4, 8] -> MatMul W [8, 6] -> (Softmax over the last axis): a CTC-like [N, T, C] output."""
+    from onnx import TensorProto, helper, numpy_helper
+    from graphopt.graph import from_onnx
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["z" if softmax else "y"])]
+    if softmax:
+        nodes.append(helper.make_node("Softmax", ["z"], ["y"], axis=-1))
+    g = helper.make_graph(nodes, "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6])],
+                          [numpy_helper.from_array(w, "w")])
+    return from_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_probability_outputs_distill_like_their_logits():
+    """A model ending in Softmax (PP-OCR's recognizer: [N, T, C] probabilities) distills through the logs of its
+    outputs: with outputs="probs" the losses equal those of the same model without the Softmax, step for step
+    (taken as logits, the probabilities gave a KD loss near 0 and nothing to learn from); compress picks the class
+    axis and the output form from the model's outputs."""
+    from graphopt.compress import _output_form
+    rng = np.random.default_rng(0)
+    ws, wt = rng.standard_normal((8, 6)).astype(np.float32), rng.standard_normal((8, 6)).astype(np.float32)
+    x = {"x": rng.standard_normal((32, 4, 8)).astype(np.float32)}
+    cfg = DistillConfig(steps=3, batch_size=16, class_axis=2, temperature=2.0, micro_batch=None)
+    _, m_logits = distill(_sequence_model(ws, False), _sequence_model(wt, False), x, config=cfg)
+    _, m_probs = distill(_sequence_model(ws, True), _sequence_model(wt, True), x,
+                         config=DistillConfig(**{**cfg.__dict__, "outputs": "probs"}))
+    assert m_logits["loss_first"] > 0.1
+    assert m_probs["loss_first"] == pytest.approx(m_logits["loss_first"], rel=1e-4)
+    assert m_probs["loss_last"] == pytest.approx(m_logits["loss_last"], rel=1e-3)
+    assert _output_form(_sequence_model(ws, True), x) == {"class_axis": 2, "outputs": "probs"}
+    assert _output_form(_sequence_model(ws, False), x) == {"class_axis": 2, "outputs": "logits"}
+    assert _output_form(graphopt.load(str(digits.teacher_path())), {"x": digits.load_digits_split()[0][:4]}) == \
+        {"class_axis": 1, "outputs": "logits"}
+    with pytest.raises(BadInput, match="outputs must be 'logits' or 'probs'"):
+        DistillConfig(outputs="softmax").validate()

@@ -204,3 +204,136 @@ def test_load_checkpoint_weights_only_and_clear_errors(tmp_path):
         load_checkpoint(dst, tmp_path / "keys.pt")
     with pytest.raises(BadInput, match="no such checkpoint"):
         load_checkpoint(dst, tmp_path / "none.pt")
+
+
+def _two_unnamed_convs():
+    """Two 16->16 3x3 Convs on 8x8, both without a name: 2 x 16*16*9*64 = 294,912 MACs."""
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["c1", "w2"], ["y"], pads=[1, 1, 1, 1])]
+    return ob.model(nodes, [ob.vi("x", [1, 16, 8, 8])], [ob.vi("y", [1, 16, 8, 8])],
+                    [("w1", ob.rnd(16, 16, 3, 3)), ("w2", ob.rnd(16, 16, 3, 3, seed=1))])
+
+
+def test_load_names_every_node_uniquely_and_deterministically():
+    m = _two_unnamed_convs()
+    dup = helper.make_node("Relu", ["y"], ["r"], name="act")
+    m.graph.node.extend([dup, helper.make_node("Relu", ["r"], ["z"], name="act"),
+                         helper.make_node("Relu", ["z"], ["q"], name="Conv_1")])
+    m.graph.output[0].CopyFrom(ob.vi("q", [1, 16, 8, 8]))
+    names = [n.name for n in graphopt.load(m).nodes]
+    assert names == [n.name for n in graphopt.load(m).nodes]
+    assert names == ["Conv_0", "Conv_1_1", "act", "act_1", "Conv_1"]   # user names are kept where unique
+
+
+def test_unnamed_nodes_all_count_in_inspect_and_report(tmp_path):
+    import onnx_graphsurgeon as gs
+    from graphopt.analyses import flops
+    from graphopt.inspect_model import inspect_model
+    m = _two_unnamed_convs()
+    info = inspect_model(m)
+    assert info["macs"] == 294_912 and [l["macs"] for l in info["layers"]] == [147_456, 147_456]
+    assert flops(gs.import_onnx(m), None)["macs"] == 294_912     # a graph that did not go through load
+    report = graphopt.compile(m, "cpu", tmp_path / "a", pipeline="cleanup", measure=False).report
+    assert report["macs_before"] == report["macs_after"] == 294_912
+
+
+def _sparse_weight_model(indices, dims=(4, 4)):
+    m = ob.model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [ob.vi("x", [2, 4])], [ob.vi("y", [2, 4])])
+    values = numpy_helper.from_array(np.array([1.0, 2.0, 3.0], np.float32), "w")
+    m.graph.sparse_initializer.append(helper.make_sparse_tensor(
+        values, numpy_helper.from_array(np.array(indices, np.int64), "w_indices"), list(dims)))
+    return m
+
+
+@pytest.mark.parametrize("indices", [[0, 5, 15], [[0, 0], [1, 1], [3, 3]]])
+def test_sparse_initializer_becomes_a_dense_weight_and_compiles(tmp_path, indices):
+    """Sparse initializers used to stay sparse through onnx-graphsurgeon, where the passes' shape inference sees a
+    rank-0 weight (compile blamed decompose-rnn); they are made dense at load."""
+    art = graphopt.compile(_sparse_weight_model(indices), out=tmp_path / "a", measure=False)
+    w = np.zeros((4, 4), np.float32)
+    w[[0, 1, 3], [0, 1, 3]] = [1.0, 2.0, 3.0]
+    x = ob.rnd(2, 4)
+    np.testing.assert_allclose(art.run({"x": x})["y"], x @ w, rtol=1e-6)
+
+
+@pytest.mark.parametrize("indices,dims,env,needle", [
+    ([0, 5, 16], (4, 4), None, "sparse initializer 'w' is malformed"),
+    ([0, 1, 2], (4, 4), "32", "sparse initializer 'w' would be [4, 4] (64 bytes) once dense"),
+    ([0, 1, 2], (1 << 40, 1 << 20), None, "once dense")])
+def test_bad_sparse_initializer_is_refused(monkeypatch, indices, dims, env, needle):
+    if env:
+        monkeypatch.setenv("GRAPHOPT_MAX_TENSOR_BYTES", env)
+    with pytest.raises(BadInput) as e:
+        graphopt.load(_sparse_weight_model(indices, dims))
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("key,value,needle", [("location", "w\0.bin", "invalid external data location 'w\\x00.bin'"),
+                                              ("offset", "-64", "external data offset '-64'"),
+                                              ("offset", "abc", "external data offset 'abc'"),
+                                              ("length", "1e3", "external data length '1e3'")])
+def test_malformed_external_data_entries_are_refused(tmp_path, key, value, needle):
+    path = _external(tmp_path, "w.bin")
+    m = onnx.load(str(path), load_external_data=False)
+    entries = m.graph.initializer[0].external_data
+    if not any(e.key == key for e in entries):
+        entries.add(key=key)
+    next(e for e in entries if e.key == key).value = value
+    path.write_bytes(m.SerializeToString())
+    with pytest.raises(BadInput) as e:
+        graphopt.load(path)
+    assert needle in str(e.value)
+
+
+def test_model_file_over_protobufs_limit_is_refused_before_reading(tmp_path):
+    path = tmp_path / "big.onnx"
+    with open(path, "wb") as f:           # a sparse file: nothing is written to disk
+        f.truncate(9 * 10 ** 9)
+    with pytest.raises(BadInput, match="is 9.0 GB, more than an ONNX file can hold"):
+        graphopt.load(path)
+
+
+@pytest.mark.parametrize("build,shapes,needle", [
+    (lambda: ob.model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [ob.vi("x", ["N", 4])],
+                      [ob.vi("y", ["N", 4])]), {"x": (10 ** 12, 4)}, "input 'x' would be [1000000000000, 4] float32"),
+    (lambda: ob.model([helper.make_node("Expand", ["x", "s"], ["y"], name="expand")], [ob.vi("x", [1, 4])],
+                      [ob.vi("y", None)], [("s", np.array([10 ** 10, 4], np.int64))]), None,
+     "output 'y' of node 'expand' (Expand) would be [10000000000, 4] float32 (160.0 GB)")])
+def test_tensors_over_the_memory_limit_are_refused_before_anything_runs(build, shapes, needle):
+    with pytest.raises(BadInput) as e:
+        graphopt.load(build(), input_shapes=shapes)
+    assert needle in str(e.value) and "GRAPHOPT_MAX_TENSOR_BYTES" in str(e.value)
+
+
+def test_cycle_and_missing_initializer_name_the_node():
+    cycle = ob.model([helper.make_node("Add", ["x", "b"], ["a"], name="add"),
+                      helper.make_node("Relu", ["a"], ["b"], name="relu"),
+                      helper.make_node("Identity", ["a"], ["y"], name="out")], [ob.vi("x", [1, 4])], [ob.vi("y", [1, 4])])
+    with pytest.raises(BadInput, match=r"node 'add' \(Add\) reads 'b', which only the later node 'relu' \(Relu\)"):
+        graphopt.load(cycle)
+    missing = ob.model([helper.make_node("MatMul", ["x", "w"], ["y"])], [ob.vi("x", [1, 4])], [ob.vi("y", [1, 4])])
+    with pytest.raises(BadInput, match=r"node #0 \(MatMul\) reads 'w', which no graph input, initializer or node"):
+        graphopt.load(missing)
+
+
+@pytest.mark.parametrize("io", ["input", "output"])
+def test_bfloat16_inputs_and_outputs_are_refused(io):
+    bf16, f32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
+    node = helper.make_node("Cast", ["x"], ["y"], name="cast", to=f32 if io == "input" else bf16)
+    m = ob.model([node], [ob.vi("x", [1, 4], bf16 if io == "input" else f32)],
+                 [ob.vi("y", [1, 4], f32 if io == "input" else bf16)])
+    with pytest.raises(UnsupportedModel, match=f"{io} '{'x' if io == 'input' else 'y'}' is BFLOAT16"):
+        graphopt.load(m)
+
+
+def test_names_that_are_not_utf8_are_refused(tmp_path):
+    """Protobuf hands back non-UTF-8 strings as bytes (found by the loader fuzzer on a node name); one clear line."""
+    from onnx import TensorProto, helper
+    node = helper.make_node("Relu", ["x"], ["y"], name="okname")
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    raw = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    p = tmp_path / "bad.onnx"
+    p.write_bytes(raw.replace(b"okname", b"ok\xc2ame"))
+    with pytest.raises(BadInput, match="name of node #0 is not UTF-8"):
+        graphopt.load(p)

@@ -14,6 +14,7 @@ import pytest
 
 from graphopt import api, ort
 from graphopt.errors import BadInput
+from graphopt.hardware import GENERIC as HW16
 from graphopt.passmanager import PassContext, PassManager
 from graphopt.targets import arm_sve, cuda
 
@@ -56,7 +57,7 @@ def test_dynamic_dimensions_must_be_bound(tmp_path):
 def _prune(name, text="cleanup,prune-channels{flops=0.5}"):
     from graphopt.loading import load
     graph = load(model_path(name), input_shapes={"x": SHAPES[name]})
-    res = PassManager.parse(text).run(graph, PassContext(target="cpu", hw={"fp32_lanes": 16}))
+    res = PassManager.parse(text).run(graph, PassContext(target="cpu", hw=HW16))
     return [r for r in res.records if r["pass"].startswith("prune-channels")][0]
 
 
@@ -111,3 +112,26 @@ def test_classifier_builds_for_cuda(tmp_path):
         assert art.report["check"]["ok"] is None         # built ahead of time; no GPU here to run it
     else:
         assert art.report["check"]["ok"] is True
+
+
+def test_classifier_dead_channels_all_go_whatever_the_rounding():
+    """16 provably dead channels in the direction classifier (zero weights and bias of 4 expansion channels and of
+    their depthwise convs, in blocks 88, 88, 40 and 48 wide, before hardswish): none of those widths minus 4 is a
+    multiple of 16, so rounding to 16 removed nothing; exact removal takes all 16 and stays exact."""
+    from graphopt.loading import load
+    name = "ch_ppocr_mobile_v2.0_cls_infer.onnx"
+    graph = PassManager.parse("cleanup").run(load(model_path(name), input_shapes={"x": SHAPES[name]})).graph
+    nodes = {n.name: n for n in graph.nodes}
+    for expand, depthwise in (("Conv@17", "Conv@18"), ("Conv@22", "Conv@23"), ("Conv@27", "Conv@28"),
+                              ("Conv@32", "Conv@33")):
+        for n in (nodes[expand], nodes[depthwise]):
+            for i in (1, 2):
+                v = n.inputs[i].values.copy()
+                v[[1, 5, 6, 9]] = 0
+                n.inputs[i].values = v
+    res = PassManager.parse("prune-channels{criterion=dead}").run(graph, PassContext(target="cpu",
+                                                                                     hw=HW16))
+    rec = res.records[-1]
+    assert rec["round_to"] == 16 and rec["units"]["removed"] == 16 and rec["held"] == []
+    assert rec["exact"] and rec["max_error"] <= 1e-5
+    assert {k: v for k, v in rec["layers"].items() if v[0] != v[1]}["Conv@17"] == [88, 84]

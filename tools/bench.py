@@ -1,24 +1,32 @@
-"""Benchmark graphopt's CPU target against onnxruntime on the models in tools/bench_models.py.
+"""Benchmark graphopt's CPU target against onnxruntime and OpenVINO on the models in tools/bench_models.py.
 
     .venv/bin/python tools/bench.py [--models resnet18 mobilenet_v2 ...] [--threads 1 2] [--tuned-db DIR]
                                     [--out bench.md] [--rounds 5] [--pipeline cleanup]
 
-For every model: export to ONNX (cached in --work), compile with graphopt's default schedules (and, when a
-tuning database exists for it, with the database: DIR/<model>/ or DIR itself), then for each thread count time
-onnxruntime (all graph optimizations, intra-op threads = N) and each graphopt build (TVM thread pool = N)
-interleaved round by round, so that load from other processes hits every engine alike; medians over all rounds.
+For every model: write its ONNX file (cached in --work; the PP-OCR models with their input shape bound, the
+`<model>_int8` rows the QDQ model of tools/bench_int8.quantize_qdq), compile it with graphopt's default schedules
+(and, when a tuning database exists for it, with the database: DIR/<model>/ or DIR itself), then for each thread
+count time, on the artifact's model.onnx (one file for every engine): onnxruntime (all graph optimizations,
+intra-op threads = N), OpenVINO (the `bench` extra; INFERENCE_NUM_THREADS = N, latency hint) with
+INFERENCE_PRECISION_HINT=f32 and with its default precision (the precision its compute layers ran in is reported,
+from the execution graph), and each graphopt build (TVM thread pool = N), interleaved round by round, so that load
+from other processes hits every engine alike; medians (and minima) over all rounds. An engine that fails on a model
+gets an error cell; the run goes on.
 
-The table reports median latency, the ratio to onnxruntime, achieved GFLOP/s (2 * MACs / latency, MACs from
-graphopt.analyses.flops) and its fraction of this machine's fp32 peak, estimated in the same run as the best of a
-few 2048^3 sgemm calls through numpy's BLAS limited to the same thread count (threadpoolctl), and the compile
-time of each graphopt build, and CPU time / wall time while each engine ran (shows whether the requested
-thread count really took effect). Thread counts are timed from the largest down: in one process TVM's thread
-pool can be shrunk after its first configuration but not grown again. Compiled models are checked against onnxruntime by graphopt.compile itself.
+The tables report median latency, the ratio to onnxruntime and to the faster fp32 engine, achieved GFLOP/s
+(2 * MACs / latency, MACs from graphopt.analyses.flops) and its fraction of this machine's fp32 peak, estimated in
+the same run as the best of a few 2048^3 sgemm calls through numpy's BLAS limited to the same thread count
+(threadpoolctl), the compile time of each graphopt build, and CPU time / wall time while each engine ran (shows
+whether the requested thread count really took effect). The header names the CPU, its AVX-512/AMX flags, the date
+and the load average. Thread counts are timed from the largest down: in one process TVM's thread pool can be
+shrunk after its first configuration but not grown again. Compiled models are checked against onnxruntime by
+graphopt.compile itself. Rows are also written as JSON beside --out.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import resource
@@ -36,7 +44,12 @@ sys.path.insert(0, str(HERE.parent))
 
 import bench_models  # noqa: E402
 
-DEFAULT_MODELS = ["resnet18", "resnet18_b8", "mobilenet_v2", "bert_encoder", "yolo_320"]
+INT8 = "_int8"     # "<model>_int8": the QDQ model of bench_int8.quantize_qdq
+DEFAULT_MODELS = ["resnet18", "resnet18_b8", "resnet50", "mobilenet_v2", "efficientnet_b0", "convnext_tiny",
+                  "bert_encoder", "yolo_320", "ppocr_det_640", "ppocr_rec_48x320", "resnet18_int8",
+                  "mobilenet_v2_int8"]
+MODEL_NAMES = bench_models.NAMES + [n + INT8 for n in bench_models.MODELS]
+CPU_FLAGS = ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 
 
 def fp32_peak_gflops(threads: int, n: int = 2048, reps: int = 5) -> float:
@@ -64,6 +77,50 @@ def find_db(tuned_db: str | None, model: str) -> str | None:
     return None
 
 
+def cpu_info() -> tuple[str, dict[str, bool]]:
+    """(CPU model name, {flag: present} for CPU_FLAGS) from /proc/cpuinfo."""
+    name, flags = platform.processor() or "?", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and name in ("?", "x86_64", ""):
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return name, {f: f in flags for f in CPU_FLAGS}
+
+
+def write_model(name: str, path: Path, work: Path) -> None:
+    """The ONNX file every engine runs for model `name`."""
+    if name.endswith(INT8):
+        import onnx
+        from bench_int8 import quantize_qdq
+        base = work / f"{name[:-len(INT8)]}.onnx"
+        if not base.is_file():
+            bench_models.export_onnx(name[:-len(INT8)], base)
+        onnx.save(quantize_qdq(base)[1], str(path))
+    else:
+        bench_models.export_onnx(name, path)
+
+
+def input_specs(path: Path) -> list[tuple]:
+    """(name, shape, numpy dtype) of the graph inputs of an ONNX file (weights listed as inputs left out)."""
+    import onnx
+    g = onnx.load(str(path), load_external_data=False).graph
+    weights = {i.name for i in g.initializer}
+    return [(vi.name, tuple(d.dim_value for d in vi.type.tensor_type.shape.dim),
+             onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)) for vi in g.input
+            if vi.name not in weights]
+
+
+def one_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return (f"{type(e).__name__}: {lines[-1] if lines else ''}")[:160]
+
+
 def compile_model(path: Path, out: Path, pipeline: str | None, tuning_db: str | None) -> tuple[object, float]:
     import graphopt
     t0 = time.perf_counter()
@@ -78,32 +135,44 @@ def _cpu_seconds() -> float:
 
 def time_engines(engines: dict, rounds: int, per_round_s: float, min_iters: int = 3):
     """engines: name -> zero-argument callable. Interleaved: every round runs each engine for about
-    per_round_s (at least min_iters calls) after one warm-up call. Returns per-engine latency samples and the
-    process CPU time / wall time while each engine ran (about the number of threads it really kept busy)."""
+    per_round_s (at least min_iters calls) after one warm-up call. Returns per-engine latency samples, the
+    process CPU time / wall time while each engine ran (about the number of threads it really kept busy), the
+    process CPU time per call, and {engine: error} for engines that raised (dropped from then on)."""
+    engines, errors = dict(engines), {}
+    for name, fn in list(engines.items()):  # warm-up (first call allocates)
+        try:
+            fn()
+            fn()
+        except Exception as e:  # noqa: BLE001 - an engine failing on a model is a result, not the end of the run
+            errors[name] = one_line(e)
+            del engines[name]
     samples = {k: [] for k in engines}
     cpu = {k: 0.0 for k in engines}
     wall = {k: 0.0 for k in engines}
-    for fn in engines.values():  # warm-up (first call allocates)
-        fn()
-        fn()
     for _ in range(rounds):
-        for name, fn in engines.items():
-            fn()
-            c0, t_start = _cpu_seconds(), time.perf_counter()
-            n = 0
-            while n < min_iters or time.perf_counter() - t_start < per_round_s:
-                t0 = time.perf_counter()
+        for name, fn in list(engines.items()):
+            try:
                 fn()
-                samples[name].append(time.perf_counter() - t0)
-                n += 1
+                c0, t_start = _cpu_seconds(), time.perf_counter()
+                n = 0
+                while n < min_iters or time.perf_counter() - t_start < per_round_s:
+                    t0 = time.perf_counter()
+                    fn()
+                    samples[name].append(time.perf_counter() - t0)
+                    n += 1
+            except Exception as e:  # noqa: BLE001
+                errors[name] = one_line(e)
+                del engines[name], samples[name]
+                continue
             cpu[name] += _cpu_seconds() - c0
             wall[name] += time.perf_counter() - t_start
-    return samples, {k: cpu[k] / wall[k] if wall[k] else 0.0 for k in engines}
+    return (samples, {k: cpu[k] / wall[k] if wall[k] else 0.0 for k in samples},
+            {k: cpu[k] / len(v) if v else 0.0 for k, v in samples.items()}, errors)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=sorted(bench_models.MODELS))
+    ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=MODEL_NAMES)
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--tuned-db", default=None, help="tuning database: DIR/<model>/ or DIR itself")
     ap.add_argument("--out", default="bench.md")
@@ -118,107 +187,206 @@ def main(argv=None) -> int:
 
     import onnxruntime
 
-    import graphopt
-    from graphopt import ort as gort
-    from graphopt.analyses import flops
+    versions = {"onnxruntime": onnxruntime.__version__}
+    try:
+        import openvino
+        from bench_int8 import openvino_session
+        versions["openvino"] = openvino.get_version()
+    except ImportError:
+        openvino_session = None
+        print("openvino is not installed (pip install -e '.[bench]'): no OpenVINO columns", flush=True)
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="graphopt-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()
     peaks = {t: fp32_peak_gflops(t) for t in args.threads}
     print("fp32 peak (numpy sgemm 2048^3): " + ", ".join(f"{t} thread(s) {p:.1f} GFLOP/s" for t, p in peaks.items()),
           flush=True)
     rows, notes = [], []
     for name in args.models:
-        onnx_path = work / f"{name}.onnx"
-        if not onnx_path.is_file():
-            bench_models.export_onnx(name, onnx_path)
-        macs = flops(graphopt.load(str(onnx_path)), None)["macs"]
-        builds = {}
-        art, secs = compile_model(onnx_path, work / f"{name}.default", args.pipeline, None)
-        builds["graphopt default"] = (art, secs)
-        print(f"{name}: compiled in {secs:.1f} s (target lowering {art.report.get('compile_seconds')} s)", flush=True)
-        db = find_db(args.tuned_db, name)
-        if db:
-            art_t, secs_t = compile_model(onnx_path, work / f"{name}.tuned", args.pipeline, db)
-            builds["graphopt tuned"] = (art_t, secs_t)
-            print(f"{name}: compiled with {db} in {secs_t:.1f} s", flush=True)
-        variant_macs = {}
-        for spec in args.variant:
-            label, _, pipeline = spec.partition("=")
-            art_v, secs_v = compile_model(onnx_path, work / f"{name}.{label}", pipeline, None)
-            builds[f"graphopt {label}"] = (art_v, secs_v)
-            variant_macs[label] = flops(graphopt.load(str(art_v.path / "model.onnx")), None)["macs"]
-            print(f"{name}: {label} ({pipeline}) compiled in {secs_v:.1f} s, MACs x{variant_macs[label] / macs:.3f}",
-                  flush=True)
-        model_bytes = (art.path / "model.onnx").read_bytes()
-        specs = [(i["name"], tuple(i["shape"]), i["dtype"]) for i in art.inputs]
-        feeds = gort.random_inputs(specs, 0)
-        # most threads first: TVM's thread pool can shrink after it was configured, but not grow again
-        for threads in sorted(args.threads, reverse=True):
-            sess = gort.session(model_bytes, optimize=True, threads=threads)
-            engines = {"onnxruntime": lambda s=sess: s.run(None, feeds)}
-            for label in variant_macs:
-                vs = gort.session((builds[f"graphopt {label}"][0].path / "model.onnx").read_bytes(), optimize=True,
-                                  threads=threads)
-                engines[f"onnxruntime {label}"] = lambda s=vs: s.run(None, feeds)
-            for label, (a, _) in builds.items():
-                runner = a.runner(threads)
-                arrays = a.check_inputs(feeds)
-                engines[label] = lambda r=runner, x=arrays: r(x)
-            samples, busy = time_engines(engines, args.rounds, args.round_seconds)
-            med = {k: statistics.median(v) for k, v in samples.items()}
-            for label, t in med.items():
-                own = next((m for v, m in variant_macs.items() if label.endswith(f" {v}")), macs)
-                gflops = 2.0 * own / t / 1e9
-                rows.append({
-                    "model": name, "threads": threads, "engine": label, "ms": t * 1e3,
-                    "ratio": t / med["onnxruntime"], "gflops": gflops, "peak": gflops / peaks[threads],
-                    "compile_s": builds[label][1] if label in builds else None, "n": len(samples[label]),
-                    "busy": busy[label],
-                })
-            print(f"{name} x{threads}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in med.items()), flush=True)
-            for label, m in variant_macs.items():
-                notes.append(f"{name} x{threads}: {label} (MACs x{m / macs:.3f}) compiled is "
-                             f"{med['graphopt default'] / med[f'graphopt {label}']:.2f}x faster than the unchanged "
-                             f"model compiled; onnxruntime gains {med['onnxruntime'] / med[f'onnxruntime {label}']:.2f}x")
-        if len(args.threads) > 1:
-            t_lo, t_hi = min(args.threads), max(args.threads)
-            lo = [r for r in rows if r["model"] == name and r["threads"] == t_lo and r["engine"] == "graphopt default"]
-            hi = [r for r in rows if r["model"] == name and r["threads"] == t_hi and r["engine"] == "graphopt default"]
-            if lo and hi:
-                notes.append(f"{name}: graphopt default {t_lo} -> {t_hi} threads: "
-                             f"{lo[0]['ms'] / hi[0]['ms']:.2f}x faster")
-    write_markdown(Path(args.out), rows, peaks, notes, args, onnxruntime.__version__)
+        try:
+            model_rows, model_notes = bench_model(name, args, work, peaks, openvino_session)
+        except Exception as e:  # noqa: BLE001 - the model could not be written or read: one error row, go on
+            print(f"{name}: {one_line(e)}", flush=True)
+            model_rows, model_notes = [{"model": name, "threads": t, "engine": "all", "error": one_line(e)}
+                                       for t in args.threads], []
+        rows += model_rows
+        notes += model_notes
+        write_markdown(Path(args.out), rows, peaks, notes, args, versions, (load_start, os.getloadavg()))
+    Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1))
     print(f"wrote {args.out}")
     return 0
 
 
-def write_markdown(path: Path, rows, peaks, notes, args, ort_version: str) -> None:
+def bench_model(name: str, args, work: Path, peaks: dict, openvino_session) -> tuple[list[dict], list[str]]:
+    """Rows (one per thread count and engine; an engine that failed gets {"error": ...}) and notes for one model."""
     import graphopt
+    from bench_int8 import precision_text
+    from graphopt import ort as gort
+    from graphopt.analyses import flops
+
+    onnx_path = work / f"{name}.onnx"
+    if not onnx_path.is_file():
+        write_model(name, onnx_path, work)
+    macs = flops(graphopt.load(str(onnx_path)), None)["macs"]
+    builds, build_errors, notes = {}, {}, []
+    db = find_db(args.tuned_db, name)
+    for label, pipeline, tuning_db in ([("graphopt default", args.pipeline, None)]
+                                       + ([("graphopt tuned", args.pipeline, db)] if db else [])
+                                       + [(f"graphopt {v.partition('=')[0]}", v.partition("=")[2], None)
+                                          for v in args.variant]):
+        try:
+            art, secs = compile_model(onnx_path, work / f"{name}.{label.split()[1]}", pipeline, tuning_db)
+        except Exception as e:  # noqa: BLE001 - graphopt failing on a model is a result too
+            build_errors[label] = one_line(e)
+            print(f"{name}: {label} failed: {build_errors[label]}", flush=True)
+            continue
+        builds[label] = (art, secs)
+        print(f"{name}: {label} compiled in {secs:.1f} s (target lowering {art.report.get('compile_seconds')} s)",
+              flush=True)
+    variant_macs = {label.split()[1]: flops(graphopt.load(str(a.path / "model.onnx")), None)["macs"]
+                    for label, (a, _) in builds.items() if label.split()[1] not in ("default", "tuned")}
+    # one file for every engine: the artifact's model.onnx (the graph graphopt compiled), else the written model
+    model_file = builds["graphopt default"][0].path / "model.onnx" if "graphopt default" in builds else onnx_path
+    model_bytes = model_file.read_bytes()
+    feeds = gort.random_inputs(input_specs(model_file), 0)
+    rows = []
+    # most threads first: TVM's thread pool can shrink after it was configured, but not grow again
+    for threads in sorted(args.threads, reverse=True):
+        engines, errors, precision = {}, dict(build_errors), {}
+        try:
+            sess = gort.session(model_bytes, optimize=True, threads=threads)
+            engines["onnxruntime"] = lambda s=sess: s.run(None, feeds)
+        except Exception as e:  # noqa: BLE001
+            errors["onnxruntime"] = one_line(e)
+        if openvino_session is not None:
+            for label, hint in (("openvino fp32", "f32"), ("openvino default", None)):
+                try:
+                    run, facts = openvino_session(model_file, threads, hint)
+                except Exception as e:  # noqa: BLE001
+                    errors[label] = one_line(e)
+                    continue
+                engines[label] = lambda r=run: r(feeds)
+                precision[label] = precision_text(facts) + ("" if facts["threads"] == threads
+                                                            else f" ({facts['threads']} threads)")
+        for label in variant_macs:
+            try:
+                vs = gort.session((builds[f"graphopt {label}"][0].path / "model.onnx").read_bytes(), optimize=True,
+                                  threads=threads)
+                engines[f"onnxruntime {label}"] = lambda s=vs: s.run(None, feeds)
+            except Exception as e:  # noqa: BLE001
+                errors[f"onnxruntime {label}"] = one_line(e)
+        for label, (a, _) in builds.items():
+            try:
+                runner = a.runner(threads)
+                arrays = a.check_inputs(feeds)
+            except Exception as e:  # noqa: BLE001
+                errors[label] = one_line(e)
+                continue
+            engines[label] = lambda r=runner, x=arrays: r(x)
+        samples, busy, cpu_per_call, run_errors = time_engines(engines, args.rounds, args.round_seconds)
+        errors.update(run_errors)
+        med = {k: statistics.median(v) for k, v in samples.items()}
+        fp32 = [med[k] for k in ("onnxruntime", "openvino fp32") if k in med]
+        for label, t in med.items():
+            own = next((m for v, m in variant_macs.items() if label.endswith(f" {v}")), macs)
+            gflops = 2.0 * own / t / 1e9
+            rows.append({
+                "model": name, "threads": threads, "engine": label, "ms": t * 1e3, "min_ms": min(samples[label]) * 1e3,
+                "ratio": t / med["onnxruntime"] if "onnxruntime" in med else None,
+                "vs_best_fp32": t / min(fp32) if fp32 else None, "gflops": gflops, "peak": gflops / peaks[threads],
+                "compile_s": builds[label][1] if label in builds else None, "n": len(samples[label]),
+                "busy": busy[label], "cpu_ms": cpu_per_call[label] * 1e3, "precision": precision.get(label),
+            })
+        rows += [{"model": name, "threads": threads, "engine": label, "error": err} for label, err in errors.items()]
+        print(f"{name} x{threads}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in med.items())
+              + "".join(f"; {k} failed: {v}" for k, v in errors.items()), flush=True)
+        for label, m in variant_macs.items():
+            if {"graphopt default", f"graphopt {label}", "onnxruntime", f"onnxruntime {label}"} <= med.keys():
+                gain = med["onnxruntime"] / med[f"onnxruntime {label}"]
+                notes.append(f"{name} x{threads}: {label} (MACs x{m / macs:.3f}) compiled is "
+                             f"{med['graphopt default'] / med[f'graphopt {label}']:.2f}x faster than the unchanged "
+                             f"model compiled; onnxruntime gains {gain:.2f}x")
+    if len(args.threads) > 1:
+        t_lo, t_hi = min(args.threads), max(args.threads)
+        lo = [r for r in rows if r["threads"] == t_lo and r["engine"] == "graphopt default" and "ms" in r]
+        hi = [r for r in rows if r["threads"] == t_hi and r["engine"] == "graphopt default" and "ms" in r]
+        if lo and hi:
+            notes.append(f"{name}: graphopt default {t_lo} -> {t_hi} threads: {lo[0]['ms'] / hi[0]['ms']:.2f}x faster")
+    return rows, notes
+
+
+SUMMARY = ("onnxruntime", "openvino fp32", "openvino default", "graphopt default")
+
+
+def _cell(row: dict | None, precision: bool = False) -> str:
+    if row is None:
+        return "-"
+    if "error" in row:
+        return "error: " + row["error"].replace("|", "/")
+    return f"{row['ms']:.2f}" + (f" ({row['precision']})" if precision and row.get("precision") else "")
+
+
+def write_markdown(path: Path, rows, peaks, notes, args, versions: dict, load: tuple) -> None:
+    import graphopt
+    cpu, flags = cpu_info()
+    ok = [r for r in rows if "error" not in r]
     lines = [
         "# graphopt CPU benchmark",
         "",
-        f"{datetime.datetime.now().isoformat(timespec='seconds')} on {platform.node()}, "
-        f"{os.cpu_count()} logical CPUs, graphopt {graphopt.__version__}, onnxruntime {ort_version}.",
+        f"{datetime.datetime.now().isoformat(timespec='seconds')} on {platform.node()}: {cpu}, "
+        f"{os.cpu_count()} logical CPUs; flags " + ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in flags.items())
+        + ".",
+        "",
+        f"graphopt {graphopt.__version__}, " + ", ".join(f"{k} {v}" for k, v in versions.items())
+        + f". Load average (1 min) {load[0][0]:.1f} at the start, {load[1][0]:.1f} at the end.",
         "",
         f"Command: `.venv/bin/python tools/bench.py {' '.join(sys.argv[1:])}`".rstrip(),
         "",
         "fp32 peak (numpy sgemm 2048^3, same thread count): "
         + ", ".join(f"{t} thread(s): {p:.1f} GFLOP/s" for t, p in peaks.items()),
         "",
-        f"Latency: median over {args.rounds} interleaved rounds of ~{args.round_seconds} s per engine. "
-        "GFLOP/s = 2 x MACs / latency. Ratio = latency / onnxruntime latency on the unchanged model (same threads). "
-        "CPU/wall = process CPU time / wall time while the engine ran (about the number of busy threads: "
-        "shows the thread count took effect; below the thread count when other processes compete for cores).",
-        "",
-        "| model | threads | engine | median ms | ratio to ORT | GFLOP/s | % of peak | CPU/wall | compile s |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        f"Latency: median over {args.rounds} interleaved rounds of ~{args.round_seconds} s per engine, every engine "
+        "on the same ONNX file with the same thread count. OpenVINO fp32 = INFERENCE_PRECISION_HINT f32; OpenVINO "
+        "default = its own choice; in brackets the precision its compute layers (convolutions, matmuls) ran in, from "
+        "the execution graph. `<model>_int8` rows run the same QDQ file in every engine (graphopt: its int8 "
+        "lowering). graphopt / fp32 best = graphopt latency / the faster of onnxruntime and OpenVINO fp32.",
     ]
-    rows = sorted(rows, key=lambda r: (args.models.index(r["model"]), r["threads"]))
-    for r in rows:
+    for threads in sorted({r["threads"] for r in rows}):
+        lines += ["", f"## {threads} thread(s)", "",
+                  "| model | onnxruntime ms | OpenVINO fp32 ms | OpenVINO default ms | graphopt ms | graphopt / ORT "
+                  "| graphopt / fp32 best | graphopt compile s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for model in args.models:
+            cells = {e: next((r for r in rows if r["model"] == model and r["threads"] == threads
+                              and r["engine"] in (e, "all")), None) for e in SUMMARY}
+            if not any(cells.values()):
+                continue
+            g = cells["graphopt default"]
+            done = g is not None and "error" not in g
+            ratio = f"{g['ratio']:.2f}" if done and g["ratio"] else "-"
+            vs_best = f"{g['vs_best_fp32']:.2f}" if done and g["vs_best_fp32"] else "-"
+            compile_s = f"{g['compile_s']:.1f}" if done else "-"
+            lines.append(f"| {model} | {_cell(cells['onnxruntime'])} | {_cell(cells['openvino fp32'], True)} | "
+                         f"{_cell(cells['openvino default'], True)} | {_cell(g)} | {ratio} | {vs_best} | "
+                         f"{compile_s} |")
+    lines += ["", "## All engines", "",
+              "Min ms = fastest single call (least disturbed by other processes). CPU/wall = process CPU time / wall "
+              "time while the engine ran (about the number of busy threads: shows the thread count took effect; "
+              "below it when other processes compete for the cores). CPU ms = process CPU time per call: with one "
+              "thread about the latency without competition; with more, it adds every thread's work and spinning.",
+              "", "| model | threads | engine | median ms | min ms | CPU ms | ratio to ORT | GFLOP/s | % of peak | "
+              "CPU/wall | precision | compile s |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    order = {m: i for i, m in enumerate(args.models)}
+    for r in sorted(ok, key=lambda r: (order.get(r["model"], 0), r["threads"])):
         cs = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else ""
-        lines.append(f"| {r['model']} | {r['threads']} | {r['engine']} | {r['ms']:.2f} | {r['ratio']:.2f} | "
-                     f"{r['gflops']:.1f} | {100 * r['peak']:.0f}% | {r['busy']:.2f} | {cs} |")
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
+        lines.append(f"| {r['model']} | {r['threads']} | {r['engine']} | {r['ms']:.2f} | {r['min_ms']:.2f} | "
+                     f"{r['cpu_ms']:.2f} | {ratio} | "
+                     f"{r['gflops']:.1f} | {100 * r['peak']:.0f}% | {r['busy']:.2f} | {r['precision'] or ''} | {cs} |")
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        lines += ["", "Errors:", ""]
+        lines += [f"- {r['model']} x{r['threads']} {r['engine']}: {r['error']}" for r in failed]
     if notes:
         lines += ["", "Notes (variants; thread scaling, which checks that the thread count takes effect):", ""]
         lines += [f"- {n}" for n in notes]

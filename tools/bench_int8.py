@@ -10,9 +10,11 @@ Models come from tools/bench_models.py (ResNet-18 at 1x3x224x224 by default). St
 fold-batchnorm, then
   fp32  : graphopt.compile(..., target="cpu")                       (graphopt's fp32 schedules)
   int8  : quantize{calib_samples=N} (seeded normal calibration data) + lower-int8, lowered by
-          targets/cpu_int8 (graphopt.compile when the cpu target calls cpu_int8.import_int8, else
-          cpu_int8.build_library with the default CPU schedules for the remaining fp32 ops)
+          targets/int8 through graphopt.compile (the cpu target's int8 lowering; fp32 ops left get the default
+          CPU schedules)
   ort   : onnxruntime, all optimizations, on the fp32 model and on the same QDQ model.onnx
+  ov    : OpenVINO (when installed: the `bench` extra) on the same QDQ file, same thread count, its default
+          precision; the runtime precision of its compute layers is printed (u8/i8 when it ran int8)
 The int8 library is checked against onnxruntime (>= 99% of elements within one quantization step) and its
 disassembly is searched for vpdpbusd. Prints a table (or JSON) with medians in milliseconds.
 """
@@ -42,22 +44,61 @@ def _log(msg):
 
 
 def build_int8(q_model, out: Path, threads: int):
-    """(runner, facts, library path) for the QDQ model, through graphopt.compile when the hook is in place."""
-    import inspect
+    """(runner, facts, library path) for the QDQ model, through graphopt.compile (the cpu target's int8 lowering)."""
     import graphopt
-    from graphopt.targets import cpu, cpu_int8, tvm_lowering
-    if "import_int8" in inspect.getsource(cpu.CpuTarget.lower):
-        art = graphopt.compile(q_model, target="cpu", out=out / "int8_art", measure=False, verify_level="none")
-        return art.runner(threads), dict(art.report), art.path / "model.so"
-    _log("  (targets/cpu.py does not call cpu_int8.import_int8 yet: building with cpu_int8.build_library)")
-    so = out / "int8.so"
-    try:
-        from graphopt.targets.cpu_schedules import schedule_module
-        facts = cpu_int8.build_library(q_model, so, schedule=schedule_module)
-    except Exception as e:  # noqa: BLE001 - the shared fp32 schedules are being rewritten elsewhere
-        _log(f"  default schedules failed ({str(e).strip().splitlines()[-1][:120]}); fp32 ops left unscheduled")
-        facts = cpu_int8.build_library(q_model, so, schedule=None)
-    return tvm_lowering.VMRunner(so, threads=threads), facts, so
+    art = graphopt.compile(q_model, target="cpu", out=out / "int8_art", measure=False, verify_level="none")
+    return art.runner(threads), dict(art.report), art.path / "model.so"
+
+
+def quantize_qdq(src, calib_samples: int = 8, activations: str = "u8"):
+    """(fp32, QDQ) ModelProtos of the ONNX file src: fold-constants + fold-batchnorm, then quantize (seeded normal
+    calibration data shaped like input "x") + lower-int8."""
+    import graphopt
+    from graphopt import PassContext, PassManager
+    from graphopt.graph import to_onnx
+    fp32 = to_onnx(PassManager.parse("fold-constants,fold-batchnorm").run(graphopt.load(src)).graph)
+    dims = [d.dim_value for d in next(i for i in fp32.graph.input if i.name == "x").type.tensor_type.shape.dim]
+    calib = {"x": np.random.default_rng(0).standard_normal([calib_samples] + dims[1:]).astype(np.float32)}
+    res = PassManager.parse(f"quantize{{calib_samples={calib_samples},activations={activations}}},lower-int8").run(
+        graphopt.load(fp32), PassContext(data={"calib": calib}))
+    return fp32, to_onnx(res.graph)
+
+
+def openvino_session(path, threads: int, precision: str | None = None):
+    """(run(feeds), precision facts) of the ONNX file `path` compiled by OpenVINO for the CPU with `threads`
+    inference threads, latency hint, and INFERENCE_PRECISION_HINT=precision when given."""
+    import openvino as ov
+    core = ov.Core()
+    m = core.read_model(str(path))
+    cfg = {"INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY"}
+    if precision:
+        cfg["INFERENCE_PRECISION_HINT"] = precision
+    compiled = core.compile_model(m, "CPU", cfg)
+    request = compiled.create_infer_request()
+    return (lambda feeds: request.infer(feeds, share_inputs=True)), openvino_precision(compiled)
+
+
+def openvino_precision(compiled) -> dict:
+    """The compiled model's INFERENCE_PRECISION_HINT, its thread count, and the runtime precision of its compute
+    layers (Convolution, MatMul, FullyConnected, ...) from the execution graph, e.g. {"bf16": 20, "f32": 1}."""
+    from collections import Counter
+    compute = ("Convolution", "GroupConvolution", "Deconvolution", "MatMul", "FullyConnected", "BinaryConvolution")
+    layers = Counter()
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        if info["layerType"].astype(str) in compute:
+            layers[info["runtimePrecision"].astype(str)] += 1
+    hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+    return {"hint": getattr(hint, "get_type_name", lambda: str(hint))(),
+            "threads": int(compiled.get_property("INFERENCE_NUM_THREADS")), "compute_layers": dict(layers)}
+
+
+def precision_text(facts: dict) -> str:
+    """'bf16' or 'f32' when every compute layer ran in one precision, else e.g. 'u8 20, f32 1'."""
+    layers = facts["compute_layers"]
+    if len(layers) == 1:
+        return next(iter(layers))
+    return ", ".join(f"{k} {v}" for k, v in sorted(layers.items(), key=lambda kv: -kv[1])) or facts["hint"]
 
 
 def main(argv=None):
@@ -80,8 +121,7 @@ def main(argv=None):
 
     import bench_models
     import graphopt
-    from graphopt import PassContext, PassManager, ort
-    from graphopt.graph import to_onnx
+    from graphopt import ort
     from graphopt.passes.quantize import check_criterion, within_quant_steps
 
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-int8-"))
@@ -89,14 +129,9 @@ def main(argv=None):
     shape = bench_models.MODELS[args.model][1]
     src = out / f"{args.model}.onnx"
     bench_models.export_onnx(args.model, src)
-    g = PassManager.parse("fold-constants,fold-batchnorm").run(graphopt.load(src)).graph
-    fp32 = to_onnx(g)
-    rng = np.random.default_rng(0)
-    calib = {"x": rng.standard_normal((args.calib,) + tuple(shape[1:])).astype(np.float32)}
+    rng = np.random.default_rng(1)     # the timed input; calibration draws from seed 0
     t0 = time.perf_counter()
-    res = PassManager.parse(f"quantize{{calib_samples={args.calib},activations={args.activations}}},lower-int8").run(
-        graphopt.load(fp32), PassContext(data={"calib": calib}))
-    q = to_onnx(res.graph)
+    fp32, q = quantize_qdq(src, args.calib, args.activations)
     onnx.save(q, str(out / "qdq.onnx"))
     _log(f"quantized in {time.perf_counter() - t0:.1f}s")
 
@@ -122,6 +157,13 @@ def main(argv=None):
     s_q = ort.session(q, optimize=True, threads=args.threads)
     cands = {"graphopt_int8": lambda: int8_run([x]), "graphopt_fp32": lambda: fp_run([x]),
              "ort_qdq": lambda: s_q.run(None, {"x": x}), "ort_fp32": lambda: s_fp.run(None, {"x": x})}
+    openvino = {}
+    try:    # OpenVINO (the bench extra) on the same QDQ file, same thread count
+        ov_run, openvino = openvino_session(out / "qdq.onnx", args.threads)
+        cands["openvino_qdq"] = lambda: ov_run({"x": x})
+        _log(f"OpenVINO on the QDQ model: {openvino}")
+    except ImportError:
+        _log("openvino is not installed (pip install -e '.[bench]'): no OpenVINO column")
     times = {k: [] for k in cands}
     for f in cands.values():
         f()
@@ -144,6 +186,7 @@ def main(argv=None):
                                                                    "residual_fused", "maxpool_nhwc", "fp32_convs",
                                                                    "fp32_matmuls")},
               "compile_seconds": {"fp32": round(t_fp_compile, 1), "int8": round(t_q_compile, 1)},
+              "openvino_qdq_precision": openvino or None,
               "cpu": _cpu_name(), "load_average": os.getloadavg()}
     if args.json:
         print(json.dumps(result, indent=2))
@@ -151,6 +194,9 @@ def main(argv=None):
         print(f"{args.model} {shape}, {args.threads} threads ({result['cpu']}, load {result['load_average'][0]:.1f})")
         for k in cands:
             print(f"  {k:14s} median {med[k]:9.2f} ms   min {best[k]:9.2f} ms")
+        if openvino:
+            print(f"  OpenVINO compute layers on the QDQ model: {precision_text(openvino)} ({openvino['threads']} "
+                  f"threads)")
         print(f"  int8 vs graphopt fp32: {result['int8_speedup_vs_fp32']}x   int8 vs onnxruntime QDQ: "
               f"{result['int8_speedup_vs_ort_qdq']}x")
         print(f"  int8 check vs onnxruntime: ok={check['ok']} {check['outputs']}")
@@ -165,7 +211,7 @@ def accuracy(args):
     import graphopt
     from graphopt import PassContext, PassManager, ort
     from graphopt.graph import to_onnx
-    from graphopt.targets import cpu_int8, tvm_lowering
+    from graphopt.targets import int8, tvm_lowering
     from targets.test_cpu_int8 import _train_mobilenet_v2_digits
 
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-int8-acc-"))
@@ -182,7 +228,7 @@ def accuracy(args):
             "calib": {"x": x_tr[:256]}, "eval": {"x": x_tr[-300:], "labels": y_tr[-300:]}}))
         q = to_onnx(res.graph)
         so = out / f"{name.split()[0]}.so"
-        facts = cpu_int8.build_library(q, so)
+        facts = int8.build_library(q, so)
         run = tvm_lowering.VMRunner(so)
         s_fp, s_q = ort.session(fp32), ort.session(q)
         top = {"fp32_onnxruntime": np.mean([np.argmax(s_fp.run(None, {"x": x[None]})[0]) == y for x, y in zip(x_te, y_te)]),

@@ -1,10 +1,12 @@
 """Benchmark architectures for tools/bench.py, in plain torch (no torchvision, no downloads).
 
-Weights are seeded random (latency does not depend on them); BatchNorm layers get seeded,
-non-trivial statistics so the compiled graph really contains the normalisation arithmetic.
+ResNet-50, EfficientNet-B0 and ConvNeXt-T re-implement torchvision's resnet50, efficientnet_b0 and convnext_tiny
+layer for layer (same shapes). Weights are seeded random (latency does not depend on them); BatchNorm layers get
+seeded, non-trivial statistics so the compiled graph really contains the normalisation arithmetic. Two real
+models, PaddleOCR's PP-OCRv4 detector and recognizer, come from the rapidocr-onnxruntime wheel.
 
-    MODELS: name -> (constructor, input shape)
-    export_onnx(name, path, batch=None) -> path   (TorchScript exporter, opset 17, inputs "x", outputs "y...")
+    MODELS: name -> (constructor, input shape)        WHEEL_MODELS: name -> (file in the wheel, input shape)
+    NAMES: both                                       export_onnx(name, path) -> path (opset 17, input "x")
 """
 from __future__ import annotations
 
@@ -222,13 +224,161 @@ class YoloDetector(nn.Module):
         return tuple(h(o) for h, o in zip(self.heads, (o3, o4, o5)))
 
 
+# ---------------------------------------------------------------- ResNet-50 (torchvision resnet50: v1.5, stride on 3x3)
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin, width, stride=1):
+        super().__init__()
+        cout = 4 * width
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        idt = x if self.down is None else self.down(x)
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        return F.relu(self.bn3(self.conv3(y)) + idt)
+
+
+class ResNet50(nn.Module):
+    def __init__(self, num_classes=1000):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                                  nn.MaxPool2d(3, 2, 1))
+        layers, cin = [], 64
+        for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+            for i in range(blocks):
+                layers.append(Bottleneck(cin, width, stride if i == 0 else 1))
+                cin = 4 * width
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(2048, num_classes)
+
+    def forward(self, x):
+        x = self.layers(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+# ---------------------------------------------------------------- EfficientNet-B0 (torchvision efficientnet_b0)
+
+
+def _cbs(cin, cout, k, s=1, groups=1, act=True):
+    layers = [nn.Conv2d(cin, cout, k, s, (k - 1) // 2, groups=groups, bias=False), nn.BatchNorm2d(cout, eps=1e-3)]
+    if act:
+        layers.append(nn.SiLU())
+    return nn.Sequential(*layers)
+
+
+class SqueezeExcitation(nn.Module):
+    def __init__(self, channels, squeeze):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(channels, squeeze, 1), nn.Conv2d(squeeze, channels, 1)
+
+    def forward(self, x):
+        s = F.adaptive_avg_pool2d(x, 1)
+        return x * torch.sigmoid(self.fc2(F.silu(self.fc1(s))))
+
+
+class MBConv(nn.Module):
+    """Expand 1x1 (unless ratio 1), depthwise kxk, squeeze-excite (input channels / 4), project 1x1; residual when
+    shapes allow (stochastic depth is off in eval)."""
+
+    def __init__(self, cin, cout, k, stride, expand):
+        super().__init__()
+        hidden = cin * expand
+        layers = [] if expand == 1 else [_cbs(cin, hidden, 1)]
+        layers += [_cbs(hidden, hidden, k, stride, groups=hidden), SqueezeExcitation(hidden, max(1, cin // 4)),
+                   _cbs(hidden, cout, 1, act=False)]
+        self.block = nn.Sequential(*layers)
+        self.res = stride == 1 and cin == cout
+
+    def forward(self, x):
+        return x + self.block(x) if self.res else self.block(x)
+
+
+class EfficientNetB0(nn.Module):
+    CFG = [(1, 3, 1, 32, 16, 1), (6, 3, 2, 16, 24, 2), (6, 5, 2, 24, 40, 2), (6, 3, 2, 40, 80, 3),
+           (6, 5, 1, 80, 112, 3), (6, 5, 2, 112, 192, 4), (6, 3, 1, 192, 320, 1)]   # expand, k, stride, in, out, n
+
+    def __init__(self, num_classes=1000):
+        super().__init__()
+        layers = [_cbs(3, 32, 3, 2)]
+        for expand, k, stride, cin, cout, n in self.CFG:
+            for i in range(n):
+                layers.append(MBConv(cin if i == 0 else cout, cout, k, stride if i == 0 else 1, expand))
+        layers.append(_cbs(320, 1280, 1))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(1280, num_classes)
+
+    def forward(self, x):
+        x = self.features(x)
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+# ---------------------------------------------------------------- ConvNeXt-T (torchvision convnext_tiny)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over channels of an NCHW tensor, computed channels-last (as torchvision's)."""
+
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
+
+
+class CNBlock(nn.Module):
+    def __init__(self, dim, layer_scale=1e-6):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.layer_scale = nn.Parameter(torch.full((dim, 1, 1), layer_scale))
+
+    def forward(self, x):
+        y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+        y = self.fc2(F.gelu(self.fc1(y))).permute(0, 3, 1, 2)
+        return x + self.layer_scale * y
+
+
+class ConvNeXtTiny(nn.Module):
+    def __init__(self, num_classes=1000, dims=(96, 192, 384, 768), depths=(3, 3, 9, 3)):
+        super().__init__()
+        layers = [nn.Sequential(nn.Conv2d(3, dims[0], 4, 4), LayerNorm2d(dims[0], eps=1e-6))]
+        for i, (dim, depth) in enumerate(zip(dims, depths)):
+            layers += [CNBlock(dim) for _ in range(depth)]
+            if i + 1 < len(dims):
+                layers.append(nn.Sequential(LayerNorm2d(dim, eps=1e-6), nn.Conv2d(dim, dims[i + 1], 2, 2)))
+        self.features = nn.Sequential(*layers)
+        self.norm = LayerNorm2d(dims[-1], eps=1e-6)
+        self.classifier = nn.Linear(dims[-1], num_classes)
+
+    def forward(self, x):
+        x = self.norm(F.adaptive_avg_pool2d(self.features(x), 1))
+        return self.classifier(torch.flatten(x, 1))
+
+
 MODELS = {
     "resnet18": (ResNet18, (1, 3, 224, 224)),
     "resnet18_b8": (ResNet18, (8, 3, 224, 224)),
     "mobilenet_v2": (MobileNetV2, (1, 3, 224, 224)),
     "bert_encoder": (BertEncoder, (1, 128, 256)),
     "yolo_320": (YoloDetector, (1, 3, 320, 320)),
+    "resnet50": (ResNet50, (1, 3, 224, 224)),
+    "efficientnet_b0": (EfficientNetB0, (1, 3, 224, 224)),
+    "convnext_tiny": (ConvNeXtTiny, (1, 3, 224, 224)),
 }
+
+#: real models shipped in the rapidocr-onnxruntime wheel (tools/setup.sh): file, the shape bound to input "x"
+WHEEL_MODELS = {
+    "ppocr_det_640": ("ch_PP-OCRv4_det_infer.onnx", (1, 3, 640, 640)),
+    "ppocr_rec_48x320": ("ch_PP-OCRv4_rec_infer.onnx", (1, 3, 48, 320)),
+}
+
+NAMES = [*MODELS, *WHEEL_MODELS]
 
 
 def build(name: str):
@@ -241,7 +391,23 @@ def build(name: str):
     return model, torch.randn(shape, generator=g)
 
 
+def wheel_model_path(file: str) -> str:
+    import importlib.util
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")     # find only: importing it needs OpenCV
+    if spec is None:
+        raise FileNotFoundError("rapidocr-onnxruntime is not installed: run tools/setup.sh (it carries the models)")
+    return os.path.join(next(iter(spec.submodule_search_locations)), "models", file)
+
+
 def export_onnx(name: str, path: str | os.PathLike) -> str:
+    """Write model `name` as ONNX: a torch model exported, or a wheel model with its input shape bound by
+    graphopt.load (dimensions fixed, shape subgraphs folded), so every engine runs this one file."""
+    if name in WHEEL_MODELS:
+        import onnx
+        import graphopt
+        file, shape = WHEEL_MODELS[name]
+        onnx.save(graphopt.to_onnx(graphopt.load(wheel_model_path(file), input_shapes={"x": shape})), str(path))
+        return str(path)
     model, x = build(name)
     with torch.no_grad():
         out = model(x)

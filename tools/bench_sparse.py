@@ -82,6 +82,7 @@ def bench_llvm(args, blocks, sparsities, w0, x):
     import tvm
     from tvm import relax
 
+    from graphopt import metadata
     from graphopt.targets import block_sparse as bs
     from graphopt.targets import tvm_lowering
     from graphopt.targets.cpu import CpuTarget
@@ -101,7 +102,7 @@ def bench_llvm(args, blocks, sparsities, w0, x):
         for sp in sparsities:
             w = plant(w0, blk, sp)
             model = layer(w, args.m)
-            model.graph.doc_string = f'graphopt.sparse_blocks: {{"fc": [{blk[0]}, {blk[1]}]}}'
+            metadata.set_sparse_block(model, "fc", blk)
             ex, res = bs.build_llvm(model, args.impl, min_sparsity=0.01, target=target)
             (d,) = res.decisions
             assert d.sparse and d.block == blk, d
@@ -119,6 +120,7 @@ def bench_cuda(args, blocks, sparsities, w0, x):
     import tvm
     from tvm import relax
 
+    from graphopt import metadata
     from graphopt.targets import block_sparse as bs
     from graphopt.targets import cuda, tvm_lowering
 
@@ -142,7 +144,7 @@ def bench_cuda(args, blocks, sparsities, w0, x):
         for sp in sparsities:
             w = plant(w0, blk, sp)
             model = layer(w, args.m)
-            model.graph.doc_string = f'graphopt.sparse_blocks: {{"fc": [{blk[0]}, {blk[1]}]}}'
+            metadata.set_sparse_block(model, "fc", blk)
             vm = build(model, True)
             got = vm["main"](xt).numpy()
             np.testing.assert_allclose(got, x @ w.T, rtol=1e-4, atol=1e-3)

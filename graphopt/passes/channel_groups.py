@@ -40,6 +40,9 @@ order; every op maps its input slots to output slots with a per-op index map:
   axis), Pad / Tile (nothing on the channel axis), Gather (constant indices), Expand.
 * Anything else freezes the channels it touches: never a guess. Graph outputs freeze their channels; so do
   weights that are not constant, operands without channel information, and channel axes of size one.
+* A constant read by several nodes (shared weight) is sliced once: along each axis, the slices its readers record
+  are united (same weight slice = same unit). A reader that reads the whole axis (no prunable channels there, an
+  unmodelled op, a subgraph, a graph output) would need a second, unsliced copy: that axis freezes instead.
 
 Besides the classes the analysis records, for the pass that removes channels: the sources, the sinks, every
 constant slice (`ParamRef`), the rewrites of shape constants and attributes (`Rewrite`), per-node MAC factors,
@@ -56,6 +59,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analyses import analysis, node_macs
+from graphopt.errors import printable
 from graphopt.graph import constant_value
 
 NAN = float("nan")
@@ -114,6 +118,16 @@ class Unit:
     sources: list[str]
     layer: int = -1
     width: int = 1            # positions in the unit's first source output
+
+
+@dataclass
+class KernelAxes:
+    """A weighted node's channel slots: output channels, input channels (None: not tracked), depthwise (in and
+    out are the same channels)."""
+    node: int
+    out_slots: list[int]
+    in_slots: list[int] | None
+    depthwise: bool
 
 
 @dataclass
@@ -262,6 +276,7 @@ class ChannelGroups:
         self.mac_factors: dict[int, list[list[int]]] = {}
         self.opaque: list[dict] = []      # nodes the analysis does not model (their channels are never pruned)
         self._build()
+        self._couple_shared_constants()
         self._finalize()
 
     # ---------------------------------------------------------------- helpers
@@ -1218,6 +1233,52 @@ class ChannelGroups:
 
     _op_Size = _op_Shape
 
+    def _couple_shared_constants(self) -> None:
+        """A constant read by several nodes (a weight shared by unrolled RNN steps, tied embeddings) is sliced once:
+        along each axis, the slices every reader records are the same positions, so their slots are united (same
+        weight slice = same unit) and the readers' pruning decisions agree. A reader that would keep the whole axis
+        (an input without prunable channels, an op the analysis does not model, a subgraph, a graph output) would
+        need an unsliced copy beside the sliced one: the channels on that axis freeze instead, and the reason says
+        so."""
+        refs = defaultdict(list)
+        for p in self.params:
+            t = self.nodes[p.node].inputs[p.input]
+            if t.name:
+                refs[t.name].append(p)
+        readers = defaultdict(set)
+        for i, n in enumerate(self.nodes):
+            for j, t in enumerate(n.inputs):
+                if t.name in refs:
+                    readers[t.name].add((i, j))
+        hidden = {t.name for t in self.graph.outputs if t.name in refs}
+        for node in self.nodes:
+            for v in node.attrs.values():
+                if isinstance(v, gs.Graph):
+                    hidden |= {t.name for sub in v.nodes for t in sub.inputs if t.name in refs}
+        for name, ps in refs.items():
+            nodes = {i for i, _ in readers[name]}
+            if len(readers[name]) < 2 and name not in hidden:
+                continue
+            shared = f"weight '{printable(name)}' is shared by {len(nodes) + (name in hidden)} nodes"
+            by_axis = defaultdict(list)
+            for p in ps:
+                by_axis[p.axis].append(p)
+            for axis, on_axis in by_axis.items():
+                slots = [s for p in on_axis for s in p.slots]
+                unsliced = sorted(readers[name] - {(p.node, p.input) for p in on_axis})
+                if unsliced or name in hidden:
+                    who = (self.label(self.nodes[unsliced[0][0]]) if unsliced else
+                           "a graph output or subgraph")
+                    self.freeze(slots, f"{shared}; {who} reads it whole along axis {axis}, so its slices there are "
+                                       f"not pruned (one copy of the weight is kept)")
+                    continue
+                for p in on_axis[1:]:
+                    self.union_lists(on_axis[0].slots, p.slots)
+                for s in on_axis[0].slots:
+                    if self.uf.reasons.get(self.uf.find(s)):
+                        self.uf.freeze(s, f"{shared}: its readers prune it together, so a channel frozen at one "
+                                          f"is frozen at all")
+
     # ---------------------------------------------------------------- classes, units, layers
     def _finalize(self) -> None:
         n = len(self.uf.parent)
@@ -1285,6 +1346,23 @@ class ChannelGroups:
 
     def base_macs(self) -> dict[int, int]:
         return {i: node_macs(n, self.shapes) for i, n in enumerate(self.nodes)}
+
+    def kernels(self) -> list[KernelAxes]:
+        """The weighted nodes (Conv, ConvTranspose, Gemm, MatMul with a constant weight) and the slots of their
+        output and input channels, for the latency model: what a kernel's channel counts depend on."""
+        sources = {s.node: s for s in self.sources}
+        sinks = {s.node: s for s in self.sinks if s.input == 0}
+        out = []
+        for i, src in sorted(sources.items()):
+            node = self.nodes[i]
+            if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+                continue
+            if src.weight is None:       # depthwise: channels pass through, in == out
+                out.append(KernelAxes(i, list(src.slots), list(src.slots), True))
+            else:
+                sink = sinks.get(i)
+                out.append(KernelAxes(i, list(src.slots), list(sink.slots) if sink else None, False))
+        return out
 
 
 class _Freeze(Exception):

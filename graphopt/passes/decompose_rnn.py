@@ -2,27 +2,42 @@
 
 TVM's ONNX importer has no recurrent ops; unrolled, they compile like any other graph. Supported: constant
 weights, forward/reverse/bidirectional, layout 0 and 1, GRU's linear_before_reset, LSTM peepholes, and the
-default activations. Anything else (custom activations, clip, variable sequence lengths) is refused by name."""
+default activations. Anything else (custom activations, clip, variable sequence lengths) is refused by name.
+
+Every step reads the same initializers (each direction's recurrent matrices, biases, peepholes, and the small
+index / shape constants), so the unrolled graph holds the source's weights once, whatever the sequence length."""
 import itertools
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.errors import UnsupportedModel
-from graphopt.graph import constant_value, node_label
+from graphopt.graph import constant_value, node_label, toposort
 from graphopt.passmanager import Pass, PassResult, register
+from graphopt.shapes import infer
 
 DEFAULT_ACTS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
 class _Builder:
+    SMALL = 64      # constants up to this many elements (indices, shapes) are shared by value
+
     def __init__(self, graph, prefix, dtype):
         self.graph, self.prefix, self.dtype = graph, prefix, dtype
         self.ids = itertools.count()
+        self.small = {}
 
     def const(self, values, name="c"):
-        return gs.Constant(f"{self.prefix}_{name}_{next(self.ids)}", np.asarray(values))
+        """A new initializer; small ones are reused for equal values, so every step shares them."""
+        values = np.asarray(values)
+        key = (name, values.dtype.str, values.shape, values.tobytes()) if values.size <= self.SMALL else None
+        if key in self.small:
+            return self.small[key]
+        c = gs.Constant(f"{self.prefix}_{name}_{next(self.ids)}", values)
+        if key is not None:
+            self.small[key] = c
+        return c
 
     def op(self, op, inputs, attrs=None, dtype=None):
         out = gs.Variable(f"{self.prefix}_{op.lower()}_{next(self.ids)}", dtype=dtype or self.dtype)
@@ -103,39 +118,47 @@ def _decompose(graph, node):
             xb = wb + rb
             hb = None
         xw = b.op("Add", [b.op("MatMul", [x, b.const(Wd.T.copy(), "WT")]), b.const(xb.astype(dtype), "xb")])
+        xw = b.reshape(xw, [seq * batch, G * H])      # step t's rows: t * batch ... (t + 1) * batch
         h = initial(h0, d)
         c = initial(c0, d) if kind == "LSTM" else None
+        # The recurrent weights: one initializer per direction, read by every step (unrolling copies no weights).
+        RT = b.const(Rd.T.copy(), "RT") if kind != "GRU" else None
+        if kind == "GRU":
+            RzrT, RhT = b.const(Rd[:2 * H].T.copy(), "RzrT"), b.const(Rd[2 * H:].T.copy(), "RhT")
+            rbh = b.const(hb[2 * H:], "rbh") if lbr else None
+        if Pv is not None:
+            pi, po, pf = (b.const(Pv[d][k * H:(k + 1) * H], name) for k, name in enumerate(("pi", "po", "pf")))
         steps = range(seq) if (direction == "forward" or (direction == "bidirectional" and d == 0)) else range(seq - 1, -1, -1)
         outs = {}
         for t in steps:
-            xt = b.op("Gather", [xw, b.const(np.array(t, np.int64), "t")], {"axis": 0})
+            # a Slice per step: a Gather would cost TVM a constant-folding build per step, a Split of the whole
+            # sequence one kernel whose LLVM build time grows with the square of the steps
+            xt = b.slice(xw, t * batch, (t + 1) * batch, 0)
             if kind == "LSTM":
-                gates = b.op("Add", [xt, b.op("MatMul", [h, b.const(Rd.T.copy(), "RT")])])
+                gates = b.op("Add", [xt, b.op("MatMul", [h, RT])])
                 gi, go, gf, gc = (b.slice(gates, k * H, (k + 1) * H, 1) for k in range(4))
                 if Pv is not None:
-                    pi, po, pf = Pv[d][:H], Pv[d][H:2 * H], Pv[d][2 * H:]
-                    gi = b.op("Add", [gi, b.op("Mul", [c, b.const(pi, "pi")])])
-                    gf = b.op("Add", [gf, b.op("Mul", [c, b.const(pf, "pf")])])
+                    gi = b.op("Add", [gi, b.op("Mul", [c, pi])])
+                    gf = b.op("Add", [gf, b.op("Mul", [c, pf])])
                 i_, f_, g_ = b.op("Sigmoid", [gi]), b.op("Sigmoid", [gf]), b.op("Tanh", [gc])
                 c = b.op("Add", [b.op("Mul", [f_, c]), b.op("Mul", [i_, g_])])
                 if Pv is not None:
-                    go = b.op("Add", [go, b.op("Mul", [c, b.const(po, "po")])])
+                    go = b.op("Add", [go, b.op("Mul", [c, po])])
                 h = b.op("Mul", [b.op("Sigmoid", [go]), b.op("Tanh", [c])])
             elif kind == "GRU":
-                Rzr, Rh = Rd[:2 * H], Rd[2 * H:]
                 xz, xr, xh = (b.slice(xt, k * H, (k + 1) * H, 1) for k in range(3))
-                hzr = b.op("MatMul", [h, b.const(Rzr.T.copy(), "RzrT")])
+                hzr = b.op("MatMul", [h, RzrT])
                 z = b.op("Sigmoid", [b.op("Add", [xz, b.slice(hzr, 0, H, 1)])])
                 r = b.op("Sigmoid", [b.op("Add", [xr, b.slice(hzr, H, 2 * H, 1)])])
                 if lbr:
-                    hh = b.op("Add", [b.op("MatMul", [h, b.const(Rh.T.copy(), "RhT")]), b.const(hb[2 * H:], "rbh")])
+                    hh = b.op("Add", [b.op("MatMul", [h, RhT]), rbh])
                     cand = b.op("Tanh", [b.op("Add", [xh, b.op("Mul", [r, hh])])])
                 else:
-                    cand = b.op("Tanh", [b.op("Add", [xh, b.op("MatMul", [b.op("Mul", [r, h]), b.const(Rh.T.copy(), "RhT")])])])
+                    cand = b.op("Tanh", [b.op("Add", [xh, b.op("MatMul", [b.op("Mul", [r, h]), RhT])])])
                 # H = (1 - z) * cand + z * h = cand + z * (h - cand)
                 h = b.op("Add", [cand, b.op("Mul", [z, b.op("Sub", [h, cand])])])
             else:
-                h = b.op("Tanh", [b.op("Add", [xt, b.op("MatMul", [h, b.const(Rd.T.copy(), "RT")])])])
+                h = b.op("Tanh", [b.op("Add", [xt, b.op("MatMul", [h, RT])])])
             outs[t] = h
         ys.append(b.op("Concat", [b.reshape(outs[t], [1, 1, batch, H]) for t in range(seq)], {"axis": 0}))
         hs.append(b.reshape(h, [1, batch, H]))
@@ -164,9 +187,14 @@ class DecomposeRNN(Pass):
     exact = True
 
     def run(self, graph, ctx):
-        nodes = [n for n in graph.nodes if n.op in GATES and (n.domain or "") in ("", "ai.onnx")]
+        def rnn_nodes(g):
+            return [n for n in g.nodes if n.op in GATES and (n.domain or "") in ("", "ai.onnx")]
+        nodes = rnn_nodes(graph)
+        if any(n.inputs[0].shape is None for n in nodes):   # e.g. fed by a DequantizeLinear after quantize
+            graph = infer(graph)
+            nodes = rnn_nodes(graph)
         for n in nodes:
             _decompose(graph, n)
         if nodes:
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            toposort(graph.cleanup(remove_unused_graph_inputs=False))
         return PassResult(graph, bool(nodes), {"unrolled": len(nodes)})

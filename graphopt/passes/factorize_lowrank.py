@@ -32,8 +32,13 @@ Rank selection (one of; none given = energy=1.0: full rank, an exact and, withou
   lower convex hull of each layer's (cost, error) points is walked greedily, always taking the step with the
   smallest error increase per MAC (param) saved, until the budget holds; leftover slack is then spent on the
   largest error reductions that still fit. An unreachable budget is a CheckFailed naming the best ratio possible.
+* latency=b: the same walk over measured cost (factorize_latency.py): each layer and its factorized chain at up to
+  four ranks along its MAC hull are compiled for the target and timed (cached, graphopt.latency), the other ranks
+  interpolated in MACs; a rank whose chain is not faster than the layer itself is never a candidate. The whole
+  model is timed once; what the layers do not account for stays fixed. The predicted latency is reported beside the
+  budget (info["latency"]); `graphopt compile` measures the compiled result.
 
-Ranks are rounded up to a multiple of `round_to` (0: the target's fp32 vector width, ctx.hw["fp32_lanes"], 16
+Ranks are rounded up to a multiple of `round_to` (0: the target's channel step, ctx.hw.structure.channels, 16
 without a target) and clipped to full rank. A layer is factorized only when its MACs drop, unless always=true.
 The pass is exact (checked numerically by the PassManager) only for the full-rank selection; otherwise it is lossy:
 it reports per-layer ranks, relative reconstruction error ||W - W_hat|| / ||W|| and MACs/params before and after,
@@ -54,7 +59,8 @@ import onnx_graphsurgeon as gs
 
 from graphopt.analyses import node_macs
 from graphopt.errors import BadInput, CheckFailed
-from graphopt.graph import np_dtype
+from graphopt.graph import np_dtype, toposort
+from graphopt.hardware import GENERIC
 from graphopt.passmanager import Option, Pass, PassResult, register
 
 OPS = ("gemm", "matmul", "conv")
@@ -485,7 +491,9 @@ class FactorizeLowRank(Pass):
         "evbmf": Option(bool, False, "pick each rank by analytic empirical variational Bayes MF (Nakajima 2013)"),
         "flops": Option(float, 1.0, "global budget: factorized model's MACs at most this fraction of the original's"),
         "params": Option(float, 1.0, "global budget: factorized model's parameters at most this fraction"),
-        "round_to": Option(int, 0, "round ranks up to a multiple of this; 0 = the target's fp32 lanes (16 without)",
+        "latency": Option(float, 1.0, "global budget: factorized model's latency on the target at most this fraction "
+                                      "(each layer's factorization compiled and timed at a few ranks, cached)"),
+        "round_to": Option(int, 0, "round ranks up to a multiple of this; 0 = the target's channel step (16 without)",
                            minimum=0),
         "always": Option(bool, False, "factorize even when a layer's MACs do not drop (full-rank oracle); "
                                       "no effect with flops/params"),
@@ -497,6 +505,10 @@ class FactorizeLowRank(Pass):
                                          "(0 = off)", minimum=-1.0, maximum=1.0),
     }
 
+    @classmethod
+    def target_defaults(cls, hw):
+        return {"round_to": hw.structure.channels}
+
     def validate(self) -> None:
         o = self.opts
 
@@ -504,7 +516,7 @@ class FactorizeLowRank(Pass):
             return BadInput(f"pass '{self.name}': {msg}")
         if not 0.0 < o["energy"] <= 1.0:
             raise bad(f"option energy={o['energy']} must be in (0, 1]: the fraction of each spectrum's energy to keep")
-        for k in ("flops", "params"):
+        for k in ("flops", "params", "latency"):
             if not 0.0 < o[k] <= 1.0:
                 raise bad(f"option {k}={o[k]} must be in (0, 1]: the factorized model's {'MACs' if k == 'flops' else k}"
                           f" as a fraction of the original's")
@@ -525,10 +537,10 @@ class FactorizeLowRank(Pass):
         self.ops = set(ops)
         selectors = [k for k, on in (("energy", o["energy"] < 1.0), ("rank", self.rank_value is not None),
                                      ("evbmf", o["evbmf"]), ("flops", o["flops"] < 1.0),
-                                     ("params", o["params"] < 1.0)) if on]
+                                     ("params", o["params"] < 1.0), ("latency", o["latency"] < 1.0)) if on]
         if len(selectors) > 1:
             raise bad(f"options {' and '.join(selectors)} both select ranks; give one of energy, rank, evbmf, "
-                      f"flops, params")
+                      f"flops, params, latency")
         self.mode = selectors[0] if selectors else "full"
         # Only the full-rank factorization reconstructs every weight to float precision.
         self.exact = self.mode == "full"
@@ -546,8 +558,8 @@ class FactorizeLowRank(Pass):
     # ----------------------------------------------------------------------------------------------------------
     def run(self, graph, ctx):
         o = self.opts
-        rt = int(o["round_to"]) or int((ctx.hw if ctx is not None else {}).get("fp32_lanes", 16) or 16)
-        always = bool(o["always"]) and self.mode not in ("flops", "params")   # a budget decides by itself
+        rt = int(o["round_to"]) or (ctx.hw if ctx is not None else GENERIC).structure.channels
+        always = bool(o["always"]) and self.mode not in ("flops", "params", "latency")   # a budget decides by itself
         names_in_graph = {n.name for n in graph.nodes}
         missing = [n for n in o["ignore"] if n not in names_in_graph]
         if missing:
@@ -582,8 +594,12 @@ class FactorizeLowRank(Pass):
                 continue
             layers.append(lay)
 
-        if self.mode in ("flops", "params"):
-            chosen = self._budget(layers, rt, total_macs, total_params, skipped)
+        lat = None
+        if self.mode == "latency":
+            from .factorize_latency import FactorizeLatency
+            lat = FactorizeLatency(graph, layers, rt, ctx, shapes)
+        if self.mode in ("flops", "params", "latency"):
+            chosen = self._budget(layers, rt, total_macs, total_params, skipped, lat)
         else:
             chosen = self._per_layer(layers, rt)
 
@@ -621,7 +637,7 @@ class FactorizeLowRank(Pass):
 
         modified = bool(info_layers)
         if modified:
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            toposort(graph.cleanup(remove_unused_graph_inputs=False))
         macs_after_total = total_macs - macs_saved
         params_after_total = total_params - params_saved
         info = {"selection": self.mode, "round_to": rt, "factorized": len(info_layers),
@@ -632,6 +648,8 @@ class FactorizeLowRank(Pass):
                 "layers": info_layers, "skipped": skipped}
         if already:
             info["already_factorized"] = already
+        if lat is not None:
+            info["latency"] = lat.report(self.opts["latency"], chosen)
         return PassResult(graph, modified, info)
 
     # per-layer selection ----------------------------------------------------------------------------------------
@@ -669,18 +687,21 @@ class FactorizeLowRank(Pass):
         return chosen
 
     # global budget ----------------------------------------------------------------------------------------------
-    def _budget(self, layers: list[Layer], rt: int, total_macs: int, total_params: int, skipped: list) -> list:
+    def _budget(self, layers: list[Layer], rt: int, total_macs: int, total_params: int, skipped: list,
+                lat=None) -> list:
+        """The global budget: flops, params or latency (lat: factorize_latency.FactorizeLatency, its measured
+        per-layer costs; a configuration is only a candidate when the table says it is faster than the layer)."""
         key = self.mode
         budget = self.opts[key]
-        total = total_macs if key == "flops" else total_params
+        total = {"flops": total_macs, "params": total_params}.get(key) or (lat.full_ms if lat is not None else 0)
         if total <= 0:
             raise BadInput(f"pass '{self.name}': the model's {'MACs' if key == 'flops' else 'parameters'} are unknown "
                            f"(0); bind the input shapes so {key}={budget} can be measured")
         idx = 0 if key == "flops" else 1
         hulls, current, every = [], [], []
-        for lay in layers:
+        for i, lay in enumerate(layers):
             _analyze(lay)
-            orig = (lay.macs, lay.params)[idx]
+            orig = lat.ms(i, None) if lat is not None else (lay.macs, lay.params)[idx]
             if lay.kind == "svd":
                 cfgs = [(r,) for r in _grid(lay.full_ranks()[0], rt)]
             else:
@@ -691,8 +712,9 @@ class FactorizeLowRank(Pass):
             pts = [(orig, 0.0, None)]
             for cfg in cfgs:
                 c = lay.cost(cfg, False)
-                if c[0] < lay.macs and c[idx] < orig:    # only configurations whose MACs (and budgeted cost) drop
-                    pts.append((c[idx], lay.err2(cfg), cfg))
+                cost = lat.ms(i, cfg) if lat is not None else c[idx]
+                if c[0] < lay.macs and cost < orig:      # only configurations whose MACs (and budgeted cost) drop
+                    pts.append((cost, lay.err2(cfg), cfg))
             hull = _lower_hull(pts)
             hulls.append(hull)
             every.append((np.array([p[0] for p in pts], dtype=np.float64), np.array([p[1] for p in pts]), pts))
@@ -701,7 +723,7 @@ class FactorizeLowRank(Pass):
         target = budget * total
         floor = total - sum(h[-1][0] - h[0][0] for h in hulls)
         if floor > target + 1e-9:
-            what = "MACs" if key == "flops" else "parameters"
+            what = {"flops": "MACs", "params": "parameters"}.get(key, "predicted latency")
             raise CheckFailed(f"pass '{self.name}': {key}={budget} cannot be met: factorizing all {len(layers)} "
                               f"eligible layers at their cheapest ranks (round_to={rt}) leaves {floor / total:.3f}x "
                               f"the original's {what}; raise {key}, lower round_to or min_macs, or add ops")

@@ -2,6 +2,7 @@
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphopt.graph import toposort
 from graphopt.passmanager import Pass, PassResult, register
 from graphopt.rewrite import bypass, single_consumer
 
@@ -116,6 +117,8 @@ class FoldBatchNorm(Pass):
             prod = x.inputs[0]
             if single_consumer(x, graph) is not bn or prod.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
                 continue
+            if len(prod.inputs) < 2 or len(prod.inputs[1].outputs) > 1:   # folding would copy a shared weight
+                continue
             affine = _bn_affine(bn)
             if affine is None:
                 continue
@@ -131,5 +134,5 @@ class FoldBatchNorm(Pass):
             if ok and bypass(graph, bn):   # bypass cannot fail here: BN's input has a producer
                 folded += 1
         if folded:
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            toposort(graph.cleanup(remove_unused_graph_inputs=False))
         return PassResult(graph, folded > 0, {"folded": folded})

@@ -13,7 +13,7 @@ with the monotone dequantization, and integer MaxPool's padding (the type's lowe
 fp32's -inf. The PassManager checks the outputs in onnxruntime (an exact pass). The result is standard ONNX that
 onnxruntime runs (integer MaxPool / Max / Reshape ...).
 
-Why: the cpu target (targets/cpu_int8.py) lowers DequantizeLinear -> Conv/MatMul/Gemm -> QuantizeLinear chains to
+Why: the cpu target (targets/int8/) lowers DequantizeLinear -> Conv/MatMul/Gemm -> QuantizeLinear chains to
 integer kernels that keep activations NHWC; an integer MaxPool between two of them runs in that layout with no
 dequantize / quantize / layout conversion. The pass changes nothing in graphs without QuantizeLinear, so the cpu
 target can run it as part of its legalization.
@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.graph import constant_value
+from graphopt.graph import constant_value, toposort
 from graphopt.passmanager import Pass, PassResult, register
 
 MOVE_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
@@ -107,5 +107,5 @@ class LowerInt8(Pass):
                 counts[node.op] = counts.get(node.op, 0) + 1
                 changed = True
             if changed:
-                graph.cleanup(remove_unused_graph_inputs=False).toposort()
+                toposort(graph.cleanup(remove_unused_graph_inputs=False))
         return PassResult(graph, bool(counts), {"rewritten": counts})

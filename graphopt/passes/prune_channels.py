@@ -5,7 +5,10 @@ together (a conv's output channel with its BN slice, the next conv's input slice
 add, a whole attention head, ...), frozen where it cannot prove a removal safe. This pass ranks the prunable
 units, picks the ones to remove under the budgets, and removes them: weights, biases, norm parameters, bare
 parameters (layer scale, position embedding, class token), Reshape targets, Split sizes, Slice bounds, Gather
-indices, Resize sizes and the `group` attribute of depthwise convs shrink together.
+indices, Resize sizes and the `group` attribute of depthwise convs shrink together. A weight that several nodes
+read is one set of units for all of them (the analysis couples its readers), so it is sliced once and stays one
+initializer. A quantized graph (QDQ or integer ops) is refused: its weights sit behind DequantizeLinear, where no
+channel can be pruned; prune the float model, then quantize.
 
 The oracle (why removal is exact by construction)
 -------------------------------------------------
@@ -31,8 +34,15 @@ negative bias before a Relu counts too): the mask changes nothing, so the pass i
 (`exact` depends on the criterion), and the PassManager checks the outputs against the input graph.
 
 Budgets: `ratio` (fraction of the prunable channels removed), `flops` (fraction of the MACs kept), `params`
-(fraction of the weights kept), in any combination; every budget given is met when the structure allows it,
-otherwise the pass prunes what it can and says what limited it (`strict=true` makes that an error).
+(fraction of the weights kept), `latency` (fraction of the latency on the target kept), in any combination; every
+budget given is met when the structure allows it, otherwise the pass prunes what it can and says what limited it
+(`strict=true` makes that an error).
+
+Latency budgets use a model measured on the compiled target (graphopt.latency, prune_latency.py): each layer's kernel
+timed at a few channel counts, the whole graph once. The global selection then takes, step by step, the move with
+the least importance lost (LAMP) per millisecond saved, and a layer's kept counts are only those the table says are
+faster than every larger count (with round_to=0; an explicit round_to keeps its multiples). The predicted latency is
+reported beside the budget; `graphopt compile` measures the compiled result.
 """
 from __future__ import annotations
 
@@ -46,15 +56,18 @@ import onnx_graphsurgeon as gs
 
 from graphopt import ort, verify
 from graphopt.analyses import flops as flops_analysis
-from graphopt.errors import BadInput, CheckFailed, GraphoptError
-from graphopt.graph import constant_value, copy as copy_graph, np_dtype, to_onnx
+from graphopt.errors import BadInput, CheckFailed, GraphoptError, printable
+from graphopt.graph import constant_value, copy as copy_graph, np_dtype, to_onnx, toposort
 from graphopt.passmanager import Option, Pass, PassResult, register
 from graphopt.shapes import infer
 
 from . import channel_groups as cg
 
 CRITERIA = ("l1", "l2", "bn_scale", "taylor", "random", "dead")
+#: ops of a quantized graph: the pass refuses such graphs (prune first, then quantize)
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger")
 ORACLE_ATOL = 1e-5
+CALIBRATION_TOL = 0.05      # latency budgets: measured fraction within 5% (relative) of the budget ends calibration
 ORACLE_FP64_RTOL = 1e-9
 
 
@@ -75,6 +88,7 @@ class Plan:
 class _Names:
     def __init__(self, graph):
         self.used = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
+        self.made = {}      # (source constant, edit) -> its pruned constant, shared by every consumer that agrees
 
     def __call__(self, base: str) -> str:
         name, k = base, 0
@@ -92,8 +106,17 @@ def _nodes_for(graph: gs.Graph, groups: cg.ChannelGroups) -> list[gs.Node]:
     return nodes
 
 
-def _set_const(node, i, values, names, base):
-    node.inputs[i] = gs.Constant(names(base), np.ascontiguousarray(values))
+def _set_const(node, i, values, names, base, key=None):
+    """Make input i a constant holding values (an array; or, with a key, a function making it, called for the first
+    consumer only). Consumers of one constant that get the same edit (key, by default the new values) share one new
+    constant, so a shared initializer stays shared and is sliced once."""
+    if key is None:
+        values = np.ascontiguousarray(values)
+        key = (values.dtype.str, values.shape, values.tobytes())
+    key = (node.inputs[i].name, key)
+    if key not in names.made:
+        names.made[key] = gs.Constant(names(base), np.ascontiguousarray(values() if callable(values) else values))
+    node.inputs[i] = names.made[key]
 
 
 def apply_removal(graph: gs.Graph, plan: Plan) -> gs.Graph:
@@ -109,17 +132,20 @@ def apply_removal(graph: gs.Graph, plan: Plan) -> gs.Graph:
     for (ni, ii), lst in edits.items():
         node = nodes[ni]
         t = node.inputs[ii]
-        v = constant_value(t)
-        done = set()
+        keep = {}
         for axis, k in lst:
-            if axis in done:
-                continue
-            if v.shape[axis] != len(k):
-                raise CheckFailed(f"prune-channels: internal error: {cg.ChannelGroups.label(None, node)} input {ii} "
-                                  f"axis {axis} has {v.shape[axis]} positions, the plan {len(k)}")
-            v = np.compress(k, v, axis=axis)
-            done.add(axis)
-        _set_const(node, ii, v, names, (t.name or node.name) + "_pruned")
+            keep.setdefault(axis, k)
+
+        def sliced(node=node, ii=ii, t=t, keep=keep):
+            v = constant_value(t)
+            for axis, k in keep.items():
+                if v.shape[axis] != len(k):
+                    raise CheckFailed(f"prune-channels: internal error: {cg.ChannelGroups.label(None, node)} input "
+                                      f"{ii} axis {axis} has {v.shape[axis]} positions, the plan {len(k)}")
+                v = np.compress(k, v, axis=axis)
+            return v
+        _set_const(node, ii, sliced, names, (t.name or node.name) + "_pruned",
+                   key=tuple(sorted((a, k.tobytes()) for a, k in keep.items())))
     opset = int(getattr(graph, "opset", 17) or 17)
     for r in g.rewrites:
         node = nodes[r.node]
@@ -180,7 +206,7 @@ def apply_removal(graph: gs.Graph, plan: Plan) -> gs.Graph:
     for t in graph.tensors().values():
         if isinstance(t, gs.Variable) and t.name not in keep_shapes:
             t.shape = None
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    toposort(graph.cleanup(remove_unused_graph_inputs=False))
     try:
         return infer(graph, "pruned graph")
     except BadInput as e:
@@ -204,13 +230,15 @@ def apply_masks(graph: gs.Graph, plan: Plan) -> gs.Graph:
         y = gs.Variable(names(f"{x.name}_oracle_masked"), dtype=x.dtype)
         graph.nodes.append(gs.Node("Mul", names(f"{node.name}_oracle_mask"), inputs=[x, mask], outputs=[y]))
         node.inputs[s.input] = y
-    graph.toposort()
+    toposort(graph)
     return graph
 
 
 def _feeds_list(graph: gs.Graph, data: dict | None, seed: int, limit: int = 4) -> tuple[list[dict], str | None]:
-    """Per-run feeds from ctx.data ('calib' or 'train': {input name: array with a leading sample axis}), else
-    seeded random inputs. Returns (feeds, note)."""
+    """Per-run feeds from ctx.data ('calib' or 'train': {input name: samples in graphopt.samples' layout, so
+    recurrent states and other inputs without a batch axis work too}), else seeded random inputs.
+    Returns (feeds, note)."""
+    from graphopt.samples import feeds_from_samples
     specs = [(t.name, tuple(t.shape), np_dtype(t)) for t in graph.inputs]
     src = None
     for key in ("calib", "train"):
@@ -219,23 +247,7 @@ def _feeds_list(graph: gs.Graph, data: dict | None, seed: int, limit: int = 4) -
             break
     if src is None:
         return [ort.random_inputs(specs, seed + i) for i in range(limit)], "no calibration data: seeded random inputs"
-    runs = []
-    arrays = {}
-    for name, shape, dt in specs:
-        a = np.asarray(src[name])
-        if a.shape == shape:
-            a = a[None]
-        elif a.shape[1:] != shape[1:]:
-            raise BadInput(f"prune-channels: data for input '{name}' has shape {list(a.shape)}; the graph takes "
-                           f"{list(shape)} (a leading sample axis is allowed)")
-        arrays[name] = a.astype(dt)
-    b0 = specs[0][1][0] if specs and specs[0][1] else 1
-    n = min(len(a) for a in arrays.values()) // max(1, b0)
-    for i in range(min(n, limit)):
-        runs.append({k: v[i * b0:(i + 1) * b0] for k, v in arrays.items()})
-    if not runs:
-        raise BadInput("prune-channels: the calibration data has fewer samples than the graph's batch")
-    return runs, None
+    return feeds_from_samples(src, specs, "prune-channels data", limit), None
 
 
 #: output ops that can hide a difference (a sigmoid at 0 or 1, a softmax's argmax): the oracle also compares the
@@ -306,6 +318,12 @@ def oracle_fp64(graph: gs.Graph, plan: Plan, pruned: gs.Graph, feeds: dict) -> t
 # importance
 # ----------------------------------------------------------------------------------------------------------------
 
+def _with(removed: np.ndarray, units) -> np.ndarray:
+    out = removed.copy()
+    out[list(units)] = True
+    return out
+
+
 def total_macs(graph: gs.Graph) -> int:
     from graphopt.analyses import node_macs, shapes
     sh = shapes(graph, None)
@@ -313,13 +331,17 @@ def total_macs(graph: gs.Graph) -> int:
 
 
 def _slice_stats(g: cg.ChannelGroups, roles, fn) -> tuple[np.ndarray, np.ndarray]:
-    """Per unit: sum over its parameter slices (of the given roles) of fn(slice) and the number of slices."""
+    """Per unit: sum over its parameter slices (of the given roles) of fn(slice) and the number of slices. A slice
+    of a weight that several nodes share counts once."""
     tot = np.zeros(g.n_units)
     cnt = np.zeros(g.n_units)
+    seen = set()
     for p in g.params:
-        if p.role not in roles:
+        t = g.nodes[p.node].inputs[p.input]
+        if p.role not in roles or (t.name, p.axis) in seen:
             continue
-        v = constant_value(g.nodes[p.node].inputs[p.input])
+        seen.add((t.name, p.axis))
+        v = constant_value(t)
         if v is None or v.shape[p.axis] != len(p.slots):
             continue
         m = np.moveaxis(v.astype(np.float64), p.axis, 0).reshape(len(p.slots), -1)
@@ -412,7 +434,7 @@ def _taylor_autograd(graph, g, runs):
         m.nodes.append(gs.Node("Mul", names(nm + "_mul"), inputs=[x, c], outputs=[y]))
         nodes[s.node].inputs[s.input] = y
         mask_names.append(nm)
-    m.toposort()
+    toposort(m)
     tg = TrainableGraph(m, trainable=mask_names, tie_identical=False)
     params = tg.graph_parameters()
     scores = np.zeros(g.n_units)
@@ -450,7 +472,7 @@ def _taylor_fd(graph, g, units, runs, eps):
         nodes[s.node].inputs[s.input] = y
         m.inputs.append(v)
         inputs.append((nm, s, mshape))
-    m.toposort()
+    toposort(m)
     sess = ort.session(to_onnx(m))
     out_names = [o.name for o in sess.get_outputs()]
     ones = {nm: np.ones(sh, np.float32) for nm, _, sh in inputs}
@@ -479,12 +501,17 @@ def _taylor_fd(graph, g, units, runs, eps):
 # ----------------------------------------------------------------------------------------------------------------
 
 class CostModel:
+    """MACs and parameters of a removal; `latency` (prune_latency.LatencyCost) when the pass has a latency budget."""
+
     def __init__(self, graph: gs.Graph, g: cg.ChannelGroups, ctx):
         self.g = g
+        self.latency = None              # prune_latency.LatencyCost: with a latency budget or predict_latency
+        self.latency_budget = False      # whether the selection must meet a latency budget
+        self.curves = None               # allocation=sensitivity: {layer id: prune_sensitivity.LossCurve}
         fl = ctx.analyses.get("flops", graph)
         self.params0 = int(fl["params"])
         base = g.base_macs()
-        self.macs0 = int(sum(base.values()))     # per node index (the flops analysis keys nodes by name)
+        self.macs0 = int(sum(base.values()))     # per node index, as the flops analysis counts
         self.mac_terms = []
         self.fixed_macs = 0
         for i, macs in base.items():
@@ -495,12 +522,12 @@ class CostModel:
                 self.fixed_macs += macs
                 continue
             self.mac_terms.append((macs, [g.classes(f) for f in fs]))
-        per = defaultdict(list)
+        per = defaultdict(list)          # by constant: a weight shared by several nodes counts once
         for p in g.params:
-            per[(p.node, p.input)].append(p)
+            per[g.nodes[p.node].inputs[p.input].name].append(p)
         self.param_terms = []
-        for (ni, ii), ps in per.items():
-            v = constant_value(g.nodes[ni].inputs[ii])
+        for ps in per.values():
+            v = constant_value(g.nodes[ps[0].node].inputs[ps[0].input])
             if v is None or v.dtype.kind != "f":
                 continue
             axes = {}
@@ -537,7 +564,8 @@ class CostModel:
 class PruneChannels(Pass):
     name = "prune-channels"
     help = ("Structural channel pruning over dependency groups (conv/linear channels, heads); exact by "
-            "construction (oracle-checked)")
+            "construction (oracle-checked); a shared weight is pruned once; refuses quantized graphs (prune before "
+            "quantize)")
     exact = False     # per instance: True for criterion=dead
     options = {
         "criterion": Option(str, "l1", "importance: l1, l2, bn_scale, taylor, random, or dead (exact: only "
@@ -545,42 +573,70 @@ class PruneChannels(Pass):
         "ratio": Option(float, 0.0, "fraction of the prunable channels to remove (0: no channel budget)"),
         "flops": Option(float, 1.0, "fraction of the MACs to keep (0 < flops <= 1)"),
         "params": Option(float, 1.0, "fraction of the weights to keep (0 < params <= 1)"),
+        "latency": Option(float, 1.0, "fraction of the original's latency on the target to keep (0 < latency <= 1; "
+                                      "measured per layer on the compiled target, cached)"),
+        "calibrate": Option(int, 3, "with latency=: compile and time the pruned graph against the original up to "
+                                    "this many times, correcting the model's target until the measured fraction "
+                                    "is within 5% of the budget (0: trust the model)", minimum=0, maximum=10),
         "scope": Option(str, "global", "global: one LAMP-normalized ranking; local: the same ratio per layer",
                         choices=("global", "local")),
         "max_layer_ratio": Option(float, 0.9, "at most this fraction of a layer's channels is removed",
                                   minimum=0.0, maximum=1.0),
         "round_to": Option(int, 0, "kept channel counts are multiples of this where a layer is wider "
-                                   "(0: the target's fp32 SIMD lanes, else 16)", minimum=0),
+                                   "(0: the target's channel step, hw.structure.channels)", minimum=0),
         "ignore": Option(list, [], "node names whose channels are never pruned"),
+        "only": Option(list, [], "prune only the channel groups these nodes produce (empty: every group)"),
+        "allocation": Option(str, "ranking", "how the budget is spread over layers: ranking (the importance "
+                                             "ranking of scope=) or sensitivity (from `graphopt sensitivity`: the "
+                                             "layers whose accuracy suffers most lose least)",
+                             choices=("ranking", "sensitivity")),
+        "sensitivity": Option(str, "", "allocation=sensitivity: the JSON `graphopt sensitivity` wrote (empty: "
+                                       "ctx.data['sensitivity'])"),
+        "predict_latency": Option(bool, False, "also report the latency the target's latency table predicts (no "
+                                               "budget)"),
         "verify_oracle": Option(bool, True, "check the pruning oracle (zeroed original == pruned) in onnxruntime"),
         "seed": Option(int, -1, "seed for criterion=random and for generated inputs (-1: the context's)"),
         "samples": Option(int, 4, "batches of data (or random inputs) used by taylor and the oracle", minimum=1),
         "strict": Option(bool, False, "fail when a budget cannot be met"),
     }
 
+    @classmethod
+    def target_defaults(cls, hw):
+        return {"round_to": hw.structure.channels}
+
     def validate(self):
         o = self.opts
         self.exact = o["criterion"] == "dead"
-        for key in ("flops", "params"):
+        for key in ("flops", "params", "latency"):
             v = o[key]
             if not (0.0 < v <= 1.0):
                 raise BadInput(f"pass 'prune-channels': option {key}={v:g} must be in (0, 1]: the fraction of "
-                               f"{'MACs' if key == 'flops' else 'weights'} to keep (flops=0.5 keeps half)")
+                               f"{ {'flops': 'MACs', 'params': 'weights'}.get(key, key)} to keep ({key}=0.5 keeps "
+                               f"half)")
         if not (0.0 <= o["ratio"] < 1.0):
             raise BadInput(f"pass 'prune-channels': option ratio={o['ratio']:g} must be in [0, 1): the fraction of "
                            f"channels to remove")
-        targets = [k for k in ("ratio", "flops", "params") if k in self.given]
+        targets = [k for k in ("ratio", "flops", "params", "latency") if k in self.changed()]
         if o["criterion"] == "dead" and targets:
             raise BadInput(f"pass 'prune-channels': criterion=dead removes exactly the provably dead channels; "
                            f"drop {targets[0]}=")
         if o["criterion"] != "dead" and not targets:
-            raise BadInput("pass 'prune-channels' needs a budget: ratio=, flops= or params= "
+            raise BadInput("pass 'prune-channels' needs a budget: ratio=, flops=, params= or latency= "
                            "(for example prune-channels{flops=0.5}), or criterion=dead")
+        if o["allocation"] == "sensitivity" and (o["scope"] == "local" or o["criterion"] == "dead"):
+            raise BadInput(f"pass 'prune-channels': allocation=sensitivity spreads a global budget; it does not go "
+                           f"with {'scope=local' if o['scope'] == 'local' else 'criterion=dead'}")
 
     # ------------------------------------------------------------------ run
     def run(self, graph, ctx):
         o = self.opts
         seed = ctx.seed if o["seed"] < 0 else o["seed"]
+        quantized = [n for n in graph.nodes if n.op in QUANTIZED_OPS or n.op.startswith("QLinear")]
+        if quantized:
+            raise BadInput(f"pass 'prune-channels': the graph is already quantized ({len(quantized)} quantization "
+                           f"node(s), e.g. {printable(quantized[0].name)!r} ({quantized[0].op})): its weights sit "
+                           f"behind DequantizeLinear and no channel could be pruned; prune the float model before "
+                           f"quantize (pipeline 'prune-channels{{...}},quantize{{...}}')")
         names = {n.name for n in graph.nodes}
         for n in o["ignore"]:
             if n not in names:
@@ -590,25 +646,47 @@ class PruneChannels(Pass):
                     "node names look like: " + ", ".join(sorted(x for x in names if x)[:3])
                 raise BadInput(f"pass 'prune-channels': ignore names node '{n}', which is not in the graph ({hint})")
         g: cg.ChannelGroups = ctx.analyses.get("channel-groups", graph)
-        round_to = o["round_to"] or int(ctx.hw.get("fp32_lanes", 16) or 16)
+        round_to = o["round_to"] or ctx.hw.structure.channels
         extra = self._ignored(g, set(o["ignore"]))
+        if o["only"]:
+            extra.update(self._outside(g, o["only"], names))
         notes = []
         cand = np.array([not u.frozen and u.id not in extra for u in g.units], dtype=bool)
         cost = CostModel(graph, g, ctx)
+        calibration = None
+        if ("latency" in self.changed() or o["predict_latency"]) and cand.any():
+            from .prune_latency import LatencyCost
+            cost.latency = LatencyCost(graph, g, cand, ctx)
+            cost.latency_budget = "latency" in self.changed()
         removed = np.zeros(g.n_units, dtype=bool)
+        held = []
         if o["criterion"] == "dead":
-            removed = self._dead(g, cand, round_to)
+            removed, held = self._dead(g, cand, extra)
         elif cand.any():
             scores, note = self._scores(graph, g, cand, ctx, seed)
             if note:
                 notes.append(note)
+            if o["allocation"] == "sensitivity":
+                from .prune_sensitivity import loss_curves
+                cost.curves, note = loss_curves(self._sensitivity_data(ctx), g, cand)
+                notes.append(note)
             removed = self._select(g, cand, scores, cost, round_to)
+            if cost.latency_budget and o["calibrate"] and removed.any():
+                removed, calibration = self._calibrate(graph, g, cand, scores, cost, round_to, removed)
         info = self._report(graph, g, cost, removed, extra, round_to, notes)
+        if calibration:
+            info["latency"].update(calibration=calibration, measured=min(
+                calibration, key=lambda r: abs(r["measured"] - o["latency"]))["measured"])
+            self._check_budgets(info)
         if not info["budget_met"]:
-            floor = self._floor(g, cand, round_to)
+            held = self._held_at_floor(g, cand, extra, round_to, cost)
+            floor = self._floor(g, cand, round_to, cost)
             info["reachable"] = {"macs": round(cost.macs(floor) / max(1, cost.macs0), 4),
                                  "params": round(cost.params(floor) / max(1, cost.params0), 4)}
+            if cost.latency is not None:
+                info["reachable"]["latency"] = round(cost.latency.fraction(floor), 4)
             self._check_budgets(info)
+        info["held"] = held
         if not removed.any():
             if o["strict"] and not info["budget_met"]:
                 raise CheckFailed(f"pass 'prune-channels' cannot meet its budget: {info['limits']}")
@@ -651,6 +729,38 @@ class PruneChannels(Pass):
             raise CheckFailed(f"pass 'prune-channels': the pruning oracle fails (zeroed original and pruned graph "
                               f"differ by {err:.3g}{more}); this is a bug in the channel analysis")
         info["oracle_fp64_max_error"] = max(info.get("oracle_fp64_max_error", 0.0), r[0])
+    def _sensitivity_data(self, ctx) -> dict:
+        """The sensitivity results: the JSON file of option sensitivity=, else ctx.data['sensitivity']."""
+        path = self.opts["sensitivity"]
+        if path:
+            import json
+            from pathlib import Path
+            try:
+                return json.loads(Path(path).read_text())
+            except OSError as e:
+                raise BadInput(f"pass 'prune-channels': sensitivity={printable(path)}: cannot read it "
+                               f"({e.strerror})") from None
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise BadInput(f"pass 'prune-channels': sensitivity={printable(path)} is not the JSON `graphopt "
+                               f"sensitivity` writes") from None
+        data = (ctx.data or {}).get("sensitivity")
+        if data is None:
+            raise BadInput("pass 'prune-channels': allocation=sensitivity needs the results of `graphopt "
+                           "sensitivity`: give sensitivity=FILE.json (or ctx.data['sensitivity'])")
+        return data
+
+    def _outside(self, g, only, names) -> dict[int, list[str]]:
+        """Units outside the channel groups that the `only` nodes produce."""
+        for n in only:
+            if n not in names:
+                raise BadInput(f"pass 'prune-channels': only names node '{printable(n)}', which is not in the graph")
+        inside = set()
+        for s in g.sources:
+            if g.name(s.node) in only or g.nodes[s.node].name in only:
+                for k in set(g.classes(s.slots).tolist()):
+                    inside.update(g.layers[g.units[k].layer].units)
+        return {u.id: ["outside only="] for u in g.units if u.id not in inside}
+
     def _ignored(self, g, names: set) -> dict[int, list[str]]:
         if not names:
             return {}
@@ -695,14 +805,21 @@ class PruneChannels(Pass):
         s, how = taylor_scores(graph, g, [k for k in range(g.n_units) if cand[k]], runs)
         return s, how + (f"; {data_note}" if data_note else "")
 
-    def _floor(self, g, cand, round_to):
+    def _floor(self, g, cand, round_to, cost):
         rem = np.zeros(g.n_units, dtype=bool)
         for lay in g.layers:
             ids = [k for k in lay.units if cand[k]]
             if ids:
-                allowed = self._allowed(len(lay.units), len(ids), round_to, self.opts["max_layer_ratio"])
+                allowed = self._counts(g, lay, ids, round_to, cost)
                 rem[ids[:len(lay.units) - allowed[-1]]] = True
         return rem
+
+    def _counts(self, g, lay, ids, round_to, cost) -> list[int]:
+        """A layer's allowed kept counts, largest first: multiples of round_to (_allowed), or with a latency budget
+        and round_to=0 the counts the latency table says are worth having (prune_latency.LatencyCost.counts)."""
+        snap = cost.latency_budget and not self.opts["round_to"]
+        allowed = self._allowed(len(lay.units), len(ids), 1 if snap else round_to, self.opts["max_layer_ratio"])
+        return cost.latency.counts(g, ids, allowed) if snap else allowed
 
     @staticmethod
     def _allowed(n: int, n_cand: int, round_to: int, max_ratio: float | None) -> list[int]:
@@ -714,8 +831,13 @@ class PruneChannels(Pass):
         ks = [k for k in range(n - 1, 0, -1) if k >= floor and k % m == 0]
         return [n] + ks
 
-    def _dead(self, g, cand, round_to):
-        dead = cand.copy()
+    @staticmethod
+    def _dead(g, cand, extra) -> tuple[np.ndarray, list[dict]]:
+        """Every prunable unit that is zero at every consumer the analysis tracks, whatever round_to says (padding
+        to a vector width is the target's business), except the last unit of a layer. Also the dead-looking units
+        kept, counted by why: [{"channels", "why"}]."""
+        dead = np.ones(g.n_units, dtype=bool)
+        read = np.zeros(g.n_units, dtype=bool)        # read by a tracked consumer (else dead only vacuously)
         for s in g.sinks:
             t = g.nodes[s.node].inputs[s.input]
             c = g.chan.get(t.name)
@@ -723,19 +845,76 @@ class PruneChannels(Pass):
             cv = c.cval if c is not None and len(c.cval) == len(s.slots) else np.full(len(s.slots), np.nan)
             bad = cls[~(cv == 0)]
             dead[bad] = False
-        removed = np.zeros(g.n_units, dtype=bool)
+            read[cls] = True
+        removed = dead & cand
+        last = 0
         for lay in g.layers:
-            ids = [k for k in lay.units if dead[k]]
-            if not ids:
-                continue
-            n = len(lay.units)
-            allowed = self._allowed(n, sum(1 for k in lay.units if cand[k]), round_to, None)
-            best = max((n - k for k in allowed if n - k <= len(ids)), default=0)
-            removed[ids[:best]] = True
-        return removed
+            if lay.units and all(removed[k] for k in lay.units):
+                removed[lay.units[0]] = False
+                last += 1
+        counts = ((int((dead & read & np.array([bool(u.frozen) for u in g.units])).sum()),
+                   "zero but in a frozen group (see 'frozen')"),
+                  (sum(1 for k in extra if dead[k] and not g.units[k].frozen), "dead but ignored by the user"),
+                  (last, "dead, but a layer keeps at least one channel"))
+        return removed, [{"channels": n, "why": why} for n, why in counts if n]
 
-    def _select(self, g, cand, scores, cost: CostModel, round_to):
+    def _held_at_floor(self, g, cand, extra, round_to, cost) -> list[dict]:
+        """Why a budget cannot be met: the units that stay with every prunable layer at its narrowest, by the
+        constraint that keeps them."""
+        frozen = sum(1 for u in g.units if u.frozen)
+        counts = {"frozen (see 'frozen')": frozen, "ignored by the user": len(extra) - sum(1 for k in extra
+                                                                                            if g.units[k].frozen)}
+        one = ratio = rounding = 0
+        max_ratio = self.opts["max_layer_ratio"]
+        for lay in g.layers:
+            n, n_cand = len(lay.units), sum(1 for k in lay.units if cand[k])
+            if not n_cand:
+                continue
+            base = max(1, n - n_cand)
+            capped = max(base, math.ceil(n * (1.0 - max_ratio) - 1e-9))
+            one += base - (n - n_cand)
+            ratio += capped - base
+            ids = [k for k in lay.units if cand[k]]
+            rounding += self._counts(g, lay, ids, round_to, cost)[-1] - capped
+        counts[f"max_layer_ratio={max_ratio:g}"] = ratio
+        snap = cost.latency_budget and not self.opts["round_to"]
+        counts["narrower counts are not faster (latency table)" if snap else f"round_to={round_to}"] = rounding
+        counts["a layer keeps at least one channel"] = one
+        return [{"channels": n, "why": why} for why, n in counts.items() if n]
+
+    def _calibrate(self, graph, g, cand, scores, cost, round_to, removed):
+        """Meet the measured latency, not only the predicted one: compile the pruned graph, time it against the
+        original (interleaved), and select again with the model's target corrected (proportionally, then by
+        secant) until the measured fraction is within CALIBRATION_TOL of the budget or the rounds run out. Returns
+        the removal whose measured fraction came closest, and the rounds."""
+        from graphopt import latency
+        want = self.opts["latency"]
+        lat = cost.latency
+        rounds, best, t, seen = [], None, want, []
+        with latency.Baseline(lat.profiler, to_onnx(graph)) as base:
+            for r in range(self.opts["calibrate"]):
+                rem = removed if r == 0 else self._select(g, cand, scores, cost, round_to, latency_target=t)
+                pruned = apply_removal(copy_graph(graph), Plan(g, rem))
+                a, ms, ms0 = base.fraction(to_onnx(pruned))
+                rounds.append({"model_target": round(t, 4), "predicted": round(lat.fraction(rem), 4),
+                               "measured": round(a, 4), "ms": round(ms, 4), "original_ms": round(ms0, 4)})
+                if best is None or abs(a - want) < abs(best[1] - want):
+                    best = (rem, a)
+                if abs(a - want) <= CALIBRATION_TOL * want:
+                    break
+                seen.append((t, a))
+                if len(seen) >= 2 and abs(seen[-1][1] - seen[-2][1]) > 1e-6 and \
+                        (seen[-1][0] - seen[-2][0]) / (seen[-1][1] - seen[-2][1]) > 0:
+                    (t0, a0), (t1, a1) = seen[-2:]
+                    t = t1 + (want - a1) * (t1 - t0) / (a1 - a0)
+                else:
+                    t = t * want / max(a, 1e-6)
+                t = float(min(1.0, max(0.02, t)))
+        return best[0], rounds
+
+    def _select(self, g, cand, scores, cost: CostModel, round_to, latency_target: float | None = None):
         o = self.opts
+        latency_target = o["latency"] if latency_target is None else latency_target
         removed = np.zeros(g.n_units, dtype=bool)
         total_cand = int(cand.sum())
         layers = []
@@ -744,7 +923,7 @@ class PruneChannels(Pass):
             if not ids:
                 continue
             ids.sort(key=lambda k: (scores[k], k))
-            allowed = self._allowed(len(lay.units), len(ids), round_to, o["max_layer_ratio"])
+            allowed = self._counts(g, lay, ids, round_to, cost)
             if len(allowed) > 1:
                 layers.append((lay, ids, allowed))
 
@@ -754,6 +933,8 @@ class PruneChannels(Pass):
             if cost.params(rem) > o["params"] * cost.params0 * (1 + 1e-9):
                 return False
             if rem.sum() < o["ratio"] * total_cand - 1e-9:
+                return False
+            if cost.latency_budget and cost.latency.fraction(rem) > latency_target * (1 + 1e-9):
                 return False
             return True
 
@@ -777,6 +958,11 @@ class PruneChannels(Pass):
             s2 = np.array([scores[k] for k in ids], dtype=np.float64) ** 2
             tail = np.cumsum(s2[::-1])[::-1]
             lamp[ids] = s2 / np.maximum(tail, 1e-30)
+        if cost.curves is not None:
+            return self._ratio_greedy(layers, cost.curves.lost(lamp), self._saved(cost), met, removed)
+        if cost.latency_budget:
+            return self._ratio_greedy(layers, lambda rem, lay, units: float(sum(lamp[k] for k in units)),
+                                      self._saved(cost), met, removed)
         heap = []
         state = {}
         for li, (lay, ids, allowed) in enumerate(layers):
@@ -791,6 +977,66 @@ class PruneChannels(Pass):
             removed[ids[:n - allowed[nxt]]] = True
             state[li] = nxt
             self._push(heap, li, layers, state, lamp)
+        return removed
+
+    def _saved(self, cost):
+        """saved(removed, units): what removing units also saves, in the budget that matters most: predicted ms
+        with a latency budget, else MACs, weights, or channels."""
+        if cost.latency_budget:
+            return cost.latency.delta
+        if "flops" in self.changed():
+            return lambda rem, units: cost.macs(rem) - cost.macs(_with(rem, units))
+        if "params" in self.changed():
+            return lambda rem, units: cost.params(rem) - cost.params(_with(rem, units))
+        return lambda rem, units: float(len(units))
+
+    @staticmethod
+    def _ratio_greedy(layers, lost_fn, saved_fn, met, removed):
+        """Global selection: always the move with the least loss (lost_fn(removed, layer, units): LAMP importance,
+        or the measured sensitivity) per unit of budget saved (saved_fn(removed, units)). A move's saving depends on
+        the neighbouring layers' widths, so keys are re-evaluated when popped (lazy greedy); a move that saves
+        nothing is not taken. Moves are coarse (a step of a wide, early layer can be several percent of the
+        latency), so the last move may overshoot the budget: it is then undone once and the budget met with the
+        other layers' moves instead, when that loses less."""
+        def key(rem, li, j):
+            lay, ids, allowed = layers[li]
+            n = len(lay.units)
+            units = ids[n - allowed[j]:n - allowed[j + 1]]
+            saved, lost = saved_fn(rem, units), lost_fn(rem, lay, units)
+            return (lost / saved if saved > 1e-12 else math.inf, lost), units
+
+        def walk(rem, state, blocked=None):
+            """Apply moves until met; returns the moves [(layer, units, lost)]."""
+            heap = [(key(rem, li, state[li])[0], li, state[li]) for li in range(len(layers))
+                    if li != blocked and state[li] + 1 < len(layers[li][2])]
+            heapq.heapify(heap)
+            moves = []
+            while heap and not met(rem):
+                _, li, j = heapq.heappop(heap)
+                if state[li] != j:
+                    continue
+                k, units = key(rem, li, j)
+                if heap and k > heap[0][0]:
+                    heapq.heappush(heap, (k, li, j))
+                    continue
+                if k[0] == math.inf:
+                    continue
+                rem[units] = True
+                state[li] = j + 1
+                moves.append((li, units, k[1]))
+                if j + 2 < len(layers[li][2]):
+                    heapq.heappush(heap, (key(rem, li, j + 1)[0], li, j + 1))
+            return moves
+        state = [0] * len(layers)
+        moves = walk(removed, state)
+        if moves and met(removed):
+            li, units, lost = moves[-1]
+            alt, alt_state = removed.copy(), list(state)
+            alt[units] = False
+            alt_state[li] -= 1
+            extra = walk(alt, alt_state, blocked=li)
+            if met(alt) and sum(m[2] for m in extra) < lost:
+                return alt
         return removed
 
     @staticmethod
@@ -826,20 +1072,42 @@ class PruneChannels(Pass):
                                                   for d in g.opaque])[:40],
             "notes": notes,
         }
+        if cost.latency is not None:
+            info["latency"] = self._latency_info(cost.latency, removed)
         self._check_budgets(info)
         return info
+
+    def _latency_info(self, lat, removed) -> dict:
+        """The predicted latency beside the budget, and what the prediction rests on."""
+        from graphopt import latency
+        p = lat.profiler
+        return {"target": self.opts["latency"], "predicted": round(lat.fraction(removed), 4),
+                "predicted_ms": round(lat.predict(removed), 4), "original_ms": round(lat.full_ms, 4),
+                "model_ms": round(lat.model_ms, 4), "remainder_ms": round(lat.remainder, 4),
+                "kernels": len(lat.terms), "threads": p.threads, "clock": latency.clock_name(p.threads),
+                "on": p.target_name, "table": str(p.cache.path),
+                "layers": lat.layers(removed)}
 
     def _check_budgets(self, info):
         o = self.opts
         budget, limits = {}, []
         for key, what in (("flops", "macs"), ("params", "params")):
-            if key in self.given:
+            if key in self.changed():
                 reached = info[what]["ratio"]
                 ok = reached <= o[key] + 1e-6
                 budget[key] = {"target": o[key], "reached": reached, "met": ok}
                 if not ok:
                     limits.append(f"{key}: reached {reached:.3f} of the original, target {o[key]:g}")
-        if "ratio" in self.given:
+        if "latency" in info and "latency" in self.changed():
+            measured = "measured" in info["latency"]
+            reached = info["latency"]["measured" if measured else "predicted"]
+            ok = reached <= o["latency"] * (1 + CALIBRATION_TOL) + 1e-6 if measured else reached <= o["latency"] + 1e-6
+            budget["latency"] = {"target": o["latency"], "reached": reached, "met": ok,
+                                 "by": "measured" if measured else "predicted"}
+            if not ok:
+                limits.append(f"latency: {'measured' if measured else 'predicted'} {reached:.3f} of the original's, "
+                              f"target {o['latency']:g}")
+        if "ratio" in self.changed():
             pr = info["units"]["prunable"]
             reached = info["units"]["removed"] / max(1, pr)
             ok = reached >= o["ratio"] - 1e-6
@@ -850,10 +1118,15 @@ class PruneChannels(Pass):
         info["budget_met"] = not limits
         if limits:
             why = "limited by frozen channels (see 'frozen'), max_layer_ratio and round_to"
+            if budget.get("latency", {}).get("by") == "measured" and not budget["latency"]["met"]:
+                why = ("the compiled graph measured off the latency model's prediction; more calibrate= rounds "
+                       "correct it further")
             info["limits"] = "; ".join(limits) + f" ({why})"
             if "reachable" in info:
                 info["limits"] += (f"; with every prunable layer at its narrowest the graph keeps "
                                    f"{info['reachable']['macs']:.3f} of its MACs and "
-                                   f"{info['reachable']['params']:.3f} of its weights")
+                                   f"{info['reachable']['params']:.3f} of its weights"
+                                   + (f" (predicted latency {info['reachable']['latency']:.3f})"
+                                      if "latency" in info["reachable"] else ""))
         else:
             info.pop("limits", None)

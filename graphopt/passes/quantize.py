@@ -3,20 +3,28 @@
 `scheme=int8` (static PTQ) calibrates activation ranges on user data with onnxruntime.quantization's calibrators
 and writes a standard-domain QDQ graph (QuantizeLinear / DequantizeLinear around every quantized op), so the
 result runs in onnxruntime as is and the cpu target lowers the Conv / MatMul / Gemm chains to integer SIMD code
-(targets/cpu_int8.py: u8 x s8 -> s32 with AVX-512 VNNI, fused requantize):
+(targets/int8/: u8 x s8 -> s32 with AVX-512 VNNI, fused requantize):
 
 * weights: symmetric int8, per output channel (`per_channel=false`: per tensor); biases int32 (scale sx*sw);
 * activations: per tensor, `activations=u8` (asymmetric, the fast path of the VNNI kernels) or `s8` (symmetric);
-* calibration data: ctx.data["calib"], a dict of arrays named after the graph inputs with the samples on axis 0
-  (`graphopt compile --calib DATA.npz` fills it); at most `calib_samples` samples are used;
+* calibration data: ctx.data["calib"], a dict of arrays named after the graph inputs (`graphopt compile --calib
+  DATA.npz` fills it): for an input of shape S, [N, *S] (N samples on an added leading axis: the layout for inputs
+  whose first axis is not a batch, such as a recurrent state [layers*dirs, 1, H] or a fixed [4, 576] chunk) or,
+  when S starts with a batch of 1, batch-first [N, *S[1:]] (graphopt.samples); at most `calib_samples` samples;
   `calibration=minmax|percentile|entropy` picks onnxruntime's calibrator;
+* opset: graphs below opset 13 are converted to 13 first (per-channel DequantizeLinear needs its `axis`);
+* when onnxruntime's quantizer emits an invalid graph, the node it names (its fp32 node) is left in fp32 and the
+  graph quantized once more; the pass info lists it under "auto_excluded" (compile prints it);
 * `exclude_nodes=[...]` (node names) and `exclude_ops=[...]` (op types) stay fp32;
 * `max_drop=P` (accuracy-aware): with ctx.data["eval"] (the inputs plus "labels"), the top-1 accuracy of the
   quantized graph may be at most P points (percent) below the fp32 graph's; otherwise the most sensitive
   Conv / MatMul / Gemm layers (ranked by the logit error when each alone is left in fp32) go back to fp32, one at
   a time, until the budget holds (or nothing is left to exclude: then the pass fails);
 * BatchNormalization right after a Conv / Gemm / MatMul is folded first (as fold-batchnorm does), so the folded
-  weights are quantized once instead of a Conv whose output is renormalized in fp32.
+  weights are quantized once instead of a Conv whose output is renormalized in fp32;
+* `qat=true` (quantization-aware training) is carried out by `graphopt compress` (and `graphopt build` with training
+  data): this pass quantizes, graphopt/qat.py makes the weights trainable through fake quantization, compress
+  distills from the fp32 model and exports the same QDQ structure. Run alone, the pass refuses qat=true.
 
 `scheme=weight_int8` / `weight_int4` quantize only the constant weights of MatMul and Gemm (no calibration):
 the weight becomes an INT8 (per output channel) or INT4 (blocks of `block_size` along the reduction axis, opset
@@ -26,16 +34,15 @@ library is as fast and as large as fp32.)
 
 Ordering: quantize is the last lossy step of a pipeline: run structural passes (prune-channels, factorize-lowrank,
 sparsify, insert-adapters ...) and folding before it. Structural passes do not understand QDQ graphs (they would
-see DequantizeLinear outputs instead of weights), so a pipeline that places one after quantize is refused (when
-the PassManager exposes the pipeline: see check_pipeline) and quantizing an already quantized graph is refused.
+see DequantizeLinear outputs instead of weights), so a pipeline that places one after quantize is refused (the
+PassManager calls check_pipeline when it builds and when it runs a pipeline) and quantizing an already quantized
+graph is refused.
 
 The pass is lossy: the PassManager reports its drift against the fp32 graph on seeded inputs; `min_cosine`
 (default 0: off) turns the cosine similarity of every output into a budget.
 
-Also here (pure ONNX, no TVM; used by api.compile's self-check of int8 artifacts):
-    check_criterion(model_proto) -> None | {"kind": "quant_step", "fraction": 0.99, "steps": {output: step}}
-    within_quant_steps(ref, got, criterion) -> {"ok", "max_abs_error", "worst_output", "criterion", "outputs"}
-    compare_quantized(model.onnx, ref, got) -> that dict, or None for graphs without QuantizeLinear
+Re-exported from graphopt.quant_check (api.compile's self-check of int8 artifacts): check_criterion,
+within_quant_steps, compare_quantized.
 """
 from __future__ import annotations
 
@@ -43,15 +50,17 @@ import contextlib
 import io
 import logging
 import os
+import re
 import tempfile
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.errors import BadInput, CheckFailed
+from graphopt.errors import BadInput, CheckFailed, printable
 from graphopt.progress import Progress
-from graphopt.graph import MAX_IR_VERSION, constant_value, from_onnx, to_onnx
+from graphopt.samples import feeds_from_samples
+from graphopt.graph import MAX_IR_VERSION, constant_value, from_onnx, to_onnx, toposort
 from graphopt.passmanager import Option, Pass, PassResult, register
 from graphopt.quant_check import (COMPUTE_OPS, STEP_FRACTION, check_criterion,  # noqa: F401  (re-exported)
                                   compare_quantized, within_quant_steps)
@@ -62,7 +71,6 @@ META_PREFIX = "graphopt.quantized:"
 #: passes that may follow quantize (they understand or leave alone QDQ graphs)
 SAFE_AFTER = {"quantize", "lower-int8", "cleanup", "eliminate-dead-code", "remove-identity", "infer-shapes",
               "fold-constants"}
-#: fraction of output elements that must lie within one quantization step (compiled int8 vs onnxruntime)
 
 # ---------------------------------------------------------------------------------------------------------------
 # data helpers
@@ -76,36 +84,6 @@ def _graph_inputs(graph: gs.Graph) -> list[tuple[str, tuple, np.dtype]]:
             dt = onnx.helper.tensor_dtype_to_np_dtype(dt)
         out.append((t.name, tuple(t.shape or ()), np.dtype(dt)))
     return out
-
-
-def split_samples(data: dict, specs, what: str, limit: int | None = None) -> list[dict[str, np.ndarray]]:
-    """Cut arrays (samples on axis 0) into feeds of the graph's batch size."""
-    if not isinstance(data, dict) or not data:
-        raise BadInput(f"{what}: expected arrays named after the graph inputs ({', '.join(n for n, _, _ in specs)})")
-    missing = [n for n, _, _ in specs if n not in data]
-    if missing:
-        raise BadInput(f"{what} lacks input(s) {', '.join(missing)}; it has: {', '.join(sorted(data))}")
-    feeds, total = [], None
-    for name, shape, dt in specs:
-        a = np.asarray(data[name])
-        if len(shape) and all(isinstance(d, int) and d > 0 for d in shape):
-            if a.ndim == len(shape) and tuple(a.shape[1:]) != tuple(shape[1:]):
-                raise BadInput(f"{what}: array '{name}' has shape {list(a.shape)}; the graph input is "
-                               f"{list(shape)} (samples go on axis 0)")
-            if a.ndim == len(shape) + 1 and shape[0] == 1 and tuple(a.shape[1:]) == tuple(shape):
-                a = a.reshape((-1,) + tuple(shape[1:]))
-        n = len(a)
-        total = n if total is None else min(total, n)
-        data = {**data, name: a.astype(dt, copy=False)}
-    b = specs[0][1][0] if specs and specs[0][1] and isinstance(specs[0][1][0], int) and specs[0][1][0] > 0 else 1
-    count = total // b
-    if count == 0:
-        raise BadInput(f"{what}: needs at least {b} sample(s), has {total}")
-    if limit:
-        count = min(count, max(1, limit // b))
-    for i in range(count):
-        feeds.append({n: np.ascontiguousarray(data[n][i * b:(i + 1) * b]) for n, _, _ in specs})
-    return feeds
 
 
 def _reader(feeds, update=None):
@@ -148,8 +126,8 @@ def _run_outputs(model: onnx.ModelProto, feeds: list[dict]) -> list[np.ndarray]:
 @register
 class Quantize(Pass):
     name = "quantize"
-    help = ("Post-training quantization: int8 QDQ (calibrated on --calib data, per-channel weights) or "
-            "weight-only int8/int4 for MatMul/Gemm")
+    help = ("Post-training quantization: int8 QDQ (calibrated on --calib data: per input of shape S, [N, *S] or "
+            "batch-first [N, *S[1:]]; per-channel weights) or weight-only int8/int4 for MatMul/Gemm")
     exact = False
     options = {
         "scheme": Option(str, "int8", "int8 (static, weights + activations), weight_int8 or weight_int4 "
@@ -167,6 +145,9 @@ class Quantize(Pass):
         "block_size": Option(int, 32, "weight_int4: block length along the reduction axis", minimum=16),
         "min_cosine": Option(float, 0.0, "drift budget: every output's cosine similarity to fp32 on seeded "
                                          "inputs must be at least this (0: no budget)", minimum=0.0, maximum=1.0),
+        "qat": Option(bool, False, "quantization-aware training (scheme=int8): inside compress / build with "
+                                   "training data, the PTQ graph's weights are trained through fake quantization "
+                                   "with distillation from the fp32 model (scales kept; graphopt/qat.py)"),
     }
 
     def validate(self):
@@ -174,8 +155,8 @@ class Quantize(Pass):
         if bs & (bs - 1):
             raise BadInput(f"pass 'quantize': block_size={bs} must be a power of two (16, 32, 64, ...)")
         if self.opts["scheme"] != "int8":
-            for k in ("calibration", "activations", "max_drop", "calib_samples", "percentile"):
-                if k in self.given:
+            for k in ("calibration", "activations", "max_drop", "calib_samples", "percentile", "qat"):
+                if k in self.changed():
                     raise BadInput(f"pass 'quantize': option {k} applies to scheme=int8 only, not "
                                    f"scheme={self.opts['scheme']}")
 
@@ -183,7 +164,7 @@ class Quantize(Pass):
     @classmethod
     def check_pipeline(cls, passes) -> None:
         """Raise BadInput when a pass that does not understand QDQ graphs follows quantize in `passes`
-        (a list of Pass objects or names). The PassManager calls this at parse time when it supports it."""
+        (a list of Pass objects or names). PassManager.check_order calls it."""
         names = [p if isinstance(p, str) else p.name for p in passes]
         if cls.name not in names:
             return
@@ -204,9 +185,9 @@ class Quantize(Pass):
 
     # -- run ------------------------------------------------------------------------------------------------
     def run(self, graph: gs.Graph, ctx) -> PassResult:
-        pipeline = getattr(ctx, "pipeline", None)
-        if pipeline is not None:
-            self.check_pipeline(pipeline)
+        if self.opts["qat"]:
+            raise BadInput("pass 'quantize{qat=true}' trains the model: it runs inside `graphopt compress` (or "
+                           "`graphopt build` with [data] train); elsewhere use post-training quantize")
         if any(n.op in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
                         "MatMulInteger", "DynamicQuantizeLinear") for n in graph.nodes):
             raise BadInput("pass 'quantize': the graph is already quantized (it has QuantizeLinear/"
@@ -238,10 +219,13 @@ class Quantize(Pass):
         calib = ctx.data.get("calib")
         if calib is None:
             raise BadInput("pass 'quantize{scheme=int8}' needs calibration data: pass --calib DATA.npz (arrays "
-                           "named after the graph inputs, samples on axis 0) or data={'calib': {...}}")
+                           "named after the graph inputs: [N, *input shape], or [N, ...] batch-first) or "
+                           "data={'calib': {...}}")
         graph, folded = _fold_batchnorm(graph, ctx)
+        opset = graph.opset
+        graph = _upgrade_opset(graph, 13, "per-channel DequantizeLinear needs its axis attribute")
         specs = _graph_inputs(graph)
-        feeds = split_samples(calib, specs, "calibration data", self.opts["calib_samples"])
+        feeds = feeds_from_samples(calib, specs, "calibration data", self.opts["calib_samples"])
         excluded_ops = set(self.opts["exclude_ops"])
         op_types = sorted((set(QLinearOpsRegistry) | set(QDQRegistry)) - excluded_ops)
         base_excluded = list(self.opts["exclude_nodes"])
@@ -261,26 +245,28 @@ class Quantize(Pass):
                 progress = ctx.progress if ctx.progress is not None and not have_cache else Progress("off")
                 with _quiet(), progress.task(f"calibration ({self.opts['calibration']})", len(feeds)) as update:
                     try:      # calibrate once; later calls (accuracy-aware mode) reuse the ranges
-                        quantize_static(src, dst, None if have_cache else _reader(feeds, update),
-                                        calibration_cache_path=cache, **kw)
-                    except TypeError as e:            # onnxruntime < 1.22: no calibration cache
-                        if "calibration_cache_path" not in str(e):
-                            raise
-                        quantize_static(src, dst, _reader(feeds, update), **kw)
+                        try:
+                            quantize_static(src, dst, None if have_cache else _reader(feeds, update),
+                                            calibration_cache_path=cache, **kw)
+                        except TypeError as e:            # onnxruntime < 1.22: no calibration cache
+                            if "calibration_cache_path" not in str(e):
+                                raise
+                            quantize_static(src, dst, _reader(feeds, update), **kw)
+                    except Exception as e:  # noqa: BLE001 - onnxruntime's quantizer reports many kinds of errors
+                        raise BadInput(f"pass 'quantize': onnxruntime's quantizer failed: {quantizer_error(e)}; if "
+                                       f"one node or op type causes it, leave it in fp32 with "
+                                       f"quantize{{exclude_nodes=[NAME]}} or exclude_ops=[OP]") from e
                 m = onnx.load(dst)
                 _tidy(m)
                 return m
 
-            try:
-                model = quantize(base_excluded)
-            except (BadInput, CheckFailed):
-                raise
-            except Exception as e:  # noqa: BLE001 - onnxruntime's quantizer reports many kinds of errors
-                msg = str(e).strip().splitlines()
-                raise BadInput(f"pass 'quantize': onnxruntime's quantizer failed: {msg[-1] if msg else e}") from e
+            model, auto_excluded = quantize_checked(quantize, base_excluded, {n.name for n in fp32.graph.node})
+            base_excluded += [a["node"] for a in auto_excluded]
             info = {"scheme": "int8", "calibration": self.opts["calibration"], "calib_samples": len(feeds),
                     "activations": self.opts["activations"], "per_channel": self.opts["per_channel"],
-                    "batchnorm_folded": folded}
+                    "batchnorm_folded": folded, "auto_excluded": auto_excluded}
+            if opset != graph.opset:
+                info["opset"] = {"before": opset, "after": graph.opset}
             fallback: list[str] = []
             if self.opts["max_drop"] >= 0:
                 model, fallback, acc = self._accuracy_aware(fp32, model, quantize, base_excluded, specs, ctx)
@@ -300,7 +286,7 @@ class Quantize(Pass):
             raise BadInput("pass 'quantize': max_drop needs evaluation data with labels: "
                            "data={'eval': {<inputs>..., 'labels': array}}")
         labels = np.asarray(ev["labels"]).reshape(-1)
-        feeds = split_samples({k: v for k, v in ev.items() if k != "labels"}, specs, "evaluation data")
+        feeds = feeds_from_samples({k: v for k, v in ev.items() if k != "labels"}, specs, "evaluation data")
         b = len(next(iter(feeds[0].values())))
         labels = labels[:len(feeds) * b]
         ref = _run_outputs(fp32, feeds)
@@ -347,6 +333,8 @@ class Quantize(Pass):
         excluded_ops = set(self.opts["exclude_ops"])
         excluded = set(self.opts["exclude_nodes"])
         done, skipped = [], []
+        shared = {}      # (weight, reduction axis) -> its DequantizeLinear output: a shared weight stays one
+        done_for = {}    # weight -> its record in done
         for node in list(graph.nodes):
             if node.op not in ("MatMul", "Gemm") or node.name in excluded or node.op in excluded_ops:
                 continue
@@ -363,6 +351,10 @@ class Quantize(Pass):
             if bits == 4 and W.shape[k_axis] % 2:
                 skipped.append({"node": node.name, "reason": "odd reduction length"})
                 continue
+            if (id(w), k_axis) in shared:                # e.g. an unrolled RNN's recurrent matrix, read every step
+                node.inputs[1] = shared[(id(w), k_axis)]
+                done.append(dict(done_for[id(w)], node=node.name))
+                continue
             q, scale, dq_attrs = _quantize_weight(W, bits, k_axis, self.opts["block_size"])
             base = f"{node.name}/weight_int{bits}"
             out = gs.Variable(f"{base}/dequantized", dtype=np.float32, shape=list(W.shape))
@@ -373,18 +365,19 @@ class Quantize(Pass):
                 inputs = [_int4_constant(f"{base}/q", q), gs.Constant(f"{base}/scale", scale)]
             graph.nodes.append(gs.Node("DequantizeLinear", f"{base}/DequantizeLinear", inputs=inputs,
                                        outputs=[out], attrs=dq_attrs))
-            node.inputs[1] = out
+            node.inputs[1] = shared[(id(w), k_axis)] = out
             deq = _dequantize_blocks(q, scale, k_axis, self.opts["block_size"]) if bits == 4 else \
                 q.astype(np.float64) * scale.reshape((1, -1) if k_axis == 0 else (-1, 1))
             done.append({"node": node.name, "shape": list(W.shape),
                          "max_abs_error": float(np.max(np.abs(deq - W))) if W.size else 0.0})
+            done_for[id(w)] = done[-1]
         if not done:
             return PassResult(graph, False, {"scheme": self.opts["scheme"], "quantized_count": 0, "skipped": skipped})
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        toposort(graph.cleanup(remove_unused_graph_inputs=False))
         if bits == 4:
-            graph = _upgrade_opset(graph, 21)
+            graph = _upgrade_opset(graph, 21, "DequantizeLinear with INT4 and blocks")
         else:
-            graph = _upgrade_opset(graph, 13)
+            graph = _upgrade_opset(graph, 13, "per-channel DequantizeLinear needs its axis attribute")
         _write_meta(graph, f"{META_PREFIX}{self.opts['scheme']}")
         return PassResult(graph, True, {"scheme": self.opts["scheme"], "quantized": [d["node"] for d in done],
                                         "quantized_count": len(done), "layers": done, "skipped": skipped})
@@ -400,6 +393,86 @@ def _fold_batchnorm(graph: gs.Graph, ctx) -> tuple[gs.Graph, int]:
     from graphopt.passes.fold_batchnorm import FoldBatchNorm
     res = FoldBatchNorm().run(graph, ctx)
     return res.graph, int(res.info.get("folded", 0))
+
+
+def quantizer_error(e: BaseException) -> str:
+    """onnxruntime's quantizer error as one line: the whole message (its first lines hold the cause, the last one
+    often only advice), the exception type and the quantizer function that raised it."""
+    text = " ".join(str(e).split()) or "(no message)"
+    where, tb = None, e.__traceback__
+    while tb is not None:
+        if "onnxruntime" in tb.tb_frame.f_code.co_filename:
+            where = tb.tb_frame.f_code.co_name
+        tb = tb.tb_next
+    return printable(f"{type(e).__name__}: {text}" + (f" (in {where})" if where else ""), 400)
+
+
+def invalid_node(model: onnx.ModelProto) -> tuple[str | None, str] | None:
+    """None when onnx.checker (full check) accepts model; else (the node it names or None, the first line of its
+    message)."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:  # noqa: BLE001 - the checker raises several types
+        text = str(e)
+        m = re.search(r"Name: (.*?) OpType:", text) or re.search(r"node name: ([^)]*)\)", text)
+        first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
+        return (m.group(1) if m else None), printable(first)
+    return None
+
+
+def _fp32_nodes_of(model: onnx.ModelProto, name: str, fp32_names: set[str]) -> list[str]:
+    """The fp32 node(s) a node of the quantized model belongs to: itself, else the nodes its QuantizeLinear /
+    DequantizeLinear chain feeds (or, for a chain feeding nothing of the original, the one that feeds it)."""
+    if name in fp32_names:
+        return [name]
+    consumers: dict[str, list] = {}
+    producer = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+        for o in n.output:
+            producer[o] = n
+    node = next((n for n in model.graph.node if n.name == name), None)
+    if node is None:
+        return []
+    found, stack, seen = set(), [node], set()
+    while stack:
+        n = stack.pop()
+        for o in n.output:
+            for c in consumers.get(o, []):
+                if c.name in fp32_names:
+                    found.add(c.name)
+                elif c.op_type in ("QuantizeLinear", "DequantizeLinear") and c.name not in seen:
+                    seen.add(c.name)
+                    stack.append(c)
+    if not found:
+        for i in node.input:
+            p = producer.get(i)
+            while p is not None and p.op_type in ("QuantizeLinear", "DequantizeLinear") and p.name not in fp32_names:
+                p = producer.get(p.input[0])
+            if p is not None and p.name in fp32_names:
+                found.add(p.name)
+    return sorted(found)
+
+
+def quantize_checked(quantize, excluded: list[str], fp32_names: set[str]) -> tuple[onnx.ModelProto, list[dict]]:
+    """quantize(excluded) -> QDQ model, checked with onnx.checker. When onnxruntime's quantizer emits an invalid
+    graph, the fp32 node(s) behind the node the checker names are left in fp32 and the graph is quantized once more.
+    Returns (model, [{"node", "problem"}] for the nodes so excluded); BadInput naming the node when that fails."""
+    model = quantize(excluded)
+    bad = invalid_node(model)
+    if bad is None:
+        return model, []
+    name, why = bad
+    culprits = [c for c in (_fp32_nodes_of(model, name, fp32_names) if name else []) if c not in excluded]
+    if culprits:
+        retry = quantize(excluded + culprits)
+        if invalid_node(retry) is None:
+            return retry, [{"node": c, "problem": why} for c in culprits]
+    tried = f"; leaving {', '.join(map(printable, culprits))} in fp32 did not help" if culprits else ""
+    raise BadInput(f"pass 'quantize': onnxruntime's quantizer produced an invalid graph at node "
+                   f"'{printable(name or '?')}' ({why}){tried}: leave the node in fp32 with "
+                   f"quantize{{exclude_nodes=[NAME]}} or its op type with exclude_ops=[OP]")
 
 
 def _is_dq_output(model: onnx.ModelProto, name: str) -> bool:
@@ -490,7 +563,7 @@ def _dequantize_blocks(q: np.ndarray, scale: np.ndarray, k_axis: int, block: int
     return q.astype(np.float64) * full
 
 
-def _upgrade_opset(graph: gs.Graph, opset: int) -> gs.Graph:
+def _upgrade_opset(graph: gs.Graph, opset: int, why: str) -> gs.Graph:
     if (graph.opset or 0) >= opset:
         return graph
     model = to_onnx(graph)
@@ -498,8 +571,8 @@ def _upgrade_opset(graph: gs.Graph, opset: int) -> gs.Graph:
     try:
         up = version_converter.convert_version(model, opset)
     except Exception as e:  # noqa: BLE001
-        raise BadInput(f"pass 'quantize': cannot convert the model to opset {opset} "
-                       f"(needed for DequantizeLinear with INT4 / blocks): {e}") from e
+        raise BadInput(f"pass 'quantize': cannot convert the model from opset {graph.opset} to {opset} ({why}): "
+                       f"{printable(' '.join(str(e).split()))}") from e
     up.ir_version = min(max(up.ir_version, 10), MAX_IR_VERSION)
     return from_onnx(up)
 

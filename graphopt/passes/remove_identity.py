@@ -2,7 +2,7 @@
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.graph import constant_value
+from graphopt.graph import constant_value, toposort
 from graphopt.passmanager import Pass, PassResult, register
 from graphopt.rewrite import bypass
 
@@ -54,5 +54,5 @@ class RemoveIdentity(Pass):
             if _is_noop(node) and bypass(graph, node):
                 removed += 1
         if removed:
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            toposort(graph.cleanup(remove_unused_graph_inputs=False))
         return PassResult(graph, removed > 0, {"removed": removed})

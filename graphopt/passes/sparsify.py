@@ -9,10 +9,10 @@ axis: Gemm's B with transB, B^T without; MatMul's constant B^T; a 1x1 Conv's W[:
   |w| are zeroed (sparsity is then 1 - N/M; layers whose input count is not a multiple of M are skipped).
 
 The zeros are written into the ONNX initializers (the graph stays dense and runs anywhere); the pattern is
-recorded in the pass info and in the graph's doc_string, one line per weight:
-`graphopt.sparse_block:<node name>=<block>` (see `sparse_layers(graph)`), so a target that stores block-sparse
-weights (BSR on cuda) can find them. Ties break by position, so running the pass again on its own output picks
-the same mask (and reports no change). The pass is lossy: the PassManager reports its drift.
+recorded in the pass info and in the graph metadata (graphopt.metadata: `sparse_blocks` (rows, cols) per node,
+`sparse_nm` for N:M), so a target that stores block-sparse weights (BSR on cuda) can find them. Ties break by
+position, so running the pass again on its own output picks the same mask (and reports no change). The pass is
+lossy: the PassManager reports its drift.
 """
 from __future__ import annotations
 
@@ -21,11 +21,14 @@ import re
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.errors import BadInput
+from graphopt import metadata
+from graphopt.errors import BadInput, printable
 from graphopt.graph import constant_value
 from graphopt.passmanager import Option, Pass, PassResult, register
 
-META_PREFIX = "graphopt.sparse_block:"
+#: the longest block side (or M of N:M) sparsify accepts: larger blocks are not block sparsity, and the mask of
+#: a weight is padded to whole blocks
+MAX_BLOCK_SIDE = 256
 _BLOCK_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -40,22 +43,6 @@ def parse_block(text: str) -> tuple[str, int, int]:
         return "nm", int(m.group(1)), int(m.group(2))
     raise BadInput(f"pass 'sparsify': block={text} is not a block shape; write RxC (1x1 unstructured, 1x16, 4x4) "
                    f"or N:M (2:4)")
-
-
-def sparse_layers(graph: gs.Graph) -> dict[str, str]:
-    """{node name: block} recorded by sparsify in the graph's doc_string."""
-    out = {}
-    for line in (graph.doc_string or "").splitlines():
-        if line.startswith(META_PREFIX) and "=" in line:
-            name, _, block = line[len(META_PREFIX):].rpartition("=")
-            out[name] = block
-    return out
-
-
-def _write_meta(graph: gs.Graph, entries: dict[str, str]) -> None:
-    lines = [ln for ln in (graph.doc_string or "").splitlines() if not ln.startswith(META_PREFIX)]
-    lines += [f"{META_PREFIX}{k}={v}" for k, v in sorted(entries.items())]
-    graph.doc_string = "\n".join(lines)
 
 
 def weight_matrix(node: gs.Node):
@@ -111,28 +98,36 @@ class Sparsify(Pass):
         "sparsity": Option(float, 0.5, "fraction of each weight (in blocks) set to zero", minimum=0.0,
                            maximum=0.99),
         "block": Option(str, "", "RxC block (1x1 unstructured, 1x16, 4x4) or N:M (2:4); empty: the target's "
-                                 "sparse_block, else 1x1"),
+                                 "block shape (hw.structure.blocks), else 1x1"),
         "ignore": Option(list, [], "node names left dense"),
         "min_params": Option(int, 0, "leave weights smaller than this dense", minimum=0),
     }
 
+    @classmethod
+    def target_defaults(cls, hw):
+        return {"block": "{}x{}".format(*(hw.structure.blocks or (1, 1)))}
+
     def validate(self):
         if self.opts["block"]:
             kind, n, m = parse_block(self.opts["block"])
-            if kind == "nm" and "sparsity" in self.given and abs(self.opts["sparsity"] - (1 - n / m)) > 1e-9:
+            if max(n, m) > MAX_BLOCK_SIDE:
+                raise BadInput(f"pass 'sparsify': block={printable(self.opts['block'])} has a side above "
+                               f"{MAX_BLOCK_SIDE}; blocks are small tiles of a weight (1x16, 4x4, 32x1, 2:4)")
+            if kind == "nm" and "sparsity" in self.changed() and abs(self.opts["sparsity"] - (1 - n / m)) > 1e-9:
                 raise BadInput(f"pass 'sparsify': block={self.opts['block']} fixes the sparsity at {1 - n / m:g}; "
                                f"drop sparsity= or give sparsity={1 - n / m:g}")
 
     def run(self, graph, ctx):
         o = self.opts
-        block = o["block"] or str(ctx.hw.get("sparse_block", "1x1"))
+        block = o["block"] or "{}x{}".format(*(ctx.hw.structure.blocks or (1, 1)))
         kind, r, c = parse_block(block)
         names = {n.name for n in graph.nodes}
         for n in o["ignore"]:
             if n not in names:
                 raise BadInput(f"pass 'sparsify': ignore names node '{n}', which is not in the graph")
         sparsity = (1 - r / c) if kind == "nm" else o["sparsity"]
-        layers, skipped, meta = {}, {}, sparse_layers(graph)
+        layers, skipped = {}, {}
+        before = graph.doc_string
         changed = False
         zeros = total = 0
         used = set(graph.tensors().keys())
@@ -171,11 +166,11 @@ class Sparsify(Pass):
             layers[label] = {"block": block, "shape": [int(W.shape[0]), int(W.shape[1])], "layout": "out x in",
                              "weight": node.inputs[idx].name, "sparsity": round(nz / W.size, 4),
                              "kept_blocks": int(keep[::r, ::c].sum()) if kind == "block" else None}
-            meta[node.name] = block
-        if layers:
-            before = graph.doc_string
-            _write_meta(graph, meta)
-            changed = changed or graph.doc_string != before
+            if kind == "nm":
+                metadata.set_sparse_nm(graph, node.name, (r, c))
+            else:
+                metadata.set_sparse_block(graph, node.name, (r, c))
+        changed = changed or graph.doc_string != before
         info = {"block": block, "sparsity_target": round(sparsity, 4), "layers": layers, "skipped": skipped,
                 "weights": total, "zeros": zeros, "sparsity": round(zeros / total, 4) if total else 0.0}
         return PassResult(graph, changed, info)

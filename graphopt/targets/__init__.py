@@ -17,9 +17,14 @@ def names() -> list[str]:
     return sorted(_TARGETS)
 
 
-def get_target(name: str, **options) -> Target:
+def target_class(name: str) -> type[Target]:
+    """The Target subclass called name (its module imported; tvm is not)."""
     if name not in _TARGETS:
         raise BadInput(f"unknown target '{name}'; choose one of: {', '.join(names())}")
     import importlib
     module, cls = _TARGETS[name]
-    return getattr(importlib.import_module(module), cls)(**options)
+    return getattr(importlib.import_module(module), cls)
+
+
+def get_target(name: str, **options) -> Target:
+    return target_class(name)(**options)

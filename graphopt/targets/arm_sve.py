@@ -8,7 +8,7 @@ The code is vector-length agnostic: the schedule splits the innermost spatial lo
 so one model.so runs on every SVE vector length. The length used when running under qemu comes from the target
 option `vector_bits` (default 256), overridden by the environment variable GRAPHOPT_SVE_VECTOR_BITS.
 
-Quantized (QDQ) graphs: the legalization runs lower-int8 and lower() imports through cpu_int8.import_int8, like
+Quantized (QDQ) graphs: the legalization runs lower-int8 and lower() imports through int8.import_int8, like
 the x86 target, so Conv / MatMul / Gemm chains run as graphopt's integer kernels; their 16x4 u8 x s8 -> s32 micro
 kernel is NEON `usdot` (FEAT_I8MM, which Neoverse-V1 has). These kernels use fixed 128-bit NEON vectors, not
 scalable ones; fp32 ops left in the graph keep the SVE rule. Graphs without QuantizeLinear are unchanged.
@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 
 from graphopt.errors import BadInput, GraphoptError
+from graphopt.hardware import HardwareInfo, Structure
 
 from . import tvm_lowering
 from .arm_runner import build as runner_build
@@ -47,7 +48,7 @@ VECTOR_BITS = (128, 256, 512, 1024, 2048)
 DEFAULT_VECTOR_BITS = 256
 ENV_VECTOR_BITS = "GRAPHOPT_SVE_VECTOR_BITS"
 #: the integer dot product of graphopt's int8 kernels on this target: NEON usdot (u8 x s8 -> s32, FEAT_I8MM);
-#: what cpu_int8.int8_dot() says for tvm_target() (a constant here so hw() does not import TVM)
+#: what int8.int8_dot() says for tvm_target() (a constant here so hw() does not import TVM)
 INT8_DOT = "usdot"
 #: fp32 lanes per 128-bit vscale granule
 LANES_PER_VSCALE = 4
@@ -81,11 +82,16 @@ class ArmSveTarget(Target):
                                        "target arm-sve option vector_bits")
 
     # ---- what the passes and the manifest see ----
-    def hw(self) -> dict:
-        return {"vector_bits": "scalable", "fp32_lanes": LANES_PER_VSCALE, "int8_dot": INT8_DOT}
+    def hw(self) -> HardwareInfo:
+        """Vector-length agnostic code: channels in steps of one 128-bit granule (4 fp32 lanes per vscale);
+        unstructured sparsity with int8 (usdot) weights; the SVE length artifacts run with."""
+        return HardwareInfo(target=self.name, fp32_lanes=LANES_PER_VSCALE, int8_dot=INT8_DOT,
+                            sve_vector_bits=self.vector_bits,
+                            structure=Structure(channels=LANES_PER_VSCALE, unstructured=True))
 
     def describe(self) -> dict:
-        return {"name": self.name, "llvm_mtriple": TRIPLE, "llvm_mcpu": MCPU, "llvm_mattr": list(MATTR), **self.hw()}
+        return {"name": self.name, "llvm_mtriple": TRIPLE, "llvm_mcpu": MCPU, "llvm_mattr": list(MATTR),
+                "vector_bits": "scalable", **self.hw().describe()}
 
     def tvm_target(self):
         import tvm
@@ -104,7 +110,7 @@ class ArmSveTarget(Target):
         import tvm.support.cc
         if shutil.which(CXX) is None:
             raise GraphoptError(f"target arm-sve: the aarch64 cross compiler {CXX} is not installed; {SETUP_HINT}")
-        from .cpu_int8 import import_int8
+        from .int8 import import_int8
         t0 = time.perf_counter()
         # import_onnx plus the rewrite of QDQ conv / matmul chains into graphopt's integer (usdot) kernels; those
         # are marked scheduled, so the SVE rule below leaves them alone

@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from graphopt.hardware import HardwareInfo
+
 
 class Target:
     name = ""
@@ -17,9 +19,10 @@ class Target:
     def __init__(self, **options):
         self.options = options
 
-    def hw(self) -> dict:
-        """Hardware constants passes should use (vector width for channel rounding, sparse block shape, ...)."""
-        return {}
+    def hw(self) -> HardwareInfo:
+        """Hardware constants passes use (graphopt.hardware): vector width for channel rounding, sparse block
+        shape, int8 dot product, and the structure that pays on this target."""
+        return HardwareInfo(target=self.name)
 
     def describe(self) -> dict:
         """What goes into the manifest about the target (kind, cpu, features)."""

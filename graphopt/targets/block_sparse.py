@@ -24,21 +24,19 @@ Two implementations of each kernel:
 Every kernel is a PrimFunc with its own global symbol, `op_pattern = 8` (opaque: FuseOps leaves it alone) and
 `tirx.is_scheduled` (dlight and graphopt's CPU rules leave it alone).
 
-Where the sparsify pass recorded a block shape, it is used; else the shape is detected (the cheapest of
-BLOCK_CANDIDATES with at least `min_sparsity` zero blocks). Recorded shapes are read from, in order:
-  * the node's ONNX metadata_props key `graphopt.sparse_block`, value like "16x1";
-  * the graph doc_string line `graphopt.sparse_blocks: {"node name": [16, 1], ...}` (survives onnx-graphsurgeon);
-  * the model's metadata_props key `graphopt.sparse_blocks`, the same JSON.
+Where the sparsify pass recorded a block shape (graphopt.metadata.sparse_blocks), it is used; else the shape is
+detected (the cheapest of BLOCK_CANDIDATES with at least `min_sparsity` zero blocks).
 """
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from graphopt import metadata
 
 #: auto-detected block shapes (r over output features, c over input features); 1x1 and 2x2 are only used when
 #: recorded: unstructured sparsity rarely beats a dense kernel
@@ -46,8 +44,6 @@ BLOCK_CANDIDATES = ((32, 1), (16, 1), (8, 1), (1, 16), (1, 8), (4, 4), (8, 4), (
 #: per stored block, the cost of fetching its column index and looping, in multiply-adds
 BLOCK_OVERHEAD = 4
 DEFAULT_MIN_SPARSITY = 0.5
-NODE_META_KEY = "graphopt.sparse_block"
-GRAPH_META_KEY = "graphopt.sparse_blocks"
 KERNEL_ATTR = "graphopt.kernel"
 
 
@@ -158,45 +154,11 @@ def _weight_oi(node: onnx.NodeProto, inits: dict) -> tuple[str, np.ndarray, np.n
     return None
 
 
-def recorded_blocks(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
-    """node name -> block shape recorded by the sparsify pass (see the module docstring for where)."""
-    from graphopt.errors import BadInput
-    out: dict[str, tuple[int, int]] = {}
-
-    def block(value, where: str):
-        try:
-            return parse_block(value)
-        except (TypeError, ValueError):
-            raise BadInput(f"{where}: bad block shape {value!r}; write it like \"16x1\" or [16, 1]") from None
-
-    def merge(text: str, where: str):
-        try:
-            table = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BadInput(f"{where}: {GRAPH_META_KEY} is not JSON ({e})") from None
-        if not isinstance(table, dict):
-            raise BadInput(f"{where}: {GRAPH_META_KEY} must map node names to block shapes")
-        for name, blk in table.items():
-            out.setdefault(name, block(blk, f"{where}, node '{name}'"))
-
-    for node in model.graph.node:
-        for p in getattr(node, "metadata_props", []):
-            if p.key == NODE_META_KEY:
-                out[node.name] = block(p.value, f"node '{node.name}' metadata {NODE_META_KEY}")
-    for line in (model.graph.doc_string or "").splitlines():
-        if line.strip().startswith(GRAPH_META_KEY + ":"):
-            merge(line.split(":", 1)[1], "graph doc_string")
-    for p in model.metadata_props:
-        if p.key == GRAPH_META_KEY:
-            merge(p.value, "model metadata_props")
-    return out
-
-
 def weight_table(model: onnx.ModelProto) -> dict[str, dict]:
     """weight_key of every Gemm / MatMul / 1x1-Conv constant weight -> {"node", "op", "block" (recorded or None)}.
     The Relax rewrite matches constants by content, since the importer keeps neither node nor tensor names."""
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    rec = recorded_blocks(model)
+    rec = metadata.sparse_blocks(model)
     table = {}
     for node in model.graph.node:
         got = _weight_oi(node, inits)

@@ -1,4 +1,5 @@
-"""x86 CPU target: LLVM with the host's SIMD (AVX-512 / VNNI / AVX2) picked from the CPU's feature flags."""
+"""x86 CPU target: LLVM with the host's SIMD (AVX-512 / VNNI / AVX2) picked from the CPU's feature flags; precision
+fp32 (default) or bf16 (conv / matmul with bf16 inputs and fp32 accumulation on AVX512-BF16: targets/bf16)."""
 from __future__ import annotations
 
 import os
@@ -7,85 +8,72 @@ from pathlib import Path
 
 import onnx
 
-from graphopt.errors import BadInput
+from graphopt.errors import BadInput, printable
+from graphopt.hardware import HardwareInfo, Structure
 
-from . import tvm_lowering
+from . import tvm_lowering, x86_isa
 from .base import Target
 
-# Newest first: the first LLVM cpu whose required flags the host has.
-_MCPU_BY_FLAGS = [
-    ("sapphirerapids", {"amx_tile", "avx512_fp16", "avx512_bf16", "avx512_vnni"}),
-    ("cooperlake", {"avx512_bf16", "avx512_vnni", "avx512bw"}),
-    ("icelake-server", {"avx512_vnni", "avx512_vbmi2", "avx512bw"}),
-    ("cascadelake", {"avx512_vnni", "avx512bw"}),
-    ("skylake-avx512", {"avx512f", "avx512bw", "avx512dq", "avx512vl"}),
-    ("haswell", {"avx2", "fma"}),
-    ("x86-64-v2", {"sse4_2"}),
-]
-KNOWN_MCPUS = [m for m, _ in _MCPU_BY_FLAGS] + ["x86-64"]
+KNOWN_MCPUS = list(x86_isa.MCPU_FEATURES)
+#: what the target option `precision` (compile --precision, [target] precision) may be
+PRECISIONS = ("fp32", "bf16")
 
 
-def host_cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def pick_mcpu(flags: set[str]) -> str:
-    for mcpu, need in _MCPU_BY_FLAGS:
-        if need <= flags:
-            return mcpu
-    return "x86-64"
-
-
-def vector_bits(mcpu: str) -> int:
-    if mcpu in ("sapphirerapids", "cooperlake", "icelake-server", "cascadelake", "skylake-avx512"):
-        return 512
-    if mcpu == "haswell":
-        return 256
-    return 128
+def _check_precision(precision, mcpu: str) -> str:
+    """precision, checked: one of PRECISIONS, and bf16 only where the mcpu has AVX512-BF16."""
+    if precision not in PRECISIONS:
+        raise BadInput(f"target cpu: precision must be one of {', '.join(PRECISIONS)}; got "
+                       f"{printable(repr(precision))}")
+    if precision == "bf16" and "bf16" not in x86_isa.features(mcpu):
+        raise BadInput(f"target cpu: precision bf16 needs AVX512-BF16, which mcpu '{mcpu}' does not have; use "
+                       f"precision fp32 (or an mcpu with it, e.g. cooperlake, sapphirerapids, znver4)")
+    return precision
 
 
 class CpuTarget(Target):
     name = "cpu"
     legalize = "decompose-rnn,lower-int8"
 
-    def __init__(self, mcpu: str | None = None, cores: int | None = None, **options):
+    def __init__(self, mcpu: str | None = None, cores: int | None = None, precision: str | None = None, **options):
         super().__init__(**options)
         if options:
-            raise BadInput(f"target cpu has no option '{next(iter(options))}'; its options: mcpu, cores")
-        self.flags = host_cpu_flags()
-        self.mcpu = mcpu or os.environ.get("GRAPHOPT_CPU_MCPU") or pick_mcpu(self.flags)
+            raise BadInput(f"target cpu has no option '{next(iter(options))}'; its options: mcpu, cores, precision")
+        self.mcpu = mcpu or os.environ.get("GRAPHOPT_CPU_MCPU") or x86_isa.pick_mcpu(x86_isa.host_flags())
         if self.mcpu not in KNOWN_MCPUS:
             raise BadInput(f"target cpu: unknown mcpu '{self.mcpu}'; choose one of: {', '.join(KNOWN_MCPUS)}")
-        self.cores = int(cores or os.cpu_count() or 1)
+        if cores is not None and (isinstance(cores, bool) or not isinstance(cores, int) or cores < 1):
+            raise BadInput(f"target cpu: cores must be a whole number of cores, at least 1; got {printable(repr(cores))}")
+        self.cores = cores or os.cpu_count() or 1
+        self.precision = _check_precision(precision or "fp32", self.mcpu)
 
     def tvm_target(self):
         import tvm
         return tvm.target.Target({"kind": "llvm", "mcpu": self.mcpu, "num-cores": self.cores})
 
-    def hw(self) -> dict:
-        bits = vector_bits(self.mcpu)
-        return {"vector_bits": bits, "fp32_lanes": bits // 32, "int8_dot": "vnni" if "avx512_vnni" in self.flags
-                and self.mcpu in ("sapphirerapids", "cooperlake", "icelake-server", "cascadelake") else None}
+    def hw(self) -> HardwareInfo:
+        """Channel counts pay in fp32 vector-width steps; int8 dot products where the ISA has them."""
+        feats = x86_isa.features(self.mcpu)
+        bits = x86_isa.vector_bits(feats)
+        return HardwareInfo(target=self.name, vector_bits=bits, fp32_lanes=bits // 32,
+                            int8_dot=x86_isa.int8_dot(feats), structure=Structure(channels=bits // 32))
 
     def describe(self) -> dict:
-        return {"name": self.name, "llvm_mcpu": self.mcpu, "num_cores": self.cores, **self.hw()}
+        return {"name": self.name, "llvm_mcpu": self.mcpu, "num_cores": self.cores, "precision": self.precision,
+                **self.hw().describe()}
 
     def check_supported(self, model: onnx.ModelProto, where: str) -> None:
         tvm_lowering.check_importable(model, where)
 
     def lower(self, model: onnx.ModelProto, out_dir: Path, tuning_db: str | None = None) -> dict:
-        from .cpu_int8 import import_int8
+        from .int8 import import_int8
         from .cpu_schedules import schedule_module
         t0 = time.perf_counter()
         # import_int8 = import_onnx plus the rewrite of QDQ conv/matmul chains into graphopt's VNNI kernels
         mod, int8_facts = import_int8(model, self.tvm_target())
+        if self.precision == "bf16":      # fp32 conv / matmul chains -> bf16 kernels (vdpbf16ps)
+            from .bf16 import rewrite_bf16
+            mod, bf16_facts = rewrite_bf16(mod, self.tvm_target())
+            int8_facts = {**int8_facts, **bf16_facts}
         ex = tvm_lowering.build(mod, self.tvm_target(), schedule=schedule_module, tuning_db=tuning_db)
         tvm_lowering.export(ex, Path(out_dir) / self.library)
         return {"compile_seconds": round(time.perf_counter() - t0, 3), **int8_facts}

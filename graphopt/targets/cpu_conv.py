@@ -139,7 +139,7 @@ def schedule_conv(sch, ctx: Ctx) -> bool:
     _schedule_producers(sch, conv, ctx)
     # epilogue chain -> one block
     out_buf_is_param = param_index(sch.mod["main"], blk.writes[0].source) is not None
-    epi = inline_epilogue(sch, conv)
+    epi = inline_epilogue(sch, conv, ctx)
     if epi is None:
         if not out_buf_is_param:
             return False
@@ -288,7 +288,8 @@ def find_window(sch):
 def _pick_width(ow: int, lanes: int) -> int:
     """Vector length along the width: the whole row when it fits one register, else a multiple of the
     register width, else the largest divisor that fits one register (odd lengths above one register
-    legalize badly in LLVM)."""
+    legalize badly in LLVM), else (a prime width) one register with a partial last block: never the whole
+    row, which LLVM needs minutes to compile for rows of thousands."""
     if ow <= lanes:
         return ow
     for c in (2 * lanes, lanes):
@@ -297,7 +298,7 @@ def _pick_width(ow: int, lanes: int) -> int:
     for c in range(lanes, 1, -1):
         if ow % c == 0:
             return c
-    return ow
+    return lanes
 
 
 def _x_stride(expr, x) -> int | None:
@@ -362,7 +363,7 @@ def schedule_conv_spatial(sch, ctx: Ctx) -> bool:
     blk = sch.get(main)
     name = blk.name_hint
     out_is_param = param_index(sch.mod["main"], blk.writes[0].source) is not None
-    epi = inline_epilogue(sch, main)
+    epi = inline_epilogue(sch, main, ctx)
     if epi is None:
         if not out_is_param:
             return False
@@ -428,4 +429,143 @@ def schedule_conv_spatial(sch, ctx: Ctx) -> bool:
     init = sch.decompose_reduction(main, red[0])
     try_vectorize(sch, sch.get_loops(init)[-1])
     ctx.notes.append(f"window {name} width block {xb}")
+    return True
+
+
+# --------------------------------------------------------------------------- channels-last (NHWC) convolutions
+
+
+def find_conv_nhwc(sch):
+    """The main block of a channels-last conv: out[n, y, x, f] += A[n, y', x', c'] * W[f, ry, rx, rc] (iters n, y, x,
+    f spatial; ry, rx, rc reduce; weights OHWI). Returns (block, data read index, weight read index) or None."""
+    for b in root_blocks(sch):
+        if iter_kinds(sch, b) != "SSSSRRR":
+            continue
+        blk = sch.get(b)
+        if len(blk.reads) != 2 or len(blk.writes) != 1 or len(blk.writes[0].region) != 4 or \
+                str(blk.writes[0].source.dtype) != "float32":
+            continue
+        _, _, _, f, ry, rx, rc = [v.var for v in blk.iter_vars]
+        for i, r in enumerate(blk.reads):
+            mins = [rg.min for rg in r.region]
+            if len(mins) == 4 and all(isinstance(m, tirx.Var) and m.same_as(v) for m, v in zip(mins, (f, ry, rx, rc))) \
+                    and len(blk.reads[1 - i].region) == 4:
+                return b, 1 - i, i
+    return None
+
+
+def _nhwc_channel_kind(expr, f, rc, rc_ext: int):
+    """How a channels-last conv reads its input channel (the data index `expr`): ("dense", None) when it does not
+    depend on the output channel f (input pixels are broadcast across a vector of output channels), ("group", ocg)
+    for f // ocg * icg + rc, ("depthwise", None) for f (+ rc of extent 1) (a vector of output channels reads a
+    vector of input channels); None otherwise."""
+    if not uses_var(expr, f):
+        return "dense", None
+    if rc_ext == 1:
+        if isinstance(expr, tirx.Var) and expr.same_as(f):
+            return "depthwise", None
+        if isinstance(expr, tirx.Add):
+            for a, b in ((expr.a, expr.b), (expr.b, expr.a)):
+                if isinstance(a, tirx.Var) and a.same_as(f) and (int_or_none(b) == 0 or
+                                                                 (isinstance(b, tirx.Var) and b.same_as(rc))):
+                    return "depthwise", None
+    ocg = _group_out_channels(expr, f)
+    return ("group", ocg) if ocg else None
+
+
+def _nhwc_tile(width: int, oc: int, lanes: int, kind: str, ocg: int | None):
+    """(oc_bn output channels, ow_bn pixels) of a channels-last register tile: oc_bn a multiple of the SIMD width
+    (half a register when no multiple divides oc), ow_bn a divisor of the width; the accumulators (ow_bn x oc_bn) fit
+    MAX_STACK_BYTES, so they stay a stack array LLVM keeps in registers. Scored by vector FMAs per load, where a
+    weight vector (re-read from L2 for every tile) counts three times an input broadcast (from L1); depthwise
+    tiles load a vector per FMA whatever the shape, so they only want enough accumulators to hide FMA latency."""
+    limit = MAX_STACK_BYTES // 4
+    cands = [m * lanes for m in (1, 2, 3, 4) if oc % (m * lanes) == 0]
+    if not cands:
+        cands = [c for c in (lanes // 2, lanes // 4) if c >= 4 and oc % c == 0][:1]
+    if kind == "group":
+        cands = [c for c in cands if ocg % c == 0]
+    best = None
+    for oc_bn in cands:
+        v = -(-oc_bn // lanes)
+        for ow_bn in range(min(width, limit // oc_bn), 0, -1):
+            if width % ow_bn:
+                continue
+            acc = ow_bn * v
+            if acc + v + 1 > 32:
+                continue  # accumulators + weight vectors + a broadcast: the AVX-512 register file
+            if kind == "depthwise":
+                score = min(acc, 12) + 0.01 * oc_bn
+            else:
+                score = acc / (ow_bn + 3 * v) * min(1.0, acc / 8)
+            if best is None or score > best[0] + 1e-9:
+                best = (score, oc_bn, ow_bn)
+    return None if best is None else best[1:]
+
+
+def schedule_conv_nhwc(sch, ctx: Ctx) -> bool:
+    """Channels-last convolution (regular, pointwise, grouped, depthwise): register tiles of ow_bn output pixels of
+    one row x oc_bn output channels (vectorized), the reduction (kernel rows, kernel columns, input channels) outside
+    the unrolled tile, weights repacked at compile time to [OC / oc_bn][KH][KW][IC][oc_bn] so one reduction step
+    reads oc_bn contiguous weights; input pixels are broadcast (dense / grouped) or loaded as vectors (depthwise).
+    The epilogue (bias, batch-norm arithmetic, activation, residual) is computed vectorized along the channels
+    right after each tile. (batch, rows, channel blocks) run in parallel."""
+    found = find_conv_nhwc(sch)
+    if found is None:
+        return False
+    conv, d_idx, w_idx = found
+    ext = extents(sch, conv)
+    if ext is None:
+        return False
+    N, OH, OW, OC, KH, KW, IC = ext
+    blk = sch.get(conv)
+    f_var, rc_var = blk.iter_vars[3].var, blk.iter_vars[6].var
+    kind = _nhwc_channel_kind(blk.reads[d_idx].region[3].min, f_var, rc_var, IC)
+    if kind is None:
+        return False
+    kind, ocg = kind
+    tile = _nhwc_tile(OW, OC, ctx.lanes, kind, ocg)
+    if tile is None:
+        return False
+    oc_bn, ow_bn = tile
+    work = N * OH * OW * OC * KH * KW * IC
+    w_buf = blk.reads[w_idx].source
+    w_param = param_index(sch.mod["main"], w_buf)
+    name = blk.name_hint
+    _schedule_producers(sch, conv, ctx)
+    out_is_param = param_index(sch.mod["main"], blk.writes[0].source) is not None
+    epi = inline_epilogue(sch, conv, ctx)
+    if epi is None:
+        if not out_is_param:
+            return False
+        epi = sch.cache_write(conv, 0, "global")
+    conv = sch.get_sblock(name)
+    n, y, x, f, ry, rx, rc = sch.get_loops(conv)
+    vec = min(oc_bn, ctx.lanes)      # vectors of exactly one register (LLVM scalarizes 48-lane vectors)
+    fo, fm, fi = sch.split(f, [None, oc_bn // vec, vec])
+    xo, xi = sch.split(x, [None, ow_bn])
+    sch.reorder(n, y, fo, xo, ry, rx, rc, xi, fm, fi)
+    par = sch.fuse(n, y, fo)
+    maybe_parallel(sch, par, work, ctx)
+    if kind == "depthwise" or KH * KW <= 49 and IC == 1:
+        sch.unroll(ry)
+        sch.unroll(rx)
+    sch.unroll(xi)
+    sch.unroll(fm)
+    must_vectorize(sch, fi)
+    sch.reverse_compute_at(epi, xo)
+    el = sch.get_loops(epi)
+    _, ev = sch.split(el[-1], [None, vec])
+    try_vectorize(sch, ev)
+    init = sch.decompose_reduction(conv, ry)
+    if w_param is not None and w_param in ctx.const_params:
+        wc = sch.cache_read(conv, read_index(sch, conv, w_buf), "global")
+        sch.annotate(wc, PREPROC, True)
+        ctx.preproc = True
+        sch.transform_layout(wc, ("write", 0), lambda o, h, w, i: (o // oc_bn, h, w, i, o % oc_bn))
+    il = sch.get_loops(init)
+    try_vectorize(sch, il[-1])
+    sch.unroll(il[-2])
+    sch.unroll(il[-3])
+    ctx.notes.append(f"conv nhwc {N}x{IC}->{OC} {OH}x{OW} k{KH}x{KW} {kind} oc_bn={oc_bn} ow_bn={ow_bn}")
     return True

@@ -63,30 +63,46 @@ def _analyse(sch, block):
     return a_i, b_i, nt
 
 
-def _pick(n: int, cands) -> int | None:
-    for c in cands:
-        if c <= n and n % c == 0:
-            return c
-    return None
+def _ceil_to(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+#: a padded tile is taken only when its estimated time is this much below the best exact one's (padding costs
+#: copies of the padded operands and predicated edge tiles)
+PAD_GAIN = 1.1
+
+
+def _tile_cycles(m_bn: int, v: int) -> float:
+    """Cycles per reduction step of an m_bn x v-vector register tile: two FMA pipes, two loads per cycle (v B
+    vectors, m_bn A broadcasts), and a 4-cycle FMA latency that fewer than 8 accumulators cannot hide."""
+    return max(m_bn * v / 2, (m_bn + v) / 2, 4.0)
 
 
 def _pick_tile(M: int, N: int, lanes: int):
-    """Register tile (m_bn rows, n_bn columns) maximising FMAs per load. The accumulator may take up to twice
-    the stack limit: a workspace allocation per tile is cheap next to its K-long reduction, and LLVM keeps the
+    """Register tile (m_bn rows, n_bn columns) of least estimated time: (m_bn, n_bn, M_pad, N_pad). A tile
+    that does not divide M or N pads them (zero rows / columns computed and dropped): an N of 6625 or 15 (a
+    CTC vocabulary, a 15-wide attention head) otherwise leaves half-vector or scalar code. The accumulators
+    and operands must fit the vector registers (32 with AVX-512, else 16) and the accumulator up to twice the
+    stack limit: a workspace allocation per tile is cheap next to its K-long reduction, and LLVM keeps the
     accumulators in registers either way."""
-    best = None
+    regs = 32 if lanes >= 16 else 16
+    exact = padded = None
     for n_bn in (2 * lanes, lanes, lanes // 2, lanes // 4):
-        if n_bn < 4 or N % n_bn:
+        if n_bn < 4:
             continue
         v = max(1, n_bn // lanes)
-        max_rows = min(12, 2 * MAX_STACK_BYTES // 4 // n_bn)
+        max_rows = min(12, 2 * MAX_STACK_BYTES // 4 // n_bn, (regs - v - 1) // v)
+        n_pad = _ceil_to(N, n_bn)
         for m_bn in range(max_rows, 0, -1):
-            if M % m_bn:
-                continue
-            score = (m_bn * n_bn / lanes) / (m_bn + v)
-            if best is None or score > best[0] + 1e-9:
-                best = (score, m_bn, n_bn)
-    return None if best is None else best[1:]
+            m_pad = _ceil_to(M, m_bn)
+            cost = (m_pad // m_bn) * (n_pad // n_bn) * _tile_cycles(m_bn, v)
+            cand = (cost, m_pad * n_pad, -m_bn * n_bn, m_bn, n_bn, m_pad, n_pad)
+            if (m_pad, n_pad) == (M, N) and (exact is None or cand < exact):
+                exact = cand
+            if padded is None or cand < padded:
+                padded = cand
+    best = exact if exact is not None and exact[0] <= padded[0] * PAD_GAIN else padded
+    return best[3:]
 
 
 def schedule_matmul(sch, ctx: Ctx) -> bool:
@@ -105,10 +121,7 @@ def schedule_matmul(sch, ctx: Ctx) -> bool:
     for e in ext:
         work *= e
     lanes = ctx.lanes
-    tile = _pick_tile(M, N, lanes)
-    if tile is None:
-        return False
-    m_bn, n_bn = tile
+    m_bn, n_bn, m_pad, n_pad = _pick_tile(M, N, lanes)
     blk = sch.get(mm)
     func = sch.mod["main"]
     b_buf = blk.reads[b_i].source
@@ -116,11 +129,15 @@ def schedule_matmul(sch, ctx: Ctx) -> bool:
     b_const = b_param is not None and b_param in ctx.const_params and len(b_buf.shape) == 2
 
     _schedule_producers(sch, mm, ctx)
-    epi = inline_epilogue(sch, mm)
-    if epi is None:
-        if param_index(func, blk.writes[0].source) is None:
-            return False
-        epi = sch.cache_write(mm, 0, "global")
+    if (m_pad, n_pad) != (M, N):
+        epi, b_pad = _pad(sch, mm, ext, b_i, m_bn if m_pad != M else 1, n_bn if n_pad != N else 1, ctx)
+    else:
+        b_pad = None
+        epi = inline_epilogue(sch, mm, ctx)
+        if epi is None:
+            if param_index(func, blk.writes[0].source) is None:
+                return False
+            epi = sch.cache_write(mm, 0, "global")
 
     loops = sch.get_loops(mm)
     batch, m, n, k = loops[:-3], loops[-3], loops[-2], loops[-1]
@@ -139,7 +156,11 @@ def schedule_matmul(sch, ctx: Ctx) -> bool:
     il = sch.get_loops(init)
     try_vectorize(sch, il[-1])
     if b_const:
-        bc = sch.cache_read(mm, read_index(sch, mm, b_buf), "global")
+        # the weight, in panels [N / n_bn, K, n_bn] (zero columns where N is padded), computed at compile time
+        if b_pad is None:
+            bc = sch.cache_read(mm, read_index(sch, mm, b_buf), "global")
+        else:
+            bc = b_pad
         sch.annotate(bc, PREPROC, True)
         ctx.preproc = True
         if nt:
@@ -148,22 +169,58 @@ def schedule_matmul(sch, ctx: Ctx) -> bool:
             sch.transform_layout(bc, ("write", 0), lambda kk, nn: (nn // n_bn, kk, nn % n_bn))
     elif nt:
         # a transposed activation: repack into [.., K, N] once per call
-        bc = sch.cache_read(mm, read_index(sch, mm, b_buf), "global")
+        bc = b_pad if b_pad is not None else sch.cache_read(mm, read_index(sch, mm, b_buf), "global")
         nd = len(b_buf.shape)
         perm = list(range(nd - 2)) + [nd - 1, nd - 2]
         sch.transform_layout(bc, ("write", 0), lambda *ax: tuple(ax[p] for p in perm))
-        schedule_injective_block(sch, bc, lanes, ctx.cores)
-    ctx.notes.append(f"matmul M={M} N={N} K={K} m_bn={m_bn} n_bn={n_bn} nt={nt} const_b={b_const}")
+        if b_pad is None:
+            schedule_injective_block(sch, bc, lanes, ctx.cores)
+    if b_pad is not None and not b_const:
+        schedule_injective_block(sch, b_pad, lanes, ctx.cores)
+    ctx.notes.append(f"matmul M={M} N={N} K={K} m_bn={m_bn} n_bn={n_bn} nt={nt} const_b={b_const}"
+                     + (f" padded to M={m_pad} N={n_pad}" if (m_pad, n_pad) != (M, N) else ""))
     return True
+
+
+def _pad(sch, mm, ext, b_i: int, m_step: int, n_step: int, ctx: Ctx):
+    """Pad the matmul's M / N up to multiples of the tile (pad_einsum: zero-filled copies of A and B, the
+    result in a padded buffer copied out). The copy-out is computed with the epilogue inside each tile, so
+    the padded result never leaves the tile. Returns (epilogue block, B's pad block or None)."""
+    before = {sch.get(b).name_hint for b in root_blocks(sch)}
+    sch.pad_einsum(mm, [1] * (len(ext) - 3) + [m_step, n_step, 1])
+    mm_blk = sch.get(mm)
+    new = [b for b in root_blocks(sch) if sch.get(b).name_hint not in before]
+    result, b_src = mm_blk.writes[0].source, mm_blk.reads[b_i].source
+    copy_out = [b for b in new if any(r.source.same_as(result) for r in sch.get(b).reads)]
+    if len(copy_out) != 1:
+        raise ValueError("pad_einsum made no single copy-out block")
+    b_pad = None
+    for b in new:
+        if b.same_as(copy_out[0]):
+            continue
+        if sch.get(b).writes[0].source.same_as(b_src):
+            b_pad = b             # scheduled by the caller (a compile-time repack, or a transpose)
+        else:
+            schedule_injective_block(sch, b, ctx.lanes, ctx.cores)
+    epi = inline_epilogue(sch, copy_out[0], ctx)
+    if epi is None:
+        return copy_out[0], b_pad
+    sch.compute_inline(copy_out[0])
+    return epi, b_pad
 
 
 def _schedule_producers(sch, main, ctx: Ctx) -> None:
     """Injective blocks before the matmul (fused reshapes/transposes) stay their own parallel stages:
-    inlining them could turn the vectorized B loads into gathers."""
+    inlining them could turn the vectorized B loads into gathers. Blocks the matmul does not read (a slice
+    only the epilogue adds: an unrolled RNN step) are inlined into the epilogue, which follows each tile."""
     name = sch.get(main).name_hint
     for b in root_blocks(sch):
         if sch.get(b).name_hint == name:
             break
         if "R" in iter_kinds(sch, b):
             raise ValueError("a reduction before the matmul")
+        written = {w.source for w in sch.get(b).writes}
+        if not any(r.source in written for r in sch.get(sch.get_sblock(name)).reads):
+            sch.compute_inline(b)
+            continue
         schedule_injective_block(sch, b, ctx.lanes, ctx.cores)

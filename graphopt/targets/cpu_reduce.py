@@ -4,7 +4,8 @@ fallback for every other PrimFunc.
 Row reductions: every block shares P leading spatial axes (the rows); the output block's row loops are fused
 and parallel, every other block is computed inside that loop (so a row stays in L1 between the passes),
 elementwise passes are vectorized along the row, and each reduction over a long enough row is rfactor-ed
-into a vector of SIMD-width partial results (vectorized) followed by a short horizontal reduction.
+into a vector of SIMD-width partial results (vectorized) followed by a short horizontal reduction (rows the
+SIMD width does not divide: as many partial results as a divisor of the row up to four widths).
 
 Generic: inline injective intermediates, then parallelize the outer loops and vectorize the innermost loop
 of each remaining block (only spatial loops are vectorized, reductions are only parallelized).
@@ -13,8 +14,9 @@ from __future__ import annotations
 
 from tvm import tirx
 
-from .cpu_sched_common import (Ctx, block_realize, block_work, int_or_none, iter_kinds, maybe_parallel,
-                               root_blocks, schedule_injective_block, try_vectorize, uses_var, vectorize_inner)
+from .cpu_sched_common import (Ctx, block_realize, block_work, int_or_none, is_innermost_serial, iter_kinds,
+                               maybe_parallel, root_blocks, schedule_injective_block, try_vectorize, uses_var,
+                               vectorize_inner)
 
 
 def _leading_s(kinds: str) -> int:
@@ -49,10 +51,11 @@ def schedule_reduction(sch, ctx: Ctx) -> bool:
         red = loops[_leading_s(k):]
         r = sch.fuse(*red) if len(red) > 1 else red[0]
         ext = int_or_none(sch.get(r).extent)
-        if ext is None or ext < 2 * lanes or ext % lanes:
+        width = _rfactor_width(ext, lanes)
+        if width is None:
             continue
         try:
-            _, ri = sch.split(r, [None, lanes])
+            _, ri = sch.split(r, [None, width])
             rf = sch.rfactor(ri, len(sch.get(b).writes[0].region))
             rf_names.append(sch.get(rf).name_hint)
         except Exception:  # noqa: BLE001 - e.g. a reducer rfactor does not know: keep the scalar reduction
@@ -65,7 +68,7 @@ def schedule_reduction(sch, ctx: Ctx) -> bool:
     for b in reversed(root_blocks(sch)[:-1]):
         sch.compute_at(b, rows, preserve_unit_loops=True)
     if len(sch.get_loops(out)) > 1 and "R" not in iter_kinds(sch, out):
-        vectorize_inner(sch, out, lanes)  # (rows is the out block's first loop: never that one)
+        _vectorize_row(sch, out, lanes)  # (rows is the out block's first loop: never that one)
     # 3. vectorize inside the row loop
     for b in sch.get_child_blocks(rows):
         name = sch.get(b).name_hint
@@ -82,9 +85,35 @@ def schedule_reduction(sch, ctx: Ctx) -> bool:
                 init = sch.decompose_reduction(b, ko[0])
                 try_vectorize(sch, sch.get_loops(init)[-1])
         elif "R" not in k:
-            vectorize_inner(sch, b, lanes)
+            _vectorize_row(sch, b, lanes)
     ctx.notes.append(f"rows P={P} rfactor={len(rf_names)}")
     return True
+
+
+def _vectorize_row(sch, b, lanes: int) -> None:
+    """vectorize_inner, except that a long row the SIMD width does not divide (a 6625-way softmax, a 120-wide layer
+    norm) is partitioned into a vectorized multiple of the width and a scalar tail: TVM scalarizes a vector loop
+    with a bound check whole, and a row-long vector is beyond check_vectorized_loops' bounds."""
+    loops = sch.get_loops(b)
+    ext = int_or_none(sch.get(loops[-1]).extent) if loops else None
+    if ext is None or ext <= 2 * lanes or ext % lanes == 0 or not is_innermost_serial(sch, loops[-1]):
+        vectorize_inner(sch, b, lanes)
+        return
+    body, _ = sch.loop_partition(loops[-1], [ext // lanes * lanes, None])
+    _, v = sch.split(body, [None, lanes])
+    try_vectorize(sch, v)
+
+
+def _rfactor_width(ext: int | None, lanes: int) -> int | None:
+    """Partial results per row for a reduction of ext elements: the SIMD width when it divides ext, else the largest
+    divisor of ext up to four SIMD widths (a 6625- or 18710-way softmax summed in one float32 accumulator is 10x
+    further from the exact result than onnxruntime; TVM 0.27's rfactor of a split that does not divide ext drops
+    the bound check and reads past the row, so only divisors)."""
+    if ext is None or ext < 2 * lanes:
+        return None
+    if ext % lanes == 0:
+        return lanes
+    return next((w for w in range(4 * lanes, 3, -1) if ext % w == 0), None)
 
 
 def _column_reduction(sch, b, n: int, ctx: Ctx) -> bool:
@@ -167,9 +196,44 @@ def _is_spatial_loop(sch, block, loop) -> bool:
     return True
 
 
+#: a function with more blocks is left to TVM: each compute_inline rewrites the whole function, so inlining
+#: n blocks costs n^2 (an unrolled 300-step RNN's output Concat of 300 reshapes took 10 s)
+MAX_GENERIC_BLOCKS = 64
+
+
+def _order_for_transposed_read(sch, b) -> None:
+    """A copy that reads its largest input along another axis than it writes (a transpose, NHWC -> NCHW): put the
+    loop of that input's contiguous axis just outside the innermost (vectorized, output-contiguous) loop, so the
+    cache lines one vector of gathered loads touches are reused by the next iterations instead of being evicted
+    by a whole plane first (ConvNeXt's 56x56x96 transpose back: 3x faster)."""
+    blk = sch.get(b)
+    ivs = [iv.var for iv in blk.iter_vars]
+    loops = sch.get_loops(b)
+    if len(loops) != len(ivs) or len(ivs) < 3:
+        return
+    binds = block_realize(sch, b).iter_values
+    if not all(isinstance(v, tirx.Var) and v.same_as(sch.get(lp).loop_var) for v, lp in zip(binds, loops)):
+        return
+    best, size = None, 0
+    for r in blk.reads:
+        last = r.region[-1].min
+        n = 1
+        for d in r.source.shape:
+            n *= int_or_none(d) or 0
+        if isinstance(last, tirx.Var) and int_or_none(r.region[-1].extent) == 1 and not last.same_as(ivs[-1]) \
+                and n > size:
+            hits = [i for i, v in enumerate(ivs) if v.same_as(last)]
+            if hits:
+                best, size = hits[0], n
+    if best is None or best == len(ivs) - 2:
+        return
+    order = [lp for i, lp in enumerate(loops[:-1]) if i != best] + [loops[best], loops[-1]]
+    sch.reorder(*order)
+
+
 def schedule_generic(sch, ctx: Ctx) -> bool:
     blocks = root_blocks(sch)
-    if not blocks:
+    if not blocks or len(blocks) > MAX_GENERIC_BLOCKS:
         return False
     # inline injective intermediates (keep the output blocks)
     outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(sch.get_sblock("root"))}
@@ -187,6 +251,7 @@ def schedule_generic(sch, ctx: Ctx) -> bool:
         if "O" in k:
             continue
         if "R" not in k:
+            _order_for_transposed_read(sch, b)
             schedule_injective_block(sch, b, ctx.lanes, ctx.cores)
             did = True
             continue

@@ -134,16 +134,98 @@ def consumers_chain(sch: Schedule, block) -> list:
     return blocks[i + 1:]
 
 
-def inline_epilogue(sch: Schedule, main_block):
-    """Inline the injective blocks that follow main_block into the last one, so that one epilogue block
-    reads main_block's output. Returns that block, or None when there is no epilogue. Raises when the
-    chain cannot be reduced to one block (the caller then falls back)."""
+def _is_point(region, ivs) -> bool:
+    """region is the single element [iv0, iv1, ...] of the block iter vars ivs, in order."""
+    return len(region) == len(ivs) and all(
+        isinstance(r.min, tirx.Var) and r.min.same_as(iv.var) and int_or_none(r.extent) == 1
+        for r, iv in zip(region, ivs))
+
+
+def is_pointwise_over(sch: Schedule, block, shape, bufs) -> bool:
+    """block computes one element per element of a tensor of `shape` (all-spatial iters of exactly those
+    extents) and writes, and reads any buffer of bufs, at exactly that element."""
+    blk = sch.get(block)
+    ivs = list(blk.iter_vars)
+    dims = [int_or_none(d) for d in shape]
+    if None in dims or any(iv.iter_type != tirx.IterVar.DataPar for iv in ivs) or \
+            [int_or_none(iv.dom.extent) for iv in ivs] != dims:
+        return False
+    if len(blk.writes) != 1 or not _is_point(blk.writes[0].region, ivs):
+        return False
+    return all(_is_point(r.region, ivs) for r in blk.reads if any(r.source.same_as(b) for b in bufs))
+
+
+def inline_epilogue(sch: Schedule, main_block, ctx: Ctx):
+    """Inline the pointwise blocks that follow main_block (bias, activation, residual add, ...) into the last
+    of them, so that one epilogue block reads main_block's output element for element; callers compute it
+    inside their tiles (reverse_compute_at). Returns that block, or None when main_block has no consumer.
+    Blocks after it that are not pointwise over main_block's output (the next layer's Pad, a reshape) stay at
+    root as their own stages: computed at a tile they would get only the elements the tile reaches, leaving
+    the rest (a padding border) unwritten. When the first consumer is such a block, the epilogue is a copy
+    (cache_write). Raises when the chain cannot be reduced (the caller then falls back)."""
     after = consumers_chain(sch, main_block)
     if not after:
         return None
-    for b in after[:-1]:
+    blk = sch.get(main_block)
+    shape = blk.writes[0].source.shape
+    bufs = [blk.writes[0].source]
+    n = 0
+    while n < len(after) and is_pointwise_over(sch, after[n], shape, bufs):
+        bufs.append(sch.get(after[n]).writes[0].source)
+        n += 1
+    tail = [sch.get(b).name_hint for b in after[n:]]
+    for b in after[:n - 1]:
         sch.compute_inline(b)
-    return after[-1]
+    epi = after[n - 1] if n else sch.cache_write(main_block, 0, "global")
+    kept = []
+    for i, name in enumerate(tail):
+        if i < len(tail) - 1 and "R" not in iter_kinds(sch, sch.get_sblock(name)):
+            try:
+                sch.compute_inline(sch.get_sblock(name))   # one pass over the data for the whole tail
+                continue
+            except Exception:  # noqa: BLE001 - e.g. read by a reduction: it stays its own stage
+                pass
+        kept.append(name)
+    for name in kept:
+        b = sch.get_sblock(name)
+        if "R" not in iter_kinds(sch, b):
+            schedule_injective_block(sch, b, ctx.lanes, ctx.cores)
+    return epi
+
+
+def _product(values) -> int | None:
+    n = 1
+    for v in values:
+        v = int_or_none(v)
+        if v is None:
+            return None
+        n *= v
+    return n
+
+
+def check_full_coverage(sch: Schedule) -> None:
+    """Raise unless the spatial blocks writing each output of the function run, together, at least once per
+    output element: reverse_compute_at silently drops the instances a tile does not reach (a fused Pad's
+    border), leaving part of the output unwritten (the caller falls back to the next rule). Only outputs are
+    counted (producers moved by compute_at legitimately compute just what their consumers read); a reduction
+    counts through its init block."""
+    func = sch.mod["main"]
+    written: dict[int, int | None] = {}
+    for b in sch.get_child_blocks(sch.get_sblock("root")):
+        blk = sch.get(b)
+        if any(iv.iter_type != tirx.IterVar.DataPar for iv in blk.iter_vars):
+            continue
+        points = _product(iv.dom.extent for iv in blk.iter_vars)
+        runs = _product(sch.get(lp).extent for lp in sch.get_loops(b))
+        for w in blk.writes:
+            i = param_index(func, w.source)
+            if i is not None:
+                n = None if points is None or runs is None or written.get(i, 0) is None else min(points, runs)
+                written[i] = None if n is None else written.get(i, 0) + n
+    for i, n in written.items():
+        size = _product(func.params[i].shape)
+        if n is not None and size is not None and n < size:
+            raise ValueError(f"output {func.params[i].name} gets {n} of its {size} elements written")
 
 
 def schedule_injective_block(sch: Schedule, block, lanes: int, cores: int) -> None:
@@ -299,18 +381,39 @@ def register_fast_math() -> None:
         _fast_math_registered = True
 
 
+#: the widest vectorized loop a rule may emit (elements) and the most iterations an unrolled loop may have,
+#: and the most elements of straight-line code unrolled loops around a block may produce: LLVM's compile time
+#: grows much faster than linearly with vector width and unrolled code (a 2033-lane row took minutes)
+MAX_VECTOR_LANES = 64
+MAX_UNROLL = 64
+MAX_UNROLLED_LANES = 4096
+
+
 def check_vectorized_loops(sch: Schedule) -> None:
     """Raise unless every vectorized loop's body is exactly one block (TVM's vectorizer silently miscompiles
-    a vectorized loop around other loops or several blocks)."""
+    a vectorized loop around other loops or several blocks) and vector and unroll widths stay within the
+    bounds above (the rule then fails and the next one gets the function)."""
     seen = set()
     todo = list(sch.get_child_blocks(sch.get_sblock("root")))
     while todo:
         b = todo.pop()
+        straight = 1      # elements of straight-line code: product of the vector and unrolled loops around b
         for lp in sch.get_loops(b):
             loop = sch.get(lp)
+            ext = int_or_none(loop.extent)
+            if loop.kind in (tirx.ForKind.VECTORIZED, tirx.ForKind.UNROLLED) and ext is not None:
+                vector = loop.kind == tirx.ForKind.VECTORIZED
+                limit = MAX_VECTOR_LANES if vector else MAX_UNROLL
+                if ext > limit:
+                    raise ValueError(f"{'vectorized' if vector else 'unrolled'} loop {loop.loop_var.name} has {ext} "
+                                     f"iterations (at most {limit})")
+                straight *= ext
             key = loop.loop_var.name + str(id(loop))
             if loop.kind == tirx.ForKind.VECTORIZED and key not in seen:
                 seen.add(key)
                 if not isinstance(loop.body, tvm.s_tir.SBlockRealize):
                     raise ValueError(f"vectorized loop {loop.loop_var.name} does not hold exactly one block")
+        if straight > MAX_UNROLLED_LANES:
+            raise ValueError(f"block {sch.get(b).name_hint} is unrolled and vectorized into {straight} elements "
+                             f"(at most {MAX_UNROLLED_LANES})")
         todo.extend(sch.get_child_blocks(b))

@@ -5,7 +5,8 @@ MetaScheduleApplyDatabase when a tuning database is given (functions MetaSchedul
 "tirx.is_scheduled" and are left alone). Every other PrimFunc is given to graphopt's rules in order, each on a
 fresh Schedule of the untouched function:
 
-    conv2d     cpu_conv.schedule_conv          regular / pointwise / grouped convolutions
+    conv2d_nhwc  cpu_conv.schedule_conv_nhwc   channels-last convolutions (cpu_layout.to_nhwc), depthwise included
+    conv2d     cpu_conv.schedule_conv          regular / pointwise / grouped convolutions (NCHW)
     depthwise  cpu_conv.schedule_conv_spatial  depthwise convolutions, pooling windows, other window reductions
     matmul     cpu_matmul.schedule_matmul      dense / matmul / batch_matmul (+ epilogues)
     reduction  cpu_reduce.schedule_reduction   row reductions: softmax, layer-norm, mean / global pooling, sums
@@ -16,7 +17,9 @@ does not recognise the function returns False; one that a schedule primitive rej
 next rule gets a fresh schedule, and a function no rule takes stays as it was (correct, just slow). Schedule
 primitives preserve semantics (only the floating-point summation order changes); the one TVM hazard found -
 vectorizing a loop that holds more than one block is silently miscompiled - is excluded by
-check_vectorized_loops on every result.
+check_vectorized_loops on every result. A second hazard - compute_at / reverse_compute_at drop the instances
+a tile does not reach (a fused Pad's border stayed unwritten) - is avoided by inline_epilogue (only pointwise
+epilogues go into tiles) and caught by check_full_coverage on every result.
 
 Scheduled functions get "tirx.is_scheduled", "graphopt.schedule_rule" and op_pattern 8 (opaque, so the
 FuseOps that tvm.compile runs again cannot re-fuse them). Constant weights a rule wants in another layout are
@@ -35,7 +38,9 @@ import tvm
 from tvm import relax, tirx
 from tvm.s_tir import Schedule
 
-from .cpu_sched_common import Ctx, check_vectorized_loops, register_fast_math
+from . import x86_isa
+from .cpu_sched_common import Ctx, check_full_coverage, check_vectorized_loops, register_fast_math
+from .cpu_vector_math import vectorizable_math
 
 log = logging.getLogger("graphopt.cpu_schedules")
 
@@ -44,20 +49,12 @@ SCHEDULED_ATTR = "tirx.is_scheduled"
 #: attribute recording which graphopt rule scheduled a function (for tests and debugging)
 RULE_ATTR = "graphopt.schedule_rule"
 
-_AVX512_MCPUS = {"sapphirerapids", "cooperlake", "icelake-server", "icelake-client", "cascadelake",
-                 "skylake-avx512", "tigerlake", "cannonlake", "znver4", "znver5", "graniterapids"}
-_AVX2_MCPUS = {"haswell", "broadwell", "skylake", "alderlake", "znver1", "znver2", "znver3", "x86-64-v3"}
-
 
 def fp32_lanes(target) -> int:
     """SIMD width in fp32 lanes from the target's mcpu / mattr (AVX-512: 16, AVX2: 8, else 4)."""
-    mcpu = str(target.attrs.get("mcpu", "")) if target is not None else ""
-    mattr = [str(a) for a in target.attrs.get("mattr", [])] if target is not None else []
-    if "+avx512f" in mattr or mcpu in _AVX512_MCPUS or mcpu == "x86-64-v4":
-        return 16
-    if "+avx2" in mattr or mcpu in _AVX2_MCPUS:
-        return 8
-    return 4
+    if target is None:
+        return 4
+    return x86_isa.vector_bits(x86_isa.features(str(target.attrs.get("mcpu", "")), target.attrs.get("mattr", []))) // 32
 
 
 def _num_cores(target) -> int:
@@ -93,7 +90,8 @@ def constant_params(mod) -> dict[str, set[int]]:
 
 def _rules():
     from . import cpu_conv, cpu_matmul, cpu_reduce
-    return [("conv2d", cpu_conv.schedule_conv), ("depthwise", cpu_conv.schedule_conv_spatial),
+    return [("conv2d_nhwc", cpu_conv.schedule_conv_nhwc), ("conv2d", cpu_conv.schedule_conv),
+            ("depthwise", cpu_conv.schedule_conv_spatial),
             ("matmul", cpu_matmul.schedule_matmul), ("reduction", cpu_reduce.schedule_reduction),
             ("generic", cpu_reduce.schedule_generic)]
 
@@ -117,6 +115,7 @@ def default_schedule(func_or_mod, target, const_params=frozenset()):
             if not rule(sch, ctx):
                 continue
             check_vectorized_loops(sch)
+            check_full_coverage(sch)
         except Exception as e:  # noqa: BLE001 - a rule that fails leaves the function to the next rule
             msg = str(e).strip().splitlines()
             log.debug("rule %s failed: %s", name, msg[-1] if msg else type(e).__name__)
@@ -145,6 +144,8 @@ def schedule_module(mod, target):
             # MetaSchedule's record: keep it, but never let a later FuseOps re-fuse it
             updates[gv] = func.with_attr("op_pattern", 8)
             continue
+        if relax.analysis.has_reshape_pattern(func):
+            continue    # left as it is, tvm.compile's RewriteDataflowReshape makes it a view (no copy, no kernel)
         new, rule, _ = schedule_func(func, target, consts.get(gv.name_hint, set()))
         if rule is None:
             continue
@@ -156,8 +157,9 @@ def schedule_module(mod, target):
             new = new.without_attr("global_symbol")
         updates[gv] = new
     mod = mod.clone()  # the caller's module stays as it was
-    for gv, f in updates.items():
-        mod[gv] = f
+    for gv, f in list(mod.functions.items()):
+        if isinstance(f, tirx.PrimFunc):
+            mod[gv] = vectorizable_math(updates.get(gv, f))   # erf / rsqrt would scalarize vector loops
     # weight repacking blocks (ours, or from MetaSchedule records) -> separate functions, evaluated now
     try:
         mod = relax.transform.SplitLayoutRewritePreproc()(mod)

@@ -30,6 +30,7 @@ from pathlib import Path
 import onnx
 
 from graphopt.errors import BadInput, GraphoptError
+from graphopt.hardware import HardwareInfo, Structure
 
 from . import block_sparse, tvm_lowering
 from .base import Target, to_numpy_list
@@ -448,14 +449,17 @@ class CudaTarget(Target):
         return tvm.target.Target({"kind": "cuda", "arch": self.archs[0], "max_shared_memory_per_block": 49152,
                                   "max_threads_per_block": 1024, "thread_warp_size": 32})
 
-    def hw(self) -> dict:
-        # sparse_block: (output features, input features); 32x1 puts one block row on one warp
-        return {"warp_size": 32, "fp32_lanes": 32, "sparse_block": [32, 1], "int8_dot": "dp4a"}
+    def hw(self) -> HardwareInfo:
+        """sparse_block (rows, cols) = (output features, input features): 32x1 puts one block row on one warp
+        (the BSR kernels of block_sparse.py use it); 2:4 is what sm_80+ sparse tensor cores accelerate (graphopt's
+        cuda lowering still compiles 2:4 weights dense)."""
+        return HardwareInfo(target=self.name, fp32_lanes=32, warp_size=32, int8_dot="dp4a",
+                            structure=Structure(channels=32, blocks=(32, 1), nm=(2, 4)))
 
     def describe(self) -> dict:
         return {"name": self.name, "codegen_arch": self.archs[0], "sass": list(self.archs),
                 "ptx": f"compute_{self.archs[-1][3:]}", "block_sparse": self.sparse,
-                "min_sparsity": self.min_sparsity, **self.hw()}
+                "min_sparsity": self.min_sparsity, **self.hw().describe()}
 
     def check_supported(self, model: onnx.ModelProto, where: str) -> None:
         tvm_lowering.check_importable(model, where)

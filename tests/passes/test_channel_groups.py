@@ -166,3 +166,15 @@ def test_weights_in_constant_nodes():
     conv1 = next(n for n in res.graph.nodes if n.name == "conv1")
     assert isinstance(conv1.inputs[1], gs.Constant) and conv1.inputs[1].values.shape[0] == 4
     assert res.records[0]["oracle_max_error"] < 1e-5
+
+
+def test_readers_of_a_shared_weight_are_one_unit_per_slice():
+    """Four steps of an unrolled recurrence read one R: the output channels of every step are the same units (and,
+    since step t's output is step t+1's input, R's rows and columns are too)."""
+    g, groups, _ = _groups(ob.shared_weight_chain(4))
+    units = [_units_of(groups, f"step{t}") for t in range(4)]
+    assert all(np.array_equal(units[0], u) for u in units[1:])
+    assert len(set(units[0].tolist())) == 32 and not any(groups.units[k].frozen for k in units[0])
+    rows = {tuple(groups.classes(p.slots).tolist()) for p in groups.params
+            if groups.nodes[p.node].inputs[p.input].name == "R" and p.axis == 0}
+    assert rows == {tuple(units[0].tolist())}

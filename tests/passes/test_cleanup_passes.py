@@ -86,3 +86,32 @@ def test_structural_only_mode_skips_numeric_check(zoo_onnx):
     g = _load(zoo_onnx("resnet"))
     res = PassManager.parse("cleanup").run(g, PassContext(verify="structural"))
     assert "max_error" not in res.records[0]
+
+
+@pytest.mark.parametrize("op", ["ConstantOfShape", "Expand", "Tile"])
+def test_folding_leaves_constants_over_the_size_cap_to_run_time(op):
+    from graphopt.folding import fold
+    from graphopt.graph import from_onnx
+    m = ob.growing_constant(op, 1024)                     # a 4 kB constant
+    capped, _ = fold(from_onnx(m), max_bytes=4095)
+    assert [n.op for n in capped.nodes] == [op, "ReduceSum", "Add"]
+    ok, err, _ = equivalent(from_onnx(m), capped)
+    assert ok, err
+    folded, _ = fold(from_onnx(m), max_bytes=4096)
+    assert [n.op for n in folded.nodes] == ["Add"]
+
+
+def test_fold_batchnorm_leaves_a_shared_weight_shared():
+    """Two Convs share one weight, each followed by its own BatchNormalization: folding would need two different
+    weights (it wrote both as '<w>_bnfolded', one name for two tensors). The shared weight stays one initializer."""
+    from onnx import helper
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "w"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             ob.bn_node("c1", "y1", "bn1"), ob.bn_node("c2", "y2", "bn2")]
+    m = ob.model(nodes, [ob.vi("x", [1, 3, 8, 8])], [ob.vi("y1", [1, 4, 8, 8]), ob.vi("y2", [1, 4, 8, 8])],
+                 [("w", ob.rnd(4, 3, 3, 3))] + ob.bn_params("bn1", 4, seed=1) + ob.bn_params("bn2", 4, seed=2))
+    res = PassManager.parse("cleanup").run(_load(m))                 # exactness checked by the manager
+    convs = [n for n in res.graph.nodes if n.op == "Conv"]
+    assert len(convs) == 2 and convs[0].inputs[1] is convs[1].inputs[1]
+    names = [i.name for i in graphopt.to_onnx(res.graph).graph.initializer]
+    assert len(names) == len(set(names))

@@ -9,6 +9,7 @@ import onnx_builders as ob
 from graphopt import PassContext, PassManager, ort
 from graphopt.analyses import flops
 from graphopt.errors import BadInput, CheckFailed
+from graphopt.hardware import HardwareInfo, Structure
 from graphopt.graph import to_onnx
 
 ZOO = ["resnet", "mobilenet_v3", "densenet", "inception", "resnext", "shufflenet", "vit", "convnext", "yolo", "unet",
@@ -160,7 +161,7 @@ def test_unreachable_budget_fails_clearly(zoo_onnx):
 
 def test_round_to_comes_from_the_target_hw(zoo_onnx):
     g = graphopt.load(zoo_onnx("resnet"))
-    res = PassManager.parse("factorize-lowrank{energy=0.5}").run(g, PassContext(hw={"fp32_lanes": 8}))
+    res = PassManager.parse("factorize-lowrank{energy=0.5}").run(g, PassContext(hw=HardwareInfo(fp32_lanes=8, structure=Structure(channels=8))))
     rec = _record(res)
     assert rec["round_to"] == 8 and rec["factorized"] >= 1
     assert all(r % 8 == 0 or r in (f, m) for e in rec["layers"]

@@ -5,9 +5,11 @@ import onnx_graphsurgeon as gs
 import pytest
 
 import graphopt
+import onnx_builders as ob
 import prune_models as pm
 from graphopt import PassContext, PassManager
 from graphopt.errors import BadInput, CheckFailed
+from graphopt.hardware import GENERIC, HardwareInfo, Structure
 from graphopt.graph import constant_value, copy as copy_graph
 from graphopt.passes import prune_channels as pc
 
@@ -177,14 +179,71 @@ def test_dead_channels_are_removed_exactly_and_idempotently(pm_onnx):
     assert not again.modified
 
 
-def test_dead_with_rounding_and_on_the_zoo(pm_onnx, zoo_onnx):
+def test_dead_ignores_rounding_and_on_the_zoo(pm_onnx, zoo_onnx):
     g = graphopt.load(pm_onnx("dead_channels"))
-    res, rec = _run(g, "prune-channels{criterion=dead}")
-    # round_to 16: conv a (32 wide, 4 dead) and fc1 (64 wide, 5 dead) cannot reach a multiple of 16 and keep
-    # their dead channels; conv b (16 wide, no rounding) loses its 3
-    assert rec["units"]["removed"] == len(pm.DeadChannels.DEAD_B) and rec["max_error"] <= 1e-6
+    res, rec = _run(g, "prune-channels{criterion=dead,round_to=16}")
+    # exact removal takes every dead channel: conv a (32 wide, 4 dead) and fc1 (64 wide, 5 dead) end up at widths
+    # that are no multiple of 16 (alignment is the target's business)
+    assert rec["units"]["removed"] == len(pm.DeadChannels.DEAD_A + pm.DeadChannels.DEAD_B + pm.DeadChannels.DEAD_H)
+    assert rec["max_error"] <= 1e-6 and rec["held"] == []
     res, rec = _run(graphopt.load(zoo_onnx("resnet")), "prune-channels{criterion=dead}")
-    assert not res.modified
+    assert not res.modified and rec["units"]["removed"] == 0
+
+
+def _dead_convs(n=20, dead=(2, 7, 11), all_dead_width=6):
+    """x -> conv1 (n channels, `dead` with zero weights and bias) -> Relu -> conv2 (every channel zero) -> Relu
+    -> conv3 -> y. n is no multiple of 16 and len(dead) < n % 16: rounding to 16 could remove none of them."""
+    from onnx import helper
+    import onnx_builders as ob
+    rng = np.random.default_rng(0)
+    w1, b1 = rng.standard_normal((n, 3, 3, 3)).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    w1[list(dead)], b1[list(dead)] = 0, 0
+    w2, b2 = np.zeros((all_dead_width, n, 1, 1), np.float32), np.zeros(all_dead_width, np.float32)
+    w3 = rng.standard_normal((4, all_dead_width, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2"),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("Conv", ["r2", "w3"], ["y"], name="conv3")]
+    return ob.model(nodes, [ob.vi("x", [1, 3, 8, 8])], [ob.vi("y", [1, 4, 8, 8])],
+                    [("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2), ("w3", w3)])
+
+
+def test_dead_channels_go_whatever_round_to_and_what_stays_is_said():
+    g = graphopt.load(_dead_convs())
+    res, rec = _run(g, "prune-channels{criterion=dead}", PassContext(hw=GENERIC))
+    assert rec["round_to"] == 16 and rec["max_error"] <= 1e-6
+    assert _node(res.graph, "conv1").inputs[1].values.shape[0] == 17           # all 3 dead channels removed
+    assert _node(res.graph, "conv2").inputs[1].values.shape[0] == 1            # all dead: one channel stays
+    assert rec["units"]["removed"] == 3 + 5
+    assert rec["held"] == [{"channels": 1, "why": "dead, but a layer keeps at least one channel"}]
+    # the user freezes conv1: nothing of it goes, and the record says how many dead channels stayed and why
+    res, rec = _run(graphopt.load(_dead_convs()), "prune-channels{criterion=dead,ignore=[conv1]}")
+    assert _node(res.graph, "conv1").inputs[1].values.shape[0] == 20
+    assert {"channels": 3, "why": "dead but ignored by the user"} in rec["held"]
+
+
+def test_a_budget_that_constraints_block_says_what_kept_the_channels():
+    g = graphopt.load(_dead_convs(all_dead_width=6))
+    res, rec = _run(g, "prune-channels{ratio=0.5,round_to=16,max_layer_ratio=0.5}")
+    assert not rec["budget_met"] and "limits" in rec
+    held = {h["why"]: h["channels"] for h in rec["held"]}
+    # at the narrowest: conv1 (20 wide) keeps 1 + 9 for max_layer_ratio + 6 for round_to (16 is the only narrower
+    # multiple of 16), conv2 (6 wide, no rounding) 1 + 2; conv3's 4 outputs are the graph's output (frozen)
+    assert held == {"frozen (see 'frozen')": 4, "max_layer_ratio=0.5": 9 + 2, "round_to=16": 6,
+                    "a layer keeps at least one channel": 2}
+    assert sum(held.values()) - 4 == rec["units"]["prunable"] - rec["units"]["removed"]
+
+
+def test_pruning_that_removed_nothing_is_in_report_json_and_on_the_terminal(tmp_path):
+    from graphopt.cli import _pruning_text
+    art = graphopt.compile(_dead_convs(), "cpu", tmp_path / "a", measure=False,
+                           pipeline="prune-channels{criterion=dead,ignore=[conv1,conv2]}")
+    (p,) = art.report["pruning"]
+    assert p["units"]["removed"] == 0
+    assert p["held"] == [{"channels": 3 + 6, "why": "dead but ignored by the user"}]
+    text = _pruning_text(p)
+    assert "channels: removed 0 of" in text and "kept 9 channel(s): dead but ignored by the user" in text
 
 
 def test_exact_depends_on_the_criterion():
@@ -211,7 +270,7 @@ def test_round_to_and_max_layer_ratio(zoo_onnx):
         assert after >= before * 0.5 - 1e-9, name
         if before > 16 and after != before:
             assert after % 16 == 0, (name, before, after)
-    ctx = PassContext(hw={"fp32_lanes": 8})
+    ctx = PassContext(hw=HardwareInfo(fp32_lanes=8, structure=Structure(channels=8)))
     res, rec = _run(graphopt.load(zoo_onnx("mobilenet_v3")), "prune-channels{flops=0.5}", ctx)
     assert rec["round_to"] == 8
     assert all(a % 8 == 0 for b, a in rec["layers"].values() if b > 8 and a != b)
@@ -456,3 +515,117 @@ def test_native_group_normalization_prunes_whole_groups(opset, per_channel):
     assert kept % (C // G) == 0 and gn.attrs["num_groups"] == kept // (C // G) < G
     assert gn.inputs[1].values.shape[0] == (kept if per_channel else kept // (C // G))
     assert rec["oracle_max_error"] < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- shared weights
+
+def _shared_conv():
+    """conv0 -> Relu -> (Conv(Ws, bs) -> Relu) twice with one shared weight -> head conv."""
+    from onnx import helper
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["a0"], name="conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a0"], ["r0"], name="relu0")]
+    for t in (1, 2):
+        nodes += [helper.make_node("Conv", [f"r{t - 1}", "ws", "bs"], [f"a{t}"], name=f"shared{t}", pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"a{t}"], [f"r{t}"], name=f"relu{t}")]
+    nodes.append(helper.make_node("Conv", ["r2", "wh"], ["y"], name="head"))
+    inits = [("w0", ob.rnd(32, 3, 3, 3)), ("b0", ob.rnd(32, seed=1)), ("ws", ob.rnd(32, 32, 3, 3, seed=2, scale=0.1)),
+             ("bs", ob.rnd(32, seed=3)), ("wh", ob.rnd(4, 32, 1, 1, seed=4))]
+    return ob.model(nodes, [ob.vi("x", [1, 3, 8, 8])], [ob.vi("y", [1, 4, 8, 8])], inits)
+
+
+def _readers(g, names):
+    """The distinct constants that the named nodes read as their weight (input 1)."""
+    return {id(n.inputs[1]) for n in g.nodes if n.name in names}
+
+
+@pytest.mark.parametrize("build,shared", [(ob.shared_weight_chain, [f"step{t}" for t in range(4)]),
+                                          (_shared_conv, ["shared1", "shared2"])])
+def test_a_shared_weight_is_pruned_once_and_stays_shared(build, shared):
+    """A weight read by several Gemm/MatMul (unrolled recurrence) or Conv nodes: before, every reader got its own
+    pruned copy (params and model.onnx grew while MACs fell); now the readers' channels are one unit each, the
+    weight is sliced once and every reader keeps reading the one initializer."""
+    from graphopt.graph import to_onnx
+    g = graphopt.load(build())
+    size0, params0 = len(to_onnx(g).SerializeToString()), graphopt.analyses.flops(g, None)["params"]
+    res, rec = _run(g, "prune-channels{flops=0.5,round_to=1}")
+    assert res.modified and rec["budget_met"] and rec["oracle_max_error"] < 1e-5
+    assert len(_readers(res.graph, shared)) == 1
+    kept = _node(res.graph, shared[0]).inputs[1].values.shape
+    assert kept[0] < 32 and kept[1] < 32                # in and out channels of the shared weight both narrowed
+    params = graphopt.analyses.flops(res.graph, None)["params"]
+    assert params < params0 and rec["params"]["after"] == params
+    assert len(to_onnx(res.graph).SerializeToString()) < size0
+
+
+def test_shared_weight_read_whole_by_an_unpruned_path_freezes_and_says_so():
+    """W [16, 8] is read by 'a' (its input comes from a prunable layer) and by 'b' (its input is a graph input, so W's
+    input axis cannot shrink there): slicing W's rows for 'a' alone would need a second copy. The rows freeze with
+    the reason; W's columns (output channels of both) still prune together, and W stays one initializer."""
+    from onnx import helper
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["g"], name="pre"),
+             helper.make_node("Relu", ["g"], ["h"], name="relu"),
+             helper.make_node("Gemm", ["h", "W"], ["ya"], name="a"),
+             helper.make_node("Gemm", ["x2", "W"], ["yb"], name="b"),
+             helper.make_node("Add", ["ya", "yb"], ["s"], name="sum"),
+             helper.make_node("Relu", ["s"], ["r"], name="relu2"),
+             helper.make_node("Gemm", ["r", "wo"], ["y"], name="out")]
+    inits = [("w1", ob.rnd(16, 16)), ("b1", ob.rnd(16, seed=1)), ("W", ob.rnd(16, 32, seed=2)),
+             ("wo", ob.rnd(32, 4, seed=3))]
+    g = graphopt.load(ob.model(nodes, [ob.vi("x", [2, 16]), ob.vi("x2", [2, 16])], [ob.vi("y", [2, 4])], inits))
+    res, rec = _run(g, "prune-channels{ratio=0.5,round_to=1}")
+    why = [w for f in rec["frozen"] for w in f["why"]]
+    assert any("weight 'W' is shared by 2 nodes" in w and "node 'b' (Gemm) reads it whole along axis 0" in w
+               for w in why), why
+    assert res.modified and rec["oracle_max_error"] < 1e-5
+    assert len(_readers(res.graph, ["a", "b"])) == 1
+    assert _node(res.graph, "a").inputs[1].values.shape[0] == 16 > 0     # rows kept, columns pruned
+    assert _node(res.graph, "a").inputs[1].values.shape[1] < 32
+    assert _node(res.graph, "pre").inputs[1].values.shape[1] == 16
+
+
+def test_weight_tied_along_different_axes_prunes_consistently():
+    """W [16, 16] read as x @ W by 'a' and as z @ W^T by 'b' (tied weights): W's axis 0 is a's input channels and
+    b's output channels, so those are one unit; removing it slices W once for both."""
+    from onnx import helper
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["g"], name="pre"),
+             helper.make_node("Relu", ["g"], ["h"], name="relu"),
+             helper.make_node("Gemm", ["h", "W"], ["ya"], name="a"),
+             helper.make_node("Relu", ["ya"], ["ra"], name="relu_a"),
+             helper.make_node("Gemm", ["ra", "W"], ["yb"], name="b", transB=1),
+             helper.make_node("Relu", ["yb"], ["rb"], name="relu_b"),
+             helper.make_node("Gemm", ["rb", "wo"], ["y"], name="out")]
+    inits = [("w1", ob.rnd(8, 16)), ("W", ob.rnd(16, 16, seed=2)), ("wo", ob.rnd(16, 4, seed=3))]
+    g = graphopt.load(ob.model(nodes, [ob.vi("x", [2, 8])], [ob.vi("y", [2, 4])], inits))
+    res, rec = _run(g, "prune-channels{ratio=0.5,round_to=1}")
+    assert res.modified and rec["oracle_max_error"] < 1e-5
+    assert len(_readers(res.graph, ["a", "b"])) == 1
+    assert _node(res.graph, "a").inputs[1].values.shape == (8, 8)
+
+
+def test_a_quantized_graph_is_refused_with_the_reason(tmp_path, capsys):
+    """An already quantized (QDQ) model used to pass through prune-channels unchanged with exit 0: the weights sit
+    behind DequantizeLinear, so every channel froze and nothing said why. Now: one line, exit 2."""
+    from graphopt.cli import main
+    q = _run(graphopt.load(ob.shared_weight_chain(2)), "quantize{scheme=weight_int8}")[0].graph
+    with pytest.raises(BadInput, match=r"already quantized .*prune the float model before quantize"):
+        _run(q, "prune-channels{flops=0.5}")
+    path = ob.save(graphopt.graph.to_onnx(q), tmp_path / "q.onnx")
+    code = main(["compile", str(path), "-o", str(tmp_path / "out"), "--pipeline", "prune-channels{flops=0.5}",
+                 "--no-bench"])
+    err = capsys.readouterr().err
+    assert code == 2 and "already quantized" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cost_model_counts_a_shared_weight_once():
+    """The params budget is steered by CostModel.params: a weight read by four steps must count once (as the flops
+    analysis counts it), or the pass would believe it removes four times the weights it does."""
+    g = graphopt.load(ob.shared_weight_chain(4))
+    ctx = PassContext(hw=GENERIC)
+    groups = ctx.analyses.get("channel-groups", g)
+    cost = pc.CostModel(g, groups, ctx)
+    removed = np.zeros(groups.n_units, dtype=bool)
+    step = next(s for s in groups.sources if groups.nodes[s.node].name == "step0")
+    removed[groups.classes(step.slots)[:8]] = True
+    pruned = pc.apply_removal(copy_graph(g), pc.Plan(groups, removed))
+    assert cost.params0 == graphopt.analyses.flops(g, None)["params"]
+    assert cost.params(removed) == graphopt.analyses.flops(pruned, None)["params"] < cost.params0

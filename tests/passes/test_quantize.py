@@ -218,3 +218,140 @@ def test_check_criterion_and_within_quant_steps(teacher, data):
     chk = within_quant_steps(ref, {"y": off}, crit)
     assert not chk["ok"] and chk["worst_output"] == "y" and chk["outputs"]["y"]["max_steps"] == pytest.approx(2, 0.01)
     assert chk["outputs"]["y"]["within_one_step"] == pytest.approx(0.98)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# real exports: old opsets, inputs that are not batch-first, the quantizer's own failures
+# ---------------------------------------------------------------------------------------------------------------
+
+def _model(nodes, inputs, outputs, inits, opset=17):
+    from onnx import helper
+    graph = helper.make_graph(nodes, "m", inputs, outputs, inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 7
+    return m
+
+
+def _conv_model(opset, convs=1):
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i in range(convs):
+        inits.append(numpy_helper.from_array(rng.standard_normal((3, 3, 3, 3)).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]))
+        x = f"c{i}"
+    nodes.append(helper.make_node("Relu", [x], ["y"], name="relu"))
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])], inits, opset)
+
+
+def test_opset_12_model_is_upgraded_before_quantizing(tmp_path):
+    """onnxruntime writes per-channel `axis` on DequantizeLinear but leaves opset 12, where it is invalid."""
+    onnx.save(_conv_model(12), tmp_path / "op12.onnx")
+    x = np.random.default_rng(1).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    res, q = _quantize(tmp_path / "op12.onnx", "quantize", PassContext(data={"calib": {"x": x}}))
+    rec = res.records[-1]
+    assert rec["quantized"] == ["conv0"] and rec["opset"] == {"before": 12, "after": 13}
+    assert max(o.version for o in q.opset_import if o.domain in ("", "ai.onnx")) >= 13
+    onnx.checker.check_model(q, full_check=True)
+    assert any(a.name == "axis" for n in _nodes(q, "DequantizeLinear") for a in n.attribute)   # per channel
+
+
+def _state_model():
+    """x [1, 8] (batch-first), a recurrent-style state h0 [2, 1, 8] and a fixed chunk [4, 16]."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((8, 3)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("MatMul", ["chunk", "w1"], ["a"], name="mm1"),
+             helper.make_node("Add", ["a", "x"], ["b"], name="add_x"),
+             helper.make_node("Add", ["b", "h0"], ["c"], name="add_h"),
+             helper.make_node("MatMul", ["c", "w2"], ["y"], name="mm2")]
+    vi = helper.make_tensor_value_info
+    return _model(nodes, [vi("x", TensorProto.FLOAT, [1, 8]), vi("h0", TensorProto.FLOAT, [2, 1, 8]),
+                          vi("chunk", TensorProto.FLOAT, [4, 16])], [vi("y", TensorProto.FLOAT, [2, 4, 3])], inits)
+
+
+def test_calibration_of_inputs_whose_first_axis_is_not_the_batch(tmp_path):
+    onnx.save(_state_model(), tmp_path / "m.onnx")
+    rng = np.random.default_rng(2)
+    n = 6
+    calib = {"x": rng.standard_normal((n, 8)).astype(np.float32),            # batch-first [N, *S[1:]]
+             "h0": rng.standard_normal((n, 2, 1, 8)).astype(np.float32),     # a sample axis added: [N, *S]
+             "chunk": rng.standard_normal((n, 4, 16)).astype(np.float32)}
+    res, q = _quantize(tmp_path / "m.onnx", "quantize", PassContext(data={"calib": calib}))
+    rec = res.records[-1]
+    assert rec["calib_samples"] == n and rec["quantized"] == ["mm1", "mm2"]
+    bad = dict(calib, h0=calib["h0"][:, 0])                                    # [N, 1, 8]: neither layout
+    with pytest.raises(BadInput) as e:
+        _quantize(tmp_path / "m.onnx", "quantize", PassContext(data={"calib": bad}))
+    msg = str(e.value)
+    assert "'h0'" in msg and "[6, 1, 8]" in msg and "[2, 1, 8]" in msg and "[N, 2, 1, 8]" in msg and "\n" not in msg
+    with pytest.raises(BadInput, match="different numbers of samples"):
+        _quantize(tmp_path / "m.onnx", "quantize", PassContext(data={"calib": dict(calib, x=calib["x"][:3])}))
+
+
+def test_quantizer_failure_shows_its_cause():
+    """onnxruntime's quantizer raises on a Gemm whose bias is [1, N]: the line carries its real error."""
+    from onnx import TensorProto, helper, numpy_helper
+    from graphopt.graph import from_onnx
+    rng = np.random.default_rng(0)
+    m = _model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="gemm", transB=1)],
+               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+               [numpy_helper.from_array(rng.standard_normal((4, 8)).astype(np.float32), "w"),
+                numpy_helper.from_array(rng.standard_normal((1, 4)).astype(np.float32), "b")])
+    ctx = PassContext(data={"calib": {"x": rng.standard_normal((4, 8)).astype(np.float32)}})
+    with pytest.raises(BadInput) as e:
+        PassManager.parse("quantize").run(from_onnx(m), ctx)
+    msg = str(e.value)
+    assert "onnxruntime's quantizer failed: ValueError: The truth value" in msg and "exclude_nodes" in msg
+    assert "\n" not in msg
+    res = PassManager.parse("quantize{exclude_nodes=[gemm]}").run(from_onnx(m), ctx)   # the way out it names
+    assert res.records[-1]["quantized_count"] == 0
+
+
+def _ort_quantizer(src, tmp_path, x):
+    """onnxruntime's own quantize_static on src (per-channel QDQ, as the pass calls it), by excluded nodes."""
+    from onnxruntime.quantization import QuantFormat, quantize_static
+    from graphopt.passes.quantize import _reader
+
+    def quantize(excluded):
+        dst = tmp_path / "q.onnx"
+        quantize_static(str(src), str(dst), _reader([{"x": xi[None]} for xi in x]), quant_format=QuantFormat.QDQ,
+                        per_channel=True, nodes_to_exclude=list(excluded))
+        return onnx.load(dst)
+    return quantize
+
+
+def test_invalid_quantizer_output_leaves_the_node_in_fp32_once(tmp_path):
+    """onnxruntime's quantizer emits an invalid graph on an opset-12 model (the pass upgrades the opset first, so
+    this drives the repair step with onnxruntime's real output directly): the node behind it stays fp32."""
+    from graphopt.passes.quantize import quantize_checked
+    x = np.random.default_rng(1).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    src = tmp_path / "one.onnx"
+    onnx.save(_conv_model(12), src)
+    model, auto = quantize_checked(_ort_quantizer(src, tmp_path, x), [], {"conv0", "relu"})
+    assert [a["node"] for a in auto] == ["conv0"] and "axis" in auto[0]["problem"]
+    from graphopt.cli import _quantize_lines          # what compile prints from the pass record
+    assert _quantize_lines([{"pass": "quantize", "auto_excluded": auto}]) == [
+        "quantize: left 'conv0' in fp32: onnxruntime's quantizer emitted an invalid graph there "
+        f"({auto[0]['problem']})"]
+    onnx.checker.check_model(model, full_check=True)
+    assert not any(n.op_type == "DequantizeLinear" and n.output[0] in {i for c in _nodes(model, "Conv")
+                                                                      for i in c.input[1:]} for n in model.graph.node)
+    onnx.save(_conv_model(12, convs=2), src)                  # excluding the first conv leaves the second invalid
+    with pytest.raises(BadInput) as e:
+        quantize_checked(_ort_quantizer(src, tmp_path, x), [], {"conv0", "conv1", "relu"})
+    msg = str(e.value)
+    assert "invalid graph at node 'w0_DequantizeLinear'" in msg and "leaving conv0 in fp32 did not help" in msg
+    assert "exclude_nodes=[NAME]" in msg and "exclude_ops=[OP]" in msg and "\n" not in msg
+
+
+def test_order_is_checked_when_the_pipeline_runs(teacher, data):
+    """The quantize ordering rule holds for a pipeline changed after it was built (it is checked at run time,
+    before any pass runs, by the PassManager)."""
+    pm = PassManager.parse("quantize")
+    pm.passes.append(graphopt.passmanager.make_pass("prune-channels", flops=0.5))
+    with pytest.raises(BadInput, match="runs after 'quantize'"):
+        pm.run(graphopt.load(teacher), _ctx(data, 8))

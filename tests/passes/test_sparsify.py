@@ -5,7 +5,9 @@ import pytest
 import graphopt
 from graphopt import PassContext, PassManager
 from graphopt.errors import BadInput
-from graphopt.passes.sparsify import parse_block, sparse_layers, weight_matrix
+from graphopt.hardware import HardwareInfo, Structure
+from graphopt import metadata
+from graphopt.passes.sparsify import parse_block, weight_matrix
 
 MODELS = ["mobilenet_v3", "vit", "convnext", "mlp_digits"]
 
@@ -29,11 +31,11 @@ def test_patterns_on_the_zoo(zoo_onnx, name, block, sparsity):
     assert res.modified and rec["layers"]
     assert "drift" in rec and all("cosine" in d for d in rec["drift"].values())      # lossy: drift reported
     ws = _weights(res.graph)
-    meta = sparse_layers(res.graph)
     kind, r, c = parse_block(block)
+    meta = metadata.sparse_nm(res.graph) if kind == "nm" else metadata.sparse_blocks(res.graph)
     for layer, info in rec["layers"].items():
         W = ws[layer]
-        assert meta[layer] == block and info["block"] == block
+        assert meta[layer] == (r, c) and info["block"] == block
         if kind == "nm":
             assert np.all((W.reshape(W.shape[0], -1, c) == 0).sum(axis=2) >= c - r)
             continue
@@ -60,7 +62,7 @@ def test_sparsify_twice_gives_the_same_mask(zoo_onnx, block):
 
 def test_block_default_from_the_target_and_layer_filters(zoo_onnx):
     g = graphopt.load(zoo_onnx("mobilenet_v3"))
-    ctx = PassContext(hw={"sparse_block": "4x4"})
+    ctx = PassContext(hw=HardwareInfo(structure=Structure(blocks=(4, 4))))
     res = PassManager.parse("sparsify{ignore=[/head/head.2/Gemm],min_params=300}").run(g, ctx)
     rec = res.records[0]
     assert rec["block"] == "4x4"
@@ -93,7 +95,18 @@ def test_bad_options(text, needle):
 
 def test_bad_target_block_and_missing_ignore(zoo_onnx):
     g = graphopt.load(zoo_onnx("mlp_digits"))
-    with pytest.raises(BadInput, match="not a block shape"):
-        PassManager.parse("sparsify").run(g, PassContext(hw={"sparse_block": "big"}))
+    with pytest.raises(ValueError, match="not a \\(rows, cols\\) pair"):
+        HardwareInfo(structure=Structure(blocks="big"))          # a target cannot declare a malformed block
+    with pytest.raises(TypeError, match="HardwareInfo"):
+        PassContext(hw={"sparse_block": (4, 4)})                 # the untyped dict of before is refused
     with pytest.raises(BadInput, match="ignore names node 'nope'"):
         PassManager.parse("sparsify{ignore=[nope]}").run(g)
+
+
+def test_the_cuda_targets_block_hint_is_used_and_recorded(zoo_onnx):
+    from graphopt.targets.cuda import CudaTarget
+    g = graphopt.load(zoo_onnx("mlp_digits"))
+    res = PassManager.parse("cleanup,sparsify{sparsity=0.75}").run(g, PassContext(hw=CudaTarget().hw()))
+    rec = res.records[-1]
+    assert rec["block"] == "32x1" and rec["layers"]
+    assert metadata.sparse_blocks(res.graph) == {name: (32, 1) for name in rec["layers"]}

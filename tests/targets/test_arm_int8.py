@@ -19,9 +19,10 @@ import onnx_builders as ob
 from graphopt import ort
 from graphopt.quant_check import check_criterion, within_quant_steps
 from graphopt.targets import arm_sve
-from graphopt.targets import cpu_int8 as ci
+from graphopt.targets import int8 as ci
 from graphopt.targets import tvm_lowering
 from graphopt.targets.arm_runner import build as runner_build
+from targets.int8_reference import reference_acc_conv
 from targets.test_arm_sve import OBJDUMP, VECTOR_BITS, needs_arm
 from targets.test_cpu_int8 import MobileNetV2Digits
 
@@ -43,7 +44,7 @@ def _disasm(path) -> str:
 
 def test_int8_dot_selection_aarch64():
     T = tvm.target.Target
-    assert ci.int8_dot(_arm_target()) == "usdot" == arm_sve.ArmSveTarget().hw()["int8_dot"]
+    assert ci.int8_dot(_arm_target()) == "usdot" == arm_sve.ArmSveTarget().hw().int8_dot
     assert ci.int8_dot(T({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-v1"})) == "usdot"
     assert ci.int8_dot(T({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"})) is None   # v8.0
     assert ci.int8_dot(T({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72",
@@ -153,7 +154,7 @@ def test_kernels_are_exact_under_qemu(tmp_path):
         xin = x if layout == "NCHW" else np.ascontiguousarray(x.transpose(0, 2, 3, 1))
         kernels.append((ci.conv2d_int8(spec, "usdot", 1), [xin, ci.pack_conv_weight(w, spec.C4, "usdot"), Bi, M, Bf],
                         ((N, spec.OH, spec.OW, spec.OCp), "float32")))
-        checks.append(lambda y, acc=ci.reference_acc_conv(x, w, spec), OC=OC: (
+        checks.append(lambda y, acc=reference_acc_conv(x, w, spec), OC=OC: (
             np.array_equal(y[..., :OC].astype(np.int64), acc) and np.all(y[..., OC:] == 0)))
 
     for M_, K_, N_, dt in [(4, 30, 10, "uint8"), (3, 64, 48, "int8"), (1, 128, 40, "uint8")]:
@@ -180,7 +181,7 @@ def test_kernels_are_exact_under_qemu(tmp_path):
     Bi, M, Bf = ci.epilogue_constants(w, sx, sw, zx, bias, None, sy, spec.OCp)
     kernels.append((ci.conv2d_int8(spec, "usdot", 1), [x, ci.pack_conv_weight(w, spec.C4, "usdot"), Bi, M, Bf],
                     ((N, H, H, OC), "uint8")))
-    acc = ci.reference_acc_conv(np.ascontiguousarray(x.transpose(0, 3, 1, 2)), w, spec)
+    acc = reference_acc_conv(np.ascontiguousarray(x.transpose(0, 3, 1, 2)), w, spec)
     qref = np.clip(np.rint((acc + bias) * (np.float32(sx) * sw.astype(np.float64)) / sy) + zy, zy, 255)
     checks.append(lambda q, qref=qref: (np.abs(q.astype(np.int64) - qref).max() <= 1
                                         and np.mean(q == qref) > 0.999))
@@ -289,7 +290,8 @@ def _matmul_gemm_model():
 @needs_arm
 def test_quantized_matmul_gemm_matches_onnxruntime(tmp_path):
     rng = np.random.default_rng(1)
-    art = _compile_q(_matmul_gemm_model(), tmp_path, {"x": rng.standard_normal((64, 40)).astype(np.float32)}, "mlp")
+    art = _compile_q(_matmul_gemm_model(), tmp_path, {"x": rng.standard_normal((10, 6, 40)).astype(np.float32)},
+                     "mlp")                                       # 10 samples of x [6, 40]
     assert art.report["dense"] == 2 and art.report["fp32_matmuls"] == 0
     _check_lengths(art, "matmul_gemm", [{"x": rng.standard_normal((6, 40)).astype(np.float32)} for _ in range(3)])
 

@@ -17,6 +17,7 @@ import graphopt
 from graphopt import api, ort
 from graphopt.artifact import Artifact
 from graphopt.errors import BadInput, GraphoptError
+from graphopt.hardware import Structure
 from graphopt.targets import arm_sve, get_target
 from graphopt.targets.arm_runner import build as runner_build
 
@@ -79,7 +80,10 @@ def cnn_art(arm_art):
 
 def test_registered_with_hw_constants():
     t = get_target("arm-sve")
-    assert t.hw() == {"vector_bits": "scalable", "fp32_lanes": 4, "int8_dot": "usdot"}
+    hw = t.hw()
+    assert (hw.vector_bits, hw.fp32_lanes, hw.int8_dot, hw.sve_vector_bits) == (None, 4, "usdot", 256)
+    assert hw.structure == Structure(channels=4, unstructured=True)       # unstructured + int8 pays there
+    assert get_target("arm-sve", vector_bits=512).hw().sve_vector_bits == 512
     d = t.describe()
     assert d["llvm_mtriple"] == "aarch64-linux-gnu" and d["llvm_mcpu"] == "neoverse-v1" and "+sve" in d["llvm_mattr"]
     assert t.measures_here() is False

@@ -7,7 +7,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnx_builders as ob
-from graphopt import ort
+from graphopt import metadata, ort
 from graphopt.errors import BadInput
 from graphopt.targets import block_sparse as bs
 
@@ -89,24 +89,17 @@ def test_dense_or_weakly_sparse_weights_are_left_dense():
     assert not d.sparse and "no candidate block shape" in d.reason
 
 
-def test_recorded_block_shapes_are_read_from_node_graph_and_model_metadata():
+def test_weight_table_carries_the_recorded_block_shapes():
     w = plant(weight(32, 32), (16, 1), 0.75)
     nodes = [helper.make_node("Gemm", ["x", "w"], ["h"], name="fc1", transB=1),
              helper.make_node("Gemm", ["h", "w2"], ["y"], name="fc2", transB=1)]
     m = ob.model(nodes, [ob.vi("x", [2, 32])], [ob.vi("y", None)], [("w", w), ("w2", w * 2)])
-    m.graph.doc_string = 'notes\ngraphopt.sparse_blocks: {"fc1": [8, 1]}'
-    assert bs.recorded_blocks(m) == {"fc1": (8, 1)}
-    helper.set_model_props(m, {"graphopt.sparse_blocks": '{"fc2": "4x1"}'})
-    assert bs.recorded_blocks(m) == {"fc1": (8, 1), "fc2": (4, 1)}
-    if hasattr(m.graph.node[0], "metadata_props"):
-        p = m.graph.node[0].metadata_props.add()
-        p.key, p.value = "graphopt.sparse_block", "2x1"
-        assert bs.recorded_blocks(m)["fc1"] == (2, 1)
+    metadata.set_sparse_block(m, "fc1", (8, 1))
     table = bs.weight_table(m)
-    assert {v["node"] for v in table.values()} == {"fc1", "fc2"}
+    assert {v["node"]: v["block"] for v in table.values()} == {"fc1": (8, 1), "fc2": None}
     m.graph.doc_string = 'graphopt.sparse_blocks: {"fc1": "16 by 1"}'
     with pytest.raises(BadInput, match="node 'fc1'.*bad block shape '16 by 1'"):
-        bs.recorded_blocks(m)
+        bs.weight_table(m)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -190,7 +183,7 @@ def test_single_layer_matches_onnxruntime(block, op, sparsity):
     w = plant(weight(64, 64, seed=8), block, sparsity, seed=9)
     m = single_layer(op, w)
     if block == (1, 1):   # 1x1 is used when the sparsify pass records it, never detected on its own
-        m.graph.doc_string = 'graphopt.sparse_blocks: {"gemm": "1x1"}'
+        metadata.set_sparse_block(m, "gemm", (1, 1))
     x = np.random.default_rng(10).standard_normal([d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim])
     feeds = {"x": x.astype(np.float32)}
     ref = ort.run(m.SerializeToString(), feeds)["y"]

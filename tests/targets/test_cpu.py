@@ -9,7 +9,7 @@ import onnx_builders as ob
 from graphopt import ort
 from graphopt.artifact import Artifact, sha256
 from graphopt.errors import BadInput, UnsupportedModel
-from graphopt.targets.cpu import pick_mcpu
+from graphopt.targets.x86_isa import pick_mcpu
 
 ZOO = ["resnet", "mobilenet_v3", "densenet", "inception", "resnext", "shufflenet", "vit", "convnext", "yolo", "unet",
        "lstm", "gru", "mlp_digits", "cnn_digits"]
@@ -75,9 +75,10 @@ def test_other_isas_compile_and_run_here(zoo_onnx, tmp_path, mcpu):
 
 
 def test_mcpu_choice_from_flags():
-    assert pick_mcpu({"avx2", "fma"}) == "haswell"
-    assert pick_mcpu({"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"}) == "skylake-avx512"
-    assert pick_mcpu({"avx512_vnni", "avx512bw", "avx512_vbmi2"}) == "icelake-server"
+    assert pick_mcpu({"sse4_2", "avx2", "fma"}) == "haswell"
+    assert pick_mcpu({"sse4_2", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"}) == "skylake-avx512"
+    assert pick_mcpu({"sse4_2", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "avx512_vnni",
+                      "avx512_vbmi2"}) == "icelake-server"
     assert pick_mcpu({"sse2"}) == "x86-64"
 
 

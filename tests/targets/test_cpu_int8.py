@@ -21,14 +21,15 @@ import onnx_builders as ob
 from graphopt import PassContext, PassManager, ort
 from graphopt.graph import to_onnx
 from graphopt.passes.quantize import check_criterion, within_quant_steps
-from graphopt.targets import cpu_int8 as ci
+from graphopt.targets import int8 as ci
+from targets.int8_reference import reference_acc_conv
 from graphopt.targets import tvm_lowering
-from graphopt.targets.cpu import host_cpu_flags
+from graphopt.targets.x86_isa import host_flags
 
 tvm = pytest.importorskip("tvm")
 
-HAS_VNNI = "avx512_vnni" in host_cpu_flags()
-HAS_AVX2 = "avx2" in host_cpu_flags()
+HAS_VNNI = "avx512_vnni" in host_flags()
+HAS_AVX2 = "avx2" in host_flags()
 OBJDUMP = shutil.which("objdump")
 DOTS = [pytest.param("vnni", marks=pytest.mark.skipif(not HAS_VNNI, reason="host has no AVX-512 VNNI")),
         pytest.param("avx2", marks=pytest.mark.skipif(not HAS_AVX2, reason="host has no AVX2"))]
@@ -77,7 +78,7 @@ def test_conv_kernel_is_exact(case, dot):
     zx = int(rng.integers(lo, hi))
     spec = ci.ConvSpec(N, H, W, C, OC, K, K, (st, st), (pd,) * 4, in_layout=layout, Cphys=C, in_dtype=dt, zx=zx,
                        epi=ci.Epilogue(mode="f", out_dtype="float32"))
-    acc = ci.reference_acc_conv(x, w, spec)
+    acc = reference_acc_conv(x, w, spec)
     xin = x if layout == "NCHW" else np.ascontiguousarray(x.transpose(0, 2, 3, 1))
     zx_u = zx + (128 if dt == "int8" else 0)
     # mode f with unit scales: the fp32 output is the s32 accumulator itself (|acc| < 2^24)
@@ -115,7 +116,7 @@ def test_conv_kernel_fused_residual(dot):
     Bi, M, Bf = ci.epilogue_constants(w, sx, sw, zx, None, None, s1, spec.OCp)
     lib = _build(ci.conv2d_int8(spec, dot, 2, residual=True), dot)
     y = _run(lib, [x, ci.pack_conv_weight(w, spec.C4, dot), Bi, M, Bf, r], (N, H, W, OC), "uint8")
-    acc = ci.reference_acc_conv(np.ascontiguousarray(x.transpose(0, 3, 1, 2)), w, spec)
+    acc = reference_acc_conv(np.ascontiguousarray(x.transpose(0, 3, 1, 2)), w, spec)
     t = np.clip(np.rint(acc * (np.float32(sx) * sw.astype(np.float64)) / s1) + z1, 0, 255)
     ref = np.clip(np.rint(((t - z1) * s1 + (r.astype(np.float64) - zr) * sr) / s2) + z2, 0, 255)
     d = np.abs(y.astype(np.int64) - ref)
@@ -338,7 +339,7 @@ def test_matmul_with_constant_weight(tmp_path, lead):
     m = ob.model(nodes, [ob.vi("x", [*lead, 40])], [ob.vi("y", [*lead, 10])],
                  [("w", ob.rnd(40, 24)), ("b", ob.rnd(24, seed=3)), ("w2", ob.rnd(24, 10, seed=4))])
     g = graphopt.load(m)
-    q, _ = _quantized(g, {"x": rng.standard_normal((8 * lead[0], *lead[1:], 40)).astype(np.float32)})
+    q, _ = _quantized(g, {"x": rng.standard_normal((8, *lead, 40)).astype(np.float32)})     # 8 samples of x
     runner, facts, _ = _compile(q, tmp_path)
     assert facts["dense"] == 2 and facts["fp32_matmuls"] == 0
     _check_against_ort(q, runner, [{"x": rng.standard_normal((*lead, 40)).astype(np.float32)} for _ in range(3)])

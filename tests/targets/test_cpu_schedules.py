@@ -270,3 +270,175 @@ def test_scheduled_functions_are_not_refused():
     assert int(out["add"].attrs["op_pattern"]) == 8
     out2 = cpu_schedules.schedule_module(tvm.IRModule({"add": add}), target)
     assert out2["add"].attrs[cpu_schedules.RULE_ATTR] == "generic"
+
+
+# ----------------------------------------------------------------------------- a fused Pad after the epilogue
+# PP-OCRv6's detector (rapidocr 3.10) came out wrong by up to 1.0: the next conv's auto_pad=SAME_UPPER padding is a
+# Pad that FuseOps puts at the end of the previous conv's function, and computing that Pad inside the conv's tiles
+# (reverse_compute_at) wrote only the interior, so the border held whatever the memory held before.
+
+def m_conv_same_upper():
+    """3x3 stride-2 conv (channel tile) and a 2x2 SAME_UPPER conv (pixel tile), each followed by bias, relu and
+    the next 2x2 SAME_UPPER conv's asymmetric padding."""
+    nodes = [conv("x", "w1", "c1", "c1", pads=[1, 1, 1, 1], strides=[2, 2]), helper.make_node("Relu", ["c1"], ["r1"]),
+             conv("r1", "w2", "c2", "c2", kernel_shape=[2, 2], auto_pad="SAME_UPPER"),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             conv("r2", "w3", "y", "c3", kernel_shape=[2, 2], auto_pad="SAME_UPPER")]
+    inits = [("w1", rnd(16, 3, 3, 3)), ("w1_b", rnd(16, seed=1)), ("w2", rnd(8, 16, 2, 2, seed=2)),
+             ("w2_b", rnd(8, seed=3)), ("w3", rnd(4, 8, 2, 2, seed=4)), ("w3_b", rnd(4, seed=5))]
+    return model(nodes, [vi("x", [1, 3, 64, 64])], [vi("y", None)], inits)
+
+
+def m_conv_same_upper_no_epilogue():
+    """a conv without bias or activation: the next conv's padding is the first block after it."""
+    nodes = [conv("x", "w1", "c1", "c1", pads=[1, 1, 1, 1], bias=False),
+             conv("c1", "w2", "y", "c2", kernel_shape=[2, 2], auto_pad="SAME_UPPER")]
+    inits = [("w1", rnd(16, 3, 3, 3)), ("w2", rnd(4, 16, 2, 2, seed=2)), ("w2_b", rnd(4, seed=3))]
+    return model(nodes, [vi("x", [1, 3, 32, 32])], [vi("y", None)], inits)
+
+
+def m_depthwise_same_upper():
+    nodes = [conv("x", "wd", "d", "dw", pads=[1, 1, 1, 1], group=8), helper.make_node("Relu", ["d"], ["r"]),
+             conv("r", "w2", "y", "c2", kernel_shape=[2, 2], auto_pad="SAME_UPPER")]
+    inits = [("wd", rnd(8, 1, 3, 3)), ("wd_b", rnd(8, seed=1)), ("w2", rnd(4, 8, 2, 2, seed=2)), ("w2_b", rnd(4, seed=3))]
+    return model(nodes, [vi("x", [1, 8, 32, 32])], [vi("y", None)], inits)
+
+
+def m_matmul_pad():
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r"]), helper.make_node("Pad", ["r", "pads"], ["y"])]
+    inits = [("w", rnd(64, 64)), ("b", rnd(64, seed=1)), ("pads", np.array([0, 0, 1, 3], np.int64))]
+    return model(nodes, [vi("x", [64, 64])], [vi("y", None)], inits)
+
+
+PAD_MODELS = {"conv_same_upper": (m_conv_same_upper, "conv2d"),
+              "conv_same_upper_no_epilogue": (m_conv_same_upper_no_epilogue, "conv2d"),
+              "depthwise_same_upper": (m_depthwise_same_upper, "depthwise"), "matmul_pad": (m_matmul_pad, "matmul")}
+
+
+def _run_prim(lib, func, inputs, fill):
+    out = func.params[-1]
+    o = tvm.runtime.tensor(np.full([int(d) for d in out.shape], fill, str(out.dtype)))
+    lib["main"](*[tvm.runtime.tensor(a) for a in inputs], o)
+    return o.numpy()
+
+
+@pytest.mark.parametrize("name", list(PAD_MODELS))
+def test_fused_pad_epilogue_writes_every_element(name, tmp_path):
+    """Each function ending in a Pad, scheduled by its fast rule, writes every output element: run with the output
+    buffer pre-filled with NaN and with 7.0, it gives exactly what the unscheduled function gives."""
+    make, rule = PAD_MODELS[name]
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(make(), str(path))
+    target = CpuTarget()
+    mod = pre_tuning_module(onnx.load(str(path)), target)
+    consts = cpu_schedules.constant_params(mod)
+    padded = [(gv, f) for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and "pad" in gv.name_hint]
+    assert padded, list(mod.functions)
+    rng = np.random.default_rng(0)
+    for gv, func in padded:
+        new, got_rule, _ = cpu_schedules.schedule_func(func, target.tvm_target(), consts.get(gv.name_hint, set()))
+        assert got_rule == rule, (gv.name_hint, got_rule)    # fixed in the fast rule, not by falling back
+        libs = [tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=target.tvm_target())
+                for f in (func, new)]
+        inputs = [rng.standard_normal([int(d) for d in p.shape]).astype(str(p.dtype)) for p in func.params[:-1]]
+        ref = _run_prim(libs[0], func, inputs, 0.0)
+        for fill in (np.nan, 7.0):
+            got = _run_prim(libs[1], func, inputs, fill)
+            assert not np.isnan(got).any(), gv.name_hint
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(ref).max())))
+
+
+def test_full_coverage_check_rejects_a_dropped_border():
+    """check_full_coverage refuses a schedule whose Pad consumer was computed inside the producer's tiles."""
+    from tvm import te
+
+    from graphopt.targets.cpu_sched_common import check_full_coverage
+
+    a = te.placeholder((64,), "float32", name="a")
+    b = te.compute((64,), lambda i: a[i] * 2.0, name="b")
+    c = te.compute((65,), lambda j: tvm.tirx.if_then_else(j < 64, b[j], tvm.tirx.const(0.0, "float32")), name="c")
+    mod = tvm.IRModule({"main": te.create_prim_func([a, c])})
+    fine = tvm.s_tir.Schedule(mod)
+    check_full_coverage(fine)
+    sch = tvm.s_tir.Schedule(mod)
+    outer, _ = sch.split(sch.get_loops(sch.get_sblock("b"))[0], [None, 16])
+    sch.reverse_compute_at(sch.get_sblock("c"), outer)
+    with pytest.raises(ValueError, match="64 of its 65"):
+        check_full_coverage(sch)
+
+
+_THREADS_SCRIPT = """
+import sys, numpy as np, onnx, tvm, graphopt
+from graphopt import ort
+m = onnx.load(sys.argv[1])
+art = graphopt.compile(sys.argv[1], out=sys.argv[2], measure=False)
+assert art.report["check"]["repeatable"] and art.report["check"]["second_input"]["ok"], art.report["check"]
+name = m.graph.input[0].name
+shape = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
+worst = 0.0
+for threads in (1, None, 2, 1, None):   # None (a plain run) after 1: every thread of the pool again
+    for seed in range(3):
+        x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+        ref = ort.run(m.SerializeToString(), {name: x})
+        got = art.run({name: x}, threads=threads)
+        assert tvm.get_global_func("runtime.NumThreads")() == (threads or 2)   # the pool really runs that many
+        worst = max(worst, max(float(np.abs(ref[k] - got[k]).max() / max(1.0, np.abs(ref[k]).max())) for k in ref))
+print(worst)
+"""
+
+
+@pytest.mark.parametrize("name", list(PAD_MODELS))
+def test_fused_pad_models_match_onnxruntime_at_1_and_2_threads(name, tmp_path):
+    """The whole graphs, compiled and run in a process whose TVM thread pool has 2 threads, at 1 and 2 threads,
+    several inputs each, several times: onnxruntime's results every time."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(PAD_MODELS[name][0](), str(path))
+    env = dict(os.environ, TVM_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(path), str(tmp_path / "art")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.strip().splitlines()[-1]) < 1e-4
+
+
+def test_libraries_with_the_same_kernel_names_in_one_process(tmp_path):
+    """Two compiled libraries whose kernels have the same names but other shapes, loaded and run interleaved in
+    one process, each give their own model's results."""
+    from graphopt import ort
+
+    arts, models = [], []
+    for i, (c, hw) in enumerate(((16, 32), (8, 24))):
+        nodes = [conv("x", "w1", "c1", "c1", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["y"])]
+        m = model(nodes, [vi("x", [1, 3, hw, hw])], [vi("y", None)],
+                  [("w1", rnd(c, 3, 3, 3, seed=i)), ("w1_b", rnd(c, seed=i + 1))])
+        onnx.save(m, str(tmp_path / f"m{i}.onnx"))
+        arts.append(graphopt.compile(str(tmp_path / f"m{i}.onnx"), out=tmp_path / f"a{i}", measure=False))
+        models.append(m)
+    names = [set(cpu_schedules.constant_params(pre_tuning_module(m, CpuTarget()))) for m in models]
+    assert names[0] & names[1]      # the same kernel names, other shapes
+    for _ in range(2):
+        for art, m in zip(arts, models):
+            shape = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
+            x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+            ref = ort.run(m.SerializeToString(), {"x": x})["y"]
+            np.testing.assert_allclose(art.run({"x": x})["y"], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_long_softmax_rows_are_summed_in_partial_results(tmp_path):
+    """A 6625-way softmax (PP-OCR's CTC head; 6625 = 5^3 x 53, no SIMD width divides it) is rfactor-ed into partial
+    sums: summed in one float32 accumulator it was 10x further from the float64 result than onnxruntime, which
+    failed the pruned recognizers' compile check."""
+    m = model([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], [vi("x", [4, 6625])], [vi("y", None)], opset=13)
+    onnx.save(m, str(tmp_path / "softmax.onnx"))
+    s = scheduled(tmp_path / "softmax.onnx")
+    assert "rfactor=2" in " ".join(s["softmax"][2]), s["softmax"][2]
+    art = graphopt.compile(str(tmp_path / "softmax.onnx"), out=tmp_path / "art", measure=False)
+    x = np.random.default_rng(0).standard_normal((4, 6625)).astype(np.float32) * 3
+    x[:, 7] += 15                               # one class near probability 1, as in a CTC head
+    x64 = x.astype(np.float64)
+    e = np.exp(x64 - x64.max(-1, keepdims=True))
+    assert np.abs(art.run({"x": x})["y"] - e / e.sum(-1, keepdims=True)).max() < 1e-5

@@ -12,12 +12,13 @@ import sys
 import textwrap
 
 import numpy as np
+import onnx
 import pytest
 from onnx import helper
 
 import graphopt
 import onnx_builders as ob
-from graphopt import ort
+from graphopt import metadata, ort
 from graphopt.errors import BadInput, GraphoptError
 from graphopt.targets import block_sparse as bs
 from graphopt.targets import cuda
@@ -349,3 +350,20 @@ def test_sparse_off_and_missing_nvcc(tmp_path, monkeypatch):
 def test_zoo_models_compile_with_every_kernel_on_the_device(zoo_onnx, tmp_path, name):
     art = graphopt.compile(zoo_onnx(name), target="cuda", out=tmp_path / name, pipeline="cleanup", measure=False)
     assert art.report["device_code"]["sass"] == ["sm_80", "sm_90"] and art.report["device_kernels"] > 2
+
+
+def test_sparsify_for_cuda_records_the_block_the_target_packs(tmp_path):
+    """sparsify without block= takes the cuda target's (rows, cols) hint, records it in the graph metadata, and the
+    target reads that record back: every Gemm it packs uses the recorded 32x1 block."""
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "w2"], ["y"], name="fc2", transB=1)]
+    m = ob.model(nodes, [ob.vi("x", [4, 64])], [ob.vi("y", None)],
+                 [("w1", weight(64, 64, 1)), ("b1", weight(1, 64, 2)[0]), ("w2", weight(32, 64, 3))])
+    art = graphopt.compile(m, target="cuda", out=tmp_path / "a", pipeline="cleanup,sparsify{sparsity=0.75}",
+                           measure=False)
+    rec = next(r for r in art.manifest["passes"] if r["pass"].startswith("sparsify"))
+    assert rec["block"] == "32x1" and set(rec["layers"]) == {"fc1", "fc2"}
+    assert metadata.sparse_blocks(onnx.load(str(art.path / "model.onnx"))) == {"fc1": (32, 1), "fc2": (32, 1)}
+    got = {d["node"]: (d["sparse"], d["block"], d["source"]) for d in art.report["block_sparse"]}
+    assert got == {"fc1": (True, "32x1", "recorded"), "fc2": (True, "32x1", "recorded")}

@@ -1,0 +1,85 @@
+"""The self-check for artifacts compiled with precision bf16.
+
+bf16 keeps 8 significant bits: rounding one operand moves it by at most 2^-9 of its value, so a product of two
+rounded operands by about 2^-8, and a sum of K such products, with independent rounding errors, by about
+2^-8 * sqrt(K) of the sum of their magnitudes. The check compares the compiled library with the model computed in
+float64 (verify.fp64_outputs; onnxruntime's fp32 result where the float64 view cannot run the graph), per output
+normalized by the reference's largest magnitude, and accepts
+
+    max |graphopt - reference| / max |reference|  <=  BF16_UNIT * sqrt(K)
+
+with K the longest reduction (input channels x kernel window, or the inner dimension) among the model's Conv /
+MatMul / Gemm nodes with constant weights. The bound is loose for a single layer and meant for whole networks,
+where the errors of successive layers add; the kernels themselves are tested against numpy on the same bf16
+operands to fp32 accuracy (tests/targets/test_cpu_bf16.py). onnxruntime's own fp32 error against the same
+reference is recorded beside it.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+
+#: relative spacing of bf16 numbers (8 significant bits)
+BF16_UNIT = 2.0 ** -8
+
+
+def reduction_length(model: onnx.ModelProto) -> int:
+    """The longest reduction of a Conv / MatMul / Gemm with a constant weight (1 when there is none)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    longest = 1
+    for n in model.graph.node:
+        if n.op_type not in ("Conv", "MatMul", "Gemm") or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        shape = list(inits[n.input[1]].dims)
+        if n.op_type == "Conv":
+            k = int(np.prod(shape[1:]))
+        elif n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute):
+            k = shape[-1]
+        else:
+            k = shape[0] if shape else 1
+        longest = max(longest, k)
+    return longest
+
+
+def relative_error(ref: np.ndarray, got: np.ndarray) -> float:
+    ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+    if ref.shape != got.shape:
+        return math.inf
+    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    err = np.abs(got - ref)
+    if not np.all(np.isfinite(err)):
+        return math.inf
+    return float(err.max() / scale) if scale > 0 else float(err.max(initial=0.0))
+
+
+def compare_bf16(model_path, feeds: dict, ref32: dict, got: dict) -> dict:
+    """api.compile's check for bf16 artifacts: ref32 is onnxruntime's fp32 result on feeds, got the library's.
+    Returns {"ok", "max_abs_error", "worst_output", "criterion", "reference", "bound", "reduction_length",
+    "outputs": {name: {"relative_error", "onnxruntime_fp32_relative_error"}}}."""
+    from .graph import from_onnx
+    from .verify import fp64_outputs
+    model = onnx.load(str(model_path))
+    exact = fp64_outputs(from_onnx(model), feeds)
+    reference = exact if exact is not None else ref32
+    k = reduction_length(model)
+    bound = BF16_UNIT * math.sqrt(k)
+    outputs, worst, worst_name, max_abs = {}, -1.0, None, 0.0
+    for name, r in reference.items():
+        g = got.get(name)
+        rel = relative_error(r, g) if g is not None else math.inf
+        entry = {"relative_error": rel}
+        if exact is not None:
+            entry["onnxruntime_fp32_relative_error"] = relative_error(r, ref32[name])
+        outputs[name] = entry
+        if g is not None and np.shape(g) == np.shape(r):
+            max_abs = max(max_abs, float(np.max(np.abs(np.asarray(g, np.float64) - r), initial=0.0)))
+        if rel > worst:
+            worst, worst_name = rel, name
+    return {"ok": bool(worst <= bound), "max_abs_error": max_abs, "worst_output": worst_name,
+            "max_relative_error": worst, "bound": bound, "reduction_length": k,
+            "criterion": f"bf16: max |graphopt - reference| / max |reference| <= 2^-8 * sqrt(K), K = {k} the longest "
+                         f"reduction: {bound:.3g}",
+            "reference": "float64 (the model run in torch)" if exact is not None else "onnxruntime fp32",
+            "outputs": outputs}

@@ -1,0 +1,105 @@
+"""How much memory distillation will take, estimated from the graph's static shapes before any allocation, and
+the micro-batch that fits a budget (compress then accumulates gradients over micro-batches: same global batch,
+same result, less memory).
+
+The estimate, in bytes:
+  weights: student parameters x 4 copies (the weights, their gradients, Adam's two moments) + the teachers' weights
+  activations: per example, every float tensor the student computes (autograd keeps most of them for the backward
+    pass, which then needs about as much again for the gradients flowing back: ACTIVATION_FACTOR), times the
+    micro-batch; the teachers run without gradients: their largest tensors, twice, times the micro-batch
+  teacher cache: the teachers' outputs (and features) for every training example when they are cached
+  fixed: the runtime itself (torch, onnxruntime, the loaded graphs)
+The factors were measured against the peak resident memory of real training steps (tools/measure_training.py).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .errors import BadInput
+
+ACTIVATION_FACTOR = 2.5        # kept activations + the backward pass's gradients and temporaries, vmap copies
+FIXED_BYTES = 600 * 2 ** 20    # torch + onnxruntime + graphs, resident before training starts
+SAFETY = 0.8                   # of the budget the estimate may use
+QUANTIZE_TEMPORARIES = 3       # float tensors the trainable view keeps per QuantizeLinear output (x / scale, clamped,
+#                                rounded), whatever its integer type: quantization-aware training (graphopt.qat)
+
+
+def _numel(shape) -> int | None:
+    if shape is None or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+        return None
+    return int(np.prod(shape)) if len(shape) else 1
+
+
+def _batch0(graph: gs.Graph) -> int:
+    """The batch the graph was exported with (axis 0 of its first input), at least 1."""
+    for t in graph.inputs:
+        if t.shape and isinstance(t.shape[0], (int, np.integer)) and t.shape[0] > 0:
+            return int(t.shape[0])
+    return 1
+
+
+def per_example_activation_bytes(graph: gs.Graph) -> int:
+    """Bytes of every float tensor the graph computes in the trainable view, per example (QuantizeLinear: its float
+    temporaries; tensors of unknown shape count nothing)."""
+    total = 0
+    for node in graph.nodes:
+        for t in node.outputs:
+            n = _numel(t.shape)
+            if n is not None and node.op == "QuantizeLinear":
+                total += n * 4 * QUANTIZE_TEMPORARIES
+                continue
+            if n is None or t.dtype is None or np.dtype(t.dtype).kind != "f":
+                continue
+            total += n * np.dtype(t.dtype).itemsize
+    return total // _batch0(graph)
+
+
+def largest_tensor_bytes(graph: gs.Graph) -> int:
+    best = 0
+    for node in graph.nodes:
+        for t in node.outputs:
+            n = _numel(t.shape)
+            if n is not None and t.dtype is not None:
+                best = max(best, n * np.dtype(t.dtype).itemsize)
+    return best // _batch0(graph)
+
+
+def weight_bytes(graph: gs.Graph) -> int:
+    return sum(int(np.asarray(t.values).nbytes) for t in graph.tensors().values()
+               if isinstance(t, gs.Constant) and np.asarray(t.values).dtype.kind == "f")
+
+
+def output_bytes(graph: gs.Graph) -> int:
+    total = 0
+    for t in graph.outputs:
+        n = _numel(t.shape)
+        if n is not None and t.dtype is not None:
+            total += n * np.dtype(t.dtype).itemsize
+    return total // _batch0(graph)
+
+
+def training_bytes(student: gs.Graph, teachers: list[gs.Graph], micro_batch: int, cached_examples: int = 0) -> int:
+    """Peak memory of distilling `student` from `teachers` with micro-batches of `micro_batch` examples."""
+    weights = 4 * weight_bytes(student) + sum(weight_bytes(t) for t in teachers)
+    acts = ACTIVATION_FACTOR * per_example_activation_bytes(student) * micro_batch
+    teacher_acts = sum(2 * largest_tensor_bytes(t) for t in teachers) * micro_batch
+    cache = sum(output_bytes(t) for t in teachers) * cached_examples
+    return int(FIXED_BYTES + weights + acts + teacher_acts + cache)
+
+
+def fit_micro_batch(student: gs.Graph, teachers: list[gs.Graph], micro_batch: int, budget: int,
+                    cached_examples: int = 0) -> tuple[int, int]:
+    """(the largest micro-batch <= micro_batch whose estimate fits SAFETY * budget, its estimate). BadInput when
+    not even one example fits."""
+    m = max(1, int(micro_batch))
+    while True:
+        need = training_bytes(student, teachers, m, cached_examples)
+        if need <= SAFETY * budget:
+            return m, need
+        if m == 1:
+            raise BadInput(f"training needs about {need / 2 ** 30:.1f} GiB even one example at a time, more than "
+                           f"{SAFETY:.0%} of the {budget / 2 ** 30:.1f} GiB budget; free memory or raise "
+                           f"--max-memory")
+        m = max(1, m // 2)
+

@@ -1,0 +1,130 @@
+"""Graph metadata that travels with the graph: what a pass records for later passes and targets. Read and write it
+through this module only.
+
+Where: the graph's doc_string, one line per kind, `graphopt.<kind>: <JSON>`; other doc_string lines (an exporter's
+notes) are kept as they are. The graph doc_string is the one place that onnx-graphsurgeon's import and export (and
+so graph.copy and every pass that goes through ModelProto) and ONNX save/load all keep: node metadata_props, model
+metadata_props and custom node attributes are dropped or refused on the way. Entries are keyed by node name, which
+loading makes unique (graph.name_nodes).
+
+Kinds:
+  sparse_blocks   {node: [rows, cols]}  sparsify's block shape over the weight seen as [out, in]; the cuda target
+                                        packs those weights into BSR with that block
+  sparse_nm       {node: [n, m]}        sparsify's N:M pattern (n kept of every m consecutive inputs)
+  qat_biases      {float initializer: {"node", "output", "int", "scale", "zero_point", "attrs"}}
+                                        graphopt.qat: an int32 bias trained as a float initializer, with the
+                                        DequantizeLinear it stands for (names, scale and zero point as
+                                        [name, dtype, shape, values]) so that export can write it back
+
+Every reader accepts a gs.Graph, an onnx.GraphProto or an onnx.ModelProto; a malformed entry is a BadInput naming
+the node. New kinds (quantization records, distillation adapter tags) get one typed reader and writer here.
+"""
+from __future__ import annotations
+
+import json
+
+import onnx
+
+from .errors import BadInput, printable
+
+PREFIX = "graphopt."
+BlockShape = tuple[int, int]
+
+
+def _holder(obj):
+    """The object whose doc_string holds the metadata: a gs.Graph or onnx.GraphProto; a ModelProto's graph."""
+    return obj.graph if isinstance(obj, onnx.ModelProto) else obj
+
+
+def _read(obj, kind: str):
+    """The JSON value of `graphopt.<kind>:`, or None."""
+    head = f"{PREFIX}{kind}:"
+    for line in (_holder(obj).doc_string or "").splitlines():
+        if line.strip().startswith(head):
+            text = line.split(":", 1)[1]
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as e:
+                raise BadInput(f"graph doc_string: {PREFIX}{kind} is not JSON ({e})") from None
+    return None
+
+
+def _write(obj, kind: str, value) -> None:
+    """Replace the `graphopt.<kind>:` line (remove it when value is empty)."""
+    h = _holder(obj)
+    head = f"{PREFIX}{kind}:"
+    lines = [ln for ln in (h.doc_string or "").splitlines() if not ln.strip().startswith(head)]
+    if value:
+        lines.append(f"{head} {json.dumps(value, sort_keys=True)}")
+    h.doc_string = "\n".join(lines)
+
+
+def _pairs(obj, kind: str, what: str) -> dict[str, tuple[int, int]]:
+    table = _read(obj, kind)
+    if table is None:
+        return {}
+    if not isinstance(table, dict):
+        raise BadInput(f"graph doc_string: {PREFIX}{kind} must map node names to {what}")
+    out = {}
+    for node, v in table.items():
+        if not (isinstance(v, list) and len(v) == 2 and all(type(x) is int and x >= 1 for x in v)):
+            raise BadInput(f"graph doc_string: {PREFIX}{kind}, node '{printable(node)}': bad {what} "
+                           f"{printable(repr(v))}; write [rows, cols] of positive integers")
+        out[node] = (v[0], v[1])
+    return out
+
+
+def _set_pair(obj, kind: str, other: str, node: str, pair) -> None:
+    """Record pair for node under kind, and drop the node from the other sparse kind (one pattern per node)."""
+    table = {k: list(v) for k, v in _pairs(obj, kind, "pair").items()}
+    table[node] = [int(pair[0]), int(pair[1])]
+    _write(obj, kind, table)
+    rest = {k: list(v) for k, v in _pairs(obj, other, "pair").items() if k != node}
+    _write(obj, other, rest)
+
+
+def block_shape(value) -> BlockShape:
+    """(rows, cols) from a pair of positive integers (tuple or list, as JSON gives it back). Raises ValueError."""
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(type(v) is int and v >= 1 for v in value):
+        return int(value[0]), int(value[1])
+    raise ValueError(f"{value!r} is not a (rows, cols) block shape")
+
+
+def sparse_blocks(obj) -> dict[str, BlockShape]:
+    """{node name: (rows, cols)} block shapes sparsify recorded."""
+    return _pairs(obj, "sparse_blocks", "block shape")
+
+
+def set_sparse_block(obj, node: str, block: BlockShape) -> None:
+    _set_pair(obj, "sparse_blocks", "sparse_nm", node, block_shape(tuple(block)))
+
+
+def sparse_nm(obj) -> dict[str, tuple[int, int]]:
+    """{node name: (n, m)} N:M patterns sparsify recorded."""
+    return _pairs(obj, "sparse_nm", "N:M pattern")
+
+
+def set_sparse_nm(obj, node: str, nm: tuple[int, int]) -> None:
+    _set_pair(obj, "sparse_nm", "sparse_blocks", node, nm)
+
+
+_QAT_BIAS_KEYS = {"node", "output", "int", "scale", "zero_point", "attrs"}
+
+
+def qat_biases(obj) -> dict[str, dict]:
+    """{float initializer name: record} of the int32 biases graphopt.qat trains as floats (see Kinds)."""
+    table = _read(obj, "qat_biases")
+    if table is None:
+        return {}
+    if not isinstance(table, dict):
+        raise BadInput(f"graph doc_string: {PREFIX}qat_biases must map initializer names to records")
+    for name, rec in table.items():
+        if not isinstance(rec, dict) or set(rec) != _QAT_BIAS_KEYS:
+            raise BadInput(f"graph doc_string: {PREFIX}qat_biases, initializer '{printable(name)}': the record "
+                           f"needs exactly the keys {', '.join(sorted(_QAT_BIAS_KEYS))}")
+    return table
+
+
+def set_qat_biases(obj, table: dict[str, dict]) -> None:
+    """Replace the qat_biases record (removed when empty)."""
+    _write(obj, "qat_biases", table)

@@ -1,0 +1,16 @@
+"""bf16 lowering for the cpu target (`precision bf16`): fp32 Conv / MatMul / Gemm with constant weights run with bf16
+inputs and fp32 accumulation on AVX512-BF16 (`vdpbf16ps`); everything else stays fp32.
+
+Modules:
+    intrinsic  the 16x2 vdpbf16ps tensor intrinsic (through a small imported LLVM IR function) and TIR rounding
+    packing    fp32 weights -> bf16 pairs at compile time (nearest even)
+    kernels    conv2d_bf16 / dense_bf16: scheduled PrimFuncs with fused bias, relu/clip and residual epilogues;
+               dwconv2d_nhwc: fp32 depthwise conv in NHWC (keeps MobileNet chains NHWC)
+    rewrite    rewrite_bf16(mod, target) -> (IRModule, facts): the Relax rewrite of fp32 conv2d / matmul chains
+"""
+from .kernels import KERNEL_ATTR, ConvSpec, DenseSpec, conv2d_bf16, dense_bf16, dwconv2d_nhwc
+from .packing import bf16_bits, pack_conv_weight, pack_dense_weight, padded_bias
+from .rewrite import bf16_dot, rewrite_bf16
+
+__all__ = ["KERNEL_ATTR", "ConvSpec", "DenseSpec", "bf16_bits", "bf16_dot", "conv2d_bf16", "dense_bf16", "dwconv2d_nhwc",
+           "pack_conv_weight", "pack_dense_weight", "padded_bias", "rewrite_bf16"]

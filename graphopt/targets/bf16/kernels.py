@@ -1,0 +1,226 @@
+"""The scheduled bf16 PrimFuncs: conv2d and dense with bf16 inputs and fp32 accumulation (vdpbf16ps), fp32 epilogue.
+
+Inputs are fp32 (the graph's tensors); each kernel's input stage (the zero-padded copy the micro kernel reads)
+rounds them to bf16 pairs: [N, H+pads, W+pads, C2*2] for a conv (NHWC, from an NCHW or NHWC input), [M, K2*2] for
+a dense layer. Weights arrive packed (packing.py). The micro kernel is a register tile of TM output pixels (rows)
+x TN*16 channels whose innermost 16 x 2 block is tensorized with intrinsic.INTRIN. The epilogue adds the bias,
+applies relu / clip bounds, and for convs optionally adds a residual tensor (NHWC) and applies a second bound,
+in fp32, in the same loop nest. Outputs are NHWC [N, OH, OW, OCp] / [M, Np], channels padded to 16 (zero weights).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..int8.kernels import MAX_TILE_ACC, pick_tiles
+from .intrinsic import INTRIN, bf16_value, import_llvm, register_intrinsic, to_bf16_bits
+
+#: PrimFunc attribute naming the bf16 kernel (tests, debugging)
+KERNEL_ATTR = "graphopt.bf16_kernel"
+NO_BOUNDS = (None, None)
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    N: int
+    H: int
+    W: int
+    C: int                      # logical input channels
+    OC: int
+    KH: int
+    KW: int
+    stride: tuple = (1, 1)
+    pad: tuple = (0, 0, 0, 0)   # top, left, bottom, right
+    dilation: tuple = (1, 1)
+    in_layout: str = "NCHW"     # NCHW (logical) or NHWC (physical, Cphys channels)
+    Cphys: int = 0
+    act: tuple = NO_BOUNDS      # fp32 (lo, hi) after the bias; None: unbounded
+    residual: bool = False      # add a residual NHWC [N, OH, OW, OCp] input, then apply act2
+    act2: tuple = NO_BOUNDS
+
+    @property
+    def OH(self):
+        return (self.H + self.pad[0] + self.pad[2] - self.dilation[0] * (self.KH - 1) - 1) // self.stride[0] + 1
+
+    @property
+    def OW(self):
+        return (self.W + self.pad[1] + self.pad[3] - self.dilation[1] * (self.KW - 1) - 1) // self.stride[1] + 1
+
+    @property
+    def cin(self):
+        return (self.Cphys or self.C) if self.in_layout == "NHWC" else self.C
+
+    @property
+    def C2(self):
+        """Channel pairs the kernel reduces over."""
+        return -(-self.cin // 2)
+
+    @property
+    def OCp(self):
+        return -(-self.OC // 16) * 16
+
+
+@dataclass(frozen=True)
+class DenseSpec:
+    M: int
+    K: int
+    N: int
+    Kphys: int = 0              # columns of the input (>= K; padded rows from another kernel)
+    act: tuple = NO_BOUNDS
+
+    @property
+    def K2(self):
+        return -(-max(self.K, self.Kphys) // 2)
+
+    @property
+    def Np(self):
+        return -(-self.N // 16) * 16
+
+
+def _bounded(v, bounds):
+    from tvm import tirx
+    lo, hi = bounds
+    if lo is not None:
+        v = tirx.max(v, tirx.const(lo, "float32"))
+    if hi is not None:
+        v = tirx.min(v, tirx.const(hi, "float32"))
+    return v
+
+
+def conv2d_bf16(spec: ConvSpec):
+    """Scheduled PrimFunc (X fp32 in spec.in_layout, Wp uint16 [OCp/16, KH, KW, C2, 16, 2], B fp32 [OCp][, R fp32
+    NHWC], Y fp32 NHWC [N, OH, OW, OCp])."""
+    from tvm import te, tirx
+    s = spec
+    OH, OW, C2, OCp, cin = s.OH, s.OW, s.C2, s.OCp, s.cin
+    sh, sw = s.stride
+    dh, dw = s.dilation
+    pt, pl, pb, pr = s.pad
+    X = te.placeholder((s.N, s.C, s.H, s.W) if s.in_layout == "NCHW" else (s.N, s.H, s.W, cin), "float32", name="X")
+    Wp = te.placeholder((OCp // 16, s.KH, s.KW, C2, 16, 2), "uint16", name="W")
+    B = te.placeholder((OCp,), "float32", name="B")
+
+    def pad_value(n, h, w, c):
+        cond = tirx.all(h >= pt, h < s.H + pt, w >= pl, w < s.W + pl, c < cin)
+        hh, ww = tirx.min(tirx.max(h - pt, 0), s.H - 1), tirx.min(tirx.max(w - pl, 0), s.W - 1)
+        cc = tirx.min(c, cin - 1)
+        src = X[n, cc, hh, ww] if s.in_layout == "NCHW" else X[n, hh, ww, cc]
+        return tirx.if_then_else(cond, to_bf16_bits(src), tirx.const(0, "uint16"))
+    P = te.compute((s.N, s.H + pt + pb, s.W + pl + pr, C2 * 2), pad_value, name="pad")
+    kh = te.reduce_axis((0, s.KH), "kh")
+    kw = te.reduce_axis((0, s.KW), "kw")
+    c2 = te.reduce_axis((0, C2), "c2")
+    ci = te.reduce_axis((0, 2), "ci")
+    acc = te.compute(
+        (s.N, OH, OW, OCp // 16, 16),
+        lambda n, oh, ow, ob, oi: te.sum(
+            bf16_value(P[n, oh * sh + kh * dh, ow * sw + kw * dw, c2 * 2 + ci]) * bf16_value(Wp[ob, kh, kw, c2, oi, ci]),
+            axis=[kh, kw, c2, ci]),
+        name="acc")
+    args = [X, Wp, B]
+    if s.residual:
+        R = te.placeholder((s.N, OH, OW, OCp), "float32", name="R")
+        args.append(R)
+        Y = te.compute((s.N, OH, OW, OCp), lambda n, h, w, o: _bounded(
+            _bounded(acc[n, h, w, o // 16, o % 16] + B[o], s.act) + R[n, h, w, o], s.act2), name="out")
+    else:
+        Y = te.compute((s.N, OH, OW, OCp), lambda n, h, w, o: _bounded(acc[n, h, w, o // 16, o % 16] + B[o], s.act),
+                       name="out")
+    return _schedule(te.create_prim_func(args + [Y]), OW, OCp // 16, "conv2d")
+
+
+def dense_bf16(spec: DenseSpec):
+    """Scheduled PrimFunc (A fp32 [M, Kin], Wp uint16 [Np/16, K2, 16, 2], B fp32 [Np], Y fp32 [M, Np])."""
+    from tvm import te, tirx
+    s = spec
+    K2, Np = s.K2, s.Np
+    kin = max(s.K, s.Kphys)
+    A = te.placeholder((s.M, kin), "float32", name="A")
+    Wp = te.placeholder((Np // 16, K2, 16, 2), "uint16", name="W")
+    B = te.placeholder((Np,), "float32", name="B")
+    P = te.compute((s.M, K2 * 2), lambda m, k: tirx.if_then_else(
+        k < kin, to_bf16_bits(A[m, tirx.min(k, kin - 1)]), tirx.const(0, "uint16")), name="pad")
+    k2 = te.reduce_axis((0, K2), "k2")
+    ki = te.reduce_axis((0, 2), "ki")
+    acc = te.compute((s.M, Np // 16, 16), lambda m, nb, ni: te.sum(
+        bf16_value(P[m, k2 * 2 + ki]) * bf16_value(Wp[nb, k2, ni, ki]), axis=[k2, ki]), name="acc")
+    Y = te.compute((s.M, Np), lambda m, n: _bounded(acc[m, n // 16, n % 16] + B[n], s.act), name="out")
+    return _schedule(te.create_prim_func([A, Wp, B, Y]), s.M, Np // 16, "dense")
+
+
+def dwconv2d_nhwc(spec: ConvSpec):
+    """Scheduled PrimFunc (X fp32 in spec.in_layout, Wdw fp32 [KH, KW, OCp], B fp32 [OCp], Y fp32 NHWC [N, OH, OW,
+    OCp]): depthwise conv (one filter per channel) in fp32, NHWC, vectorized along the channels, with the bias and
+    bounds fused. No reduction over channels, so bf16 dot products do not apply; it keeps the chain between two
+    bf16 convs in NHWC (MobileNet's inverted residuals)."""
+    from tvm import te, tirx
+    s = spec
+    OH, OW, Cp, cin = s.OH, s.OW, s.OCp, s.cin
+    sh, sw = s.stride
+    dh, dw = s.dilation
+    pt, pl, pb, pr = s.pad
+    X = te.placeholder((s.N, s.C, s.H, s.W) if s.in_layout == "NCHW" else (s.N, s.H, s.W, cin), "float32", name="X")
+    Wk = te.placeholder((s.KH, s.KW, Cp), "float32", name="W")
+    B = te.placeholder((Cp,), "float32", name="B")
+
+    def pad_value(n, h, w, c):
+        cond = tirx.all(h >= pt, h < s.H + pt, w >= pl, w < s.W + pl, c < min(cin, Cp))
+        hh, ww = tirx.min(tirx.max(h - pt, 0), s.H - 1), tirx.min(tirx.max(w - pl, 0), s.W - 1)
+        cc = tirx.min(c, cin - 1)
+        src = X[n, cc, hh, ww] if s.in_layout == "NCHW" else X[n, hh, ww, cc]
+        return tirx.if_then_else(cond, src, tirx.const(0.0, "float32"))
+    P = te.compute((s.N, s.H + pt + pb, s.W + pl + pr, Cp), pad_value, name="pad")
+
+    def body(n, h, w, c):
+        acc = B[c]
+        for i in range(s.KH):
+            for j in range(s.KW):
+                acc = acc + P[n, h * sh + i * dh, w * sw + j * dw, c] * Wk[i, j, c]
+        return _bounded(acc, s.act)
+    Y = te.compute((s.N, OH, OW, Cp), body, name="out")
+    from tvm.s_tir import Schedule
+    sch = Schedule(te.create_prim_func([X, Wk, B, Y]))
+    for name in ("pad", "out"):
+        b = sch.get_sblock(name)
+        n, h, w, c = sch.get_loops(b)
+        sch.parallel(sch.fuse(n, h))
+        _, ci = sch.split(c, [None, 16])
+        sch.vectorize(ci)
+    return sch.mod["main"].with_attr(KERNEL_ATTR, "dwconv2d_fp32")
+
+
+def _schedule(func, rows: int, col_blocks: int, kind: str):
+    """Register tiles of TM rows (output pixels along a row) x TN 16-channel blocks, the reduction outermost inside
+    the tile, the 16 x 2 block tensorized; parallel over the tiles; vectorized input stage and epilogue."""
+    from tvm.s_tir import Schedule
+    register_intrinsic()
+    sch = Schedule(func)
+    acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
+    TM, TN = pick_tiles(rows, col_blocks, MAX_TILE_ACC)
+    sch.set_scope(acc, 0, "local")
+    loops = sch.get_loops(out)
+    w, o = loops[-2], loops[-1]
+    wo, wi = sch.split(w, [None, TM])
+    oo, oi = sch.split(o, [None, TN * 16])
+    sch.reorder(oo, *loops[:-2], wo, wi, oi)
+    sch.compute_at(acc, wo, preserve_unit_loops=True)
+    par = sch.fuse(oo, *loops[:-2])
+    sch.parallel(par)
+    import_llvm(sch, par)
+    red = 3 if kind == "conv2d" else 1                       # (kh, kw, c2) | (k2)
+    acc_loops = sch.get_loops(acc)[-(len(loops) + 1 + red + 1):]
+    spatial, reduction = acc_loops[:len(loops) + 1], acc_loops[len(loops) + 1:]
+    sch.reorder(*reduction[:-1], *spatial, reduction[-1])
+    sch.decompose_reduction(acc, reduction[0])
+    init = sch.get_sblock("acc_init")
+    sch.tensorize(spatial[-1], INTRIN)
+    sch.unroll(spatial[-3])
+    sch.unroll(spatial[-2])
+    sch.vectorize(sch.get_loops(init)[-1])
+    _, vi = sch.split(oi, [None, 16])
+    sch.vectorize(vi)
+    pad = sch.get_sblock("pad")
+    ploops = sch.get_loops(pad)
+    sch.parallel(sch.fuse(*ploops[:2]) if kind == "conv2d" else ploops[0])
+    if int(sch.get(ploops[-1]).extent) % 16 == 0:
+        sch.vectorize(sch.split(ploops[-1], [None, 16])[1])
+    return sch.mod["main"].with_attr(KERNEL_ATTR, kind)

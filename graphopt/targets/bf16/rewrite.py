@@ -1,0 +1,314 @@
+"""The Relax rewrite for precision bf16: fp32 conv2d (groups 1) and matmul chains with constant weights become
+call_tir of the bf16 kernels, right after import (before LegalizeOps / FuseOps):
+
+    conv2d(x, W) | matmul(x, W) | matmul(x, permute_dims(W))
+        -> [+ bias | batch_norm (inference, conv2d only)]* -> [relu | clip] [-> + residual -> [relu | clip]]
+                                                                             (conv2d only for the residual)
+
+W, the biases and the norms' parameters are constants: folded here (norm scales into W, shifts into one bias),
+W packed to bf16 pairs. Conv outputs stay NHWC with channels padded to 16
+between kernels, dense outputs [rows, padded columns]; logical views are emitted for the fp32 ops that read them
+(relax_layout). Depthwise convs (no reduction over channels: nothing for a dot product) run as an fp32 NHWC kernel
+with the same epilogue, so MobileNet-style chains stay NHWC; other grouped convs and matmuls of two activations stay
+on TVM's fp32 path.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import x86_isa
+from ..relax_bindings import Block, act_bounds, dtype_of, fold_fp32, is_constant, op_name, shape_of
+from ..relax_layout import LayoutRewriter, Phys, rewrite_main
+from .kernels import NO_BOUNDS, ConvSpec, DenseSpec, conv2d_bf16, dense_bf16, dwconv2d_nhwc
+from .packing import pack_conv_weight, pack_dense_weight, padded_bias
+
+log = logging.getLogger("graphopt.bf16")
+
+
+def bf16_dot(target) -> str | None:
+    """'avx512bf16' when the target's code may use AVX512-BF16, else None."""
+    if target is None or str(target.kind.name) != "llvm":
+        return None
+    mtriple = str(target.attrs.get("mtriple", ""))
+    if mtriple and not any(a in mtriple for a in ("x86_64", "amd64")):
+        return None
+    feats = x86_isa.features(str(target.attrs.get("mcpu", "")), target.attrs.get("mattr", []))
+    return "avx512bf16" if "bf16" in feats else None
+
+
+@dataclass
+class Chain:
+    kind: str                   # conv | dense
+    root: int                   # binding index of the chain's last binding (replaced by the kernel call)
+    interior: list              # binding indices consumed by the chain (dropped)
+    x: object
+    w: np.ndarray               # fp32 [OC, C, KH, KW] or [N, K], batch norms folded in
+    bias: np.ndarray
+    act: tuple
+    residual: object
+    act2: tuple
+    attrs: dict
+    out_var: object
+    out_shape: tuple
+
+
+def _other(v, cur):
+    a, b = v.args
+    return b if a.same_as(cur) else a if b.same_as(cur) else None
+
+
+def _batch_norm(blk: Block, idx: int, cur, n_out: int):
+    """For batch_norm(cur, constant gamma, beta, mean, var) over channels at binding idx whose only live output is
+    item 0: (index of the item-0 binding, the indices consumed, per-channel scale, shift), else None."""
+    from tvm import relax
+    v = blk.bindings[idx].value
+    if not v.args[0].same_as(cur) or int(v.attrs.axis) not in (1, -3):
+        return None
+    params = [fold_fp32(blk, a) if is_constant(blk, a) else None for a in v.args[1:5]]
+    if any(p is None or p.size != n_out for p in params):
+        return None
+    gamma, beta, mean, var = (p.reshape(n_out) for p in params)
+    tup = blk.bindings[idx].var
+    if tup in blk.outside:
+        return None
+    get0, used = None, [idx]
+    for j in blk.uses.get(tup, []):
+        g = blk.bindings[j].value
+        if not isinstance(g, relax.TupleGetItem):
+            return None
+        if int(g.index) == 0 and get0 is None:
+            get0 = j
+        elif blk.bindings[j].var in blk.outside or blk.uses.get(blk.bindings[j].var):
+            return None                       # the batch statistics are read: not an inference-only norm
+        used.append(j)
+    if get0 is None:
+        return None
+    scale = gamma / np.sqrt(var + float(v.attrs.epsilon))
+    return get0, used, scale, beta - mean * scale
+
+
+def _follow(blk: Block, idx: int, n_out: int, channel_axis: int, allow_residual: bool):
+    """(root, interior, scale, shift, act, residual, act2) of the epilogue after the compute binding idx: the
+    affine part (bias adds, inference batch norms) as a per-channel scale (folded into the weights) and shift."""
+    interior, cur = [idx], blk.bindings[idx].var
+    scale, shift = np.ones(n_out), np.zeros(n_out)
+    act, residual, act2 = None, None, None
+    while True:
+        nxt = blk.single_use(cur)
+        if nxt is None:
+            break
+        v = blk.bindings[nxt].value
+        op = op_name(v)
+        if op == "relax.nn.batch_norm" and channel_axis == 1 and act is None and residual is None:
+            bn = _batch_norm(blk, nxt, cur, n_out)
+            if bn is None:
+                break
+            get0, used, s, t = bn
+            scale, shift = scale * s, shift * s + t
+            interior.extend(used)
+            interior.remove(get0)
+            interior.append(get0)
+            cur = blk.bindings[get0].var
+            continue
+        if op == "relax.add":
+            other = _other(v, cur)
+            if other is None:
+                break
+            if is_constant(blk, other):
+                val = fold_fp32(blk, other)
+                if val is None or act is not None or residual is not None:
+                    break
+                if val.size == 1:
+                    val = np.full(n_out, float(val.reshape(())))
+                elif val.size != n_out or (val.ndim > 1 and val.shape[channel_axis] != n_out):
+                    break
+                shift = shift + val.reshape(n_out)
+            elif allow_residual and residual is None and shape_of(other) == shape_of(cur) \
+                    and dtype_of(other) == "float32":
+                residual = other
+            else:
+                break
+        else:
+            b = act_bounds(blk, v)
+            if b is None or not v.args[0].same_as(cur):
+                break
+            if residual is None and act is None:
+                act = b
+            elif residual is not None and act2 is None:
+                act2 = b
+            else:
+                break
+        interior.append(nxt)
+        cur = blk.bindings[nxt].var
+    return interior[-1], interior[:-1], scale, shift, act or NO_BOUNDS, residual, act2 or NO_BOUNDS
+
+
+def _fp32_weight(blk: Block, e) -> np.ndarray | None:
+    if not is_constant(blk, e):
+        return None
+    v = fold_fp32(blk, e)
+    return None if v is None else v.astype(np.float32)
+
+
+def match_conv(blk: Block, idx: int, residual: bool = True) -> Chain | None:
+    v = blk.bindings[idx].value
+    a = v.attrs
+    if str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW" or str(a.out_layout) != "NCHW":
+        return None
+    xshape = shape_of(v.args[0])
+    if dtype_of(v.args[0]) != "float32" or dtype_of(blk.bindings[idx].var) != "float32" or xshape is None \
+            or len(xshape) != 4 or is_constant(blk, v.args[0]):
+        return None
+    w = _fp32_weight(blk, v.args[1])
+    if w is None or w.ndim != 4:
+        return None
+    groups = int(a.groups)
+    depthwise = groups > 1 and groups == xshape[1] == w.shape[0] and w.shape[1] == 1
+    if groups != 1 and not depthwise:
+        return None                       # grouped convs (other than depthwise) stay on TVM's fp32 path
+    root, interior, scale, bias, act, res, act2 = _follow(blk, idx, w.shape[0], 1, residual and not depthwise)
+    w = (w * scale.reshape(-1, 1, 1, 1)).astype(np.float32)
+    attrs = {"stride": tuple(int(s) for s in a.strides), "pad": tuple(int(p) for p in a.padding),
+             "dilation": tuple(int(d) for d in a.dilation), "xshape": xshape}
+    out = blk.bindings[root].var
+    return Chain("dwconv" if depthwise else "conv", root, interior, v.args[0], w, bias, act, res, act2, attrs, out,
+                 shape_of(out))
+
+
+def match_dense(blk: Block, idx: int) -> Chain | None:
+    v = blk.bindings[idx].value
+    xshape = shape_of(v.args[0])
+    if dtype_of(v.args[0]) != "float32" or xshape is None or len(xshape) < 2 or is_constant(blk, v.args[0]):
+        return None
+    wexpr = blk.bound(v.args[1])
+    if op_name(wexpr) == "relax.permute_dims":            # Gemm transB: permute_dims(W[N, K])
+        axes = wexpr.attrs.axes
+        if axes is not None and [int(x) for x in axes] != [1, 0]:
+            return None
+        w = _fp32_weight(blk, wexpr.args[0])
+    else:                                                # MatMul: W[K, N]
+        w = _fp32_weight(blk, v.args[1])
+        w = None if w is None or w.ndim != 2 else np.ascontiguousarray(w.T)
+    if w is None or w.ndim != 2 or w.shape[1] != xshape[-1]:
+        return None
+    root, interior, scale, bias, act, _, _ = _follow(blk, idx, w.shape[0], -1, False)
+    w = (w * scale.reshape(-1, 1)).astype(np.float32)
+    out = blk.bindings[root].var
+    return Chain("dense", root, interior, v.args[0], w, bias, act, None, NO_BOUNDS, {"xshape": xshape}, out,
+                 shape_of(out))
+
+
+class _Rewriter(LayoutRewriter):
+    def __init__(self, mod):
+        super().__init__(mod, "graphopt_bf16")
+        self.count = {"bf16_conv2d": 0, "bf16_dense": 0, "bf16_residual_fused": 0, "fp32_dwconv2d_nhwc": 0,
+                      "fp32_convs": 0, "fp32_matmuls": 0}
+        self.max_reduction = 0
+
+    def rewrite_block(self, block, outside_uses):
+        from tvm import relax
+        blk = Block(block, outside_uses)
+        chains: dict[int, Chain] = {}
+        claimed: set = set()
+        for i, b in enumerate(blk.bindings):
+            op = op_name(b.value)
+            if op not in ("relax.nn.conv2d", "relax.matmul") or i in claimed:
+                continue
+            try:
+                m = match_conv(blk, i) if op == "relax.nn.conv2d" else match_dense(blk, i)
+                if m is not None and m.kind == "conv" and any(j in claimed for j in m.interior + [m.root]):
+                    m = match_conv(blk, i, residual=False)   # the add was fused into the other branch
+            except Exception as e:  # noqa: BLE001 - an unexpected form stays on the fp32 path
+                log.debug("bf16 match failed at %s: %s", b.var, e)
+                m = None
+            if m is None or any(j in claimed for j in m.interior + [m.root]):
+                self.count["fp32_convs" if op == "relax.nn.conv2d" else "fp32_matmuls"] += 1
+                continue
+            chains[m.root] = m
+            claimed.update(m.interior + [m.root])
+        if not chains:
+            return block, False
+        drop = set().union(*(m.interior for m in chains.values()))
+        self.phys = {}
+        out = []
+        for i, b in enumerate(blk.bindings):
+            if i in chains:
+                out.extend(self.emit(chains[i]))
+            elif i not in drop:
+                out.append(b)
+        return relax.DataflowBlock(out), True
+
+    def emit(self, m: Chain):
+        from tvm import relax
+        bindings = []
+        p = self.phys.get(m.x)
+        if m.kind == "dwconv":
+            N, C, H, W = m.attrs["xshape"]
+            _, _, KH, KW = m.w.shape
+            nhwc = p is not None and p.layout == "NHWC"
+            spec = ConvSpec(N, H, W, C, C, KH, KW, m.attrs["stride"], m.attrs["pad"], m.attrs["dilation"],
+                            "NHWC" if nhwc else "NCHW", p.channels if nhwc else 0, m.act)
+            wk = np.zeros((KH, KW, spec.OCp), np.float32)
+            wk[:, :, :C] = m.w[:, 0].transpose(1, 2, 0)
+            args = [p.var if nhwc else m.x, relax.const(wk), relax.const(padded_bias(m.bias, C, spec.OCp))]
+            gv = self.add_kernel(("dwconv", spec), lambda: dwconv2d_nhwc(spec), "dwconv2d")
+            shape = (N, spec.OH, spec.OW, spec.OCp)
+            phys = Phys(self.dfvar("dwconv", shape, "float32"), "NHWC", spec.OCp)
+            self.count["fp32_dwconv2d_nhwc"] += 1
+        elif m.kind == "conv":
+            N, C, H, W = m.attrs["xshape"]
+            OC, _, KH, KW = m.w.shape
+            nhwc = p is not None and p.layout == "NHWC"
+            spec = ConvSpec(N, H, W, C, OC, KH, KW, m.attrs["stride"], m.attrs["pad"], m.attrs["dilation"],
+                            "NHWC" if nhwc else "NCHW", p.channels if nhwc else 0, m.act, m.residual is not None,
+                            m.act2)
+            args = [p.var if nhwc else m.x, relax.const(pack_conv_weight(m.w, spec.C2)),
+                    relax.const(padded_bias(m.bias, OC, spec.OCp))]
+            if m.residual is not None:
+                r, bl = self.to_nhwc_padded(m.residual, spec.OCp)
+                bindings.extend(bl)
+                args.append(r)
+                self.count["bf16_residual_fused"] += 1
+            gv = self.add_kernel(("conv", spec), lambda: conv2d_bf16(spec), "conv2d")
+            shape = (N, spec.OH, spec.OW, spec.OCp)
+            phys = Phys(self.dfvar("conv", shape, "float32"), "NHWC", spec.OCp)
+            self.count["bf16_conv2d"] += 1
+            self.max_reduction = max(self.max_reduction, C * KH * KW)
+        else:
+            xshape = m.attrs["xshape"]
+            K, rows = xshape[-1], int(np.prod(xshape[:-1]))
+            Nf = m.w.shape[0]
+            if p is not None and p.layout == "ROWS":
+                spec, x = DenseSpec(rows, K, Nf, p.channels, m.act), p.var
+            else:
+                spec, x = DenseSpec(rows, K, Nf, 0, m.act), m.x
+                if len(xshape) != 2:                 # [..., K] -> [rows, K]
+                    x = self.dfvar("rows", (rows, K), "float32")
+                    bindings.append(self.bind(x, relax.op.reshape(m.x, [rows, K])))
+            args = [x, relax.const(pack_dense_weight(m.w, spec.K2)), relax.const(padded_bias(m.bias, Nf, spec.Np))]
+            gv = self.add_kernel(("dense", spec), lambda: dense_bf16(spec), "dense")
+            shape = (rows, spec.Np)
+            phys = Phys(self.dfvar("dense", shape, "float32"), "ROWS", spec.Np)
+            self.count["bf16_dense"] += 1
+            self.max_reduction = max(self.max_reduction, K)
+        bindings.append(self.bind(phys.var, relax.call_tir(gv, args, relax.TensorType(list(shape), "float32"))))
+        bindings.extend(self.bind_view(m.out_var, phys, m.out_shape))
+        self.phys[m.out_var] = phys
+        return bindings
+
+
+def rewrite_bf16(mod, target):
+    """Replace the fp32 conv2d / matmul chains of mod['main'] with bf16 kernels. Returns (mod, facts): the bf16
+    instruction set used, kernel counts, the convs / matmuls left in fp32, and the longest reduction (for the
+    self-check's bound). Unchanged when the target has no AVX512-BF16."""
+    dot = bf16_dot(target)
+    facts = {"bf16_dot": dot, "bf16_kernels": 0}
+    if dot is None or "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
+        return mod, facts
+    rw = _Rewriter(mod)
+    mod, changed = rewrite_main(mod, rw)
+    facts.update(rw.count, bf16_kernels=len(rw.new_funcs) if changed else 0, bf16_max_reduction=rw.max_reduction)
+    return mod, facts

@@ -1,0 +1,190 @@
+"""fp32 conv nets on the cpu target run channels-last (NHWC): to_nhwc(mod, target) converts every fp32 conv2d of
+the module to NHWC (weights OHWI, permuted once at compile time) with Relax's ConvertLayout, which carries the layout
+through the elementwise ops, pooling, reductions, resize and concat between the convs, so layout transforms are
+left only where the graph needs NCHW (its inputs and outputs, a reshape, an op without layout support), not around
+every conv. Channels-last lets the schedules vectorize along the channels everywhere (a conv's output channels,
+depthwise convs and pooling windows alike) instead of along the width.
+
+Before the conversion two forms the importer emits are turned into Relax ops ConvertLayout can carry, so that they
+do not cut a chain in two: Clip (the ONNX importer emits call_tir kernels max(x, lo) / min(x, hi)) and relax.clip
+(no layout rule in TVM 0.27) both become relax maximum / minimum with the same operand order TVM computes them in.
+
+Modules with kernels already scheduled (the int8 and bf16 rewrites keep their own NHWC layout) are left as they
+are."""
+from __future__ import annotations
+
+#: the layouts a conv2d is converted to: data NHWC, weights OHWI (a weight row for one output channel is contiguous
+#: in (kh, kw, ic); the conv schedule repacks it into blocks of output channels)
+NHWC_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "OHWI"]}
+
+
+def to_nhwc(mod, target):
+    """mod with its fp32 conv2d chains in NHWC (see the module docstring); unchanged when it has no fp32 conv2d or
+    already holds scheduled kernels."""
+    import tvm
+    from tvm import relax
+
+    if not _has_fp32_conv(mod) or _has_scheduled_kernels(mod):
+        return mod
+    with target:
+        mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
+                                        relax.transform.FoldConstant()])(mod)
+        mod = _lift_minmax(mod)
+        mod = tvm.transform.Sequential([relax.transform.ConvertLayout({}, _conv_layout),
+                                        relax.transform.CanonicalizeBindings(),
+                                        relax.transform.FoldConstant()])(mod)
+    return mod
+
+
+#: convs with fewer output channels stay NCHW: channels-last vectorizes along the output channels
+MIN_NHWC_CHANNELS = 8
+
+
+def _conv_layout(call) -> dict:
+    """ConvertLayout's per-call choice: NHWC / OHWI for an fp32 conv2d with at least MIN_NHWC_CHANNELS output
+    channels; every other op follows its inputs."""
+    if getattr(call.op, "name", None) != "relax.nn.conv2d" or str(getattr(call.ty, "dtype", "")) != "float32":
+        return {}
+    shape = getattr(call.ty, "shape", None)
+    if shape is None or len(shape) != 4 or str(call.attrs.data_layout) != "NCHW":
+        return {}
+    return NHWC_LAYOUTS if int(shape[1]) >= MIN_NHWC_CHANNELS else {}
+
+
+def _calls(mod):
+    from tvm import relax
+    out = []
+    for _, f in mod.functions.items():
+        if isinstance(f, relax.Function):
+            relax.analysis.post_order_visit(f, lambda e: out.append(e) if isinstance(e, relax.Call) else None)
+    return out
+
+
+def _has_fp32_conv(mod) -> bool:
+    for c in _calls(mod):
+        if getattr(c.op, "name", None) == "relax.nn.conv2d" and str(getattr(c.ty, "dtype", "")) == "float32":
+            return True
+    return False
+
+
+def _has_scheduled_kernels(mod) -> bool:
+    from tvm import tirx
+    for _, f in mod.functions.items():
+        if isinstance(f, tirx.PrimFunc) and f.attrs is not None and "tirx.is_scheduled" in f.attrs:
+            return True
+    return False
+
+
+def scalar_minmax(func) -> str | None:
+    """'max' / 'min' when the PrimFunc computes out[i...] = max(a[i...], b[()]) (or min, either operand order) for
+    its first parameter a, a 0-d parameter b and out of a's shape: what the ONNX importer emits for Clip."""
+    from tvm import tirx
+    from tvm.s_tir import Schedule
+
+    from .cpu_sched_common import int_or_none, iter_kinds, root_blocks
+    import tvm
+    if len(func.params) != 3:
+        return None
+    a, b, out = func.params
+    if not all(hasattr(p, "shape") for p in (a, b, out)) or len(b.shape) != 0 or \
+            [int_or_none(d) for d in a.shape] != [int_or_none(d) for d in out.shape]:
+        return None
+    sch = Schedule(tvm.IRModule({"main": func}))
+    blocks = root_blocks(sch)
+    if len(blocks) != 1 or set(iter_kinds(sch, blocks[0])) != {"S"}:
+        return None
+    blk = sch.get(blocks[0])
+    body = blk.body
+    ivs = [iv.var for iv in blk.iter_vars]
+    if not isinstance(body, tirx.BufferStore) or not body.buffer.same_as(out) or \
+            not _at(body.indices, ivs) or not isinstance(body.value, (tirx.Max, tirx.Min)):
+        return None
+    x, y = body.value.a, body.value.b
+    for p, q in ((x, y), (y, x)):
+        if _load_of(p, a) and _at(p.indices, ivs) and _load_of(q, b):
+            return "max" if isinstance(body.value, tirx.Max) else "min"
+    return None
+
+
+def _load_of(e, buf) -> bool:
+    from .cpu_sched_common import TensorLoad
+    return isinstance(e, TensorLoad) and e.source.same_as(buf)
+
+
+def _at(indices, ivs) -> bool:
+    from tvm import tirx
+    return len(indices) == len(ivs) and all(isinstance(i, tirx.Var) and i.same_as(v) for i, v in zip(indices, ivs))
+
+
+#: broadcasting binary ops whose lower-rank constant operand is given the other operand's rank
+_BINARY = {f"relax.{n}" for n in ("add", "subtract", "multiply", "divide", "maximum", "minimum", "power")}
+#: those whose operands may be swapped exactly (IEEE addition and multiplication commute)
+_COMMUTATIVE = {"relax.add", "relax.multiply"}
+
+
+def _full_rank_constants(call):
+    """call with a constant operand of lower rank than the other operand reshaped to that rank (leading 1s: the
+    same broadcast), and a constant first operand of add / multiply moved second: ConvertLayout cannot carry a layout
+    through a binary op whose operands differ in rank or whose first operand is a constant (PaddleOCR's affine
+    `Mul(scale, x)` would cut the NHWC chain)."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+    a, b = call.args
+    ra, rb = len(getattr(a.ty, "shape", None) or []), len(getattr(b.ty, "shape", None) or [])
+    args = [a, b]
+    for i, (x, rx, ry) in enumerate(((a, ra, rb), (b, rb, ra))):
+        if isinstance(x, tvm.ir.expr.Constant) and 0 < rx < ry:
+            v = x.value.numpy()
+            args[i] = relax.const(v.reshape((1,) * (ry - rx) + v.shape), str(v.dtype))
+    if str(call.op.name) in _COMMUTATIVE and isinstance(args[0], tvm.ir.expr.Constant) and \
+            not isinstance(args[1], tvm.ir.expr.Constant):
+        args.reverse()          # ConvertLayout takes a binary op's layout from its first operand
+    if args[0] is a and args[1] is b:
+        return call
+    return relax.Call(call.op, args, call.attrs)
+
+
+def _number(prim_value) -> float:
+    v = prim_value.value
+    return float(getattr(v, "value", v))
+
+
+def _lift_minmax(mod):
+    """call_tir(max/min against a scalar) and relax.clip -> relax.maximum / relax.minimum (see the docstring)."""
+    import tvm
+    from tvm import relax
+
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    kinds = {}
+    for gv, f in mod.functions.items():
+        if isinstance(f, tvm.tirx.PrimFunc):
+            k = scalar_minmax(f)
+            if k is not None:
+                kinds[gv.name_hint] = k
+
+    @relax.expr_functor.mutator
+    class _Lift(relax.PyExprMutator):
+        def visit_call_(self, op):  # noqa: N802 - TVM's visitor naming
+            new = self.visit_expr_post_order(op)
+            if not isinstance(new, relax.Call):
+                return new
+            if new.op.same_as(call_tir) and new.args[0].name_hint in kinds:
+                args = new.args[1]
+                fields = list(args.fields) if isinstance(args, relax.Tuple) else [args]
+                if len(fields) == 2:
+                    f = relax.op.maximum if kinds[new.args[0].name_hint] == "max" else relax.op.minimum
+                    return f(fields[0], fields[1])
+            if getattr(new.op, "name", None) in _BINARY and len(new.args) == 2:
+                return _full_rank_constants(new)
+            if getattr(new.op, "name", None) == "relax.clip" and str(new.args[0].ty.dtype).startswith("float"):
+                x, lo, hi = new.args
+                dt = str(x.ty.dtype)
+                # topi.clip computes max(min(x, hi), lo)
+                return relax.op.maximum(relax.op.minimum(x, relax.const(_number(hi), dt)), relax.const(_number(lo), dt))
+            return new
+
+    for gv, f in list(mod.functions.items()):
+        if isinstance(f, relax.Function):
+            mod[gv] = _Lift(mod).visit_expr(f)
+    return relax.transform.DeadCodeElimination()(mod)

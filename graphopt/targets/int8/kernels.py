@@ -1,0 +1,323 @@
+"""The scheduled integer PrimFuncs: TE compute plus a hand schedule (conv2d, dense, depthwise conv2d, max pool)."""
+from __future__ import annotations
+
+from .intrinsics import KERNEL_ATTR, TENSOR_INTRINS, register_intrinsics
+from .specs import ConvSpec, DenseSpec, Epilogue
+
+#: 16-lane s32 accumulators a micro tile may use. x86: one zmm each, 24 of the 32 (room for the weights and the
+#: broadcast). aarch64: four 128-bit NEON registers each, 6 (24 registers) of the 32.
+MAX_TILE_ACC = 24
+MAX_TILE_ACC_BY_DOT = {"usdot": 6}
+
+
+def _epilogue_expr(epi: Epilogue, acc, bi, m, bf, r=None):
+    from tvm import te, tirx
+    f32 = "float32"
+    v = (acc + bi).astype(f32) * m + bf
+    if epi.mode == "f":
+        if epi.flo is not None:
+            v = tirx.max(v, tirx.const(epi.flo, f32))
+        if epi.fhi is not None:
+            v = tirx.min(v, tirx.const(epi.fhi, f32))
+        return v
+    if epi.mode == "q":
+        q = te.nearbyint(v) + tirx.const(float(epi.zy), f32)
+        q = tirx.min(tirx.max(q, tirx.const(epi.lo, f32)), tirx.const(epi.hi, f32))
+        return q.astype(epi.out_dtype)
+    # qadd: requantize the conv result as the graph does, add the dequantized residual, requantize
+    t = te.nearbyint(v) + tirx.const(float(epi.z1), f32)
+    t = tirx.min(tirx.max(t, tirx.const(epi.lo1, f32)), tirx.const(epi.hi1, f32))
+    a = (t - tirx.const(float(epi.z1), f32)) * tirx.const(epi.s1, f32) + \
+        (r.astype(f32) - tirx.const(float(epi.zr), f32)) * tirx.const(epi.sr, f32)
+    if epi.act2_lo is not None:
+        a = tirx.max(a, tirx.const(epi.act2_lo, f32))
+    if epi.act2_hi is not None:
+        a = tirx.min(a, tirx.const(epi.act2_hi, f32))
+    q = te.nearbyint(a * tirx.const(epi.inv_s2, f32)) + tirx.const(float(epi.zy), f32)
+    q = tirx.min(tirx.max(q, tirx.const(epi.lo, f32)), tirx.const(epi.hi, f32))
+    return q.astype(epi.out_dtype)
+
+
+def _to_u8(x, in_dtype):
+    """u8 view of an activation value: s8 is shifted by +128 (its zero point too)."""
+    if in_dtype == "uint8":
+        return x
+    return (x.astype("int32") + 128).astype("uint8")
+
+
+def pick_tiles(width: int, oc_blocks: int, max_acc: int = MAX_TILE_ACC) -> tuple[int, int]:
+    """(TM pixels, TN 16-channel blocks): TM divides width, TN divides oc_blocks, TM*TN accumulators fit."""
+    best = (1, 1, 0)
+    for tn in (4, 3, 2, 1):
+        if oc_blocks % tn:
+            continue
+        for tm in range(min(width, 14), 0, -1):
+            if width % tm or tm * tn > max_acc:
+                continue
+            score = tm * tn + (0.5 if tn >= 2 else 0)   # prefer more accumulators, then wider channel tiles
+            if score > best[2]:
+                best = (tm, tn, score)
+            break
+    return best[0], best[1]
+
+
+def conv2d_int8(spec: ConvSpec, dot: str = "vnni", cores: int = 1, residual: bool = False):
+    """Scheduled PrimFunc (X, Wp, Bi, M, Bf[, R], Y): X u8/s8 in spec.in_layout, Y NHWC with OCp channels."""
+    from tvm import te, tirx
+    s = spec
+    OH, OW, C4, OCp = s.OH, s.OW, s.C4, s.OCp
+    sh, sw = s.stride
+    dh, dw = s.dilation
+    pt, pl, pb, pr = s.pad
+    zx_u = s.zx + (128 if s.in_dtype == "int8" else 0)
+    xshape = (s.N, s.C, s.H, s.W) if s.in_layout == "NCHW" else (s.N, s.H, s.W, s.Cphys or s.C)
+    X = te.placeholder(xshape, s.in_dtype, name="X")
+    wshape = (OCp // 16, s.KH, s.KW, C4 // 4) + ((16, 4) if dot in TENSOR_INTRINS else (4, 16))
+    Wp = te.placeholder(wshape, "int8", name="W")
+    wl = (lambda ob, kh, kw, c4, oi, ci: Wp[ob, kh, kw, c4, oi, ci]) if dot in TENSOR_INTRINS else \
+        (lambda ob, kh, kw, c4, oi, ci: Wp[ob, kh, kw, c4, ci, oi])
+    Bi = te.placeholder((OCp,), "int32", name="Bi")
+    Mq = te.placeholder((OCp,), "float32", name="M")
+    Bf = te.placeholder((OCp,), "float32", name="Bf")
+    Hp, Wpd = s.H + pt + pb, s.W + pl + pr
+    cin = s.Cphys or s.C if s.in_layout == "NHWC" else s.C
+    direct = (s.in_layout == "NHWC" and s.in_dtype == "uint8" and not any(s.pad) and cin == C4)
+    if direct:
+        P = X
+    else:
+        def pad_value(n, h, w, c):
+            conds = []
+            if pt:
+                conds.append(h >= pt)
+            if pb:
+                conds.append(h < s.H + pt)
+            if pl:
+                conds.append(w >= pl)
+            if pr:
+                conds.append(w < s.W + pl)
+            if C4 != cin:
+                conds.append(c < cin)
+            if s.in_layout == "NCHW":
+                src = X[n, c, h - pt, w - pl]
+            else:
+                src = X[n, h - pt, w - pl, c]
+            src = _to_u8(src, s.in_dtype)
+            if not conds:
+                return src
+            cond = conds[0]
+            for c2 in conds[1:]:
+                cond = tirx.all(cond, c2)
+            return tirx.if_then_else(cond, src, tirx.const(zx_u, "uint8"))
+        P = te.compute((s.N, Hp, Wpd, C4), pad_value, name="pad")
+    kh = te.reduce_axis((0, s.KH), "kh")
+    kw = te.reduce_axis((0, s.KW), "kw")
+    c4 = te.reduce_axis((0, C4 // 4), "c4")
+    ci = te.reduce_axis((0, 4), "ci")
+    acc = te.compute(
+        (s.N, OH, OW, OCp // 16, 16),
+        lambda n, oh, ow, ob, oi: te.sum(
+            P[n, oh * sh + kh * dh, ow * sw + kw * dw, c4 * 4 + ci].astype("int32")
+            * wl(ob, kh, kw, c4, oi, ci).astype("int32"), axis=[kh, kw, c4, ci]),
+        name="acc")
+    args = [X, Wp, Bi, Mq, Bf]
+    if residual:
+        R = te.placeholder((s.N, OH, OW, OCp), s.epi.res_dtype, name="R")
+        args.append(R)
+        Y = te.compute((s.N, OH, OW, OCp), lambda n, h, w, o: _epilogue_expr(
+            s.epi, acc[n, h, w, o // 16, o % 16], Bi[o], Mq[o], Bf[o], R[n, h, w, o]), name="out")
+    else:
+        Y = te.compute((s.N, OH, OW, OCp), lambda n, h, w, o: _epilogue_expr(
+            s.epi, acc[n, h, w, o // 16, o % 16], Bi[o], Mq[o], Bf[o]), name="out")
+    func = te.create_prim_func(args + [Y])
+    return _schedule_conv(func, spec, dot, cores, padded=not direct)
+
+
+def _schedule_conv(func, spec: ConvSpec, dot: str, cores: int, padded: bool):
+    from tvm.s_tir import Schedule
+    if dot in TENSOR_INTRINS:
+        register_intrinsics()
+    sch = Schedule(func)
+    acc = sch.get_sblock("acc")
+    out = sch.get_sblock("out")
+    OW, OCb = spec.OW, spec.OCp // 16
+    TM, TN = pick_tiles(OW, OCb, MAX_TILE_ACC_BY_DOT.get(dot, MAX_TILE_ACC))
+    sch.set_scope(acc, 0, "local")
+    n, h, w, o = sch.get_loops(out)
+    wo, wi = sch.split(w, [None, TM])
+    oo, oi = sch.split(o, [None, TN * 16])
+    sch.reorder(oo, n, h, wo, wi, oi)
+    sch.compute_at(acc, wo, preserve_unit_loops=True)
+    par = sch.fuse(oo, n, h)
+    sch.parallel(par)
+    ln, lh, lw, lob, loi, lkh, lkw, lc4, lci = sch.get_loops(acc)[-9:]
+    if dot in TENSOR_INTRINS:
+        sch.reorder(lkh, lkw, lc4, ln, lh, lw, lob, loi, lci)
+    else:
+        sch.reorder(lkh, lkw, lc4, ln, lh, lw, lob, lci, loi)
+        sch.vectorize(loi)
+        sch.unroll(lci)
+    sch.decompose_reduction(acc, lkh)
+    init = sch.get_sblock("acc_init")
+    if dot in TENSOR_INTRINS:
+        sch.tensorize(loi, TENSOR_INTRINS[dot])
+    sch.unroll(lw)
+    sch.unroll(lob)
+    il = sch.get_loops(init)
+    sch.vectorize(il[-1])
+    _, vi = sch.split(oi, [None, 16])
+    sch.vectorize(vi)
+    if padded:
+        pad = sch.get_sblock("pad")
+        loops = sch.get_loops(pad)
+        sch.parallel(sch.fuse(*loops[:2]))
+        if spec.in_layout == "NHWC":
+            sch.vectorize(loops[-1])
+    return sch.mod["main"].with_attr(KERNEL_ATTR, f"conv2d_{dot}")
+
+
+def dense_int8(spec: DenseSpec, dot: str = "vnni", cores: int = 1):
+    """Scheduled PrimFunc (A [M, Kin] u8/s8, Wp, Bi, M, Bf, Y [M, Np])."""
+    from tvm import te, tirx
+    s = spec
+    K4, Np = s.K4, s.Np
+    kin = max(s.K, s.Kphys)
+    zx_u = s.zx + (128 if s.in_dtype == "int8" else 0)
+    A = te.placeholder((s.M, kin), s.in_dtype, name="A")
+    tensorized = dot in TENSOR_INTRINS
+    Wp = te.placeholder((Np // 16, K4 // 4) + ((16, 4) if tensorized else (4, 16)), "int8", name="W")
+    wl = (lambda nb, k4, ni, ki: Wp[nb, k4, ni, ki]) if tensorized else (lambda nb, k4, ni, ki: Wp[nb, k4, ki, ni])
+    Bi = te.placeholder((Np,), "int32", name="Bi")
+    Mq = te.placeholder((Np,), "float32", name="M")
+    Bf = te.placeholder((Np,), "float32", name="Bf")
+    direct = s.in_dtype == "uint8" and kin == K4
+    if direct:
+        P = A
+    else:
+        P = te.compute((s.M, K4), lambda m, k: tirx.if_then_else(
+            k < kin, _to_u8(A[m, tirx.min(k, kin - 1)], s.in_dtype), tirx.const(zx_u, "uint8")), name="pad")
+    k4 = te.reduce_axis((0, K4 // 4), "k4")
+    ki = te.reduce_axis((0, 4), "ki")
+    acc = te.compute((s.M, Np // 16, 16), lambda m, nb, ni: te.sum(
+        P[m, k4 * 4 + ki].astype("int32") * wl(nb, k4, ni, ki).astype("int32"), axis=[k4, ki]), name="acc")
+    Y = te.compute((s.M, Np), lambda m, n: _epilogue_expr(s.epi, acc[m, n // 16, n % 16], Bi[n], Mq[n], Bf[n]),
+                   name="out")
+    func = te.create_prim_func([A, Wp, Bi, Mq, Bf, Y])
+    from tvm.s_tir import Schedule
+    if dot in TENSOR_INTRINS:
+        register_intrinsics()
+    sch = Schedule(func)
+    acc_b, out = sch.get_sblock("acc"), sch.get_sblock("out")
+    TM, TN = pick_tiles(s.M, Np // 16, MAX_TILE_ACC_BY_DOT.get(dot, MAX_TILE_ACC))
+    sch.set_scope(acc_b, 0, "local")
+    m, n = sch.get_loops(out)
+    mo, mi = sch.split(m, [None, TM])
+    no, ni_ = sch.split(n, [None, TN * 16])
+    sch.reorder(no, mo, mi, ni_)
+    sch.compute_at(acc_b, mo, preserve_unit_loops=True)
+    sch.parallel(sch.fuse(no, mo))
+    lm, lnb, lni, lk4, lki = sch.get_loops(acc_b)[-5:]
+    if dot in TENSOR_INTRINS:
+        sch.reorder(lk4, lm, lnb, lni, lki)
+    else:
+        sch.reorder(lk4, lm, lnb, lki, lni)
+        sch.vectorize(lni)
+        sch.unroll(lki)
+    sch.decompose_reduction(acc_b, lk4)
+    init = sch.get_sblock("acc_init")
+    if dot in TENSOR_INTRINS:
+        sch.tensorize(lni, TENSOR_INTRINS[dot])
+    sch.unroll(lm)
+    sch.unroll(lnb)
+    sch.vectorize(sch.get_loops(init)[-1])
+    _, vi = sch.split(ni_, [None, 16])
+    sch.vectorize(vi)
+    if not direct:
+        pad = sch.get_sblock("pad")
+        sch.vectorize(sch.get_loops(pad)[-1]) if K4 % 16 == 0 else None
+    return sch.mod["main"].with_attr(KERNEL_ATTR, f"dense_{dot}")
+
+
+def dwconv2d_int8(spec: ConvSpec, cores: int = 1):
+    """Scheduled PrimFunc (X, Wdw [KH, KW, Cp], Bi, M, Bf, Y [N, OH, OW, Cp]): depthwise conv (one filter per
+    channel) in NHWC: s32 sums of the KH*KW taps, vectorized along the channels (LLVM: widening int32
+    multiplies and adds, exact), then the same requantize epilogue as the dense kernels. There is no reduction
+    over channels, so VNNI's 4-wide dot products do not apply."""
+    from tvm import te, tirx
+    s = spec
+    OH, OW, Cp = s.OH, s.OW, s.OCp
+    sh, sw = s.stride
+    dh, dw = s.dilation
+    pt, pl, pb, pr = s.pad
+    zx_u = s.zx + (128 if s.in_dtype == "int8" else 0)
+    cin = (s.Cphys or s.C) if s.in_layout == "NHWC" else s.C
+    xshape = (s.N, s.C, s.H, s.W) if s.in_layout == "NCHW" else (s.N, s.H, s.W, cin)
+    X = te.placeholder(xshape, s.in_dtype, name="X")
+    Wk = te.placeholder((s.KH, s.KW, Cp), "int8", name="W")
+    Bi = te.placeholder((Cp,), "int32", name="Bi")
+    Mq = te.placeholder((Cp,), "float32", name="M")
+    Bf = te.placeholder((Cp,), "float32", name="Bf")
+    Hp, Wpd = s.H + pt + pb, s.W + pl + pr
+
+    def pad_value(n, h, w, c):
+        cond = tirx.all(h >= pt, h < s.H + pt, w >= pl, w < s.W + pl, c < min(cin, Cp))
+        hh, ww = tirx.min(tirx.max(h - pt, 0), s.H - 1), tirx.min(tirx.max(w - pl, 0), s.W - 1)
+        cc = tirx.min(c, cin - 1)
+        src = X[n, cc, hh, ww] if s.in_layout == "NCHW" else X[n, hh, ww, cc]
+        return tirx.if_then_else(cond, _to_u8(src, s.in_dtype), tirx.const(zx_u, "uint8"))
+    P = te.compute((s.N, Hp, Wpd, Cp), pad_value, name="pad")
+
+    def body(n, h, w, c):
+        acc = None
+        for i in range(s.KH):
+            for j in range(s.KW):
+                t = P[n, h * sh + i * dh, w * sw + j * dw, c].astype("int32") * Wk[i, j, c].astype("int32")
+                acc = t if acc is None else acc + t
+        return _epilogue_expr(s.epi, acc, Bi[c], Mq[c], Bf[c])
+    Y = te.compute((s.N, OH, OW, Cp), body, name="out")
+    from tvm.s_tir import Schedule
+    sch = Schedule(te.create_prim_func([X, Wk, Bi, Mq, Bf, Y]))
+    for name in ("pad", "out"):
+        b = sch.get_sblock(name)
+        n, h, w, c = sch.get_loops(b)
+        sch.parallel(sch.fuse(n, h))
+        _, ci_ = sch.split(c, [None, 16])
+        sch.vectorize(ci_)
+    return sch.mod["main"].with_attr(KERNEL_ATTR, "dwconv2d")
+
+
+def maxpool_int8(N: int, H: int, W: int, C: int, OH: int, OW: int, pool: tuple, stride: tuple, pad: tuple,
+                 dilation: tuple, dtype: str, cores: int = 1):
+    """Scheduled PrimFunc (X [N, H, W, C], Y [N, OH, OW, C]): max pooling of an integer NHWC tensor. The input is
+    padded with the type's lowest value (never the maximum of a window that holds a real element, like fp32's
+    -inf), then every output is the max of its KH*KW taps, vectorized along the channels."""
+    from tvm import te, tirx
+    KH, KW = pool
+    sh, sw = stride
+    dh, dw = dilation
+    pt, pl = pad[0], pad[1]
+    Hp = max(H + pt + (pad[2] if len(pad) > 2 else pt), (OH - 1) * sh + (KH - 1) * dh + 1)
+    Wp = max(W + pl + (pad[3] if len(pad) > 3 else pl), (OW - 1) * sw + (KW - 1) * dw + 1)
+    lowest = tirx.const(0 if dtype == "uint8" else -128, dtype)
+    X = te.placeholder((N, H, W, C), dtype, name="X")
+    P = te.compute((N, Hp, Wp, C), lambda n, h, w, c: tirx.if_then_else(
+        tirx.all(h >= pt, h < H + pt, w >= pl, w < W + pl),
+        X[n, tirx.min(tirx.max(h - pt, 0), H - 1), tirx.min(tirx.max(w - pl, 0), W - 1), c], lowest), name="pad")
+
+    def window(n, oh, ow, c):
+        v = None
+        for i in range(KH):
+            for j in range(KW):
+                t = P[n, oh * sh + i * dh, ow * sw + j * dw, c]
+                v = t if v is None else tirx.max(v, t)
+        return v
+    Y = te.compute((N, OH, OW, C), window, name="pool")
+    from tvm.s_tir import Schedule
+    sch = Schedule(te.create_prim_func([X, Y]))
+    for name in ("pad", "pool"):
+        b = sch.get_sblock(name)
+        n, h, w, c = sch.get_loops(b)
+        sch.parallel(sch.fuse(n, h))
+        if C % 16 == 0:
+            co, ci_ = sch.split(c, [None, 16])
+            sch.vectorize(ci_)
+    return sch.mod["main"].with_attr(KERNEL_ATTR, "maxpool_nhwc")

@@ -1,0 +1,267 @@
+"""Matchers over one Relax dataflow block: dequantize -> conv2d / matmul -> [bias] -> [relu | clip] -> quantize
+[-> residual add -> [activation] -> quantize] chains, as Match records the rewriter turns into kernel calls."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..relax_bindings import (Block, act_bounds, const_value, dtype_of, fold_fp32, is_constant, op_name, scalar,
+                              shape_of)
+from .specs import Epilogue
+
+
+@dataclass
+class Match:
+    kind: str                   # conv | dense
+    root: int                   # binding index of the chain's last binding (replaced by the kernel call)
+    interior: list              # binding indices consumed by the chain (dropped)
+    xq: object                  # quantized input var
+    zx: int
+    sx: float
+    in_dtype: str
+    w: np.ndarray               # int8 weight [OC, C, KH, KW] or [N, K]
+    sw: np.ndarray              # per-channel weight scales [OC]
+    bias_i32: np.ndarray | None
+    bias_f: np.ndarray | None
+    attrs: dict
+    epi: Epilogue
+    sy: float | None
+    rq: object = None           # residual quantized var (qadd)
+    out_var: object = None      # the var the chain defines (its NCHW / logical value)
+    out_shape: tuple = ()
+
+
+def match_dq_act(blk: Block, e):
+    """dequantize(xq, scalar scale, scalar zero point) with xq u8/s8 -> (xq, sx, zx, dtype) or None.
+    A constant xq is left alone: FoldConstant evaluates such chains on a generic target (no VNNI)."""
+    v = blk.bound(e)
+    if op_name(v) != "relax.dequantize":
+        return None
+    xq, s, z = v.args[0], const_value(v.args[1]), const_value(v.args[2])
+    dt = dtype_of(xq)
+    if dt not in ("uint8", "int8") or scalar(s) is None or scalar(z) is None or is_constant(blk, xq):
+        return None
+    return xq, float(scalar(s)), int(scalar(z)), dt
+
+
+def _match_dq_weight(blk: Block, e, out_axis: int):
+    """dequantize(int8 constant, scale, zero point 0) with per-channel scales along out_axis (or one scale)
+    -> (int8 values, scales broadcast to the out channels) or None."""
+    v = blk.bound(e)
+    if op_name(v) != "relax.dequantize":
+        return None
+    q, s, z = const_value(v.args[0]), const_value(v.args[1]), const_value(v.args[2])
+    if q is None or s is None or q.dtype != np.int8 or (z is not None and np.any(z != 0)):
+        return None
+    n_out = q.shape[out_axis]
+    if s.size == 1:
+        s = np.full(n_out, float(s.reshape(())), np.float32)
+    elif s.size == n_out and int(v.attrs.axis) % q.ndim == out_axis % q.ndim:
+        s = s.reshape(n_out).astype(np.float32)
+    else:
+        return None
+    return q, s
+
+
+def _bias_int(blk: Block, e):
+    """(int32 values, scale) when e is [reshape of] dequantize(int32 constant, scale, 0)."""
+    v = blk.bound(e)
+    if op_name(v) == "relax.reshape":
+        v = blk.bound(v.args[0])
+    if op_name(v) != "relax.dequantize":
+        return None
+    q, s, z = const_value(v.args[0]), const_value(v.args[1]), const_value(v.args[2])
+    if q is None or s is None or q.dtype != np.int32 or (z is not None and np.any(z != 0)):
+        return None
+    return q.reshape(-1), s.reshape(-1).astype(np.float64)
+
+
+def _quant_params(blk: Block, v):
+    """quantize(x, scalar scale, scalar zero point) -> (scale, zp, dtype) or None."""
+    if op_name(v) != "relax.quantize":
+        return None
+    s, z = const_value(v.args[1]), const_value(v.args[2])
+    if scalar(s) is None or scalar(z) is None:
+        return None
+    return float(scalar(s)), int(scalar(z)), str(v.attrs.out_dtype)
+
+
+def _qrange(dtype: str):
+    return (0.0, 255.0) if dtype == "uint8" else (-128.0, 127.0)
+
+
+def _follow_epilogue(blk: Block, start_idx: int, n_out: int, channel_axis: int, sx: float, sw: np.ndarray,
+                     residual: bool = True):
+    """Walk bias -> activation -> quantize [-> residual add -> activation -> quantize] from the compute
+    binding. Returns (root index, interior indices, bias_i32, bias_f, epilogue, sy, residual var) or None."""
+    interior = [start_idx]
+    cur = blk.bindings[start_idx].var
+    bias_i32 = bias_f = None
+    act = None
+    while True:
+        nxt = blk.single_use(cur)
+        if nxt is None:
+            break
+        v = blk.bindings[nxt].value
+        op = op_name(v)
+        if op == "relax.add" and bias_i32 is None and bias_f is None and act is None:
+            other = v.args[1] if v.args[0].same_as(cur) else v.args[0] if v.args[1].same_as(cur) else None
+            if other is None:
+                break
+            bi = _bias_int(blk, other)
+            if bi is not None and bi[0].size == n_out:
+                expect = sx * sw.astype(np.float64)
+                if np.allclose(bi[1] * np.ones(n_out), expect, rtol=1e-6, atol=0):
+                    bias_i32 = bi[0].astype(np.int64)
+                else:
+                    bias_f = bi[0].astype(np.float64) * bi[1]
+            else:
+                val = fold_fp32(blk, other)
+                if val is None:
+                    break
+                flat = val.reshape(-1)
+                if flat.size == 1:
+                    flat = np.full(n_out, flat[0])
+                elif flat.size != n_out or (val.ndim > 1 and val.shape[channel_axis if val.ndim > 2 else -1] != n_out):
+                    break
+                bias_f = flat
+            interior.append(nxt)
+            cur = blk.bindings[nxt].var
+            continue
+        b = act_bounds(blk, v)
+        if b is not None and act is None:
+            act = b
+            interior.append(nxt)
+            cur = blk.bindings[nxt].var
+            continue
+        qp = _quant_params(blk, v)
+        if qp is not None:
+            sy, zy, odt = qp
+            lo, hi = _qrange(odt)
+            if act is not None:
+                if act[0] is not None:
+                    lo = max(lo, float(np.clip(np.rint(act[0] / sy) + zy, *_qrange(odt))))
+                if act[1] is not None:
+                    hi = min(hi, float(np.clip(np.rint(act[1] / sy) + zy, *_qrange(odt))))
+            epi = Epilogue(mode="q", out_dtype=odt, zy=zy, lo=lo, hi=hi)
+            res = _follow_residual(blk, nxt, sy, zy, odt, epi) if residual else None
+            if res is not None:
+                root, extra, rq, epi2 = res
+                return root, interior + [nxt] + extra, bias_i32, bias_f, epi2, sy, rq
+            return nxt, interior, bias_i32, bias_f, epi, sy, None
+        break
+    # fp32 output (no quantize after the chain)
+    root = interior[-1]
+    interior = interior[:-1]
+    epi = Epilogue(mode="f", out_dtype="float32",
+                   flo=act[0] if act else None, fhi=act[1] if act else None)
+    return root, interior, bias_i32, bias_f, epi, None, None
+
+
+def _follow_residual(blk: Block, q_idx: int, s1: float, z1: int, dt1: str, epi1: Epilogue):
+    """quantize(s1, z1) -> dequantize(s1, z1) -> add(., dequantize(rq)) -> [act] -> quantize(s2, z2)."""
+    qvar = blk.bindings[q_idx].var
+    d_idx = blk.single_use(qvar)
+    if d_idx is None:
+        return None
+    m = match_dq_act(blk, blk.bindings[d_idx].var)
+    if m is None or not m[0].same_as(qvar) or abs(m[1] - s1) > 1e-12 * max(1.0, s1) or m[2] != z1:
+        return None
+    dvar = blk.bindings[d_idx].var
+    a_idx = blk.single_use(dvar)
+    if a_idx is None:
+        return None
+    av = blk.bindings[a_idx].value
+    if op_name(av) != "relax.add":
+        return None
+    other = av.args[1] if av.args[0].same_as(dvar) else av.args[0]
+    r = match_dq_act(blk, other)
+    if r is None or shape_of(r[0]) != shape_of(qvar):
+        return None
+    rq, sr, zr, rdt = r
+    extra = [d_idx, a_idx]
+    cur = blk.bindings[a_idx].var
+    act = None
+    while True:
+        nxt = blk.single_use(cur)
+        if nxt is None:
+            return None
+        v = blk.bindings[nxt].value
+        b = act_bounds(blk, v)
+        if b is not None and act is None:
+            act = b
+            extra.append(nxt)
+            cur = blk.bindings[nxt].var
+            continue
+        qp = _quant_params(blk, v)
+        if qp is None:
+            return None
+        s2, z2, odt = qp
+        lo, hi = _qrange(odt)
+        epi = Epilogue(mode="qadd", out_dtype=odt, zy=z2, lo=lo, hi=hi, s1=s1, z1=z1, lo1=epi1.lo, hi1=epi1.hi,
+                       res_dtype=rdt, sr=sr, zr=zr, inv_s2=float(np.float32(1.0) / np.float32(s2)),
+                       act2_lo=act[0] if act else None, act2_hi=act[1] if act else None)
+        return nxt, extra, rq, epi
+
+
+def match_conv(blk: Block, idx: int, residual: bool = True):
+    v = blk.bindings[idx].value
+    a = v.attrs
+    if str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW" or str(a.out_layout) != "NCHW":
+        return None
+    act = match_dq_act(blk, v.args[0])
+    wt = _match_dq_weight(blk, v.args[1], 0)
+    xshape = shape_of(v.args[0])
+    if act is None or wt is None or xshape is None or len(xshape) != 4:
+        return None
+    xq, sx, zx, dt = act
+    w, sw = wt
+    OC = w.shape[0]
+    groups = int(a.groups)
+    depthwise = groups > 1 and groups == xshape[1] == OC and w.shape[1] == 1
+    if groups != 1 and not depthwise:
+        return None                       # grouped convs (other than depthwise) stay fp32
+    chain = _follow_epilogue(blk, idx, OC, 1, sx, sw, residual and not depthwise)
+    if chain is None:
+        return None
+    root, interior, bias_i32, bias_f, epi, sy, rq = chain
+    attrs = {"stride": tuple(int(s) for s in a.strides), "pad": tuple(int(p) for p in a.padding),
+             "dilation": tuple(int(d) for d in a.dilation), "xshape": xshape}
+    out_var = blk.bindings[root].var
+    return Match("dwconv" if depthwise else "conv", root, interior, xq, zx, sx, dt, w, sw, bias_i32, bias_f,
+                  attrs, epi, sy, rq, out_var, shape_of(out_var))
+
+
+def match_dense(blk: Block, idx: int):
+    v = blk.bindings[idx].value
+    act = match_dq_act(blk, v.args[0])
+    xshape = shape_of(v.args[0])
+    if act is None or xshape is None or len(xshape) < 2:
+        return None
+    wexpr = blk.bound(v.args[1])
+    if op_name(wexpr) == "relax.permute_dims":          # Gemm transB: permute_dims(dequantize(W[N, K]))
+        axes = wexpr.attrs.axes
+        if axes is not None and [int(x) for x in axes] != [1, 0]:
+            return None
+        wt = _match_dq_weight(blk, wexpr.args[0], 0)
+        if wt is None:
+            return None
+        w, sw = wt
+    else:                                                # MatMul: dequantize(W[K, N]) per column
+        wt = _match_dq_weight(blk, v.args[1], 1)
+        if wt is None:
+            return None
+        w, sw = np.ascontiguousarray(wt[0].T), wt[1]
+    if w.ndim != 2 or w.shape[1] != xshape[-1]:
+        return None
+    xq, sx, zx, dt = act
+    chain = _follow_epilogue(blk, idx, w.shape[0], -1, sx, sw)
+    if chain is None:
+        return None
+    root, interior, bias_i32, bias_f, epi, sy, rq = chain
+    if epi.mode == "qadd":
+        return None       # residual adds on dense layers stay on the fp32 path
+    out_var = blk.bindings[root].var
+    return Match("dense", root, interior, xq, zx, sx, dt, w, sw, bias_i32, bias_f, {"xshape": xshape}, epi, sy,
+                  None, out_var, shape_of(out_var))

@@ -1,0 +1,254 @@
+"""The Relax rewrite: matched quantized chains become call_tir of graphopt's integer kernels, activations kept
+NHWC (channels padded to 16) between kernels, with NCHW views only where an fp32 op reads them."""
+from __future__ import annotations
+
+import logging
+import numpy as np
+
+from ..relax_bindings import Block, const_value, dtype_of, op_name, scalar, shape_of
+from ..relax_layout import LayoutRewriter, Phys, rewrite_main
+from .kernels import conv2d_int8, dense_int8, dwconv2d_int8, maxpool_int8
+from .packing import epilogue_constants, pack_conv_weight, pack_dense_weight, pack_dw_weight
+from .relax_match import Match, match_conv, match_dense, match_dq_act
+from .specs import ConvSpec, DenseSpec
+from .target_facts import int8_dot, num_cores
+
+log = logging.getLogger("graphopt.int8")
+
+
+class _Rewriter(LayoutRewriter):
+    def __init__(self, mod, target, dot: str):
+        super().__init__(mod, "graphopt_int8")
+        self.dot = dot
+        self.cores = num_cores(target)
+        self.count = {"conv2d": 0, "dwconv2d": 0, "dense": 0, "residual_fused": 0, "maxpool_nhwc": 0, "mean_nhwc": 0,
+                      "fp32_convs": 0, "fp32_matmuls": 0}
+
+    def kernel(self, kind, spec, residual=False):
+        def make():
+            if kind == "conv":
+                return conv2d_int8(spec, self.dot, self.cores, residual=residual)
+            if kind == "dwconv":
+                return dwconv2d_int8(spec, self.cores)
+            return dense_int8(spec, self.dot, self.cores)
+        return self.add_kernel((kind, repr(spec), residual, self.dot), make, kind)
+
+    # -- the rewrite of one block -------------------------------------------------------------------------
+    def rewrite_block(self, block, outside_uses):
+        from tvm import relax
+        blk = Block(block, outside_uses)
+        matches: dict[int, Match] = {}
+        claimed: set = set()
+        for i, b in enumerate(blk.bindings):
+            op = op_name(b.value)
+            if op not in ("relax.nn.conv2d", "relax.matmul") or i in claimed:
+                continue
+            try:
+                m = match_conv(blk, i) if op == "relax.nn.conv2d" else match_dense(blk, i)
+                if m is not None and m.kind == "conv" and any(j in claimed for j in m.interior + [m.root]):
+                    m = match_conv(blk, i, residual=False)   # the add was fused into the other branch
+            except Exception as e:  # noqa: BLE001 - an unexpected form stays on the fp32 path
+                log.debug("int8 match failed at %s: %s", b.var, e)
+                m = None
+            if m is None or any(j in claimed for j in m.interior + [m.root]):
+                if match_dq_act(blk, b.value.args[0]) is not None:
+                    self.count["fp32_convs" if op == "relax.nn.conv2d" else "fp32_matmuls"] += 1
+                continue
+            matches[m.root] = m
+            claimed.update(m.interior)
+            claimed.add(m.root)
+        if not matches:
+            return block, False
+        drop = set()
+        for m in matches.values():
+            drop.update(m.interior)
+        self.phys: dict = {}
+        out = []
+        for i, b in enumerate(blk.bindings):
+            if i in drop:
+                continue
+            if i in matches:
+                out.extend(self.emit_match(matches[i]))
+                continue
+            op = op_name(b.value)
+            new = None
+            if op == "relax.nn.max_pool2d":
+                new = self.maxpool(b)
+            elif op == "relax.mean":
+                new = self.global_mean(b, blk)
+            elif op in ("relax.maximum", "relax.minimum"):
+                new = self.scalar_elementwise(b)
+            if new is not None:
+                out.extend(new)
+                continue
+            out.append(b)
+        return relax.DataflowBlock(out), True
+
+    def emit_match(self, m: Match):
+        from tvm import relax
+        bindings = []
+        zx_u = m.zx + (128 if m.in_dtype == "int8" else 0)
+        if m.kind == "dwconv":
+            N, C, H, W = m.attrs["xshape"]
+            _, _, KH, KW = m.w.shape
+            p = self.phys.get(m.xq)
+            nhwc = p is not None and p.layout == "NHWC"
+            spec = ConvSpec(N, H, W, C, C, KH, KW, m.attrs["stride"], m.attrs["pad"], m.attrs["dilation"],
+                            "NHWC" if nhwc else "NCHW", p.channels if nhwc else 0, m.in_dtype, m.zx, m.epi)
+            x = p.var if nhwc else m.xq
+            Bi, M, Bf = epilogue_constants(m.w, m.sx, m.sw, zx_u, m.bias_i32, m.bias_f,
+                                           m.sy if m.epi.mode != "f" else None, spec.OCp)
+            args = [x, relax.const(pack_dw_weight(m.w)), relax.const(Bi), relax.const(M), relax.const(Bf)]
+            gv = self.kernel("dwconv", spec)
+            odt = m.epi.out_dtype
+            y = self.dfvar("dwconv", (N, spec.OH, spec.OW, spec.OCp), odt)
+            bindings.append(self.bind(y, relax.call_tir(gv, args, relax.TensorType(
+                [N, spec.OH, spec.OW, spec.OCp], odt))))
+            phys = Phys(y, "NHWC", spec.OCp)
+            self.count["dwconv2d"] += 1
+        elif m.kind == "conv":
+            N, C, H, W = m.attrs["xshape"]
+            OC, _, KH, KW = m.w.shape
+            p = self.phys.get(m.xq)
+            if p is not None and p.layout == "NHWC":
+                spec = ConvSpec(N, H, W, C, OC, KH, KW, m.attrs["stride"], m.attrs["pad"], m.attrs["dilation"],
+                                "NHWC", p.channels, m.in_dtype, m.zx, m.epi)
+                x = p.var
+            else:
+                spec = ConvSpec(N, H, W, C, OC, KH, KW, m.attrs["stride"], m.attrs["pad"], m.attrs["dilation"],
+                                "NCHW", 0, m.in_dtype, m.zx, m.epi)
+                x = m.xq
+            wp = pack_conv_weight(m.w, spec.C4, self.dot)
+            Bi, M, Bf = epilogue_constants(m.w, m.sx, m.sw, zx_u, m.bias_i32, m.bias_f,
+                                           m.sy if m.epi.mode != "f" else None, spec.OCp)
+            args = [x, relax.const(wp), relax.const(Bi), relax.const(M), relax.const(Bf)]
+            residual = m.epi.mode == "qadd"
+            if residual:
+                r, bl = self.to_nhwc_padded(m.rq, spec.OCp)
+                bindings.extend(bl)
+                args.append(r)
+                self.count["residual_fused"] += 1
+            gv = self.kernel("conv", spec, residual)
+            odt = m.epi.out_dtype
+            y = self.dfvar("conv", (N, spec.OH, spec.OW, spec.OCp), odt)
+            bindings.append(self.bind(y, relax.call_tir(gv, args, relax.TensorType(
+                [N, spec.OH, spec.OW, spec.OCp], odt))))
+            phys = Phys(y, "NHWC", spec.OCp)
+            self.count["conv2d"] += 1
+        else:
+            xshape = m.attrs["xshape"]
+            K, Mrows = xshape[-1], int(np.prod(xshape[:-1]))
+            Nf = m.w.shape[0]
+            p = self.phys.get(m.xq)
+            if p is not None and p.layout == "ROWS":
+                spec = DenseSpec(Mrows, K, Nf, p.channels, m.in_dtype, m.zx, m.epi)
+                x = p.var
+            else:
+                spec = DenseSpec(Mrows, K, Nf, 0, m.in_dtype, m.zx, m.epi)
+                x = m.xq
+                if len(xshape) != 2:                 # [..., K] -> [M, K] rows
+                    x = self.dfvar("rows", (Mrows, K), m.in_dtype)
+                    bindings.append(self.bind(x, relax.op.reshape(m.xq, [Mrows, K])))
+            wp = pack_dense_weight(m.w, spec.K4, self.dot)
+            Bi, M, Bf = epilogue_constants(m.w, m.sx, m.sw, zx_u, m.bias_i32, m.bias_f,
+                                           m.sy if m.epi.mode != "f" else None, spec.Np)
+            gv = self.kernel("dense", spec)
+            odt = m.epi.out_dtype
+            y = self.dfvar("dense", (Mrows, spec.Np), odt)
+            bindings.append(self.bind(y, relax.call_tir(gv, [x, relax.const(wp), relax.const(Bi),
+                                                                     relax.const(M), relax.const(Bf)],
+                                                               relax.TensorType([Mrows, spec.Np], odt))))
+            phys = Phys(y, "ROWS", spec.Np)
+            self.count["dense"] += 1
+        bindings.extend(self.bind_view(m.out_var, phys, m.out_shape))
+        self.phys[m.out_var] = phys
+        return bindings
+
+    def global_mean(self, b, blk):
+        """mean(dequantize(q), axis=[2, 3]) with q in NHWC: dequantize and average in NHWC (no transpose)."""
+        from tvm import relax
+        v = b.value
+        axes = [int(a) for a in v.attrs.axis] if v.attrs.axis is not None else None
+        dq = blk.bound(v.args[0])
+        if axes not in ([2, 3], [-2, -1]) or op_name(dq) != "relax.dequantize":
+            return None
+        p = self.phys.get(dq.args[0])
+        if p is None or p.layout != "NHWC" or scalar(const_value(dq.args[1])) is None:
+            return None
+        n, h, w, c = shape_of(p.var)
+        keep = bool(v.attrs.keepdims)
+        t = self.dfvar("dq", (n, h, w, c), str(dq.attrs.out_dtype))
+        m = self.dfvar("mean", (n, 1, 1, c) if keep else (n, c), str(dq.attrs.out_dtype))
+        bl = [self.bind(t, relax.op.dequantize(p.var, dq.args[1], dq.args[2], axis=3, out_dtype=str(dq.attrs.out_dtype))),
+              self.bind(m, relax.op.mean(t, axis=[1, 2], keepdims=keep))]
+        logical = shape_of(b.var)
+        if keep:
+            bl += self.bind_view(b.var, Phys(m, "NHWC", c), logical)
+        else:
+            bl += self.bind_view(b.var, Phys(m, "ROWS", c), logical)
+        self.count["mean_nhwc"] += 1
+        return bl
+
+    def scalar_elementwise(self, b):
+        """maximum / minimum of a physical quantized tensor and a scalar constant (integer Relu from lower-int8):
+        applied in the physical layout."""
+        from tvm import relax
+        v = b.value
+        a0, a1 = v.args
+        p = self.phys.get(a0)
+        other = a1
+        if p is None:
+            p, other = self.phys.get(a1), a0
+        if p is None or scalar(const_value(other)) is None:
+            return None
+        fn = relax.op.maximum if op_name(v) == "relax.maximum" else relax.op.minimum
+        y = self.dfvar("ew", shape_of(p.var), dtype_of(p.var))
+        phys = Phys(y, p.layout, p.channels)
+        self.phys[b.var] = phys
+        return [self.bind(y, fn(p.var, other))] + self.bind_view(b.var, phys, shape_of(b.var))
+
+    def maxpool(self, b):
+        """max_pool2d on a quantized tensor whose physical form is NHWC: pool in NHWC."""
+        from tvm import relax
+        v = b.value
+        p = self.phys.get(v.args[0])
+        a = v.attrs
+        if p is None or p.layout != "NHWC" or str(a.layout) != "NCHW" or dtype_of(v.args[0]) not in ("uint8", "int8"):
+            return None
+        n, h, w, c = shape_of(p.var)
+        out_shape = shape_of(b.var)
+        dt = dtype_of(p.var)
+        key = ("pool", n, h, w, c, out_shape, tuple(int(x) for x in a.pool_size), tuple(int(x) for x in a.strides),
+               tuple(int(x) for x in a.padding), tuple(int(x) for x in a.dilation), dt)
+        gv = self.add_kernel(key, lambda: maxpool_int8(n, h, w, c, out_shape[2], out_shape[3], key[6], key[7], key[8],
+                                                       key[9], dt, self.cores), "maxpool")
+        oshape = (n, out_shape[2], out_shape[3], c)
+        y = self.dfvar("pool", oshape, dt)
+        call = relax.call_tir(gv, [p.var], relax.TensorType(list(oshape), dt))
+        phys = Phys(y, "NHWC", c)
+        self.phys[b.var] = phys
+        self.count["maxpool_nhwc"] += 1
+        return [self.bind(y, call)] + self.bind_view(b.var, phys, out_shape)
+
+
+def rewrite_int8(mod, target):
+    """Replace the quantized conv2d / matmul chains of mod['main'] with graphopt's integer kernels.
+    Returns (mod, facts); facts counts what was lowered (all zeros and mod unchanged when nothing matched,
+    the target has no integer dot product, or the graph has no quantize ops)."""
+    from tvm import relax
+    dot = int8_dot(target)
+    facts = {"int8_dot": dot, "int8_kernels": 0}
+    if dot is None or "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
+        return mod, facts
+    gv_main = mod.get_global_var("main")
+    func = mod[gv_main]
+    text_ops = set()
+    relax.analysis.post_order_visit(func, lambda e: text_ops.add(op_name(e)))
+    if "relax.quantize" not in text_ops:
+        return mod, facts
+    rw = _Rewriter(mod, target, dot)
+    mod, changed = rewrite_main(mod, rw)
+    facts.update(rw.count)
+    if changed:
+        facts["int8_kernels"] = len(rw.new_funcs)
+    return mod, facts

@@ -1,0 +1,88 @@
+"""What one integer kernel computes: the conv / dense shapes and the epilogue after the s32 accumulation."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Epilogue:
+    """What follows the s32 accumulation. mode 'q': requantize to out_dtype; 'f': fp32 out; 'qadd': requantize
+    (s1, z1), add the dequantized residual (sr, zr), requantize (s2, z2). Activation bounds are already in the
+    quantized domain for 'q'/'qadd' (lo, hi) and in fp32 for 'f' (flo, fhi)."""
+    mode: str = "q"
+    out_dtype: str = "uint8"
+    zy: int = 0
+    lo: float = 0.0
+    hi: float = 255.0
+    flo: float | None = None
+    fhi: float | None = None
+    # residual (mode qadd)
+    s1: float = 1.0
+    z1: int = 0
+    lo1: float = 0.0
+    hi1: float = 255.0
+    res_dtype: str = "uint8"
+    sr: float = 1.0
+    zr: int = 0
+    inv_s2: float = 1.0
+    act2_lo: float | None = None   # fp32 bounds of the activation after the add (relu: 0)
+    act2_hi: float | None = None
+
+    def key(self):
+        return tuple(sorted(self.__dict__.items()))
+
+
+@dataclass
+class ConvSpec:
+    N: int
+    H: int
+    W: int
+    C: int                 # logical input channels
+    OC: int                # logical output channels
+    KH: int
+    KW: int
+    stride: tuple = (1, 1)
+    pad: tuple = (0, 0, 0, 0)   # top, left, bottom, right
+    dilation: tuple = (1, 1)
+    in_layout: str = "NCHW"     # NCHW (logical) or NHWC (physical, channels Cphys)
+    Cphys: int = 0              # channels of the NHWC input (>= C); 0: C
+    in_dtype: str = "uint8"
+    zx: int = 0
+    epi: Epilogue = field(default_factory=Epilogue)
+
+    @property
+    def OH(self):
+        return (self.H + self.pad[0] + self.pad[2] - self.dilation[0] * (self.KH - 1) - 1) // self.stride[0] + 1
+
+    @property
+    def OW(self):
+        return (self.W + self.pad[1] + self.pad[3] - self.dilation[1] * (self.KW - 1) - 1) // self.stride[1] + 1
+
+    @property
+    def C4(self):
+        """Channels the kernel reduces over (multiple of 4)."""
+        c = self.Cphys if self.in_layout == "NHWC" and self.Cphys else self.C
+        return -(-c // 4) * 4
+
+    @property
+    def OCp(self):
+        return -(-self.OC // 16) * 16
+
+
+@dataclass
+class DenseSpec:
+    M: int
+    K: int                 # logical reduction length
+    N: int                 # logical output features
+    Kphys: int = 0         # columns of the input (>= K; padded activations from another int8 kernel)
+    in_dtype: str = "uint8"
+    zx: int = 0
+    epi: Epilogue = field(default_factory=Epilogue)
+
+    @property
+    def K4(self):
+        return -(-max(self.K, self.Kphys) // 4) * 4
+
+    @property
+    def Np(self):
+        return -(-self.N // 16) * 16

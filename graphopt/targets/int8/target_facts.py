@@ -1,0 +1,46 @@
+"""What the int8 lowering reads from a TVM target: which integer dot product its code may use, and its cores."""
+from __future__ import annotations
+
+import os
+
+from .. import x86_isa
+
+
+def _is_aarch64(target) -> bool:
+    mtriple = str(target.attrs.get("mtriple", ""))
+    return mtriple.startswith(("aarch64", "arm64"))
+
+
+def _has_i8mm(target) -> bool:
+    """FEAT_I8MM (usdot): TVM derives feature.has_matmul_i8 from the LLVM cpu and mattr (neoverse-v1 has it)."""
+    mattr = {str(a) for a in target.attrs.get("mattr", [])}
+    if "-i8mm" in mattr:
+        return False
+    if "+i8mm" in mattr:
+        return True
+    try:
+        return bool(target.attrs.get("feature.has_matmul_i8", False))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def int8_dot(target) -> str | None:
+    """Which integer dot product the target's code may use: 'vnni' (AVX-512 VNNI), 'avx2' (x86 without VNNI:
+    exact int32 fallback, vectorized by LLVM), 'usdot' (aarch64 with FEAT_I8MM: NEON usdot), or None (anything
+    else, aarch64 without I8MM included: leave quantized graphs on the fp32 path)."""
+    if target is None or str(target.kind.name) != "llvm":
+        return None
+    if _is_aarch64(target):
+        return "usdot" if _has_i8mm(target) else None
+    mtriple = str(target.attrs.get("mtriple", ""))
+    if mtriple and not any(a in mtriple for a in ("x86_64", "i686", "amd64")):
+        return None
+    return x86_isa.int8_dot(x86_isa.features(str(target.attrs.get("mcpu", "")), target.attrs.get("mattr", [])))
+
+
+def num_cores(target) -> int:
+    """The target's num-cores (else this machine's CPU count): the kernels' parallel split."""
+    try:
+        return max(1, int(target.attrs.get("num-cores")))
+    except (TypeError, ValueError):
+        return os.cpu_count() or 1

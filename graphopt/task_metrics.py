@@ -1,0 +1,79 @@
+"""Agreement between a student's and a teacher's outputs in the terms of the task, for evaluation data without
+labels (the teacher supplies the answers):
+
+* classifier (output [N, C]): top-1 agreement, the fraction of examples whose arg-max class is the same;
+* ctc (output [N, T, C], a CTC recognizer such as PP-OCR's: per time step a distribution over C symbols with the
+  blank at index `blank`): decoded-sequence agreement, the fraction of examples whose greedy CTC decodings (arg-max
+  per step, repeats collapsed, blanks dropped) are identical;
+* map (output [N, 1, H, W] or [N, H, W] with values in [0, 1], a segmentation or text-detection probability map):
+  the intersection over union of the maps thresholded at `threshold`, over the whole evaluation set.
+
+`task_kind(shape, values)` guesses the kind from an output's shape and values; passes and commands take it as an
+explicit option where the guess could be wrong."""
+from __future__ import annotations
+
+import numpy as np
+
+KINDS = ("classifier", "ctc", "map")
+
+
+def task_kind(shape, values: np.ndarray | None = None) -> str | None:
+    """The kind of an output from its shape (batch first) and, when given, sample values; None when unsure.
+    A rank-3 output is a CTC recognizer's when its rows are distributions (or logits: values outside [0, 1]), a
+    probability map when its values lie in [0, 1] without summing to 1 per row."""
+    shape = tuple(shape)
+    in_unit = values is not None and np.nanmin(values) >= 0.0 and np.nanmax(values) <= 1.0
+    if len(shape) == 2:
+        return "classifier"
+    if len(shape) == 4 and shape[1] == 1:
+        return "map" if values is None or in_unit else None
+    if len(shape) == 3:
+        if values is not None and in_unit:
+            sums = np.asarray(values, np.float64).sum(-1)
+            return "ctc" if np.allclose(sums, 1.0, atol=1e-3) else "map"
+        return "ctc" if shape[2] > 2 else None
+    return None
+
+
+def ctc_decode(probs: np.ndarray, blank: int = 0) -> list[tuple[int, ...]]:
+    """Greedy CTC decoding of [N, T, C] scores: per example the symbol sequence (repeats collapsed, blanks out)."""
+    best = np.asarray(probs).argmax(-1)
+    out = []
+    for row in best:
+        keep = np.ones(len(row), bool)
+        keep[1:] = row[1:] != row[:-1]
+        seq = row[keep]
+        out.append(tuple(int(s) for s in seq[seq != blank]))
+    return out
+
+
+def top1_agreement(student: np.ndarray, teacher: np.ndarray) -> float:
+    return float(np.mean(np.asarray(student).argmax(1) == np.asarray(teacher).argmax(1)))
+
+
+def sequence_agreement(student: np.ndarray, teacher: np.ndarray, blank: int = 0) -> float:
+    a, b = ctc_decode(student, blank), ctc_decode(teacher, blank)
+    return float(np.mean([x == y for x, y in zip(a, b)])) if a else 0.0
+
+
+def map_iou(student: np.ndarray, teacher: np.ndarray, threshold: float = 0.3) -> float:
+    """IoU of the two maps thresholded at `threshold` (1.0 when both are empty)."""
+    s, t = np.asarray(student) > threshold, np.asarray(teacher) > threshold
+    union = np.logical_or(s, t).sum()
+    return 1.0 if union == 0 else float(np.logical_and(s, t).sum() / union)
+
+
+def agreement(student: np.ndarray, teacher: np.ndarray, kind: str | None = None, blank: int = 0,
+              threshold: float = 0.3) -> dict:
+    """{"kind", "metric", "value"}: the task-level agreement of student with teacher (kind guessed if None)."""
+    kind = kind or task_kind(np.shape(teacher), teacher)
+    if kind == "classifier":
+        return {"kind": kind, "metric": "top1_agreement", "value": top1_agreement(student, teacher)}
+    if kind == "ctc":
+        return {"kind": kind, "metric": "sequence_agreement", "value": sequence_agreement(student, teacher, blank)}
+    if kind == "map":
+        return {"kind": kind, "metric": "map_iou", "value": map_iou(student, teacher, threshold)}
+    diff = np.asarray(student, np.float64) - np.asarray(teacher, np.float64)
+    return {"kind": None, "metric": "relative_rmse",
+            "value": float(np.sqrt(np.mean(diff ** 2)) / max(np.sqrt(np.mean(np.square(teacher, dtype=np.float64))),
+                                                             1e-30))}

@@ -1,0 +1,58 @@
+"""tools/bench.py and tools/bench_int8.py: an engine that fails gets an error cell while the others are timed;
+OpenVINO (the `bench` extra) takes the thread count and precision hint asked for and reports what it ran."""
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import onnx_builders as ob
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import bench  # noqa: E402
+import bench_int8  # noqa: E402
+
+
+def _conv_model(path):
+    m = ob.model([helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", ["c"], ["y"], name="relu")],
+                 [ob.vi("x", [1, 3, 16, 16])], [ob.vi("y", [1, 8, 16, 16])], [("w", ob.rnd(8, 3, 3, 3))])
+    onnx.save(m, str(path))
+    return path
+
+
+def test_failing_engine_gets_an_error_cell_and_the_others_are_timed(tmp_path):
+    def broken():
+        raise RuntimeError("no kernel for this op\nsecond line")
+
+    samples, busy, cpu_ms, errors = bench.time_engines({"ok": lambda: sum(range(100)), "broken": broken},
+                                                       rounds=2, per_round_s=0.01)
+    assert set(samples) == {"ok"} and len(samples["ok"]) >= 6 and busy["ok"] > 0 and cpu_ms["ok"] >= 0
+    assert errors == {"broken": "RuntimeError: second line"}
+
+    rows = [{"model": "m", "threads": 1, "engine": "onnxruntime", "ms": 1.0, "min_ms": 0.9, "cpu_ms": 1.0,
+             "ratio": 1.0, "vs_best_fp32": 1.0, "gflops": 1.0, "peak": 0.1, "compile_s": None, "n": 6, "busy": 1.0,
+             "precision": None},
+            {"model": "m", "threads": 1, "engine": "graphopt default", "error": errors["broken"]}]
+    args = SimpleNamespace(models=["m"], rounds=2, round_seconds=0.01)
+    bench.write_markdown(tmp_path / "b.md", rows, {1: 10.0}, [], args, {"onnxruntime": "x"}, ((0.0,), (0.0,)))
+    text = (tmp_path / "b.md").read_text()
+    assert "| m | 1.00 | - | - | error: RuntimeError: second line | - | - | - |" in text
+    assert "avx512f" in text and "amx_tile" in text and "Load average" in text
+
+
+def test_openvino_takes_threads_and_precision_hint(tmp_path):
+    pytest.importorskip("openvino")
+    path = _conv_model(tmp_path / "conv.onnx")
+    x = {"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)}
+    run, facts = bench_int8.openvino_session(path, threads=1, precision="f32")
+    out = next(iter(run(x).values()))
+    from graphopt import ort
+    np.testing.assert_allclose(out, ort.run(onnx.load(str(path)), x)["y"], rtol=1e-4, atol=1e-4)
+    assert facts["threads"] == 1 and facts["hint"] == "f32"
+    assert facts["compute_layers"] == {"f32": 1} and bench_int8.precision_text(facts) == "f32"
+    _, default = bench_int8.openvino_session(path, threads=1)
+    assert sum(default["compute_layers"].values()) == 1 and default["hint"] in ("f32", "bf16", "f16")

@@ -1,0 +1,60 @@
+"""compress bounds its memory (issue 15, item 4): the peak is estimated from the graph's shapes before training,
+a micro-batch that would not fit the budget is replaced by a smaller one (same global batch, gradients
+accumulated) with one line saying so, and a budget nothing fits is refused up front."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import graphopt  # noqa: E402
+from graphopt.cli import main  # noqa: E402
+from graphopt.compress import compress  # noqa: E402
+from graphopt.errors import BadInput  # noqa: E402
+from graphopt.memory_estimate import FIXED_BYTES, fit_micro_batch, training_bytes  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import digits  # noqa: E402
+
+
+def test_estimate_grows_with_the_micro_batch_and_the_fit_halves_it():
+    g = graphopt.load(digits.teacher_path())
+    small, big = training_bytes(g, [g], 1), training_bytes(g, [g], 64)
+    assert FIXED_BYTES < small < big
+    per_example = (big - small) / 63
+    budget = (FIXED_BYTES + 20 * per_example + (small - FIXED_BYTES)) / 0.8
+    m, need = fit_micro_batch(g, [g], 64, int(budget))
+    assert m == 16 and need <= 0.8 * budget             # 64 -> 32 -> 16
+    with pytest.raises(BadInput, match="even one example at a time"):
+        fit_micro_batch(g, [g], 64, FIXED_BYTES)
+
+
+def test_compress_takes_a_smaller_micro_batch_and_says_so():
+    x, y, _, _ = digits.load_digits_split()
+    g = graphopt.load(digits.teacher_path())
+    per_example = (training_bytes(g, [g], 2) - training_bytes(g, [g], 1))
+    budget = int((training_bytes(g, [g], 1, 128) + 5 * per_example) / 0.8)
+    notes = []
+    torch.set_num_threads(1)
+    out, info = compress(g, {"x": x[:128], "labels": y[:128]}, "cleanup,prune-channels{flops=0.8}", epochs=2,
+                         batch_size=32, max_memory=budget, notice=notes.append)
+    assert info["memory"]["micro_batch"] == 4 and info["memory"]["budget_bytes"] == budget
+    assert len(notes) == 1 and "training 4 examples at a time" in notes[0]
+    assert np.isfinite(info["history"][-1]["loss_last"])
+
+
+def test_cli_max_memory(tmp_path, capsys):
+    x, y, _, _ = digits.load_digits_split()
+    np.savez(tmp_path / "train.npz", x=x[:64], labels=y[:64])
+    base = ["compress", str(digits.teacher_path()), "--train", str(tmp_path / "train.npz"), "--pipeline",
+            "cleanup,prune-channels{flops=0.8}", "-o", str(tmp_path / "o.onnx"), "--epochs", "2"]
+    assert main(base + ["--max-memory", "lots"]) == 2
+    assert "--max-memory=lots is not a number of bytes" in capsys.readouterr().err
+    assert main(base + ["--max-memory", "1M"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "even one example at a time" in err[0]
+    assert not (tmp_path / "o.onnx").exists()

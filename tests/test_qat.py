@@ -1,0 +1,132 @@
+"""Quantization-aware training: the fake-quantized form of a QDQ graph, its export back to the same QDQ structure,
+and quantize{qat=true} inside compress (digits), compiled to int8 kernels that match onnxruntime."""
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+import torch
+
+import digits
+import graphopt
+from graphopt import PassContext, PassManager, ort
+from graphopt.compress import compress
+from graphopt.errors import BadInput
+from graphopt.graph import to_onnx
+from graphopt.qat import FLOAT_SUFFIX, export_qdq, fake_quant
+from graphopt.quant_check import check_criterion, within_quant_steps
+from graphopt.trainable import TrainableGraph
+
+
+@pytest.fixture(scope="module")
+def split():
+    return digits.load_digits_split()
+
+
+def _ptq(split, pipeline="quantize"):
+    x_tr = split[0]
+    return PassManager.parse(pipeline).run(graphopt.load(str(digits.teacher_path())),
+                                           PassContext(data={"calib": {"x": x_tr[:64]}})).graph
+
+
+def _structure(graph):
+    """(nodes as (name, op, inputs, outputs, attributes), {initializer: dtype and shape}) of a graph."""
+    m = to_onnx(graph)
+    nodes = sorted((n.name, n.op_type, tuple(n.input), tuple(n.output), str(n.attribute)) for n in m.graph.node)
+    inits = {i.name: (onnx.numpy_helper.to_array(i).dtype.str, tuple(i.dims)) for i in m.graph.initializer}
+    return nodes, inits
+
+
+def _values(graph):
+    return {i.name: onnx.numpy_helper.to_array(i) for i in to_onnx(graph).graph.initializer}
+
+
+def _ort_outputs(graph, x):
+    sess = ort.session(to_onnx(graph))
+    return np.concatenate([sess.run(None, {"x": xi[None]})[0] for xi in x])
+
+
+@pytest.mark.parametrize("pipeline", ["quantize", "quantize{per_channel=false,activations=s8}"])
+def test_untrained_export_is_the_ptq_graph(split, pipeline):
+    """fake_quant then export_qdq gives back the PTQ graph exactly: same nodes, names, attributes, initializer names,
+    dtypes and values; the fake-quantized graph's weights and biases are float and trainable."""
+    q = _ptq(split, pipeline)
+    fake, info = fake_quant(q)
+    assert not any(n.op == "DequantizeLinear" and isinstance(n.inputs[0], gs.Constant) for n in fake.nodes)
+    assert len(info["weights"]) == 4 and len(info["biases"]) == 4 and info["kept"] == []
+    params = set(TrainableGraph(fake).graph_parameters())
+    assert {w + FLOAT_SUFFIX for w in info["weights"]} | set(info["biases"]) <= params
+    back = export_qdq(fake)
+    assert _structure(back) == _structure(q)
+    a, b = _values(q), _values(back)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert "qat_biases" not in (back.doc_string or "")
+
+
+def test_fake_quant_computes_the_ptq_graph(split):
+    """Before training, the trainable view of the fake-quantized graph equals onnxruntime on the PTQ graph."""
+    x = split[2][:64]
+    q = _ptq(split)
+    fake, _ = fake_quant(q)
+    with torch.no_grad():
+        got = TrainableGraph(fake)(x).numpy()
+    np.testing.assert_array_equal(got, _ort_outputs(q, x))
+
+
+def test_export_after_training_requantizes_the_trained_weights(split):
+    """Weights moved by training are quantized again with the kept scales: the exported graph keeps the PTQ
+    structure (only integer values change) and onnxruntime on it computes what the trained fake-quantized graph
+    computes in the trainable view (equal but for a few one-step flips of the output quantization)."""
+    x = split[2][:64]
+    q = _ptq(split)
+    fake, info = fake_quant(q)
+    tg = TrainableGraph(fake)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in tg.graph_parameters().items():
+            p.add_(0.05 * p.abs().mean() * torch.randn(p.shape, generator=gen))
+        trained_out = tg(x).numpy()
+    back = export_qdq(tg.to_graph())
+    assert _structure(back) == _structure(q)
+    a, b = _values(q), _values(back)
+    changed = [k for k in a if not np.array_equal(a[k], b[k])]
+    assert set(changed) == set(info["weights"]) | {n[:-len(FLOAT_SUFFIX)] for n in info["biases"]}
+    step = check_criterion(to_onnx(back))["steps"]
+    out_name = to_onnx(back).graph.output[0].name
+    got = _ort_outputs(back, x)
+    # the int32 bias rounding (half a step of input scale x weight scale) flips a few roundings by one step
+    assert np.max(np.abs(got - trained_out)) <= step[out_name] * 1.001
+    assert np.mean(got == trained_out) >= 0.9
+
+
+def test_qat_alone_is_refused_in_one_line(split):
+    with pytest.raises(BadInput, match=r"^pass 'quantize\{qat=true\}' trains the model: .*graphopt compress") as e:
+        PassManager.parse("quantize{qat=true}").run(graphopt.load(str(digits.teacher_path())),
+                                                    PassContext(data={"calib": {"x": split[0][:8]}}))
+    assert "\n" not in str(e.value)
+    with pytest.raises(BadInput, match="option qat applies to scheme=int8 only"):
+        PassManager.parse("quantize{scheme=weight_int8,qat=true}")
+
+
+def test_qat_in_compress_keeps_accuracy_and_compiles(split, tmp_path):
+    """prune-channels + distillation, then quantize{qat=true}: the QAT graph's held-out top-1 is at least the PTQ
+    graph's (measured by compress on the same split), its structure is the PTQ graph's, and the compiled int8
+    library runs it on integer kernels matching onnxruntime on its own model.onnx."""
+    x_tr, y_tr, x_te, y_te = split
+    graph, info = compress(graphopt.load(str(digits.teacher_path())), {"x": x_tr, "labels": y_tr},
+                           "cleanup,prune-channels{flops=0.5},quantize{qat=true}", eval_data={"x": x_te, "labels": y_te},
+                           epochs=6, threads=1)
+    qi = info["quantization"]
+    assert qi["qat"] and qi["epochs"] >= 1 and [h["phase"] for h in info["history"]][-1] == "qat"
+    assert info["final"]["top1"] >= qi["ptq"]["top1"] and info["final"]["agreement"] >= qi["ptq"]["agreement"]
+    assert info["final"]["top1_drop"] <= 0.02
+    assert any(n.op == "DequantizeLinear" and isinstance(n.inputs[0], gs.Constant) and
+               n.inputs[0].values.dtype == np.int8 for n in graph.nodes)
+    assert not any(n.op == "QuantizeLinear" and isinstance(n.inputs[0], gs.Constant) for n in graph.nodes)
+    art = graphopt.compile(graph, target="cpu", out=tmp_path / "qat.cpu", measure=False)
+    assert art.report["int8_kernels"] >= 3 and art.report["check"]["ok"]
+    model = onnx.load(str(art.path / "model.onnx"))
+    crit = check_criterion(model)
+    for i in range(0, 450, 90):
+        feeds = {"x": x_te[i:i + 1]}
+        chk = within_quant_steps(ort.run(model, feeds), art.run(feeds), crit)
+        assert chk["ok"], chk

@@ -1,0 +1,45 @@
+"""Task-level agreement for unlabeled evaluation data: top-1 for classifiers, decoded sequences for CTC
+recognizers, IoU of thresholded maps for segmentation/detection heads."""
+from __future__ import annotations
+
+import numpy as np
+
+from graphopt.task_metrics import agreement, ctc_decode, map_iou, task_kind
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_kinds_are_guessed_from_shape_and_values():
+    rng = np.random.default_rng(0)
+    assert task_kind((8, 10)) == "classifier"
+    assert task_kind((8, 40, 97), _softmax(rng.standard_normal((8, 40, 97)))) == "ctc"
+    assert task_kind((8, 40, 97), rng.standard_normal((8, 40, 97))) == "ctc"          # logits
+    assert task_kind((2, 1, 16, 16), rng.random((2, 1, 16, 16))) == "map"
+    assert task_kind((2, 16, 16), rng.random((2, 16, 16))) == "map"
+    assert task_kind((2, 3, 16, 16), rng.standard_normal((2, 3, 16, 16))) is None
+
+
+def test_ctc_decoding_collapses_repeats_and_drops_blanks():
+    steps = [0, 3, 3, 0, 3, 5, 5, 0]                 # blank, a, a, blank, a, b, b, blank -> a a b
+    probs = np.eye(6)[steps][None]
+    assert ctc_decode(probs) == [(3, 3, 5)]
+
+
+def test_sequence_agreement_counts_whole_lines():
+    t = np.eye(6)[[[0, 3, 3, 0, 5], [1, 1, 0, 2, 2]]]
+    s = t.copy()
+    s[1, 3] = np.eye(6)[4]                            # second line decodes to (1, 4, 2) instead of (1, 2)
+    r = agreement(s, t, "ctc")
+    assert r["metric"] == "sequence_agreement" and r["value"] == 0.5
+
+
+def test_map_iou_and_classifier_agreement():
+    t = np.zeros((1, 1, 4, 4))
+    t[0, 0, :2, :2] = 0.9
+    s = np.zeros_like(t)
+    s[0, 0, :2, :1] = 0.8
+    assert map_iou(s, t) == 0.5 and map_iou(np.zeros_like(t), np.zeros_like(t)) == 1.0
+    assert agreement(np.array([[1, 0], [0, 1.0]]), np.array([[1, 0], [1, 0.0]]))["value"] == 0.5
