@@ -131,7 +131,7 @@ def compare_with_onnxruntime(art: Artifact, seed: int = 0, feeds: dict | None = 
         return q
     if art.manifest["target"].get("precision") == "bf16":
         from .bf16_check import compare_bf16
-        return compare_bf16(art.path / MODEL, feeds, ref, got)
+        return compare_bf16(art.path / MODEL, ref, got)
     ok, err, name = verify.compare(ref, got, COMPILED_RTOL, COMPILED_ATOL, scale_atol=True)
     res = {"ok": ok, "max_abs_error": err, "worst_output": name}
     nonfinite = verify.nonfinite_agreement(ref, got)

@@ -2,17 +2,16 @@
 
 bf16 keeps 8 significant bits: rounding one operand moves it by at most 2^-9 of its value, so a product of two
 rounded operands by about 2^-8, and a sum of K such products, with independent rounding errors, by about
-2^-8 * sqrt(K) of the sum of their magnitudes. The check compares the compiled library with the model computed in
-float64 (verify.fp64_outputs; onnxruntime's fp32 result where the float64 view cannot run the graph), per output
-normalized by the reference's largest magnitude, and accepts
+2^-8 * sqrt(K) of the sum of their magnitudes. The check compares the compiled library with onnxruntime's fp32
+result (whose own rounding, ~1e-6, is nothing at this scale; a float64 run of the model was tried as the reference
+and costs minutes on depthwise convs), per output normalized by the reference's largest magnitude, and accepts
 
-    max |graphopt - reference| / max |reference|  <=  BF16_UNIT * sqrt(K)
+    max |graphopt - onnxruntime| / max |onnxruntime|  <=  BF16_UNIT * sqrt(K)
 
 with K the longest reduction (input channels x kernel window, or the inner dimension) among the model's Conv /
 MatMul / Gemm nodes with constant weights. The bound is loose for a single layer and meant for whole networks,
 where the errors of successive layers add; the kernels themselves are tested against numpy on the same bf16
-operands to fp32 accuracy (tests/targets/test_cpu_bf16.py). onnxruntime's own fp32 error against the same
-reference is recorded beside it.
+operands to fp32 accuracy (tests/targets/test_cpu_bf16.py). The error found goes into report.json.
 """
 from __future__ import annotations
 
@@ -54,32 +53,23 @@ def relative_error(ref: np.ndarray, got: np.ndarray) -> float:
     return float(err.max() / scale) if scale > 0 else float(err.max(initial=0.0))
 
 
-def compare_bf16(model_path, feeds: dict, ref32: dict, got: dict) -> dict:
-    """api.compile's check for bf16 artifacts: ref32 is onnxruntime's fp32 result on feeds, got the library's.
-    Returns {"ok", "max_abs_error", "worst_output", "criterion", "reference", "bound", "reduction_length",
-    "outputs": {name: {"relative_error", "onnxruntime_fp32_relative_error"}}}."""
-    from .graph import from_onnx
-    from .verify import fp64_outputs
-    model = onnx.load(str(model_path))
-    exact = fp64_outputs(from_onnx(model), feeds)
-    reference = exact if exact is not None else ref32
-    k = reduction_length(model)
+def compare_bf16(model_path, ref: dict, got: dict) -> dict:
+    """api.compile's check for bf16 artifacts: ref is onnxruntime's fp32 result, got the library's, on the same
+    inputs. Returns {"ok", "max_abs_error", "worst_output", "max_relative_error", "bound", "reduction_length",
+    "criterion", "reference", "outputs": {name: {"relative_error"}}}."""
+    k = reduction_length(onnx.load(str(model_path), load_external_data=False))
     bound = BF16_UNIT * math.sqrt(k)
     outputs, worst, worst_name, max_abs = {}, -1.0, None, 0.0
-    for name, r in reference.items():
+    for name, r in ref.items():
         g = got.get(name)
         rel = relative_error(r, g) if g is not None else math.inf
-        entry = {"relative_error": rel}
-        if exact is not None:
-            entry["onnxruntime_fp32_relative_error"] = relative_error(r, ref32[name])
-        outputs[name] = entry
+        outputs[name] = {"relative_error": rel}
         if g is not None and np.shape(g) == np.shape(r):
             max_abs = max(max_abs, float(np.max(np.abs(np.asarray(g, np.float64) - r), initial=0.0)))
         if rel > worst:
             worst, worst_name = rel, name
     return {"ok": bool(worst <= bound), "max_abs_error": max_abs, "worst_output": worst_name,
             "max_relative_error": worst, "bound": bound, "reduction_length": k,
-            "criterion": f"bf16: max |graphopt - reference| / max |reference| <= 2^-8 * sqrt(K), K = {k} the longest "
-                         f"reduction: {bound:.3g}",
-            "reference": "float64 (the model run in torch)" if exact is not None else "onnxruntime fp32",
-            "outputs": outputs}
+            "criterion": f"bf16: max |graphopt - onnxruntime| / max |onnxruntime| <= 2^-8 * sqrt(K), K = {k} the "
+                         f"longest reduction: {bound:.3g}",
+            "reference": "onnxruntime fp32", "outputs": outputs}

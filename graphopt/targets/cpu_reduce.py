@@ -68,7 +68,7 @@ def schedule_reduction(sch, ctx: Ctx) -> bool:
     for b in reversed(root_blocks(sch)[:-1]):
         sch.compute_at(b, rows, preserve_unit_loops=True)
     if len(sch.get_loops(out)) > 1 and "R" not in iter_kinds(sch, out):
-        _vectorize_row(sch, out, lanes)  # (rows is the out block's first loop: never that one)
+        vectorize_row(sch, out, lanes)  # (rows is the out block's first loop: never that one)
     # 3. vectorize inside the row loop
     for b in sch.get_child_blocks(rows):
         name = sch.get(b).name_hint
@@ -85,12 +85,12 @@ def schedule_reduction(sch, ctx: Ctx) -> bool:
                 init = sch.decompose_reduction(b, ko[0])
                 try_vectorize(sch, sch.get_loops(init)[-1])
         elif "R" not in k:
-            _vectorize_row(sch, b, lanes)
+            vectorize_row(sch, b, lanes)
     ctx.notes.append(f"rows P={P} rfactor={len(rf_names)}")
     return True
 
 
-def _vectorize_row(sch, b, lanes: int) -> None:
+def vectorize_row(sch, b, lanes: int) -> None:
     """vectorize_inner, except that a long row the SIMD width does not divide (a 6625-way softmax, a 120-wide layer
     norm) is partitioned into a vectorized multiple of the width and a scalar tail: TVM scalarizes a vector loop
     with a bound check whole, and a row-long vector is beyond check_vectorized_loops' bounds."""

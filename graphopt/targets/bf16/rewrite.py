@@ -2,12 +2,11 @@
 call_tir of the bf16 kernels, right after import (before LegalizeOps / FuseOps):
 
     conv2d(x, W) | matmul(x, W) | matmul(x, permute_dims(W))
-        -> [+ bias | batch_norm (inference, conv2d only)]* -> [relu | clip] [-> + residual -> [relu | clip]]
-                                                                             (conv2d only for the residual)
+        -> [+ bias | batch_norm (inference, conv2d only)]* -> [relu | clip | max | min]*
+        [-> + residual -> [relu | clip | max | min]*]                        (conv2d only for the residual)
 
 W, the biases and the norms' parameters are constants: folded here (norm scales into W, shifts into one bias),
-W packed to bf16 pairs. Conv outputs stay NHWC with channels padded to 16
-between kernels, dense outputs [rows, padded columns]; logical views are emitted for the fp32 ops that read them
+W packed to bf16 pairs. Conv outputs stay NHWC with channels padded to 16 between kernels, dense outputs [rows, padded columns]; logical views are emitted for the fp32 ops that read them
 (relax_layout). Depthwise convs (no reduction over channels: nothing for a dot product) run as an fp32 NHWC kernel
 with the same epilogue, so MobileNet-style chains stay NHWC; other grouped convs and matmuls of two activations stay
 on TVM's fp32 path.
@@ -58,6 +57,29 @@ class Chain:
 def _other(v, cur):
     a, b = v.args
     return b if a.same_as(cur) else a if b.same_as(cur) else None
+
+
+def _bounds(blk: Block, v, cur):
+    """(lo, hi) fp32 bounds v applies to cur: relu, clip, or maximum / minimum with a scalar constant (how the
+    ONNX importer writes Clip with min / max inputs); else None."""
+    op = op_name(v)
+    if op in ("relax.maximum", "relax.minimum"):
+        other = _other(v, cur)
+        c = fold_fp32(blk, other) if other is not None and is_constant(blk, other) else None
+        if c is None or c.size != 1:
+            return None
+        return (float(c.reshape(())), None) if op == "relax.maximum" else (None, float(c.reshape(())))
+    b = act_bounds(blk, v)
+    return b if b is not None and v.args[0].same_as(cur) else None
+
+
+def _merge(a, b):
+    """Both bounds applied one after the other (b after a) as one (lo, hi), or None when they cross."""
+    if a is None:
+        return b
+    lo = a[0] if b[0] is None else b[0] if a[0] is None else max(a[0], b[0])
+    hi = a[1] if b[1] is None else b[1] if a[1] is None else min(a[1], b[1])
+    return None if lo is not None and hi is not None and lo > hi else (lo, hi)    # crossed: order would matter
 
 
 def _batch_norm(blk: Block, idx: int, cur, n_out: int):
@@ -132,15 +154,13 @@ def _follow(blk: Block, idx: int, n_out: int, channel_axis: int, allow_residual:
             else:
                 break
         else:
-            b = act_bounds(blk, v)
-            if b is None or not v.args[0].same_as(cur):
+            b = _bounds(blk, v, cur)
+            if b is None:
                 break
-            if residual is None and act is None:
-                act = b
-            elif residual is not None and act2 is None:
-                act2 = b
-            else:
+            merged = _merge(act if residual is None else act2, b)
+            if merged is None:
                 break
+            act, act2 = (merged, act2) if residual is None else (act, merged)
         interior.append(nxt)
         cur = blk.bindings[nxt].var
     return interior[-1], interior[:-1], scale, shift, act or NO_BOUNDS, residual, act2 or NO_BOUNDS
