@@ -1,14 +1,16 @@
-"""Analyses computed on demand through the pass context and cached until a pass invalidates them."""
+"""Analyses computed on demand through the pass context, cached per graph object and content: an edit to the graph
+(by a pass or anyone else) makes the next lookup compute afresh, so no caller has to invalidate anything."""
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+import weakref
 from typing import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from .errors import GraphoptError
+from .graph import fingerprint
 from .symbolic_shapes import Poly
 
 ANALYSES: dict[str, Callable] = {}
@@ -22,9 +24,13 @@ def analysis(name: str):
 
 
 class AnalysisManager:
+    """name -> (the graph it describes (weakly), that graph's fingerprint then, value). A hit needs the same graph
+    object with the same content (graph.fingerprint: nodes, tensors, constant bytes), so a stale value is never
+    returned; the fingerprint costs a few ms where the analyses cost tens to hundreds."""
+
     def __init__(self, ctx):
         self.ctx = ctx
-        self._cache: dict[str, tuple[int, object]] = {}
+        self._cache: dict[str, tuple[weakref.ref, str, object]] = {}
 
     def get(self, name: str, graph: gs.Graph):
         if name not in ANALYSES:        # analyses of concrete passes register when the pass package loads
@@ -32,17 +38,21 @@ class AnalysisManager:
             load_builtin_passes()
         if name not in ANALYSES:
             raise GraphoptError(f"unknown analysis '{name}'; known: {', '.join(sorted(ANALYSES))}")
+        version = fingerprint(graph)
         hit = self._cache.get(name)
-        if hit is not None and hit[0] == id(graph):
-            return hit[1]
+        if hit is not None and hit[0]() is graph and hit[1] == version:
+            return hit[2]
         value = ANALYSES[name](graph, self.ctx)
-        self._cache[name] = (id(graph), value)
+        self._cache[name] = (weakref.ref(graph), version, value)
         return value
 
     def invalidate(self, keep=(), graph: gs.Graph | None = None) -> None:
+        """After a pass changed the graph: drop every value (memory) except those named in keep (the pass's
+        `preserves`), which now describe graph, its result."""
+        version = fingerprint(graph) if graph is not None and any(n in self._cache for n in keep) else None
         for name in list(self._cache):
-            if name in keep and graph is not None:
-                self._cache[name] = (id(graph), self._cache[name][1])
+            if name in keep and version is not None:
+                self._cache[name] = (weakref.ref(graph), version, self._cache[name][2])
             else:
                 del self._cache[name]
 
@@ -55,17 +65,6 @@ def shapes(graph: gs.Graph, ctx) -> dict[str, tuple]:
     from .shapes import infer
     g = infer(graph)
     return {name: (tuple(t.shape) if t.shape is not None else None) for name, t in g.tensors().items()}
-
-
-@analysis("use-def")
-def use_def(graph: gs.Graph, ctx) -> dict:
-    producers, consumers = {}, defaultdict(list)
-    for node in graph.nodes:
-        for t in node.outputs:
-            producers[t.name] = node
-        for t in node.inputs:
-            consumers[t.name].append(node)
-    return {"producers": producers, "consumers": dict(consumers)}
 
 
 def _known(d) -> bool:
@@ -138,6 +137,14 @@ def node_macs(node: gs.Node, shapes: dict) -> int:
             return 0
         k = a[0] if (op == "Gemm" and node.attrs.get("transA", 0)) else a[-1]
         return _numel(out) * (k if isinstance(k, Poly) else int(k)) if _known(k) else 0
+    if op in ("LSTM", "GRU", "RNN") and len(node.inputs) > 2:
+        # every step multiplies the input by W and the state by R, for each direction and gate
+        x = shapes.get(node.inputs[0].name)
+        w, r = _weight_shape(node.inputs[1], shapes), _weight_shape(node.inputs[2], shapes)
+        if x is None or len(x) != 3 or w is None or r is None:
+            return 0
+        steps = _numel(x[:2])                                   # seq x batch, whatever the layout
+        return steps * (_numel(w) + _numel(r))
     return 0
 
 

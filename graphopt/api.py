@@ -92,9 +92,8 @@ def _specs(art: Artifact) -> list[tuple]:
 
 def _input_ranges(art: Artifact) -> dict:
     """check_inputs.input_ranges of the artifact's model.onnx: the ranges seeded inputs are drawn from."""
-    from .check_inputs import input_ranges
-    from .graph import from_onnx
-    return input_ranges(from_onnx(onnx.load(str(art.path / MODEL))))
+    from .check_inputs import file_input_ranges
+    return file_input_ranges(art.path / MODEL)
 
 
 def check_feeds(graph: gs.Graph, seed: int = 0, check_inputs=None, data: dict | None = None) -> tuple[dict, str]:
@@ -335,7 +334,7 @@ def compile(model, target: str = "cpu", out: str | Path | None = None, pipeline=
                               + "); please report this model")
         report = {"source": where, "target": target, **facts, "check": check,
                   **_size_report(original, graph, stage.path / MODEL)}
-        report.update(structural_report(records))
+        report.update(report_sections(pm.passes, records))
         if measure and runs_here and tgt.measures_here():
             report["latency"] = measure_latency(art, threads=threads, repeat=20, budget_s=2.0, seed=seed)
             if report["macs_after"] != report["macs_before"]:
@@ -352,25 +351,14 @@ def compile(model, target: str = "cpu", out: str | Path | None = None, pipeline=
     return Artifact(dest)
 
 
-#: pass records that change the graph's structure and what the report keeps of each
-_STRUCTURAL_KEYS = {"prune-channels": ("criterion", "round_to", "units", "held", "layers", "macs", "params", "frozen",
-                                       "oracle_max_error", "oracle_fp64_max_error", "oracle_note", "budget",
-                                       "budget_met", "limits", "notes", "latency"),
-                    "factorize-lowrank": ("selection", "factorized", "layers", "macs_ratio", "params_ratio",
-                                          "skipped", "drift", "latency")}
-
-
-def structural_report(records: list[dict]) -> dict:
-    """report.json sections for structural passes: {"pruning": [...], "factorization": [...]} (one entry per
-    run of the pass), each with the per-layer changes, MAC/param ratios and the checks' numbers. Pruning is
-    reported also when it removed nothing, with what kept the channels."""
+def report_sections(passes: list, records: list[dict]) -> dict:
+    """The report.json sections the pipeline's passes fill ({Pass.report_name: [one entry per run]}, e.g.
+    "pruning"), each entry Pass.report_section of the run's record, led by the pass's text."""
     out = {}
-    for rec in records:
-        name = str(rec.get("pass", "")).split("{")[0]
-        if name in _STRUCTURAL_KEYS and (rec.get("modified") or name == "prune-channels"):
-            section = "pruning" if name == "prune-channels" else "factorization"
-            out.setdefault(section, []).append({"pass": rec["pass"], **{k: rec[k] for k in _STRUCTURAL_KEYS[name]
-                                                                       if k in rec}})
+    for p, rec in zip(passes, records, strict=True):
+        entry = p.report_section(rec) if p.report_name else None
+        if entry is not None:
+            out.setdefault(p.report_name, []).append({"pass": rec["pass"], **entry})
     return out
 
 
@@ -378,7 +366,7 @@ def latency_budgets(records: list[dict]) -> list[dict]:
     """The latency budgets of a pipeline's records: [{"pass", "target", "predicted"}]."""
     out = []
     for rec in records:
-        lat = rec.get("latency")
+        lat = rec["info"].get("latency")
         if isinstance(lat, dict) and "predicted" in lat and lat.get("target", 1.0) < 1.0:
             out.append({"pass": rec["pass"], "target": lat["target"], "predicted": lat["predicted"]})
     return out

@@ -22,6 +22,8 @@ from . import ort
 #: ops that only move or retype an input's values (followed through their first input)
 _LAYOUT_OPS = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand", "Transpose", "Slice",
                "CastLike")
+#: ops whose output has the shape of their first input (a Gather table computed from a constant through them)
+_VALUE_OPS = ("DequantizeLinear", "QuantizeLinear", "Cast", "Mul", "Identity")
 _COMPARE_OPS = ("Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor")
 
 
@@ -46,6 +48,19 @@ def _uses(t: gs.Variable):
                             stack.append(out)
 
 
+def _table_shape(t):
+    """The shape of a Gather's table; when shape inference left it unknown (a quantized table read through
+    DequantizeLinear, an int8 table dequantized by Cast and Mul), the shape of the constant it is computed from."""
+    for _ in range(8):
+        if t.shape is not None or isinstance(t, gs.Constant) or len(t.inputs) != 1:
+            break
+        node = t.inputs[0]
+        if node.op not in _VALUE_OPS or not node.inputs:
+            break
+        t = node.inputs[0]
+    return tuple(t.values.shape) if isinstance(t, gs.Constant) else t.shape
+
+
 def input_ranges(graph: gs.Graph) -> dict[str, dict]:
     """{input name: {"kind": "index", "high": n} or {"kind": "mask"}} for the inputs whose values matter."""
     out = {}
@@ -53,7 +68,7 @@ def input_ranges(graph: gs.Graph) -> dict[str, dict]:
         highs, mask = [], "mask" in t.name.lower()
         for node, i in _uses(t):
             if node.op in ("Gather", "GatherElements") and i == 1:
-                shape = node.inputs[0].shape
+                shape = _table_shape(node.inputs[0])
                 axis = int(node.attrs.get("axis", 0))
                 if shape is not None and -len(shape) <= axis < len(shape) and isinstance(shape[axis], int):
                     highs.append(int(shape[axis]))
@@ -65,6 +80,14 @@ def input_ranges(graph: gs.Graph) -> dict[str, dict]:
         elif highs and min(highs) > 0:
             out[t.name] = {"kind": "index", "high": min(highs)}
     return out
+
+
+def file_input_ranges(path) -> dict[str, dict]:
+    """input_ranges of the ONNX file at path (an artifact's model.onnx), weights not read."""
+    import onnx
+
+    from .graph import from_onnx
+    return input_ranges(from_onnx(onnx.load(str(path), load_external_data=False)))
 
 
 def describe(ranges: dict[str, dict]) -> str:

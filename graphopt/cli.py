@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .errors import BadInput, GraphoptError, printable
 from .limits import check_threads
+from .text_table import table as _table
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,13 +80,6 @@ def _emit(args, data: dict, text: str) -> None:
         print(text)
 
 
-def _table(rows: list[tuple], header: tuple) -> str:
-    rows = [tuple(str(c) for c in r) for r in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    return "\n".join([line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in rows])
-
-
 def _load_npz(path: str, what: str) -> dict:
     from .npz import load_npz
     return load_npz(path, what)
@@ -146,11 +140,18 @@ def cmd_compile(args) -> int:
         for b in lat.get("budget", []):
             rows.append(("latency budget", f"target {b['target']:g} of the original's, predicted {b['predicted']:.3f}, "
                                            f"achieved {b['achieved']:.3f} (interleaved medians)"))
-    text = _table(rows, ("report", "")) + "".join("\n\n" + _pruning_text(p) for p in rep.get("pruning", [])) \
-        + "".join("\n\n" + _factorization_text(f) for f in rep.get("factorization", [])) \
-        + "".join("\n" + line for line in _quantize_lines(art.manifest.get("passes", [])))
+    text = _table(rows, ("report", "")) + "".join("\n\n" + t for t in _report_texts(rep))
     _emit(args, {"artifact": str(art.path), "report": rep, "manifest": art.manifest}, text)
     return 0
+
+
+def _report_texts(report: dict) -> list[str]:
+    """The terminal summaries of the report sections that passes filled (Pass.report_text), in report order."""
+    from .passmanager import REGISTRY, load_builtin_passes
+    load_builtin_passes()
+    by_section = {cls.report_name: cls for cls in REGISTRY.values() if cls.report_name}
+    return [by_section[name].report_text(entry) for name, entries in report.items() if name in by_section
+            for entry in entries]
 
 
 def _g(x) -> str:
@@ -187,65 +188,6 @@ def _check_rows(check: dict) -> list[tuple]:
         rows.append((f"top-1 = fp32 ({task['samples']} samples)", f"graphopt {a['graphopt']:.2%}, onnxruntime-"
                                                                   f"optimized {a['onnxruntime_optimized']:.2%}"))
     return rows
-
-
-def _quantize_lines(records: list[dict]) -> list[str]:
-    """What quantize did on its own: nodes left in fp32 because onnxruntime's quantizer emitted an invalid graph,
-    and an opset upgrade."""
-    lines = []
-    for rec in records:
-        for a in rec.get("auto_excluded") or []:
-            lines.append(f"quantize: left '{printable(a['node'])}' in fp32: onnxruntime's quantizer emitted an invalid "
-                         f"graph there ({a['problem']})")
-        if isinstance(rec.get("opset"), dict) and str(rec.get("pass", "")).startswith("quantize"):
-            lines.append(f"quantize: converted the model from opset {rec['opset']['before']} to "
-                         f"{rec['opset']['after']} first")
-    return lines
-
-
-def _factorization_text(f: dict, max_rows: int = 12) -> str:
-    """The terminal summary of one factorize-lowrank run: layers, ranks, reconstruction errors, drift."""
-    rows = [(x["node"], x["method"], "x".join(map(str, x["ranks"])), f"{x['macs_after'] / max(1, x['macs_before']):.2f}",
-             f"{x['rel_error']:.3g}") for x in f.get("layers", [])[:max_rows]]
-    head = (f"factorize-lowrank ({f.get('selection')}): MACs x{f.get('macs_ratio')}, params x{f.get('params_ratio')}; "
-            f"{f.get('factorized', 0)} layer(s) factorized, {len(f.get('skipped', []))} left alone")
-    tail = [f"output drift on '{name}': max abs {d['max_abs']:.3g}, cosine {d['cosine']:.6f}"
-            for name, d in (f.get("drift") or {}).items() if isinstance(d, dict) and "max_abs" in d]
-    return "\n".join([head, _table(rows, ("layer", "method", "ranks", "MACs", "rel. error"))] + tail)
-
-
-def _pruning_text(p: dict, max_rows: int = 12) -> str:
-    """The terminal summary of one prune-channels run: changed layers, channels removed and what kept the others,
-    frozen layers and why, the oracle."""
-    changed = [(k, b, a) for k, (b, a) in p.get("layers", {}).items() if a != b]
-    rows = [(k, b, a, f"{a / b:.2f}") for k, b, a in changed[:max_rows]]
-    if len(changed) > max_rows:
-        rows.append((f"... {len(changed) - max_rows} more layers (report.json)", "", "", ""))
-    lines = [f"prune-channels ({p.get('criterion')}): MACs x{p['macs']['ratio']}, params x{p['params']['ratio']}; "
-             f"{len(changed)} of {len(p.get('layers', {}))} layers narrowed",
-             _table(rows, ("layer", "channels", "kept", "ratio")) if rows else "(no layer narrowed)"]
-    if "units" in p:
-        u = p["units"]
-        lines.append(f"channels: removed {u['removed']} of {u['prunable']} prunable ({u['total']} in all)")
-    for h in p.get("held", []):
-        lines.append(f"kept {h['channels']} channel(s): {h['why']}")
-    if "latency" in p:
-        lat = p["latency"]
-        lines.append(f"latency on {lat['on']} ({lat['threads']} thread(s)): predicted {lat['predicted']:.3f} of the "
-                     f"original's ({lat['predicted_ms']:.3f} of {lat['original_ms']:.3f} ms; {lat['kernels']} layer "
-                     f"kernels measured, {lat['remainder_ms']:.3f} ms elsewhere)"
-                     + (f", measured {lat['measured']:.3f} after {len(lat['calibration'])} calibration round(s)"
-                        if "measured" in lat else "") + f"; target {lat['target']:g}")
-    if p.get("limits"):
-        lines.append(f"budget not met: {p['limits']}")
-    for f in p.get("frozen", [])[:5]:
-        lines.append(f"frozen: {f['layer']}: {'; '.join(f['why'])}")
-    if len(p.get("frozen", [])) > 5:
-        lines.append(f"frozen: ... {len(p['frozen']) - 5} more (report.json)")
-    if "oracle_max_error" in p:
-        lines.append(f"oracle (zeroed original == pruned, onnxruntime): max error {p['oracle_max_error']:.3g}"
-                     + (f"; {p['oracle_note']}" if p.get("oracle_note") else ""))
-    return "\n".join(lines)
 
 
 def cmd_run(args) -> int:
@@ -323,7 +265,7 @@ def cmd_passes(args) -> int:
     data = {}
     for name, cls in sorted(REGISTRY.items()):
         on = cls.target_defaults(hw) if hw is not None else {}
-        data[name] = {"help": cls.help, "exact": cls.exact,
+        data[name] = {"help": cls.help, "exact": not cls.lossy,
                       "options": {k: {"type": o.type.__name__, "default": o.default, "help": o.help,
                                       **({"on_target": on[k]} if k in on else {})}
                                   for k, o in cls.options.items()}}
@@ -559,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     pf.set_defaults(fn=cmd_profile)
 
     sn = sub.add_parser("sensitivity", help="accuracy lost when one layer group at a time is pruned (at several "
-                                            "levels) or quantized; feeds prune-channels{allocation=sensitivity}")
+                                            "levels) or quantized; feeds prune-channels{allocation=sensitivity} and "
+                                            "quantize{exclude=auto}")
     sn.add_argument("model")
     sn.add_argument("--eval", required=True, help="evaluation data (.npz: arrays named after the inputs, batch "
                                                    "first; with 'labels' the score is top-1 accuracy, else the "

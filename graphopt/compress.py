@@ -141,6 +141,14 @@ def _prune_steps(p, schedule: Schedule | None = None) -> list[dict]:
     return steps
 
 
+def _pass_summary(rec: dict) -> dict:
+    """What compress's info keeps of a pass record: the manager's facts and the pass's own summary (Pass.summary,
+    of the pass the record's resolved text makes)."""
+    kept = {k: rec[k] for k in ("pass", "position", "modified", "seconds") if k in rec}
+    said = PassManager.parse(rec["pass"]).passes[0].summary(rec)
+    return {**kept, "info": said} if said else kept
+
+
 def _metrics(graph) -> dict:
     from .evaluate import graph_size
     return graph_size(graph, with_bytes=False)
@@ -556,6 +564,8 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
             t_graph, pair, hint_scale = hint_for(g)
             if pair is None:
                 mode = "adapters" if mode == "hint" else mode
+        # eval_samples=0: distill's metrics on the training data (student and teacher run over up to 2048 training
+        # examples after every phase) are not used here; on PP-OCRv4's recognizer they took most of each phase
         cfg = replace(config or base, epochs=n_epochs, temperature=temperature, feature_weight=0.0,
                       attention_weight=0.0)
         adapters = False
@@ -637,7 +647,6 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
         if p.name == "prune-channels":
             extra = {}
             if "round_to" not in p.given and s.narrow_round_to:
-                ctx.analyses.invalidate()
                 extra["round_to"] = _auto_round_to(graph, ctx, s)
                 round_to_used[p.text()] = extra["round_to"]
             for i, step in enumerate(prune_steps[id(p)]):
@@ -656,7 +665,6 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
                     carry = n_ep                  # nothing left to prune at this step: its epochs go to the next
                     continue
                 carry = 0
-                ctx.analyses.invalidate()      # the trained graph is a new object: never reuse a cached analysis
                 r = PassManager([make_pass("prune-channels", **opts)]).run(graph, ctx)
                 graph = sync(r.graph)
                 records += r.records
@@ -664,7 +672,6 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
                                     s.light_temperature if light else s.fine_temperature,
                                     s.light_features if light else s.step_features)
         else:
-            ctx.analyses.invalidate()
             r = PassManager([p]).run(graph, ctx)
             graph = sync(r.graph)
             records += r.records
@@ -678,7 +685,6 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
         after_training(graph)
     quantization = None
     for p in post:
-        ctx.analyses.invalidate()
         qat_pass = p.name == "quantize" and p.opts.get("qat")
         step = make_pass(p.name, **{k: v for k, v in p.given.items() if k != "qat"}) if qat_pass else p
         r = PassManager([step]).run(graph, ctx)
@@ -717,8 +723,7 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
             "macs": {"before": original_size["macs"], "after": size["macs"]},
             "params": {"before": original_size["params"], "after": size["params"]},
             "channels": channels_per_layer(graph), "round_to": round_to_used,
-            "passes": [{k: v for k, v in rec.items() if k in ("pass", "position", "modified", "seconds",
-                                                               "budget_met", "limits", "notes")} for rec in records],
+            "passes": [_pass_summary(rec) for rec in records],
             "seconds": round(time.perf_counter() - t_start, 1)}
     info["memory"] = memory
     if quantization is not None:

@@ -16,6 +16,19 @@ from .errors import UnsupportedModel, printable
 from .graph import constant_value, toposort
 
 CONTROL_FLOW_OPS = ("If", "Loop", "Scan")
+LOOP_WHY = "graphopt does not compile loops; unroll it when exporting (a Python loop of fixed length)"
+
+
+def refuse_unshaped_loops(graph: gs.Graph, where: str) -> None:
+    """A Loop / Scan in a graph whose outputs have unknown or symbolic shapes (a decoder looping until an end
+    token): nothing downstream can be checked or compiled, so refuse it by name now rather than fail a pass's
+    structural check later. Loops with known output shapes pass (passes leave them alone; compile refuses them)."""
+    loops = [n for n in graph.nodes if n.op in ("Loop", "Scan")]
+    if loops and any(t.shape is None or any(not isinstance(d, (int, np.integer)) or d < 0 for d in t.shape)
+                     for t in graph.outputs):
+        n = loops[0]
+        raise UnsupportedModel(f"{where}: node '{printable(n.name or '?')}' ({n.op}): the shapes of its results "
+                               f"cannot be inferred and {LOOP_WHY}")
 
 
 def _all_graphs(graph: gs.Graph) -> list[gs.Graph]:
@@ -144,7 +157,7 @@ def refuse_dynamic_control_flow(model: onnx.ModelProto, where: str) -> None:
                            f"constant once the input shapes are bound: fix such inputs to a value ({fix}) or export "
                            f"without the branch")
                 else:
-                    why = "graphopt does not compile loops; unroll it when exporting (a Python loop of fixed length)"
+                    why = LOOP_WHY
                 raise UnsupportedModel(f"{where}: {label}: {why}")
             for a in node.attribute:
                 stack.extend([a.g] if a.HasField("g") else list(a.graphs))

@@ -102,7 +102,7 @@ class DistillConfig:
     keep_adapters: bool = False
     cache_teacher: bool = True               # precompute teacher outputs for array data (up to cache_limit_mb)
     cache_limit_mb: float = 512.0
-    eval_samples: int = 2048                 # training examples used for the final metrics
+    eval_samples: int = 2048                 # training examples for metrics["train"] (0: none; compress skips it)
     progress: Callable | None = field(default=None, repr=False)   # progress(step, total, record)
     # checkpoints: checkpoint(steps_done, state_fn) after every optimizer step (state_fn() -> the state to save);
     # resume: such a state, to continue from (weights, optimizer, step, loss history; the data stream is replayed)
@@ -679,7 +679,7 @@ def distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, l
                "feature_pairs": [{"student": p.student, "teacher": p.teacher, "adapted": p.adapted} for p in pairs],
                "config": {f.name: getattr(config, f.name) for f in fields(config)
                           if f.name not in ("progress", "checkpoint", "resume")}}
-    if isinstance(train, dict):
+    if isinstance(train, dict) and config.eval_samples > 0:
         arrays = _array_inputs(train, s_tg.input_names, "distill")
         n = min(len(arrays[0]), config.eval_samples)
         sub = dict(zip(s_tg.input_names, (a[:n] for a in arrays)))

@@ -9,7 +9,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import ort
-from .analyses import flops
+from .analyses import flops, weight_constant
 from .errors import BadInput
 from .graph import to_onnx
 
@@ -105,12 +105,14 @@ def ort_latency_ms(model: onnx.ModelProto, input_specs, threads: int | None, rep
 
 
 def channels_per_layer(graph: gs.Graph) -> dict[str, int]:
-    """Output channels of every Conv/ConvTranspose/Gemm/MatMul with constant weights, by node name."""
+    """Output channels of every Conv/ConvTranspose/Gemm/MatMul with constant weights (also behind a
+    DequantizeLinear, as in a quantized graph), by node name."""
     out = {}
     for n in graph.nodes:
-        if len(n.inputs) < 2 or not isinstance(n.inputs[1], gs.Constant):
+        c = weight_constant(n.inputs[1]) if len(n.inputs) >= 2 else None
+        if c is None:
             continue
-        w = n.inputs[1].values
+        w = c.values
         if n.op == "Conv":
             out[n.name] = int(w.shape[0])
         elif n.op == "ConvTranspose":

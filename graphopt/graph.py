@@ -1,6 +1,7 @@
 """The one IR: an onnx-graphsurgeon Graph. Helpers to move between it and ModelProto and to read its I/O."""
 from __future__ import annotations
 
+import hashlib
 import heapq
 
 import numpy as np
@@ -149,3 +150,27 @@ def toposort(graph: gs.Graph) -> gs.Graph:
             raise UnsupportedModel(f"the graph has a cycle through {node_label(stuck)}")
         g.nodes = order
     return graph
+
+
+def fingerprint(graph: gs.Graph) -> str:
+    """A digest of everything a pass could change: nodes (op, name, tensors, attributes, subgraphs), every tensor's
+    name, dtype and shape, the bytes of every constant, the graph's inputs, outputs and doc_string. For checking
+    that a pass left a graph alone (PassManager with strict checks)."""
+    h = hashlib.blake2b(digest_size=16)
+
+    def value(v):
+        if isinstance(v, gs.Graph):
+            return fingerprint(v)
+        if isinstance(v, gs.Constant):
+            return (v.name, hashlib.blake2b(np.ascontiguousarray(v.values).tobytes(), digest_size=16).hexdigest())
+        return repr(v)
+    for n in graph.nodes:
+        h.update(repr((n.op, n.domain, n.name, [t.name for t in n.inputs], [t.name for t in n.outputs],
+                       sorted((k, value(v)) for k, v in n.attrs.items()))).encode())
+    for name, t in sorted(graph.tensors().items()):
+        h.update(repr((name, str(t.dtype), None if t.shape is None else tuple(t.shape))).encode())
+        if isinstance(t, gs.Constant):
+            h.update(np.ascontiguousarray(t.values).tobytes())
+    h.update(repr(([t.name for t in graph.inputs], [t.name for t in graph.outputs], graph.doc_string,
+                   graph.opset)).encode())
+    return h.hexdigest()

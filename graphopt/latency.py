@@ -301,7 +301,9 @@ def timer(art, threads: int | None):
     """A call running the artifact's library on fixed seeded inputs (inputs converted once, outputs not copied)."""
     from . import ort
     runner = art.runner(threads)
-    feeds = ort.random_inputs([(i["name"], tuple(i["shape"]), i["dtype"]) for i in art.inputs], 0)
+    from .check_inputs import file_input_ranges
+    feeds = ort.random_inputs([(i["name"], tuple(i["shape"]), i["dtype"]) for i in art.inputs], 0,
+                              file_input_ranges(art.path / "model.onnx"))
     arrays = art.check_inputs(feeds)
     main = getattr(runner, "main", None)
     if main is None:

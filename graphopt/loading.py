@@ -12,6 +12,7 @@ import onnx_graphsurgeon as gs
 from onnx import external_data_helper, numpy_helper
 
 from .errors import BadInput, UnsupportedModel, printable
+from .control_flow import refuse_unshaped_loops
 from .folding import fold
 from .graph import from_onnx, name_nodes
 from .limits import MAX_PROTOBUF_BYTES, human_bytes, max_tensor_bytes, nbytes
@@ -268,6 +269,8 @@ def load(source, input_shapes: dict | None = None, require_static: bool = True, 
         if changed:
             check_tensor_sizes(graph, where)      # folding can make more shapes known
             _check_folding(unfolded, graph, where)
+    if require_static:
+        refuse_unshaped_loops(graph, where)
     graph.name = graph.name or "graph"
     graph.source = where
     return graph

@@ -15,13 +15,19 @@ Kinds:
                                         graphopt.qat: an int32 bias trained as a float initializer, with the
                                         DequantizeLinear it stands for (names, scale and zero point as
                                         [name, dtype, shape, values]) so that export can write it back
+  quantized       {"scheme", "activations"} the quantize pass's scheme (int8, weight_int8, weight_int4) and, for
+                                        int8, the activation type (u8, s8; null otherwise)
+  adapters        {node: {"student", "teacher", "part"}}
+                                        insert-adapters' FitNets adapter nodes: the student and teacher tensors the
+                                        adapter pairs and the node's part (conv, matmul, bias, identity)
 
 Every reader accepts a gs.Graph, an onnx.GraphProto or an onnx.ModelProto; a malformed entry is a BadInput naming
-the node. New kinds (quantization records, distillation adapter tags) get one typed reader and writer here.
+the node. A new kind gets one typed reader and writer here.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import onnx
 
@@ -128,3 +134,81 @@ def qat_biases(obj) -> dict[str, dict]:
 def set_qat_biases(obj, table: dict[str, dict]) -> None:
     """Replace the qat_biases record (removed when empty)."""
     _write(obj, "qat_biases", table)
+
+
+QUANT_SCHEMES = ("int8", "weight_int8", "weight_int4")
+QUANT_ACTIVATIONS = ("u8", "s8")
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """What the quantize pass did: `scheme` (QUANT_SCHEMES) and, for int8, the activation type (QUANT_ACTIVATIONS)."""
+    scheme: str
+    activations: str | None = None
+
+    def __post_init__(self):
+        int8 = self.scheme == "int8"
+        if self.scheme not in QUANT_SCHEMES or \
+                not (self.activations in QUANT_ACTIVATIONS if int8 else self.activations is None):
+            raise ValueError(f"{self!r} is not a quantization record: scheme one of {', '.join(QUANT_SCHEMES)}; "
+                             f"activations {' or '.join(QUANT_ACTIVATIONS)} for int8 only")
+
+    @property
+    def label(self) -> str:
+        """'int8,u8', 'weight_int4', ...: the scheme as reports print it."""
+        return f"{self.scheme},{self.activations}" if self.activations else self.scheme
+
+
+def quantization(obj) -> Quantization | None:
+    """The quantize pass's record, or None when the graph was not quantized by it."""
+    rec = _read(obj, "quantized")
+    if rec is None:
+        return None
+    if not (isinstance(rec, dict) and set(rec) == {"scheme", "activations"}):
+        raise BadInput(f"graph doc_string: {PREFIX}quantized must be an object with the keys scheme and activations")
+    try:
+        return Quantization(rec["scheme"], rec["activations"])
+    except ValueError:
+        raise BadInput(f"graph doc_string: {PREFIX}quantized: bad record {printable(repr(rec))}; scheme one of "
+                       f"{', '.join(QUANT_SCHEMES)}, activations {' or '.join(QUANT_ACTIVATIONS)} for int8 "
+                       f"(else null)") from None
+
+
+def set_quantization(obj, record: Quantization) -> None:
+    _write(obj, "quantized", {"scheme": record.scheme, "activations": record.activations})
+
+
+ADAPTER_PARTS = ("conv", "matmul", "bias", "identity")
+
+
+@dataclass(frozen=True)
+class AdapterTag:
+    """An adapter node's pairing: it maps student tensor `student` towards teacher tensor `teacher`; `part` is the
+    node's role in the adapter (ADAPTER_PARTS)."""
+    student: str
+    teacher: str
+    part: str
+
+
+def adapter_tags(obj) -> dict[str, AdapterTag]:
+    """{node name: AdapterTag} of the adapter nodes insert-adapters recorded."""
+    table = _read(obj, "adapters")
+    if table is None:
+        return {}
+    if not isinstance(table, dict):
+        raise BadInput(f"graph doc_string: {PREFIX}adapters must map node names to adapter records")
+    out = {}
+    for node, rec in table.items():
+        if not (isinstance(rec, dict) and set(rec) == {"student", "teacher", "part"}
+                and all(isinstance(v, str) for v in rec.values()) and rec["part"] in ADAPTER_PARTS):
+            raise BadInput(f"graph doc_string: {PREFIX}adapters, node '{printable(node)}': bad record "
+                           f"{printable(repr(rec))}; write student, teacher (tensor names) and part "
+                           f"({', '.join(ADAPTER_PARTS)})")
+        out[node] = AdapterTag(rec["student"], rec["teacher"], rec["part"])
+    return out
+
+
+def set_adapter_tags(obj, tags: dict[str, AdapterTag]) -> None:
+    """Replace the adapters record (removed when empty)."""
+    _write(obj, "adapters", {node: {"student": t.student, "teacher": t.teacher, "part": t.part}
+                             for node, t in tags.items()})

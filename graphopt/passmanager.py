@@ -3,6 +3,7 @@ cache, and the PassManager that parses/prints pipelines and verifies after every
 from __future__ import annotations
 
 import importlib
+import os
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from . import ort, pipeline_text, verify
 from .analyses import AnalysisManager
 from .data_checks import nonfinite_weights
 from .errors import BadInput, CheckFailed
-from .graph import copy as copy_graph, to_onnx
+from .graph import copy as copy_graph, fingerprint, to_onnx
 from .hardware import GENERIC, HardwareInfo
 
 
@@ -66,13 +67,33 @@ class PassResult:
 
 
 class Pass:
-    """Subclass, set `name`, `help`, `exact`, `options`, `requires`/`preserves`, implement run()."""
+    """Subclass, set `name`, `help`, `options` (and `lossy`, `exact_for` when the pass may change the outputs;
+    `in_place`; `preserves`), implement run(); override the hooks below (checks, report) where the pass has
+    something to say. Core code reads a pass only through this class."""
     name: str = ""
     help: str = ""
-    exact: bool = True
+    lossy: bool = False      # the pass may change the graph's outputs (under some options): drift is measured
+    in_place: bool = True    # run() edits the graph it is given; False: leaves it untouched and returns a new one
+    report_name: str = ""    # the report.json section its runs fill through report_section ("": none)
     options: dict[str, Option] = {}
-    requires: tuple[str, ...] = ()
-    preserves: tuple[str, ...] = ()
+    preserves: tuple[str, ...] = ()   # analyses still true of the graph after the pass changed it (kept cached)
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "exact" in cls.__dict__:
+            raise TypeError(f"pass class {cls.__name__}: exactness is not an attribute; set lossy = True and "
+                            f"override exact_for(opts) where options make the pass exact")
+
+    @classmethod
+    def exact_for(cls, opts: dict) -> bool:
+        """Whether the pass with the resolved options opts keeps every output (the manager then checks that it
+        does); lossy passes are inexact unless they override this."""
+        return not cls.lossy
+
+    @property
+    def exact(self) -> bool:
+        """exact_for(the resolved options)."""
+        return self.exact_for(self.opts)
 
     def __init__(self, **opts):
         unknown = [k for k in opts if k not in self.options]
@@ -100,6 +121,29 @@ class Pass:
 
     def run(self, graph: gs.Graph, ctx: "PassContext") -> PassResult:
         raise NotImplementedError
+
+    @classmethod
+    def check_pipeline(cls, passes: list["Pass"]) -> None:
+        """Raise BadInput when this pass cannot run in the order of `passes` (the manager calls it when a pipeline
+        is built and again when it runs)."""
+
+    def check_drift(self, drift: dict) -> str | None:
+        """A lossy run's drift ({output: figures}, verify.drift) judged against the pass's budget: the problem in
+        words (the manager fails the pipeline with it), or None."""
+        return None
+
+    def report_section(self, record: dict) -> dict | None:
+        """What one run adds to report.json under report_name, from its record (PassManager.run); None: nothing."""
+        return None
+
+    @classmethod
+    def report_text(cls, entry: dict) -> str:
+        """The terminal summary of one report_section entry (`graphopt compile` prints it)."""
+        return ""
+
+    def summary(self, record: dict) -> dict:
+        """The few facts of one run worth a line in a summary (compress's list of passes); {}: none."""
+        return {}
 
     def text(self, resolved: bool = False) -> str:
         return pipeline_text.format_step(self.name, self.opts if resolved else self.given)
@@ -148,7 +192,8 @@ class PassContext:
     """What passes can see besides the graph: analyses, target hardware constants, user data, the seed."""
 
     def __init__(self, target: str | None = None, hw: HardwareInfo | None = None, data: dict | None = None,
-                 seed: int = 0, verify: str = "full", progress=None, target_options: dict | None = None):
+                 seed: int = 0, verify: str = "full", progress=None, target_options: dict | None = None,
+                 strict: bool | None = None):
         if hw is not None and not isinstance(hw, HardwareInfo):
             raise TypeError(f"PassContext(hw=...) takes a graphopt.hardware.HardwareInfo (Target.hw()), not "
                             f"{type(hw).__name__}")
@@ -159,6 +204,8 @@ class PassContext:
         self.seed = seed
         self.verify = verify
         self.progress = progress
+        # checks for pass authors and tests (default: GRAPHOPT_STRICT=1): a functional pass left its input alone
+        self.strict = os.environ.get("GRAPHOPT_STRICT") == "1" if strict is None else strict
         self.analyses = AnalysisManager(self)
 
 
@@ -175,10 +222,10 @@ class PassManager:
         self.check_order()
 
     def check_order(self) -> None:
-        """Let each pass class that defines check_pipeline(passes) refuse the order of this pipeline (quantize
-        refuses structural passes after it). Runs when the pipeline is built and again when it runs."""
+        """Let each pass class refuse the order of this pipeline (Pass.check_pipeline: quantize refuses structural
+        passes after it). Runs when the pipeline is built and again when it runs."""
         for cls in {type(p) for p in self.passes}:
-            getattr(cls, "check_pipeline", lambda ps: None)(self.passes)
+            cls.check_pipeline(self.passes)
 
     @classmethod
     def parse(cls, text: str) -> "PassManager":
@@ -239,7 +286,11 @@ class PassManager:
 
     def run(self, graph: gs.Graph, ctx: PassContext | None = None, feeds: dict | None = None) -> PipelineResult:
         """Run every pass in order. After each: structural check; for exact passes, outputs compared with
-        the pass's input graph in onnxruntime. A failure names the pass, its position and the prefix."""
+        the pass's input graph in onnxruntime. A failure names the pass, its position and the prefix.
+        In-place passes edit the graph they are given, so `graph` belongs to the run (read the result's graph);
+        a pipeline of functional passes leaves it as it was. One record per pass: the manager's keys (pass,
+        position, exact, modified, seconds, nodes_before/after, max_error or drift) and the pass's own under
+        "info"."""
         self.check_order()                   # self.passes may have changed since the pipeline was built
         ctx = ctx or PassContext()
         records, modified_any = [], False
@@ -247,19 +298,23 @@ class PassManager:
         bad_before = set(nonfinite_weights(graph)) if ctx.verify in ("full", "structural") else set()
         for i, p in enumerate(self.passes):
             where = f"pass '{p.name}' (#{i + 1} in the pipeline; reproduce with --pipeline '{self._prefix(i)}')"
-            before = copy_graph(graph) if ctx.verify == "full" else None
+            # a functional pass leaves its input alone: that input is the reference, no copy needed
+            before = (copy_graph(graph) if p.in_place else graph) if ctx.verify == "full" else None
+            given, mark = graph, (fingerprint(graph) if ctx.strict and not p.in_place else None)
             nodes_before = len(graph.nodes)
             t0 = time.perf_counter()
             result = p.run(graph, ctx)
             seconds = time.perf_counter() - t0
+            if mark is not None and fingerprint(given) != mark:
+                raise CheckFailed(f"{where} is declared functional (in_place = False) but changed the graph it was "
+                                  f"given")
             graph = result.graph
             if result.modified:
                 modified_any = True
                 ctx.analyses.invalidate(keep=p.preserves, graph=graph)
             record = {"pass": p.text(resolved=True), "position": i + 1, "exact": p.exact,
                       "modified": result.modified, "seconds": round(seconds, 4),
-                      "nodes_before": nodes_before, "nodes_after": len(graph.nodes)}
-            record.update(result.info)
+                      "nodes_before": nodes_before, "nodes_after": len(graph.nodes), "info": result.info}
             if ctx.verify in ("full", "structural"):
                 problems = verify.structural_problems(graph)
                 if problems:
@@ -279,7 +334,7 @@ class PassManager:
                         raise CheckFailed(f"{where} is exact but changed output '{name}' (max abs error {err:.3g})")
                 else:
                     record["drift"] = verify.drift(ref, got)
-                    budget_problem = getattr(p, "check_drift", lambda d: None)(record["drift"])
+                    budget_problem = p.check_drift(record["drift"])
                     if budget_problem:
                         raise CheckFailed(f"{where} exceeded its budget: {budget_problem}")
             records.append(record)

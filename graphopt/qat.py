@@ -11,13 +11,16 @@ first (onnxruntime's calibrators: the scales and zero points), then:
   DequantizeLinear pairs stay as they are). An int32 bias (scale = input scale x weight scale, a step far below
   anything that matters, and QuantizeLinear to int32 is not ONNX before opset 21) becomes its dequantized float
   value feeding the op directly; its DequantizeLinear is recorded in the graph metadata (graphopt.metadata
-  qat_biases). Before training, the fake-quantized graph computes the QDQ graph's outputs (exactly, in the tests).
+  qat_biases). A bias already beyond +-BIAS_LIMIT (onnxruntime saturates the bias of a channel whose weight scale
+  is near 0 at the int32 edge) stays integer: its step is far too fine to train. Before training, the
+  fake-quantized graph computes the QDQ graph's outputs (exactly, in the tests).
 * `export_qdq(fake)`: each such QuantizeLinear is evaluated on its trained float weight (onnxruntime's rounding:
   x / scale in float32, half to even, saturated) and its integers become the initializer under the original name;
-  the QuantizeLinear and the float weight go; each recorded bias is quantized to int32 with its kept scale and read
-  through its DequantizeLinear again. The result has the QDQ graph's structure node for node, name for name (only
-  integer weight and bias values differ), which is what lower-int8 and the cpu target's int8 lowering
-  (targets/int8/) consume: int8 constants + DequantizeLinear for weights, int32 + DequantizeLinear for biases.
+  the QuantizeLinear and the float weight go; each recorded bias is quantized to int32 with its kept scale
+  (saturated at +-BIAS_LIMIT) and read through its DequantizeLinear again. The result has the QDQ graph's structure
+  node for node, name for name (only integer weight and bias values differ), which is what lower-int8 and the cpu
+  target's int8 lowering (targets/int8/) consume: int8 constants + DequantizeLinear for weights, int32 +
+  DequantizeLinear for biases.
 
 Scales are kept, not learned: the weight, bias and activation scales and zero points stay those of the PTQ
 calibration. This keeps the exported graph exactly the PTQ graph's structure: the bias scale stays input scale x
@@ -38,6 +41,9 @@ from .metadata import qat_biases, set_qat_biases
 FLOAT_SUFFIX = "/qat_float"
 _WEIGHT_TYPES = (np.dtype(np.int8), np.dtype(np.uint8))
 _RANGES = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255), np.dtype(np.int32): (-2 ** 31, 2 ** 31 - 1)}
+#: trained int32 biases stay within +-BIAS_LIMIT: the int8 kernels add -zero point x weight column sum to the bias
+#: in int32, which needs the other half of the range
+BIAS_LIMIT = 2 ** 30
 
 
 def _param(values: np.ndarray, axis: int, rank: int) -> np.ndarray:
@@ -122,6 +128,9 @@ def fake_quant(qdq: gs.Graph) -> tuple[gs.Graph, dict]:
             if out.name in outputs:
                 kept.append((c.name, "a graph output"))
                 continue
+            if np.abs(q.astype(np.int64)).max(initial=0) > BIAS_LIMIT:
+                kept.append((c.name, "int32 bias beyond 2**30 (a weight scale near 0)"))
+                continue
             zp_t = dq.inputs[2] if zp is not None else gs.Constant(c.name + "/qat_zero_point", np.zeros(scale.shape,
                                                                                                           np.int32))
             biases[w.name] = {"node": dq.name, "output": out.name, "int": c.name, "scale": _as_record(dq.inputs[1]),
@@ -178,7 +187,8 @@ def export_qdq(fake: gs.Graph) -> gs.Graph:
             raise UnsupportedModel(f"QAT export: the trained bias '{name}' is not in the graph")
         scale, zp = _from_record(rec["scale"], tensors), _from_record(rec["zero_point"], tensors)
         axis = int(rec["attrs"].get("axis", 1))
-        ints = quantize(np.asarray(w.values), np.asarray(scale.values), np.asarray(zp.values), axis)
+        ints = np.clip(quantize(np.asarray(w.values), np.asarray(scale.values), np.asarray(zp.values), axis),
+                       -BIAS_LIMIT, BIAS_LIMIT)
         out = gs.Variable(rec["output"], dtype=np.float32, shape=list(ints.shape))
         for n in [n for n in g.nodes if any(t is w for t in n.inputs)]:
             _replace_input(n, w, out)

@@ -163,7 +163,7 @@ def analyze(model, eval_data: dict, target: str | None = None, levels=LEVELS, qu
                         "round_to": 1, "max_layer_ratio": max(levels), "verify_oracle": False,
                         "predict_latency": bool(target)}
                 res = PassManager.from_steps([step]).run(copy_graph(graph), context())
-                rec = res.records[0]
+                rec = res.records[0]["info"]
                 kept = rec["units"]["prunable"] - rec["units"]["removed"]
                 entry = {"level": float(level), "kept": int(kept), "macs": rec["macs"]["ratio"]}
                 if target:
@@ -191,6 +191,25 @@ def analyze(model, eval_data: dict, target: str | None = None, levels=LEVELS, qu
               "levels": list(levels), "target": target, "groups": groups, "quantize": quant}
     verified_json.write(path, {"key": key_doc, "result": result})
     return dict(result, cached=False)
+
+
+def results_for(pass_name: str, path: str, ctx, why: str) -> dict:
+    """The sensitivity results a pass uses: the JSON file `path` (`graphopt sensitivity --json`) when given, else
+    ctx.data['sensitivity']. BadInput names the pass and says what to give; `why` is the option that needs them."""
+    if path:
+        import json
+        try:
+            return json.loads(Path(path).read_text())
+        except OSError as e:
+            raise BadInput(f"pass '{pass_name}': sensitivity={printable(path)}: cannot read it ({e.strerror})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise BadInput(f"pass '{pass_name}': sensitivity={printable(path)} is not the JSON `graphopt "
+                           f"sensitivity` writes") from None
+    data = (getattr(ctx, "data", None) or {}).get("sensitivity")
+    if data is None:
+        raise BadInput(f"pass '{pass_name}': {why} needs the results of `graphopt sensitivity`: give "
+                       f"sensitivity=FILE.json (or ctx.data['sensitivity'])")
+    return data
 
 
 def quantize_excludes(results: dict, threshold: float) -> list[str]:

@@ -48,6 +48,7 @@ from torch import nn
 from .errors import BadInput, UnsupportedModel
 from .graph import copy as copy_graph
 from .graph import constant_node_value, node_label
+from .op_traits import ops, traits
 
 __all__ = ["TrainableGraph", "SUPPORTED_OPS", "parameter_names"]
 
@@ -56,40 +57,23 @@ __all__ = ["TrainableGraph", "SUPPORTED_OPS", "parameter_names"]
 # which initializers are parameters
 # ----------------------------------------------------------------------------------------------------------------
 
-# (op, input index) that always holds a learnable weight when it is a float initializer
-WEIGHT_INPUTS = {
-    "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1),
-    "BatchNormalization": (1, 2), "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2),
-    "GroupNormalization": (1, 2), "PRelu": (1,), "Einsum": tuple(range(8)),
-}
-_REDUCE = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
-           "ReduceLogSumExp", "ReduceSumSquare", "ReduceLogSum")
-# (op, input index) that is never a weight: shapes, indices, axes, statistics, bounds, exponents
-NON_DATA_INPUTS = {
-    "BatchNormalization": (3, 4), "Reshape": (1,), "Slice": (1, 2, 3, 4), "Resize": (1, 2, 3), "Upsample": (1,),
-    "Pad": (1, 2, 3), "Clip": (1, 2), "Pow": (1,), "Squeeze": (1,), "Unsqueeze": (1,), "Expand": (1,),
-    "Tile": (1,), "Split": (1,), "Gather": (1,), "GatherElements": (1,), "ConstantOfShape": (0,),
-    "Range": (0, 1, 2), "Where": (0,), "Shape": (0,), "Size": (0,), "CumSum": (1,), "TopK": (1,),
-    "QuantizeLinear": (1, 2), "DequantizeLinear": (1, 2),     # scales and zero points stay fixed
-    "OneHot": (1, 2),
-    **{op: (1,) for op in _REDUCE},
-}
-
-
 def _is_float(values: np.ndarray) -> bool:
     return values.dtype.kind == "f"
 
 
 def parameter_names(graph: gs.Graph) -> list[str]:
-    """Names of the float initializers that TrainableGraph makes nn.Parameters (in first-use order)."""
+    """Names of the float initializers that TrainableGraph makes nn.Parameters (in first-use order): the op's
+    parameter inputs (op_traits `params`), and other constants of more than one element that are not among its
+    `fixed` inputs (shapes, axes, indices, statistics, bounds, quantization scales)."""
     names, seen = [], set()
     for node in graph.nodes:
+        tr = traits(node.op)
         for i, t in enumerate(node.inputs):
             if not isinstance(t, gs.Constant) or not _is_float(t.values):
                 continue
-            if i in WEIGHT_INPUTS.get(node.op, ()):
+            if i in tr.params:
                 role = "weight"
-            elif i in NON_DATA_INPUTS.get(node.op, ()):
+            elif i in tr.fixed:
                 role = "const"
             else:
                 role = "weight" if t.values.size > 1 else "const"
@@ -701,7 +685,7 @@ def _reduce_axes(op, xs, rank):
     return sorted(_norm_axis(int(a), rank) for a in axes)
 
 
-@_op(*_REDUCE)
+@_op(*sorted(ops(family="reduce")))
 def _reduce(op, xs):
     x = xs[0]
     axes = _reduce_axes(op, xs, x.dim())
@@ -1375,7 +1359,8 @@ class TrainableGraph(nn.Module):
         with torch.no_grad():
             for key, p in self._params.items():
                 op, i, attrs = roles.get(key, ("", -1, {}))
-                if op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and p.dim() >= 2:
+                family, neutral = traits(op).family, traits(op).neutral
+                if family in ("conv", "linear") and p.dim() >= 2:
                     if op == "Conv":
                         fan_in = p[0].numel()
                     elif op == "ConvTranspose":
@@ -1386,13 +1371,13 @@ class TrainableGraph(nn.Module):
                         fan_in = p.shape[-2]
                     bound = math.sqrt(6.0 / max(1, fan_in))
                     p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * bound)
-                elif op in ("BatchNormalization", "LayerNormalization", "InstanceNormalization",
-                            "GroupNormalization") and i == 1:
+                elif family == "norm" and i == 1:
                     p.fill_(1.0)
-                elif op in ("Mul", "Div", "PRelu"):
-                    p.fill_(0.25 if op == "PRelu" else 1.0)
-                elif op in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "BatchNormalization",
-                            "LayerNormalization", "InstanceNormalization", "GroupNormalization"):
+                elif op == "PRelu":
+                    p.fill_(0.25)
+                elif neutral is not None:          # Add / Sub: 0, Mul / Div: 1
+                    p.fill_(neutral)
+                elif family in ("conv", "linear", "norm"):
                     p.zero_()
                 else:
                     p.copy_(0.02 * torch.randn(p.shape, generator=gen))

@@ -35,6 +35,7 @@ class RealModel:
     shapes: dict                   # input name -> shape to bind ({} when every input is static)
     make_inputs: Callable = field(repr=False)   # (model, rng) -> {input name: array}
     notes: str = ""                # producer, opset, ops of note
+    values: dict = field(default_factory=dict)   # inputs fixed to a value at load (graphopt --input-value)
 
     def path(self) -> Path | None:
         """The installed .onnx file, or None when the package (or the file in it) is not installed."""
@@ -436,8 +437,8 @@ _MOS = ("speechmos==0.0.1.1", "speechmos", "speechmos/")
 _OWW = ("openwakeword==0.4.0", "openwakeword", "openwakeword/resources/models/")
 
 
-def _m(name, pkg, file, kind, shapes, make_inputs, notes):
-    return RealModel(name, pkg[0], pkg[1], pkg[2] + file, kind, shapes, make_inputs, notes)
+def _m(name, pkg, file, kind, shapes, make_inputs, notes, values=None):
+    return RealModel(name, pkg[0], pkg[1], pkg[2] + file, kind, shapes, make_inputs, notes, values or {})
 
 
 _ALL = [
@@ -478,13 +479,14 @@ _ALL = [
     # voice activity detection (Silero v6)
     _m("silero-vad", _SILERO, "silero_vad.onnx", "vad", {"input": (1, 576), "state": (2, 1, 128)},
        _silero_state, "spox opset 16; 25 If nodes (sample rate 8k/16k branches on the scalar input sr), "
-       "4 LSTM (in branches); recurrent state in and out"),
+       "4 LSTM (in branches); recurrent state in and out; compiled for sr=16000", {"sr": SR}),
     _m("silero-vad-sequence", _SILERO, "silero_vad_16k_sequence.onnx", "vad", {"input": (32, 576)},
        _silero_sequence, "pytorch 2.11 opset 16; [frames, 576] chunks through an STFT conv front end and one "
        "LSTM over the frames; h/c state inputs [1, 1, 128]"),
     _m("silero-vad-ifless", _SILERO, "silero_vad_op18_ifless.onnx", "vad",
        {"input": (1, 576), "state": (2, 1, 128)}, _silero_state,
-       "pytorch 2.9 opset 18; LSTM cell as Gemm/Split/Sigmoid/Tanh; one If on sr; state in and out"),
+       "pytorch 2.9 opset 18; LSTM cell as Gemm/Split/Sigmoid/Tanh; one If on sr; state in and out; compiled "
+       "for sr=16000", {"sr": SR}),
     # speech quality (Microsoft DNSMOS / PLCMOS / AECMOS via speechmos)
     _m("dnsmos-sig-bak-ovr", _MOS, "dnsmos_models/sig_bak_ovr.onnx", "audio", {"input_1": (1, 144160)},
        _dnsmos, "keras2onnx 1.8.1 opset 12; raw 9.01 s audio -> in-graph spectrogram (Pow/Sqrt/Log) -> CNN"),

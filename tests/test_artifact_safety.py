@@ -278,3 +278,12 @@ def test_the_next_compile_removes_what_a_killed_one_left(capsys, tmp_path, dead_
     code, _, err = run_cli(capsys, "compile", MODEL, "-o", out, "--no-bench")
     assert code == 0, err
     assert temporaries(tmp_path) == sorted(kept)
+
+
+def test_reports_take_numpy_scalars_of_every_kind():
+    """(openWakeWord's hey-mycroft: a pruning record held a numpy bool) numpy bools, ints, floats and arrays are
+    written as JSON values; a non-finite float becomes null."""
+    from graphopt.artifact import json_text
+    doc = json.loads(json_text({"b": np.bool_(True), "i": np.int64(3), "f": np.float32(0.5), "a": np.arange(2),
+                                "nan": np.float64("nan")}))
+    assert doc == {"a": [0, 1], "b": True, "f": 0.5, "i": 3, "nan": None}

@@ -108,3 +108,19 @@ def test_strict_json_writer(tmp_path):
     from graphopt.artifact import write_json
     write_json(tmp_path / "r.json", {"a": float("nan"), "b": [np.float32("inf"), 1.5], "c": np.float64(2.0)})
     assert _strict(tmp_path / "r.json") == {"a": None, "b": [None, 1.5], "c": 2.0}
+
+
+def test_a_table_of_unknown_shape_is_traced_to_its_constant():
+    """(all-MiniLM-L6 stored int8: the token-type table is Cast(int8 constant) * scale, and a quantized graph reads
+    its tables through DequantizeLinear) the index bound comes from the constant when inference left no shape."""
+    import onnx_graphsurgeon as gs
+    table = gs.Constant("table_i8", np.ones((2, 4), np.int8))
+    cast = gs.Variable("table_f", np.float32)                            # shape unknown
+    scaled = gs.Variable("table", np.float32)
+    ids = gs.Variable("token_type_ids", np.int64, (1, 3))
+    out = gs.Variable("emb", np.float32, (1, 3, 4))
+    nodes = [gs.Node("Cast", inputs=[table], outputs=[cast], attrs={"to": 1}),
+             gs.Node("Mul", inputs=[cast, gs.Constant("s", np.array(0.5, np.float32))], outputs=[scaled]),
+             gs.Node("Gather", inputs=[scaled, ids], outputs=[out])]
+    g = gs.Graph(nodes=nodes, inputs=[ids], outputs=[out])
+    assert input_ranges(g) == {"token_type_ids": {"kind": "index", "high": 2}}

@@ -13,6 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import graphopt  # noqa: E402
+from graphopt import metadata  # noqa: E402
 from graphopt.compress import Schedule, _prune_steps, compress, pca_hint_teacher  # noqa: E402
 from graphopt.errors import BadInput  # noqa: E402
 from graphopt.graph import input_specs, output_specs  # noqa: E402
@@ -75,7 +76,8 @@ def test_budget_met_and_interface_unchanged(teacher, runs):
     assert info["macs"]["after"] < info["macs"]["before"]
     assert [(n, s) for n, s, _ in input_specs(graph)] == [(n, s) for n, s, _ in input_specs(teacher)]
     assert [(n, s) for n, s, _ in output_specs(graph)] == [(n, s) for n, s, _ in output_specs(teacher)]
-    assert not any(n.name.startswith("graphopt.adapter:") for n in graph.nodes), "adapters leaked into the result"
+    assert not metadata.adapter_tags(graph) and not any(t.name.endswith("__adapted") for t in graph.outputs), \
+        "adapters leaked into the result"
 
 
 def test_schedule_light_then_fine_then_fine_tune(runs):
@@ -163,6 +165,20 @@ def test_labels_are_optional_for_distillation(teacher, data):
         compress(teacher, {"x": train["x"][:256]}, "prune-channels{flops=0.7}", epochs=1, distill=False)
 
 
+def test_phases_evaluate_the_held_out_data_only(teacher, data, monkeypatch):
+    """After each training phase distill evaluates student and teacher on the held-out data; compress does not
+    use distill's figures on the training data, which ran both models over up to 2048 training examples per phase
+    (most of each phase on PP-OCRv4's recognizer)."""
+    from graphopt import distill as distill_mod
+    train, ev = data
+    seen = []
+    real = distill_mod.evaluate
+    monkeypatch.setattr(distill_mod, "evaluate", lambda g, d, *a, **k: seen.append(len(d["x"])) or real(g, d, *a, **k))
+    compress(teacher, {"x": train["x"][:200]}, "prune-channels{flops=0.7}", eval_data={"x": ev["x"][:50]},
+             epochs=2, schedule=Schedule(light_fraction=1.0))
+    assert seen and set(seen) == {50}
+
+
 def test_bad_input(teacher, data):
     train, ev = data
     with pytest.raises(BadInput, match="lacks input.*x"):
@@ -204,3 +220,12 @@ def test_command_line(tmp_path, data, capsys):
     err = capsys.readouterr().err
     assert "lacks input(s) x" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "never.onnx").exists()
+
+
+def test_pass_summaries_keep_the_budget_outcome_under_the_pass():
+    from graphopt.compress import _pass_summary
+    rec = {"pass": "prune-channels{flops=0.5}", "position": 1, "exact": False, "modified": True, "seconds": 1.5,
+           "nodes_before": 9, "nodes_after": 9, "drift": {}, "info": {"budget_met": True, "notes": [], "layers": {}}}
+    assert _pass_summary(rec) == {"pass": "prune-channels{flops=0.5}", "position": 1, "modified": True,
+                                  "seconds": 1.5, "info": {"budget_met": True, "notes": []}}
+    assert "info" not in _pass_summary({**rec, "pass": "cleanup", "info": {"rounds": 2}})

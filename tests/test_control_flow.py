@@ -91,6 +91,31 @@ def loop():
                     [("M", np.array(3, np.int64)), ("T", np.array(True)), ("zeros", np.zeros((2, 4), np.float32))])
 
 
+def loop_of_unknown_length():
+    """A decoder-style Loop: it appends to a scan output until its condition turns false, so the length of y is
+    not known from shapes."""
+    body = helper.make_graph([helper.make_node("Less", ["acc_in", "x"], ["cond_out"], name="body_less"),
+                              helper.make_node("Add", ["acc_in", "one"], ["acc_out"], name="body_add"),
+                              helper.make_node("Identity", ["acc_in"], ["step"], name="body_step")], "body",
+                             [ob.vi("i", [], TensorProto.INT64), ob.vi("cond_in", [], TensorProto.BOOL),
+                              ob.vi("acc_in", [1])],
+                             [ob.vi("cond_out", [1], TensorProto.BOOL), ob.vi("acc_out", [1]), ob.vi("step", [1])],
+                             [helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])])
+    nodes = [helper.make_node("Loop", ["", "T", "zero"], ["last", "y"], name="decode", body=body)]
+    return ob.model(nodes, [ob.vi("x", [1])], [ob.vi("last", [1]), ob.vi("y", ["steps", 1])],
+                    [("T", np.array(True)), ("zero", np.zeros(1, np.float32))])
+
+
+def test_a_loop_whose_result_shapes_are_unknown_is_refused_at_load(tmp_path, capsys):
+    """(SLANet's table decoder) the Loop is named in one line at load, not a failed structural check later."""
+    with pytest.raises(graphopt.errors.UnsupportedModel, match="node 'decode' \\(Loop\\): the shapes of its results"):
+        graphopt.load(loop_of_unknown_length())
+    onnx.save(loop_of_unknown_length(), str(tmp_path / "m.onnx"))
+    code = main(["compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "art"), "--no-bench"])
+    err = capsys.readouterr().err
+    assert code == 2 and "(Loop)" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "art").exists()
+
+
 def _ops(graph):
     return [n.op for n in graph.nodes]
 

@@ -129,7 +129,7 @@ def test_a_pass_that_writes_nan_weights_fails_the_check():
 
     class Poison(Pass):
         name = "test-poison-weights"
-        exact = False
+        lossy = True
 
         def run(self, graph, ctx):
             return PassResult(_with_nan_weight(graph), True)

@@ -159,6 +159,7 @@ def test_two_runs_filling_one_table_lose_nothing(tmp_path):
 
 
 def test_the_report_lists_budgets_not_mere_predictions():
-    recs = [{"pass": "prune-channels{predict_latency=true}", "latency": {"target": 1.0, "predicted": 0.9}},
-            {"pass": "prune-channels{latency=0.5}", "latency": {"target": 0.5, "predicted": 0.49}}, {"pass": "x"}]
+    recs = [{"pass": "prune-channels{predict_latency=true}", "info": {"latency": {"target": 1.0, "predicted": 0.9}}},
+            {"pass": "prune-channels{latency=0.5}", "info": {"latency": {"target": 0.5, "predicted": 0.49}}},
+            {"pass": "x", "info": {}}]
     assert api.latency_budgets(recs) == [{"pass": "prune-channels{latency=0.5}", "target": 0.5, "predicted": 0.49}]

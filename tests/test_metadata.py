@@ -46,3 +46,49 @@ def test_one_pattern_per_node_and_bad_records_name_the_node():
     m.graph.doc_string = "graphopt.sparse_blocks: {nope"
     with pytest.raises(BadInput, match="is not JSON"):
         metadata.sparse_blocks(m)
+
+
+def test_quantization_round_trip_and_bad_records(tmp_path):
+    m = _mlp()
+    assert metadata.quantization(m) is None
+    metadata.set_quantization(m, metadata.Quantization("int8", "s8"))
+    metadata.set_quantization(m, metadata.Quantization("int8", "u8"))       # replaces, one line per kind
+    assert m.graph.doc_string.count("graphopt.quantized:") == 1
+    path = tmp_path / "q.onnx"
+    onnx.save(m, str(path))
+    got = metadata.quantization(onnx.load(str(path)))
+    assert got == metadata.Quantization("int8", "u8") and got.label == "int8,u8"
+    metadata.set_quantization(m, metadata.Quantization("weight_int4"))
+    assert metadata.quantization(copy(graphopt.load(m))).label == "weight_int4"
+    for bad in (("int4", None), ("int8", None), ("weight_int8", "u8")):
+        with pytest.raises(ValueError):
+            metadata.Quantization(*bad)
+    m.graph.doc_string = 'graphopt.quantized: {"scheme": "weight_int8", "activations": "u\\n8"}'
+    with pytest.raises(BadInput, match=r"quantized: bad record .*u\\n8") as e:
+        metadata.quantization(m)
+    assert "\n" not in str(e.value)
+    m.graph.doc_string = 'graphopt.quantized: "int8,u8"'
+    with pytest.raises(BadInput, match="keys scheme and activations"):
+        metadata.quantization(m)
+
+
+def test_adapter_tags_round_trip_and_bad_records(tmp_path):
+    g = graphopt.load(_mlp())
+    tags = {"h__adapted/conv": metadata.AdapterTag("h", "t1", "conv"),
+            "r__adapted/matmul": metadata.AdapterTag("r", "t2", "matmul")}
+    metadata.set_adapter_tags(g, tags)
+    path = tmp_path / "a.onnx"
+    onnx.save(to_onnx(copy(g)), str(path))
+    assert metadata.adapter_tags(onnx.load(str(path))) == tags
+    metadata.set_adapter_tags(g, {})
+    assert metadata.adapter_tags(g) == {} and "graphopt.adapters" not in g.doc_string
+    g.doc_string = 'graphopt.adapters: {"a\\tb": {"student": "s", "teacher": "t", "part": "gemm"}}'
+    with pytest.raises(BadInput, match=r"node 'a\\tb': bad record") as e:
+        metadata.adapter_tags(g)
+    assert "\t" not in str(e.value)
+    g.doc_string = 'graphopt.adapters: {"n": {"student": "s", "teacher": "t"}}'
+    with pytest.raises(BadInput, match="node 'n': bad record"):
+        metadata.adapter_tags(g)
+    g.doc_string = 'graphopt.adapters: ["n"]'
+    with pytest.raises(BadInput, match="must map node names"):
+        metadata.adapter_tags(g)

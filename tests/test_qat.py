@@ -12,7 +12,7 @@ from graphopt import PassContext, PassManager, ort
 from graphopt.compress import compress
 from graphopt.errors import BadInput
 from graphopt.graph import to_onnx
-from graphopt.qat import FLOAT_SUFFIX, export_qdq, fake_quant
+from graphopt.qat import BIAS_LIMIT, FLOAT_SUFFIX, export_qdq, fake_quant
 from graphopt.quant_check import check_criterion, within_quant_steps
 from graphopt.trainable import TrainableGraph
 
@@ -96,6 +96,33 @@ def test_export_after_training_requantizes_the_trained_weights(split):
     # the int32 bias rounding (half a step of input scale x weight scale) flips a few roundings by one step
     assert np.max(np.abs(got - trained_out)) <= step[out_name] * 1.001
     assert np.mean(got == trained_out) >= 0.9
+
+
+def _bias_dq(graph):
+    """The DequantizeLinear nodes of the int32 biases of a QDQ graph."""
+    return [n for n in graph.nodes if n.op == "DequantizeLinear" and isinstance(n.inputs[0], gs.Constant)
+            and np.asarray(n.inputs[0].values).dtype == np.int32]
+
+
+def test_trained_biases_leave_int32_headroom(split):
+    """A trained bias is exported within +-BIAS_LIMIT (the int8 kernels fold -zero point x column sum into it in
+    int32), and a bias onnxruntime already saturated at the int32 edge (a weight scale near 0) stays as it was."""
+    q = _ptq(split)
+    edge = _bias_dq(q)[0].inputs[0]
+    values = np.asarray(edge.values).copy()
+    values[0] = 2 ** 31 - 200_000                     # as onnxruntime writes the bias of a dead channel
+    edge.values = values
+    fake, info = fake_quant(q)
+    assert [name for name, _ in info["kept"]] == [edge.name] and len(info["biases"]) == 3
+    tg = TrainableGraph(fake)
+    with torch.no_grad():
+        for name in info["biases"]:
+            tg.graph_parameters()[name].fill_(1e6)   # far beyond what int32 holds at the bias scale
+    back = export_qdq(tg.to_graph())
+    assert _structure(back) == _structure(q)
+    biases = {n.inputs[0].name: np.asarray(n.inputs[0].values) for n in _bias_dq(back)}
+    assert np.array_equal(biases.pop(edge.name), values)
+    assert all(np.abs(v.astype(np.int64)).max() == BIAS_LIMIT for v in biases.values())
 
 
 def test_qat_alone_is_refused_in_one_line(split):

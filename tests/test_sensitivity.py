@@ -65,7 +65,7 @@ def test_without_labels_the_score_is_agreement_with_the_original(eval_data, tmp_
 
 
 def _kept_fraction(rec, node):
-    before, after = rec["layers"][node]
+    before, after = rec["info"]["layers"][node]
     return after / before
 
 
@@ -77,7 +77,7 @@ def test_allocation_by_sensitivity_meets_the_budget_and_spares_the_sensitive_lay
     out = PassManager.parse(f"cleanup,prune-channels{{allocation=sensitivity,sensitivity={json.dumps(str(path))},"
                             f"flops=0.7,round_to=4}}").run(g, PassContext())
     rec = out.records[-1]
-    assert rec["budget"]["flops"]["met"] and rec["macs"]["ratio"] <= 0.7
+    assert rec["info"]["budget"]["flops"]["met"] and rec["info"]["macs"]["ratio"] <= 0.7
     worst = {grp["node"]: max(x["drop"] for x in grp["levels"][:2]) for grp in res["groups"]}
     order = sorted(worst, key=worst.get)                     # least sensitive first
     kept = [_kept_fraction(rec, n) for n in order]
@@ -98,7 +98,7 @@ def test_allocation_follows_an_injected_ordering(tmp_path):
     for name, drops in (("up", [0.01, 0.1, 0.5]), ("down", [0.5, 0.1, 0.01])):
         rec = PassManager.parse("cleanup,prune-channels{allocation=sensitivity,params=0.8,round_to=4}").run(
             graphopt.load(TEACHER), PassContext(data={"sensitivity": table(drops)})).records[-1]
-        assert rec["budget"]["params"]["met"]
+        assert rec["info"]["budget"]["params"]["met"]
         kept[name] = [_kept_fraction(rec, n) for n in nodes]
     assert kept["up"][0] < kept["up"][2] and kept["down"][0] > kept["down"][2]
 
@@ -124,6 +124,37 @@ def test_quantize_excludes_takes_the_costly_layers(results):
                                {"node": "b", "op": "Conv", "value": 0.98, "drop": 0.001},
                                {"node": "c", "op": "Gemm", "error": "onnxruntime refused it"}])
     assert sensitivity.quantize_excludes(fake, 0.005) == ["a", "c"]
+
+
+def test_quantize_exclude_auto_leaves_the_sensitive_layers_in_fp32(eval_data, tmp_path):
+    """quantize{exclude=auto} keeps exactly the layers the results call costly in fp32, and quantizes the rest."""
+    g = PassManager.parse("cleanup").run(graphopt.load(TEACHER), PassContext()).graph
+    weighted = [n.name for n in g.nodes if n.op in ("Conv", "Gemm")]
+    table = {"metric": "top1", "groups": [], "quantize": [{"node": weighted[0], "op": "Conv", "drop": 0.03},
+                                                           {"node": weighted[1], "op": "Conv", "drop": 0.0},
+                                                           {"node": "gone", "op": "Conv", "drop": 0.5}]}
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(table))
+    calib = {"calib": {"x": eval_data["x"][:32]}}
+    rec = PassManager.parse(f"cleanup,quantize{{exclude=auto,sensitivity={json.dumps(str(path))}}}").run(
+        graphopt.load(TEACHER), PassContext(data=calib)).records[-1]
+    info = rec["info"]
+    assert info["sensitivity_excluded"] == [weighted[0]]              # 'gone' is not in this graph: skipped
+    assert weighted[0] in info["fp32_nodes"] and weighted[1] in info["quantized"]
+    plain = PassManager.parse("cleanup,quantize").run(graphopt.load(TEACHER), PassContext(data=calib)).records[-1]
+    assert weighted[0] in plain["info"]["quantized"] and "sensitivity_excluded" not in plain["info"]
+
+
+@pytest.mark.parametrize("opts,needle", [
+    ("exclude=auto", "exclude=auto needs the results of `graphopt sensitivity`"),
+    ("exclude=auto,sensitivity=/no/such.json", "cannot read it"),
+    ("scheme=weight_int8,exclude=auto", "applies to scheme=int8 only"),
+])
+def test_quantize_exclude_auto_bad_input(opts, needle, eval_data):
+    with pytest.raises(BadInput) as e:
+        PassManager.parse(f"quantize{{{opts}}}").run(graphopt.load(TEACHER),
+                                                     PassContext(data={"calib": {"x": eval_data["x"][:8]}}))
+    assert needle in str(e.value) and "\n" not in str(e.value)
 
 
 def test_cli_writes_table_json_plot_and_report(eval_data, tmp_path, monkeypatch, capsys):

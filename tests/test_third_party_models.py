@@ -64,10 +64,10 @@ def _prune(name, text="cleanup,prune-channels{flops=0.5}"):
 @pytest.mark.parametrize("name", ["ch_PP-OCRv4_det_infer.onnx", "ch_ppocr_mobile_v2.0_cls_infer.onnx"])
 def test_prune_half_the_macs_oracle_holds(name):
     rec = _prune(name)
-    assert rec["budget_met"] and rec["macs"]["ratio"] <= 0.5
+    assert rec["info"]["budget_met"] and rec["info"]["macs"]["ratio"] <= 0.5
     # the pass raises when the oracle fails (atol 1e-5 scaled by the output's magnitude: the detector's logits
     # under its sigmoid reach ~20, where 1.9e-5 is float32 rounding)
-    assert "oracle_max_error" in rec and rec["oracle_max_error"] <= 1e-4
+    assert "oracle_max_error" in rec["info"] and rec["info"]["oracle_max_error"] <= 1e-4
 
 
 def test_prune_recognizer_oracle_in_float64():
@@ -75,10 +75,10 @@ def test_prune_recognizer_oracle_in_float64():
     in its 6625-way softmax, and so do onnxruntime's own float32 results and float64 ones); the oracle then
     decides in float64, where a correct removal agrees to ~1e-12."""
     rec = _prune("ch_PP-OCRv4_rec_infer.onnx")
-    assert rec["budget_met"] and rec["macs"]["ratio"] <= 0.6
-    if "oracle_fp64_max_error" in rec:
-        assert rec["oracle_fp64_max_error"] <= 1e-9
-        assert "float32" in rec["oracle_note"]
+    assert rec["info"]["budget_met"] and rec["info"]["macs"]["ratio"] <= 0.6
+    if "oracle_fp64_max_error" in rec["info"]:
+        assert rec["info"]["oracle_fp64_max_error"] <= 1e-9
+        assert "float32" in rec["info"]["oracle_note"]
 
 
 def test_pruned_recognizer_compiles_and_matches(tmp_path):
@@ -132,6 +132,6 @@ def test_classifier_dead_channels_all_go_whatever_the_rounding():
     res = PassManager.parse("prune-channels{criterion=dead}").run(graph, PassContext(target="cpu",
                                                                                      hw=HW16))
     rec = res.records[-1]
-    assert rec["round_to"] == 16 and rec["units"]["removed"] == 16 and rec["held"] == []
+    assert rec["info"]["round_to"] == 16 and rec["info"]["units"]["removed"] == 16 and rec["info"]["held"] == []
     assert rec["exact"] and rec["max_error"] <= 1e-5
-    assert {k: v for k, v in rec["layers"].items() if v[0] != v[1]}["Conv@17"] == [88, 84]
+    assert {k: v for k, v in rec["info"]["layers"].items() if v[0] != v[1]}["Conv@17"] == [88, 84]

@@ -236,7 +236,7 @@ def accuracy(args):
                "int8_compiled": np.mean([np.argmax(run([x[None]])[0]) == y for x, y in zip(x_te, y_te)])}
         rows[name] = {k: round(float(v) * 100, 2) for k, v in top.items()}
         rows[name]["drop_points"] = round(rows[name]["fp32_onnxruntime"] - rows[name]["int8_compiled"], 2)
-        rows[name]["fp32_fallback"] = res.records[0].get("fallback", [])
+        rows[name]["fp32_fallback"] = res.records[0]["info"].get("fallback", [])
         rows[name]["int8_kernels"] = {k: facts[k] for k in ("conv2d", "dense", "fp32_convs", "residual_fused")}
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -8,7 +8,7 @@ way. Accuracy on held-out data:
 
 * digits-cnn (tests/fixtures/digits_cnn.onnx), digits-mobilenet (a MobileNetV2-style depthwise net trained here):
   top-1 on the 450 held-out scikit-learn digits;
-* ppocr-rec (PP-OCRv4 recognizer from the rapidocr wheel, 1x3x48x320): text lines rendered by tools/ocr_lines.py,
+* ppocr-rec (PP-OCRv4 recognizer from the rapidocr wheel, 1x3x48x320): text lines rendered by tools/ocr_data.py,
   exact-match accuracy of the decoded text (the model's own character table) and sequence agreement with fp32.
 
     .venv/bin/python tools/qat_accuracy.py --model digits-mobilenet --epochs 10
@@ -60,13 +60,14 @@ def ocr_task(n_train: int, n_eval: int):
     import onnx
 
     import graphopt
-    import ocr_lines
+    import ocr_data
     from graphopt.task_metrics import ctc_decode, sequence_agreement
+    from ocr_lines import SEEDS
     path = Path(importlib.metadata.distribution(REC[0]).locate_file(REC[1]))
     chars = {x.key: x.value for x in onnx.load(str(path), load_external_data=False).metadata_props}["character"]
     table = [""] + chars.splitlines() + [" "]           # CTC blank, the dictionary, the space PaddleOCR appends
-    x_tr, _ = ocr_lines.lines(n_train, 0)
-    x_ev, texts = ocr_lines.lines(n_eval, 1)
+    train, _ = ocr_data.render_lines(n_train, SEEDS["train"])
+    evaluation, texts = ocr_data.render_lines(n_eval, SEEDS["eval"])
     graph = graphopt.load(str(path), input_shapes={"x": (1, 3, 48, 320)})
     ref = {}
 
@@ -75,7 +76,7 @@ def ocr_task(n_train: int, n_eval: int):
         ref.setdefault("fp32", outputs)                     # the first call scores the fp32 model
         return {"exact_match": float(np.mean([g == t for g, t in zip(got, texts)])),
                 "sequence_agreement": sequence_agreement(outputs, ref["fp32"])}
-    return graph, {"x": x_tr}, {"x": x_ev}, score
+    return graph, train, evaluation, score
 
 
 def run_artifact(art, data: dict) -> np.ndarray:

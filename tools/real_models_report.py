@@ -99,10 +99,11 @@ def run_job(name: str, job: str, result_path: Path, phase_path: Path) -> None:
         from graphopt.api import measure_latency
         phase("loading")
         t = time.perf_counter()
-        graph = graphopt.load(m.path(), input_shapes=m.shapes)
+        graph = graphopt.load(m.path(), input_shapes=m.shapes, input_values=m.values or None)
         res["load_s"] = round(time.perf_counter() - t, 2)
         res["nodes_loaded"] = len(graph.nodes)
-        data = {"calib": m.calibration(CALIB_SAMPLES)} if job == "int8" else None
+        data = ({"calib": {k: v for k, v in m.calibration(CALIB_SAMPLES).items() if k not in m.values}}
+                if job == "int8" else None)
         phase("compiling")
         with tempfile.TemporaryDirectory(prefix="realmodel-") as d:
             t = time.perf_counter()

@@ -8,7 +8,6 @@ CLEANUP_PIPELINE = ("fold-constants", "remove-identity", "fold-batchnorm", "elim
 class Cleanup(Pass):
     name = "cleanup"
     help = "Alias: " + ",".join(CLEANUP_PIPELINE) + " repeated to a fixed point"
-    exact = True
     options = {"max_iterations": Option(int, 8, "stop after this many rounds", minimum=1)}
 
     def run(self, graph, ctx):

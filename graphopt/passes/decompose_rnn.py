@@ -184,7 +184,6 @@ def _decompose(graph, node):
 class DecomposeRNN(Pass):
     name = "decompose-rnn"
     help = "Unroll LSTM, GRU and RNN over their static sequence into MatMul, Add and activations"
-    exact = True
 
     def run(self, graph, ctx):
         def rnn_nodes(g):

@@ -9,7 +9,6 @@ from graphopt.passmanager import Pass, PassResult, register
 class EliminateDeadCode(Pass):
     name = "eliminate-dead-code"
     help = "Remove nodes and initializers no output depends on (graph inputs are kept: they are the interface)"
-    exact = True
 
     def run(self, graph, ctx):
         def count(g):

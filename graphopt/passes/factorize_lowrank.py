@@ -62,6 +62,7 @@ from graphopt.errors import BadInput, CheckFailed
 from graphopt.graph import np_dtype, toposort
 from graphopt.hardware import GENERIC
 from graphopt.passmanager import Option, Pass, PassResult, register
+from graphopt.text_table import table
 
 OPS = ("gemm", "matmul", "conv")
 MARK = "/lowrank_"
@@ -475,6 +476,13 @@ def _apply_tucker(graph, lay: Layer, U_in, core, U_out, shapes: dict, names: _Na
     _rewrite(graph, lay, spec, names)
 
 
+def _rank_selectors(o: dict) -> list[str]:
+    """The options that select ranks (none: the full-rank factorization)."""
+    return [k for k, on in (("energy", o["energy"] < 1.0), ("rank", str(o["rank"]).strip().lower() != "full"),
+                            ("evbmf", o["evbmf"]), ("flops", o["flops"] < 1.0), ("params", o["params"] < 1.0),
+                            ("latency", o["latency"] < 1.0)) if on]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the pass
 # ----------------------------------------------------------------------------------------------------------------
@@ -484,7 +492,8 @@ class FactorizeLowRank(Pass):
     name = "factorize-lowrank"
     help = ("Low-rank factorization: Gemm/MatMul/1x1 Conv by SVD, Conv kxk by Tucker-2; ranks by energy, rank, "
             "evbmf or a global flops/params budget")
-    exact = False  # lossy in general; validate() makes each instance with the full-rank selection exact
+    lossy = True
+    report_name = "factorization"
     options = {
         "energy": Option(float, 1.0, "keep this fraction of each spectrum's energy (sum of squares); 1.0 = full rank"),
         "rank": Option(str, "full", "fixed rank: an integer, or a fraction (0, 1) of the full rank; 'full' = off"),
@@ -508,6 +517,33 @@ class FactorizeLowRank(Pass):
     @classmethod
     def target_defaults(cls, hw):
         return {"round_to": hw.structure.channels}
+
+    @classmethod
+    def exact_for(cls, opts):
+        return not _rank_selectors(opts)    # only the full-rank factorization reconstructs every weight
+
+    # report ---------------------------------------------------------------------------------------------------
+    REPORTED = ("selection", "factorized", "layers", "macs_ratio", "params_ratio", "skipped", "drift", "latency")
+
+    def report_section(self, record):
+        """Runs that factorized something: layers, ranks, ratios, and the output drift the manager measured."""
+        if not record["modified"]:
+            return None
+        found = {**record["info"], **({"drift": record["drift"]} if "drift" in record else {})}
+        return {k: found[k] for k in self.REPORTED if k in found}
+
+    @classmethod
+    def report_text(cls, f, max_rows: int = 12):
+        """Layers, ranks, reconstruction errors, drift."""
+        rows = [(x["node"], x["method"], "x".join(map(str, x["ranks"])),
+                 f"{x['macs_after'] / max(1, x['macs_before']):.2f}", f"{x['rel_error']:.3g}")
+                for x in f.get("layers", [])[:max_rows]]
+        head = (f"factorize-lowrank ({f.get('selection')}): MACs x{f.get('macs_ratio')}, params "
+                f"x{f.get('params_ratio')}; {f.get('factorized', 0)} layer(s) factorized, "
+                f"{len(f.get('skipped', []))} left alone")
+        tail = [f"output drift on '{name}': max abs {d['max_abs']:.3g}, cosine {d['cosine']:.6f}"
+                for name, d in (f.get("drift") or {}).items() if isinstance(d, dict) and "max_abs" in d]
+        return "\n".join([head, table(rows, ("layer", "method", "ranks", "MACs", "rel. error"))] + tail)
 
     def validate(self) -> None:
         o = self.opts
@@ -535,15 +571,11 @@ class FactorizeLowRank(Pass):
         if unknown or not ops:
             raise bad(f"option ops={o['ops']} must list some of: {', '.join(OPS)}")
         self.ops = set(ops)
-        selectors = [k for k, on in (("energy", o["energy"] < 1.0), ("rank", self.rank_value is not None),
-                                     ("evbmf", o["evbmf"]), ("flops", o["flops"] < 1.0),
-                                     ("params", o["params"] < 1.0), ("latency", o["latency"] < 1.0)) if on]
+        selectors = _rank_selectors(o)
         if len(selectors) > 1:
             raise bad(f"options {' and '.join(selectors)} both select ranks; give one of energy, rank, evbmf, "
                       f"flops, params, latency")
         self.mode = selectors[0] if selectors else "full"
-        # Only the full-rank factorization reconstructs every weight to float precision.
-        self.exact = self.mode == "full"
 
     # drift budget (lossy runs) --------------------------------------------------------------------------------
     def check_drift(self, drift: dict) -> str | None:

@@ -104,7 +104,6 @@ def _fold_matmul(prod: gs.Node, bn: gs.Node, scale, shift, graph) -> bool:
 class FoldBatchNorm(Pass):
     name = "fold-batchnorm"
     help = "Fold inference BatchNormalization into the preceding Conv, ConvTranspose, Gemm or MatMul"
-    exact = True
 
     def run(self, graph, ctx):
         folded = 0

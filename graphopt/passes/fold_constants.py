@@ -7,7 +7,6 @@ from graphopt.passmanager import Option, Pass, PassResult, register
 class FoldConstants(Pass):
     name = "fold-constants"
     help = "Evaluate subgraphs whose inputs are all constants (shape computations included) into initializers"
-    exact = True
     options = {"max_rounds": Option(int, 32, "at most this many folding rounds with shape inference in between", minimum=1)}
 
     def run(self, graph, ctx):

@@ -7,7 +7,7 @@ from graphopt.shapes import infer
 class InferShapes(Pass):
     name = "infer-shapes"
     help = "Annotate every tensor with its inferred shape and dtype"
-    exact = True
+    in_place = False        # shapes.infer returns an annotated copy
 
     def run(self, graph, ctx):
         known_before = {n for n, t in graph.tensors().items() if t.shape is not None}

@@ -26,31 +26,23 @@ that blow up the student's gradients; on digits, 0.1 distilled better than 1e-4,
 randomly with init=random. The data: ctx.data["calib"] or ctx.data["train"] ({input name: array}, batch first);
 without it, `samples` seeded normal inputs. The teacher (a gs.Graph) is ctx.data["teacher"].
 
-Adapter nodes carry their pairing in their name ("graphopt.adapter:" + JSON), so `adapter_pairs(graph)` and
-`remove_adapters(graph)` work on any copy of the graph, including after a save/load round trip.
+Adapter nodes are named "<s>__adapted/<part>" and their pairing is recorded in the graph metadata
+(graphopt.metadata `adapters`), so `adapter_pairs(graph)` and `remove_adapters(graph)` work on any copy of the
+graph, including after a save/load round trip.
 """
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphopt import metadata
 from graphopt.errors import BadInput, CheckFailed
 from graphopt.graph import to_onnx
+from graphopt.op_traits import traits
 from graphopt.passmanager import Option, Pass, PassResult, register
 
-ADAPTER_PREFIX = "graphopt.adapter:"
 ADAPTED_SUFFIX = "__adapted"
 
-_CHANNELS_FIRST_OPS = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
-                       "BatchNormalization", "InstanceNormalization", "GroupNormalization", "Resize", "Upsample",
-                       "DepthToSpace", "SpaceToDepth", "LpPool"}
-_LAYOUT_ONLY_OPS = {"Transpose", "Reshape", "Slice", "Split", "Gather", "Squeeze", "Unsqueeze", "Identity",
-                    "Flatten", "Expand", "Cast", "Shape", "Size", "Constant", "ConstantOfShape", "Tile", "Pad",
-                    "Dropout", "GatherElements", "Range"}
-_NO_LAYOUT_OPS = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
-                  "ArgMax", "ArgMin", "Einsum", "TopK"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -79,12 +71,13 @@ def tensor_layouts(graph: gs.Graph) -> dict[str, str]:
             continue
         out = outs[0]
         r = len(out.shape) if out.shape is not None else None
+        tr = traits(node.op)
         got = None
         if r is None:
             pass
-        elif r == 2 and node.op not in _LAYOUT_ONLY_OPS | _NO_LAYOUT_OPS:
+        elif r == 2 and not (tr.layout or tr.opaque_layout):
             got = "vec"
-        elif node.op in _CHANNELS_FIRST_OPS:
+        elif tr.channels_first:
             got = "cf"
         elif node.op in ("MatMul", "Gemm") and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant) \
                 and node.inputs[1].values.ndim == 2:
@@ -101,7 +94,7 @@ def tensor_layouts(graph: gs.Graph) -> dict[str, str]:
             if lay.get(src.name) == "cf" and r >= 3 and src.shape is not None \
                     and list(out.shape[:2]) == list(src.shape[:2]):
                 got = "cf"
-        elif node.op in _LAYOUT_ONLY_OPS or node.op in _NO_LAYOUT_OPS:
+        elif tr.layout or tr.opaque_layout:
             got = None
         else:  # elementwise, activations, Concat, LayerNormalization, Softmax...: follow a same-rank input
             for t in node.inputs:
@@ -132,11 +125,12 @@ def candidate_layers(graph: gs.Graph) -> list[dict]:
     index}. `kind` is what pairing compares besides the spatial size: 'cf' (channels first), 'cl' (channels last)
     or 'vec' (one vector per example: rank 2, or channels first with 1x1 spatial size)."""
     lay = tensor_layouts(graph)
+    adapters = metadata.adapter_tags(graph)
     outputs = {t.name for t in graph.outputs}
     batch = {int(t.shape[0]) for t in graph.inputs if t.shape and isinstance(t.shape[0], (int, np.integer))}
     cands = []
     for node in graph.nodes:
-        if node.op in _LAYOUT_ONLY_OPS or node.name.startswith(ADAPTER_PREFIX):
+        if traits(node.op).layout or node.name in adapters:
             continue
         for t in node.outputs:
             if not t.name or t.name in outputs or t.name not in lay or not _static(t.shape):
@@ -233,6 +227,17 @@ def _features(graph: gs.Graph, inputs: list[np.ndarray], names: list[str]) -> di
     return {k: v.detach().cpu().numpy().astype(np.float64) for k, v in feats.items()}
 
 
+def _normalized_gram(feat: np.ndarray) -> np.ndarray:
+    """The centered Gram matrix of n examples' features (n x n, float64) over its Frobenius norm (zero when the
+    features are constant): the linear CKA of two representations is the sum of the elementwise product of their
+    normalized Grams, so scoring every student/teacher pair needs one Gram per tensor, not one per pair."""
+    x = np.asarray(feat, np.float64).reshape(len(feat), -1)
+    x = x - x.mean(0, keepdims=True)
+    k = x @ x.T
+    norm = np.linalg.norm(k)
+    return k / norm if norm > 0 else np.zeros_like(k)
+
+
 def _rows(feat: np.ndarray, layout: str) -> np.ndarray:
     """(examples * positions, channels)."""
     if layout == "cf":
@@ -280,42 +285,44 @@ def _spread(pairs: list, k: int) -> list:
 # inserting and removing
 # ----------------------------------------------------------------------------------------------------------------
 
-def _tag(student: str, teacher: str, part: str) -> str:
-    return ADAPTER_PREFIX + json.dumps({"student": student, "teacher": teacher, "part": part}, sort_keys=True)
-
-
-def _untag(name: str) -> dict | None:
-    if not name or not name.startswith(ADAPTER_PREFIX):
-        return None
-    try:
-        return json.loads(name[len(ADAPTER_PREFIX):])
-    except json.JSONDecodeError:
-        return None
+def _tag(tags: dict[str, metadata.AdapterTag], taken: set[str], output: str, student: str, teacher: str,
+         part: str) -> str:
+    """A new node name "<output>/<part>" (unique among `taken`), recorded in `tags` with its pairing."""
+    name, k = f"{output}/{part}", 1
+    while name in taken:
+        name, k = f"{output}/{part}_{k}", k + 1
+    taken.add(name)
+    tags[name] = metadata.AdapterTag(student, teacher, part)
+    return name
 
 
 def adapter_pairs(graph: gs.Graph) -> list[dict]:
     """[{student, teacher, output, kind}] for the adapters in `graph`, in insertion order."""
+    tags = metadata.adapter_tags(graph)
     found, order = {}, []
     for node in graph.nodes:
-        meta = _untag(node.name)
+        meta = tags.get(node.name)
         if meta is None:
             continue
-        key = (meta["student"], meta["teacher"])
+        key = (meta.student, meta.teacher)
         if key not in found:
-            found[key] = {"student": meta["student"], "teacher": meta["teacher"], "output": None, "kind": None}
+            found[key] = {"student": meta.student, "teacher": meta.teacher, "output": None, "kind": None}
             order.append(key)
         for o in node.outputs:
             if o.name.endswith(ADAPTED_SUFFIX) or ADAPTED_SUFFIX + "_" in o.name:
                 found[key]["output"] = o.name
-        if meta["part"] in ("conv", "matmul", "identity"):
-            found[key]["kind"] = {"conv": "conv1x1", "matmul": "linear", "identity": "identity"}[meta["part"]]
+        if meta.part in ("conv", "matmul", "identity"):
+            found[key]["kind"] = {"conv": "conv1x1", "matmul": "linear", "identity": "identity"}[meta.part]
     return [found[k] for k in order]
 
 
 def remove_adapters(graph: gs.Graph) -> gs.Graph:
     """Take every adapter node and its "__adapted" output out of the graph (in place; also returned). Nothing
     else is touched: no cleanup, no reordering, so the student comes back exactly as it was before insertion."""
-    adapters = [n for n in graph.nodes if _untag(n.name) is not None]
+    tags = metadata.adapter_tags(graph)
+    if tags:
+        metadata.set_adapter_tags(graph, {})
+    adapters = [n for n in graph.nodes if n.name in tags]
     if not adapters:
         return graph
     produced = {id(t) for n in adapters for t in n.outputs}
@@ -459,12 +466,19 @@ def insert(student: gs.Graph, teacher: gs.Graph, pairs: list[tuple[str, str]] | 
         fs = _features(student, s_inputs, sorted({a["name"] for a, _ in compatible}))
         ft = _features(teacher, t_inputs, sorted({b["name"] for _, b in compatible}))
 
+        grams = {}
+
+        def gram(side: str, name: str, feats: dict) -> np.ndarray:
+            if (side, name) not in grams:
+                grams[side, name] = _normalized_gram(feats[name])
+            return grams[side, name]
+
         def score(a, b):
             if a["spatial"] != b["spatial"] or a["kind"] != b["kind"]:
                 return None
             key = (a["name"], b["name"])
-            if key not in cka:
-                cka[key] = linear_cka(fs[a["name"]], ft[b["name"]])
+            if key not in cka:      # linear CKA from the cached Grams
+                cka[key] = float(np.sum(gram("s", a["name"], fs) * gram("t", b["name"], ft)))
             return cka[key]
         aligned = _align(ss, ts, score)
         if not aligned:
@@ -472,6 +486,7 @@ def insert(student: gs.Graph, teacher: gs.Graph, pairs: list[tuple[str, str]] | 
                            "layout; give pairs=[student_tensor:teacher_tensor,...]")
         chosen = [(ss[i], ts[j]) for i, j in _spread(aligned, max_pairs)]
     records = []
+    tags, taken = {}, {n.name for n in student.nodes}
     dtype = np.float32
     for s, t in chosen:
         sname, tname = s["name"], t["name"]
@@ -495,7 +510,8 @@ def insert(student: gs.Graph, teacher: gs.Graph, pairs: list[tuple[str, str]] | 
         rec = {"student": sname, "teacher": tname, "output": name, "student_channels": cs, "teacher_channels": ct,
                "spatial": list(s["spatial"]), "cka": round(cka.get((sname, tname), float("nan")), 6)}
         if cs == ct and not adapt_equal:
-            student.nodes.append(gs.Node("Identity", _tag(sname, tname, "identity"), inputs=[src], outputs=[out]))
+            student.nodes.append(gs.Node("Identity", _tag(tags, taken, name, sname, tname, "identity"),
+                                         inputs=[src], outputs=[out]))
             rec["adapter"] = "identity"
         else:
             if init == "lstsq" and sname in fs and tname in ft:
@@ -511,7 +527,7 @@ def insert(student: gs.Graph, teacher: gs.Graph, pairs: list[tuple[str, str]] | 
                 nsp = len(s["shape"]) - 2
                 w = gs.Constant(base + "/adapter_weight", W.T.reshape((ct, cs) + (1,) * nsp).astype(dtype))
                 bias = gs.Constant(base + "/adapter_bias", b.astype(dtype))
-                student.nodes.append(gs.Node("Conv", _tag(sname, tname, "conv"),
+                student.nodes.append(gs.Node("Conv", _tag(tags, taken, name, sname, tname, "conv"),
                                              attrs={"kernel_shape": [1] * nsp, "strides": [1] * nsp,
                                                     "pads": [0] * (2 * nsp), "dilations": [1] * nsp, "group": 1},
                                              inputs=[src, w, bias], outputs=[out]))
@@ -520,12 +536,16 @@ def insert(student: gs.Graph, teacher: gs.Graph, pairs: list[tuple[str, str]] | 
                 w = gs.Constant(base + "/adapter_weight", W.astype(dtype))
                 bias = gs.Constant(base + "/adapter_bias", b.astype(dtype))
                 mid = gs.Variable(base + "/adapter_matmul", dtype=dtype, shape=out_shape)
-                student.nodes.append(gs.Node("MatMul", _tag(sname, tname, "matmul"), inputs=[src, w], outputs=[mid]))
-                student.nodes.append(gs.Node("Add", _tag(sname, tname, "bias"), inputs=[mid, bias], outputs=[out]))
+                student.nodes.append(gs.Node("MatMul", _tag(tags, taken, name, sname, tname, "matmul"),
+                                             inputs=[src, w], outputs=[mid]))
+                student.nodes.append(gs.Node("Add", _tag(tags, taken, name, sname, tname, "bias"),
+                                             inputs=[mid, bias], outputs=[out]))
                 rec["adapter"] = "linear"
             rec["adapter_params"] = int(cs * ct + ct)
         student.outputs.append(out)
         records.append(rec)
+    if tags:
+        metadata.set_adapter_tags(student, tags)
     return student, records
 
 
@@ -534,7 +554,7 @@ class InsertAdapters(Pass):
     name = "insert-adapters"
     help = ("Pair student layers with teacher layers (ctx.data['teacher']) and add FitNets adapters as extra "
             "'<tensor>__adapted' outputs for feature distillation")
-    exact = True  # the original outputs are untouched; only training side outputs are added
+    # exact (not lossy): the original outputs are untouched; only training side outputs are added
     options = {
         "pairs": Option(list, [], "student_tensor:teacher_tensor pairs; empty: pair automatically by spatial "
                                   "size and depth, linear CKA choosing"),
@@ -563,5 +583,4 @@ class InsertAdapters(Pass):
         pairs = _parse_pairs(self.opts["pairs"], graph, teacher) if self.opts["pairs"] else None
         graph, records = insert(graph, teacher, pairs, self.opts["max_pairs"], self.opts["init"],
                                 self.opts["samples"], data, ctx.seed, self.opts["adapt_equal"], self.opts["ridge"])
-        ctx.data["adapter_pairs"] = records
         return PassResult(graph, bool(records), {"adapters": records})

@@ -24,9 +24,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.graph import constant_value, toposort
+from graphopt.op_traits import traits
 from graphopt.passmanager import Pass, PassResult, register
-
-MOVE_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
 
 
 def _qparams(node: gs.Node):
@@ -57,7 +56,6 @@ def _consumers(graph_consumers, tensor):
 class LowerInt8(Pass):
     name = "lower-int8"
     help = "Run MaxPool/Reshape/Flatten/Transpose/Relu between QDQ pairs on the integer tensors (exact)"
-    exact = True
     options = {}
 
     def run(self, graph: gs.Graph, ctx) -> PassResult:
@@ -73,7 +71,8 @@ class LowerInt8(Pass):
                 for t in n.inputs:
                     cons.setdefault(t.name, []).append(n)
             for node in list(graph.nodes):
-                if node.op not in MOVE_OPS + ("Relu",) or not node.inputs or len(node.outputs) != 1:
+                if not (traits(node.op).int8_passthrough or node.op == "Relu") or not node.inputs \
+                        or len(node.outputs) != 1:
                     continue
                 x = node.inputs[0]
                 if len(x.inputs) != 1 or x.inputs[0].op != "DequantizeLinear":

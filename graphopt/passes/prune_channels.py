@@ -1,6 +1,6 @@
 """prune-channels: dependency-aware structural channel pruning, exact by construction.
 
-The `channel-groups` analysis (channel_groups.py) cuts the graph's channels into *units* that must be removed
+The `channel-groups` analysis (graphopt/channel_groups.py) cuts the graph's channels into *units* that must be removed
 together (a conv's output channel with its BN slice, the next conv's input slice, every summand of a residual
 add, a whole attention head, ...), frozen where it cannot prove a removal safe. This pass ranks the prunable
 units, picks the ones to remove under the budgets, and removes them: weights, biases, norm parameters, bare
@@ -60,8 +60,9 @@ from graphopt.errors import BadInput, CheckFailed, GraphoptError, printable
 from graphopt.graph import constant_value, copy as copy_graph, np_dtype, to_onnx, toposort
 from graphopt.passmanager import Option, Pass, PassResult, register
 from graphopt.shapes import infer
+from graphopt.text_table import table
 
-from . import channel_groups as cg
+from graphopt import channel_groups as cg
 
 CRITERIA = ("l1", "l2", "bn_scale", "taylor", "random", "dead")
 #: ops of a quantized graph: the pass refuses such graphs (prune first, then quantize)
@@ -246,7 +247,8 @@ def _feeds_list(graph: gs.Graph, data: dict | None, seed: int, limit: int = 4) -
             src = data[key]
             break
     if src is None:
-        return [ort.random_inputs(specs, seed + i) for i in range(limit)], "no calibration data: seeded random inputs"
+        from graphopt.check_inputs import seeded_inputs
+        return [seeded_inputs(graph, specs, seed + i) for i in range(limit)], "no calibration data: seeded random inputs"
     return feeds_from_samples(src, specs, "prune-channels data", limit), None
 
 
@@ -566,7 +568,8 @@ class PruneChannels(Pass):
     help = ("Structural channel pruning over dependency groups (conv/linear channels, heads); exact by "
             "construction (oracle-checked); a shared weight is pruned once; refuses quantized graphs (prune before "
             "quantize)")
-    exact = False     # per instance: True for criterion=dead
+    lossy = True
+    report_name = "pruning"
     options = {
         "criterion": Option(str, "l1", "importance: l1, l2, bn_scale, taylor, random, or dead (exact: only "
                                        "provably zero channels)", choices=CRITERIA),
@@ -604,9 +607,57 @@ class PruneChannels(Pass):
     def target_defaults(cls, hw):
         return {"round_to": hw.structure.channels}
 
+    @classmethod
+    def exact_for(cls, opts):
+        return opts["criterion"] == "dead"      # only provably dead channels go
+
+    # ------------------------------------------------------------------ report
+    REPORTED = ("criterion", "round_to", "units", "held", "layers", "macs", "params", "frozen", "oracle_max_error",
+                "oracle_fp64_max_error", "oracle_note", "budget", "budget_met", "limits", "notes", "latency")
+
+    def report_section(self, record):
+        """Every run, also one that removed nothing (the entry then says what kept the channels)."""
+        return {k: record["info"][k] for k in self.REPORTED if k in record["info"]}
+
+    @classmethod
+    def report_text(cls, p, max_rows: int = 12):
+        """Changed layers, channels removed and what kept the others, frozen layers and why, the oracle."""
+        changed = [(k, b, a) for k, (b, a) in p.get("layers", {}).items() if a != b]
+        rows = [(k, b, a, f"{a / b:.2f}") for k, b, a in changed[:max_rows]]
+        if len(changed) > max_rows:
+            rows.append((f"... {len(changed) - max_rows} more layers (report.json)", "", "", ""))
+        lines = [f"prune-channels ({p.get('criterion')}): MACs x{p['macs']['ratio']}, params x{p['params']['ratio']}; "
+                 f"{len(changed)} of {len(p.get('layers', {}))} layers narrowed",
+                 table(rows, ("layer", "channels", "kept", "ratio")) if rows else "(no layer narrowed)"]
+        if "units" in p:
+            u = p["units"]
+            lines.append(f"channels: removed {u['removed']} of {u['prunable']} prunable ({u['total']} in all)")
+        for h in p.get("held", []):
+            lines.append(f"kept {h['channels']} channel(s): {h['why']}")
+        if "latency" in p:
+            lat = p["latency"]
+            lines.append(f"latency on {lat['on']} ({lat['threads']} thread(s)): predicted {lat['predicted']:.3f} of "
+                         f"the original's ({lat['predicted_ms']:.3f} of {lat['original_ms']:.3f} ms; {lat['kernels']} "
+                         f"layer kernels measured, {lat['remainder_ms']:.3f} ms elsewhere)"
+                         + (f", measured {lat['measured']:.3f} after {len(lat['calibration'])} calibration round(s)"
+                            if "measured" in lat else "") + f"; target {lat['target']:g}")
+        if p.get("limits"):
+            lines.append(f"budget not met: {p['limits']}")
+        for f in p.get("frozen", [])[:5]:
+            lines.append(f"frozen: {f['layer']}: {'; '.join(f['why'])}")
+        if len(p.get("frozen", [])) > 5:
+            lines.append(f"frozen: ... {len(p['frozen']) - 5} more (report.json)")
+        if "oracle_max_error" in p:
+            lines.append(f"oracle (zeroed original == pruned, onnxruntime): max error {p['oracle_max_error']:.3g}"
+                         + (f"; {p['oracle_note']}" if p.get("oracle_note") else ""))
+        return "\n".join(lines)
+
+    def summary(self, record):
+        """The budget's outcome."""
+        return {k: record["info"][k] for k in ("budget_met", "limits", "notes") if k in record["info"]}
+
     def validate(self):
         o = self.opts
-        self.exact = o["criterion"] == "dead"
         for key in ("flops", "params", "latency"):
             v = o[key]
             if not (0.0 < v <= 1.0):
@@ -730,24 +781,8 @@ class PruneChannels(Pass):
                               f"differ by {err:.3g}{more}); this is a bug in the channel analysis")
         info["oracle_fp64_max_error"] = max(info.get("oracle_fp64_max_error", 0.0), r[0])
     def _sensitivity_data(self, ctx) -> dict:
-        """The sensitivity results: the JSON file of option sensitivity=, else ctx.data['sensitivity']."""
-        path = self.opts["sensitivity"]
-        if path:
-            import json
-            from pathlib import Path
-            try:
-                return json.loads(Path(path).read_text())
-            except OSError as e:
-                raise BadInput(f"pass 'prune-channels': sensitivity={printable(path)}: cannot read it "
-                               f"({e.strerror})") from None
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise BadInput(f"pass 'prune-channels': sensitivity={printable(path)} is not the JSON `graphopt "
-                               f"sensitivity` writes") from None
-        data = (ctx.data or {}).get("sensitivity")
-        if data is None:
-            raise BadInput("pass 'prune-channels': allocation=sensitivity needs the results of `graphopt "
-                           "sensitivity`: give sensitivity=FILE.json (or ctx.data['sensitivity'])")
-        return data
+        from ..sensitivity import results_for
+        return results_for(self.name, self.opts["sensitivity"], ctx, "allocation=sensitivity")
 
     def _outside(self, g, only, names) -> dict[int, list[str]]:
         """Units outside the channel groups that the `only` nodes produce."""

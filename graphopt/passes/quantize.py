@@ -15,7 +15,9 @@ result runs in onnxruntime as is and the cpu target lowers the Conv / MatMul / G
 * opset: graphs below opset 13 are converted to 13 first (per-channel DequantizeLinear needs its `axis`);
 * when onnxruntime's quantizer emits an invalid graph, the node it names (its fp32 node) is left in fp32 and the
   graph quantized once more; the pass info lists it under "auto_excluded" (compile prints it);
-* `exclude_nodes=[...]` (node names) and `exclude_ops=[...]` (op types) stay fp32;
+* `exclude_nodes=[...]` (node names) and `exclude_ops=[...]` (op types) stay fp32; `exclude=auto` also leaves in
+  fp32 the layers whose quantization alone cost more than `exclude_threshold` in `graphopt sensitivity`'s results
+  (`sensitivity=FILE.json` or ctx.data["sensitivity"]; the pass info lists them under "sensitivity_excluded");
 * `max_drop=P` (accuracy-aware): with ctx.data["eval"] (the inputs plus "labels"), the top-1 accuracy of the
   quantized graph may be at most P points (percent) below the fp32 graph's; otherwise the most sensitive
   Conv / MatMul / Gemm layers (ranked by the logit error when each alone is left in fp32) go back to fp32, one at
@@ -57,6 +59,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from graphopt import metadata
 from graphopt.errors import BadInput, CheckFailed, printable
 from graphopt.progress import Progress
 from graphopt.samples import feeds_from_samples
@@ -65,9 +68,6 @@ from graphopt.passmanager import Option, Pass, PassResult, register
 from graphopt.quant_check import (COMPUTE_OPS, STEP_FRACTION, check_criterion,  # noqa: F401  (re-exported)
                                   compare_quantized, within_quant_steps)
 
-#: op types whose weights are quantized and that the cpu target lowers to integer kernels
-#: recorded in the graph's doc_string by the pass
-META_PREFIX = "graphopt.quantized:"
 #: passes that may follow quantize (they understand or leave alone QDQ graphs)
 SAFE_AFTER = {"quantize", "lower-int8", "cleanup", "eliminate-dead-code", "remove-identity", "infer-shapes",
               "fold-constants"}
@@ -128,7 +128,8 @@ class Quantize(Pass):
     name = "quantize"
     help = ("Post-training quantization: int8 QDQ (calibrated on --calib data: per input of shape S, [N, *S] or "
             "batch-first [N, *S[1:]]; per-channel weights) or weight-only int8/int4 for MatMul/Gemm")
-    exact = False
+    lossy = True
+    report_name = "quantization"
     options = {
         "scheme": Option(str, "int8", "int8 (static, weights + activations), weight_int8 or weight_int4 "
                                       "(MatMul/Gemm weights only)", choices=("int8", "weight_int8", "weight_int4")),
@@ -138,6 +139,13 @@ class Quantize(Pass):
         "per_channel": Option(bool, True, "per-output-channel weight scales (else one per tensor)"),
         "exclude_nodes": Option(list, [], "node names left in fp32"),
         "exclude_ops": Option(list, [], "op types left in fp32"),
+        "exclude": Option(str, "", "auto: also leave in fp32 every layer whose quantization alone costs more than "
+                                   "exclude_threshold of the metric in `graphopt sensitivity`'s results",
+                          choices=("", "auto")),
+        "sensitivity": Option(str, "", "exclude=auto: the JSON `graphopt sensitivity` wrote (empty: "
+                                       "ctx.data['sensitivity'])"),
+        "exclude_threshold": Option(float, 0.005, "exclude=auto: the drop (fraction of the metric: 0.005 = half a "
+                                                  "point of top-1) above which a layer stays fp32", minimum=0.0),
         "max_drop": Option(float, -1.0, "accuracy-aware mode: allowed top-1 drop in points on ctx.data['eval'] "
                                         "(negative: off); the most sensitive layers go back to fp32"),
         "calib_samples": Option(int, 512, "at most this many calibration samples", minimum=1),
@@ -155,7 +163,8 @@ class Quantize(Pass):
         if bs & (bs - 1):
             raise BadInput(f"pass 'quantize': block_size={bs} must be a power of two (16, 32, 64, ...)")
         if self.opts["scheme"] != "int8":
-            for k in ("calibration", "activations", "max_drop", "calib_samples", "percentile", "qat"):
+            for k in ("calibration", "activations", "max_drop", "calib_samples", "percentile", "qat", "exclude",
+                      "sensitivity", "exclude_threshold"):
                 if k in self.changed():
                     raise BadInput(f"pass 'quantize': option {k} applies to scheme=int8 only, not "
                                    f"scheme={self.opts['scheme']}")
@@ -182,6 +191,22 @@ class Quantize(Pass):
             if d.get("cosine", 1.0) < floor:
                 return f"output '{name}' has cosine {d['cosine']:.4f} < min_cosine={floor}"
         return None
+
+    # -- report ---------------------------------------------------------------------------------------------
+    def report_section(self, record: dict) -> dict | None:
+        """What quantize did on its own, when it did: nodes left in fp32 because onnxruntime's quantizer emitted an
+        invalid graph there, an opset upgrade."""
+        said = {k: record["info"][k] for k in ("auto_excluded", "opset") if record["info"].get(k)}
+        return said or None
+
+    @classmethod
+    def report_text(cls, entry: dict) -> str:
+        lines = [f"quantize: left '{printable(a['node'])}' in fp32: onnxruntime's quantizer emitted an invalid graph "
+                 f"there ({a['problem']})" for a in entry.get("auto_excluded") or []]
+        if isinstance(entry.get("opset"), dict):
+            lines.append(f"quantize: converted the model from opset {entry['opset']['before']} to "
+                         f"{entry['opset']['after']} first")
+        return "\n".join(lines)
 
     # -- run ------------------------------------------------------------------------------------------------
     def run(self, graph: gs.Graph, ctx) -> PassResult:
@@ -229,6 +254,8 @@ class Quantize(Pass):
         excluded_ops = set(self.opts["exclude_ops"])
         op_types = sorted((set(QLinearOpsRegistry) | set(QDQRegistry)) - excluded_ops)
         base_excluded = list(self.opts["exclude_nodes"])
+        sensitive = self._sensitive_nodes(graph, ctx, base_excluded)
+        base_excluded += sensitive
         fp32 = to_onnx(graph)
         args = self._ort_args()
 
@@ -265,6 +292,8 @@ class Quantize(Pass):
             info = {"scheme": "int8", "calibration": self.opts["calibration"], "calib_samples": len(feeds),
                     "activations": self.opts["activations"], "per_channel": self.opts["per_channel"],
                     "batchnorm_folded": folded, "auto_excluded": auto_excluded}
+            if self.opts["exclude"] == "auto":
+                info["sensitivity_excluded"] = sensitive
             if opset != graph.opset:
                 info["opset"] = {"before": opset, "after": graph.opset}
             fallback: list[str] = []
@@ -277,8 +306,22 @@ class Quantize(Pass):
         info.update({"quantized": quantized, "quantized_count": len(quantized),
                      "fp32_nodes": sorted(compute - set(quantized)), "fallback": fallback})
         out = from_onnx(model)
-        _write_meta(out, f"{META_PREFIX}int8,{self.opts['activations']}")
+        metadata.set_quantization(out, metadata.Quantization("int8", self.opts["activations"]))
         return PassResult(out, True, info)
+
+    def _sensitive_nodes(self, graph: gs.Graph, ctx, already: list[str]) -> list[str]:
+        """exclude=auto: the graph's nodes whose quantization alone costs more than exclude_threshold in the
+        sensitivity results (nodes the results name that this graph no longer has are skipped)."""
+        if self.opts["exclude"] != "auto":
+            return []
+        from ..sensitivity import quantize_excludes, results_for
+        results = results_for(self.name, self.opts["sensitivity"], ctx, "exclude=auto")
+        if not isinstance(results, dict) or not isinstance(results.get("quantize"), list):
+            raise BadInput(f"pass 'quantize': exclude=auto needs `graphopt sensitivity` results with the per-layer "
+                           f"quantization drops (run it without --no-quantize)")
+        present = {n.name for n in graph.nodes}
+        return [n for n in quantize_excludes(results, self.opts["exclude_threshold"])
+                if n in present and n not in already]
 
     def _accuracy_aware(self, fp32, model, quantize, base_excluded, specs, ctx):
         ev = ctx.data.get("eval")
@@ -378,7 +421,7 @@ class Quantize(Pass):
             graph = _upgrade_opset(graph, 21, "DequantizeLinear with INT4 and blocks")
         else:
             graph = _upgrade_opset(graph, 13, "per-channel DequantizeLinear needs its axis attribute")
-        _write_meta(graph, f"{META_PREFIX}{self.opts['scheme']}")
+        metadata.set_quantization(graph, metadata.Quantization(self.opts["scheme"]))
         return PassResult(graph, True, {"scheme": self.opts["scheme"], "quantized": [d["node"] for d in done],
                                         "quantized_count": len(done), "layers": done, "skipped": skipped})
 
@@ -507,20 +550,6 @@ def _quiet():
             yield
     finally:
         root.setLevel(level)
-
-
-def _write_meta(graph: gs.Graph, line: str) -> None:
-    lines = [ln for ln in (graph.doc_string or "").splitlines() if not ln.startswith(META_PREFIX)]
-    graph.doc_string = "\n".join(lines + [line])
-
-
-def quantized_scheme(graph_or_model) -> str | None:
-    """The scheme the quantize pass recorded in the graph ('int8,u8', 'weight_int4', ...), or None."""
-    doc = graph_or_model.graph.doc_string if isinstance(graph_or_model, onnx.ModelProto) else graph_or_model.doc_string
-    for ln in (doc or "").splitlines():
-        if ln.startswith(META_PREFIX):
-            return ln[len(META_PREFIX):]
-    return None
 
 
 def _quantize_weight(W: np.ndarray, bits: int, k_axis: int, block: int):

@@ -3,6 +3,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.graph import constant_value, toposort
+from graphopt.op_traits import traits
 from graphopt.passmanager import Pass, PassResult, register
 from graphopt.rewrite import bypass
 
@@ -13,7 +14,7 @@ def _same_shape(a, b) -> bool:
 
 
 def _is_noop(node: gs.Node) -> bool:
-    op = node.op
+    op, tr = node.op, traits(node.op)
     if op == "Identity":
         return True
     if op == "Dropout":
@@ -23,17 +24,16 @@ def _is_noop(node: gs.Node) -> bool:
         return False
     if op == "Cast":
         return x.dtype is not None and y.dtype is not None and np.dtype(x.dtype) == np.dtype(y.dtype)
-    if op in ("Reshape", "Expand", "Flatten", "Squeeze", "Unsqueeze", "Tile", "Resize"):
+    if tr.noop_if_same_shape:
         return _same_shape(x, y)
     if op == "Transpose":
         perm = node.attrs.get("perm")
         return perm is not None and list(perm) == list(range(len(perm)))
     if op == "Concat":
         return len(node.inputs) == 1
-    if op in ("Add", "Sub", "Mul", "Div") and len(node.inputs) == 2:
+    if tr.neutral is not None and len(node.inputs) == 2:
         c = constant_value(node.inputs[1])
-        neutral = 0.0 if op in ("Add", "Sub") else 1.0
-        return c is not None and c.size > 0 and np.all(c == neutral) and _same_shape(x, y) and x.dtype == y.dtype
+        return c is not None and c.size > 0 and np.all(c == tr.neutral) and _same_shape(x, y) and x.dtype == y.dtype
     if op == "Pad":
         pads = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
         return pads is not None and not np.any(pads)
@@ -44,7 +44,6 @@ def _is_noop(node: gs.Node) -> bool:
 class RemoveIdentity(Pass):
     name = "remove-identity"
     help = "Remove Identity, inference Dropout, same-type Cast, shape-preserving Reshape/Expand, identity Transpose, x+0, x*1"
-    exact = True
 
     def run(self, graph, ctx):
         removed = 0

@@ -93,7 +93,7 @@ def block_mask(W: np.ndarray, kind: str, r: int, c: int, sparsity: float) -> np.
 class Sparsify(Pass):
     name = "sparsify"
     help = "Zero the smallest weights of Gemm/MatMul/1x1-Conv layers, unstructured or in blocks (1x16, 4x4, 2:4)"
-    exact = False
+    lossy = True
     options = {
         "sparsity": Option(float, 0.5, "fraction of each weight (in blocks) set to zero", minimum=0.0,
                            maximum=0.99),
@@ -127,7 +127,7 @@ class Sparsify(Pass):
                 raise BadInput(f"pass 'sparsify': ignore names node '{n}', which is not in the graph")
         sparsity = (1 - r / c) if kind == "nm" else o["sparsity"]
         layers, skipped = {}, {}
-        before = graph.doc_string
+        before = metadata.sparse_blocks(graph), metadata.sparse_nm(graph)
         changed = False
         zeros = total = 0
         used = set(graph.tensors().keys())
@@ -170,7 +170,7 @@ class Sparsify(Pass):
                 metadata.set_sparse_nm(graph, node.name, (r, c))
             else:
                 metadata.set_sparse_block(graph, node.name, (r, c))
-        changed = changed or graph.doc_string != before
+        changed = changed or (metadata.sparse_blocks(graph), metadata.sparse_nm(graph)) != before
         info = {"block": block, "sparsity_target": round(sparsity, 4), "layers": layers, "skipped": skipped,
                 "weights": total, "zeros": zeros, "sparsity": round(zeros / total, 4) if total else 0.0}
         return PassResult(graph, changed, info)

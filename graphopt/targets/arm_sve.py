@@ -72,7 +72,7 @@ def _check_bits(bits, where: str) -> int:
 
 class ArmSveTarget(Target):
     name = "arm-sve"
-    legalize = "decompose-rnn,lower-int8"
+    legalize = "decompose-rnn,lower-int8,conv1d-as-2d"
 
     def __init__(self, vector_bits: int | None = None, **options):
         super().__init__(**options)

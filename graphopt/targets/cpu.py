@@ -32,7 +32,7 @@ def _check_precision(precision, mcpu: str) -> str:
 
 class CpuTarget(Target):
     name = "cpu"
-    legalize = "decompose-rnn,lower-int8"
+    legalize = "decompose-rnn,lower-int8,conv1d-as-2d"
 
     def __init__(self, mcpu: str | None = None, cores: int | None = None, precision: str | None = None, **options):
         super().__init__(**options)

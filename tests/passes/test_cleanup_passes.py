@@ -44,7 +44,7 @@ def test_each_cleanup_pass_is_idempotent(zoo_onnx, pass_name):
 def test_fold_batchnorm_into_convtranspose_gemm_matmul(build):
     g = _load(build())
     res = PassManager.parse("fold-batchnorm").run(g)
-    assert res.records[0]["folded"] == 1
+    assert res.records[0]["info"]["folded"] == 1
     assert all(n.op != "BatchNormalization" for n in res.graph.nodes)
     assert res.records[0]["max_error"] < 1e-4
 
@@ -71,7 +71,7 @@ def test_eliminate_dead_code_keeps_graph_inputs(zoo_onnx):
     dead = gs.Variable("dead", dtype=np.float32)
     g.nodes.append(gs.Node("Relu", "dead_relu", inputs=[g.inputs[0]], outputs=[dead]))
     res = PassManager.parse("eliminate-dead-code").run(g)
-    assert res.records[0]["removed_nodes"] == 1 and [t.name for t in res.graph.inputs] == ["x"]
+    assert res.records[0]["info"]["removed_nodes"] == 1 and [t.name for t in res.graph.inputs] == ["x"]
 
 
 @pytest.mark.parametrize("text,needle", [("cleanup{max_iterations=-1}", "at least 1"),

@@ -20,7 +20,7 @@ def test_unrolled_matches_onnxruntime(kind, kw):
     g = graphopt.load(ob.rnn(kind, **kw))
     res = PassManager.parse("decompose-rnn,cleanup").run(g)   # exactness verified by the manager
     assert not any(n.op == kind for n in res.graph.nodes)
-    assert res.records[0]["unrolled"] == 1 and res.records[0]["max_error"] < 1e-5
+    assert res.records[0]["info"]["unrolled"] == 1 and res.records[0]["max_error"] < 1e-5
 
 
 def test_idempotent(zoo_onnx):

@@ -53,9 +53,9 @@ def _run(text, monkeypatch, per_node=0.0, model=None):
 
 def test_the_predicted_latency_meets_the_budget(monkeypatch):
     rec = _run("factorize-lowrank{latency=0.7}", monkeypatch)
-    lat = rec["latency"]
-    assert rec["selection"] == "latency" and lat["predicted"] <= 0.7 and lat["target"] == 0.7
-    assert rec["factorized"] >= 1 and lat["layers"]["fc1"]["chosen"].startswith("ranks ")
+    lat = rec["info"]["latency"]
+    assert rec["info"]["selection"] == "latency" and lat["predicted"] <= 0.7 and lat["target"] == 0.7
+    assert rec["info"]["factorized"] >= 1 and lat["layers"]["fc1"]["chosen"].startswith("ranks ")
     assert set(lat["layers"]["fc1"]["measured"]) and lat["remainder_ms"] == 0.0
 
 
@@ -63,10 +63,10 @@ def test_a_factorization_that_is_not_faster_is_never_chosen(monkeypatch):
     """With a large cost per kernel, factorizing the small fc2 never pays (its chains are slower than the layer),
     so the budget is met on fc1 alone."""
     rec = _run("factorize-lowrank{latency=0.8}", monkeypatch, per_node=1.0)
-    layers = rec["latency"]["layers"]
+    layers = rec["info"]["latency"]["layers"]
     assert layers["fc2"]["chosen"] == "layer" and all(ms >= layers["fc2"]["layer_ms"]
                                                       for ms in layers["fc2"]["measured"].values())
-    assert layers["fc1"]["chosen"] != "layer" and rec["latency"]["predicted"] <= 0.8
+    assert layers["fc1"]["chosen"] != "layer" and rec["info"]["latency"]["predicted"] <= 0.8
 
 
 def test_an_unreachable_latency_budget_is_refused(monkeypatch):
@@ -101,7 +101,7 @@ def test_measured_for_real_and_reported(tmp_path, monkeypatch):
     monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path))
     rec = PassManager.parse("factorize-lowrank{latency=0.9}").run(graphopt.load(mlp(128, 16)),
                                                                   PassContext(target="cpu")).records[0]
-    lat = rec["latency"]
+    lat = rec["info"]["latency"]
     assert lat["clock"] == "process CPU time (1 thread)" and lat["model_ms"] > 0
     assert lat["layers"]["fc1"]["layer_ms"] > 0 and lat["layers"]["fc1"]["measured"]
     assert (tmp_path / "latency").is_dir()

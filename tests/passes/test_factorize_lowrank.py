@@ -23,7 +23,7 @@ def _record(res):
 
 
 def _layers(res):
-    return {e["node"]: e for e in _record(res)["layers"]}
+    return {e["node"]: e for e in _record(res)["info"]["layers"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -35,23 +35,23 @@ def test_full_rank_oracle_is_exact_and_idempotent_on_zoo(zoo_onnx, name):
     g = graphopt.load(zoo_onnx(name))
     res = PassManager.parse(ORACLE).run(g)           # the manager compares outputs with onnxruntime (exact pass)
     rec = _record(res)
-    assert rec["exact"] is True and res.modified and rec["factorized"] >= 1
+    assert rec["exact"] is True and res.modified and rec["info"]["factorized"] >= 1
     assert rec["max_error"] is not None
-    assert all(e["rel_error"] < 1e-6 for e in rec["layers"]), rec["layers"]
+    assert all(e["rel_error"] < 1e-6 for e in rec["info"]["layers"]), rec["info"]["layers"]
     assert any(n.name.endswith("/lowrank_in") for n in res.graph.nodes)
     if name in SKIPS:
-        assert any(s["reason"].startswith(SKIPS[name]) for s in rec["skipped"]), rec["skipped"]
+        assert any(s["reason"].startswith(SKIPS[name]) for s in rec["info"]["skipped"]), rec["info"]["skipped"]
     again = PassManager.parse(ORACLE).run(res.graph)
     assert not again.modified, _record(again)
-    assert _record(again)["already_factorized"] >= 2 * rec["factorized"]
+    assert _record(again)["info"]["already_factorized"] >= 2 * rec["info"]["factorized"]
 
 
 def test_default_is_full_rank_exact_and_changes_nothing(zoo_onnx):
     g = graphopt.load(zoo_onnx("cnn_digits"))
     res = PassManager.parse("factorize-lowrank").run(g)
     rec = _record(res)
-    assert rec["exact"] is True and not res.modified and rec["selection"] == "full"
-    assert all("MACs would not drop" in s["reason"] for s in rec["skipped"])
+    assert rec["exact"] is True and not res.modified and rec["info"]["selection"] == "full"
+    assert all("MACs would not drop" in s["reason"] for s in rec["info"]["skipped"])
 
 
 def _w(*shape, seed=0):
@@ -107,7 +107,7 @@ def test_handbuilt_layers_factorize(name, pipeline):
         assert rec["exact"] and res.modified and rec["max_error"] is not None
     elif res.modified:
         assert not rec["exact"] and "drift" in rec
-        assert rec["macs_after"] < rec["macs_before"] or "always=true" in pipeline
+        assert rec["info"]["macs_after"] < rec["info"]["macs_before"] or "always=true" in pipeline
     assert [t.name for t in res.graph.outputs] == ["y"]
 
 
@@ -123,9 +123,9 @@ def test_flops_budget_is_met(zoo_onnx, name):
     after = flops(res.graph, None)
     rec = _record(res)
     assert after["macs"] <= 0.6 * before["macs"]
-    assert rec["macs_after"] == after["macs"] and rec["macs_ratio"] <= 0.6
+    assert rec["info"]["macs_after"] == after["macs"] and rec["info"]["macs_ratio"] <= 0.6
     assert not rec["exact"] and rec["drift"]["y"]["cosine"] > 0
-    for e in rec["layers"]:
+    for e in rec["info"]["layers"]:
         assert e["macs_after"] < e["macs_before"]
         for r, full, top in zip(e["ranks"], e["full_ranks"], e.get("max_ranks", e["full_ranks"])):
             assert 0 < r <= full and (r % 4 == 0 or r in (full, top))   # rounded up to round_to, or clipped
@@ -139,7 +139,7 @@ def test_params_budget_is_met(zoo_onnx, name):
     res = PassManager.parse("factorize-lowrank{params=0.5,round_to=4}").run(g)
     after = flops(res.graph, None)
     assert after["params"] <= 0.5 * before["params"]
-    assert _record(res)["params_after"] == after["params"]
+    assert _record(res)["info"]["params_after"] == after["params"]
     assert after["macs"] < before["macs"]
 
 
@@ -148,8 +148,8 @@ def test_budget_prefers_cheap_error(zoo_onnx):
     g = PassManager.parse("cleanup").run(graphopt.load(zoo_onnx("resnet"))).graph
     loose = _record(PassManager.parse("factorize-lowrank{flops=0.8,round_to=4}").run(graphopt.graph.copy(g)))
     tight = _record(PassManager.parse("factorize-lowrank{flops=0.5,round_to=4}").run(g))
-    assert tight["macs_ratio"] <= 0.5 and loose["macs_ratio"] <= 0.8
-    assert loose["macs_ratio"] > tight["macs_ratio"]
+    assert tight["info"]["macs_ratio"] <= 0.5 and loose["info"]["macs_ratio"] <= 0.8
+    assert loose["info"]["macs_ratio"] > tight["info"]["macs_ratio"]
     assert tight["drift"]["y"]["mean_abs"] > loose["drift"]["y"]["mean_abs"]
 
 
@@ -163,8 +163,8 @@ def test_round_to_comes_from_the_target_hw(zoo_onnx):
     g = graphopt.load(zoo_onnx("resnet"))
     res = PassManager.parse("factorize-lowrank{energy=0.5}").run(g, PassContext(hw=HardwareInfo(fp32_lanes=8, structure=Structure(channels=8))))
     rec = _record(res)
-    assert rec["round_to"] == 8 and rec["factorized"] >= 1
-    assert all(r % 8 == 0 or r in (f, m) for e in rec["layers"]
+    assert rec["info"]["round_to"] == 8 and rec["info"]["factorized"] >= 1
+    assert all(r % 8 == 0 or r in (f, m) for e in rec["info"]["layers"]
                for r, f, m in zip(e["ranks"], e["full_ranks"], e.get("max_ranks", e["full_ranks"])))
 
 
@@ -241,7 +241,7 @@ def test_grouped_and_depthwise_convs_are_skipped_with_reason():
     g = graphopt.load(_grouped_and_depthwise())
     res = PassManager.parse("factorize-lowrank{rank=8,round_to=4}").run(g)
     rec = _record(res)
-    reasons = {s["node"]: s["reason"] for s in rec["skipped"]}
+    reasons = {s["node"]: s["reason"] for s in rec["info"]["skipped"]}
     assert reasons["grouped"].startswith("grouped conv (group=4)")
     assert reasons["depthwise"].startswith("depthwise conv (group=16)")
     assert list(_layers(res)) == ["plain"]
@@ -255,7 +255,7 @@ def test_ignore_ops_and_min_macs(zoo_onnx):
     res = PassManager.parse(base + ",ignore=[/head/Gemm,/patch_embed/Conv]}").run(graphopt.graph.copy(g))
     done = _layers(res)
     assert "/head/Gemm" not in done and "/patch_embed/Conv" not in done and len(done) == 12
-    assert {"/head/Gemm", "/patch_embed/Conv"} <= {s["node"] for s in _record(res)["skipped"]
+    assert {"/head/Gemm", "/patch_embed/Conv"} <= {s["node"] for s in _record(res)["info"]["skipped"]
                                                    if s["reason"] == "named in ignore"}
     only_conv = _layers(PassManager.parse(base + ",ops=[conv]}").run(graphopt.graph.copy(g)))
     assert list(only_conv) == ["/patch_embed/Conv"]
@@ -267,8 +267,8 @@ def test_lossy_second_run_leaves_factors_alone(zoo_onnx):
     g = graphopt.load(zoo_onnx("cnn_digits"))
     first = PassManager.parse("factorize-lowrank{flops=0.6}").run(g)
     second = PassManager.parse("factorize-lowrank{rank=4,round_to=4,ops=[conv]}").run(first.graph)
-    assert _record(second)["already_factorized"] >= 2 * _record(first)["factorized"]
-    assert all(not e["node"].endswith(("/lowrank_in", "/lowrank_core", "/lowrank_out")) for e in _record(second)["layers"])
+    assert _record(second)["info"]["already_factorized"] >= 2 * _record(first)["info"]["factorized"]
+    assert all(not e["node"].endswith(("/lowrank_in", "/lowrank_core", "/lowrank_out")) for e in _record(second)["info"]["layers"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -344,4 +344,4 @@ def test_factorized_cnn_compiles_on_cpu(zoo_onnx, tmp_path):
     assert rep["check"]["ok"]                               # the library matches onnxruntime on its model.onnx
     assert rep["macs_after"] <= 0.6 * rep["macs_before"]
     rec = [p for p in art.manifest["passes"] if p["pass"].startswith("factorize-lowrank")][0]
-    assert rec["factorized"] >= 1 and rec["round_to"] == art.manifest["target"]["fp32_lanes"]
+    assert rec["info"]["factorized"] >= 1 and rec["info"]["round_to"] == art.manifest["target"]["fp32_lanes"]

@@ -12,7 +12,7 @@ import digits  # noqa: E402
 import zoo  # noqa: E402
 
 import graphopt  # noqa: E402
-from graphopt import ort  # noqa: E402
+from graphopt import metadata, ort  # noqa: E402
 from graphopt.errors import BadInput, CheckFailed  # noqa: E402
 from graphopt.graph import copy, from_onnx, to_onnx  # noqa: E402
 from graphopt.passes.insert_adapters import (ADAPTED_SUFFIX, _align, adapter_pairs, check_removed,  # noqa: E402
@@ -53,7 +53,7 @@ def _insert(student, teacher, text="insert-adapters", data=None):
     ctx = PassContext(data={"teacher": teacher, **({"train": data} if data is not None else {})})
     result = PassManager.parse(text).run(copy(student), ctx)
     assert result.records[0]["exact"] and "max_error" in result.records[0]
-    return result.graph, result.records[0]["adapters"]
+    return result.graph, result.records[0]["info"]["adapters"]
 
 
 def test_explicit_pairs_conv_adapters_and_exact_removal(digits_pair):
@@ -71,7 +71,8 @@ def test_explicit_pairs_conv_adapters_and_exact_removal(digits_pair):
     assert g.outputs[1].shape == [1, 32, 8, 8] and g.outputs[2].shape == [1, 32, 4, 4]
     # adapters are trainable parameters of the student's trainable view
     assert len(TrainableGraph(g).graph_parameters()) == len(TrainableGraph(before).graph_parameters()) + 4
-    # pairing metadata survives serialization
+    # the pairing is graph metadata on exactly the adapter nodes, and survives serialization
+    assert set(metadata.adapter_tags(g)) == {n.name for n in g.nodes} - {n.name for n in before.nodes}
     assert [(p["student"], p["teacher"], p["kind"]) for p in adapter_pairs(from_onnx(to_onnx(g)))] == \
         [(s_relu[1], t_relu[1], "conv1x1"), (s_relu[2], t_relu[2], "conv1x1")]
     restored = remove_adapters(from_onnx(to_onnx(g)))
@@ -132,6 +133,29 @@ def test_automatic_pairing_is_monotone_and_exactly_removable(student_name, teach
             int(np.prod(t_t[r["teacher"]].shape[1:])), r
     restored = remove_adapters(g)
     check_removed(before, restored)
+
+
+def test_automatic_pairing_scores_are_linear_cka_from_one_gram_per_tensor(zoo_graph, monkeypatch):
+    """Every compatible (student, teacher) pair is scored, but each tensor's Gram matrix is computed once (on
+    PP-OCRv4's recognizer, one linear_cka per pair made each compress phase change take minutes), and the
+    recorded scores are still graphopt.evaluate.linear_cka's."""
+    from graphopt.evaluate import linear_cka
+    from graphopt.passes import insert_adapters as ia
+    student, teacher = zoo_graph("resnet"), zoo_graph("resnext")
+    made = []
+    real = ia._normalized_gram
+    monkeypatch.setattr(ia, "_normalized_gram", lambda feat: made.append(feat.shape) or real(feat))
+    before = copy(student)
+    _, records = ia.insert(student, teacher)
+    ss, ts = stage_outputs(before), stage_outputs(teacher)
+    compatible = [(a, b) for a in ss for b in ts if a["spatial"] == b["spatial"] and a["kind"] == b["kind"]]
+    assert records
+    assert len(made) == len({a["name"] for a, _ in compatible}) + len({b["name"] for _, b in compatible})
+    inputs = ia._sample_inputs(before, None, 64, 0)
+    fs = ia._features(before, inputs, [r["student"] for r in records])
+    ft = ia._features(teacher, inputs, [r["teacher"] for r in records])
+    for r in records:
+        assert r["cka"] == pytest.approx(linear_cka(fs[r["student"]], ft[r["teacher"]]), abs=1e-6)
 
 
 def test_stage_outputs_of_resnet_and_unet(zoo_graph):

@@ -40,14 +40,14 @@ def test_flops_half_on_the_zoo(zoo_onnx, name):
     g = graphopt.load(zoo_onnx(name))
     res, rec = _run(g, "prune-channels{flops=0.5}")
     if name in RECURRENT:
-        assert not res.modified and not rec["budget_met"]
-        assert any("decompose-rnn" in why for f in rec["frozen"] for why in f["why"]), rec["frozen"]
+        assert not res.modified and not rec["info"]["budget_met"]
+        assert any("decompose-rnn" in why for f in rec["info"]["frozen"] for why in f["why"]), rec["info"]["frozen"]
         return
-    assert res.modified and rec["budget_met"], rec.get("limits")
-    assert rec["macs"]["ratio"] <= 0.5 + 1e-6
-    assert rec["oracle_max_error"] < 1e-5
-    assert rec["macs"]["after"] == graphopt.analyses.flops(res.graph, None)["macs"]
-    for before, after in rec["layers"].values():
+    assert res.modified and rec["info"]["budget_met"], rec["info"].get("limits")
+    assert rec["info"]["macs"]["ratio"] <= 0.5 + 1e-6
+    assert rec["info"]["oracle_max_error"] < 1e-5
+    assert rec["info"]["macs"]["after"] == graphopt.analyses.flops(res.graph, None)["macs"]
+    for before, after in rec["info"]["layers"].values():
         assert 1 <= after <= before
 
 
@@ -55,8 +55,8 @@ def test_flops_half_on_the_zoo(zoo_onnx, name):
 def test_recurrent_models_prune_after_decompose_rnn(zoo_onnx, name):
     g = graphopt.load(zoo_onnx(name))
     res, rec = _run(g, "decompose-rnn,cleanup,prune-channels{flops=0.5}")
-    assert rec["budget_met"] and rec["macs"]["ratio"] <= 0.6
-    assert rec["oracle_max_error"] < 1e-5
+    assert rec["info"]["budget_met"] and rec["info"]["macs"]["ratio"] <= 0.6
+    assert rec["info"]["oracle_max_error"] < 1e-5
 
 
 @pytest.mark.parametrize("criterion", ["l2", "bn_scale", "random", "taylor"])
@@ -66,8 +66,8 @@ def test_oracle_for_every_criterion(zoo_onnx, name, criterion):
     g = graphopt.load(zoo_onnx(name))
     # verify=structural: the PassManager skips its drift run; the pass's own oracle still runs
     res, rec = _run(g, f"prune-channels{{criterion={criterion},flops=0.6,samples=1}}", PassContext(verify="structural"))
-    assert res.modified and rec["oracle_max_error"] < 1e-5
-    assert rec["macs"]["ratio"] <= 0.6 + 1e-6
+    assert res.modified and rec["info"]["oracle_max_error"] < 1e-5
+    assert rec["info"]["macs"]["ratio"] <= 0.6 + 1e-6
 
 
 @pytest.mark.parametrize("name", EXTRA)
@@ -75,7 +75,7 @@ def test_oracle_for_every_criterion(zoo_onnx, name, criterion):
 def test_oracle_on_structural_cases(zoo_onnx, pm_onnx, name, criterion):
     g = _model(zoo_onnx, pm_onnx, name)
     res, rec = _run(g, f"prune-channels{{criterion={criterion},flops=0.6,samples=1}}", PassContext(verify="structural"))
-    assert res.modified and rec["oracle_max_error"] < 1e-5
+    assert res.modified and rec["info"]["oracle_max_error"] < 1e-5
 
 
 # -------------------------------------------------------------------------------------------- structural cases
@@ -91,7 +91,7 @@ def test_one_output_channel_is_never_removed(pm_onnx):
     res, rec = _run(graphopt.load(pm_onnx("one_channel")), "prune-channels{ratio=0.8,round_to=1,max_layer_ratio=1}")
     assert _node(res.graph, "/a/Conv").inputs[1].values.shape[0] == 1
     assert _node(res.graph, "/b/Conv").inputs[1].values.shape[0] >= 1
-    assert any("single channel" in why for f in rec["frozen"] for why in f["why"])
+    assert any("single channel" in why for f in rec["info"]["frozen"] for why in f["why"])
 
 
 def test_depthwise_in_a_residual(pm_onnx):
@@ -124,7 +124,7 @@ def test_bare_parameters_shrink_with_the_stream(pm_onnx):
     data = [t.values.shape for n in g.nodes if n.op in ("Concat", "Add", "Mul") for t in n.inputs
             if isinstance(t, gs.Constant) and t.values.size > 1]
     assert (1, 1, dim) in data and (1, 17, dim) in data and (dim,) in data     # class token, pos embed, scales
-    assert rec["oracle_max_error"] < 1e-5
+    assert rec["info"]["oracle_max_error"] < 1e-5
 
 
 def test_attention_heads_are_removed_whole(zoo_onnx):
@@ -151,7 +151,7 @@ def test_yolo_chunk_bounds_follow_the_channels(zoo_onnx):
 def test_unet_and_shufflenet_structures(zoo_onnx):
     for name in ("unet", "shufflenet"):
         res, rec = _run(graphopt.load(zoo_onnx(name)), "prune-channels{flops=0.5,criterion=l2}")
-        assert rec["oracle_max_error"] < 1e-5 and rec["macs"]["ratio"] <= 0.5
+        assert rec["info"]["oracle_max_error"] < 1e-5 and rec["info"]["macs"]["ratio"] <= 0.5
 
 
 def test_pruning_twice_in_a_row(zoo_onnx, pm_onnx):
@@ -160,9 +160,9 @@ def test_pruning_twice_in_a_row(zoo_onnx, pm_onnx):
         res = PassManager.parse("prune-channels{flops=0.8},prune-channels{flops=0.8}").run(g)
         first, second = res.records
         assert first["modified"] and second["modified"]
-        assert second["macs"]["before"] == first["macs"]["after"]
-        assert second["macs"]["after"] < first["macs"]["after"]
-        assert first["oracle_max_error"] < 1e-5 and second["oracle_max_error"] < 1e-5
+        assert second["info"]["macs"]["before"] == first["info"]["macs"]["after"]
+        assert second["info"]["macs"]["after"] < first["info"]["macs"]["after"]
+        assert first["info"]["oracle_max_error"] < 1e-5 and second["info"]["oracle_max_error"] < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------- exact: dead
@@ -171,7 +171,7 @@ def test_dead_channels_are_removed_exactly_and_idempotently(pm_onnx):
     g = graphopt.load(pm_onnx("dead_channels"))
     res, rec = _run(g, "prune-channels{criterion=dead,round_to=1}")
     assert rec["exact"] and rec["max_error"] <= 1e-6          # the PassManager's exact check ran
-    assert rec["units"]["removed"] == len(pm.DeadChannels.DEAD_A + pm.DeadChannels.DEAD_B + pm.DeadChannels.DEAD_H)
+    assert rec["info"]["units"]["removed"] == len(pm.DeadChannels.DEAD_A + pm.DeadChannels.DEAD_B + pm.DeadChannels.DEAD_H)
     out = res.graph
     assert _node(out, "/a/Conv").inputs[1].values.shape[0] == 32 - len(pm.DeadChannels.DEAD_A)
     assert _node(out, "/b/Conv").inputs[1].values.shape[0] == 16 - len(pm.DeadChannels.DEAD_B)
@@ -184,10 +184,10 @@ def test_dead_ignores_rounding_and_on_the_zoo(pm_onnx, zoo_onnx):
     res, rec = _run(g, "prune-channels{criterion=dead,round_to=16}")
     # exact removal takes every dead channel: conv a (32 wide, 4 dead) and fc1 (64 wide, 5 dead) end up at widths
     # that are no multiple of 16 (alignment is the target's business)
-    assert rec["units"]["removed"] == len(pm.DeadChannels.DEAD_A + pm.DeadChannels.DEAD_B + pm.DeadChannels.DEAD_H)
-    assert rec["max_error"] <= 1e-6 and rec["held"] == []
+    assert rec["info"]["units"]["removed"] == len(pm.DeadChannels.DEAD_A + pm.DeadChannels.DEAD_B + pm.DeadChannels.DEAD_H)
+    assert rec["max_error"] <= 1e-6 and rec["info"]["held"] == []
     res, rec = _run(graphopt.load(zoo_onnx("resnet")), "prune-channels{criterion=dead}")
-    assert not res.modified and rec["units"]["removed"] == 0
+    assert not res.modified and rec["info"]["units"]["removed"] == 0
 
 
 def _dead_convs(n=20, dead=(2, 7, 11), all_dead_width=6):
@@ -212,37 +212,37 @@ def _dead_convs(n=20, dead=(2, 7, 11), all_dead_width=6):
 def test_dead_channels_go_whatever_round_to_and_what_stays_is_said():
     g = graphopt.load(_dead_convs())
     res, rec = _run(g, "prune-channels{criterion=dead}", PassContext(hw=GENERIC))
-    assert rec["round_to"] == 16 and rec["max_error"] <= 1e-6
+    assert rec["info"]["round_to"] == 16 and rec["max_error"] <= 1e-6
     assert _node(res.graph, "conv1").inputs[1].values.shape[0] == 17           # all 3 dead channels removed
     assert _node(res.graph, "conv2").inputs[1].values.shape[0] == 1            # all dead: one channel stays
-    assert rec["units"]["removed"] == 3 + 5
-    assert rec["held"] == [{"channels": 1, "why": "dead, but a layer keeps at least one channel"}]
+    assert rec["info"]["units"]["removed"] == 3 + 5
+    assert rec["info"]["held"] == [{"channels": 1, "why": "dead, but a layer keeps at least one channel"}]
     # the user freezes conv1: nothing of it goes, and the record says how many dead channels stayed and why
     res, rec = _run(graphopt.load(_dead_convs()), "prune-channels{criterion=dead,ignore=[conv1]}")
     assert _node(res.graph, "conv1").inputs[1].values.shape[0] == 20
-    assert {"channels": 3, "why": "dead but ignored by the user"} in rec["held"]
+    assert {"channels": 3, "why": "dead but ignored by the user"} in rec["info"]["held"]
 
 
 def test_a_budget_that_constraints_block_says_what_kept_the_channels():
     g = graphopt.load(_dead_convs(all_dead_width=6))
     res, rec = _run(g, "prune-channels{ratio=0.5,round_to=16,max_layer_ratio=0.5}")
-    assert not rec["budget_met"] and "limits" in rec
-    held = {h["why"]: h["channels"] for h in rec["held"]}
+    assert not rec["info"]["budget_met"] and "limits" in rec["info"]
+    held = {h["why"]: h["channels"] for h in rec["info"]["held"]}
     # at the narrowest: conv1 (20 wide) keeps 1 + 9 for max_layer_ratio + 6 for round_to (16 is the only narrower
     # multiple of 16), conv2 (6 wide, no rounding) 1 + 2; conv3's 4 outputs are the graph's output (frozen)
     assert held == {"frozen (see 'frozen')": 4, "max_layer_ratio=0.5": 9 + 2, "round_to=16": 6,
                     "a layer keeps at least one channel": 2}
-    assert sum(held.values()) - 4 == rec["units"]["prunable"] - rec["units"]["removed"]
+    assert sum(held.values()) - 4 == rec["info"]["units"]["prunable"] - rec["info"]["units"]["removed"]
 
 
 def test_pruning_that_removed_nothing_is_in_report_json_and_on_the_terminal(tmp_path):
-    from graphopt.cli import _pruning_text
+    from graphopt.cli import _report_texts
     art = graphopt.compile(_dead_convs(), "cpu", tmp_path / "a", measure=False,
                            pipeline="prune-channels{criterion=dead,ignore=[conv1,conv2]}")
     (p,) = art.report["pruning"]
     assert p["units"]["removed"] == 0
     assert p["held"] == [{"channels": 3 + 6, "why": "dead but ignored by the user"}]
-    text = _pruning_text(p)
+    (text,) = _report_texts(art.report)
     assert "channels: removed 0 of" in text and "kept 9 channel(s): dead but ignored by the user" in text
 
 
@@ -257,40 +257,40 @@ def test_exact_depends_on_the_criterion():
 def test_budgets_combined_and_params(zoo_onnx):
     g = graphopt.load(zoo_onnx("mobilenet_v3"))
     res, rec = _run(g, "prune-channels{flops=0.6,params=0.3}")
-    assert rec["budget"]["flops"]["met"] and rec["budget"]["params"]["met"]
-    assert rec["params"]["ratio"] <= 0.3 and rec["macs"]["ratio"] <= 0.6
+    assert rec["info"]["budget"]["flops"]["met"] and rec["info"]["budget"]["params"]["met"]
+    assert rec["info"]["params"]["ratio"] <= 0.3 and rec["info"]["macs"]["ratio"] <= 0.6
     res, rec = _run(graphopt.load(zoo_onnx("resnet")), "prune-channels{ratio=0.4,scope=local,criterion=l2}")
-    assert rec["budget"]["ratio"]["met"] and rec["units"]["removed"] >= 0.4 * rec["units"]["prunable"]
+    assert rec["info"]["budget"]["ratio"]["met"] and rec["info"]["units"]["removed"] >= 0.4 * rec["info"]["units"]["prunable"]
 
 
 def test_round_to_and_max_layer_ratio(zoo_onnx):
     g = graphopt.load(zoo_onnx("mobilenet_v3"))
     res, rec = _run(g, "prune-channels{flops=0.3,max_layer_ratio=0.5}")
-    for name, (before, after) in rec["layers"].items():
+    for name, (before, after) in rec["info"]["layers"].items():
         assert after >= before * 0.5 - 1e-9, name
         if before > 16 and after != before:
             assert after % 16 == 0, (name, before, after)
     ctx = PassContext(hw=HardwareInfo(fp32_lanes=8, structure=Structure(channels=8)))
     res, rec = _run(graphopt.load(zoo_onnx("mobilenet_v3")), "prune-channels{flops=0.5}", ctx)
-    assert rec["round_to"] == 8
-    assert all(a % 8 == 0 for b, a in rec["layers"].values() if b > 8 and a != b)
+    assert rec["info"]["round_to"] == 8
+    assert all(a % 8 == 0 for b, a in rec["info"]["layers"].values() if b > 8 and a != b)
 
 
 def test_ignore_keeps_named_layers(zoo_onnx):
     g = graphopt.load(zoo_onnx("resnet"))
     keep = "/layer1/conv1/Conv"
     res, rec = _run(g, f"prune-channels{{flops=0.5,ignore=[{keep}]}}")
-    assert rec["layers"][keep] == [16, 16]
-    assert any("ignored" in why for f in rec["frozen"] for why in f["why"])
+    assert rec["info"]["layers"][keep] == [16, 16]
+    assert any("ignored" in why for f in rec["info"]["frozen"] for why in f["why"])
 
 
 def test_taylor_uses_given_data(zoo_onnx):
     g = graphopt.load(zoo_onnx("cnn_digits"))
     x = np.random.default_rng(0).random((6, 1, 8, 8)).astype(np.float32)
     res, rec = _run(g, "prune-channels{criterion=taylor,flops=0.5}", PassContext(data={"calib": {"x": x}}))
-    assert rec["notes"] and rec["notes"][0].startswith("taylor") and "random" not in rec["notes"][0]
+    assert rec["info"]["notes"] and rec["info"]["notes"][0].startswith("taylor") and "random" not in rec["info"]["notes"][0]
     res, rec = _run(graphopt.load(zoo_onnx("cnn_digits")), "prune-channels{criterion=taylor,flops=0.5}")
-    assert "random inputs" in rec["notes"][0]
+    assert "random inputs" in rec["info"]["notes"][0]
 
 
 def test_taylor_finite_differences_agree_with_autograd(zoo_onnx):
@@ -307,8 +307,8 @@ def test_taylor_finite_differences_agree_with_autograd(zoo_onnx):
 
 
 def test_random_is_seeded(zoo_onnx):
-    a = _run(graphopt.load(zoo_onnx("resnet")), "prune-channels{criterion=random,flops=0.6,seed=3}")[1]
-    b = _run(graphopt.load(zoo_onnx("resnet")), "prune-channels{criterion=random,flops=0.6,seed=3}")[1]
+    a = _run(graphopt.load(zoo_onnx("resnet")), "prune-channels{criterion=random,flops=0.6,seed=3}")[1]["info"]
+    b = _run(graphopt.load(zoo_onnx("resnet")), "prune-channels{criterion=random,flops=0.6,seed=3}")[1]["info"]
     assert a["layers"] == b["layers"] and a["units"] == b["units"]
 
 
@@ -395,7 +395,7 @@ def test_oracle_compares_the_logits_under_a_saturating_output():
 
 def test_oracle_can_be_disabled(zoo_onnx):
     res, rec = _run(graphopt.load(zoo_onnx("cnn_digits")), "prune-channels{flops=0.5,verify_oracle=false}")
-    assert res.modified and "oracle_max_error" not in rec
+    assert res.modified and "oracle_max_error" not in rec["info"]
 
 
 def test_pruned_model_compiles_on_cpu(zoo_onnx, tmp_path):
@@ -478,7 +478,7 @@ def _deconv_model(group, w_shape, out_ch):
 def test_grouped_and_depthwise_convtranspose(group, w_shape, out_ch):
     g = graphopt.load(_deconv_model(group, w_shape, out_ch))
     res, rec = _run(g, "prune-channels{ratio=0.5,round_to=1}")
-    assert res.modified and rec["oracle_max_error"] < 1e-5
+    assert res.modified and rec["info"]["oracle_max_error"] < 1e-5
     d = _node(res.graph, "deconv")
     cin = _node(res.graph, "conv0").inputs[1].values.shape[0]
     assert d.inputs[1].values.shape[0] == cin
@@ -493,7 +493,7 @@ def test_split_sizes_follow_the_channels(pm_onnx):
     split = next(n for n in res.graph.nodes if n.op == "Split")
     sizes = constant_value(split.inputs[1]).tolist()
     assert sum(sizes) == _node(res.graph, "/a/Conv").inputs[1].values.shape[0] and sizes != [16, 32]
-    assert rec["oracle_max_error"] < 1e-5
+    assert rec["info"]["oracle_max_error"] < 1e-5
 
 
 @pytest.mark.parametrize("opset,per_channel", [(21, True)])     # opset 18-20 (per-group scale) is deprecated
@@ -514,7 +514,7 @@ def test_native_group_normalization_prunes_whole_groups(opset, per_channel):
     kept = _node(res.graph, "conv0").inputs[1].values.shape[0]
     assert kept % (C // G) == 0 and gn.attrs["num_groups"] == kept // (C // G) < G
     assert gn.inputs[1].values.shape[0] == (kept if per_channel else kept // (C // G))
-    assert rec["oracle_max_error"] < 1e-5
+    assert rec["info"]["oracle_max_error"] < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------- shared weights
@@ -548,12 +548,12 @@ def test_a_shared_weight_is_pruned_once_and_stays_shared(build, shared):
     g = graphopt.load(build())
     size0, params0 = len(to_onnx(g).SerializeToString()), graphopt.analyses.flops(g, None)["params"]
     res, rec = _run(g, "prune-channels{flops=0.5,round_to=1}")
-    assert res.modified and rec["budget_met"] and rec["oracle_max_error"] < 1e-5
+    assert res.modified and rec["info"]["budget_met"] and rec["info"]["oracle_max_error"] < 1e-5
     assert len(_readers(res.graph, shared)) == 1
     kept = _node(res.graph, shared[0]).inputs[1].values.shape
     assert kept[0] < 32 and kept[1] < 32                # in and out channels of the shared weight both narrowed
     params = graphopt.analyses.flops(res.graph, None)["params"]
-    assert params < params0 and rec["params"]["after"] == params
+    assert params < params0 and rec["info"]["params"]["after"] == params
     assert len(to_onnx(res.graph).SerializeToString()) < size0
 
 
@@ -573,10 +573,10 @@ def test_shared_weight_read_whole_by_an_unpruned_path_freezes_and_says_so():
              ("wo", ob.rnd(32, 4, seed=3))]
     g = graphopt.load(ob.model(nodes, [ob.vi("x", [2, 16]), ob.vi("x2", [2, 16])], [ob.vi("y", [2, 4])], inits))
     res, rec = _run(g, "prune-channels{ratio=0.5,round_to=1}")
-    why = [w for f in rec["frozen"] for w in f["why"]]
+    why = [w for f in rec["info"]["frozen"] for w in f["why"]]
     assert any("weight 'W' is shared by 2 nodes" in w and "node 'b' (Gemm) reads it whole along axis 0" in w
                for w in why), why
-    assert res.modified and rec["oracle_max_error"] < 1e-5
+    assert res.modified and rec["info"]["oracle_max_error"] < 1e-5
     assert len(_readers(res.graph, ["a", "b"])) == 1
     assert _node(res.graph, "a").inputs[1].values.shape[0] == 16 > 0     # rows kept, columns pruned
     assert _node(res.graph, "a").inputs[1].values.shape[1] < 32
@@ -597,7 +597,7 @@ def test_weight_tied_along_different_axes_prunes_consistently():
     inits = [("w1", ob.rnd(8, 16)), ("W", ob.rnd(16, 16, seed=2)), ("wo", ob.rnd(16, 4, seed=3))]
     g = graphopt.load(ob.model(nodes, [ob.vi("x", [2, 8])], [ob.vi("y", [2, 4])], inits))
     res, rec = _run(g, "prune-channels{ratio=0.5,round_to=1}")
-    assert res.modified and rec["oracle_max_error"] < 1e-5
+    assert res.modified and rec["info"]["oracle_max_error"] < 1e-5
     assert len(_readers(res.graph, ["a", "b"])) == 1
     assert _node(res.graph, "a").inputs[1].values.shape == (8, 8)
 

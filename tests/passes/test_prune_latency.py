@@ -65,7 +65,7 @@ def _inject(monkeypatch, graph, ms, **kw):
 
 
 def _kept(rec, node):
-    return rec["layers"][node][1]
+    return rec["info"]["layers"][node][1]
 
 
 def test_the_budget_goes_where_milliseconds_are_cheapest_in_importance(monkeypatch):
@@ -76,8 +76,8 @@ def test_the_budget_goes_where_milliseconds_are_cheapest_in_importance(monkeypat
     res = PassManager.parse("prune-channels{latency=0.6,calibrate=0}").run(g, PassContext())
     rec = res.records[0]
     assert _kept(rec, "p") < 64 == _kept(rec, "r")
-    assert rec["latency"]["predicted"] <= 0.6 and rec["budget"]["latency"] == {
-        "target": 0.6, "reached": rec["latency"]["predicted"], "met": True, "by": "predicted"}
+    assert rec["info"]["latency"]["predicted"] <= 0.6 and rec["info"]["budget"]["latency"] == {
+        "target": 0.6, "reached": rec["info"]["latency"]["predicted"], "met": True, "by": "predicted"}
     by_macs = PassManager.parse("prune-channels{flops=0.6}").run(graphopt.load(two_branches())).records[0]
     assert _kept(by_macs, "p") == _kept(by_macs, "r") < 64
 
@@ -104,8 +104,8 @@ def test_an_unreachable_latency_budget_says_what_held_it(monkeypatch):
     g = graphopt.load(two_branches())
     _inject(monkeypatch, g, lambda name, o, i: 1.0, remainder=0.0)      # nothing gets faster
     rec = PassManager.parse("prune-channels{latency=0.5,calibrate=0}").run(g, PassContext()).records[0]
-    assert not rec["budget_met"] and "latency: predicted 1.000" in rec["limits"]
-    assert any("not faster" in h["why"] for h in rec["held"])
+    assert not rec["info"]["budget_met"] and "latency: predicted 1.000" in rec["info"]["limits"]
+    assert any("not faster" in h["why"] for h in rec["info"]["held"])
 
 
 def test_calibration_corrects_the_model_until_the_measured_fraction_fits(monkeypatch):
@@ -128,10 +128,10 @@ def test_calibration_corrects_the_model_until_the_measured_fraction_fits(monkeyp
             pass
     monkeypatch.setattr(latency, "Baseline", MacsBaseline)
     rec = PassManager.parse("prune-channels{latency=0.5,calibrate=4}").run(g, PassContext()).records[0]
-    lat = rec["latency"]
+    lat = rec["info"]["latency"]
     assert len(lat["calibration"]) >= 2 and lat["calibration"][0]["model_target"] == 0.5
     assert abs(lat["measured"] - 0.5) <= abs(lat["calibration"][0]["measured"] - 0.5)
-    assert rec["budget"]["latency"]["by"] == "measured"
+    assert rec["info"]["budget"]["latency"]["by"] == "measured"
 
 
 @pytest.mark.parametrize("text,needle", [

@@ -10,7 +10,8 @@ import graphopt
 from graphopt import PassContext, PassManager, ort
 from graphopt.errors import BadInput, CheckFailed
 from graphopt.graph import to_onnx
-from graphopt.passes.quantize import Quantize, check_criterion, quantized_scheme, within_quant_steps
+from graphopt.metadata import Quantization, quantization
+from graphopt.passes.quantize import Quantize, check_criterion, within_quant_steps
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def test_int8_on_digits_keeps_accuracy_and_is_standard_qdq(teacher, data):
     res, q = _quantize(teacher, "quantize", _ctx(data))
     rec = res.records[-1]
     assert rec["exact"] is False and rec["modified"] and "drift" in rec
-    assert rec["quantized_count"] == 4 and rec["calib_samples"] == 256 and rec["batchnorm_folded"] == 3
+    assert rec["info"]["quantized_count"] == 4 and rec["info"]["calib_samples"] == 256 and rec["info"]["batchnorm_folded"] == 3
     assert all(n.domain in ("", "ai.onnx") for n in q.graph.node)
     onnx.checker.check_model(q, full_check=True)
     assert not _nodes(q, "BatchNormalization")
@@ -68,7 +69,7 @@ def test_int8_on_digits_keeps_accuracy_and_is_standard_qdq(teacher, data):
         assert inits[x_dq.input[0] if x_dq.input[0] in inits else x_dq.input[2]].dtype == np.uint8
         w, scale, zp = (inits[i] for i in w_dq.input)
         assert w.dtype == np.int8 and np.all(zp == 0) and scale.size == w.shape[0] > 1    # per channel, symmetric
-    assert quantized_scheme(res.graph) == "int8,u8"
+    assert quantization(res.graph) == Quantization("int8", "u8")
     fp, q8 = _top1(to_onnx(graphopt.load(teacher)), x_te, y_te), _top1(q, x_te, y_te)
     assert fp - q8 <= 0.005, (fp, q8)            # at most 0.5 points of top-1 (QDQ graph in onnxruntime)
 
@@ -78,14 +79,14 @@ def test_s8_activations_are_symmetric(teacher, data):
     zps = [onnx.numpy_helper.to_array(i) for i in q.graph.initializer if i.name.endswith("zero_point")]
     act = [z for z in zps if z.size == 1]
     assert act and all(z.dtype == np.int8 and int(z) == 0 for z in act)
-    assert quantized_scheme(res.graph) == "int8,s8"
+    assert quantization(res.graph) == Quantization("int8", "s8")
 
 
 @pytest.mark.parametrize("method", ["percentile", "entropy"])
 def test_calibrators(teacher, data, method):
     x_tr, y_tr, x_te, y_te = data
     res, q = _quantize(teacher, f"quantize{{calibration={method}}}", _ctx(data, 64))
-    assert res.records[-1]["calibration"] == method
+    assert res.records[-1]["info"]["calibration"] == method
     assert _top1(q, x_te[:150], y_te[:150]) >= 0.95
 
 
@@ -93,7 +94,7 @@ def test_exclusions_by_name_and_op(teacher, data):
     g = graphopt.load(teacher)
     conv = next(n.name for n in g.nodes if n.op == "Conv")
     res, q = _quantize(teacher, f"quantize{{exclude_nodes=['{conv}'],exclude_ops=[Gemm]}}", _ctx(data, 32))
-    rec = res.records[-1]
+    rec = res.records[-1]["info"]
     assert conv not in rec["quantized"] and conv in rec["fp32_nodes"] and rec["quantized_count"] == 2
     producers = {o: n for n in q.graph.node for o in n.output}
     for n in q.graph.node:
@@ -104,7 +105,7 @@ def test_exclusions_by_name_and_op(teacher, data):
 def test_accuracy_aware_fallback_meets_the_budget(teacher, data):
     x_tr, y_tr, x_te, y_te = data
     res, q = _quantize(teacher, "quantize{max_drop=0.0}", _ctx(data, 256, eval_=True))
-    rec = res.records[-1]
+    rec = res.records[-1]["info"]
     assert rec["int8_top1_all_layers"] < rec["fp32_top1"]           # all-int8 loses a little on this split
     assert rec["fp32_top1"] - rec["int8_top1"] <= 1e-2               # the fallback wins it back
     assert len(rec["sensitivity"]) == 4 and rec["fallback"]
@@ -112,7 +113,7 @@ def test_accuracy_aware_fallback_meets_the_budget(teacher, data):
     assert abs(_top1(q, x_te, y_te) * 100 - rec["int8_top1"]) < 1e-2
     # a generous budget keeps every layer in int8
     res2, _ = _quantize(teacher, "quantize{max_drop=50}", _ctx(data, 64, eval_=True))
-    assert res2.records[-1]["fallback"] == [] and res2.records[-1]["quantized_count"] == 4
+    assert res2.records[-1]["info"]["fallback"] == [] and res2.records[-1]["info"]["quantized_count"] == 4
 
 
 def test_drift_budget(teacher, data):
@@ -168,16 +169,17 @@ def test_weight_only(zoo_onnx, scheme, opset):
     res = PassManager.parse(f"quantize{{scheme={scheme}}}").run(graphopt.load(path))   # no calibration needed
     rec = res.records[-1]
     q = to_onnx(res.graph)
-    assert rec["quantized_count"] >= 2 and rec["modified"]
+    assert rec["info"]["quantized_count"] >= 2 and rec["modified"]
     assert all(n.domain in ("", "ai.onnx") for n in q.graph.node)
     assert max(o.version for o in q.opset_import if o.domain in ("", "ai.onnx")) >= opset
     dqs = _nodes(q, "DequantizeLinear")
-    assert len(dqs) == rec["quantized_count"]
+    assert len(dqs) == rec["info"]["quantized_count"]
     inits = {i.name: i for i in q.graph.initializer}
     want = onnx.TensorProto.INT8 if scheme == "weight_int8" else onnx.TensorProto.INT4
     assert all(inits[d.input[0]].data_type == want for d in dqs)
     if scheme == "weight_int4":
         assert all(any(a.name == "block_size" for a in d.attribute) for d in dqs)
+    assert quantization(q) == Quantization(scheme)
     d = rec["drift"]["y"]
     assert d["cosine"] > (0.9999 if scheme == "weight_int8" else 0.99) and d["top1_agreement"] >= 0.99
     assert len(q.SerializeToString()) < len(to_onnx(graphopt.load(path)).SerializeToString())
@@ -194,7 +196,7 @@ def test_lower_int8_is_exact_and_moves_pooling_onto_integers(zoo_onnx):
     res = PassManager.parse("quantize{calib_samples=8},lower-int8").run(g, ctx)   # the manager checks exactness
     rec = res.records[-1]
     assert rec["exact"] and rec["modified"] and rec["max_error"] == 0.0
-    assert rec["rewritten"].get("MaxPool", 0) + rec["rewritten"].get("Flatten", 0) >= 1
+    assert rec["info"]["rewritten"].get("MaxPool", 0) + rec["info"]["rewritten"].get("Flatten", 0) >= 1
     q = to_onnx(res.graph)
     for n in q.graph.node:
         if n.op_type in ("MaxPool", "Flatten"):
@@ -251,7 +253,7 @@ def test_opset_12_model_is_upgraded_before_quantizing(tmp_path):
     x = np.random.default_rng(1).standard_normal((8, 3, 8, 8)).astype(np.float32)
     res, q = _quantize(tmp_path / "op12.onnx", "quantize", PassContext(data={"calib": {"x": x}}))
     rec = res.records[-1]
-    assert rec["quantized"] == ["conv0"] and rec["opset"] == {"before": 12, "after": 13}
+    assert rec["info"]["quantized"] == ["conv0"] and rec["info"]["opset"] == {"before": 12, "after": 13}
     assert max(o.version for o in q.opset_import if o.domain in ("", "ai.onnx")) >= 13
     onnx.checker.check_model(q, full_check=True)
     assert any(a.name == "axis" for n in _nodes(q, "DequantizeLinear") for a in n.attribute)   # per channel
@@ -281,7 +283,7 @@ def test_calibration_of_inputs_whose_first_axis_is_not_the_batch(tmp_path):
              "chunk": rng.standard_normal((n, 4, 16)).astype(np.float32)}
     res, q = _quantize(tmp_path / "m.onnx", "quantize", PassContext(data={"calib": calib}))
     rec = res.records[-1]
-    assert rec["calib_samples"] == n and rec["quantized"] == ["mm1", "mm2"]
+    assert rec["info"]["calib_samples"] == n and rec["info"]["quantized"] == ["mm1", "mm2"]
     bad = dict(calib, h0=calib["h0"][:, 0])                                    # [N, 1, 8]: neither layout
     with pytest.raises(BadInput) as e:
         _quantize(tmp_path / "m.onnx", "quantize", PassContext(data={"calib": bad}))
@@ -308,7 +310,7 @@ def test_quantizer_failure_shows_its_cause():
     assert "onnxruntime's quantizer failed: ValueError: The truth value" in msg and "exclude_nodes" in msg
     assert "\n" not in msg
     res = PassManager.parse("quantize{exclude_nodes=[gemm]}").run(from_onnx(m), ctx)   # the way out it names
-    assert res.records[-1]["quantized_count"] == 0
+    assert res.records[-1]["info"]["quantized_count"] == 0
 
 
 def _ort_quantizer(src, tmp_path, x):
@@ -333,10 +335,12 @@ def test_invalid_quantizer_output_leaves_the_node_in_fp32_once(tmp_path):
     onnx.save(_conv_model(12), src)
     model, auto = quantize_checked(_ort_quantizer(src, tmp_path, x), [], {"conv0", "relu"})
     assert [a["node"] for a in auto] == ["conv0"] and "axis" in auto[0]["problem"]
-    from graphopt.cli import _quantize_lines          # what compile prints from the pass record
-    assert _quantize_lines([{"pass": "quantize", "auto_excluded": auto}]) == [
+    q = Quantize()                                    # what compile reports and prints from the pass record
+    entry = q.report_section({"pass": "quantize", "info": {"auto_excluded": auto, "opset": None}})
+    assert entry == {"auto_excluded": auto} and Quantize.report_text(entry) == (
         "quantize: left 'conv0' in fp32: onnxruntime's quantizer emitted an invalid graph there "
-        f"({auto[0]['problem']})"]
+        f"({auto[0]['problem']})")
+    assert q.report_section({"pass": "quantize", "info": {"auto_excluded": [], "quantized": ["conv0"]}}) is None
     onnx.checker.check_model(model, full_check=True)
     assert not any(n.op_type == "DequantizeLinear" and n.output[0] in {i for c in _nodes(model, "Conv")
                                                                       for i in c.input[1:]} for n in model.graph.node)

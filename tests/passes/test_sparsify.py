@@ -28,12 +28,12 @@ def test_patterns_on_the_zoo(zoo_onnx, name, block, sparsity):
     text = f"sparsify{{block={block}}}" if block == "2:4" else f"sparsify{{block={block},sparsity={sparsity}}}"
     res = PassManager.parse(text).run(g)
     rec = res.records[0]
-    assert res.modified and rec["layers"]
+    assert res.modified and rec["info"]["layers"]
     assert "drift" in rec and all("cosine" in d for d in rec["drift"].values())      # lossy: drift reported
     ws = _weights(res.graph)
     kind, r, c = parse_block(block)
     meta = metadata.sparse_nm(res.graph) if kind == "nm" else metadata.sparse_blocks(res.graph)
-    for layer, info in rec["layers"].items():
+    for layer, info in rec["info"]["layers"].items():
         W = ws[layer]
         assert meta[layer] == (r, c) and info["block"] == block
         if kind == "nm":
@@ -65,18 +65,18 @@ def test_block_default_from_the_target_and_layer_filters(zoo_onnx):
     ctx = PassContext(hw=HardwareInfo(structure=Structure(blocks=(4, 4))))
     res = PassManager.parse("sparsify{ignore=[/head/head.2/Gemm],min_params=300}").run(g, ctx)
     rec = res.records[0]
-    assert rec["block"] == "4x4"
-    assert rec["skipped"]["/head/head.2/Gemm"] == "ignored by the user"
-    assert any("min_params" in why for why in rec["skipped"].values())
-    assert all(info["shape"][0] * info["shape"][1] >= 300 for info in rec["layers"].values())
-    assert PassManager.parse("sparsify").run(graphopt.load(zoo_onnx("mlp_digits"))).records[0]["block"] == "1x1"
+    assert rec["info"]["block"] == "4x4"
+    assert rec["info"]["skipped"]["/head/head.2/Gemm"] == "ignored by the user"
+    assert any("min_params" in why for why in rec["info"]["skipped"].values())
+    assert all(info["shape"][0] * info["shape"][1] >= 300 for info in rec["info"]["layers"].values())
+    assert PassManager.parse("sparsify").run(graphopt.load(zoo_onnx("mlp_digits"))).records[0]["info"]["block"] == "1x1"
 
 
 def test_only_1x1_convs_gemm_and_matmul(zoo_onnx):
     g = graphopt.load(zoo_onnx("resnet"))
     res = PassManager.parse("sparsify").run(g)
     ops = {n.name: n.op for n in res.graph.nodes}
-    assert set(res.records[0]["layers"]) == {k for k, op in ops.items()
+    assert set(res.records[0]["info"]["layers"]) == {k for k, op in ops.items()
                                             if op == "Gemm" or (op == "Conv" and k.endswith("downsample.0/Conv"))}
 
 
@@ -108,5 +108,5 @@ def test_the_cuda_targets_block_hint_is_used_and_recorded(zoo_onnx):
     g = graphopt.load(zoo_onnx("mlp_digits"))
     res = PassManager.parse("cleanup,sparsify{sparsity=0.75}").run(g, PassContext(hw=CudaTarget().hw()))
     rec = res.records[-1]
-    assert rec["block"] == "32x1" and rec["layers"]
-    assert metadata.sparse_blocks(res.graph) == {name: (32, 1) for name in rec["layers"]}
+    assert rec["info"]["block"] == "32x1" and rec["info"]["layers"]
+    assert metadata.sparse_blocks(res.graph) == {name: (32, 1) for name in rec["info"]["layers"]}

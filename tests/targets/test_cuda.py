@@ -363,7 +363,7 @@ def test_sparsify_for_cuda_records_the_block_the_target_packs(tmp_path):
     art = graphopt.compile(m, target="cuda", out=tmp_path / "a", pipeline="cleanup,sparsify{sparsity=0.75}",
                            measure=False)
     rec = next(r for r in art.manifest["passes"] if r["pass"].startswith("sparsify"))
-    assert rec["block"] == "32x1" and set(rec["layers"]) == {"fc1", "fc2"}
+    assert rec["info"]["block"] == "32x1" and set(rec["info"]["layers"]) == {"fc1", "fc2"}
     assert metadata.sparse_blocks(onnx.load(str(art.path / "model.onnx"))) == {"fc1": (32, 1), "fc2": (32, 1)}
     got = {d["node"]: (d["sparse"], d["block"], d["source"]) for d in art.report["block_sparse"]}
     assert got == {"fc1": (True, "32x1", "recorded"), "fc2": (True, "32x1", "recorded")}

@@ -61,6 +61,7 @@ import onnx_graphsurgeon as gs
 from graphopt.analyses import analysis, node_macs
 from graphopt.errors import printable
 from graphopt.graph import constant_value
+from graphopt.op_traits import traits
 
 NAN = float("nan")
 
@@ -200,7 +201,9 @@ def _erf(x):
     return np.vectorize(lambda v: math.erf(v) if np.isfinite(v) else NAN, otypes=[np.float64])(x) if x.size else x
 
 
-UNARY = {
+#: the value a unary op's output channel provably has, from its input's (ops op_traits lists as family "unary" and
+#: that are not here get NaN: unknown, or computed in _unary)
+UNARY_VALUES = {
     "Relu": _relu, "LeakyRelu": _leaky,
     "Sigmoid": lambda x, n: 1.0 / (1.0 + np.exp(-x)),
     "HardSigmoid": _hsig,
@@ -217,17 +220,11 @@ UNARY = {
     "Softsign": lambda x, n: x / (1.0 + np.abs(x)),
     "Mish": lambda x, n: x * np.tanh(np.log1p(np.exp(x))),
     "ThresholdedRelu": lambda x, n: np.where(x > float(n.attrs.get("alpha", 1.0)), x, 0.0),
-    "Exp": lambda x, n: np.exp(x), "Log": None, "Abs": lambda x, n: np.abs(x), "Neg": lambda x, n: -x,
-    "Sqrt": None, "Reciprocal": None, "Floor": lambda x, n: np.floor(x), "Ceil": lambda x, n: np.ceil(x),
+    "Exp": lambda x, n: np.exp(x), "Abs": lambda x, n: np.abs(x), "Neg": lambda x, n: -x,
+    "Floor": lambda x, n: np.floor(x), "Ceil": lambda x, n: np.ceil(x),
     "Round": lambda x, n: np.round(x), "Sign": lambda x, n: np.sign(x), "Sin": lambda x, n: np.sin(x),
     "Cos": lambda x, n: np.cos(x), "Identity": lambda x, n: x, "Dropout": lambda x, n: x,
-    "Cast": None, "Clip": None,
 }
-ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Where"}
-POOLS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
-REDUCES = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
-           "ReduceLogSumExp", "ReduceSumSquare", "ReduceLogSum"}
-AXIS_MIXERS = {"Softmax", "LogSoftmax", "Hardmax", "LpNormalization", "CumSum", "ArgMax", "ArgMin"}
 
 
 def _blocks(a, b):
@@ -379,18 +376,19 @@ class ChannelGroups:
             if op == "Constant":
                 continue
             handler = getattr(self, "_op_" + op, None)
+            family = traits(op).family
             try:
                 if handler is not None:
                     handler(node)
-                elif op in UNARY:
+                elif family == "unary":
                     self._unary(node)
-                elif op in ELEMENTWISE:
+                elif family == "elementwise":
                     self._elementwise(node)
-                elif op in POOLS:
+                elif family == "pool":
                     self._pool(node)
-                elif op in REDUCES:
+                elif family == "reduce":
                     self._reduce(node)
-                elif op in AXIS_MIXERS:
+                elif family == "axis_mixer":
                     self._axis_op(node)
                 else:
                     self._unknown(node)
@@ -770,7 +768,7 @@ class ChannelGroups:
                 raise _Freeze("a non-constant bound")
         if node.op == "Dropout" and len(node.outputs) > 1 and node.outputs[1].outputs:
             raise _Freeze("Dropout mask is used")
-        fn = UNARY.get(node.op)
+        fn = UNARY_VALUES.get(node.op)
         cv = np.full(len(x.slots), NAN)
         with np.errstate(all="ignore"):
             if fn is not None:
@@ -1355,7 +1353,7 @@ class ChannelGroups:
         out = []
         for i, src in sorted(sources.items()):
             node = self.nodes[i]
-            if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            if traits(node.op).weight is None:
                 continue
             if src.weight is None:       # depthwise: channels pass through, in == out
                 out.append(KernelAxes(i, list(src.slots), list(src.slots), True))

@@ -1,0 +1,69 @@
+"""conv1d-as-2d: 1-D Convs and 2-D Convs down a width-1 column become 2-D Convs along a row, exactly (the pass manager compares each result with
+onnxruntime on the input graph; here also by hand), idempotent, and the cpu target then schedules them."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import graphopt
+import onnx_builders as ob
+from graphopt import PassManager, api, ort
+
+
+def conv1d_model(opset=17, shared=False):
+    """x [1, 2, 64] -> Conv1d (4 taps, stride 2, pads 1/2, dilation 1, groups 1) -> Relu -> Conv1d (depthwise, 3 taps)
+    [-> the first conv's weight again when shared]."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((6, 2, 4)).astype(np.float32)
+    w2 = rng.standard_normal((6, 1, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv_a", strides=[2], pads=[1, 2]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+             helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv_b", group=6, pads=[1, 1])]
+    outs = [ob.vi("y", [1, 6, 32])]
+    if shared:
+        nodes.append(helper.make_node("Conv", ["x", "w1"], ["z"], name="conv_c", strides=[2], pads=[1, 2]))
+        outs.append(ob.vi("z", [1, 6, 32]))
+    return ob.model(nodes, [ob.vi("x", [1, 2, 64])], outs,
+                    [("w1", w1), ("b1", rng.standard_normal(6).astype(np.float32)), ("w2", w2)], opset=opset)
+
+
+def column_model():
+    """(magika, a jax2tf export) x [1, 3, 40, 1] -> Conv with a [5, 1] kernel, stride 2 and padding down the column
+    -> y [1, 8, 19, 1]."""
+    w = np.random.default_rng(2).standard_normal((8, 3, 5, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="column", strides=[2, 1], pads=[1, 0, 0, 0])]
+    return ob.model(nodes, [ob.vi("x", [1, 3, 40, 1])], [ob.vi("y", [1, 8, 19, 1])], [("w", w)])
+
+
+@pytest.mark.parametrize("build,rewritten", [(lambda: conv1d_model(17), 2), (lambda: conv1d_model(11), 2),
+                                             (lambda: conv1d_model(17, shared=True), 3), (column_model, 1)])
+def test_rewrite_is_exact_and_idempotent(build, rewritten):
+    model = build()
+    res = PassManager.parse("conv1d-as-2d").run(graphopt.load(model))
+    assert res.records[-1]["info"]["rewritten"] == rewritten
+    convs = [n for n in res.graph.nodes if n.op == "Conv"]
+    assert all(n.inputs[1].values.ndim == 4 and n.inputs[1].values.shape[2] == 1 for n in convs)
+    x = np.random.default_rng(1).standard_normal(
+        [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]).astype(np.float32)
+    got = ort.run(graphopt.to_onnx(res.graph, check=True), {"x": x})
+    for name, ref in ort.run(model, {"x": x}).items():
+        np.testing.assert_allclose(got[name], ref, rtol=1e-5, atol=1e-5)
+    again = PassManager.parse("conv1d-as-2d").run(res.graph)
+    assert again.records[-1]["info"]["rewritten"] == 0
+
+
+def test_2d_convs_and_quantized_weights_are_left_alone(zoo_onnx):
+    g = graphopt.load(str(zoo_onnx("cnn_digits")))
+    res = PassManager.parse("conv1d-as-2d").run(g)
+    assert res.records[-1]["info"]["rewritten"] == 0
+
+
+def test_cpu_compiles_conv1d_through_the_scheduled_conv2d(tmp_path):
+    model = conv1d_model()
+    art = api.compile(model, "cpu", out=tmp_path / "a", measure=False)
+    assert art.report["check"]["ok"]
+    legal = [r for r in art.manifest["passes"] if r.get("legalize") and "conv1d-as-2d" in str(r)]
+    assert len(legal) == 1 and "'rewritten': 2" in str(legal[0])
+    # the library holds scheduled (prepacked) conv2d kernels, no conv1d
+    kernels = art.report.get("ops") or {}
+    assert "conv1d" not in str(kernels)
