@@ -1,6 +1,5 @@
 """graphopt: a model-graph compiler. ONNX or PyTorch in, verified pass pipeline, TVM-compiled artifact out."""
-__version__ = "0.1.0"
-
+from .version import __version__  # noqa: E402
 from .errors import BadInput, CheckFailed, GraphoptError, UnsupportedModel  # noqa: E402
 from .loading import from_torch, load  # noqa: E402
 from .passmanager import Option, Pass, PassContext, PassManager, PassResult, register  # noqa: E402

@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from . import plugins
 from .errors import GraphoptError
 from .graph import fingerprint
 from .symbolic_shapes import Poly
@@ -33,9 +34,9 @@ class AnalysisManager:
         self._cache: dict[str, tuple[weakref.ref, str, object]] = {}
 
     def get(self, name: str, graph: gs.Graph):
-        if name not in ANALYSES:        # analyses of concrete passes register when the pass package loads
-            from .passmanager import load_builtin_passes
-            load_builtin_passes()
+        if name not in ANALYSES:        # the others register when their module loads (entry-point group)
+            for ep in plugins.entry_points(plugins.ANALYSES, name):
+                plugins.load(ep)
         if name not in ANALYSES:
             raise GraphoptError(f"unknown analysis '{name}'; known: {', '.join(sorted(ANALYSES))}")
         version = fingerprint(graph)

@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import __version__, ort, verify
+from . import ort, verify
+from .version import __version__
 from .artifact import (FORMAT, MANIFEST, MODEL, REPORT, Artifact, Staging, check_artifact_destination, sha256,
                        write_json)
 from .data_checks import check_finite, nonfinite_weights
@@ -376,7 +377,7 @@ def _baseline_latency(original: gs.Graph, target, target_options, tuning_db, thr
                       art: Artifact | None = None) -> dict:
     """The latency change a structural pipeline bought: the original graph (cleanup only) compiled for the same
     target and timed the same way. With art (a latency budget to judge): also `achieved_fraction`, art's latency
-    over the original's, both timed in the same interleaved rounds (medians; graphopt.latency.time_interleaved)."""
+    over the original's, both timed in the same interleaved rounds (medians; graphopt.timing.time_interleaved)."""
     with tempfile.TemporaryDirectory(prefix="graphopt-baseline-") as d:
         base = compile(original, target, Path(d) / "a", pipeline="cleanup", target_options=target_options,
                        tuning_db=tuning_db, seed=seed, measure=False, verify_level="structural")
@@ -384,7 +385,7 @@ def _baseline_latency(original: gs.Graph, target, target_options, tuning_db, thr
         out = {"original_graphopt_ms": lat["graphopt_ms"], "original_onnxruntime_ms": lat["onnxruntime_ms"],
                "speedup_vs_original": round(lat["graphopt_ms"] / now_ms, 3) if now_ms else None}
         if art is not None:
-            from .latency import ROUNDS, clock_name, time_interleaved, timer
+            from .timing import ROUNDS, clock_name, time_interleaved, timer
             pruned_ms, base_ms = time_interleaved([timer(art, threads), timer(base, threads)], rounds=3 * ROUNDS,
                                                   threads=threads)
             out.update(achieved_fraction=round(pruned_ms / base_ms, 4), interleaved_ms=[round(pruned_ms, 4),

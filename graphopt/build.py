@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import __version__
+from .version import __version__
 from .artifact import Staging, check_artifact_destination, write_json
-from .errors import BadInput, CheckFailed, printable
+from .errors import BadInput, CheckFailed, printable, reraise_if_strict
 from .graph import copy as copy_graph, input_specs, to_onnx
 from .limits import check_threads
 from .npz import load_npz
@@ -396,7 +396,8 @@ def evaluate_build(cfg: BuildConfig, original, optimized, art, data: dict) -> di
         try:
             a = run_onnx(orig_model, ev, in_specs, [name])[name]
             b = run_onnx(opt_model, ev, in_specs, [name])[name]
-        except Exception:
+        except Exception as e:
+            reraise_if_strict(e)
             cka[name] = None
             continue
         cka[name] = linear_cka(a, b)

@@ -9,7 +9,8 @@ channel, one attention head, a block of flattened features, a channel of every g
 
 Slots are created at *sources*: the output-channel axis of a producer with constant weights (Conv /
 ConvTranspose out channels, Gemm / MatMul out features). Propagation runs once over the graph in topological
-order; every op maps its input slots to output slots with a per-op index map:
+order; every op maps its input slots to output slots with a per-op index map, given by the op's rule in
+graphopt/prune_rules/ (one module per op family, which also holds the rewrite prune-channels does for it):
 
 * Conv / ConvTranspose: out channels are new source slots (weight rows / columns and bias are sliced with them);
   input channels are *sinks* (the weight's input-channel slice is removed). Grouped convs keep every group the
@@ -51,7 +52,6 @@ criterion removes units whose value is provably zero at every sink.
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -59,11 +59,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analyses import analysis, node_macs
-from graphopt.errors import printable
+from graphopt.errors import printable, reraise_if_strict
 from graphopt.graph import constant_value
 from graphopt.op_traits import traits
-
-NAN = float("nan")
+from graphopt.prune_rules import NAN, Freeze, Rule, rule_for
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -107,7 +106,8 @@ class Source:
 
 @dataclass
 class Rewrite:
-    kind: str                 # group, reshape, split, slice, gather, resize, expand
+    """An edit of the node itself that a removal needs (an attribute, a shape constant): `rule.rewrite` does it."""
+    rule: Rule
     node: int
     data: dict
 
@@ -181,77 +181,6 @@ class _UF:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# op tables
-# ----------------------------------------------------------------------------------------------------------------
-
-def _relu(x, n):
-    return np.maximum(x, 0.0)
-
-
-def _leaky(x, n):
-    a = float(n.attrs.get("alpha", 0.01))
-    return np.where(x < 0, a * x, x)
-
-
-def _hsig(x, n):
-    return np.clip(float(n.attrs.get("alpha", 0.2)) * x + float(n.attrs.get("beta", 0.5)), 0.0, 1.0)
-
-
-def _erf(x):
-    return np.vectorize(lambda v: math.erf(v) if np.isfinite(v) else NAN, otypes=[np.float64])(x) if x.size else x
-
-
-#: the value a unary op's output channel provably has, from its input's (ops op_traits lists as family "unary" and
-#: that are not here get NaN: unknown, or computed in _unary)
-UNARY_VALUES = {
-    "Relu": _relu, "LeakyRelu": _leaky,
-    "Sigmoid": lambda x, n: 1.0 / (1.0 + np.exp(-x)),
-    "HardSigmoid": _hsig,
-    "HardSwish": lambda x, n: x * np.clip(x / 6.0 + 0.5, 0.0, 1.0),
-    "Tanh": lambda x, n: np.tanh(x),
-    "Erf": lambda x, n: _erf(x),
-    "Gelu": lambda x, n: 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0))),
-    "Elu": lambda x, n: np.where(x < 0, float(n.attrs.get("alpha", 1.0)) * (np.exp(x) - 1.0), x),
-    "Selu": lambda x, n: float(n.attrs.get("gamma", 1.0507)) * np.where(
-        x <= 0, float(n.attrs.get("alpha", 1.67326)) * (np.exp(x) - 1.0), x),
-    "Celu": lambda x, n: np.maximum(x, 0) + np.minimum(0, float(n.attrs.get("alpha", 1.0)) * (
-        np.exp(x / float(n.attrs.get("alpha", 1.0))) - 1.0)),
-    "Softplus": lambda x, n: np.log1p(np.exp(x)),
-    "Softsign": lambda x, n: x / (1.0 + np.abs(x)),
-    "Mish": lambda x, n: x * np.tanh(np.log1p(np.exp(x))),
-    "ThresholdedRelu": lambda x, n: np.where(x > float(n.attrs.get("alpha", 1.0)), x, 0.0),
-    "Exp": lambda x, n: np.exp(x), "Abs": lambda x, n: np.abs(x), "Neg": lambda x, n: -x,
-    "Floor": lambda x, n: np.floor(x), "Ceil": lambda x, n: np.ceil(x),
-    "Round": lambda x, n: np.round(x), "Sign": lambda x, n: np.sign(x), "Sin": lambda x, n: np.sin(x),
-    "Cos": lambda x, n: np.cos(x), "Identity": lambda x, n: x, "Dropout": lambda x, n: x,
-}
-
-
-def _blocks(a, b):
-    """Blocks (i0, i1, j0, j1) of axes with equal products, or None."""
-    res, i, j = [], 0, 0
-    while i < len(a) or j < len(b):
-        i0, j0, pa, pb = i, j, 1, 1
-        if i < len(a):
-            pa *= a[i]
-            i += 1
-        if j < len(b):
-            pb *= b[j]
-            j += 1
-        while pa != pb:
-            if pa < pb and i < len(a):
-                pa *= a[i]
-                i += 1
-            elif pb < pa and j < len(b):
-                pb *= b[j]
-                j += 1
-            else:
-                return None
-        res.append((i0, i, j0, j))
-    return res
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # the analysis
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -306,7 +235,7 @@ class ChannelGroups:
         """The static shape of t; an unknown one freezes the channels the node touches."""
         s = self.shape(t)
         if s is None:
-            raise _Freeze("unknown shape")
+            raise Freeze("unknown shape")
         return s
 
     def tracked_input(self, node) -> tuple[Chan, tuple] | None:
@@ -375,25 +304,15 @@ class ChannelGroups:
                 continue
             if op == "Constant":
                 continue
-            handler = getattr(self, "_op_" + op, None)
-            family = traits(op).family
+            rule = rule_for(self, node)
             try:
-                if handler is not None:
-                    handler(node)
-                elif family == "unary":
-                    self._unary(node)
-                elif family == "elementwise":
-                    self._elementwise(node)
-                elif family == "pool":
-                    self._pool(node)
-                elif family == "reduce":
-                    self._reduce(node)
-                elif family == "axis_mixer":
-                    self._axis_op(node)
+                if rule is not None:
+                    rule.propagate(self, node)
                 else:
-                    self._unknown(node)
+                    self.unknown(node)
             except Exception as e:     # noqa: BLE001 - whatever the analysis cannot prove freezes, never a guess
-                why = str(e) if isinstance(e, _Freeze) else f"cannot analyse ({type(e).__name__}: {e})"
+                reraise_if_strict(e)   # a rule's TypeError / IndexError is a bug, not a reason to freeze
+                why = str(e) if isinstance(e, Freeze) else f"cannot analyse ({type(e).__name__}: {e})"
                 self.freeze_inputs(node, f"{why} at {self.label(node)}")
                 for t in node.outputs:
                     self.chan.pop(t.name, None)
@@ -413,7 +332,7 @@ class ChannelGroups:
             if len(c.slots) == 1:
                 self.uf.freeze(c.slots[0], "a single channel is never pruned")
 
-    def _unknown(self, node, why: str | None = None) -> None:
+    def unknown(self, node, why: str | None = None) -> None:
         if why is None and node.op in ("LSTM", "GRU", "RNN"):
             why = (f"recurrent op {node.op} at {self.label(node)} (run decompose-rnn,cleanup first to prune its "
                    f"hidden units)")
@@ -422,815 +341,38 @@ class ChannelGroups:
         self.freeze_inputs(node, why)
 
     # ---- sources and sinks
-    def _sink(self, node_i, inp, c: Chan, axis, weight=None, rank=None):
+    def sink(self, node_i, inp, c: Chan, axis, weight=None, rank=None):
         if rank is None:
             s = self.shape(self.nodes[node_i].inputs[inp])
             rank = len(s) if s is not None else None
         self.sinks.append(Sink(node_i, inp, axis, list(c.slots), weight, rank))
 
-    def _param(self, inp, axis, slots, role):
+    def param(self, inp, axis, slots, role):
         self.params.append(ParamRef(self.cur, inp, axis, list(slots), role))
 
-    def _op_Conv(self, node):
-        self._conv(node, transpose=False)
+    def source(self, slots, weight=None) -> None:
+        """The current node makes new channels `slots` (weight: (input index, axis) of its weight rows)."""
+        self.sources.append(Source(self.cur, slots, weight))
 
-    def _op_ConvTranspose(self, node):
-        self._conv(node, transpose=True)
+    def rewrite(self, rule: Rule, data: dict) -> None:
+        """Record that removing channels must edit the current node: prune-channels calls rule.rewrite(data)."""
+        self.rewrites.append(Rewrite(rule, self.cur, data))
 
-    def _conv(self, node, transpose):
-        x = node.inputs[0]
-        W = self.const(node.inputs[1]) if len(node.inputs) > 1 else None
-        B = None
-        has_b = len(node.inputs) > 2 and node.inputs[2].name
-        if has_b:
-            B = self.const(node.inputs[2])
-        xin = self.get(x)
-        if W is None or (has_b and B is None):
-            if xin is not None:
-                self.freeze(xin.slots, f"{'weight' if W is None else 'bias'} of {self.label(node)} is not constant")
-            return
-        G = int(node.attrs.get("group", 1))
-        if transpose:
-            cin, cout_g = W.shape[0], W.shape[1]
-            cin_g, cout = cin // G, cout_g * G
-        else:
-            cout, cin_g = W.shape[0], W.shape[1]
-            cin, cout_g = cin_g * G, cout // G
-        y = node.outputs[0]
-        out_w_axis = 1 if transpose else 0
-        in_w_axis = 0 if transpose else 1
-        xc = xin.cval if (xin is not None and xin.axis == 1 and len(xin.slots) == cin) else np.full(cin, NAN)
-        bias = B.astype(np.float64).reshape(-1) if B is not None else np.zeros(cout)
-        if G > 1 and cin_g == 1:     # depthwise (with multiplier m): channels pass through
-            m = cout // G
-            if xin is None or xin.axis != 1 or len(xin.slots) != cin:
-                if xin is not None:
-                    self.freeze(xin.slots, f"depthwise {self.label(node)} reads channels on axis {xin.axis}")
-                slots = self.fresh(cout)
-                self.freeze(slots, f"depthwise {self.label(node)} reads an input without prunable channels")
-                self.set(y, 1, slots)
-                return
-            slots = [xin.slots[o // m] for o in range(cout)]
-            Wf = W.reshape(W.shape[0] if not transpose else cin, -1)
-            if transpose:      # W (cin, m, k..): output channel o = i*m + j
-                zero_w = ~np.any(W.reshape(cout, -1) != 0, axis=1)
-                self._param(1, 0, xin.slots, "weight_out")
-            else:
-                zero_w = ~np.any(Wf != 0, axis=1)
-                self._param(1, 0, slots, "weight_out")
-            if has_b:
-                self._param(2, 0, slots, "bias")
-            self.rewrites.append(Rewrite("group", self.cur, {"slots": list(xin.slots)}))
-            self.mac_factors[self.cur] = [slots]
-            xo = np.array([xc[o // m] for o in range(cout)])
-            cv = np.where(zero_w | (xo == 0), bias, NAN)
-            self.set(y, 1, slots, cv)
-            self.sources.append(Source(self.cur, slots, None))
-            return
-        factors = []
-        # input side: a sink
-        if xin is not None:
-            if xin.axis != 1 or len(xin.slots) != cin:
-                self.freeze(xin.slots, f"{self.label(node)} reads channels on axis {xin.axis}")
-                xc = np.full(cin, NAN)
-            else:
-                for j in range(cin_g):
-                    for k in range(1, G):
-                        self.uf.union(xin.slots[j], xin.slots[k * cin_g + j])
-                self._sink(self.cur, 0, xin, 1, (1, in_w_axis), rank=W.ndim)
-                self._param(1, in_w_axis, xin.slots if transpose else xin.slots[:cin_g], "weight_in")
-                factors.append(list(xin.slots))
-        out = self.fresh(cout)
-        for j in range(cout_g):
-            for k in range(1, G):
-                self.uf.union(out[j], out[k * cout_g + j])
-        self._param(1, out_w_axis, out[:cout_g] if transpose else out, "weight_out")
-        if has_b:
-            self._param(2, 0, out, "bias")
-        factors.append(out)
-        self.mac_factors[self.cur] = factors
-        self.sources.append(Source(self.cur, out, (1, out_w_axis)))
-        # provable values: out channel o is its bias when every input channel it reads has zero weight or is 0
-        if transpose:      # W (cin, cout_g, k..) -> live[o, j]: input j of o's group reaches output o
-            lv = np.any(W.reshape(G, cin_g, cout_g, -1) != 0, axis=3).transpose(0, 2, 1).reshape(cout, cin_g)
-        else:
-            lv = np.any(W.reshape(cout, cin_g, -1) != 0, axis=2)
-        xs = (xc.reshape(G, cin_g) == 0)[np.arange(cout) // cout_g]
-        cv = np.where(~np.any(lv & ~xs, axis=1), bias, NAN)
-        self.set(y, 1, out, cv)
-
-    def _op_Gemm(self, node):
-        a, b = node.inputs[0], node.inputs[1]
-        Bv = self.const(b)
-        ain = self.get(a)
-        y = node.outputs[0]
-        if Bv is None or self.const(a) is not None:
-            self._unknown(node, f"{self.label(node)} has no constant weight")
-            return
-        ta, tb = int(node.attrs.get("transA", 0)), int(node.attrs.get("transB", 0))
-        K, N = (Bv.shape[1], Bv.shape[0]) if tb else Bv.shape
-        kax = 0 if ta else 1
-        factors = []
-        xc = np.full(K, NAN)
-        if ain is not None:
-            if ain.axis != kax or len(ain.slots) != K:
-                self.freeze(ain.slots, f"{self.label(node)} reads channels on a non-contracted axis")
-            else:
-                self._sink(self.cur, 0, ain, kax, (1, 1 if tb else 0), rank=2)
-                self._param(1, 1 if tb else 0, ain.slots, "weight_in")
-                factors.append(list(ain.slots))
-                xc = ain.cval
-        out = self.fresh(N)
-        self._param(1, 0 if tb else 1, out, "weight_out")
-        factors.append(out)
-        self.mac_factors[self.cur] = factors
-        self.sources.append(Source(self.cur, out, (1, 0 if tb else 1)))
-        beta = float(node.attrs.get("beta", 1.0))
-        bias = np.zeros(N)
-        if len(node.inputs) > 2 and node.inputs[2].name:
-            c = node.inputs[2]
-            Cv = self.const(c)
-            cin = self.get(c)
-            if Cv is None:
-                shp = self.shape(c)
-                if cin is not None and cin.axis == len(shp) - 1 and len(cin.slots) == N:
-                    self.union_lists(cin.slots, out)
-                    bias = np.full(N, NAN)
-                elif shp is not None and (len(shp) == 0 or shp[-1] == 1):
-                    if cin is not None:
-                        self.freeze(cin.slots, f"bias of {self.label(node)} is broadcast")
-                    bias = np.full(N, NAN)
-                else:
-                    self.freeze(out, f"bias of {self.label(node)} is not constant")
-                    bias = np.full(N, NAN)
-            else:
-                Cv64 = Cv.astype(np.float64)
-                if Cv.ndim >= 1 and Cv.shape[-1] == N and N > 1:
-                    self._param(2, Cv.ndim - 1, out, "bias")
-                    rows = Cv64.reshape(-1, N)
-                    bias = np.where(np.all(rows == rows[:1], axis=0), beta * rows[0], NAN)
-                else:
-                    bias = np.full(N, beta * float(Cv64.reshape(-1)[0])) if Cv64.size == 1 else np.full(N, NAN)
-        Bk = Bv.T if tb else Bv     # (K, N)
-        live = Bk != 0
-        dead_in = (xc == 0)[:, None]
-        cv = np.where(~np.any(live & ~dead_in, axis=0), bias, NAN)
-        self.set(y, 1, out, cv)
-
-    def _op_MatMul(self, node):
-        a, b = node.inputs
-        Av, Bv = self.const(a), self.const(b)
-        sa, sb, so = self.shape(a), self.shape(b), self.shape(node.outputs[0])
-        ain, bin_ = self.get(a), self.get(b)
-        y = node.outputs[0]
-        if sa is None or sb is None or so is None:
-            self._unknown(node, f"{self.label(node)} has unknown shapes")
-            return
-        if Bv is not None and Av is None:
-            if Bv.ndim != 2 or len(sa) < 1:
-                self._unknown(node, f"{self.label(node)} has a batched constant weight")
-                return
-            K, N = Bv.shape
-            ra = len(sa)
-            factors = []
-            xc = np.full(K, NAN)
-            if ain is not None:
-                if ain.axis != ra - 1:
-                    self.freeze(ain.slots, f"{self.label(node)} reads channels on a non-contracted axis")
-                else:
-                    self._sink(self.cur, 0, ain, ra - 1, (1, 0))
-                    self._param(1, 0, ain.slots, "weight_in")
-                    factors.append(list(ain.slots))
-                    xc = ain.cval
-            out = self.fresh(N)
-            self._param(1, 1, out, "weight_out")
-            factors.append(out)
-            self.mac_factors[self.cur] = factors
-            self.sources.append(Source(self.cur, out, (1, 1)))
-            live = Bv != 0
-            cv = np.where(~np.any(live & ~(xc == 0)[:, None], axis=0), 0.0, NAN)
-            self.set(y, len(so) - 1, out, cv)
-            return
-        if Av is not None or len(sa) < 2 or len(sb) < 2:
-            self._unknown(node, f"{self.label(node)} is not an activation x weight or activation x activation MatMul")
-            return
-        ra, rb, ro = len(sa), len(sb), len(so)
-        factors = []
-        # contraction
-        ka = ain is not None and ain.axis == ra - 1
-        kb = bin_ is not None and bin_.axis == rb - 2
-        if ka and kb:
-            self.union_lists(ain.slots, bin_.slots)
-            self._sink(self.cur, 0, ain, ra - 1)
-            self._sink(self.cur, 1, bin_, rb - 2)
-            factors.append(list(ain.slots))
-        elif ka or kb:
-            c = ain if ka else bin_
-            self.freeze(c.slots, f"{self.label(node)} contracts channels with an operand without channel information")
-        # pass-through axes
-        outs = []
-        if ain is not None and not ka:
-            ax = ain.axis
-            oax = ro - 2 if ax == ra - 2 else ax + (ro - ra)
-            outs.append(("a", oax, ain))
-        if bin_ is not None and not kb:
-            ax = bin_.axis
-            oax = ro - 1 if ax == rb - 1 else ax + (ro - rb)
-            outs.append(("b", oax, bin_))
-        if not outs:
-            if factors:
-                self.mac_factors[self.cur] = factors
-            return
-        axes = {o[1] for o in outs}
-        if len(axes) > 1:
-            for _, _, c in outs:
-                self.freeze(c.slots, f"{self.label(node)} would carry channels on two axes")
-            return
-        oax = outs[0][1]
-        if len(outs) == 2:
-            ca, cb = outs[0][2], outs[1][2]
-            if len(ca.slots) != len(cb.slots):
-                self.freeze(ca.slots + cb.slots, f"{self.label(node)} broadcasts a channel axis")
-                return
-            self.union_lists(ca.slots, cb.slots)
-            cv = np.where((ca.cval == 0) | (cb.cval == 0), 0.0, NAN)
-            slots = ca.slots
-        else:
-            side, _, c = outs[0]
-            # the other operand must not need the same channels (a batch axis of size > 1 without slots)
-            if oax < ro - 2:
-                other_shape, other_rank = (sb, rb) if side == "a" else (sa, ra)
-                oth = oax - (ro - other_rank)
-                if oth >= 0 and other_shape[oth] > 1:
-                    self.freeze(c.slots, f"{self.label(node)} pairs the channels with an operand without channel "
-                                         f"information")
-                    return
-            slots = c.slots
-            cv = np.where(c.cval == 0, 0.0, NAN)
-        factors.append(list(slots))
-        self.mac_factors[self.cur] = factors
-        self.set(y, oax, slots, cv)
-
-    # ---- per-channel ops
-    def _op_BatchNormalization(self, node):
-        x = self.get(node.inputs[0])
-        if x is None:
-            return
-        if node.attrs.get("training_mode", 0) or any(t.outputs or t in self.graph.outputs
-                                                     for t in node.outputs[1:] if t.name):
-            raise _Freeze("BatchNormalization in training mode")
-        if x.axis != 1:
-            raise _Freeze("BatchNormalization over a non-channel axis")
-        ps = [self.const(t) for t in node.inputs[1:5]]
-        if any(p is None for p in ps):
-            raise _Freeze("BatchNormalization parameters are not constant")
-        for k in range(1, 5):
-            self._param(k, 0, x.slots, "norm")
-        g, b, m, v = (p.astype(np.float64) for p in ps)
-        scale = g / np.sqrt(v + float(node.attrs.get("epsilon", 1e-5)))
-        self.set(node.outputs[0], 1, x.slots, x.cval * scale + (b - m * scale))
-
-    def _op_InstanceNormalization(self, node):
-        x = self.get(node.inputs[0])
-        if x is None:
-            return
-        if x.axis != 1:
-            raise _Freeze("InstanceNormalization normalizes over the channel axis")
-        ps = [self.const(t) for t in node.inputs[1:3]]
-        if any(p is None for p in ps):
-            raise _Freeze("InstanceNormalization parameters are not constant")
-        self._param(1, 0, x.slots, "norm")
-        self._param(2, 0, x.slots, "norm")
-        cv = np.where(np.isnan(x.cval), NAN, ps[1].astype(np.float64))
-        self.set(node.outputs[0], 1, x.slots, cv)
-
-    def _op_LayerNormalization(self, node):
-        got = self.tracked_input(node)
-        if got is None:
-            return
-        x, s = got
-        ax = int(node.attrs.get("axis", -1)) % len(s)
-        if x.axis >= ax:
-            raise _Freeze("LayerNormalization normalizes over the channel axis")
-        if any(t.name and t.outputs for t in node.outputs[1:]):
-            raise _Freeze("LayerNormalization statistics are used")
-        self.set(node.outputs[0], x.axis, x.slots)
-
-    def _op_GroupNormalization(self, node):
-        """Statistics per group of channels: a whole group is one unit (num_groups is rewritten)."""
-        x = self.get(node.inputs[0])
-        if x is None:
-            return
-        if x.axis != 1:
-            raise _Freeze("GroupNormalization over the channel axis")
-        G = int(node.attrs["num_groups"])
-        C = len(x.slots)
-        if C % G:
-            raise _Freeze("GroupNormalization with uneven groups")
-        cpg = C // G
-        for g in range(G):
-            for c in range(1, cpg):
-                self.uf.union(x.slots[g * cpg], x.slots[g * cpg + c])
-        gslots = [x.slots[g * cpg] for g in range(G)]
-        for k in (1, 2):
-            v = self.const(node.inputs[k])
-            if v is None:
-                raise _Freeze("GroupNormalization parameters are not constant")
-            if v.size == C and C != G:
-                self._param(k, 0, x.slots, "norm")
-            elif v.size == G:
-                self._param(k, 0, gslots, "norm")
-        self.rewrites.append(Rewrite("groups", self.cur, {"slots": gslots}))
-        self.set(node.outputs[0], 1, x.slots)
-
-    def _op_LRN(self, node):
-        if self.get(node.inputs[0]) is not None:
-            raise _Freeze("LRN mixes neighbouring channels")
-
-    def _op_MeanVarianceNormalization(self, node):
-        x = self.get(node.inputs[0])
-        if x is None:
-            return
-        axes = node.attrs.get("axes", [0, 2, 3])
-        s = self.shape(node.inputs[0])
-        if s is None or x.axis in [a % len(s) for a in axes]:
-            raise _Freeze("MeanVarianceNormalization over the channel axis")
-        self.set(node.outputs[0], x.axis, x.slots)
-
-    def _unary(self, node):
-        x = self.get(node.inputs[0]) if node.inputs else None
-        if x is None:
-            return
-        for t in node.inputs[1:]:
-            if t.name and self.get(t) is not None:
-                raise _Freeze("a channel tensor used as a bound")
-            if t.name and self.const(t) is None:
-                raise _Freeze("a non-constant bound")
-        if node.op == "Dropout" and len(node.outputs) > 1 and node.outputs[1].outputs:
-            raise _Freeze("Dropout mask is used")
-        fn = UNARY_VALUES.get(node.op)
-        cv = np.full(len(x.slots), NAN)
-        with np.errstate(all="ignore"):
-            if fn is not None:
-                cv = fn(x.cval, node)
-            elif node.op == "Clip":
-                lo = self.const(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None
-                hi = self.const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
-                lo = float(lo) if lo is not None else float(node.attrs.get("min", -np.inf))
-                hi = float(hi) if hi is not None else float(node.attrs.get("max", np.inf))
-                cv = np.clip(x.cval, lo, hi)
-            elif node.op == "Cast":
-                cv = x.cval
-        self.set(node.outputs[0], x.axis, x.slots, np.asarray(cv, dtype=np.float64))
-
-    def _elementwise(self, node):
-        out = node.outputs[0]
-        so = self.shape(out)
-        ins = [t for t in node.inputs]
-        tracked = [(i, self.get(t)) for i, t in enumerate(ins) if self.get(t) is not None]
-        if not tracked:
-            return
-        if so is None:
-            raise _Freeze("unknown shape")
-        ro = len(so)
-        axes = set()
-        for i, c in tracked:
-            r = len(self.shape(ins[i]))
-            axes.add(c.axis + ro - r)
-        if len(axes) != 1:
-            raise _Freeze("operands carry channels on different axes")
-        oax = axes.pop()
-        C = so[oax]
-        full = [(i, c) for i, c in tracked if len(c.slots) == C]
-        if not full:
-            raise _Freeze("channels broadcast against a larger axis")
-        slots = full[0][1].slots
-        for i, c in full[1:]:
-            self.union_lists(slots, c.slots)
-        # per-channel value of each operand (NaN unknown)
-        vals = []
-        for i, t in enumerate(ins):
-            c = self.get(t)
-            if c is not None:
-                vals.append(c.cval if len(c.cval) == C else np.full(C, c.cval[0]))
-                continue
-            s = self.known_shape(t)
-            r = len(s)
-            pax = oax - (ro - r)
-            size = s[pax] if 0 <= pax < r else 1
-            v = self.const(t)
-            if size != 1:
-                if v is None:
-                    raise _Freeze("an operand without channel information is not broadcast along the channel axis")
-                self._param(i, pax, slots, "data")
-            if v is None:
-                vals.append(np.full(C, NAN))
-                continue
-            v = v.astype(np.float64)
-            if v.size == 1:
-                vals.append(np.full(C, float(v.reshape(-1)[0])))
-            else:          # the operand's value per channel when it is constant along every other axis
-                vr = v.reshape((1,) * (ro - r) + v.shape)
-                vv = np.moveaxis(vr, oax, 0).reshape(vr.shape[oax], -1)
-                per = np.where(np.all(vv == vv[:, :1], axis=1), vv[:, 0], NAN)
-                vals.append(per if len(per) == C else np.full(C, per[0]))
-        cv = self._ew_value(node, vals, C)
-        self.set(out, oax, slots, cv)
-
-    def _ew_value(self, node, vals, C):
-        op = node.op
-        with np.errstate(all="ignore"):
-            if op == "Mul":
-                r = vals[0].copy()
-                for v in vals[1:]:
-                    r = r * v
-                anyzero = np.any([v == 0 for v in vals], axis=0)
-                return np.where(anyzero, 0.0, r)
-            if op in ("Add", "Sum"):
-                return np.sum(vals, axis=0)
-            if op == "Mean":
-                return np.mean(vals, axis=0)
-            if op == "Sub":
-                return vals[0] - vals[1]
-            if op == "Div":
-                ok = ~np.isnan(vals[1]) & (vals[1] != 0)
-                return np.where(ok, vals[0] / np.where(ok, vals[1], 1.0), NAN)
-            if op == "Max":
-                return np.max(vals, axis=0)
-            if op == "Min":
-                return np.min(vals, axis=0)
-            if op == "PRelu":
-                return np.where(vals[0] < 0, vals[0] * vals[1], vals[0])
-            if op == "Pow":
-                return np.where(vals[1] > 0, np.power(vals[0], vals[1]), NAN)
-        return np.full(C, NAN)
-
-    def _pool(self, node):
-        x = self.get(node.inputs[0])
-        if x is None:
-            return
-        if x.axis >= 2:
-            raise _Freeze("pooling over the channel axis")
-        if len(node.outputs) > 1 and node.outputs[1].outputs:
-            raise _Freeze("pooling indices are used")
-        cv = x.cval
-        if node.op in ("AveragePool",) and any(node.attrs.get("pads", [0])) and node.attrs.get("count_include_pad", 0):
-            cv = np.where(cv == 0, 0.0, NAN)
-        elif node.op in ("LpPool", "GlobalLpPool"):
-            cv = np.where(cv == 0, 0.0, NAN)
-        self.set(node.outputs[0], x.axis, x.slots, cv)
-
-    def _axes_of(self, node, rank, input_index=1):
+    def axes_of(self, node, rank, input_index=1):
         axes = node.attrs.get("axes")
         if axes is None and len(node.inputs) > input_index and node.inputs[input_index].name:
             v = self.const(node.inputs[input_index])
             if v is None:
-                raise _Freeze("axes are not constant")
+                raise Freeze("axes are not constant")
             axes = v.reshape(-1).tolist()
         if axes is None:
             return None
         return sorted(int(a) % rank for a in axes)
 
-    def _reduce(self, node):
-        got = self.tracked_input(node)
-        if got is None:
-            return
-        x, s = got
-        axes = self._axes_of(node, len(s))
-        if axes is None:
-            if node.attrs.get("noop_with_empty_axes", 0):
-                axes = []
-            else:
-                axes = list(range(len(s)))
-        if x.axis in axes:
-            raise _Freeze(f"{node.op} over the channel axis")
-        keep = int(node.attrs.get("keepdims", 1))
-        oax = x.axis if keep else x.axis - sum(1 for a in axes if a < x.axis)
-        cv = x.cval if node.op in ("ReduceMean", "ReduceMax", "ReduceMin") else np.where(x.cval == 0, 0.0, NAN)
-        self.set(node.outputs[0], oax, x.slots, cv)
-
-    def _axis_op(self, node):
-        got = self.tracked_input(node)
-        if got is None:
-            return
-        x, s = got
-        if node.op in ("ArgMax", "ArgMin"):
-            raise _Freeze(f"{node.op} output")
-        legacy = node.op in ("Softmax", "LogSoftmax", "Hardmax") and self._opset() < 13
-        ax = int(node.attrs.get("axis", 1 if legacy else -1)) % len(s)
-        if legacy:          # coerced to 2-D: every axis from `axis` on is normalized together
-            if x.axis >= ax:
-                raise _Freeze(f"{node.op} over the channel axis")
-        elif x.axis == ax:
-            raise _Freeze(f"{node.op} over the channel axis")
-        self.set(node.outputs[0], x.axis, x.slots)
-
-    def _opset(self) -> int:
+    def opset(self) -> int:
         return int(getattr(self.graph, "opset", 17) or 17)
 
     # ---- layout ops
-    def _op_Transpose(self, node):
-        x = self.get(node.inputs[0])
-        if x is None:
-            return
-        s = self.shape(node.inputs[0])
-        perm = node.attrs.get("perm") or list(range(len(s)))[::-1]
-        self.set(node.outputs[0], list(perm).index(x.axis), x.slots, x.cval)
-
-    def _op_Squeeze(self, node):
-        got = self.tracked_input(node)
-        if got is None:
-            return
-        x, s = got
-        axes = self._axes_of(node, len(s))
-        if axes is None:
-            axes = [i for i, d in enumerate(s) if d == 1]
-        if x.axis in axes:
-            raise _Freeze("squeezes the channel axis")
-        self.set(node.outputs[0], x.axis - sum(1 for a in axes if a < x.axis), x.slots, x.cval)
-
-    def _op_Unsqueeze(self, node):
-        x = self.get(node.inputs[0])
-        if x is None:
-            return
-        so = self.known_shape(node.outputs[0])
-        axes = self._axes_of(node, len(so))
-        kept = [i for i in range(len(so)) if i not in axes]
-        self.set(node.outputs[0], kept[x.axis], x.slots, x.cval)
-
-    def _op_Flatten(self, node):
-        self._reshape_like(node, rewrite=False)
-
-    def _op_Reshape(self, node):
-        x = self.get(node.inputs[0])
-        if x is None:
-            return
-        if self.const(node.inputs[1]) is None:
-            raise _Freeze("the Reshape target is not constant")
-        self._reshape_like(node, rewrite=True)
-
-    def _shuffle_follows(self, node, out_axes) -> bool:
-        """A split whose two factors the only consumer (a Transpose) swaps: a channel shuffle."""
-        y = node.outputs[0]
-        if len(y.outputs) != 1 or y.outputs[0].op != "Transpose" or len(out_axes) < 2:
-            return False
-        perm = list(y.outputs[0].attrs.get("perm") or [])
-        if not perm:
-            return False
-        return perm.index(out_axes[0]) > perm.index(out_axes[-1])
-
-    def _reshape_like(self, node, rewrite):
-        x = self.get(node.inputs[0])
-        if x is None:
-            return
-        si, so = self.shape(node.inputs[0]), self.shape(node.outputs[0])
-        if si is None or so is None:
-            raise _Freeze("unknown shape")
-        blocks = _blocks(si, so)
-        if blocks is None:
-            raise _Freeze("reshape without a block structure")
-        for i0, i1, j0, j1 in blocks:
-            if i0 <= x.axis < i1:
-                break
-        C = si[x.axis]
-        in_block = si[i0:i1]
-        out_block = so[j0:j1]
-        shape = [1] * len(in_block)
-        shape[x.axis - i0] = C
-        vals = np.broadcast_to(np.arange(C).reshape(shape), in_block).reshape(out_block)
-        in_nontrivial = [a for a in range(i0, i1) if si[a] > 1]
-        out_nontrivial = [b for b in range(j0, j1) if so[b] > 1]
-        if not out_nontrivial:
-            out_nontrivial = [j0] if j1 > j0 else []
-        if not out_nontrivial:
-            raise _Freeze("the channel axis disappears")
-        sets_of = {}
-        for b in out_nontrivial:
-            sets_of[b] = [np.unique(np.take(vals, p, axis=b - j0)) for p in range(so[b])]
-        if in_nontrivial == [x.axis] and len(out_nontrivial) > 1:
-            choice = out_nontrivial[-1] if self._shuffle_follows(node, out_nontrivial) else out_nontrivial[0]
-        else:
-            # prefer an axis whose positions hold whole channels (GroupNorm's [N, G, C/G*H*W] view), then the
-            # finest units
-            per_channel = vals.size // max(1, C)
-
-            def complete(b):
-                return all(np.take(vals, p, axis=b - j0).size == len(sets_of[b][p]) * per_channel
-                           for p in range(so[b]))
-            choice = min(out_nontrivial, key=lambda b: (not complete(b), max(len(s) for s in sets_of[b]), b))
-        sets = sets_of[choice]
-        slots, cv = [], []
-        for s in sets:
-            for c in s[1:]:
-                self.uf.union(x.slots[s[0]], x.slots[c])
-            slots.append(x.slots[s[0]])
-            vv = x.cval[s]
-            cv.append(vv[0] if np.all(vv == vv[0]) else NAN)
-        self.set(node.outputs[0], choice, slots, np.array(cv))
-        if rewrite:
-            self.rewrites.append(Rewrite("reshape", self.cur, {"axis": choice, "slots": list(slots)}))
-
-    def _op_Concat(self, node):
-        out = node.outputs[0]
-        so = self.shape(out)
-        tracked = [self.get(t) for t in node.inputs]
-        if all(c is None for c in tracked):
-            return
-        if so is None:
-            raise _Freeze("unknown shape")
-        ax = int(node.attrs["axis"]) % len(so)
-        axes = {c.axis for c in tracked if c is not None}
-        if len(axes) != 1:
-            raise _Freeze("operands carry channels on different axes")
-        cax = axes.pop()
-        if cax == ax:
-            slots, cv = [], []
-            for t, c in zip(node.inputs, tracked):
-                if c is not None:
-                    slots += c.slots
-                    cv.append(c.cval)
-                else:
-                    s = self.shape(t)
-                    n = s[ax] if s is not None else 0
-                    new = self.fresh(n)
-                    self.freeze(new, f"concatenated with an operand without prunable channels at {self.label(node)}")
-                    slots += new
-                    cv.append(np.full(n, NAN))
-            self.set(out, ax, slots, np.concatenate(cv) if cv else None)
-            return
-        slots = next(c for c in tracked if c is not None).slots
-        cvs = []
-        for i, (t, c) in enumerate(zip(node.inputs, tracked)):
-            if c is not None:
-                self.union_lists(slots, c.slots)
-                cvs.append(c.cval)
-                continue
-            v = self.const(t)
-            if v is None:
-                raise _Freeze("an operand without channel information")
-            self._param(i, cax, slots, "data")
-            vv = np.moveaxis(v.astype(np.float64), cax, 0).reshape(v.shape[cax], -1)
-            cvs.append(np.where(np.all(vv == vv[:, :1], axis=1), vv[:, 0], NAN))
-        cv = np.where(np.all([c == cvs[0] for c in cvs], axis=0), cvs[0], NAN)
-        self.set(out, cax, slots, cv)
-
-    def _split_sizes(self, node, n_in):
-        if len(node.inputs) > 1 and node.inputs[1].name:
-            v = self.const(node.inputs[1])
-            if v is None:
-                raise _Freeze("split sizes are not constant")
-            return [int(s) for s in v.reshape(-1)]
-        if "split" in node.attrs:
-            return [int(s) for s in node.attrs["split"]]
-        k = len(node.outputs)
-        q = -(-n_in // k)
-        return [q] * (k - 1) + [n_in - q * (k - 1)]
-
-    def _op_Split(self, node):
-        x = self.get(node.inputs[0])
-        if x is None:
-            return
-        s = self.shape(node.inputs[0])
-        ax = int(node.attrs.get("axis", 0)) % len(s)
-        if ax != x.axis:
-            for t in node.outputs:
-                self.set(t, x.axis, x.slots, x.cval)
-            return
-        sizes = self._split_sizes(node, s[ax])
-        off, parts = 0, []
-        for t, n in zip(node.outputs, sizes):
-            self.set(t, ax, x.slots[off:off + n], x.cval[off:off + n])
-            parts.append(list(x.slots[off:off + n]))
-            off += n
-        self.rewrites.append(Rewrite("split", self.cur, {"parts": parts}))
-
-    def _op_Slice(self, node):
-        x = self.get(node.inputs[0])
-        if x is None:
-            return
-        s = self.shape(node.inputs[0])
-        vals = []
-        for k in range(1, 5):
-            if len(node.inputs) > k and node.inputs[k].name:
-                v = self.const(node.inputs[k])
-                if v is None:
-                    raise _Freeze("Slice bounds are not constant")
-                vals.append([int(q) for q in v.reshape(-1)])
-            else:
-                vals.append(None)
-        if len(node.inputs) < 3:
-            raise _Freeze("Slice with attribute bounds (opset < 10)")
-        starts, ends, axes, steps = vals
-        axes = [a % len(s) for a in (axes if axes is not None else range(len(starts)))]
-        steps = steps if steps is not None else [1] * len(starts)
-        if x.axis not in axes:
-            self.set(node.outputs[0], x.axis, x.slots, x.cval)
-            return
-        k = axes.index(x.axis)
-        if steps[k] != 1:
-            raise _Freeze("a strided Slice of the channel axis")
-        C = s[x.axis]
-        st, en = starts[k], ends[k]
-        st = max(0, min(C, st + C if st < 0 else st))
-        en = max(0, min(C, en + C if en < 0 else en))
-        en = max(st, en)
-        self.set(node.outputs[0], x.axis, x.slots[st:en], x.cval[st:en])
-        self.rewrites.append(Rewrite("slice", self.cur, {"k": k, "slots": list(x.slots), "start": st, "end": en,
-                                                        "orig_end": ends[k]}))
-
-    def _op_Gather(self, node):
-        x = self.get(node.inputs[0])
-        if x is None:
-            if self.get(node.inputs[1]) is not None:
-                raise _Freeze("channels used as indices")
-            return
-        s = self.shape(node.inputs[0])
-        ax = int(node.attrs.get("axis", 0)) % len(s)
-        idx = self.const(node.inputs[1])
-        if idx is None:
-            raise _Freeze("Gather indices are not constant")
-        if ax != x.axis:
-            oax = x.axis + (idx.ndim - 1) if ax < x.axis else x.axis
-            self.set(node.outputs[0], oax, x.slots, x.cval)
-            return
-        if idx.ndim != 1:
-            raise _Freeze("Gather picks single channels")
-        ii = [int(i) % s[ax] for i in idx]
-        self.set(node.outputs[0], ax, [x.slots[i] for i in ii], x.cval[ii])
-        self.rewrites.append(Rewrite("gather", self.cur, {"slots": list(x.slots), "indices": ii}))
-
-    def _op_Resize(self, node):
-        x = self.get(node.inputs[0])
-        if x is None:
-            return
-        s, so = self.shape(node.inputs[0]), self.shape(node.outputs[0])
-        if s is None or so is None or so[x.axis] != s[x.axis]:
-            raise _Freeze("Resize scales the channel axis")
-        if len(node.inputs) > 1 and node.inputs[1].name and self.get(node.inputs[1]) is not None:
-            raise _Freeze("channels used as a Resize parameter")
-        if len(node.inputs) > 3 and node.inputs[3].name:
-            if self.const(node.inputs[3]) is None:
-                raise _Freeze("Resize sizes are not constant")
-            self.rewrites.append(Rewrite("resize", self.cur, {"axis": x.axis, "slots": list(x.slots)}))
-        cv = x.cval if node.attrs.get("mode", "nearest") == "nearest" else np.where(x.cval == 0, 0.0, NAN)
-        self.set(node.outputs[0], x.axis, x.slots, cv)
-
-    _op_Upsample = _op_Resize
-
-    def _op_Expand(self, node):
-        x = self.get(node.inputs[0])
-        if x is None:
-            return
-        s, so = self.shape(node.inputs[0]), self.shape(node.outputs[0])
-        if s is None or so is None or self.const(node.inputs[1]) is None:
-            raise _Freeze("Expand with an unknown shape")
-        oax = x.axis + len(so) - len(s)
-        if so[oax] != s[x.axis]:
-            raise _Freeze("Expand broadcasts the channel axis")
-        self.set(node.outputs[0], oax, x.slots, x.cval)
-        self.rewrites.append(Rewrite("expand", self.cur, {"axis": oax - (len(so) - len(self.const(node.inputs[1]))),
-                                                          "slots": list(x.slots)}))
-
-    def _op_Tile(self, node):
-        x = self.get(node.inputs[0])
-        if x is None:
-            return
-        r = self.const(node.inputs[1])
-        if r is None or int(r.reshape(-1)[x.axis]) != 1:
-            raise _Freeze("Tile repeats the channel axis")
-        self.set(node.outputs[0], x.axis, x.slots, x.cval)
-
-    def _op_Pad(self, node):
-        x = self.get(node.inputs[0])
-        if x is None:
-            return
-        s = self.shape(node.inputs[0])
-        pads = node.attrs.get("pads")
-        if pads is None:
-            pads = self.const(node.inputs[1]) if len(node.inputs) > 1 else None
-            if pads is None:
-                raise _Freeze("Pad amounts are not constant")
-            pads = pads.reshape(-1).tolist()
-        axes = list(range(len(s)))
-        if len(node.inputs) > 3 and node.inputs[3].name:
-            a = self.const(node.inputs[3])
-            if a is None:
-                raise _Freeze("Pad axes are not constant")
-            axes = [int(q) % len(s) for q in a.reshape(-1)]
-        if x.axis in axes:
-            k = axes.index(x.axis)
-            if pads[k] != 0 or pads[k + len(axes)] != 0:
-                raise _Freeze("Pad pads the channel axis")
-        mode = node.attrs.get("mode", "constant")
-        cv = np.where(x.cval == 0, 0.0, NAN) if mode == "constant" else x.cval
-        self.set(node.outputs[0], x.axis, x.slots, cv)
-
-    def _op_Shape(self, node):
-        if self.get(node.inputs[0]) is not None:
-            raise _Freeze("the shape of a channel tensor is read")
-
-    _op_Size = _op_Shape
-
     def _couple_shared_constants(self) -> None:
         """A constant read by several nodes (a weight shared by unrolled RNN steps, tied embeddings) is sliced once:
         along each axis, the slices every reader records are the same positions, so their slots are united (same
@@ -1361,10 +503,6 @@ class ChannelGroups:
                 sink = sinks.get(i)
                 out.append(KernelAxes(i, list(src.slots), list(sink.slots) if sink else None, False))
         return out
-
-
-class _Freeze(Exception):
-    pass
 
 
 @analysis("channel-groups")

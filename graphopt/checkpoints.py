@@ -70,7 +70,7 @@ class Checkpoints:
             if not existing.is_file():
                 raise BadInput(f"{self.folder}: no checkpoint to resume from (run without --resume to start)")
             self._load_run()
-        elif self.writer and self.folder.is_dir() and any(self.folder.iterdir()):    # (the writer creates it)
+        elif self.writer and self.folder.is_dir() and any(self.folder.iterdir()) and not self._saved_nothing():
             raise BadInput(f"{self.folder}: holds a checkpoint of an interrupted run; add --resume to continue it, "
                            f"or remove the folder to start over")
         if self.writer:
@@ -78,6 +78,17 @@ class Checkpoints:
             self._write_run()
 
     # ---------------------------------------------------------------- the index
+    def _saved_nothing(self) -> bool:
+        """The folder holds only graphopt's own index listing no saved state (a run that failed or was stopped
+        before its first checkpoint): nothing to resume, so a new run may start over in it."""
+        if [p.name for p in self.folder.iterdir()] != [RUN_FILE]:
+            return False
+        try:
+            run = json.loads((self.folder / RUN_FILE).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return False
+        return isinstance(run, dict) and run.get("format") == FORMAT and run.get("files") == {}
+
     def _load_run(self) -> None:
         path = self.folder / RUN_FILE
         try:

@@ -147,8 +147,8 @@ def cmd_compile(args) -> int:
 
 def _report_texts(report: dict) -> list[str]:
     """The terminal summaries of the report sections that passes filled (Pass.report_text), in report order."""
-    from .passmanager import REGISTRY, load_builtin_passes
-    load_builtin_passes()
+    from .passmanager import REGISTRY, load_passes
+    load_passes()
     by_section = {cls.report_name: cls for cls in REGISTRY.values() if cls.report_name}
     return [by_section[name].report_text(entry) for name, entries in report.items() if name in by_section
             for entry in entries]
@@ -256,8 +256,8 @@ def _macs_text(macs) -> str:
 
 def cmd_passes(args) -> int:
     """The passes and their options; with --target, the values "the target's" defaults take there."""
-    from .passmanager import REGISTRY, load_builtin_passes
-    load_builtin_passes()
+    from .passmanager import REGISTRY, load_passes
+    load_passes()
     hw = None
     if args.target:
         from . import api
@@ -611,6 +611,16 @@ def main(argv=None) -> int:
         print(f"graphopt: internal error: {type(e).__name__}: {printable(first, None)} (rerun with --debug for the "
               f"traceback)", file=sys.stderr)
         return 1
+
+
+def distributed_main(argv=None) -> int:
+    """`python -m graphopt.distributed compress ...`: `graphopt compress --distributed ...` in each process."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "compress":
+        print("usage: torchrun [torchrun options] -m graphopt.distributed compress MODEL --train TRAIN.npz "
+              "--pipeline TEXT -o OUT.onnx [graphopt compress options] [--backend gloo|nccl]", file=sys.stderr)
+        return 2
+    return main(["compress", *argv[1:], "--distributed"])
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .data_checks import check_finite, check_labels, class_count, nonfinite_weights
-from .errors import BadInput, CheckFailed
+from .errors import BadInput, CheckFailed, reraise_if_strict
 from .graph import copy as copy_graph, input_specs, output_specs, toposort
 from .passmanager import PassContext, PassManager, make_pass
 from .micro_batching import DEFAULT_MICRO_BATCH
@@ -492,6 +492,11 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
         else:
             raise BadInput("compress: the evaluation data must be {input name: array} or a torch DataLoader")
 
+    bad = nonfinite_weights(original)
+    if bad:
+        raise BadInput(f"compress: the model's weight '{bad[0]}' holds NaN or Inf ({len(bad)} weight(s) in all); "
+                       f"there is nothing sound to distill from")
+
     dist_info = None
     if distributed:
         from . import distributed as dist_mod
@@ -540,10 +545,6 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
     rest = max(n_steps, train_epochs - final_epochs)
     per_step = [rest // n_steps + (1 if i < rest % n_steps else 0) for i in range(n_steps)] if n_steps else []
 
-    bad = nonfinite_weights(original)
-    if bad:
-        raise BadInput(f"compress: the model's weight '{bad[0]}' holds NaN or Inf ({len(bad)} weight(s) in all); "
-                       f"there is nothing sound to distill from")
     original_size = _metrics(original)
     graph = copy_graph(original)
     history, records, step_no = [], [], 0
@@ -567,7 +568,7 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
         # eval_samples=0: distill's metrics on the training data (student and teacher run over up to 2048 training
         # examples after every phase) are not used here; on PP-OCRv4's recognizer they took most of each phase
         cfg = replace(config or base, epochs=n_epochs, temperature=temperature, feature_weight=0.0,
-                      attention_weight=0.0)
+                      attention_weight=0.0, eval_samples=0)
         adapters = False
         if mode in ("adapters", "both") and base.feature_weight:
             try:
@@ -578,6 +579,7 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
                     g = r.graph
                     cfg = replace(cfg, feature_weight=base.feature_weight, attention_weight=base.attention_weight)
             except Exception as e:   # noqa: BLE001 - no pairable layers: distill on logits (and the hint) only
+                reraise_if_strict(e)
                 log(f"compress: no feature adapters ({str(e).splitlines()[0]})")
         if pair is not None:
             # distill weighs every pair alike (it averages them): with adapters the hint is one more pair at their

@@ -38,7 +38,6 @@ batches to a torch device ("cuda:0").
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
 import time
 from dataclasses import dataclass, field, fields
@@ -49,10 +48,12 @@ import onnx_graphsurgeon as gs
 import torch
 import torch.nn.functional as F
 
+from .adapters import adapter_pairs, remove_adapters
 from .data_checks import check_finite, check_labels, class_count
 from .errors import BadInput, CheckFailed
 from .micro_batching import (DEFAULT_MICRO_BATCH, SlotSum, micro_batches, ordered_sum, owned,
                              reduce_gradients)
+from .layouts import tensor_layouts
 from .trainable import TrainableGraph
 
 __all__ = ["DistillConfig", "distill", "evaluate", "linear_cka", "kd_loss", "attention_map", "attention_loss",
@@ -281,11 +282,6 @@ def linear_cka(X, Y) -> float:
 _LABEL_KEYS = ("labels", "label", "y", "target", "targets")
 
 
-def _adapters_module():
-    # distillation consumes what the insert-adapters pass produced; imported lazily (core names no pass at import)
-    return importlib.import_module("graphopt.passes.insert_adapters")
-
-
 def _array_inputs(data: dict, names: list[str], where: str) -> list[np.ndarray]:
     if all(n in data for n in names):
         arrays = [np.asarray(data[n]) for n in names]
@@ -384,8 +380,7 @@ class _Pair:
 
 
 def _feature_pairs(student: gs.Graph, teacher: gs.Graph, config: DistillConfig) -> list[_Pair]:
-    mod = _adapters_module()
-    s_lay = mod.tensor_layouts(student)
+    s_lay = tensor_layouts(student)
     s_tensors, t_names = student.tensors(), set(teacher.tensors())
 
     def channel_axis(name):
@@ -399,7 +394,7 @@ def _feature_pairs(student: gs.Graph, teacher: gs.Graph, config: DistillConfig) 
         return 1 if lay == "cf" else -1
 
     pairs = []
-    for rec in mod.adapter_pairs(student):
+    for rec in adapter_pairs(student):
         if rec["teacher"] not in t_names:
             raise BadInput(f"distill: the student's adapter for '{rec['student']}' pairs it with teacher tensor "
                            f"'{rec['teacher']}', which the first teacher does not have")
@@ -457,7 +452,6 @@ def distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, l
                        f"{len(teachers)} teachers")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    mod = _adapters_module()
 
     device = torch.device(config.device) if config.device else None
     s_tg = TrainableGraph(student)
@@ -471,7 +465,7 @@ def distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, l
             t.to(device)
     if not list(s_tg.parameters()):
         raise BadInput("distill: the student graph has no trainable weights")
-    adapted_outputs = {rec["output"] for rec in mod.adapter_pairs(student)}
+    adapted_outputs = {rec["output"] for rec in adapter_pairs(student)}
     s_out_idx = [i for i, n in enumerate(s_tg.output_names) if n not in adapted_outputs]
     pairs = _feature_pairs(student, teachers[0], config)
     s_feat_names = sorted({p.student for p in pairs
@@ -671,7 +665,7 @@ def distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, l
         s_tg.cpu()
     trained = s_tg.to_graph()
     if not config.keep_adapters:
-        mod.remove_adapters(trained)
+        remove_adapters(trained)
     metrics = {"steps": total, "epochs": (total / per_epoch) if per_epoch else None,
                "seconds": round(time.perf_counter() - t0, 3), "history": history,
                "loss_first": float(np.mean(history["loss"][:max(1, min(10, total // 10 or 1))])),

@@ -21,9 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import statistics
 import tempfile
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +30,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from . import __version__, verified_json
+from . import verified_json
+from .version import __version__
 from .errors import BadInput
+from .timing import ROUNDS, clock_name, time_interleaved, timer  # noqa: F401 (clock_name: the passes' reports)
 
 FORMAT = 1
 #: fractions of a layer's channels measured (rounded to the channel step)
 FRACTIONS = (0.75, 0.5, 0.25, 0.1)
-ROUNDS = 9                  # interleaved timing rounds per layer (the median is kept)
-SAMPLE_S = 1e-3             # each timing sample repeats the call for at least this long
 OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -295,56 +293,6 @@ def _compile(model: onnx.ModelProto, target: str, target_options: dict | None, f
     from . import api
     return api.compile(model, target, folder, target_options=target_options, measure=False,
                        verify_level="structural")
-
-
-def timer(art, threads: int | None):
-    """A call running the artifact's library on fixed seeded inputs (inputs converted once, outputs not copied)."""
-    from . import ort
-    runner = art.runner(threads)
-    from .check_inputs import file_input_ranges
-    feeds = ort.random_inputs([(i["name"], tuple(i["shape"]), i["dtype"]) for i in art.inputs], 0,
-                              file_input_ranges(art.path / "model.onnx"))
-    arrays = art.check_inputs(feeds)
-    main = getattr(runner, "main", None)
-    if main is None:
-        return lambda: runner(arrays)
-    from .targets.base import to_tvm_cpu
-    import tvm
-    args = to_tvm_cpu(arrays, tvm)
-    return lambda: main(*args)
-
-
-def clock(threads: int | None):
-    """What latency is timed with: the process's CPU time for one thread (what the call takes on a core of its own:
-    preemption by other processes on a shared machine does not count), wall-clock time otherwise."""
-    return time.process_time if threads == 1 else time.perf_counter
-
-
-def clock_name(threads: int | None) -> str:
-    return "process CPU time (1 thread)" if threads == 1 else "wall clock"
-
-
-def time_interleaved(calls: list, rounds: int = ROUNDS, sample_s: float = SAMPLE_S, threads: int | None = None) \
-        -> list[float]:
-    """Median ms per call of each callable, timed in interleaved rounds (so load changes hit all alike) with
-    clock(threads); in each round every callable runs once untimed first, so each is timed warm, as it runs back to
-    back in deployment."""
-    now = clock(threads)
-    reps = []
-    for fn in calls:
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        reps.append(max(1, int(sample_s / max(time.perf_counter() - t0, 1e-7))))
-    samples = [[] for _ in calls]
-    for _ in range(rounds):
-        for i, fn in enumerate(calls):
-            fn()
-            t0 = now()
-            for _ in range(reps[i]):
-                fn()
-            samples[i].append((now() - t0) / reps[i] * 1e3)
-    return [statistics.median(s) for s in samples]
 
 
 def _empty_model() -> onnx.ModelProto:

@@ -11,7 +11,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import external_data_helper, numpy_helper
 
-from .errors import BadInput, UnsupportedModel, printable
+from .errors import BadInput, UnsupportedModel, printable, reraise_if_strict
 from .control_flow import refuse_unshaped_loops
 from .folding import fold
 from .graph import from_onnx, name_nodes
@@ -288,7 +288,8 @@ def _check_folding(unfolded: onnx.ModelProto, folded: gs.Graph, where: str) -> N
     feeds = verify.seeded_inputs(folded)
     try:
         ref = ort.run(unfolded, feeds)
-    except Exception:
+    except Exception as e:
+        reraise_if_strict(e)
         return
     got = ort.run(to_onnx(folded), feeds)
     ok, err, name = verify.compare(ref, {a: got[b] for a, b in zip(ref, got)}, verify.EXACT_RTOL, verify.EXACT_ATOL,

@@ -25,7 +25,7 @@ class OpTraits:
     params: tuple[int, ...] = ()
     #: inputs that are never parameters: shapes, axes, indices, statistics, bounds, exponents, scales
     fixed: tuple[int, ...] = ()
-    #: unary / elementwise: f(0, ..., 0) = 0 whatever the attributes
+    #: unary / elementwise / reduce: f(0, ..., 0) = 0 whatever the attributes
     zero_preserving: bool = False
     #: the output keeps channels at axis 1 and spatial axes after (insert-adapters' channels-first layouts)
     channels_first: bool = False
@@ -49,8 +49,10 @@ class OpTraits:
 _t = OpTraits
 
 
-_REDUCES = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
-            "ReduceLogSumExp", "ReduceSumSquare", "ReduceLogSum")
+#: reductions and whether reducing zeros gives 0 (log-sum-exp gives log n, log-sum -inf)
+_REDUCES = {"ReduceMean": True, "ReduceSum": True, "ReduceMax": True, "ReduceMin": True, "ReduceProd": True,
+            "ReduceL1": True, "ReduceL2": True, "ReduceLogSumExp": False, "ReduceSumSquare": True,
+            "ReduceLogSum": False}
 #: unary ops and whether f(0) = 0
 _UNARY = {
     "Relu": True, "LeakyRelu": True, "Sigmoid": False, "HardSigmoid": False, "HardSwish": True, "Tanh": True,
@@ -94,7 +96,7 @@ TABLE: dict[str, OpTraits] = {
     "GlobalMaxPool": _t(family="pool", channels_first=True),
     "GlobalLpPool": _t(family="pool"),
     # reductions (input 1: axes)
-    **{op: _t(family="reduce", fixed=(1,), opaque_layout=True) for op in _REDUCES},
+    **{op: _t(family="reduce", fixed=(1,), opaque_layout=True, zero_preserving=z) for op, z in _REDUCES.items()},
     # ops that mix values along one axis
     "Softmax": _t(family="axis_mixer"),
     "LogSoftmax": _t(family="axis_mixer"),

@@ -2,8 +2,6 @@
 cache, and the PassManager that parses/prints pipelines and verifies after every pass."""
 from __future__ import annotations
 
-import importlib
-import os
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -12,10 +10,10 @@ from typing import Any
 
 import onnx_graphsurgeon as gs
 
-from . import ort, pipeline_text, verify
+from . import ort, pipeline_text, plugins, verify
 from .analyses import AnalysisManager
 from .data_checks import nonfinite_weights
-from .errors import BadInput, CheckFailed
+from .errors import BadInput, CheckFailed, GraphoptError, printable, strict_mode
 from .graph import copy as copy_graph, fingerprint, to_onnx
 from .hardware import GENERIC, HardwareInfo
 
@@ -156,7 +154,7 @@ class Pass:
 
 
 REGISTRY: dict[str, type[Pass]] = {}
-_BUILTINS_LOADED = False
+_ALL_LOADED = False
 
 
 def register(cls: type[Pass]) -> type[Pass]:
@@ -166,17 +164,34 @@ def register(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
-def load_builtin_passes() -> None:
-    """Import the pass package (a plugin import: core code names no concrete pass)."""
-    global _BUILTINS_LOADED
-    if not _BUILTINS_LOADED:
-        importlib.import_module("graphopt.passes")
-        _BUILTINS_LOADED = True
+def _load_entry_points(name: str | None = None) -> None:
+    """Register the passes of the `graphopt.passes` entry-point group (those called `name` when given). An entry
+    names a Pass subclass ("module:Class") or a module whose import registers the pass."""
+    for ep in plugins.entry_points(plugins.PASSES, name):
+        obj = plugins.load(ep)
+        if isinstance(obj, type) and issubclass(obj, Pass):
+            if obj.name != ep.name:
+                raise GraphoptError(f"{plugins.PASSES} entry point '{printable(ep.name)}' names a pass called "
+                                    f"'{printable(obj.name)}'")
+            register(obj)
+        elif ep.name not in REGISTRY:
+            raise GraphoptError(f"{plugins.PASSES} entry point '{printable(ep.name)}' ({printable(ep.value)}) "
+                                f"registered no pass of that name")
+
+
+def load_passes() -> None:
+    """Register every installed pass (the registry then lists them all: `graphopt passes`, report sections)."""
+    global _ALL_LOADED
+    if not _ALL_LOADED:
+        _load_entry_points()
+        _ALL_LOADED = True
 
 
 def get_pass_class(name: str) -> type[Pass]:
-    load_builtin_passes()
     if name not in REGISTRY:
+        _load_entry_points(name)
+    if name not in REGISTRY:
+        load_passes()
         import difflib
         close = difflib.get_close_matches(name, REGISTRY, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -205,7 +220,7 @@ class PassContext:
         self.verify = verify
         self.progress = progress
         # checks for pass authors and tests (default: GRAPHOPT_STRICT=1): a functional pass left its input alone
-        self.strict = os.environ.get("GRAPHOPT_STRICT") == "1" if strict is None else strict
+        self.strict = strict_mode() if strict is None else strict
         self.analyses = AnalysisManager(self)
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from .errors import reraise_if_strict
+
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
 STEP_FRACTION = 0.99          # the fixed rule, when onnxruntime's optimized session cannot run the model
 FRACTION_SLACK = 0.005        # half a percent of the elements
@@ -149,6 +151,7 @@ def compare_quantized(model, feeds: dict, ref: dict, got: dict) -> dict | None:
     try:
         theirs = within_quant_steps(ref, ort.run(model, feeds, optimize=True), crit)
     except Exception as e:  # noqa: BLE001 - an optimized session that cannot run the model: the fixed rule
+        reraise_if_strict(e)
         mine.update(reference="onnxruntime, no graph optimizations, on model.onnx",
                     note=f"onnxruntime's optimized session could not run the model ({type(e).__name__}); "
                          f"fixed rule applied")

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, verified_json
+from . import verified_json
+from .version import __version__
 from .errors import BadInput, GraphoptError, printable
 
 FORMAT = 1

@@ -20,6 +20,8 @@ from fractions import Fraction
 import onnx
 import onnx_graphsurgeon as gs
 
+from .errors import reraise_if_strict
+
 #: (first value, step) tried for a symbol, in order: the probes bind it to first, first+step (fit) and first+2*step
 #: (check). Steps that are multiples of 32 (and 3) keep the strides of detectors and recognizers exact; 960 also
 #: those of audio front ends (hops of 160), which need long inputs.
@@ -261,7 +263,8 @@ class _Prober:
                     continue
                 s = tuple(p.shape) if p.shape is not None else None
                 out[t.name] = s if s is not None and all(isinstance(d, int) and d >= 0 for d in s) else None
-        except Exception:           # noqa: BLE001 - a binding the model cannot take is just not a usable probe
+        except Exception as e:  # noqa: BLE001 - a binding the model cannot take is just not a usable probe
+            reraise_if_strict(e)
             out = None
         self.cache[values] = out
         return out

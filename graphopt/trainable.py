@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import BadInput, UnsupportedModel
+from .errors import BadInput, UnsupportedModel, reraise_if_strict
 from .graph import copy as copy_graph
 from .graph import constant_node_value, node_label
 from .op_traits import ops, traits
@@ -1261,6 +1261,7 @@ class TrainableGraph(nn.Module):
             except UnsupportedModel:
                 raise
             except Exception as e:
+                reraise_if_strict(e)
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise UnsupportedModel(f"{op.label}: the trainable view failed to run it ({msg})") from e
             for name, y in zip(op.outputs, outs):

@@ -6,7 +6,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import ort
-from .errors import CheckFailed
+from .errors import CheckFailed, reraise_if_strict
 from .graph import input_specs, to_onnx
 
 EXACT_RTOL, EXACT_ATOL = 1e-5, 1e-6   # atol is scaled by max(1, max|ref|) of each output: float reassociation
@@ -90,7 +90,8 @@ def fp64_outputs(graph: gs.Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.
                 xs[k] = torch.from_numpy(a.astype(np.float64) if a.dtype.kind == "f" else a)
         with torch.no_grad():
             out = view(xs)
-    except Exception:       # an op the view lacks, or a dtype it cannot run in float64
+    except Exception as e:  # an op the view lacks, or a dtype it cannot run in float64
+        reraise_if_strict(e)
         return None
     out = out if isinstance(out, tuple) else (out,)
     return {name: o.numpy() for name, o in zip(view.output_names, out)}

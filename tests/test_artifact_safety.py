@@ -13,9 +13,8 @@ import numpy as np
 import onnx
 import pytest
 
-from graphopt import distributed
 from graphopt.artifact import Staging
-from graphopt.cli import main
+from graphopt.cli import distributed_main, main
 from graphopt.errors import BadInput
 
 MODEL = Path(__file__).resolve().parent / "fixtures" / "digits_cnn.onnx"      # x [1, 1, 8, 8] -> logits [1, 10]
@@ -146,7 +145,7 @@ def test_compress_checks_its_output_before_any_work(capsys, tmp_path, case):
               "missing-parent": f"{out.parent}: no such folder (for -o out.onnx)",
               "parent-is-a-file": f"{out.parent}: is not a folder; choose another -o",
               "other-file": f"{out}: exists and is not a .onnx file"}[case]
-    for cmd in (main, distributed.main):
+    for cmd in (main, distributed_main):
         code = cmd(["compress", str(MODEL), "--train", str(tmp_path / "missing.npz"), "--pipeline", "cleanup",
                     "-o", str(out)])
         line = one_error_line(capsys.readouterr().err)

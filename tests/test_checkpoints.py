@@ -103,3 +103,16 @@ def test_cli_resume_without_checkpoint(tmp_path, capsys, data):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "no checkpoint to resume from" in err[0]
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_next(tmp_path, data):
+    """(compress --lr 1e30: the loss became NaN at step 2, the folder held only its index) the advised rerun with
+    a lower learning rate starts over instead of being refused as an interrupted run; a foreign file still blocks."""
+    from graphopt.checkpoints import Checkpoints
+    ckpt = tmp_path / "ckpt"
+    Checkpoints(ckpt, "key-a")                                  # what a failed run leaves: the index, no files
+    assert [p.name for p in ckpt.iterdir()] == ["run.json"]
+    Checkpoints(ckpt, "key-b")                                  # a new run may start over
+    (ckpt / "notes.txt").write_text("mine")
+    with pytest.raises(BadInput, match="add --resume"):
+        Checkpoints(ckpt, "key-c")

@@ -124,6 +124,18 @@ def test_nan_weights_are_never_trained_on_or_compiled(tmp_path, data):
     assert not (tmp_path / "art").exists()
 
 
+def test_compress_of_nan_weights_leaves_nothing_behind(tmp_path, capsys, data):
+    """Refused before the checkpoint folder is made: a leftover OUT.ckpt would refuse the next (fixed) run as "a
+    checkpoint of an interrupted run"."""
+    import onnx
+    onnx.save(gs.export_onnx(_with_nan_weight(graphopt.load(digits.teacher_path()))), str(tmp_path / "nan.onnx"))
+    np.savez(tmp_path / "train.npz", **data[0])
+    rc = main(["compress", str(tmp_path / "nan.onnx"), "--train", str(tmp_path / "train.npz"), "--pipeline", PIPELINE,
+               "--epochs", "1", "-o", str(tmp_path / "out.onnx")])
+    assert rc == 2 and "holds NaN or Inf" in _err_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.onnx", "train.npz"]
+
+
 def test_a_pass_that_writes_nan_weights_fails_the_check():
     from graphopt.passmanager import Pass, PassManager, PassResult
 

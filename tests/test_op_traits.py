@@ -8,7 +8,7 @@ import graphopt
 import onnx_builders as ob
 from graphopt import PassContext, PassManager, ort
 from graphopt.op_traits import FAMILIES, TABLE, OpTraits, ops, traits, weight_out_axis
-from graphopt.channel_groups import UNARY_VALUES
+from graphopt.prune_rules.elementwise import UNARY_VALUES
 from graphopt.trainable import parameter_names
 
 
@@ -21,7 +21,7 @@ def test_table_invariants():
             assert t.weight is not None and t.bias in t.params, op
         assert not set(t.params) & set(t.fixed), op
         if t.zero_preserving or t.neutral is not None:
-            assert t.family in ("unary", "elementwise"), op
+            assert t.family in ("unary", "elementwise", "reduce"), op
         if t.int8_passthrough:       # only moves or selects values
             assert t.layout or t.family == "pool", op
         assert not (t.layout and t.opaque_layout), op

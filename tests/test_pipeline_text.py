@@ -7,10 +7,10 @@ from hypothesis import strategies as st
 
 from graphopt import PassManager
 from graphopt.errors import BadInput
-from graphopt.passmanager import REGISTRY, get_pass_class, load_builtin_passes
+from graphopt.passmanager import REGISTRY, get_pass_class, load_passes
 from graphopt.pipeline_text import parse
 
-load_builtin_passes()
+load_passes()
 
 
 def test_parse_options_and_types():

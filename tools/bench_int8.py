@@ -212,6 +212,7 @@ def accuracy(args):
     from graphopt import PassContext, PassManager, ort
     from graphopt.graph import to_onnx
     from graphopt.targets import int8, tvm_lowering
+    from graphopt.targets.cpu import CpuTarget
     from targets.test_cpu_int8 import _train_mobilenet_v2_digits
 
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-int8-acc-"))
@@ -228,7 +229,7 @@ def accuracy(args):
             "calib": {"x": x_tr[:256]}, "eval": {"x": x_tr[-300:], "labels": y_tr[-300:]}}))
         q = to_onnx(res.graph)
         so = out / f"{name.split()[0]}.so"
-        facts = int8.build_library(q, so)
+        facts = int8.build_library(q, so, CpuTarget().tvm_target())
         run = tvm_lowering.VMRunner(so)
         s_fp, s_q = ort.session(fp32), ort.session(q)
         top = {"fp32_onnxruntime": np.mean([np.argmax(s_fp.run(None, {"x": x[None]})[0]) == y for x, y in zip(x_te, y_te)]),

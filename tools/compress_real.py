@@ -17,7 +17,7 @@ Models (from the wheels tools/setup.sh installs):
              /usr/share and /usr/lib (train and held-out files disjoint); metric: top-1 agreement
 
 Latency: both artifacts are compiled with `graphopt compile --target cpu --pipeline cleanup`, then timed in
-interleaved rounds with one thread on process CPU time (graphopt.latency.time_interleaved), so the other load on a
+interleaved rounds with one thread on process CPU time (graphopt.timing.time_interleaved), so the other load on a
 shared machine does not count. Compress time: wall clock and the CPU time of the compress process.
 """
 from __future__ import annotations
@@ -169,7 +169,7 @@ def compile_cpu(model_path: Path, name: str, shape: tuple, out: Path) -> float:
 def latency(teacher_art: Path, student_art: Path) -> tuple[float, float]:
     """Median ms of teacher and student, one thread, process CPU time, interleaved rounds."""
     from graphopt.artifact import Artifact
-    from graphopt.latency import time_interleaved, timer
+    from graphopt.timing import time_interleaved, timer
     calls = [timer(Artifact(teacher_art), 1), timer(Artifact(student_art), 1)]
     return tuple(time_interleaved(calls, threads=1))
 

@@ -4,7 +4,8 @@
 For one model: the fp32 model (onnxruntime), the PTQ graph (`quantize`, onnxruntime's calibrators) compiled for the
 cpu target, and the QAT graph (`graphopt compress` with `quantize{qat=true}`: the same PTQ scales, weights trained
 through fake quantization with distillation from the fp32 model, exported as the same QDQ graph) compiled the same
-way. Accuracy on held-out data:
+way. Accuracy on held-out data, and the median latency (--repeat runs, --threads threads) of each: onnxruntime on
+the fp32 model, graphopt's compiled int8 libraries:
 
 * digits-cnn (tests/fixtures/digits_cnn.onnx), digits-mobilenet (a MobileNetV2-style depthwise net trained here):
   top-1 on the 450 held-out scikit-learn digits;
@@ -103,14 +104,17 @@ def main(argv=None) -> int:
     ap.add_argument("--train", type=int, default=256, help="ppocr-rec: rendered training lines")
     ap.add_argument("--eval", type=int, default=100, help="ppocr-rec: rendered evaluation lines")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=20, help="latency: timed runs of each model")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
 
     import graphopt
     from graphopt import PassContext, PassManager
+    from graphopt.api import measure_latency
     from graphopt.compress import compress
-    from graphopt.graph import copy as copy_graph
+    from graphopt.evaluate import ort_latency_ms
+    from graphopt.graph import copy as copy_graph, input_specs, to_onnx
     from graphopt.progress import Progress
     out = a.out or Path(tempfile.mkdtemp(prefix="qat-accuracy-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -121,12 +125,15 @@ def main(argv=None) -> int:
     opts = "scheme=int8" + (f",{a.quantize}" if a.quantize else "")
     rows, t0 = {}, time.perf_counter()
     rows["fp32 (onnxruntime)"] = score(run_onnxruntime(graph, evaluation))
+    latency = {"fp32 (onnxruntime)": round(ort_latency_ms(to_onnx(graph), input_specs(graph), a.threads,
+                                                          a.repeat), 4)}
     _log(f"fp32: {rows['fp32 (onnxruntime)']}")
 
     calib = {"x": train["x"]}
     ptq = PassManager.parse(f"quantize{{{opts}}}").run(copy_graph(graph), PassContext(data={"calib": calib})).graph
     art = graphopt.compile(ptq, target="cpu", out=out / "ptq.cpu", measure=False, threads=a.threads)
     rows["PTQ int8 (compiled)"] = score(run_artifact(art, evaluation))
+    latency["PTQ int8 (compiled)"] = measure_latency(art, threads=a.threads, repeat=a.repeat)["graphopt_ms"]
     _log(f"PTQ: {rows['PTQ int8 (compiled)']} ({art.report.get('int8_kernels')} int8 kernels)")
 
     t = time.perf_counter()
@@ -136,21 +143,23 @@ def main(argv=None) -> int:
     train_s = time.perf_counter() - t
     art = graphopt.compile(qat, target="cpu", out=out / "qat.cpu", measure=False, threads=a.threads)
     rows["QAT int8 (compiled)"] = score(run_artifact(art, evaluation))
+    latency["QAT int8 (compiled)"] = measure_latency(art, threads=a.threads, repeat=a.repeat)["graphopt_ms"]
     _log(f"QAT: {rows['QAT int8 (compiled)']} ({art.report.get('int8_kernels')} int8 kernels, {train_s:.0f} s "
          f"training)")
 
     result = {"model": a.model, "quantize": opts, "epochs": a.epochs, "lr": a.lr, "rows": rows,
+              "latency_ms": latency, "threads": a.threads,
               "qat_training_seconds": round(train_s, 1), "seconds": round(time.perf_counter() - t0, 1),
               "quantization": info.get("quantization")}
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(result, indent=2, default=str))
     metrics = list(rows["fp32 (onnxruntime)"])
-    print(f"| {a.model} | " + " | ".join(metrics) + " |")
+    print(f"| {a.model} | " + " | ".join(metrics) + f" | latency ms ({a.threads} thread(s)) |")
     for name, r in rows.items():
         fp = rows["fp32 (onnxruntime)"]
         print(f"| {name} | " + " | ".join(f"{100 * r[k]:.2f}% ({100 * (r[k] - fp[k]):+.2f})" if k in r else "-"
-                                         for k in metrics) + " |")
+                                         for k in metrics) + f" | {latency[name]:.4g} |")
     return 0
 
 

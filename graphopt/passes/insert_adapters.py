@@ -36,13 +36,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt import metadata
+from graphopt.adapters import ADAPTED_SUFFIX, adapter_pairs, remove_adapters  # noqa: F401 (remove_adapters: API)
 from graphopt.errors import BadInput, CheckFailed
 from graphopt.graph import to_onnx
+from graphopt.layouts import tensor_layouts
 from graphopt.op_traits import traits
 from graphopt.passmanager import Option, Pass, PassResult, register
-
-ADAPTED_SUFFIX = "__adapted"
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -51,61 +50,6 @@ ADAPTED_SUFFIX = "__adapted"
 
 def _static(shape) -> bool:
     return shape is not None and all(isinstance(d, (int, np.integer)) and d > 0 for d in shape)
-
-
-def tensor_layouts(graph: gs.Graph) -> dict[str, str]:
-    """Best-effort layout of every float activation: 'cf' (channels at axis 1, spatial after), 'cl' (channels
-    last, sequence/spatial in between) or 'vec' (rank 2, batch x features). Tensors left out have no known layout."""
-    lay: dict[str, str] = {}
-    for t in graph.inputs:
-        r = len(t.shape or ())
-        if r >= 4:
-            lay[t.name] = "cf"
-        elif r == 3:
-            lay[t.name] = "cl"
-        elif r == 2:
-            lay[t.name] = "vec"
-    for node in graph.nodes:
-        outs = [o for o in node.outputs if o.name]
-        if not outs:
-            continue
-        out = outs[0]
-        r = len(out.shape) if out.shape is not None else None
-        tr = traits(node.op)
-        got = None
-        if r is None:
-            pass
-        elif r == 2 and not (tr.layout or tr.opaque_layout):
-            got = "vec"
-        elif tr.channels_first:
-            got = "cf"
-        elif node.op in ("MatMul", "Gemm") and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant) \
-                and node.inputs[1].values.ndim == 2:
-            got = "cl"
-        elif node.op == "Transpose":
-            src = node.inputs[0]
-            perm = [int(p) for p in node.attrs.get("perm", [])]
-            if lay.get(src.name) == "cf" and perm == [0] + list(range(2, r)) + [1]:
-                got = "cl"
-            elif lay.get(src.name) == "cl" and perm == [0, r - 1] + list(range(1, r - 1)):
-                got = "cf"
-        elif node.op in ("Reshape", "Flatten"):
-            src = node.inputs[0]
-            if lay.get(src.name) == "cf" and r >= 3 and src.shape is not None \
-                    and list(out.shape[:2]) == list(src.shape[:2]):
-                got = "cf"
-        elif tr.layout or tr.opaque_layout:
-            got = None
-        else:  # elementwise, activations, Concat, LayerNormalization, Softmax...: follow a same-rank input
-            for t in node.inputs:
-                if isinstance(t, gs.Variable) and t.shape is not None and len(t.shape) == r and t.name in lay:
-                    got = lay[t.name]
-                    break
-        if got is not None:
-            for o in outs:
-                if o.shape is not None and len(o.shape) == r:
-                    lay[o.name] = got
-    return lay
 
 
 def _spatial(shape, layout) -> tuple:
@@ -296,45 +240,6 @@ def _tag(tags: dict[str, metadata.AdapterTag], taken: set[str], output: str, stu
     return name
 
 
-def adapter_pairs(graph: gs.Graph) -> list[dict]:
-    """[{student, teacher, output, kind}] for the adapters in `graph`, in insertion order."""
-    tags = metadata.adapter_tags(graph)
-    found, order = {}, []
-    for node in graph.nodes:
-        meta = tags.get(node.name)
-        if meta is None:
-            continue
-        key = (meta.student, meta.teacher)
-        if key not in found:
-            found[key] = {"student": meta.student, "teacher": meta.teacher, "output": None, "kind": None}
-            order.append(key)
-        for o in node.outputs:
-            if o.name.endswith(ADAPTED_SUFFIX) or ADAPTED_SUFFIX + "_" in o.name:
-                found[key]["output"] = o.name
-        if meta.part in ("conv", "matmul", "identity"):
-            found[key]["kind"] = {"conv": "conv1x1", "matmul": "linear", "identity": "identity"}[meta.part]
-    return [found[k] for k in order]
-
-
-def remove_adapters(graph: gs.Graph) -> gs.Graph:
-    """Take every adapter node and its "__adapted" output out of the graph (in place; also returned). Nothing
-    else is touched: no cleanup, no reordering, so the student comes back exactly as it was before insertion."""
-    tags = metadata.adapter_tags(graph)
-    if tags:
-        metadata.set_adapter_tags(graph, {})
-    adapters = [n for n in graph.nodes if n.name in tags]
-    if not adapters:
-        return graph
-    produced = {id(t) for n in adapters for t in n.outputs}
-    graph.outputs = [t for t in graph.outputs if id(t) not in produced]
-    for n in adapters:
-        n.inputs.clear()
-        n.outputs.clear()
-    dead = {id(n) for n in adapters}
-    graph.nodes = [n for n in graph.nodes if id(n) not in dead]
-    return graph
-
-
 def structure_differences(a: gs.Graph, b: gs.Graph) -> list[str]:
     """Where two graphs differ in structure: inputs, outputs, nodes (op, name, wiring, attributes) and
     initializer names/shapes/dtypes. Empty when they are the same graph up to weight values."""
@@ -435,7 +340,7 @@ def insert(student: gs.Graph, teacher: gs.Graph, pairs: list[tuple[str, str]] | 
            init: str = "lstsq", samples: int = 64, data: dict | None = None, seed: int = 0,
            adapt_equal: bool = False, ridge: float = 0.1) -> tuple[gs.Graph, list[dict]]:
     """Insert adapters into `student` (in place; also returned). Returns (graph, records)."""
-    from graphopt.distill import linear_cka  # torch is imported only when the pass runs
+    from graphopt.evaluate import linear_cka
     existing = adapter_pairs(student)
     if existing:
         raise BadInput("insert-adapters: the student already has adapters; remove them first (remove_adapters)")

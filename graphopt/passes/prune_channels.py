@@ -56,9 +56,10 @@ import onnx_graphsurgeon as gs
 
 from graphopt import ort, verify
 from graphopt.analyses import flops as flops_analysis
-from graphopt.errors import BadInput, CheckFailed, GraphoptError, printable
+from graphopt.errors import BadInput, CheckFailed, GraphoptError, printable, reraise_if_strict
 from graphopt.graph import constant_value, copy as copy_graph, np_dtype, to_onnx, toposort
 from graphopt.passmanager import Option, Pass, PassResult, register
+from graphopt.prune_rules import Edit
 from graphopt.shapes import infer
 from graphopt.text_table import table
 
@@ -148,61 +149,9 @@ def apply_removal(graph: gs.Graph, plan: Plan) -> gs.Graph:
         _set_const(node, ii, sliced, names, (t.name or node.name) + "_pruned",
                    key=tuple(sorted((a, k.tobytes()) for a, k in keep.items())))
     opset = int(getattr(graph, "opset", 17) or 17)
+    edit = Edit(plan.keep, lambda node, i, values, base: _set_const(node, i, values, names, base), names, opset)
     for r in g.rewrites:
-        node = nodes[r.node]
-        d = r.data
-        if r.kind in ("group", "groups"):
-            k = plan.keep(d["slots"])
-            if not k.all():
-                node.attrs["group" if r.kind == "group" else "num_groups"] = int(k.sum())
-        elif r.kind == "reshape":
-            k = plan.keep(d["slots"])
-            if k.all():
-                continue
-            shape = constant_value(node.inputs[1]).astype(np.int64).copy()
-            if shape[d["axis"]] > 0:
-                shape[d["axis"]] = int(k.sum())
-                _set_const(node, 1, shape, names, node.inputs[1].name + "_pruned")
-        elif r.kind == "split":
-            sizes = [int(plan.keep(p).sum()) for p in d["parts"]]
-            if sizes == [len(p) for p in d["parts"]]:
-                continue
-            arr = np.array(sizes, dtype=np.int64)
-            if len(node.inputs) > 1 and node.inputs[1].name:
-                _set_const(node, 1, arr, names, node.inputs[1].name + "_pruned")
-            elif opset >= 13:
-                node.attrs.pop("num_outputs", None)
-                node.attrs.pop("split", None)
-                node.inputs.append(gs.Constant(names(node.name + "_split"), arr))
-            else:
-                node.attrs["split"] = sizes
-        elif r.kind == "slice":
-            k = plan.keep(d["slots"])
-            if k.all():
-                continue
-            st, en = int(k[:d["start"]].sum()), int(k[:d["end"]].sum())
-            for inp, val in ((1, st), (2, en)):
-                arr = constant_value(node.inputs[inp]).astype(np.int64).copy()
-                arr[d["k"]] = val
-                _set_const(node, inp, arr.astype(constant_value(node.inputs[inp]).dtype), names,
-                           node.inputs[inp].name + "_pruned")
-        elif r.kind == "gather":
-            k = plan.keep(d["slots"])
-            if k.all():
-                continue
-            pos = np.cumsum(k) - 1
-            idx = constant_value(node.inputs[1])
-            new = np.array([pos[i] for i in d["indices"] if k[i]], dtype=idx.dtype)
-            _set_const(node, 1, new, names, node.inputs[1].name + "_pruned")
-        elif r.kind in ("resize", "expand"):
-            k = plan.keep(d["slots"])
-            if k.all():
-                continue
-            inp = 3 if r.kind == "resize" else 1
-            arr = constant_value(node.inputs[inp]).astype(np.int64).copy()
-            if arr[d["axis"]] > 1:
-                arr[d["axis"]] = int(k.sum())
-                _set_const(node, inp, arr, names, node.inputs[inp].name + "_pruned")
+        r.rule.rewrite(nodes[r.node], r.data, edit)
     keep_shapes = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
     for t in graph.tensors().values():
         if isinstance(t, gs.Variable) and t.name not in keep_shapes:
@@ -400,8 +349,8 @@ def taylor_scores(graph: gs.Graph, g: cg.ChannelGroups, units: list[int], runs: 
     alpha put on the unit's sink inputs (onnxruntime)."""
     try:
         return _taylor_autograd(graph, g, runs), "taylor: autograd"
-    except Exception:     # noqa: BLE001 - fall back to finite differences (the trainable view is optional)
-        pass
+    except Exception as e:     # noqa: BLE001 - fall back to finite differences (the trainable view is optional)
+        reraise_if_strict(e)
     budget = 6000                       # onnxruntime runs: 2 per unit per batch
     runs = runs[:max(1, budget // max(1, 2 * len(units)))]
     return _taylor_fd(graph, g, units, runs, eps), f"taylor: central differences on {len(runs)} batch(es)"

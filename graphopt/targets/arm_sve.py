@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from graphopt.errors import BadInput, GraphoptError
+from graphopt.errors import BadInput, GraphoptError, reraise_if_strict
 from graphopt.hardware import HardwareInfo, Structure
 
 from . import tvm_lowering
@@ -118,6 +118,7 @@ class ArmSveTarget(Target):
         try:
             ex = tvm_lowering.build(mod, self.tvm_target(), schedule=schedule, tuning_db=tuning_db)
         except Exception as e:  # noqa: BLE001 - a scheduled function did not build: check each one, drop those
+            reraise_if_strict(e)
             if isinstance(e, GraphoptError):
                 raise
             log.debug("arm-sve: build failed (%s); building again with every schedule verified", _last_line(e))

@@ -38,6 +38,8 @@ import tvm
 from tvm import relax, tirx
 from tvm.s_tir import Schedule
 
+from graphopt.errors import reraise_if_strict
+
 from . import x86_isa
 from .cpu_sched_common import Ctx, check_full_coverage, check_vectorized_loops, register_fast_math
 from .cpu_vector_math import vectorizable_math
@@ -117,6 +119,7 @@ def default_schedule(func_or_mod, target, const_params=frozenset()):
             check_vectorized_loops(sch)
             check_full_coverage(sch)
         except Exception as e:  # noqa: BLE001 - a rule that fails leaves the function to the next rule
+            reraise_if_strict(e)
             msg = str(e).strip().splitlines()
             log.debug("rule %s failed: %s", name, msg[-1] if msg else type(e).__name__)
             continue

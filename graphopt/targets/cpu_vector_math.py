@@ -7,7 +7,20 @@ scalar code re-vectorized by LLVM at half width. Here, after scheduling and befo
     erf(x)    -> the rational approximation of cpu_sched_common.fast_erf_f32 (what tirx.erf lowers to anyway)
     rsqrt(x)  -> 1 / sqrt(x)
     x / c     -> x * (1 / c) for a float32 constant c whose reciprocal is a normal float (at most one rounding
-                 step from the division; the compile self-check compares with onnxruntime)
+                 step from the division; the compile self-check compares with onnxruntime), except under round /
+                 nearbyint: a QuantizeLinear's division stays exact
+
+and the other way round, so that the fp32 ops between QuantizeLinear / DequantizeLinear round as onnxruntime's do:
+
+    float(q) * s  -> llvm.arithmetic.fence(float(q) * s): a dequantized value (an integer converted to float32,
+                 times a scale) is rounded to float32 before it is used, as onnxruntime's DequantizeLinear writes
+                 it, instead of LLVM contracting it into an FMA with the add that follows
+
+Why exact: QDQ graphs put many values on exact rounding ties (GELU's Erf + 1 is dequantize(q) + 1.0, and 1.0 is
+127.5 steps of 1/127.5: every element lands on x.5 before the next QuantizeLinear), so one unit in the last place
+moves an element by a whole quantization step (minilm-l3-paraphrase: 2% of its first BERT layer's MatMul outputs,
+47% of the model's outputs more than a step off). The int8 kernels (graphopt.int8_kernel) are not fenced here:
+their epilogues fence what the graph rounds themselves (targets/int8/kernels.py).
 
 Only float32 scalar expressions are rewritten; everything else is left as it is.
 """
@@ -19,8 +32,8 @@ import numpy as np
 import tvm
 import tvm_ffi
 from tvm import tirx
-from tvm.ir.expr import Call
-from tvm.ir.prim.expr import Div
+from tvm.ir.expr import Call, TensorLoad
+from tvm.ir.prim.expr import Cast, Div, FloatImm, Mul
 
 from .cpu_sched_common import fast_erf_f32
 
@@ -52,6 +65,43 @@ def _on_div(div):
     return div.a * tirx.const(float(inv), _F32)
 
 
+def _is_dequantized(mul) -> bool:
+    """float(integer) * scale (a constant or a loaded per-channel scale): the value a DequantizeLinear writes."""
+    if str(mul.ty) != _F32:
+        return False
+    for a, b in ((mul.a, mul.b), (mul.b, mul.a)):
+        integer = isinstance(a, Cast) and str(a.value.ty).startswith(("int", "uint"))
+        if integer and isinstance(b, (FloatImm, TensorLoad)):
+            return True
+    return False
+
+
+def _fence(mul):
+    return tirx.call_llvm_pure_intrin(_F32, "llvm.arithmetic.fence", mul) if _is_dequantized(mul) else mul
+
+
 def vectorizable_math(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """func with erf, rsqrt and division by constants in float32 written as vectorizable arithmetic."""
-    return tvm_ffi.structural_map(func, [(Call, _on_call), (Div, _on_div)])
+    """func with erf, rsqrt and division by constants in float32 written as vectorizable arithmetic, dequantized
+    values fenced and quantizing divisions kept (see the module docstring)."""
+    reciprocals = []          # (x * (1 / c), x / c) made here: a rounding over one gets its division back
+    rounding = [(tvm.ir.Op.get("tirx.round"), tirx.round), (tvm.ir.Op.get("tirx.nearbyint"), tirx.nearbyint)]
+
+    def on_div(div):
+        new = _on_div(div)
+        if new is not div:
+            reciprocals.append((new, div))
+        return new
+
+    def on_call(call):
+        make = next((f for op, f in rounding if call.op.same_as(op)), None)
+        if make is not None and len(call.args) == 1:
+            for new, div in reciprocals:
+                if call.args[0].same_as(new):
+                    return make(tirx.Div(new.a, div.b))
+            return call
+        return _on_call(call)
+
+    callbacks = [(Call, on_call), (Div, on_div)]
+    if func.attrs is None or "graphopt.int8_kernel" not in func.attrs:
+        callbacks.append((Mul, _fence))
+    return tvm_ffi.structural_map(func, callbacks)

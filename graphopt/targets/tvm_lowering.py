@@ -7,7 +7,7 @@ from pathlib import Path
 
 import onnx
 
-from graphopt.errors import BadInput, GraphoptError, UnsupportedModel
+from graphopt.errors import BadInput, GraphoptError, UnsupportedModel, reraise_if_strict
 from graphopt.graph import MAX_IR_VERSION
 
 
@@ -110,6 +110,7 @@ def build(mod, target, schedule=None, tuning_db: str | None = None):
         try:
             return tvm.compile(scheduled, target=target)
         except Exception as e:   # a schedule rule broke the build: TVM's own lowering is slower but correct
+            reraise_if_strict(e)
             import warnings
             first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             warnings.warn(f"graphopt: default schedules failed to build ({first[:200]}); building unscheduled")
@@ -128,6 +129,21 @@ def export(executable, path: Path, cross_compiler=None) -> None:
         executable.export_library(str(path), fcompile=cross_compiler, options=LINK_OPTIONS)
 
 
+def _affinity():
+    try:
+        return os.sched_getaffinity(0)
+    except (AttributeError, OSError):        # not Linux
+        return None
+
+
+def _restore_affinity(cores) -> None:
+    if cores is not None and _affinity() != cores:
+        try:
+            os.sched_setaffinity(0, cores)
+        except OSError:
+            pass
+
+
 class VMRunner:
     """Loads model.so into a Relax VM on the CPU and runs `main` on numpy inputs."""
 
@@ -136,12 +152,16 @@ class VMRunner:
         from tvm import relax
 
         cfg = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
+        cores = _affinity()
         if threads:
             os.environ["TVM_NUM_THREADS"] = str(threads)
             if cfg is not None:
                 cfg(1, int(threads))
         elif cfg is not None:
             cfg(1, 0)   # the default, every thread of the pool, even after a runner in this process asked for fewer
+        # TVM's pool pins the calling thread to its first core; threads started from it later (onnxruntime's, torch's)
+        # would inherit that one core: a 2-thread onnxruntime session beside graphopt would run on 1 core
+        _restore_affinity(cores)
         self._tvm = tvm
         try:
             lib = tvm.runtime.load_module(str(lib_path))

@@ -1,5 +1,6 @@
 """CPU target: every zoo model compiles and matches onnxruntime on the artifact's own model.onnx."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -157,3 +158,17 @@ def test_forms_tvm_gets_wrong_are_refused(tmp_path):
 def onnx_bool():
     import onnx
     return onnx.TensorProto.BOOL
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs a Linux process allowed on 2 or more cores")
+def test_running_a_library_leaves_the_process_on_all_its_cores(tmp_path):
+    """TVM's thread pool pins the calling thread to one core; left so, every thread started later from it
+    (onnxruntime's pool in `graphopt bench`, torch's in compress) would share that core."""
+    import graphopt
+    import digits
+    cores = os.sched_getaffinity(0)
+    art = graphopt.compile(str(digits.teacher_path()), target="cpu", out=tmp_path / "a", measure=False)
+    art.run({"x": np.zeros((1, 1, 8, 8), np.float32)})
+    art.runner(1)
+    assert os.sched_getaffinity(0) == cores

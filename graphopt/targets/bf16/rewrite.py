@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from graphopt.errors import reraise_if_strict
+
 from .. import x86_isa
 from ..relax_bindings import Block, act_bounds, dtype_of, fold_fp32, is_constant, op_name, shape_of
 from ..relax_layout import LayoutRewriter, Phys, rewrite_main
@@ -242,6 +244,7 @@ class _Rewriter(LayoutRewriter):
                 if m is not None and m.kind == "conv" and any(j in claimed for j in m.interior + [m.root]):
                     m = match_conv(blk, i, residual=False)   # the add was fused into the other branch
             except Exception as e:  # noqa: BLE001 - an unexpected form stays on the fp32 path
+                reraise_if_strict(e)
                 log.debug("bf16 match failed at %s: %s", b.var, e)
                 m = None
             if m is None or any(j in claimed for j in m.interior + [m.root]):

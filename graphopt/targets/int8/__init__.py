@@ -47,17 +47,18 @@ Modules (each one job; the names below are the package's API):
     kernels       conv2d_int8 / dense_int8 / dwconv2d_int8 / maxpool_int8: the scheduled PrimFuncs
     relax_match   the quantized-chain matchers over one dataflow block (generic Relax reading: ../relax_bindings.py)
     rewrite       rewrite_int8(mod, target) -> (IRModule, facts): the Relax rewrite
-    onnx_entry    import_int8(model, target) -> (IRModule, facts), prepare_onnx, build_library (tests, tools)
+    onnx_entry    import_int8(model, target) -> (IRModule, facts), prepare_onnx, build_library (tests, tools;
+                  the host's target: graphopt.targets.cpu.CpuTarget().tvm_target())
 """
 from .intrinsics import KERNEL_ATTR, register_intrinsics
 from .kernels import conv2d_int8, dense_int8, dwconv2d_int8, maxpool_int8
-from .onnx_entry import build_library, host_target, import_int8, prepare_onnx
+from .onnx_entry import build_library, import_int8, prepare_onnx
 from .packing import epilogue_constants, pack_conv_weight, pack_dense_weight, pack_dw_weight
 from .rewrite import rewrite_int8
 from .specs import ConvSpec, DenseSpec, Epilogue
 from .target_facts import int8_dot, num_cores
 
 __all__ = ["KERNEL_ATTR", "ConvSpec", "DenseSpec", "Epilogue", "build_library", "conv2d_int8", "dense_int8",
-           "dwconv2d_int8", "epilogue_constants", "host_target", "import_int8", "int8_dot", "maxpool_int8",
+           "dwconv2d_int8", "epilogue_constants", "import_int8", "int8_dot", "maxpool_int8",
            "num_cores", "pack_conv_weight", "pack_dense_weight", "pack_dw_weight", "prepare_onnx",
            "register_intrinsics", "rewrite_int8"]

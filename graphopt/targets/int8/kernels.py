@@ -24,16 +24,20 @@ def _epilogue_expr(epi: Epilogue, acc, bi, m, bf, r=None):
         q = te.nearbyint(v) + tirx.const(float(epi.zy), f32)
         q = tirx.min(tirx.max(q, tirx.const(epi.lo, f32)), tirx.const(epi.hi, f32))
         return q.astype(epi.out_dtype)
-    # qadd: requantize the conv result as the graph does, add the dequantized residual, requantize
+    # qadd: requantize the conv result as the graph does, add the dequantized residual, requantize. As in
+    # onnxruntime, each dequantized value is rounded to float32 before the add (fenced: no FMA) and the last
+    # QuantizeLinear divides by its scale: on rounding ties one unit in the last place is a whole step
     t = te.nearbyint(v) + tirx.const(float(epi.z1), f32)
     t = tirx.min(tirx.max(t, tirx.const(epi.lo1, f32)), tirx.const(epi.hi1, f32))
-    a = (t - tirx.const(float(epi.z1), f32)) * tirx.const(epi.s1, f32) + \
-        (r.astype(f32) - tirx.const(float(epi.zr), f32)) * tirx.const(epi.sr, f32)
+    fence = "llvm.arithmetic.fence"
+    a = tirx.call_llvm_pure_intrin(f32, fence, (t - tirx.const(float(epi.z1), f32)) * tirx.const(epi.s1, f32)) + \
+        tirx.call_llvm_pure_intrin(f32, fence, (r.astype(f32) - tirx.const(float(epi.zr), f32)) *
+                                   tirx.const(epi.sr, f32))
     if epi.act2_lo is not None:
         a = tirx.max(a, tirx.const(epi.act2_lo, f32))
     if epi.act2_hi is not None:
         a = tirx.min(a, tirx.const(epi.act2_hi, f32))
-    q = te.nearbyint(a * tirx.const(epi.inv_s2, f32)) + tirx.const(float(epi.zy), f32)
+    q = te.nearbyint(a / tirx.const(epi.s2, f32)) + tirx.const(float(epi.zy), f32)
     q = tirx.min(tirx.max(q, tirx.const(epi.lo, f32)), tirx.const(epi.hi, f32))
     return q.astype(epi.out_dtype)
 

@@ -64,21 +64,15 @@ def import_int8(model, target, where: str = "model"):
     return rewrite_int8(mod, target)
 
 
-def host_target(cores: int | None = None):
-    """The cpu target's TVM target for this machine (graphopt.targets.cpu picks the LLVM cpu from the flags)."""
-    from ..cpu import CpuTarget
-    return CpuTarget(cores=cores).tvm_target()
-
-
-def build_library(model, path, target=None, schedule=None, tuning_db: str | None = None) -> dict:
+def build_library(model, path, target, schedule=None, tuning_db: str | None = None) -> dict:
     """import_int8 + tvm_lowering.build + export into `path`: what the cpu target's lower() does with the int8
-    hook (tests and tools/bench_int8.py use it directly). schedule: None (TVM's naive loops for the fp32 ops
+    hook (tests and tools/bench_int8.py use it directly). target: a TVM target (this machine's:
+    graphopt.targets.cpu.CpuTarget().tvm_target()). schedule: None (TVM's naive loops for the fp32 ops
     that remain) or a callable like cpu_schedules.schedule_module. Returns the facts."""
     import time
     from pathlib import Path
     from .. import tvm_lowering
     t0 = time.perf_counter()
-    target = target if target is not None else host_target()
     mod, facts = import_int8(model, target)
     ex = tvm_lowering.build(mod, target, schedule=schedule, tuning_db=tuning_db)
     tvm_lowering.export(ex, Path(path))

@@ -200,7 +200,7 @@ def _follow_residual(blk: Block, q_idx: int, s1: float, z1: int, dt1: str, epi1:
         s2, z2, odt = qp
         lo, hi = _qrange(odt)
         epi = Epilogue(mode="qadd", out_dtype=odt, zy=z2, lo=lo, hi=hi, s1=s1, z1=z1, lo1=epi1.lo, hi1=epi1.hi,
-                       res_dtype=rdt, sr=sr, zr=zr, inv_s2=float(np.float32(1.0) / np.float32(s2)),
+                       res_dtype=rdt, sr=sr, zr=zr, s2=s2,
                        act2_lo=act[0] if act else None, act2_hi=act[1] if act else None)
         return nxt, extra, rq, epi
 

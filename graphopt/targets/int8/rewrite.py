@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import numpy as np
 
+from graphopt.errors import reraise_if_strict
+
 from ..relax_bindings import Block, const_value, dtype_of, op_name, scalar, shape_of
 from ..relax_layout import LayoutRewriter, Phys, rewrite_main
 from .kernels import conv2d_int8, dense_int8, dwconv2d_int8, maxpool_int8
@@ -48,6 +50,7 @@ class _Rewriter(LayoutRewriter):
                 if m is not None and m.kind == "conv" and any(j in claimed for j in m.interior + [m.root]):
                     m = match_conv(blk, i, residual=False)   # the add was fused into the other branch
             except Exception as e:  # noqa: BLE001 - an unexpected form stays on the fp32 path
+                reraise_if_strict(e)
                 log.debug("int8 match failed at %s: %s", b.var, e)
                 m = None
             if m is None or any(j in claimed for j in m.interior + [m.root]):

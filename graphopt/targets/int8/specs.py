@@ -24,7 +24,7 @@ class Epilogue:
     res_dtype: str = "uint8"
     sr: float = 1.0
     zr: int = 0
-    inv_s2: float = 1.0
+    s2: float = 1.0
     act2_lo: float | None = None   # fp32 bounds of the activation after the add (relu: 0)
     act2_hi: float | None = None
 

@@ -25,10 +25,9 @@ process (or after torch.distributed.init_process_group).
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, replace
 
-from .errors import BadInput
+from ..errors import BadInput
 
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -100,7 +99,7 @@ def broadcast_graph(graph, info: DistInfo):
     import onnx
     import torch.distributed as dist
 
-    from .graph import from_onnx, to_onnx
+    from ..graph import from_onnx, to_onnx
     box = [to_onnx(graph).SerializeToString() if info.rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     if info.rank == 0:
@@ -112,22 +111,3 @@ def barrier(info: DistInfo) -> None:
     import torch.distributed as dist
     if info.world_size > 1:
         dist.barrier()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# python -m graphopt.distributed compress ...
-# ----------------------------------------------------------------------------------------------------------------
-
-def main(argv=None) -> int:
-    """`python -m graphopt.distributed compress ...`: `graphopt compress --distributed ...` in each process."""
-    from . import cli
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "compress":
-        print("usage: torchrun [torchrun options] -m graphopt.distributed compress MODEL --train TRAIN.npz "
-              "--pipeline TEXT -o OUT.onnx [graphopt compress options] [--backend gloo|nccl]", file=sys.stderr)
-        return 2
-    return cli.main(["compress", *argv[1:], "--distributed"])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
