@@ -54,6 +54,25 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def saved_nothing(folder: Path) -> bool:
+    """The folder holds only graphopt's own index listing no saved state (a run that failed or was stopped before
+    its first checkpoint): nothing to resume, so a new run may start over in it."""
+    folder = Path(folder)
+    if not folder.is_dir() or [p.name for p in folder.iterdir()] != [RUN_FILE]:
+        return False
+    try:
+        run = json.loads((folder / RUN_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(run, dict) and run.get("format") == FORMAT and run.get("files") == {}
+
+
+def discard_if_empty(folder) -> None:
+    """Remove a checkpoint folder that saved nothing (see saved_nothing); anything else is left as it is."""
+    if saved_nothing(Path(folder)):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 class Checkpoints:
     """The checkpoint folder of one run. writer=False (processes other than rank 0) reads but never writes."""
 
@@ -79,15 +98,7 @@ class Checkpoints:
 
     # ---------------------------------------------------------------- the index
     def _saved_nothing(self) -> bool:
-        """The folder holds only graphopt's own index listing no saved state (a run that failed or was stopped
-        before its first checkpoint): nothing to resume, so a new run may start over in it."""
-        if [p.name for p in self.folder.iterdir()] != [RUN_FILE]:
-            return False
-        try:
-            run = json.loads((self.folder / RUN_FILE).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return False
-        return isinstance(run, dict) and run.get("format") == FORMAT and run.get("files") == {}
+        return saved_nothing(self.folder)
 
     def _load_run(self) -> None:
         path = self.folder / RUN_FILE

@@ -404,6 +404,18 @@ def _run_key(original, train, labels, pm, config, schedule, epochs, distill, wor
 # the driver
 # ----------------------------------------------------------------------------------------------------------------
 
+def _compress_or_discard(args: dict):
+    """_compress, and when it fails before its first checkpoint, no checkpoint folder left behind (it would only
+    make the rerun that the error line advises refuse to start)."""
+    try:
+        return _compress(**args)
+    except BaseException:
+        if args["checkpoint_dir"] is not None and not args["resume"]:
+            from .checkpoints import discard_if_empty
+            discard_if_empty(args["checkpoint_dir"])
+        raise
+
+
 def compress(original: gs.Graph, train, pipeline, labels=None, eval_data=None, epochs: int | None = None,
              batch_size: int = 64, lr: float | None = None, seed: int = 0, log=None, distill_config=None,
              distributed: bool = False, distill: bool = True, schedule: Schedule | None = None,
@@ -440,14 +452,14 @@ def compress(original: gs.Graph, train, pipeline, labels=None, eval_data=None, e
                 checkpoint_every_s=checkpoint_every_s, max_memory=max_memory, notice=notice,
                 after_training=after_training)
     if threads is None:
-        return _compress(**args)
+        return _compress_or_discard(args)
     import torch
     if threads < 1:
         raise BadInput("compress: threads must be at least 1")
     before = torch.get_num_threads()
     torch.set_num_threads(int(threads))
     try:
-        return _compress(**args)
+        return _compress_or_discard(args)
     finally:
         torch.set_num_threads(before)
 

@@ -116,3 +116,14 @@ def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_next(t
     (ckpt / "notes.txt").write_text("mine")
     with pytest.raises(BadInput, match="add --resume"):
         Checkpoints(ckpt, "key-c")
+
+
+def test_a_diverging_run_leaves_no_checkpoint_folder(tmp_path, data):
+    """(compress --lr 1e30) the loss becomes NaN before the first checkpoint: exit with the error, and no
+    OUT.ckpt folder is left to block the advised rerun."""
+    from graphopt.errors import CheckFailed
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(CheckFailed, match="loss became"):
+        compress(graphopt.load(digits.teacher_path()), data, PIPELINE, epochs=EPOCHS, batch_size=64, lr=1e30,
+                 checkpoint_dir=ckpt)
+    assert not ckpt.exists()

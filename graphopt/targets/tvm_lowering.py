@@ -153,12 +153,15 @@ class VMRunner:
 
         cfg = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
         cores = _affinity()
+        n = int(threads) if threads else len(cores) if cores else (os.cpu_count() or 1)
+        # TVM sizes its pool once, when first used, from $TVM_NUM_THREADS or else its own count of "big" cores
+        # (one on a VM without cpufreq), and the pool never grows again in this process: name the count before
         if threads:
             os.environ["TVM_NUM_THREADS"] = str(threads)
-            if cfg is not None:
-                cfg(1, int(threads))
-        elif cfg is not None:
-            cfg(1, 0)   # the default, every thread of the pool, even after a runner in this process asked for fewer
+        else:
+            os.environ.setdefault("TVM_NUM_THREADS", str(n))
+        if cfg is not None:
+            cfg(1, n)
         # TVM's pool pins the calling thread to its first core; threads started from it later (onnxruntime's, torch's)
         # would inherit that one core: a 2-thread onnxruntime session beside graphopt would run on 1 core
         _restore_affinity(cores)

@@ -172,3 +172,23 @@ def test_running_a_library_leaves_the_process_on_all_its_cores(tmp_path):
     art.run({"x": np.zeros((1, 1, 8, 8), np.float32)})
     art.runner(1)
     assert os.sched_getaffinity(0) == cores
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs a Linux process allowed on 2 or more cores")
+def test_a_run_at_the_default_thread_count_leaves_every_core_to_later_runners(tmp_path):
+    """TVM sizes its thread pool once, at first use, and never grows it: a first run without a thread count (the
+    self-check inside compile) used to size it from TVM's own count of "big" cores (1 on a VM without cpufreq), so
+    every later 2-thread runner in the process (bench, `graphopt compile`'s timing) ran on one thread."""
+    import subprocess
+    import sys
+    import digits
+    art = graphopt.compile(str(digits.teacher_path()), target="cpu", out=tmp_path / "a", measure=False)
+    code = ("import numpy as np, tvm\nfrom graphopt.artifact import Artifact\n"
+            f"art = Artifact({str(art.path)!r})\n"
+            "art.run({'x': np.zeros((1, 1, 8, 8), np.float32)})\nart.runner(2)\n"
+            "print(tvm.get_global_func('runtime.NumThreads')())\n")
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "2"
