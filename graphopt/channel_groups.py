@@ -358,6 +358,16 @@ class ChannelGroups:
         """Record that removing channels must edit the current node: prune-channels calls rule.rewrite(data)."""
         self.rewrites.append(Rewrite(rule, self.cur, data))
 
+    def tracked_axes(self, node, default):
+        """(tracked input, its shape, the node's axes) for an op with an `axes` attribute or input, default(shape)
+        standing for absent axes; None when the input carries no channels."""
+        got = self.tracked_input(node)
+        if got is None:
+            return None
+        x, s = got
+        axes = self.axes_of(node, len(s))
+        return x, s, default(s) if axes is None else axes
+
     def axes_of(self, node, rank, input_index=1):
         axes = node.attrs.get("axes")
         if axes is None and len(node.inputs) > input_index and node.inputs[input_index].name:

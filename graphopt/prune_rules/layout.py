@@ -132,13 +132,10 @@ class Squeeze(Rule):
     ops = frozenset({"Squeeze"})
 
     def propagate(self, g, node):
-        got = g.tracked_input(node)
+        got = g.tracked_axes(node, lambda s: [i for i, d in enumerate(s) if d == 1])
         if got is None:
             return
-        x, s = got
-        axes = g.axes_of(node, len(s))
-        if axes is None:
-            axes = [i for i, d in enumerate(s) if d == 1]
+        x, s, axes = got
         if x.axis in axes:
             raise Freeze("squeezes the channel axis")
         g.set(node.outputs[0], x.axis - sum(1 for a in axes if a < x.axis), x.slots, x.cval)

@@ -45,13 +45,10 @@ class Reduce(Rule):
     ops = ops(family="reduce")
 
     def propagate(self, g, node):
-        got = g.tracked_input(node)
+        got = g.tracked_axes(node, lambda s: [] if node.attrs.get("noop_with_empty_axes", 0) else list(range(len(s))))
         if got is None:
             return
-        x, s = got
-        axes = g.axes_of(node, len(s))
-        if axes is None:
-            axes = [] if node.attrs.get("noop_with_empty_axes", 0) else list(range(len(s)))
+        x, s, axes = got
         if x.axis in axes:
             raise Freeze(f"{node.op} over the channel axis")
         keep = int(node.attrs.get("keepdims", 1))
