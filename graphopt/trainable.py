@@ -1105,6 +1105,9 @@ class TrainableGraph(nn.Module):
 
     def __init__(self, graph: gs.Graph, trainable: Iterable[str] | None = None, tie_identical: bool = True):
         super().__init__()
+        # the view's float precision, followed by .double() / .float() / .to() even when the graph has no float
+        # parameters or buffers (float inputs are cast to it); not part of the state_dict
+        self.register_buffer("_precision", torch.zeros(0), persistent=False)
         self._graph = copy_graph(graph)
         g = self._graph
         self.opset = _default_opset(g)
@@ -1224,7 +1227,7 @@ class TrainableGraph(nn.Module):
                            f"got {len(inputs)}")
         ref = next(iter(self._params.values()), None)
         if ref is None:
-            ref = next((b for b in self._buffers.values() if b.is_floating_point()), None)
+            ref = self._precision
         device = ref.device if ref is not None else None
         float_dtype = ref.dtype if ref is not None and ref.is_floating_point() else None
         out = []

@@ -383,3 +383,17 @@ def test_a_run_holds_only_live_tensors():
     r = subprocess.run([sys.executable, "-c", _CHAIN_RUN], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert int(r.stdout.split()[-1]) < 200 * 2 ** 20
+
+
+def test_float64_view_of_a_graph_without_parameters_runs_in_float64():
+    """(verify.fp64_outputs, the float64 arbiter) a graph with no float weights used to cast its inputs to float32:
+    the 'float64' check silently ran in float32."""
+    import onnx_builders as ob
+    from onnx import helper
+
+    from graphopt.verify import fp64_outputs
+    model = ob.model([helper.make_node("Mul", ["x", "x"], ["y"], name="sq")], [ob.vi("x", [1, 4])], [ob.vi("y", [1, 4])])
+    g = graphopt.load(model)
+    x = np.array([[1 + 2 ** -30, 3.0, 1e-20, 7.0]], np.float64)
+    out = fp64_outputs(g, {"x": x})["y"]
+    assert out.dtype == np.float64 and out[0, 0] == (1 + 2 ** -30) ** 2 and out[0, 2] == 1e-40
