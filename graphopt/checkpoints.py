@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .artifact import sha256
 from .errors import BadInput
 
 FORMAT = 1
@@ -43,14 +44,6 @@ def run_key(parts: list) -> str:
         else:
             h.update(json.dumps(p, sort_keys=True, default=str).encode())
         h.update(b"\0")
-    return h.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 
@@ -114,7 +107,7 @@ class Checkpoints:
                            f"rerun with the same ones or remove the folder to start over")
         for name, digest in run["files"].items():
             f = self.folder / str(name)
-            if "/" in str(name) or not f.is_file() or _sha256(f) != digest:
+            if "/" in str(name) or not f.is_file() or sha256(f) != digest:
                 raise BadInput(f"{f}: missing or modified since it was checkpointed; remove the folder to start "
                                f"over")
         self.files = dict(run["files"])

@@ -45,6 +45,23 @@ class LayoutRewriter:
         self.new_funcs.append((gv, f))
         return gv
 
+    def match_root(self, blk, i: int, op: str, claimed: set, match_conv, match_dense, log):
+        """The chain rooted at binding i (a conv2d or matmul) by match_conv / match_dense, with a conv's residual
+        add given up when another chain already fused it; None when nothing matches, the chain overlaps a claimed
+        one, or the matcher meets an unexpected form (that op then stays on TVM's fp32 path)."""
+        from graphopt.errors import reraise_if_strict
+        try:
+            m = match_conv(blk, i) if op == "relax.nn.conv2d" else match_dense(blk, i)
+            if m is not None and m.kind == "conv" and any(j in claimed for j in m.interior + [m.root]):
+                m = match_conv(blk, i, residual=False)   # the add was fused into the other branch
+        except Exception as e:  # noqa: BLE001 - an unexpected form stays on the fp32 path
+            reraise_if_strict(e)
+            log.debug("%s match failed at %s: %s", self.prefix, blk.bindings[i].var, e)
+            return None
+        if m is None or any(j in claimed for j in m.interior + [m.root]):
+            return None
+        return m
+
     def dfvar(self, base, shape, dtype):
         from tvm import relax
         return relax.DataflowVar(self.name(base), relax.TensorType(list(shape), dtype))

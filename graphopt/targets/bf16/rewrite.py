@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphopt.errors import reraise_if_strict
 
 from .. import x86_isa
 from ..relax_bindings import Block, act_bounds, dtype_of, fold_fp32, is_constant, op_name, shape_of
@@ -239,15 +238,8 @@ class _Rewriter(LayoutRewriter):
             op = op_name(b.value)
             if op not in ("relax.nn.conv2d", "relax.matmul") or i in claimed:
                 continue
-            try:
-                m = match_conv(blk, i) if op == "relax.nn.conv2d" else match_dense(blk, i)
-                if m is not None and m.kind == "conv" and any(j in claimed for j in m.interior + [m.root]):
-                    m = match_conv(blk, i, residual=False)   # the add was fused into the other branch
-            except Exception as e:  # noqa: BLE001 - an unexpected form stays on the fp32 path
-                reraise_if_strict(e)
-                log.debug("bf16 match failed at %s: %s", b.var, e)
-                m = None
-            if m is None or any(j in claimed for j in m.interior + [m.root]):
+            m = self.match_root(blk, i, op, claimed, match_conv, match_dense, log)
+            if m is None:
                 self.count["fp32_convs" if op == "relax.nn.conv2d" else "fp32_matmuls"] += 1
                 continue
             chains[m.root] = m

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import numpy as np
 
-from graphopt.errors import reraise_if_strict
 
 from ..relax_bindings import Block, const_value, dtype_of, op_name, scalar, shape_of
 from ..relax_layout import LayoutRewriter, Phys, rewrite_main
@@ -45,15 +44,8 @@ class _Rewriter(LayoutRewriter):
             op = op_name(b.value)
             if op not in ("relax.nn.conv2d", "relax.matmul") or i in claimed:
                 continue
-            try:
-                m = match_conv(blk, i) if op == "relax.nn.conv2d" else match_dense(blk, i)
-                if m is not None and m.kind == "conv" and any(j in claimed for j in m.interior + [m.root]):
-                    m = match_conv(blk, i, residual=False)   # the add was fused into the other branch
-            except Exception as e:  # noqa: BLE001 - an unexpected form stays on the fp32 path
-                reraise_if_strict(e)
-                log.debug("int8 match failed at %s: %s", b.var, e)
-                m = None
-            if m is None or any(j in claimed for j in m.interior + [m.root]):
+            m = self.match_root(blk, i, op, claimed, match_conv, match_dense, log)
+            if m is None:
                 if match_dq_act(blk, b.value.args[0]) is not None:
                     self.count["fp32_convs" if op == "relax.nn.conv2d" else "fp32_matmuls"] += 1
                 continue
