@@ -175,3 +175,19 @@ def shared_weight_chain(steps=4):
     inits = [("w0", rnd(16, 32)), ("b0", rnd(32, seed=1)), ("R", rnd(32, 32, seed=2, scale=0.2)),
              ("bR", rnd(32, seed=3)), ("wo", rnd(32, 10, seed=4)), ("bo", rnd(10, seed=5))]
     return model(nodes, [vi("x", [4, 16])], [vi("y", [4, 10])], inits)
+
+
+def named_conv(x, w, y, pads=1, bias=True):
+    """Conv named after its weight without the 'w' (wp -> node p)."""
+    return helper.make_node("Conv", [x, w] + ([w + "_b"] if bias else []), [y], pads=[pads] * 4, name=w[1:])
+
+
+def two_branches(c=64):
+    """x -> p (8->c) -> relu -> q (c->4) -> y1 and x -> r (8->c) -> relu -> s (c->4) -> y2; the branches have the
+    same weights, so every criterion ranks their channels alike (r and s have no bias: other kernels)."""
+    wp, wq = rnd(c, 8, 3, 3), rnd(4, c, 1, 1, seed=1)
+    nodes = [named_conv("x", "wp", "p"), helper.make_node("Relu", ["p"], ["pr"]), named_conv("pr", "wq", "y1", 0),
+             named_conv("x", "wr", "r", bias=False), helper.make_node("Relu", ["r"], ["rr"]),
+             named_conv("rr", "ws", "y2", 0, bias=False)]
+    inits = [("wp", wp), ("wp_b", rnd(c)), ("wq", wq), ("wq_b", rnd(4)), ("wr", wp.copy()), ("ws", wq.copy())]
+    return model(nodes, [vi("x", [1, 8, 16, 16])], [vi("y1", None), vi("y2", None)], inits)

@@ -12,22 +12,6 @@ from graphopt import api, cli, latency
 from graphopt.latency import Curve, Kernel, kernel_of, sample_counts
 
 
-def _conv(x, w, y, pads=1, bias=True):
-    """Conv named after its weight without the 'w' (wp -> node p)."""
-    return helper.make_node("Conv", [x, w] + ([w + "_b"] if bias else []), [y], pads=[pads] * 4, name=w[1:])
-
-
-def two_branches(c=64):
-    """x -> p (8->c) -> relu -> q (c->4) -> y1 and x -> r (8->c) -> relu -> s (c->4) -> y2; the branches have the
-    same weights, so every criterion ranks their channels alike (r and s have no bias: other kernels)."""
-    wp, wq = ob.rnd(c, 8, 3, 3), ob.rnd(4, c, 1, 1, seed=1)
-    nodes = [_conv("x", "wp", "p"), helper.make_node("Relu", ["p"], ["pr"]), _conv("pr", "wq", "y1", 0),
-             _conv("x", "wr", "r", bias=False), helper.make_node("Relu", ["r"], ["rr"]),
-             _conv("rr", "ws", "y2", 0, bias=False)]
-    inits = [("wp", wp), ("wp_b", ob.rnd(c)), ("wq", wq), ("wq_b", ob.rnd(4)), ("wr", wp.copy()), ("ws", wq.copy())]
-    return ob.model(nodes, [ob.vi("x", [1, 8, 16, 16])], [ob.vi("y1", None), ob.vi("y2", None)], inits)
-
-
 # ---------------------------------------------------------------------------------------------------- curves
 
 def test_sample_counts_hold_step_multiples_and_the_counts_around_one():
@@ -63,7 +47,7 @@ def test_kernels_of_every_op_build_valid_one_node_graphs():
 
 
 def test_kernel_of_reads_the_graph_and_skips_what_it_cannot_measure():
-    g = graphopt.load(two_branches())
+    g = graphopt.load(ob.two_branches())
     from graphopt.analyses import shapes
     sh = shapes(g, None)
     ks = {n.name: kernel_of(n, sh) for n in g.nodes}
@@ -121,7 +105,7 @@ def test_threads_are_part_of_the_key(tmp_path, monkeypatch):
 
 def test_cli_profile_prints_the_table(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path / "cache"))
-    nodes = [_conv("x", "wa", "a"), helper.make_node("Relu", ["a"], ["ar"]), _conv("ar", "wb", "y", 0)]
+    nodes = [ob.named_conv("x", "wa", "a"), helper.make_node("Relu", ["a"], ["ar"]), ob.named_conv("ar", "wb", "y", 0)]
     m = ob.model(nodes, [ob.vi("x", [1, 4, 8, 8])], [ob.vi("y", None)],
                  [("wa", ob.rnd(8, 4, 3, 3)), ("wa_b", ob.rnd(8)), ("wb", ob.rnd(4, 8, 1, 1)), ("wb_b", ob.rnd(4))])
     path = ob.save(m, tmp_path / "m.onnx")
@@ -139,7 +123,7 @@ def test_cli_profile_prints_the_table(tmp_path, monkeypatch, capsys):
 def test_compile_reports_the_budget_beside_the_measured_latency(tmp_path, monkeypatch):
     monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("TVM_NUM_THREADS", "1")
-    art = api.compile(two_branches(16), "cpu", tmp_path / "a", threads=1,
+    art = api.compile(ob.two_branches(16), "cpu", tmp_path / "a", threads=1,
                       pipeline="cleanup,prune-channels{latency=0.6,calibrate=1}")
     lat = art.report["latency"]
     budget = lat["budget"][0]

@@ -2,7 +2,6 @@
 a formula (FormulaProfiler) so the mechanics are tested without timings: where the budget goes, the snapping rule,
 what holds an unreachable budget, the calibration loop."""
 import pytest
-from onnx import helper
 
 import graphopt
 import onnx_builders as ob
@@ -10,22 +9,6 @@ from graphopt import PassContext, PassManager, api, latency
 from graphopt.analyses import flops
 from graphopt.errors import BadInput
 from graphopt.latency import Curve, kernel_of, sample_counts
-
-
-def _conv(x, w, y, pads=1, bias=True):
-    """Conv named after its weight without the 'w' (wp -> node p)."""
-    return helper.make_node("Conv", [x, w] + ([w + "_b"] if bias else []), [y], pads=[pads] * 4, name=w[1:])
-
-
-def two_branches(c=64):
-    """x -> p (8->c) -> relu -> q (c->4) -> y1 and x -> r (8->c) -> relu -> s (c->4) -> y2; the branches have the
-    same weights, so every criterion ranks their channels alike (r and s have no bias: other kernels)."""
-    wp, wq = ob.rnd(c, 8, 3, 3), ob.rnd(4, c, 1, 1, seed=1)
-    nodes = [_conv("x", "wp", "p"), helper.make_node("Relu", ["p"], ["pr"]), _conv("pr", "wq", "y1", 0),
-             _conv("x", "wr", "r", bias=False), helper.make_node("Relu", ["r"], ["rr"]),
-             _conv("rr", "ws", "y2", 0, bias=False)]
-    inits = [("wp", wp), ("wp_b", ob.rnd(c)), ("wq", wq), ("wq_b", ob.rnd(4)), ("wr", wp.copy()), ("ws", wq.copy())]
-    return ob.model(nodes, [ob.vi("x", [1, 8, 16, 16])], [ob.vi("y1", None), ob.vi("y2", None)], inits)
 
 
 class FormulaProfiler:
@@ -71,14 +54,14 @@ def _kept(rec, node):
 def test_the_budget_goes_where_milliseconds_are_cheapest_in_importance(monkeypatch):
     """Both branches rank alike; branch p/q costs 10x as much per channel, so a latency budget prunes it alone,
     where a MAC budget of the same size would prune both."""
-    g = graphopt.load(two_branches())
+    g = graphopt.load(ob.two_branches())
     _inject(monkeypatch, g, lambda name, o, i: (10.0 if name in "pq" else 1.0) * (o if name in "pr" else i) / 64)
     res = PassManager.parse("prune-channels{latency=0.6,calibrate=0}").run(g, PassContext())
     rec = res.records[0]
     assert _kept(rec, "p") < 64 == _kept(rec, "r")
     assert rec["info"]["latency"]["predicted"] <= 0.6 and rec["info"]["budget"]["latency"] == {
         "target": 0.6, "reached": rec["info"]["latency"]["predicted"], "met": True, "by": "predicted"}
-    by_macs = PassManager.parse("prune-channels{flops=0.6}").run(graphopt.load(two_branches())).records[0]
+    by_macs = PassManager.parse("prune-channels{flops=0.6}").run(graphopt.load(ob.two_branches())).records[0]
     assert _kept(by_macs, "p") == _kept(by_macs, "r") < 64
 
 
@@ -86,22 +69,22 @@ def test_channel_counts_snap_to_what_the_table_says_is_fast(monkeypatch):
     def padded(name, o, i):           # cost of the varying axis padded up to 16, steep for branch p/q
         c = o if name in "pr" else i
         return (10.0 if name in "pq" else 1.0) * -(-c // 16) * 16 / 64
-    g = graphopt.load(two_branches())
+    g = graphopt.load(ob.two_branches())
     _inject(monkeypatch, g, padded)
     rec = PassManager.parse("prune-channels{latency=0.6,calibrate=0}").run(g, PassContext()).records[0]
     assert (_kept(rec, "p"), _kept(rec, "r")) == (32, 64)       # 33 costs what 48 does: never chosen
-    g = graphopt.load(two_branches())
+    g = graphopt.load(ob.two_branches())
     _inject(monkeypatch, g, lambda name, o, i: (10.0 if name in "pq" else 1.0) * (o if name in "pr" else i) / 64)
     rec = PassManager.parse("prune-channels{latency=0.6,calibrate=0}").run(g, PassContext()).records[0]
     assert _kept(rec, "p") == 33       # measured, and faster than 48: a count off the step is chosen when it pays
-    g = graphopt.load(two_branches(32))
+    g = graphopt.load(ob.two_branches(32))
     _inject(monkeypatch, g, lambda name, o, i: (10.0 if name in "pq" else 1.0) * (o if name in "pr" else i) / 32)
     rec = PassManager.parse("prune-channels{latency=0.6,calibrate=0}").run(g, PassContext()).records[0]
     assert _kept(rec, "p") in set(sample_counts(32, 16)) | {16, 32}     # unmeasured off-step counts: never
 
 
 def test_an_unreachable_latency_budget_says_what_held_it(monkeypatch):
-    g = graphopt.load(two_branches())
+    g = graphopt.load(ob.two_branches())
     _inject(monkeypatch, g, lambda name, o, i: 1.0, remainder=0.0)      # nothing gets faster
     rec = PassManager.parse("prune-channels{latency=0.5,calibrate=0}").run(g, PassContext()).records[0]
     assert not rec["info"]["budget_met"] and "latency: predicted 1.000" in rec["info"]["limits"]
@@ -109,9 +92,9 @@ def test_an_unreachable_latency_budget_says_what_held_it(monkeypatch):
 
 
 def test_calibration_corrects_the_model_until_the_measured_fraction_fits(monkeypatch):
-    g = graphopt.load(two_branches())
+    g = graphopt.load(ob.two_branches())
     _inject(monkeypatch, g, lambda name, o, i: (o if name in "pr" else i) / 64)
-    base_macs = flops(graphopt.load(two_branches()), None)["macs"]
+    base_macs = flops(graphopt.load(ob.two_branches()), None)["macs"]
 
     class MacsBaseline:               # "measured": the MAC fraction squared, far from the linear model
         def __init__(self, profiler, model):
@@ -147,7 +130,7 @@ def test_bad_latency_options(text, needle):
 
 
 def test_a_target_that_cannot_be_timed_here_is_refused():
-    g = graphopt.load(two_branches())
+    g = graphopt.load(ob.two_branches())
     hw = api.get_target("arm-sve").hw()
     with pytest.raises(BadInput, match="cannot be measured on this machine"):
         PassManager.parse("prune-channels{latency=0.5}").run(g, PassContext(target="arm-sve", hw=hw))
