@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib
-import statistics
 from dataclasses import dataclass
 import tempfile
 import time
@@ -57,34 +56,41 @@ def _io(specs) -> list[dict]:
     return [{"name": n, "shape": [int(d) for d in s], "dtype": np.dtype(dt).name} for n, s, dt in specs]
 
 
-def time_call(fn, repeat: int, warmup: int = 2, budget_s: float | None = None) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times, start = [], time.perf_counter()
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if budget_s is not None and time.perf_counter() - start > budget_s and len(times) >= 3:
-            break
-    return times
-
-
 def measure_latency(art: Artifact, threads: int | None = None, repeat: int = 20, budget_s: float | None = None,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, reference: onnx.ModelProto | None = None) -> dict:
     """Median latency of graphopt's library and of onnxruntime (all optimizations on) running the artifact's
-    own model.onnx, same inputs, same thread count."""
+    own model.onnx, same inputs, same thread count, timed in interleaved warm rounds (timing.time_interleaved: load
+    changes hit both alike) with the same clock. With `reference` (the original model), onnxruntime on it is timed
+    in the same rounds too ("onnxruntime_reference_ms": what a speedup gate compares against)."""
+    from .timing import clock_name, time_interleaved
     model_path = art.path / MODEL
     feeds = ort.random_inputs(_specs(art), seed, _input_ranges(art))
     arrays = art.check_inputs(feeds)
     runner = art.runner(threads)
     sess = ort.session(model_path.read_bytes(), optimize=True, threads=threads)
-    t_ours = time_call(lambda: runner(arrays), repeat, budget_s=budget_s)
-    t_ort = time_call(lambda: sess.run(None, feeds), repeat, budget_s=budget_s)
-    ours, theirs = statistics.median(t_ours) * 1e3, statistics.median(t_ort) * 1e3
-    return {"threads": threads, "graphopt_ms": round(ours, 4), "onnxruntime_ms": round(theirs, 4),
-            "ratio_to_onnxruntime": round(ours / theirs, 3) if theirs > 0 else None,
-            "repeats": min(len(t_ours), len(t_ort))}
+    calls = [lambda: runner(arrays), lambda: sess.run(None, feeds)]
+    if reference is not None:
+        from .check_inputs import input_ranges
+        from .graph import from_onnx
+        ref_graph = from_onnx(reference)
+        ref_sess = ort.session(reference, optimize=True, threads=threads)
+        ref_feeds = ort.random_inputs(input_specs(ref_graph), seed, input_ranges(ref_graph))
+        calls.append(lambda: ref_sess.run(None, ref_feeds))
+    rounds = max(3, int(repeat))
+    if budget_s is not None:        # one warm call of each tells how many rounds fit the budget
+        t0 = time.perf_counter()
+        for fn in calls:
+            fn()
+        per_round = 2 * (time.perf_counter() - t0)      # a round runs every call twice at least (warm + timed)
+        rounds = max(3, min(rounds, int(budget_s / max(per_round, 1e-9))))
+    ms = time_interleaved(calls, rounds=rounds, sample_s=1e-3, threads=threads)
+    ours, theirs = ms[0], ms[1]
+    res = {"threads": threads, "graphopt_ms": round(ours, 4), "onnxruntime_ms": round(theirs, 4),
+           "ratio_to_onnxruntime": round(ours / theirs, 3) if theirs > 0 else None,
+           "repeats": rounds, "clock": clock_name(threads)}
+    if reference is not None:
+        res["onnxruntime_reference_ms"] = round(ms[2], 4)
+    return res
 
 
 def _specs(art: Artifact) -> list[tuple]:

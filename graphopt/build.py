@@ -359,7 +359,7 @@ def _stage_metrics(name, graph, data, reference=None) -> dict:
 
 def evaluate_build(cfg: BuildConfig, original, optimized, art, data: dict) -> dict:
     from . import api
-    from .evaluate import (channels_per_layer, fgsm, gaussian_noise, linear_cka, ort_latency_ms,
+    from .evaluate import (channels_per_layer, fgsm, gaussian_noise, linear_cka,
                            penultimate_tensor, run_artifact, run_onnx, top1)
     from .task_metrics import agreement as task_agreement
     threads = int(cfg.eval_opts["threads"])
@@ -373,9 +373,11 @@ def evaluate_build(cfg: BuildConfig, original, optimized, art, data: dict) -> di
     m["size_after"] = (art.path / "model.onnx").stat().st_size
     m["flops_reduction"] = 1 - m["macs_after"] / m["macs_before"] if m["macs_before"] else 0.0
     m["size_reduction"] = 1 - m["size_after"] / m["size_before"]
-    lat = api.measure_latency(art, threads=threads, repeat=int(cfg.eval_opts["repeat"]))
+    # graphopt's library and onnxruntime on the original, timed in the same interleaved rounds with the same clock
+    lat = api.measure_latency(art, threads=threads, repeat=int(cfg.eval_opts["repeat"]), reference=orig_model)
     m["latency_ms"] = lat["graphopt_ms"]
-    m["onnxruntime_original_ms"] = round(ort_latency_ms(orig_model, specs, threads, int(cfg.eval_opts["repeat"])), 4)
+    m["onnxruntime_original_ms"] = lat["onnxruntime_reference_ms"]
+    m["latency_clock"] = lat["clock"]
     m["speedup"] = m["onnxruntime_original_ms"] / m["latency_ms"] if m["latency_ms"] else None
     m["threads"] = threads
     m["channels_before"] = channels_per_layer(original)
