@@ -1,8 +1,8 @@
 """Pass infrastructure: the Pass base class with typed options, the registry, the context with its analysis
-cache, and the PassManager that parses/prints pipelines and verifies after every pass."""
+cache, and the PassManager that parses/prints pipelines and runs them with instruments (instruments.py: timing
+and the checks after every pass)."""
 from __future__ import annotations
 
-import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,12 +10,12 @@ from typing import Any
 
 import onnx_graphsurgeon as gs
 
-from . import ort, pipeline_text, plugins, verify
+from . import pipeline_text, plugins
 from .analyses import AnalysisManager
-from .data_checks import nonfinite_weights
 from .errors import BadInput, CheckFailed, GraphoptError, printable, strict_mode
-from .graph import copy as copy_graph, fingerprint, to_onnx
+from .graph import fingerprint
 from .hardware import GENERIC, HardwareInfo
+from .instruments import Instrument, default_instruments
 
 
 @dataclass
@@ -231,9 +231,17 @@ class PipelineResult:
     records: list[dict]
 
 
+#: the manager's record keys, in the order records list them (instruments add theirs, e.g. seconds, max_error)
+RECORD_KEYS = ("pass", "position", "exact", "modified", "seconds", "nodes_before", "nodes_after", "info")
+
+
 class PassManager:
-    def __init__(self, passes: list[Pass] | None = None):
+    """A pipeline of passes. instruments: what runs around every pass (instruments.Instrument); None: those of
+    the run's verification level, PassContext.verify (instruments.default_instruments); []: nothing."""
+
+    def __init__(self, passes: list[Pass] | None = None, instruments: list[Instrument] | None = None):
         self.passes = list(passes or [])
+        self.instruments = None if instruments is None else list(instruments)
         self.check_order()
 
     def check_order(self) -> None:
@@ -300,26 +308,26 @@ class PassManager:
         return ",".join(p.text() for p in self.passes[:i + 1])
 
     def run(self, graph: gs.Graph, ctx: PassContext | None = None, feeds: dict | None = None) -> PipelineResult:
-        """Run every pass in order. After each: structural check; for exact passes, outputs compared with
-        the pass's input graph in onnxruntime. A failure names the pass, its position and the prefix.
+        """Run every pass in order, with the instruments around each (default: those of ctx.verify, timing and
+        at "full" the structural, finite-weight, numeric and drift checks, the last two on feeds, default seeded
+        inputs). A failure names the pass, its position and the prefix that reproduces it.
         In-place passes edit the graph they are given, so `graph` belongs to the run (read the result's graph);
         a pipeline of functional passes leaves it as it was. One record per pass: the manager's keys (pass,
-        position, exact, modified, seconds, nodes_before/after, max_error or drift) and the pass's own under
-        "info"."""
+        position, exact, modified, nodes_before/after), the instruments' (seconds, max_error or drift) and the
+        pass's own under "info"."""
         self.check_order()                   # self.passes may have changed since the pipeline was built
         ctx = ctx or PassContext()
+        instruments = self.instruments if self.instruments is not None else default_instruments(ctx.verify, feeds)
+        for ins in instruments:
+            ins.enter_pipeline(graph, self.passes, ctx)
         records, modified_any = [], False
-        feeds = feeds if feeds is not None else (verify.seeded_inputs(graph, ctx.seed) if ctx.verify == "full" else None)
-        bad_before = set(nonfinite_weights(graph)) if ctx.verify in ("full", "structural") else set()
         for i, p in enumerate(self.passes):
             where = f"pass '{p.name}' (#{i + 1} in the pipeline; reproduce with --pipeline '{self._prefix(i)}')"
-            # a functional pass leaves its input alone: that input is the reference, no copy needed
-            before = (copy_graph(graph) if p.in_place else graph) if ctx.verify == "full" else None
             given, mark = graph, (fingerprint(graph) if ctx.strict and not p.in_place else None)
             nodes_before = len(graph.nodes)
-            t0 = time.perf_counter()
+            for ins in reversed(instruments):
+                ins.before_pass(p, graph, ctx)
             result = p.run(graph, ctx)
-            seconds = time.perf_counter() - t0
             if mark is not None and fingerprint(given) != mark:
                 raise CheckFailed(f"{where} is declared functional (in_place = False) but changed the graph it was "
                                   f"given")
@@ -328,29 +336,14 @@ class PassManager:
                 modified_any = True
                 ctx.analyses.invalidate(keep=p.preserves, graph=graph)
             record = {"pass": p.text(resolved=True), "position": i + 1, "exact": p.exact,
-                      "modified": result.modified, "seconds": round(seconds, 4),
-                      "nodes_before": nodes_before, "nodes_after": len(graph.nodes), "info": result.info}
-            if ctx.verify in ("full", "structural"):
-                problems = verify.structural_problems(graph)
-                if problems:
-                    raise CheckFailed(f"{where} produced an invalid graph: {problems[0]}")
-                if result.modified:
-                    bad = [w for w in nonfinite_weights(graph) if w not in bad_before]
-                    if bad:
-                        raise CheckFailed(f"{where} produced NaN or Inf in weight '{bad[0]}'")
-            if ctx.verify == "full" and result.modified:
-                ref = ort.run(to_onnx(before), feeds)
-                got = ort.run(to_onnx(graph), {k: v for k, v in feeds.items() if k in {t.name for t in graph.inputs}})
-                got = verify.outputs_by_position(before, ref, graph, got)
-                if p.exact:
-                    ok, err, name = verify.compare(ref, got, verify.EXACT_RTOL, verify.EXACT_ATOL, scale_atol=True)
-                    record["max_error"] = err
-                    if not ok:
-                        raise CheckFailed(f"{where} is exact but changed output '{name}' (max abs error {err:.3g})")
-                else:
-                    record["drift"] = verify.drift(ref, got)
-                    budget_problem = p.check_drift(record["drift"])
-                    if budget_problem:
-                        raise CheckFailed(f"{where} exceeded its budget: {budget_problem}")
-            records.append(record)
-        return PipelineResult(graph, modified_any, records)
+                      "modified": result.modified, "nodes_before": nodes_before, "nodes_after": len(graph.nodes),
+                      "info": result.info}
+            for ins in instruments:
+                problem = ins.after_pass(p, result, record, ctx)
+                if problem:
+                    raise CheckFailed(f"{where} {problem}")
+            records.append({**{k: record[k] for k in RECORD_KEYS if k in record}, **record})
+        result = PipelineResult(graph, modified_any, records)
+        for ins in instruments:
+            ins.exit_pipeline(result, ctx)
+        return result

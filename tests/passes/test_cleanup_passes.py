@@ -115,3 +115,14 @@ def test_fold_batchnorm_leaves_a_shared_weight_shared():
     assert len(convs) == 2 and convs[0].inputs[1] is convs[1].inputs[1]
     names = [i.name for i in graphopt.to_onnx(res.graph).graph.initializer]
     assert len(names) == len(set(names))
+
+
+def test_cleanup_repeats_its_pipeline_to_a_fixed_point_within_the_cap():
+    """cleanup runs its passes as a nested pipeline until the graph stops changing: the BN folds in round 1 and
+    round 2 changes nothing; max_iterations caps the rounds; a clean graph takes one round and is not modified."""
+    res = PassManager.parse("cleanup").run(_load(ob.gemm_bn()))
+    assert res.records[0]["info"] == {"rounds": 2, "changed_by": {"fold-batchnorm": 1}} and res.modified
+    again = PassManager.parse("cleanup").run(res.graph)
+    assert again.records[0]["info"] == {"rounds": 1, "changed_by": {}} and not again.modified
+    capped = PassManager.parse("cleanup{max_iterations=1}").run(_load(ob.gemm_bn()))
+    assert capped.records[0]["info"] == {"rounds": 1, "changed_by": {"fold-batchnorm": 1}} and capped.modified
