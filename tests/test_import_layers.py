@@ -101,9 +101,8 @@ def test_finder_sees_function_level_and_importlib_imports(tmp_path):
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-#: cycles still to break, each with where it goes: factorize-lowrank's math (factors, hull, grid) and rewrite leave
-#: the pass module for modules both it and its latency cost model import (issue 17, item 4)
-KNOWN = [["graphopt.passes.factorize_latency", "graphopt.passes.factorize_lowrank"]]
+#: cycles still to break, each with where it goes
+KNOWN = []
 
 
 def test_no_import_cycles_among_graphopt_modules():

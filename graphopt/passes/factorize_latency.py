@@ -11,13 +11,15 @@ import onnx_graphsurgeon as gs
 from graphopt import latency
 from graphopt.graph import to_onnx, toposort
 
+from .factorize_math import analyze, lower_hull, rank_grid, svd_factors, tucker_factors
+from .factorize_rewrite import Names, apply_svd, apply_tucker
+
 #: MAC fractions of the layer near which factorized configurations are measured
 MEASURE_AT = (0.15, 0.3, 0.5, 0.75)
 
 
 def chain_model(lay, cfg, shapes: dict):
     """The layer alone (cfg None) or its factorization at cfg, as factorize-lowrank writes it, as an ONNX model."""
-    from . import factorize_lowrank as fl
     node = lay.node
     xs, ys = shapes[node.inputs[0].name], shapes[node.outputs[0].name]
     x = gs.Variable("x", np.float32, [int(d) for d in xs])
@@ -30,11 +32,11 @@ def chain_model(lay, cfg, shapes: dict):
         one = dataclasses.replace(lay, node=copy)
         sh = {"x": tuple(xs), "y": tuple(ys)}
         if lay.kind == "svd":
-            P, Q, _ = fl._svd_factors(one, cfg[0])
-            fl._apply_svd(g, one, P, Q, sh, fl._Names(g))
+            P, Q, _ = svd_factors(one, cfg[0])
+            apply_svd(g, one, P, Q, sh, Names(g))
         else:
-            U_in, core, U_out, *_ = fl._tucker_factors(one, cfg[0], cfg[1], False, 0)
-            fl._apply_tucker(g, one, U_in, core, U_out, sh, fl._Names(g))
+            U_in, core, U_out, *_ = tucker_factors(one, cfg[0], cfg[1], False, 0)
+            apply_tucker(g, one, U_in, core, U_out, sh, Names(g))
         toposort(g.cleanup())
     return to_onnx(g)
 
@@ -45,7 +47,6 @@ def _label(cfg) -> str:
 
 class FactorizeLatency:
     def __init__(self, graph, layers, rt: int, ctx, shapes: dict, profiler=None):
-        from . import factorize_lowrank as fl
         self.profiler = profiler or latency.Profiler(getattr(ctx, "target", None) or "cpu",
                                                      getattr(ctx, "target_options", None),
                                                      getattr(ctx, "progress", None))
@@ -54,7 +55,7 @@ class FactorizeLatency:
         with (progress.task("latency table", len(layers)) if progress is not None
               else contextlib.nullcontext(lambda *a, **k: None)) as update:
             for i, lay in enumerate(layers):
-                fl._analyze(lay)
+                analyze(lay)
                 pick = self._to_measure(lay, rt)
                 k = latency.kernel_of(lay.node, shapes)
                 sig = {"factorize": lay.kind, "layer": k.signature if k is not None else
@@ -71,14 +72,13 @@ class FactorizeLatency:
     @staticmethod
     def _to_measure(lay, rt):
         """Up to len(MEASURE_AT) configurations on the layer's (MACs, error) lower hull, spread by MACs."""
-        from . import factorize_lowrank as fl
         if lay.kind == "svd":
-            cfgs = [(r,) for r in fl._grid(lay.full_ranks()[0], rt)]
+            cfgs = [(r,) for r in rank_grid(lay.full_ranks()[0], rt)]
         else:
             f1, f2 = lay.full_ranks()
-            cfgs = [(a, b) for a in fl._grid(f1, rt) for b in fl._grid(f2, rt)]
+            cfgs = [(a, b) for a in rank_grid(f1, rt) for b in rank_grid(f2, rt)]
         pts = [(lay.cost(c, False)[0], lay.err2(c), c) for c in cfgs if lay.cost(c, False)[0] < lay.macs]
-        hull = [p for p in fl._lower_hull(pts + [(lay.macs, 0.0, None)]) if p[2] is not None]
+        hull = [p for p in lower_hull(pts + [(lay.macs, 0.0, None)]) if p[2] is not None]
         out = []
         for f in MEASURE_AT:
             if hull:

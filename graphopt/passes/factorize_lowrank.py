@@ -46,164 +46,37 @@ the PassManager adds output drift, and `min_cosine` turns the drift into a budge
 
 Created nodes are named '<original node>/lowrank_{in,core,out}' and are never factorized again, so a second run
 over the output changes nothing (the pass is idempotent).
+
+Modules: factorize_math.py (spectra, EVBMF, rank grids and hulls, factors, costs), factorize_rewrite.py (the chain
+of nodes), factorize_latency.py (the latency cost); this module finds the candidate layers, selects ranks, reports.
 """
 from __future__ import annotations
 
 import heapq
 import math
 import re
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analyses import node_macs
 from graphopt.errors import BadInput, CheckFailed
-from graphopt.graph import np_dtype, toposort
+from graphopt.graph import toposort
 from graphopt.hardware import GENERIC
 from graphopt.passmanager import Option, Pass, PassResult, register
 from graphopt.text_table import table
 
+from .factorize_math import (Layer, analyze, energy_rank, evbmf_spectrum, lower_hull, rank_grid, round_up,
+                             svd_factors, tucker_factors)
+from .factorize_rewrite import MARK, Names, apply_svd, apply_tucker
+
 OPS = ("gemm", "matmul", "conv")
-MARK = "/lowrank_"
 _MARK_RE = re.compile(re.escape(MARK) + r"(in|core|out)$")
-EVB_TAU = 2.5129          # tau_lower / sqrt(alpha) of EVBMF (Nakajima et al. 2013)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# EVBMF
-# ----------------------------------------------------------------------------------------------------------------
-
-def evbmf(Y: np.ndarray) -> tuple[int, float]:
-    """Analytic empirical VBMF (Nakajima et al. 2013) of Y = B A^T + E, E ~ N(0, sigma^2): the number of components
-    it keeps and the estimated noise variance sigma^2 (minimizer of the EVB free energy over its analytic bounds)."""
-    Y = np.asarray(Y, dtype=np.float64)
-    return evbmf_spectrum(np.linalg.svd(Y, compute_uv=False), *Y.shape)
-
-
-def evbmf_spectrum(s: np.ndarray, L: int, M: int) -> tuple[int, float]:
-    """evbmf() of an L x M matrix given its min(L, M) singular values."""
-    L, M = min(L, M), max(L, M)
-    s = np.asarray(s, dtype=np.float64)[:L]
-    s2 = s ** 2
-    total = float(s2.sum())
-    if L < 2 or total <= 0.0:
-        return (1 if total > 0 else 0), 0.0
-    alpha = L / M
-    tau_l = EVB_TAU * math.sqrt(alpha)
-    x_l = (1 + tau_l) * (1 + alpha / tau_l)        # threshold on x = gamma^2 / (M sigma^2)
-    h = min(math.ceil(L / (1 + alpha)) - 1, L - 1)  # at most h components can be positive
-    upper = total / (L * M)
-    lower = min(max(s2[h] / (M * x_l), float(np.mean(s2[h:])) / M), upper)
-
-    def free_energy(sig2: float) -> float:
-        # 2F up to constants: sum_h psi0(x_h) + [x_h > x_l] psi1(x_h), with the sigma-independent -log(gamma_h^2/M)
-        # of psi0 = x - log x dropped (it is the same on both sides of the threshold).
-        x = s2 / (M * sig2)
-        z = x[x > x_l]
-        tau = 0.5 * (z - (1 + alpha) + np.sqrt(np.maximum((z - (1 + alpha)) ** 2 - 4 * alpha, 0.0)))
-        return L * math.log(sig2) + float(x.sum()) + float(np.sum(np.log1p(tau) + alpha * np.log1p(tau / alpha) - tau))
-
-    if upper > lower > 0:
-        grid = np.geomspace(lower, upper, 200)
-        vals = [free_energy(g) for g in grid]
-        i = int(np.argmin(vals))
-        a, b = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-        phi = (math.sqrt(5) - 1) / 2
-        for _ in range(60):                        # golden section inside the best grid bracket
-            c, d = b - phi * (b - a), a + phi * (b - a)
-            if free_energy(c) < free_energy(d):
-                b = d
-            else:
-                a = c
-        sig2 = (a + b) / 2
-        if free_energy(sig2) > vals[i]:
-            sig2 = float(grid[i])
-    else:
-        sig2 = upper
-    threshold = math.sqrt(M * sig2 * x_l)
-    return int(np.sum(s > threshold)), float(sig2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # candidate layers
 # ----------------------------------------------------------------------------------------------------------------
-
-@dataclass
-class Layer:
-    node: gs.Node
-    kind: str                  # "svd" (Gemm / MatMul / pointwise Conv) or "tucker2" (Conv k x k)
-    W: np.ndarray              # float64. svd: (K, N) with y = x @ W. tucker2: (N, C, *k)
-    macs: int                  # of the original node
-    params: int                # weight elements of the original node
-    rows: int = 0              # svd: output positions (MACs = rows * K * N)
-    in_pos: int = 0            # tucker2: input positions (the first 1x1 runs there) and output positions
-    out_pos: int = 0
-    # spectra / bases, filled by analyze()
-    s: np.ndarray | None = None
-    U: np.ndarray | None = None
-    Vt: np.ndarray | None = None
-    U_out: np.ndarray | None = None
-    U_in: np.ndarray | None = None
-    s_out: np.ndarray | None = None
-    s_in: np.ndarray | None = None
-    core_energy: np.ndarray | None = None   # tucker2: cumulative energy of the HOSVD core, [r2, r1] (1-based)
-    total: float = 0.0
-    extra: dict = field(default_factory=dict)
-
-    # geometry ---------------------------------------------------------------------------------------------------
-    @property
-    def K(self):
-        return self.W.shape[0]
-
-    @property
-    def N(self):
-        return self.W.shape[1] if self.kind == "svd" else self.W.shape[0]
-
-    @property
-    def C(self):
-        return self.W.shape[1]
-
-    @property
-    def ks(self):
-        return int(np.prod(self.W.shape[2:])) if self.W.ndim > 2 else 1
-
-    def full_ranks(self) -> tuple[int, ...]:
-        if self.kind == "svd":
-            return (min(self.W.shape),)
-        return (min(self.C, self.N * self.ks), min(self.N, self.C * self.ks))   # (R1 in, R2 out)
-
-    def cost(self, cfg, always: bool) -> tuple[int, int]:
-        """(MACs, params) of the factorized layer. svd cfg: (r,); tucker2 cfg: (r1, r2)."""
-        if self.kind == "svd":
-            (r,) = cfg
-            return self.rows * r * (self.K + self.N), r * (self.K + self.N)
-        r1, r2 = cfg
-        p_in, p_out = always or r1 < self.C, always or r2 < self.N
-        c1, c2 = (r1 if p_in else self.C), (r2 if p_out else self.N)
-        macs = self.out_pos * c1 * c2 * self.ks
-        params = c1 * c2 * self.ks
-        if p_in:
-            macs += self.in_pos * self.C * r1
-            params += self.C * r1
-        if p_out:
-            macs += self.out_pos * r2 * self.N
-            params += r2 * self.N
-        return macs, params
-
-    def err2(self, cfg) -> float:
-        """Relative squared reconstruction error of the (HOSVD-)truncated factorization."""
-        if self.total <= 0:
-            return 0.0
-        if self.kind == "svd":
-            (r,) = cfg
-            kept = float(np.sum(self.s[:r] ** 2))
-        else:
-            r1, r2 = cfg
-            r1, r2 = min(r1, self.core_energy.shape[1] - 1), min(r2, self.core_energy.shape[0] - 1)
-            kept = float(self.core_energy[r2, r1])
-        return max(0.0, 1.0 - kept / self.total)
-
 
 def _int_shape(shape):
     """A shape with symbolic dims taken as 1 (MACs scale with them equally before and after), or None."""
@@ -271,209 +144,6 @@ def _layer(node: gs.Node, shapes: dict, opsel: set) -> tuple[Layer | None, str |
     lay.macs = node_macs(node, {k: _int_shape(v) for k, v in ((t.name, shapes.get(t.name))
                                                               for t in list(node.inputs) + list(node.outputs))})
     return lay, None
-
-
-def _analyze(lay: Layer) -> None:
-    W = lay.W
-    lay.total = float(np.sum(W ** 2))
-    if lay.kind == "svd":
-        lay.U, lay.s, lay.Vt = np.linalg.svd(W, full_matrices=False)
-        return
-    N, C = W.shape[:2]
-    lay.U_out, lay.s_out, _ = np.linalg.svd(W.reshape(N, -1), full_matrices=False)
-    lay.U_in, lay.s_in, _ = np.linalg.svd(np.moveaxis(W, 1, 0).reshape(C, -1), full_matrices=False)
-    G = np.einsum("nc...,nr,cs->rs...", W, lay.U_out, lay.U_in, optimize=True)   # full HOSVD core
-    G2 = np.sum(G.reshape(G.shape[0], G.shape[1], -1) ** 2, axis=2)
-    cum = np.zeros((G2.shape[0] + 1, G2.shape[1] + 1))
-    cum[1:, 1:] = G2.cumsum(0).cumsum(1)
-    lay.core_energy = cum
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# rank selection helpers
-# ----------------------------------------------------------------------------------------------------------------
-
-def _energy_rank(s: np.ndarray, energy: float) -> int:
-    if energy >= 1.0:
-        return len(s)
-    e = np.cumsum(s.astype(np.float64) ** 2)
-    if e[-1] <= 0:
-        return 1
-    return int(min(len(s), np.searchsorted(e, energy * e[-1] * (1 - 1e-12)) + 1))
-
-
-def _round_up(r: int, full: int, rt: int) -> int:
-    return int(min(full, max(1, math.ceil(max(r, 1) / rt) * rt)))
-
-
-def _grid(full: int, rt: int) -> list[int]:
-    return sorted(set(list(range(rt, full, rt)) + [full]))
-
-
-def _lower_hull(points: list[tuple[float, float, object]]) -> list[tuple[float, float, object]]:
-    """Lower convex hull of (cost, err, cfg) points, by increasing cost."""
-    pts = sorted(points, key=lambda p: (p[0], p[1]))
-    hull: list = []
-    for p in pts:
-        if hull and hull[-1][0] == p[0]:
-            continue                                  # same cost, larger error: dominated
-        while len(hull) >= 2:
-            (x1, y1, _), (x2, y2, _) = hull[-2], hull[-1]
-            if (x2 - x1) * (p[1] - y1) - (y2 - y1) * (p[0] - x1) <= 0:
-                hull.pop()
-            else:
-                break
-        hull.append(p)
-    return hull
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# factor construction and graph rewriting
-# ----------------------------------------------------------------------------------------------------------------
-
-def _svd_factors(lay: Layer, r: int):
-    rs = np.sqrt(lay.s[:r])
-    P = lay.U[:, :r] * rs[None, :]           # K x r
-    Q = rs[:, None] * lay.Vt[:r]             # r x N
-    err = np.linalg.norm(lay.W - P @ Q) / math.sqrt(lay.total) if lay.total > 0 else 0.0
-    return P, Q, float(err)
-
-
-def _tucker_factors(lay: Layer, r1: int, r2: int, always: bool, iters: int):
-    W = lay.W
-    N, C = W.shape[:2]
-    p_in, p_out = always or r1 < C, always or r2 < N
-    r1 = min(r1, lay.U_in.shape[1]) if p_in else C
-    r2 = min(r2, lay.U_out.shape[1]) if p_out else N
-    U_in = lay.U_in[:, :r1] if p_in else None
-    U_out = lay.U_out[:, :r2] if p_out else None
-    if p_in and p_out:
-        for _ in range(iters):                                       # HOOI sweeps
-            Y = np.einsum("nc...,cs->ns...", W, U_in).reshape(N, -1)
-            U_out = np.linalg.svd(Y, full_matrices=False)[0][:, :r2]
-            Z = np.einsum("nc...,nr->cr...", W, U_out).reshape(C, -1)
-            U_in = np.linalg.svd(Z, full_matrices=False)[0][:, :r1]
-    core = W
-    if p_out:
-        core = np.einsum("nc...,nr->rc...", core, U_out)
-    if p_in:
-        core = np.einsum("rc...,cs->rs...", core, U_in)
-    W_hat = core
-    if p_in:
-        W_hat = np.einsum("rs...,cs->rc...", W_hat, U_in)
-    if p_out:
-        W_hat = np.einsum("rc...,nr->nc...", W_hat, U_out)
-    err = np.linalg.norm(W - W_hat) / math.sqrt(lay.total) if lay.total > 0 else 0.0
-    return U_in, core, U_out, float(err), (r1, r2), (p_in, p_out)
-
-
-class _Names:
-    def __init__(self, graph: gs.Graph):
-        self.used = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
-
-    def __call__(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.used:
-            name, i = f"{base}_{i}", i + 1
-        self.used.add(name)
-        return name
-
-
-def _with_channels(shape, c):
-    if shape is None or len(shape) < 2:
-        return None
-    return [shape[0], c] + list(shape[2:])
-
-
-def _rewrite(graph: gs.Graph, lay: Layer, nodes_spec: list, names: _Names) -> None:
-    """Replace lay.node by a chain. nodes_spec: [(suffix, op, inputs, attrs, out_shape)] in order; an input given
-    as None is the previous node's output; the last node writes the original output tensor (names are kept)."""
-    node = lay.node
-    base = node.name or f"{node.op}_{node.outputs[0].name}"
-    out = node.outputs[0]
-    dtype = np_dtype(out) if out.dtype is not None else np.dtype(np.float32)
-    prev, new_nodes = None, []
-    for k, (suffix, op, inputs, attrs, shape) in enumerate(nodes_spec):
-        ins = [prev if t is None else t for t in inputs]
-        if k == len(nodes_spec) - 1:
-            o = out
-        else:
-            o = gs.Variable(names(f"{base}{MARK}{suffix}_out"), dtype=dtype, shape=shape)
-        new_nodes.append(gs.Node(op, names(f"{base}{MARK}{suffix}"), attrs=attrs, inputs=ins, outputs=[o]))
-        prev = o
-    node.inputs.clear()
-    node.outputs.clear()
-    graph.nodes.extend(new_nodes)
-
-
-def _const_t(names: _Names, base: str, value: np.ndarray, dtype) -> gs.Constant:
-    return gs.Constant(names(base), np.ascontiguousarray(value.astype(dtype)))
-
-
-def _apply_svd(graph, lay: Layer, P: np.ndarray, Q: np.ndarray, shapes: dict, names: _Names) -> None:
-    node = lay.node
-    base = node.name or f"{node.op}_{node.outputs[0].name}"
-    r = P.shape[1]
-    if node.op == "Gemm":
-        B = node.inputs[1]
-        dt = B.values.dtype
-        tB = int(node.attrs.get("transB", 0))
-        tA = int(node.attrs.get("transA", 0))
-        a_shape = shapes.get(node.inputs[0].name)
-        m = (a_shape[1] if tA else a_shape[0]) if a_shape is not None and len(a_shape) == 2 else None
-        w1 = _const_t(names, f"{base}{MARK}in.weight", P.T if tB else P, dt)
-        w2 = _const_t(names, f"{base}{MARK}out.weight", Q.T if tB else Q, dt)
-        a1 = {"transA": tA, "transB": tB} if tA else {"transB": tB}
-        a2 = {"transB": tB}
-        ins2 = [None, w2]
-        if len(node.inputs) > 2 and node.inputs[2].name:
-            ins2.append(node.inputs[2])
-            a2["beta"] = float(node.attrs.get("beta", 1.0))
-        spec = [("in", "Gemm", [node.inputs[0], w1], a1, [m, r]), ("out", "Gemm", ins2, a2, None)]
-    elif node.op == "MatMul":
-        dt = node.inputs[1].values.dtype
-        a_shape = shapes.get(node.inputs[0].name)
-        w1 = _const_t(names, f"{base}{MARK}in.weight", P, dt)
-        w2 = _const_t(names, f"{base}{MARK}out.weight", Q, dt)
-        mid = list(a_shape[:-1]) + [r] if a_shape is not None and len(a_shape) >= 1 else None
-        spec = [("in", "MatMul", [node.inputs[0], w1], {}, mid), ("out", "MatMul", [None, w2], {}, None)]
-    else:  # pointwise Conv: lay.W = W.reshape(N, C).T ~ P Q: conv C -> r with weight P^T, then r -> N with Q^T
-        Wc = node.inputs[1].values
-        dt, nd = Wc.dtype, Wc.ndim - 2
-        ones = [1] * nd
-        w1 = _const_t(names, f"{base}{MARK}in.weight", P.T.reshape([r, Wc.shape[1]] + ones), dt)
-        w2 = _const_t(names, f"{base}{MARK}out.weight", Q.T.reshape([Wc.shape[0], r] + ones), dt)
-        a1 = {k: v for k, v in node.attrs.items() if k != "group"}
-        a1["kernel_shape"] = ones
-        ins2 = [None, w2] + ([node.inputs[2]] if len(node.inputs) > 2 and node.inputs[2].name else [])
-        spec = [("in", "Conv", [node.inputs[0], w1], a1, _with_channels(shapes.get(node.outputs[0].name), r)),
-                ("out", "Conv", ins2, {"kernel_shape": ones}, None)]
-    _rewrite(graph, lay, spec, names)
-
-
-def _apply_tucker(graph, lay: Layer, U_in, core, U_out, shapes: dict, names: _Names) -> None:
-    node = lay.node
-    base = node.name or f"{node.op}_{node.outputs[0].name}"
-    Wc = node.inputs[1].values
-    dt, nd = Wc.dtype, Wc.ndim - 2
-    ones = [1] * nd
-    x = node.inputs[0]
-    spec = []
-    if U_in is not None:
-        w = _const_t(names, f"{base}{MARK}in.weight", U_in.T.reshape([U_in.shape[1], U_in.shape[0]] + ones), dt)
-        spec.append(("in", "Conv", [x, w], {"kernel_shape": ones},
-                     _with_channels(shapes.get(x.name), U_in.shape[1])))
-        x = None
-    bias = [node.inputs[2]] if len(node.inputs) > 2 and node.inputs[2].name else []
-    a_core = {k: v for k, v in node.attrs.items() if k != "group"}
-    wc = _const_t(names, f"{base}{MARK}core.weight", core, dt)
-    if U_out is not None:
-        spec.append(("core", "Conv", [x, wc], a_core, _with_channels(shapes.get(node.outputs[0].name), core.shape[0])))
-        w = _const_t(names, f"{base}{MARK}out.weight", U_out.reshape([U_out.shape[0], U_out.shape[1]] + ones), dt)
-        spec.append(("out", "Conv", [None, w] + bias, {"kernel_shape": ones}, None))
-    else:
-        spec.append(("core", "Conv", [x, wc] + bias, a_core, None))
-    _rewrite(graph, lay, spec, names)
 
 
 def _rank_selectors(o: dict) -> list[str]:
@@ -635,7 +305,7 @@ class FactorizeLowRank(Pass):
         else:
             chosen = self._per_layer(layers, rt)
 
-        info_layers, names = [], _Names(graph)
+        info_layers, names = [], Names(graph)
         macs_saved = params_saved = 0
         for lay, cfg in zip(layers, chosen):
             node_name, op = lay.node.name, lay.node.op
@@ -649,16 +319,16 @@ class FactorizeLowRank(Pass):
                 continue
             entry = {"node": node_name, "op": op, "method": lay.kind}
             if lay.s is None and lay.core_energy is None:
-                _analyze(lay)
+                analyze(lay)
             if lay.kind == "svd":
-                P, Q, err = _svd_factors(lay, cfg[0])
-                _apply_svd(graph, lay, P, Q, shapes, names)
+                P, Q, err = svd_factors(lay, cfg[0])
+                apply_svd(graph, lay, P, Q, shapes, names)
                 entry.update(ranks=[cfg[0]], full_ranks=[min(lay.W.shape)])
             else:
-                U_in, core, U_out, err, (r1, r2), (p_in, p_out) = _tucker_factors(lay, cfg[0], cfg[1], always,
+                U_in, core, U_out, err, (r1, r2), (p_in, p_out) = tucker_factors(lay, cfg[0], cfg[1], always,
                                                                                  o["hooi_iters"])
                 macs_after, params_after = lay.cost((r1, r2), always)
-                _apply_tucker(graph, lay, U_in, core, U_out, shapes, names)
+                apply_tucker(graph, lay, U_in, core, U_out, shapes, names)
                 entry.update(ranks=[r1, r2], full_ranks=[lay.C, lay.N], max_ranks=list(lay.full_ranks()),
                              projections=[p_in, p_out])
             entry.update(macs_before=int(lay.macs), macs_after=int(macs_after), params_before=int(lay.params),
@@ -690,20 +360,20 @@ class FactorizeLowRank(Pass):
         if mode == "full":
             r = full
         elif mode == "energy":
-            r = _energy_rank(s, self.opts["energy"])
+            r = energy_rank(s, self.opts["energy"])
         elif mode == "rank":
             v = self.rank_value
             r = min(v, full) if isinstance(v, int) else math.ceil(v * full)
         else:  # evbmf
             r, _ = evbmf_spectrum(s, *shape)
             lay.extra.setdefault("evbmf_ranks", []).append(r)
-        return _round_up(r, full, rt)
+        return round_up(r, full, rt)
 
     def _per_layer(self, layers: list[Layer], rt: int) -> list:
         chosen = []
         for lay in layers:
             if self.mode != "full":
-                _analyze(lay)
+                analyze(lay)
             if lay.kind == "svd":
                 (full,) = lay.full_ranks()
                 chosen.append((self._pick(lay.s, full, rt, lay, lay.W.shape),))
@@ -732,14 +402,14 @@ class FactorizeLowRank(Pass):
         idx = 0 if key == "flops" else 1
         hulls, current, every = [], [], []
         for i, lay in enumerate(layers):
-            _analyze(lay)
+            analyze(lay)
             orig = lat.ms(i, None) if lat is not None else (lay.macs, lay.params)[idx]
             if lay.kind == "svd":
-                cfgs = [(r,) for r in _grid(lay.full_ranks()[0], rt)]
+                cfgs = [(r,) for r in rank_grid(lay.full_ranks()[0], rt)]
             else:
                 f1, f2 = lay.full_ranks()
-                g1 = sorted(set(_grid(f1, rt) + [lay.C]))
-                g2 = sorted(set(_grid(f2, rt) + [lay.N]))
+                g1 = sorted(set(rank_grid(f1, rt) + [lay.C]))
+                g2 = sorted(set(rank_grid(f2, rt) + [lay.N]))
                 cfgs = [(a, b) for a in g1 for b in g2 if not (a >= lay.C and b >= lay.N)]
             pts = [(orig, 0.0, None)]
             for cfg in cfgs:
@@ -747,7 +417,7 @@ class FactorizeLowRank(Pass):
                 cost = lat.ms(i, cfg) if lat is not None else c[idx]
                 if c[0] < lay.macs and cost < orig:      # only configurations whose MACs (and budgeted cost) drop
                     pts.append((cost, lay.err2(cfg), cfg))
-            hull = _lower_hull(pts)
+            hull = lower_hull(pts)
             hulls.append(hull)
             every.append((np.array([p[0] for p in pts], dtype=np.float64), np.array([p[1] for p in pts]), pts))
             current.append(len(hull) - 1)            # the hull ends at the unfactorized point (max cost, no error)

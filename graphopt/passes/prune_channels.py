@@ -10,23 +10,9 @@ read is one set of units for all of them (the analysis couples its readers), so 
 initializer. A quantized graph (QDQ or integer ops) is refused: its weights sit behind DequantizeLinear, where no
 channel can be pruned; prune the float model, then quantize.
 
-The oracle (why removal is exact by construction)
--------------------------------------------------
-Every use of a unit's channels is one of: a pass-through op whose output channel c depends only on input channel
-c (activations, BN, per-channel parameters, layout ops, elementwise ops with the other operands in the same
-unit), or a *sink* that contracts channels away (the input-channel axis of Conv / ConvTranspose / Gemm /
-MatMul, both sides of an activation x activation MatMul contraction). Anything else froze the unit. So the only
-way a unit influences what is kept is through its sinks, and
-
-    pruned graph == original graph with the unit's channels multiplied by 0 at every sink
-
-must hold exactly (up to float summation order). Zeroing the producer's weights would not be enough (a BN shift
-or a bias after it makes the channel non-zero again), which is why the oracle zeroes the *incoming* side at the
-consumers: `oracle_check(graph, plan)` inserts `Mul(x, mask)` in front of every sink input of the ORIGINAL graph
-(mask 0 on the removed channels, 1 elsewhere), builds the pruned graph, and runs both in onnxruntime on seeded
-inputs (or on ctx.data's calibration arrays); it returns the largest absolute difference. The pass runs it by
-default (`verify_oracle=true`) and fails with CheckFailed when the graphs disagree beyond 1e-5 (relative to the
-output magnitude). A wrong weight slice, a wrong Reshape constant or a missed coupling all break that equality.
+The oracle (why removal is exact by construction: prune_oracle.py) compares the pruned graph with the original
+whose removed channels are multiplied by 0 where they are consumed; the pass runs it by default
+(`verify_oracle=true`) and fails with CheckFailed when the two disagree.
 
 `criterion=dead` removes only units whose value is provably zero at every sink (zero weights and bias, zero
 norm shift, carried through zero-preserving ops such as Relu, GELU, x*sigmoid(x), pooling, layout ops; a
@@ -43,145 +29,36 @@ timed at a few channel counts, the whole graph once. The global selection then t
 the least importance lost (LAMP) per millisecond saved, and a layer's kept counts are only those the table says are
 faster than every larger count (with round_to=0; an explicit round_to keeps its multiples). The predicted latency is
 reported beside the budget; `graphopt compile` measures the compiled result.
+
+Modules: prune_removal.py (a Plan applied to the graph), prune_oracle.py (the zeroed-channel oracle),
+prune_importance.py (the criteria's scores), prune_cost.py (MACs and parameters of a removal), prune_latency.py
+(the latency cost), prune_sensitivity.py (allocation=sensitivity); this module ranks, selects and reports.
 """
 from __future__ import annotations
 
 import heapq
 import math
-from collections import defaultdict
-from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt import ort, verify
 from graphopt.analyses import flops as flops_analysis
-from graphopt.errors import BadInput, CheckFailed, GraphoptError, printable, reraise_if_strict
-from graphopt.graph import constant_value, copy as copy_graph, np_dtype, to_onnx, toposort
+from graphopt.errors import BadInput, CheckFailed, printable
+from graphopt.graph import copy as copy_graph, np_dtype, to_onnx
 from graphopt.passmanager import Option, Pass, PassResult, register
-from graphopt.prune_rules import Edit
-from graphopt.shapes import infer
 from graphopt.text_table import table
 
 from graphopt import channel_groups as cg
 
+from .prune_cost import CostModel, total_macs
+from .prune_importance import bn_scale_ranking, dead_units, magnitude_scores, taylor_scores
+from .prune_oracle import verify_removal
+from .prune_removal import Plan, apply_removal
+
 CRITERIA = ("l1", "l2", "bn_scale", "taylor", "random", "dead")
 #: ops of a quantized graph: the pass refuses such graphs (prune first, then quantize)
 QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger")
-ORACLE_ATOL = 1e-5
 CALIBRATION_TOL = 0.05      # latency budgets: measured fraction within 5% (relative) of the budget ends calibration
-ORACLE_FP64_RTOL = 1e-9
-
-
-@dataclass
-class Plan:
-    """What to remove: the analysis (records by node index and tensor name) and a removed flag per unit."""
-    groups: cg.ChannelGroups
-    removed: np.ndarray
-
-    def keep(self, slots) -> np.ndarray:
-        return ~self.removed[self.groups.classes(slots)]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# applying a plan
-# ----------------------------------------------------------------------------------------------------------------
-
-class _Names:
-    def __init__(self, graph):
-        self.used = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
-        self.made = {}      # (source constant, edit) -> its pruned constant, shared by every consumer that agrees
-
-    def __call__(self, base: str) -> str:
-        name, k = base, 0
-        while name in self.used:
-            k += 1
-            name = f"{base}_{k}"
-        self.used.add(name)
-        return name
-
-
-def _nodes_for(graph: gs.Graph, groups: cg.ChannelGroups) -> list[gs.Node]:
-    nodes = list(graph.nodes)
-    if len(nodes) != len(groups.nodes) or any(a.op != b.op for a, b in zip(nodes, groups.nodes)):
-        raise GraphoptError("prune-channels: the plan was made for another graph (node lists differ)")
-    return nodes
-
-
-def _set_const(node, i, values, names, base, key=None):
-    """Make input i a constant holding values (an array; or, with a key, a function making it, called for the first
-    consumer only). Consumers of one constant that get the same edit (key, by default the new values) share one new
-    constant, so a shared initializer stays shared and is sliced once."""
-    if key is None:
-        values = np.ascontiguousarray(values)
-        key = (values.dtype.str, values.shape, values.tobytes())
-    key = (node.inputs[i].name, key)
-    if key not in names.made:
-        names.made[key] = gs.Constant(names(base), np.ascontiguousarray(values() if callable(values) else values))
-    node.inputs[i] = names.made[key]
-
-
-def apply_removal(graph: gs.Graph, plan: Plan) -> gs.Graph:
-    """Remove the plan's channels from `graph` (edited in place; shapes re-inferred into the returned graph)."""
-    g = plan.groups
-    nodes = _nodes_for(graph, g)
-    names = _Names(graph)
-    edits = defaultdict(list)
-    for p in g.params:
-        k = plan.keep(p.slots)
-        if not k.all():
-            edits[(p.node, p.input)].append((p.axis, k))
-    for (ni, ii), lst in edits.items():
-        node = nodes[ni]
-        t = node.inputs[ii]
-        keep = {}
-        for axis, k in lst:
-            keep.setdefault(axis, k)
-
-        def sliced(node=node, ii=ii, t=t, keep=keep):
-            v = constant_value(t)
-            for axis, k in keep.items():
-                if v.shape[axis] != len(k):
-                    raise CheckFailed(f"prune-channels: internal error: {cg.ChannelGroups.label(None, node)} input "
-                                      f"{ii} axis {axis} has {v.shape[axis]} positions, the plan {len(k)}")
-                v = np.compress(k, v, axis=axis)
-            return v
-        _set_const(node, ii, sliced, names, (t.name or node.name) + "_pruned",
-                   key=tuple(sorted((a, k.tobytes()) for a, k in keep.items())))
-    opset = int(getattr(graph, "opset", 17) or 17)
-    edit = Edit(plan.keep, lambda node, i, values, base: _set_const(node, i, values, names, base), names, opset)
-    for r in g.rewrites:
-        r.rule.rewrite(nodes[r.node], r.data, edit)
-    keep_shapes = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
-    for t in graph.tensors().values():
-        if isinstance(t, gs.Variable) and t.name not in keep_shapes:
-            t.shape = None
-    toposort(graph.cleanup(remove_unused_graph_inputs=False))
-    try:
-        return infer(graph, "pruned graph")
-    except BadInput as e:
-        raise CheckFailed(f"prune-channels produced a graph that fails shape inference: {e}") from None
-
-
-def apply_masks(graph: gs.Graph, plan: Plan) -> gs.Graph:
-    """The oracle's 'zeroed original': Mul(x, mask) in front of every sink input that loses channels."""
-    g = plan.groups
-    nodes = _nodes_for(graph, g)
-    names = _Names(graph)
-    for s in g.sinks:
-        k = plan.keep(s.slots)
-        if k.all():
-            continue
-        node = nodes[s.node]
-        x = node.inputs[s.input]
-        mshape = [1] * s.rank
-        mshape[s.axis] = len(k)
-        mask = gs.Constant(names(f"{x.name}_oracle_mask"), k.astype(np_dtype(x)).reshape(mshape))
-        y = gs.Variable(names(f"{x.name}_oracle_masked"), dtype=x.dtype)
-        graph.nodes.append(gs.Node("Mul", names(f"{node.name}_oracle_mask"), inputs=[x, mask], outputs=[y]))
-        node.inputs[s.input] = y
-    toposort(graph)
-    return graph
 
 
 def _feeds_list(graph: gs.Graph, data: dict | None, seed: int, limit: int = 4) -> tuple[list[dict], str | None]:
@@ -201,310 +78,10 @@ def _feeds_list(graph: gs.Graph, data: dict | None, seed: int, limit: int = 4) -
     return feeds_from_samples(src, specs, "prune-channels data", limit), None
 
 
-#: output ops that can hide a difference (a sigmoid at 0 or 1, a softmax's argmax): the oracle also compares the
-#: tensor they read
-SATURATING = {"Sigmoid", "Softmax", "LogSoftmax", "Tanh", "HardSigmoid", "Clip", "Relu", "ArgMax", "TopK"}
-
-
-def with_pre_activations(a: gs.Graph, b: gs.Graph) -> tuple[gs.Graph, gs.Graph]:
-    """Copies of two graphs with the same outputs in which every output made by a saturating op also exposes that
-    op's input, when both graphs have it (by name, same shape). Pruned detectors and classifiers on random inputs
-    often saturate (a DBNet map of exact zeros) and would make an output-only comparison vacuous."""
-    a, b = copy_graph(a), copy_graph(b)
-    ta, tb = a.tensors(), b.tensors()
-    for out in list(a.outputs):
-        prod = out.inputs[0] if out.inputs else None
-        if prod is None or prod.op not in SATURATING or not prod.inputs:
-            continue
-        name = prod.inputs[0].name
-        x, y = ta.get(name), tb.get(name)
-        if isinstance(x, gs.Variable) and isinstance(y, gs.Variable) and x.shape == y.shape and \
-                x.dtype is not None and x not in a.outputs:
-            a.outputs.append(x)
-            b.outputs.append(y)
-    return a, b
-
-
-def _oracle_outputs(graph, plan, pruned, feeds, seed):
-    masked = apply_masks(copy_graph(graph), plan)
-    if pruned is None:
-        pruned = apply_removal(copy_graph(graph), plan)
-    masked, pruned = with_pre_activations(masked, pruned)
-    feeds = feeds if feeds is not None else verify.seeded_inputs(graph, seed)
-    ref = ort.run(to_onnx(masked), feeds)
-    got = ort.run(to_onnx(pruned), {k: v for k, v in feeds.items() if k in {t.name for t in pruned.inputs}})
-    return ref, verify.outputs_by_position(masked, ref, pruned, got)
-
-
-def oracle_check(graph: gs.Graph, plan: Plan, pruned: gs.Graph | None = None, feeds: dict | None = None,
-                 seed: int = 0) -> float:
-    """Largest |zeroed original - pruned| over the outputs (onnxruntime). `graph` is the graph the plan was made
-    for (left unchanged); `pruned` the result of apply_removal (computed on a copy when not given)."""
-    ref, got = _oracle_outputs(graph, plan, pruned, feeds, seed)
-    return max((ort.max_error(r, got[name]) for name, r in ref.items()), default=0.0)
-
-
-def oracle_holds(graph, plan, pruned=None, feeds=None, seed=0, atol=ORACLE_ATOL) -> tuple[bool, float]:
-    """(outputs agree within atol scaled by the output magnitude and rtol=atol, max abs error)."""
-    ref, got = _oracle_outputs(graph, plan, pruned, feeds, seed)
-    ok, err, _ = verify.compare(ref, got, rtol=atol, atol=atol, scale_atol=True)
-    return ok, err
-
-
-def oracle_fp64(graph: gs.Graph, plan: Plan, pruned: gs.Graph, feeds: dict) -> tuple[float, float] | None:
-    """The oracle in float64: (max |zeroed original - pruned|, max |output|). Deep or freshly pruned graphs can
-    amplify float32 rounding past the fp32 tolerance (other channel counts change the accumulation order); in
-    float64 a correct removal agrees to ~1e-12 while a wrong one keeps its error. None when the trainable view
-    cannot run the graph."""
-    masked, pruned = with_pre_activations(apply_masks(copy_graph(graph), plan), pruned)
-    ref, got = verify.fp64_outputs(masked, feeds), verify.fp64_outputs(pruned, feeds)
-    if ref is None or got is None:
-        return None
-    got = verify.outputs_by_position(masked, ref, pruned, got)
-    err = max((float(np.abs(r - got[k]).max()) for k, r in ref.items() if r.size), default=0.0)
-    return err, max((float(np.abs(r).max()) for r in ref.values() if r.size), default=0.0)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# importance
-# ----------------------------------------------------------------------------------------------------------------
-
 def _with(removed: np.ndarray, units) -> np.ndarray:
     out = removed.copy()
     out[list(units)] = True
     return out
-
-
-def total_macs(graph: gs.Graph) -> int:
-    from graphopt.analyses import node_macs, shapes
-    sh = shapes(graph, None)
-    return int(sum(node_macs(n, sh) for n in graph.nodes))
-
-
-def _slice_stats(g: cg.ChannelGroups, roles, fn) -> tuple[np.ndarray, np.ndarray]:
-    """Per unit: sum over its parameter slices (of the given roles) of fn(slice) and the number of slices. A slice
-    of a weight that several nodes share counts once."""
-    tot = np.zeros(g.n_units)
-    cnt = np.zeros(g.n_units)
-    seen = set()
-    for p in g.params:
-        t = g.nodes[p.node].inputs[p.input]
-        if p.role not in roles or (t.name, p.axis) in seen:
-            continue
-        seen.add((t.name, p.axis))
-        v = constant_value(t)
-        if v is None or v.shape[p.axis] != len(p.slots):
-            continue
-        m = np.moveaxis(v.astype(np.float64), p.axis, 0).reshape(len(p.slots), -1)
-        vals = fn(m)
-        c = g.classes(p.slots)
-        np.add.at(tot, c, vals)
-        np.add.at(cnt, c, 1)
-    return tot, cnt
-
-
-def magnitude_scores(g: cg.ChannelGroups, kind: str) -> np.ndarray:
-    """l1: mean |w|, l2: root-mean-square w, over every weight slice of the unit (producer rows and consumer
-    columns), averaged over the slices."""
-    if kind == "l1":
-        tot, cnt = _slice_stats(g, ("weight_out", "weight_in"), lambda m: np.mean(np.abs(m), axis=1))
-    else:
-        tot, cnt = _slice_stats(g, ("weight_out", "weight_in"), lambda m: np.sqrt(np.mean(m * m, axis=1)))
-    return np.where(cnt > 0, tot / np.maximum(cnt, 1), 0.0)
-
-
-def bn_scale_scores(g: cg.ChannelGroups) -> tuple[np.ndarray, np.ndarray]:
-    """|gamma| of the BatchNormalization / InstanceNormalization slices of each unit; (scores, has_norm)."""
-    tot = np.zeros(g.n_units)
-    cnt = np.zeros(g.n_units)
-    for p in g.params:
-        node = g.nodes[p.node]
-        if p.role != "norm" or p.input != 1 or node.op not in ("BatchNormalization", "InstanceNormalization"):
-            continue
-        v = constant_value(node.inputs[1]).astype(np.float64)
-        c = g.classes(p.slots)
-        np.add.at(tot, c, np.abs(v))
-        np.add.at(cnt, c, 1)
-    return np.where(cnt > 0, tot / np.maximum(cnt, 1), 0.0), cnt > 0
-
-
-def _loss(outs: list[np.ndarray], labels: list) -> float:
-    total = 0.0
-    for y, lab in zip(outs, labels):
-        y = y.astype(np.float64)
-        if lab is not None:
-            z = y - y.max(axis=1, keepdims=True)
-            logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-            total += float(-np.mean(logp[np.arange(len(lab)), lab]))
-        else:
-            total += 0.5 * float(np.mean(y * y))
-    return total
-
-
-def taylor_scores(graph: gs.Graph, g: cg.ChannelGroups, units: list[int], runs: list[dict],
-                  eps: float = 1e-2) -> tuple[np.ndarray, str]:
-    """First-order Taylor importance |sum a * dL/da| over a unit's sink inputs, averaged over the runs.
-    L: cross-entropy against the model's own top-1 for 2-D outputs, 0.5*mean(y^2) otherwise. Gradients from
-    graphopt.trainable (torch autograd) when it can run the graph, else central differences of L in a scale
-    alpha put on the unit's sink inputs (onnxruntime)."""
-    try:
-        return _taylor_autograd(graph, g, runs), "taylor: autograd"
-    except Exception as e:     # noqa: BLE001 - fall back to finite differences (the trainable view is optional)
-        reraise_if_strict(e)
-    budget = 6000                       # onnxruntime runs: 2 per unit per batch
-    runs = runs[:max(1, budget // max(1, 2 * len(units)))]
-    return _taylor_fd(graph, g, units, runs, eps), f"taylor: central differences on {len(runs)} batch(es)"
-
-
-def _sink_inputs(graph, g):
-    """Masked copy where each sink input with a prunable unit is multiplied by a named mask tensor."""
-    m = copy_graph(graph)
-    nodes = list(m.nodes)
-    masks = []
-    for s in g.sinks:
-        if len(s.slots) < 2:           # a single channel is frozen: nothing to rank
-            continue
-        node = nodes[s.node]
-        x = node.inputs[s.input]
-        mshape = [1] * s.rank
-        mshape[s.axis] = len(s.slots)
-        masks.append((s, mshape, x))
-    return m, nodes, masks
-
-
-def _taylor_autograd(graph, g, runs):
-    import torch
-    from graphopt.trainable import TrainableGraph
-    m, nodes, masks = _sink_inputs(graph, g)
-    names = _Names(m)
-    mask_names = []
-    for s, mshape, x in masks:
-        nm = names(f"__taylor_mask_{len(mask_names)}")
-        c = gs.Constant(nm, np.ones(mshape, dtype=np.float32))
-        y = gs.Variable(names(nm + "_out"), dtype=x.dtype)
-        m.nodes.append(gs.Node("Mul", names(nm + "_mul"), inputs=[x, c], outputs=[y]))
-        nodes[s.node].inputs[s.input] = y
-        mask_names.append(nm)
-    toposort(m)
-    tg = TrainableGraph(m, trainable=mask_names, tie_identical=False)
-    params = tg.graph_parameters()
-    scores = np.zeros(g.n_units)
-    for feeds in runs:
-        for p in tg.parameters():
-            p.grad = None
-        outs = tg(feeds)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        loss = 0
-        for y in outs:
-            if y.dim() == 2 and y.shape[1] > 1:
-                loss = loss + torch.nn.functional.cross_entropy(y, y.detach().argmax(1))
-            else:
-                loss = loss + 0.5 * (y * y).mean()
-        loss.backward()
-        per = np.zeros(g.n_units)
-        for (s, _, _), nm in zip(masks, mask_names):
-            grad = params[nm].grad
-            if grad is None:
-                continue
-            np.add.at(per, g.classes(s.slots), grad.detach().numpy().reshape(-1).astype(np.float64))
-        scores += np.abs(per)
-    return scores / max(1, len(runs))
-
-
-def _taylor_fd(graph, g, units, runs, eps):
-    m, nodes, masks = _sink_inputs(graph, g)
-    names = _Names(m)
-    inputs = []
-    for i, (s, mshape, x) in enumerate(masks):
-        nm = names(f"__taylor_alpha_{i}")
-        v = gs.Variable(nm, dtype=np.float32, shape=mshape)
-        y = gs.Variable(names(nm + "_out"), dtype=x.dtype)
-        m.nodes.append(gs.Node("Mul", names(nm + "_mul"), inputs=[x, v], outputs=[y]))
-        nodes[s.node].inputs[s.input] = y
-        m.inputs.append(v)
-        inputs.append((nm, s, mshape))
-    toposort(m)
-    sess = ort.session(to_onnx(m))
-    out_names = [o.name for o in sess.get_outputs()]
-    ones = {nm: np.ones(sh, np.float32) for nm, _, sh in inputs}
-    member = {}
-    for nm, s, sh in inputs:
-        cls = g.classes(s.slots)
-        for k in set(cls.tolist()):
-            member.setdefault(k, []).append((nm, (cls == k).reshape(sh)))
-    scores = np.zeros(g.n_units)
-    for feeds in runs:
-        base = sess.run(out_names, {**feeds, **ones})
-        labels = [np.argmax(y, 1) if y.ndim == 2 and y.shape[1] > 1 else None for y in base]
-        for k in units:
-            vals = []
-            for sign in (1.0, -1.0):
-                f = dict(ones)
-                for nm, sel in member.get(k, []):
-                    f[nm] = np.where(sel, 1.0 + sign * eps, f[nm]).astype(np.float32)
-                vals.append(_loss(sess.run(out_names, {**feeds, **f}), labels))
-            scores[k] += abs(vals[0] - vals[1]) / (2 * eps)
-    return scores / max(1, len(runs))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# cost model: MACs and parameters as functions of the removed units
-# ----------------------------------------------------------------------------------------------------------------
-
-class CostModel:
-    """MACs and parameters of a removal; `latency` (prune_latency.LatencyCost) when the pass has a latency budget."""
-
-    def __init__(self, graph: gs.Graph, g: cg.ChannelGroups, ctx):
-        self.g = g
-        self.latency = None              # prune_latency.LatencyCost: with a latency budget or predict_latency
-        self.latency_budget = False      # whether the selection must meet a latency budget
-        self.curves = None               # allocation=sensitivity: {layer id: prune_sensitivity.LossCurve}
-        fl = ctx.analyses.get("flops", graph)
-        self.params0 = int(fl["params"])
-        base = g.base_macs()
-        self.macs0 = int(sum(base.values()))     # per node index, as the flops analysis counts
-        self.mac_terms = []
-        self.fixed_macs = 0
-        for i, macs in base.items():
-            fs = g.mac_factors.get(i)
-            if not macs:
-                continue
-            if not fs:
-                self.fixed_macs += macs
-                continue
-            self.mac_terms.append((macs, [g.classes(f) for f in fs]))
-        per = defaultdict(list)          # by constant: a weight shared by several nodes counts once
-        for p in g.params:
-            per[g.nodes[p.node].inputs[p.input].name].append(p)
-        self.param_terms = []
-        for ps in per.values():
-            v = constant_value(g.nodes[ps[0].node].inputs[ps[0].input])
-            if v is None or v.dtype.kind != "f":
-                continue
-            axes = {}
-            for p in ps:
-                axes.setdefault(p.axis, g.classes(p.slots))
-            self.param_terms.append((int(v.size), list(axes.values())))
-
-    def macs(self, removed: np.ndarray) -> float:
-        kept = removed.__invert__()
-        total = self.fixed_macs
-        for macs, fs in self.mac_terms:
-            f = macs
-            for c in fs:
-                f *= kept[c].mean() if len(c) else 1.0
-            total += f
-        return total
-
-    def params(self, removed: np.ndarray) -> float:
-        kept = ~removed
-        gone = 0.0
-        for size, fs in self.param_terms:
-            f = 1.0
-            for c in fs:
-                f *= kept[c].mean() if len(c) else 1.0
-            gone += size * (1.0 - f)
-        return self.params0 - gone
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -661,7 +238,7 @@ class PruneChannels(Pass):
         removed = np.zeros(g.n_units, dtype=bool)
         held = []
         if o["criterion"] == "dead":
-            removed, held = self._dead(g, cand, extra)
+            removed, held = dead_units(g, cand, extra)
         elif cand.any():
             scores, note = self._scores(graph, g, cand, ctx, seed)
             if note:
@@ -696,17 +273,7 @@ class PruneChannels(Pass):
         pruned = apply_removal(graph, plan)
         if o["verify_oracle"]:
             runs, _ = _feeds_list(original, ctx.data, seed, limit=min(2, o["samples"]))
-            worst = 0.0
-            for feeds in runs:
-                ok, err = oracle_holds(original, plan, pruned, feeds)
-                worst = max(worst, err)
-                if not ok:
-                    self._fp64_verdict(original, plan, pruned, feeds, err, info)
-            info["oracle_max_error"] = worst
-            if "oracle_fp64_max_error" in info:
-                info["oracle_note"] = (f"float32 outputs differ by up to {worst:.3g}: the pruned graph amplifies "
-                                       f"float32 rounding; in float64 (torch) zeroed and pruned graphs agree to "
-                                       f"{info['oracle_fp64_max_error']:.3g}")
+            info.update(verify_removal(original, plan, pruned, runs))
         after = flops_analysis(pruned, None)
         after["macs"] = total_macs(pruned)
         info["macs"]["after"] = int(after["macs"])
@@ -720,15 +287,6 @@ class PruneChannels(Pass):
 
     # ------------------------------------------------------------------ pieces
 
-    @staticmethod
-    def _fp64_verdict(original, plan, pruned, feeds, err, info):
-        """fp32 disagreement: exact in float64 means float32 rounding (recorded); otherwise a real failure."""
-        r = oracle_fp64(original, plan, pruned, feeds)
-        if r is None or r[0] > ORACLE_FP64_RTOL * max(1.0, r[1]):
-            more = "" if r is None else f"; in float64 they differ by {r[0]:.3g}"
-            raise CheckFailed(f"pass 'prune-channels': the pruning oracle fails (zeroed original and pruned graph "
-                              f"differ by {err:.3g}{more}); this is a bug in the channel analysis")
-        info["oracle_fp64_max_error"] = max(info.get("oracle_fp64_max_error", 0.0), r[0])
     def _sensitivity_data(self, ctx) -> dict:
         from ..sensitivity import results_for
         return results_for(self.name, self.opts["sensitivity"], ctx, "allocation=sensitivity")
@@ -768,23 +326,12 @@ class PruneChannels(Pass):
 
     def _scores(self, graph, g, cand, ctx, seed):
         crit = self.opts["criterion"]
-        note = None
         if crit in ("l1", "l2"):
             return magnitude_scores(g, crit), None
         if crit == "random":
             return np.random.default_rng(seed).random(g.n_units), None
         if crit == "bn_scale":
-            s, has = bn_scale_scores(g)
-            fallback = magnitude_scores(g, "l2")
-            missing = []
-            for lay in g.layers:
-                ids = [k for k in lay.units if cand[k]]
-                if ids and not all(has[k] for k in ids):
-                    s[ids] = fallback[ids]
-                    missing.append(lay.name)
-            if missing:
-                note = f"bn_scale: {len(missing)} layer(s) without a BatchNormalization ranked by l2"
-            return s, note
+            return bn_scale_ranking(g, cand)
         runs, data_note = _feeds_list(graph, ctx.data, seed, limit=self.opts["samples"])
         s, how = taylor_scores(graph, g, [k for k in range(g.n_units) if cand[k]], runs)
         return s, how + (f"; {data_note}" if data_note else "")
@@ -814,33 +361,6 @@ class PruneChannels(Pass):
             floor = max(floor, math.ceil(n * (1.0 - max_ratio) - 1e-9))
         ks = [k for k in range(n - 1, 0, -1) if k >= floor and k % m == 0]
         return [n] + ks
-
-    @staticmethod
-    def _dead(g, cand, extra) -> tuple[np.ndarray, list[dict]]:
-        """Every prunable unit that is zero at every consumer the analysis tracks, whatever round_to says (padding
-        to a vector width is the target's business), except the last unit of a layer. Also the dead-looking units
-        kept, counted by why: [{"channels", "why"}]."""
-        dead = np.ones(g.n_units, dtype=bool)
-        read = np.zeros(g.n_units, dtype=bool)        # read by a tracked consumer (else dead only vacuously)
-        for s in g.sinks:
-            t = g.nodes[s.node].inputs[s.input]
-            c = g.chan.get(t.name)
-            cls = g.classes(s.slots)
-            cv = c.cval if c is not None and len(c.cval) == len(s.slots) else np.full(len(s.slots), np.nan)
-            bad = cls[~(cv == 0)]
-            dead[bad] = False
-            read[cls] = True
-        removed = dead & cand
-        last = 0
-        for lay in g.layers:
-            if lay.units and all(removed[k] for k in lay.units):
-                removed[lay.units[0]] = False
-                last += 1
-        counts = ((int((dead & read & np.array([bool(u.frozen) for u in g.units])).sum()),
-                   "zero but in a frozen group (see 'frozen')"),
-                  (sum(1 for k in extra if dead[k] and not g.units[k].frozen), "dead but ignored by the user"),
-                  (last, "dead, but a layer keeps at least one channel"))
-        return removed, [{"channels": n, "why": why} for n, why in counts if n]
 
     def _held_at_floor(self, g, cand, extra, round_to, cost) -> list[dict]:
         """Why a budget cannot be met: the units that stay with every prunable layer at its narrowest, by the

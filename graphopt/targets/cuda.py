@@ -451,7 +451,7 @@ class CudaTarget(Target):
 
     def hw(self) -> HardwareInfo:
         """sparse_block (rows, cols) = (output features, input features): 32x1 puts one block row on one warp
-        (the BSR kernels of block_sparse.py use it); 2:4 is what sm_80+ sparse tensor cores accelerate (graphopt's
+        (the BSR kernels of block_sparse/ use it); 2:4 is what sm_80+ sparse tensor cores accelerate (graphopt's
         cuda lowering still compiles 2:4 weights dense)."""
         return HardwareInfo(target=self.name, fp32_lanes=32, warp_size=32, int8_dot="dp4a",
                             structure=Structure(channels=32, blocks=(32, 1), nm=(2, 4)))

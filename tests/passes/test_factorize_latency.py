@@ -78,10 +78,11 @@ def test_an_unreachable_latency_budget_is_refused(monkeypatch):
 def test_chain_models_compute_what_the_layer_computes_at_full_rank():
     g = graphopt.load(mlp(64, 16))
     from graphopt.passes import factorize_lowrank as fl
+    from graphopt.passes.factorize_math import analyze
     from graphopt.analyses import shapes
     sh = shapes(g, None)
     lay, _ = fl._layer(g.nodes[0], sh, set(fl.OPS))
-    fl._analyze(lay)
+    analyze(lay)
     x = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
     ref = ort.run(fla.chain_model(lay, None, sh), {"x": x})["y"]
     full = ort.run(fla.chain_model(lay, (64,), sh), {"x": x})["y"]

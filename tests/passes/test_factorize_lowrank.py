@@ -209,7 +209,7 @@ def test_evbmf_recovers_planted_rank(planted, noise):
 
 
 def test_evbmf_on_pure_noise_keeps_nothing():
-    from graphopt.passes.factorize_lowrank import evbmf
+    from graphopt.passes.factorize_math import evbmf
     rank, sigma2 = evbmf(np.random.default_rng(0).standard_normal((40, 70)))
     assert rank == 0 and 0.8 < sigma2 < 1.2
 

@@ -12,6 +12,7 @@ from graphopt.errors import BadInput, CheckFailed
 from graphopt.hardware import GENERIC, HardwareInfo, Structure
 from graphopt.graph import constant_value, copy as copy_graph
 from graphopt.passes import prune_channels as pc
+from graphopt.passes import prune_cost, prune_importance, prune_oracle, prune_removal
 
 ZOO = ["resnet", "mobilenet_v3", "densenet", "inception", "resnext", "shufflenet", "vit", "convnext", "yolo",
        "unet", "lstm", "gru", "mlp_digits", "cnn_digits"]
@@ -298,9 +299,9 @@ def test_taylor_finite_differences_agree_with_autograd(zoo_onnx):
     groups = PassContext().analyses.get("channel-groups", g)
     runs, _ = pc._feeds_list(g, None, 0, limit=1)
     units = [u.id for u in groups.units if not u.frozen]
-    fd = pc._taylor_fd(g, groups, units, runs, 1e-3)
+    fd = prune_importance._taylor_fd(g, groups, units, runs, 1e-3)
     try:
-        ag = pc._taylor_autograd(g, groups, runs)
+        ag = prune_importance._taylor_autograd(g, groups, runs)
     except Exception:            # the trainable view is optional
         pytest.skip("graphopt.trainable cannot run this graph")
     assert np.allclose(fd[units], ag[units], rtol=2e-2, atol=1e-4)
@@ -333,25 +334,25 @@ def test_oracle_detects_a_wrong_removal(zoo_onnx):
     inner = groups.classes(next(s for s in groups.sources
                                 if groups.nodes[s.node].name == "/layer1/conv1/Conv").slots)
     removed[inner[:8]] = True
-    plan = pc.Plan(groups, removed)
+    plan = prune_removal.Plan(groups, removed)
     original = copy_graph(g)
-    assert pc.oracle_check(original, plan) < 1e-5
-    pruned = pc.apply_removal(copy_graph(original), plan)
+    assert prune_oracle.oracle_check(original, plan) < 1e-5
+    pruned = prune_removal.apply_removal(copy_graph(original), plan)
     bn = next(n for n in pruned.nodes if n.name == "/layer1/bn1/BatchNormalization")
     shift = bn.inputs[2].values.copy()
     shift[0] += 1.0                              # a kept channel gets a wrong parameter
     bn.inputs[2] = gs.Constant("wrong_shift", shift)
-    assert pc.oracle_check(original, plan, pruned=pruned) > 1e-3
+    assert prune_oracle.oracle_check(original, plan, pruned=pruned) > 1e-3
     # removing a residual summand's channels without its partners is also caught
-    plan2 = pc.Plan(groups, removed.copy())
+    plan2 = prune_removal.Plan(groups, removed.copy())
     stem = groups.classes(next(s for s in groups.sources if groups.nodes[s.node].name == "/stem/stem.0/Conv").slots)
     plan2.removed[stem[:4]] = True
-    bad = pc.apply_removal(copy_graph(original), plan2)
+    bad = prune_removal.apply_removal(copy_graph(original), plan2)
     c2 = next(n for n in bad.nodes if n.name == "/layer1/conv2/Conv")
     w = c2.inputs[1].values.copy()
     w[0] += 0.5
     c2.inputs[1] = gs.Constant("wrong_w", w)
-    assert pc.oracle_check(original, plan2, pruned=bad) > 1e-3
+    assert prune_oracle.oracle_check(original, plan2, pruned=bad) > 1e-3
 
 
 def test_float64_oracle_tells_rounding_from_a_wrong_removal(zoo_onnx):
@@ -363,21 +364,21 @@ def test_float64_oracle_tells_rounding_from_a_wrong_removal(zoo_onnx):
     inner = groups.classes(next(s for s in groups.sources
                                 if groups.nodes[s.node].name == "/layer1/conv1/Conv").slots)
     removed[inner[:8]] = True
-    plan = pc.Plan(groups, removed)
+    plan = prune_removal.Plan(groups, removed)
     feeds = graphopt.verify.seeded_inputs(g, 0)
-    pruned = pc.apply_removal(copy_graph(g), plan)
-    err, scale = pc.oracle_fp64(g, plan, pruned, feeds)
+    pruned = prune_removal.apply_removal(copy_graph(g), plan)
+    err, scale = prune_oracle.oracle_fp64(g, plan, pruned, feeds)
     assert err <= 1e-9 * max(1.0, scale) and scale > 0
     info = {}
-    pc.PruneChannels._fp64_verdict(g, plan, pruned, feeds, 1e-3, info)    # as if float32 had disagreed
+    prune_oracle.fp64_verdict(g, plan, pruned, feeds, 1e-3, info)    # as if float32 had disagreed
     assert info["oracle_fp64_max_error"] == err
     bn = next(n for n in pruned.nodes if n.name == "/layer1/bn1/BatchNormalization")
     shift = bn.inputs[2].values.copy()
     shift[0] += 1e-4                             # a small but real mistake on a kept channel
     bn.inputs[2] = gs.Constant("wrong_shift", shift)
-    assert pc.oracle_fp64(g, plan, pruned, feeds)[0] > 1e-7
+    assert prune_oracle.oracle_fp64(g, plan, pruned, feeds)[0] > 1e-7
     with pytest.raises(CheckFailed, match="in float64 they differ by .*bug in the channel analysis"):
-        pc.PruneChannels._fp64_verdict(g, plan, pruned, feeds, 1e-3, {})
+        prune_oracle.fp64_verdict(g, plan, pruned, feeds, 1e-3, {})
 
 
 def test_oracle_compares_the_logits_under_a_saturating_output():
@@ -388,7 +389,7 @@ def test_oracle_compares_the_logits_under_a_saturating_output():
     y = gs.Variable("y", np.float32, (1, 3))
     g = gs.Graph(nodes=[gs.Node("MatMul", "mm", inputs=[x, w], outputs=[logits]),
                         gs.Node("Sigmoid", "sig", inputs=[logits], outputs=[y])], inputs=[x], outputs=[y], opset=17)
-    a, b = pc.with_pre_activations(g, copy_graph(g))
+    a, b = prune_oracle.with_pre_activations(g, copy_graph(g))
     assert [t.name for t in a.outputs] == ["y", "logits"] == [t.name for t in b.outputs]
     assert [t.name for t in g.outputs] == ["y"]          # the graphs given are left alone
 
@@ -622,10 +623,10 @@ def test_cost_model_counts_a_shared_weight_once():
     g = graphopt.load(ob.shared_weight_chain(4))
     ctx = PassContext(hw=GENERIC)
     groups = ctx.analyses.get("channel-groups", g)
-    cost = pc.CostModel(g, groups, ctx)
+    cost = prune_cost.CostModel(g, groups, ctx)
     removed = np.zeros(groups.n_units, dtype=bool)
     step = next(s for s in groups.sources if groups.nodes[s.node].name == "step0")
     removed[groups.classes(step.slots)[:8]] = True
-    pruned = pc.apply_removal(copy_graph(g), pc.Plan(groups, removed))
+    pruned = prune_removal.apply_removal(copy_graph(g), prune_removal.Plan(groups, removed))
     assert cost.params0 == graphopt.analyses.flops(g, None)["params"]
     assert cost.params(removed) == graphopt.analyses.flops(pruned, None)["params"] < cost.params0
