@@ -10,8 +10,10 @@ identity on the integers, so the op can run on the quantized tensor itself:
 
 Exactness: DequantizeLinear then QuantizeLinear with the same (s, z) returns q exactly, MaxPool / Max commute
 with the monotone dequantization, and integer MaxPool's padding (the type's lowest value) never wins, like
-fp32's -inf. The PassManager checks the outputs in onnxruntime (an exact pass). The result is standard ONNX that
-onnxruntime runs (integer MaxPool / Max / Reshape ...).
+fp32's -inf. Then every quantized elementwise chain (hardswish, sigmoid, a scalar multiply... between a
+DequantizeLinear of one 8-bit tensor and a QuantizeLinear) becomes a 256-entry table lookup computed by
+onnxruntime (lower_int8_tables.py). The PassManager checks the outputs in onnxruntime (an exact pass). The
+result is standard ONNX that onnxruntime runs (integer MaxPool / Max / Reshape ..., Gather of a table).
 
 Why: the cpu target (targets/int8/) lowers DequantizeLinear -> Conv/MatMul/Gemm -> QuantizeLinear chains to
 integer kernels that keep activations NHWC; an integer MaxPool between two of them runs in that layout with no
@@ -26,6 +28,8 @@ import onnx_graphsurgeon as gs
 from graphopt.graph import constant_value, toposort
 from graphopt.op_traits import traits
 from graphopt.passmanager import Pass, PassResult, register
+
+from .lower_int8_tables import rewrite_tables
 
 
 def _qparams(node: gs.Node):
@@ -107,4 +111,7 @@ class LowerInt8(Pass):
                 changed = True
             if changed:
                 toposort(graph.cleanup(remove_unused_graph_inputs=False))
+        tables = rewrite_tables(graph)
+        if tables:
+            counts["table"] = tables
         return PassResult(graph, bool(counts), {"rewritten": counts})

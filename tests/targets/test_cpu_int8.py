@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import tvm
 
 from graphopt.datasets import train_classifier
 import torch.nn as nn
@@ -479,3 +480,38 @@ def test_fused_residual_add_rounds_like_onnxruntime(tmp_path):
     ref = ort.run(m, {"x": x, "r": r})["out"]
     got = np.asarray(tvm_lowering.VMRunner(path)([x, r])[0]).reshape(ref.shape)
     assert np.array_equal(got, ref), f"{np.mean(got != ref):.2%} of the outputs differ"
+
+
+class _HardswishNet(torch.nn.Module):
+    """conv -> hardswish -> depthwise conv -> sigmoid-gated -> conv: activations between int8 kernels that
+    lower-int8 turns into tables (graphopt/passes/lower_int8_tables.py)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.c2 = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        h = nn.functional.hardswish(self.c1(x))
+        h = self.dw(h)
+        return self.c2(h * torch.sigmoid(h))
+
+
+@pytest.mark.parametrize("acts", ["u8", "s8"])
+def test_activation_tables_run_in_the_kernels_layout(tmp_path, acts):
+    """The hardswish / x*sigmoid(x) chains between int8 kernels become table lookups applied to the kernels' NHWC
+    tensors: no NCHW round trip (transpose) is left between the convs, and the library matches onnxruntime."""
+    g = graphopt.from_torch(_HardswishNet().eval(), (torch.zeros(1, 3, 12, 12),))
+    calib = {"x": np.random.default_rng(0).normal(size=(16, 3, 12, 12)).astype(np.float32)}
+    model, res = _quantized(g, calib, pipeline=f"quantize{{activations={acts}}},lower-int8")
+    assert res.records[-1]["info"]["rewritten"].get("table", 0) >= 2
+    runner, facts, _ = _compile(model, tmp_path)
+    assert facts["table_lookups"] >= 2 and facts["conv2d"] == 2 and facts["dwconv2d"] == 1
+    mod, _ = ci.import_int8(model, CpuTarget().tvm_target())
+    ops = []
+    tvm.relax.analysis.post_order_visit(mod["main"], lambda e: ops.append(getattr(getattr(e, "op", None), "name", "")))
+    assert ops.count("relax.permute_dims") <= 2       # into NHWC at the input, back to NCHW at the output only
+    feeds = [{"x": np.random.default_rng(s).normal(size=(1, 3, 12, 12)).astype(np.float32)} for s in range(3)]
+    _check_against_ort(model, runner, feeds)

@@ -265,3 +265,20 @@ def match_dense(blk: Block, idx: int):
     out_var = blk.bindings[root].var
     return Match("dense", root, interior, xq, zx, sx, dt, w, sw, bias_i32, bias_f, {"xshape": xshape}, epi, sy,
                   None, out_var, shape_of(out_var))
+
+
+def table_source(blk: Block, index):
+    """q when index is the ONNX importer's form of Gather's index Cast(q, int32|int64) with negative indices
+    wrapped: where(less(i, 0), add(i, extent), i) of i = astype(q) (or i itself), q u8/s8; else None."""
+    e = blk.bound(index)
+    if op_name(e) == "relax.where":
+        cond, wrapped, i = e.args
+        c, w = blk.bound(cond), blk.bound(wrapped)
+        if op_name(c) != "relax.less" or not c.args[0].same_as(i) or scalar(const_value(c.args[1])) != 0 \
+                or op_name(w) != "relax.add" or not w.args[0].same_as(i):
+            return None
+        e = blk.bound(i)
+    if op_name(e) != "relax.astype" or str(e.attrs.dtype) not in ("int32", "int64"):
+        return None
+    q = e.args[0]
+    return q if dtype_of(q) in ("uint8", "int8") else None

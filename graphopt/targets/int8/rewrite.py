@@ -10,7 +10,7 @@ from ..relax_bindings import Block, const_value, dtype_of, op_name, scalar, shap
 from ..relax_layout import LayoutRewriter, Phys, rewrite_main
 from .kernels import conv2d_int8, dense_int8, dwconv2d_int8, maxpool_int8
 from .packing import epilogue_constants, pack_conv_weight, pack_dense_weight, pack_dw_weight
-from .relax_match import Match, match_conv, match_dense, match_dq_act
+from .relax_match import Match, match_conv, match_dense, match_dq_act, table_source
 from .specs import ConvSpec, DenseSpec
 from .target_facts import int8_dot, num_cores
 
@@ -23,6 +23,7 @@ class _Rewriter(LayoutRewriter):
         self.dot = dot
         self.cores = num_cores(target)
         self.count = {"conv2d": 0, "dwconv2d": 0, "dense": 0, "residual_fused": 0, "maxpool_nhwc": 0, "mean_nhwc": 0,
+                      "table_lookups": 0,
                       "fp32_convs": 0, "fp32_matmuls": 0}
 
     def kernel(self, kind, spec, residual=False):
@@ -73,6 +74,8 @@ class _Rewriter(LayoutRewriter):
                 new = self.global_mean(b, blk)
             elif op in ("relax.maximum", "relax.minimum"):
                 new = self.scalar_elementwise(b)
+            elif op == "relax.take":
+                new = self.lookup(b, blk)
             if new is not None:
                 out.extend(new)
                 continue
@@ -201,6 +204,31 @@ class _Rewriter(LayoutRewriter):
         phys = Phys(y, p.layout, p.channels)
         self.phys[b.var] = phys
         return [self.bind(y, fn(p.var, other))] + self.bind_view(b.var, phys, shape_of(b.var))
+
+    def lookup(self, b, blk):
+        """take(table[256], index of q) from lower-int8's tables (ONNX Gather(table, Cast(q, int32)), negative
+        indices wrapped by the importer) with q physical: the lookup runs in the physical layout, indexed by the
+        byte of q (s8 values wrap to the table's end, as ONNX's negative indices do)."""
+        from tvm import relax
+        v = b.value
+        values = const_value(v.args[0])
+        if values is None or values.shape != (256,) or str(values.dtype) not in ("uint8", "int8"):
+            return None
+        q = table_source(blk, v.args[1])
+        p = self.phys.get(q) if q is not None else None
+        if p is None or dtype_of(p.var) not in ("uint8", "int8"):
+            return None
+        byte = p.var                     # u8 indices: TVM's take reads them as they are (no int32 copy)
+        bl = []
+        if dtype_of(byte) == "int8":
+            byte = self.dfvar("byte", shape_of(p.var), "uint8")
+            bl.append(self.bind(byte, relax.op.astype(p.var, "uint8")))
+        y = self.dfvar("table", shape_of(p.var), str(values.dtype))
+        bl.append(self.bind(y, relax.op.take(relax.const(values), byte, axis=0, mode="clip")))
+        phys = Phys(y, p.layout, p.channels)
+        self.phys[b.var] = phys
+        self.count["table_lookups"] += 1
+        return bl + self.bind_view(b.var, phys, shape_of(b.var))
 
     def maxpool(self, b):
         """max_pool2d on a quantized tensor whose physical form is NHWC: pool in NHWC."""
