@@ -47,8 +47,8 @@ import bench_models  # noqa: E402
 INT8 = "_int8"     # "<model>_int8": the QDQ model of bench_int8.quantize_qdq
 DEFAULT_MODELS = ["resnet18", "resnet18_b8", "resnet50", "mobilenet_v2", "efficientnet_b0", "convnext_tiny",
                   "bert_encoder", "yolo_320", "ppocr_det_640", "ppocr_rec_48x320", "resnet18_int8",
-                  "mobilenet_v2_int8"]
-MODEL_NAMES = bench_models.NAMES + [n + INT8 for n in bench_models.MODELS]
+                  "mobilenet_v2_int8", "ppocr_rec_48x320_int8"]
+MODEL_NAMES = bench_models.NAMES + [n + INT8 for n in bench_models.NAMES]
 CPU_FLAGS = ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 
 

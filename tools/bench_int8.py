@@ -9,7 +9,7 @@ same inputs, same thread count, timings interleaved round by round (the machine 
 Models come from tools/bench_models.py (ResNet-18 at 1x3x224x224 by default). Steps: export, fold-constants +
 fold-batchnorm, then
   fp32  : graphopt.compile(..., target="cpu")                       (graphopt's fp32 schedules)
-  int8  : quantize{calib_samples=N} (seeded normal calibration data) + lower-int8, lowered by
+  int8  : quantize{calib_samples=N} (seeded normal calibration data), legalized (lower-int8) and lowered by
           targets/int8 through graphopt.compile (the cpu target's int8 lowering; fp32 ops left get the default
           CPU schedules)
   ort   : onnxruntime, all optimizations, on the fp32 model and on the same QDQ model.onnx
@@ -52,14 +52,15 @@ def build_int8(q_model, out: Path, threads: int):
 
 def quantize_qdq(src, calib_samples: int = 8, activations: str = "u8"):
     """(fp32, QDQ) ModelProtos of the ONNX file src: fold-constants + fold-batchnorm, then quantize (seeded normal
-    calibration data shaped like input "x") + lower-int8."""
+    calibration data shaped like input "x"). The QDQ model is what onnxruntime's quantizer writes, what every engine
+    is given; graphopt's cpu target legalizes it with lower-int8 itself."""
     import graphopt
     from graphopt import PassContext, PassManager
     from graphopt.graph import to_onnx
     fp32 = to_onnx(PassManager.parse("fold-constants,fold-batchnorm").run(graphopt.load(src)).graph)
     dims = [d.dim_value for d in next(i for i in fp32.graph.input if i.name == "x").type.tensor_type.shape.dim]
     calib = {"x": np.random.default_rng(0).standard_normal([calib_samples] + dims[1:]).astype(np.float32)}
-    res = PassManager.parse(f"quantize{{calib_samples={calib_samples},activations={activations}}},lower-int8").run(
+    res = PassManager.parse(f"quantize{{calib_samples={calib_samples},activations={activations}}}").run(
         graphopt.load(fp32), PassContext(data={"calib": calib}))
     return fp32, to_onnx(res.graph)
 
