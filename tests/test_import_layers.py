@@ -7,6 +7,10 @@ that edge is the package's, not the importer's choice).
 import ast
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.fast
+
 ROOT = Path(__file__).resolve().parent.parent / "graphopt"
 
 
@@ -108,3 +112,41 @@ KNOWN = []
 def test_no_import_cycles_among_graphopt_modules():
     found = [c for c in cycles(import_graph()) if c not in KNOWN]
     assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+#: the layers of ARCHITECTURE.md's picture, top to bottom: a module imports only modules of its own layer or below
+#: (a package entry covers its submodules; a new module must be placed here)
+LAYERS = [
+    ("front ends", {"cli", "build", "compress", "distributed", "distributed.__main__"}),
+    ("passes", {"passes"}),
+    ("on the target", {"latency", "sensitivity", ""}),
+    ("drivers", {"api", "distill", "evaluate", "artifact", "timing", "profiling", "inspect_model", "checkpoints",
+                 "stage_cache"}),
+    ("targets", {"targets"}),
+    ("core", {"passmanager", "instruments", "analyses", "channel_groups", "prune_rules", "verify", "loading",
+              "folding", "control_flow", "shapes", "symbolic_shapes", "check_inputs", "trainable", "qat",
+              "quant_check"}),
+    ("foundation", {"errors", "version", "graph", "metadata", "op_traits", "hardware", "ort", "limits", "npz",
+                    "outputs", "text_table", "quiet", "progress", "pipeline_text", "plugins", "samples", "tuning_db",
+                    "library_check", "memory_estimate", "verified_json", "micro_batching", "datasets",
+                    "task_metrics", "bf16_check", "rewrite", "layouts", "adapters", "data_checks", "folder_data",
+                    "report_html"}),
+]
+
+
+def layer_of(module: str) -> int | None:
+    rest = module[len("graphopt."):] if module.startswith("graphopt.") else ""
+    for depth, (_, names) in enumerate(LAYERS):
+        if rest in names or any(rest.startswith(n + ".") for n in names if n and n != "distributed"):
+            return depth
+    return None
+
+
+def test_every_module_has_a_layer():
+    assert [m for m in import_graph() if layer_of(m) is None] == []
+
+
+def test_every_import_points_down_the_layers():
+    up = sorted(f"{a} ({LAYERS[layer_of(a)][0]}) -> {b} ({LAYERS[layer_of(b)][0]})"
+                for a, bs in import_graph().items() for b in bs if layer_of(b) < layer_of(a))
+    assert not up, "imports pointing up the layers of ARCHITECTURE.md:\n" + "\n".join(up)
