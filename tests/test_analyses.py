@@ -6,6 +6,8 @@ import graphopt
 from graphopt import PassManager
 from graphopt.evaluate import graph_size
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.mark.parametrize("name", ["lstm", "gru"])
 def test_recurrent_layers_count_the_macs_of_their_decomposition(zoo_onnx, name):

@@ -2,12 +2,15 @@
 bytes), scales and zero points do not, and Conv / Gemm / MatMul fed by a DequantizeLinear keep their MACs and
 output channels."""
 import numpy as np
+import pytest
 
 import digits
 import graphopt
 from graphopt import PassContext, PassManager
 from graphopt.evaluate import channels_per_layer, graph_size
 from graphopt.graph import from_onnx, to_onnx
+
+pytestmark = pytest.mark.fast
 
 
 def test_quantized_graph_keeps_macs_and_params():

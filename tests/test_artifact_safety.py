@@ -17,6 +17,8 @@ from graphopt.artifact import Staging
 from graphopt.cli import distributed_main, main
 from graphopt.errors import BadInput
 
+pytestmark = pytest.mark.fast
+
 MODEL = Path(__file__).resolve().parent / "fixtures" / "digits_cnn.onnx"      # x [1, 1, 8, 8] -> logits [1, 10]
 
 

@@ -82,6 +82,7 @@ def test_truncated_and_foreign_entries_are_rebuilt(project, capsys):
     assert json.loads(out)["cached_stages"] == ["optimize", "compile", "evaluate"] and not warnings(err)
 
 
+@pytest.mark.fast
 def test_output_dir_that_graphopt_did_not_write_is_refused_before_any_work(project, capsys):
     site = project / "out" / "build"
     site.mkdir(parents=True)
@@ -105,6 +106,7 @@ def live_pid():
     p.wait()
 
 
+@pytest.mark.fast
 def test_the_next_build_removes_what_killed_builds_left(project, capsys, live_pid):
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()

@@ -1,6 +1,7 @@
 """channel-groups analysis: which channels are coupled, which are frozen and why."""
 import numpy as np
 import onnx_graphsurgeon as gs
+import pytest
 from onnx import helper
 
 import graphopt
@@ -9,6 +10,8 @@ import prune_models as pm
 from graphopt import PassContext
 from graphopt.analyses import ANALYSES
 from graphopt.prune_rules import rules_for
+
+pytestmark = pytest.mark.fast
 
 
 def _groups(path_or_model, **kw):

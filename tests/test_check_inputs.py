@@ -13,6 +13,8 @@ import graphopt
 from graphopt.check_inputs import input_ranges
 from graphopt.cli import main
 
+pytestmark = pytest.mark.fast
+
 SEQ, VOCAB = 8, 30
 
 

@@ -11,6 +11,8 @@ import pytest
 import onnx_builders as ob
 from graphopt.cli import main
 
+pytestmark = pytest.mark.fast
+
 GRAPHOPT = [sys.executable, "-m", "graphopt.cli"]
 
 

@@ -10,6 +10,8 @@ import onnx_builders as ob
 from graphopt import PassManager, api, ort
 from graphopt.cli import main
 
+pytestmark = pytest.mark.fast
+
 
 def _branch(name, nodes, out, inits=()):
     return helper.make_graph(nodes, name, [], [ob.vi(out, None)],

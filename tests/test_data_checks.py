@@ -22,6 +22,8 @@ from graphopt.errors import BadInput, CheckFailed  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import digits  # noqa: E402
 
+pytestmark = pytest.mark.fast
+
 PIPELINE = "cleanup,prune-channels{flops=0.6}"
 
 

@@ -2,12 +2,15 @@
 import os
 
 import onnx
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import graphopt
 from graphopt.build import BuildConfig
 from graphopt.errors import GraphoptError
+
+pytestmark = pytest.mark.fast
 
 def _seed_bytes() -> bytes:
     from test_loading import _conv_model

@@ -9,6 +9,8 @@ import onnx_builders as ob
 from graphopt.errors import UnsupportedModel
 from graphopt.graph import toposort
 
+pytestmark = pytest.mark.fast
+
 
 def _chain(n):
     """x -> Relu -> Relu -> ... (n nodes), with the node list reversed (every node before its producer)."""

@@ -8,6 +8,8 @@ from graphopt.hardware import GENERIC, HardwareInfo, Structure
 from graphopt.passmanager import PassContext, get_pass_class
 from graphopt.targets import get_target
 
+pytestmark = pytest.mark.fast
+
 
 def test_each_target_states_the_structure_that_pays_there():
     cpu = get_target("cpu", mcpu="cooperlake").hw()

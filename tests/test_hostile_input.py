@@ -15,6 +15,8 @@ from onnx import TensorProto, helper
 import onnx_builders as ob
 from graphopt.cli import main
 
+pytestmark = pytest.mark.fast
+
 GRAPHOPT = [sys.executable, "-m", "graphopt.cli"]
 TB = 10 ** 12
 

@@ -29,6 +29,7 @@ def run_cli(capsys, *args):
     return code, out.out, out.err
 
 
+@pytest.mark.fast
 def test_poly_arithmetic_and_text():
     names = ("N", "H", "W")
     n, h, w = (Poly.var(names, i) for i in range(3))
@@ -51,6 +52,7 @@ def _conv_gemm(tmp_path):
     return ob.save(m, tmp_path / "conv_gemm.onnx")
 
 
+@pytest.mark.fast
 def test_dynamic_conv_shows_symbolic_shapes_and_mac_formulas(tmp_path):
     info = inspect_model(_conv_gemm(tmp_path))
     layers = {layer["name"]: layer for layer in info["layers"]}
@@ -65,6 +67,7 @@ def test_dynamic_conv_shows_symbolic_shapes_and_mac_formulas(tmp_path):
     assert "symbols" not in static and static["macs"] == value(info["macs"], N=2, H=64, W=32) == 54 * 2 * 64 * 32 + 64
 
 
+@pytest.mark.fast
 def test_attention_macs_are_quadratic_in_the_sequence(tmp_path):
     """x[N, T, 16] @ x^T -> [N, T, T]: 16*N*T^2 MACs."""
     nodes = [helper.make_node("Transpose", ["x"], ["xt"], name="t", perm=[0, 2, 1]),
@@ -102,6 +105,7 @@ def test_ppocr_models_without_input_shape(name, capsys):
     assert f"MACs = {info['macs']}" in out and "N x " in out and "shapes: formulas fitted" in out
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("kind", ["crnn", "detector"])
 def test_dynamic_exports_without_input_shape(kind, tmp_path, capsys):
     """torch exports whose shapes are computed at run time: before, 0 MACs; now formulas in their dim_params."""
@@ -125,12 +129,14 @@ def test_dynamic_exports_without_input_shape(kind, tmp_path, capsys):
     assert code == 0 and "MACs = " in out and "batch x " in out
 
 
+@pytest.mark.fast
 def test_input_shape_output_stays_numeric(tmp_path, capsys):
     code, out, _ = run_cli(capsys, "inspect", _conv_gemm(tmp_path), "--input-shape", "x=1,3,8,8")
     assert code == 0 and "symbols:" not in out and "shapes:" not in out
     assert "inputs: x float32[1, 3, 8, 8]" in out and "1x8x4x4" in out and f"{54 * 64 + 32:,} MACs" in out
 
 
+@pytest.mark.fast
 def test_macs_of_a_shape_onnx_cannot_infer_are_unknown_not_zero(capsys, tmp_path):
     """Flatten -> Gemm whose weight fits one height only: at the other sizes onnx cannot infer the Gemm's output,
     so its MACs are '?' (counted in the totals line), never a silent 0."""

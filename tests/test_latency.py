@@ -14,6 +14,7 @@ from graphopt.latency import Curve, Kernel, kernel_of, sample_counts
 
 # ---------------------------------------------------------------------------------------------------- curves
 
+@pytest.mark.fast
 def test_sample_counts_hold_step_multiples_and_the_counts_around_one():
     assert sample_counts(64, 16) == [16, 31, 32, 33, 48, 64]
     assert sample_counts(512, 16) == [48, 128, 255, 256, 257, 272, 384, 512]
@@ -21,6 +22,7 @@ def test_sample_counts_hold_step_multiples_and_the_counts_around_one():
     assert sample_counts(1, 16) == [1]
 
 
+@pytest.mark.fast
 def test_a_count_not_faster_than_a_larger_one_is_never_chosen():
     step = Curve([(64, 4.0), (48, 3.0), (33, 3.0), (32, 2.0), (31, 2.0), (16, 1.0)], 64, 16)   # padded to 16
     assert step.penalty == pytest.approx(3.0 / 2.0625)          # the worst measured off-step count
@@ -32,6 +34,7 @@ def test_a_count_not_faster_than_a_larger_one_is_never_chosen():
     assert 48 not in flat.fast_counts([64, 48, 32, 16])
 
 
+@pytest.mark.fast
 def test_kernels_of_every_op_build_valid_one_node_graphs():
     cases = [(Kernel("Conv", (1, 8, 6, 6), (16, 8, 3, 3), (16,), (("pads", [1, 1, 1, 1]),)), (5, 3), [1, 5, 6, 6]),
              (Kernel("Conv", (1, 8, 6, 6), (16, 1, 3, 3), (16,), (("group", 8), ("pads", [1, 1, 1, 1])), True),
@@ -46,6 +49,7 @@ def test_kernels_of_every_op_build_valid_one_node_graphs():
         assert [d.dim_value for d in m.graph.output[0].type.tensor_type.shape.dim] == want, k.op
 
 
+@pytest.mark.fast
 def test_kernel_of_reads_the_graph_and_skips_what_it_cannot_measure():
     g = graphopt.load(ob.two_branches())
     from graphopt.analyses import shapes
@@ -65,6 +69,7 @@ def tiny_kernel():
     return Kernel("Conv", (1, 4, 8, 8), (8, 4, 3, 3), (8,), (("pads", [1, 1, 1, 1]),))
 
 
+@pytest.mark.fast
 def test_the_table_is_measured_once_cached_and_verified(tmp_path, monkeypatch):
     monkeypatch.setenv("TVM_NUM_THREADS", "1")
     p = latency.Profiler("cpu", cache_root=tmp_path)
@@ -94,6 +99,7 @@ def test_the_table_is_measured_once_cached_and_verified(tmp_path, monkeypatch):
         latency.Profiler("cpu", cache_root=tmp_path)
 
 
+@pytest.mark.fast
 def test_threads_are_part_of_the_key(tmp_path, monkeypatch):
     monkeypatch.setenv("TVM_NUM_THREADS", "1")
     p1 = latency.Profiler("cpu", cache_root=tmp_path)
@@ -132,6 +138,7 @@ def test_compile_reports_the_budget_beside_the_measured_latency(tmp_path, monkey
     assert pruning["target"] == 0.6 and len(pruning["calibration"]) == 1 and pruning["kernels"] == 4
 
 
+@pytest.mark.fast
 def test_two_runs_filling_one_table_lose_nothing(tmp_path):
     t = api.get_target("cpu", mcpu="cooperlake")
     a, b = latency.Cache(t, tmp_path), latency.Cache(t, tmp_path)     # both opened before either saved
@@ -142,6 +149,7 @@ def test_two_runs_filling_one_table_lose_nothing(tmp_path):
     assert {e["signature"]["op"] for e in latency.Cache(t, tmp_path).kernels.values()} == {"a", "b"}
 
 
+@pytest.mark.fast
 def test_the_report_lists_budgets_not_mere_predictions():
     recs = [{"pass": "prune-channels{predict_latency=true}", "info": {"latency": {"target": 1.0, "predicted": 0.9}}},
             {"pass": "prune-channels{latency=0.5}", "info": {"latency": {"target": 0.5, "predicted": 0.49}}},

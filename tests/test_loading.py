@@ -13,6 +13,8 @@ import zoo
 from graphopt import ort
 from graphopt.errors import BadInput, UnsupportedModel
 
+pytestmark = pytest.mark.fast
+
 
 def _conv_model(opset):
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),

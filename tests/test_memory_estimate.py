@@ -20,6 +20,8 @@ from graphopt.memory_estimate import FIXED_BYTES, fit_micro_batch, training_byte
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import digits  # noqa: E402
 
+pytestmark = pytest.mark.fast
+
 
 def test_estimate_grows_with_the_micro_batch_and_the_fit_halves_it():
     g = graphopt.load(digits.teacher_path())

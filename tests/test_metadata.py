@@ -9,6 +9,8 @@ from graphopt import PassManager, metadata
 from graphopt.errors import BadInput
 from graphopt.graph import copy, to_onnx
 
+pytestmark = pytest.mark.fast
+
 
 def _mlp():
     nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], name="fc1", transB=1),

@@ -10,6 +10,8 @@ torch = pytest.importorskip("torch")
 from graphopt.errors import BadInput  # noqa: E402
 from graphopt.micro_batching import micro_batches, ordered_sum, owned  # noqa: E402
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.mark.parametrize("n,m", [(64, 32), (64, 22), (65, 32), (1, 32), (31, 32), (100, 7), (5, None)])
 def test_micro_batches_partition_the_batch_evenly(n, m):

@@ -11,6 +11,8 @@ from graphopt.op_traits import FAMILIES, TABLE, OpTraits, ops, traits, weight_ou
 from graphopt.prune_rules.elementwise import UNARY_VALUES
 from graphopt.trainable import parameter_names
 
+pytestmark = pytest.mark.fast
+
 
 def test_table_invariants():
     for op, t in TABLE.items():

@@ -7,6 +7,8 @@ from graphopt import Pass, PassContext, PassManager, PassResult
 from graphopt.errors import CheckFailed
 from graphopt.passmanager import REGISTRY, register
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.fixture
 def scratch_pass():

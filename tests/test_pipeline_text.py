@@ -10,6 +10,8 @@ from graphopt.errors import BadInput
 from graphopt.passmanager import REGISTRY, get_pass_class, load_passes
 from graphopt.pipeline_text import parse
 
+pytestmark = pytest.mark.fast
+
 load_passes()
 
 

@@ -12,6 +12,8 @@ from graphopt import plugins
 from graphopt.errors import GraphoptError
 from graphopt.passmanager import REGISTRY, Pass, get_pass_class
 
+pytestmark = pytest.mark.fast
+
 
 def _builtin_pass_classes() -> dict[str, str]:
     """name -> "module:Class" for every Pass subclass defined in graphopt/passes/."""

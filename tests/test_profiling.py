@@ -1,8 +1,11 @@
 """graphopt.profiling: graphopt kernels and onnxruntime trace events tied to the ONNX node they compute."""
+import pytest
 from onnx import helper
 
 import onnx_builders as ob
 from graphopt.profiling import ModelIndex, kernel_op, map_kernels, ort_node
+
+pytestmark = pytest.mark.fast
 
 
 def _two_convs_same_sizes():

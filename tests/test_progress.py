@@ -9,6 +9,8 @@ import pytest
 
 from graphopt.progress import Progress
 
+pytestmark = pytest.mark.fast
+
 
 class _Tty(io.StringIO):
     def isatty(self):

@@ -10,6 +10,8 @@ from graphopt import PassContext, PassManager, ort
 from graphopt.graph import from_onnx, to_onnx
 from graphopt.quant_check import MAX_STEPS_FACTOR, check_criterion, compare_quantized, task_check, within_quant_steps
 
+pytestmark = pytest.mark.fast
+
 
 def _quantized(graph, calib):
     return to_onnx(PassManager.parse("quantize").run(graph, PassContext(data={"calib": calib})).graph)

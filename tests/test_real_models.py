@@ -10,6 +10,8 @@ import pytest
 
 import real_models as rm
 
+pytestmark = pytest.mark.fast
+
 _TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 

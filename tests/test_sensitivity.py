@@ -9,6 +9,8 @@ import graphopt
 from graphopt import PassContext, PassManager, cli, sensitivity
 from graphopt.errors import BadInput
 
+pytestmark = pytest.mark.fast
+
 TEACHER = str(digits.TEACHER_ONNX)
 SAMPLES = 200
 

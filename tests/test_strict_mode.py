@@ -8,6 +8,8 @@ from graphopt import trainable, verify
 from graphopt.errors import reraise_if_strict, strict_mode
 from graphopt.graph import from_onnx
 
+pytestmark = pytest.mark.fast
+
 RELU = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
 g (float[2, 3] x) => (float[2, 3] y) <float[3] b = {1.0, 2.0, 3.0}> { s = Add(x, b)  y = Relu(s) }""")
 

@@ -3,8 +3,11 @@ recognizers, IoU of thresholded maps for segmentation/detection heads."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from graphopt.task_metrics import agreement, ctc_decode, map_iou, task_kind
+
+pytestmark = pytest.mark.fast
 
 
 def _softmax(z):

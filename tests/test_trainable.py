@@ -156,6 +156,7 @@ def test_features_without_leading_batch_axis(zoo_graphs):
     assert torch.allclose(f3[concat.name][1], f1[concat.name][0], atol=ATOL)
 
 
+@pytest.mark.fast
 def test_parameters_and_buffers(zoo_graphs):
     vit, _ = zoo_graphs("vit")
     tg = TrainableGraph(vit)
@@ -290,6 +291,7 @@ def test_unsupported_op_names_node_and_op():
     assert "Conv" in SUPPORTED_OPS and "TopK" not in SUPPORTED_OPS
 
 
+@pytest.mark.fast
 def test_asymmetric_pads_resize_and_slices_match_onnxruntime():
     """Op details the zoo does not reach: asymmetric Conv/pool pads, SAME_UPPER, ConvTranspose output_padding,
     Resize (linear half_pixel, nearest round_prefer_floor), negative-step Slice, Gather with negative indices."""
@@ -334,6 +336,7 @@ def test_asymmetric_pads_resize_and_slices_match_onnxruntime():
         assert np.max(np.abs(r - o.numpy())) <= ATOL, name
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("axis", [-1, 1, 0])
 def test_one_hot_matches_onnxruntime(axis):
     """OneHot (jax2tf/keras exports embed token ids with it): negative and out-of-range indices, off/on values,

@@ -12,6 +12,8 @@ from graphopt.graph import from_onnx, to_onnx
 from graphopt.quant_check import check_criterion
 from graphopt.trainable import TrainableGraph, parameter_names
 
+pytestmark = pytest.mark.fast
+
 SHAPE = [2, 5, 4, 3]
 
 

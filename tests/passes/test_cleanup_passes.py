@@ -8,6 +8,8 @@ from graphopt import PassContext, PassManager
 from graphopt.errors import BadInput
 from graphopt.verify import equivalent
 
+pytestmark = pytest.mark.fast
+
 ZOO_FOR_CLEANUP = ["resnet", "mobilenet_v3", "densenet", "inception", "resnext", "shufflenet", "vit", "convnext",
                    "yolo", "unet", "lstm", "gru", "mlp_digits", "cnn_digits"]
 CLEANUP_PASSES = ["fold-constants", "eliminate-dead-code", "remove-identity", "fold-batchnorm", "infer-shapes", "cleanup"]

@@ -9,6 +9,8 @@ import graphopt
 import onnx_builders as ob
 from graphopt import PassManager, api, ort
 
+pytestmark = pytest.mark.fast
+
 
 def conv1d_model(opset=17, shared=False):
     """x [1, 2, 64] -> Conv1d (4 taps, stride 2, pads 1/2, dilation 1, groups 1) -> Relu -> Conv1d (depthwise, 3 taps)

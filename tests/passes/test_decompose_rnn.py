@@ -13,6 +13,7 @@ CASES = [("LSTM", {}), ("LSTM", {"direction": "reverse"}), ("LSTM", {"direction"
          ("RNN", {}), ("RNN", {"direction": "bidirectional"})]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("kind,kw", CASES, ids=[f"{k}-{'-'.join(f'{a}={b}' for a, b in kw.items())}" for k, kw in CASES])
 def test_unrolled_matches_onnxruntime(kind, kw):
     if kw.get("layout") == 1:
@@ -30,6 +31,7 @@ def test_idempotent(zoo_onnx):
     assert not PassManager.parse("decompose-rnn").run(first.graph).modified
 
 
+@pytest.mark.fast
 def test_refuses_custom_activation():
     m = ob.rnn("LSTM")
     m.graph.node[0].attribute.extend([__import__("onnx").helper.make_attribute("activations", ["Relu", "Tanh", "Tanh"])])

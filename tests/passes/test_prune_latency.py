@@ -10,6 +10,8 @@ from graphopt.analyses import flops
 from graphopt.errors import BadInput
 from graphopt.latency import Curve, kernel_of, sample_counts
 
+pytestmark = pytest.mark.fast
+
 
 class FormulaProfiler:
     """A latency table computed from ms(node name, out, in) instead of measured: the selection's mechanics only."""

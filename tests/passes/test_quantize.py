@@ -13,6 +13,8 @@ from graphopt.graph import to_onnx
 from graphopt.metadata import Quantization, quantization
 from graphopt.passes.quantize import Quantize, check_criterion, within_quant_steps
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.fixture(scope="module")
 def data():

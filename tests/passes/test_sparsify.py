@@ -9,6 +9,8 @@ from graphopt.hardware import HardwareInfo, Structure
 from graphopt import metadata
 from graphopt.passes.sparsify import parse_block, weight_matrix
 
+pytestmark = pytest.mark.fast
+
 MODELS = ["mobilenet_v3", "vit", "convnext", "mlp_digits"]
 
 

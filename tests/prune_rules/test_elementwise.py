@@ -6,6 +6,8 @@ import pytest
 
 from graph_compare import assert_same_graph, run_pipeline
 
+pytestmark = pytest.mark.fast
+
 DEAD = "prune-channels{criterion=dead}"
 CONV1 = "float[4,2,1,1] w1 = {1, 2, 0, 0, 3, 4, 0, 0}, float[4] b1 = {0.5, 0, -0.5, 0}"
 CONV2 = "float[3,4,1,1] w2 = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}"

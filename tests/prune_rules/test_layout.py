@@ -2,7 +2,11 @@
 
 conv1 has four output channels, 1 and 3 dead (zero weights and bias, then Relu): `criterion=dead` removes them,
 and the shape constants, sizes and bounds that name channel positions follow."""
+import pytest
+
 from graph_compare import assert_same_graph, run_pipeline
+
+pytestmark = pytest.mark.fast
 
 DEAD = "prune-channels{criterion=dead}"
 CONV1 = "float[4,2,1,1] w1 = {1, 2, 0, 0, 3, 4, 0, 0}, float[4] b1 = {0.5, 0, -0.5, 0}"

@@ -3,7 +3,11 @@ activations (graphopt/prune_rules/attention.py).
 
 The first layer has four outputs, 1 and 3 dead (zero weights and bias): `criterion=dead` removes them, from the
 producer's weight rows (or columns) and bias and from the consumer's weight."""
+import pytest
+
 from graph_compare import assert_same_graph, run_pipeline
+
+pytestmark = pytest.mark.fast
 
 DEAD = "prune-channels{criterion=dead}"
 CONV1 = "float[4,2,1,1] w1 = {1, 2, 0, 0, 3, 4, 0, 0}, float[4] b1 = {0.5, 0, -0.5, 0}"

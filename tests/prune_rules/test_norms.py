@@ -2,7 +2,11 @@
 
 x -> conv1 (4 channels) -> NORM -> Relu -> conv2 -> y. Dead channels (zero weights, bias and shift) go with
 `criterion=dead`; where a norm forgets a channel's value, tiny weights make the l1 choice known instead."""
+import pytest
+
 from graph_compare import assert_same_graph, run_pipeline
+
+pytestmark = pytest.mark.fast
 
 DEAD = "prune-channels{criterion=dead}"
 L1_HALF = "prune-channels{ratio=0.5,criterion=l1,round_to=1}"

@@ -5,6 +5,8 @@ import pytest
 from graphopt.targets import cpu_schedules, int8, x86_isa
 from graphopt.targets.cpu import KNOWN_MCPUS, CpuTarget
 
+pytestmark = pytest.mark.fast
+
 _BASE = ("fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 ht "
          "syscall nx pdpe1gb rdtscp lm constant_tsc rep_good nopl cpuid pni pclmulqdq ssse3 fma cx16 pcid sse4_1 "
          "sse4_2 x2apic movbe popcnt aes xsave avx f16c rdrand lahf_lm abm fsgsbase bmi1 avx2 smep bmi2 erms "
