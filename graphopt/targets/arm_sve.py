@@ -8,8 +8,8 @@ The code is vector-length agnostic: the schedule splits the innermost spatial lo
 so one model.so runs on every SVE vector length. The length used when running under qemu comes from the target
 option `vector_bits` (default 256), overridden by the environment variable GRAPHOPT_SVE_VECTOR_BITS.
 
-Quantized (QDQ) graphs: the legalization runs lower-int8 and lower() imports through int8.import_int8, like
-the x86 target, so Conv / MatMul / Gemm chains run as graphopt's integer kernels; their 16x4 u8 x s8 -> s32 micro
+Quantized (QDQ) graphs: the legalization runs lower-int8 and lower() hands int8.int8_rewrite_pass to the build
+pipeline, like the x86 target, so Conv / MatMul / Gemm chains run as graphopt's integer kernels; their 16x4 u8 x s8 -> s32 micro
 kernel is NEON `usdot` (FEAT_I8MM, which Neoverse-V1 has). These kernels use fixed 128-bit NEON vectors, not
 scalable ones; fp32 ops left in the graph keep the SVE rule. Graphs without QuantizeLinear are unchanged.
 """
@@ -110,25 +110,26 @@ class ArmSveTarget(Target):
         import tvm.support.cc
         if shutil.which(CXX) is None:
             raise GraphoptError(f"target arm-sve: the aarch64 cross compiler {CXX} is not installed; {SETUP_HINT}")
-        from .int8 import import_int8
+        from .int8 import import_qdq, int8_rewrite_pass
         t0 = time.perf_counter()
-        # import_onnx plus the rewrite of QDQ conv / matmul chains into graphopt's integer (usdot) kernels; those
-        # are marked scheduled, so the SVE rule below leaves them alone
-        mod, int8_facts = import_int8(model, self.tvm_target())
+        mod = import_qdq(model)
+        # build's pipeline starts with the rewrite of QDQ conv / matmul chains into graphopt's integer (usdot)
+        # kernels; those are marked scheduled, so the SVE rule below leaves them alone
+        int8 = int8_rewrite_pass(self.tvm_target())
         try:
-            ex = tvm_lowering.build(mod, self.tvm_target(), schedule=schedule, tuning_db=tuning_db)
+            ex = tvm_lowering.build(mod, self.tvm_target(), schedule=schedule, tuning_db=tuning_db, passes=[int8])
         except Exception as e:  # noqa: BLE001 - a scheduled function did not build: check each one, drop those
             reraise_if_strict(e)
             if isinstance(e, GraphoptError):
                 raise
             log.debug("arm-sve: build failed (%s); building again with every schedule verified", _last_line(e))
             ex = tvm_lowering.build(mod, self.tvm_target(), schedule=functools.partial(schedule, verify=True),
-                                    tuning_db=tuning_db)
+                                    tuning_db=tuning_db, passes=[int8])
         path = Path(out_dir) / self.library
         tvm_lowering.export(ex, path, cross_compiler=tvm.support.cc.cross_compiler(CXX))
         if runner_build.elf_machine(path) != runner_build.EM_AARCH64:
             raise GraphoptError(f"target arm-sve: {path} is not an aarch64 library; check {CXX}")
-        return {"compile_seconds": round(time.perf_counter() - t0, 3), **int8_facts}
+        return {"compile_seconds": round(time.perf_counter() - t0, 3), **int8.facts}
 
     def tune(self, model: onnx.ModelProto, db: str, trials: int, rpc: str | None = None, key: str | None = None,
              progress: bool = False) -> dict:

@@ -38,7 +38,11 @@ class CpuTarget(Target):
         super().__init__(**options)
         if options:
             raise BadInput(f"target cpu has no option '{next(iter(options))}'; its options: mcpu, cores, precision")
-        self.mcpu = mcpu or os.environ.get("GRAPHOPT_CPU_MCPU") or x86_isa.pick_mcpu(x86_isa.host_flags())
+        picked = mcpu or os.environ.get("GRAPHOPT_CPU_MCPU")
+        self.mcpu = picked or x86_isa.pick_mcpu(x86_isa.host_flags())
+        # the host's features its mcpu lacks that graphopt's kernels use (VBMI on an AMD host): only when the mcpu
+        # was picked for this host, never added to one the user named
+        self.mattr = [] if picked else x86_isa.host_mattr(self.mcpu, x86_isa.host_flags())
         if self.mcpu not in KNOWN_MCPUS:
             raise BadInput(f"target cpu: unknown mcpu '{self.mcpu}'; choose one of: {', '.join(KNOWN_MCPUS)}")
         if cores is not None and (isinstance(cores, bool) or not isinstance(cores, int) or cores < 1):
@@ -48,35 +52,43 @@ class CpuTarget(Target):
 
     def tvm_target(self):
         import tvm
-        return tvm.target.Target({"kind": "llvm", "mcpu": self.mcpu, "num-cores": self.cores})
+        spec = {"kind": "llvm", "mcpu": self.mcpu, "num-cores": self.cores}
+        if self.mattr:
+            spec["mattr"] = list(self.mattr)
+        return tvm.target.Target(spec)
 
     def hw(self) -> HardwareInfo:
         """Channel counts pay in fp32 vector-width steps; int8 dot products where the ISA has them."""
-        feats = x86_isa.features(self.mcpu)
+        feats = x86_isa.features(self.mcpu, self.mattr)
         bits = x86_isa.vector_bits(feats)
         return HardwareInfo(target=self.name, vector_bits=bits, fp32_lanes=bits // 32,
                             int8_dot=x86_isa.int8_dot(feats), structure=Structure(channels=bits // 32))
 
     def describe(self) -> dict:
-        return {"name": self.name, "llvm_mcpu": self.mcpu, "num_cores": self.cores, "precision": self.precision,
+        return {"name": self.name, "llvm_mcpu": self.mcpu, **({"llvm_mattr": self.mattr} if self.mattr else {}),
+                "num_cores": self.cores, "precision": self.precision,
                 **self.hw().describe()}
 
     def check_supported(self, model: onnx.ModelProto, where: str) -> None:
         tvm_lowering.check_importable(model, where)
 
     def lower(self, model: onnx.ModelProto, out_dir: Path, tuning_db: str | None = None) -> dict:
-        from .int8 import import_int8
+        from .int8 import import_qdq, int8_rewrite_pass
         from .cpu_schedules import schedule_module
         t0 = time.perf_counter()
-        # import_int8 = import_onnx plus the rewrite of QDQ conv/matmul chains into graphopt's VNNI kernels
-        mod, int8_facts = import_int8(model, self.tvm_target())
-        if self.precision == "bf16":      # fp32 conv / matmul chains -> bf16 kernels (vdpbf16ps)
-            from .bf16 import rewrite_bf16
-            mod, bf16_facts = rewrite_bf16(mod, self.tvm_target())
-            int8_facts = {**int8_facts, **bf16_facts}
-        ex = tvm_lowering.build(mod, self.tvm_target(), schedule=schedule_module, tuning_db=tuning_db)
+        mod = import_qdq(model)
+        # build's pipeline starts with the Relax rewrites: QDQ conv / matmul chains -> graphopt's VNNI kernels,
+        # then, with precision bf16, the fp32 ones -> bf16 kernels (vdpbf16ps)
+        passes = [int8_rewrite_pass(self.tvm_target())]
+        if self.precision == "bf16":
+            from .bf16 import bf16_rewrite_pass
+            passes.append(bf16_rewrite_pass(self.tvm_target()))
+        ex = tvm_lowering.build(mod, self.tvm_target(), schedule=schedule_module, tuning_db=tuning_db, passes=passes)
         tvm_lowering.export(ex, Path(out_dir) / self.library)
-        return {"compile_seconds": round(time.perf_counter() - t0, 3), **int8_facts}
+        facts = {"compile_seconds": round(time.perf_counter() - t0, 3)}
+        for p in passes:
+            facts.update(p.facts)
+        return facts
 
     def load(self, art_dir: Path, manifest: dict, threads: int | None = None):
         return tvm_lowering.VMRunner(Path(art_dir) / self.library, threads=threads)

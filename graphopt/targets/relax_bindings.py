@@ -60,6 +60,15 @@ class Block:
                 self.uses.setdefault(v, []).append(i)
         self.outside = outside_uses
         self.relax = relax
+        self._var2val = None
+
+    def var2val(self):
+        """The block's var -> bound value as a TVM Map, made once: a relax.dpl pattern matched with it reads a var
+        operand through its binding in this block (as bound() does)."""
+        if self._var2val is None:
+            from tvm.runtime import convert
+            self._var2val = convert(self.value)
+        return self._var2val
 
     def bound(self, e):
         """The value bound to e when e is a var of this block, else e."""

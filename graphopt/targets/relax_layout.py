@@ -1,7 +1,7 @@
 """What the int8 and bf16 rewrites share: kernels added to the module as scheduled, opaque PrimFuncs, tensors kept in
 a physical layout between kernels (NHWC with channels padded, or [rows, padded columns]) with logical views
-(permute_dims / strided_slice / reshape) emitted for the ops that read the graph's own layout, and the walk over
-the dataflow blocks of `main` that rebuilds it."""
+(permute_dims / strided_slice / reshape) emitted for the ops that read the graph's own layout, the walk over
+the dataflow blocks of `main` that rebuilds it, and the module pass that runs a rewrite in build's pipeline."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -144,3 +144,20 @@ def rewrite_main(mod, rw: LayoutRewriter):
     mod = rw.bb.get()
     mod[gv_main] = new_func
     return relax.transform.DeadCodeElimination(["main"])(mod), True
+
+
+def rewrite_pass(name: str, rewrite, target):
+    """rewrite(mod, target) -> (mod, facts) as a TVM module pass called `name` (opt_level 0: every PassContext runs
+    it), for tvm_lowering.build(passes=...). The facts of its last run are read back as the pass's `facts`."""
+    import tvm
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    class RewritePass:
+        def __init__(self):
+            self.facts: dict = {}
+
+        def transform_module(self, mod, _ctx):
+            mod, self.facts = rewrite(mod, target)
+            return mod
+
+    return RewritePass()

@@ -83,13 +83,14 @@ def import_onnx(model: onnx.ModelProto, where: str = "model"):
         raise UnsupportedModel(f"{where}: TVM's ONNX importer failed: {msg[-1] if msg else type(e).__name__}") from e
 
 
-def build(mod, target, schedule=None, tuning_db: str | None = None):
-    """Fuse, schedule (our default rules, then tuning records where they exist), and build."""
+def build(mod, target, schedule=None, tuning_db: str | None = None, passes=()):
+    """Run `passes` (module passes: the targets' Relax rewrites into graphopt's kernels, e.g.
+    int8.int8_rewrite_pass), fuse, schedule (our default rules, then tuning records where they exist), and build."""
     import tvm
     from tvm import relax
 
     with target:
-        seq = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
+        seq = [*passes, relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
                relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
                relax.transform.FuseOps(), relax.transform.FuseTIR()]
         mod = tvm.transform.Sequential(seq)(mod)

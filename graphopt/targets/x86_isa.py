@@ -5,8 +5,8 @@ dot product (targets/int8/) and the schedules' vector width (targets/cpu_schedul
 disagree about a CPU. Features are graphopt's names for what its code generation cares about:
 
     sse4_2   x86-64-v2 baseline          avx2     AVX2 + FMA (256-bit)      avx512  AVX-512 F/BW/DQ/VL (512-bit)
-    vnni     AVX-512 VNNI (vpdpbusd.512) vbmi2    AVX-512 VBMI2             bf16    AVX-512 BF16
-    fp16     AVX-512 FP16                amx      AMX tiles (int8 and bf16)
+    vnni     AVX-512 VNNI (vpdpbusd.512) vbmi     AVX-512 VBMI (vpermi2b)   vbmi2   AVX-512 VBMI2
+    bf16     AVX-512 BF16                fp16     AVX-512 FP16              amx     AMX tiles (int8 and bf16)
 
 (AVX-VNNI, the 256-bit VEX form of Alder Lake and later, is not `vnni`: graphopt's kernel is the 512-bit one.)
 """
@@ -18,6 +18,7 @@ FLAGS: dict[str, frozenset[str]] = {
     "avx2": frozenset({"avx2", "fma"}),
     "avx512": frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl"}),
     "vnni": frozenset({"avx512_vnni"}),
+    "vbmi": frozenset({"avx512vbmi"}),
     "vbmi2": frozenset({"avx512_vbmi2"}),
     "bf16": frozenset({"avx512_bf16"}),
     "fp16": frozenset({"avx512_fp16"}),
@@ -25,12 +26,13 @@ FLAGS: dict[str, frozenset[str]] = {
 }
 #: LLVM target attribute (mattr "+name" / "-name") -> feature
 MATTR: dict[str, str] = {"sse4.2": "sse4_2", "avx2": "avx2", "avx512f": "avx512", "avx512vnni": "vnni",
-                         "avx512vbmi2": "vbmi2", "avx512bf16": "bf16", "avx512fp16": "fp16", "amx-tile": "amx"}
+                         "avx512vbmi": "vbmi", "avx512vbmi2": "vbmi2", "avx512bf16": "bf16", "avx512fp16": "fp16",
+                         "amx-tile": "amx"}
 
 _V2 = frozenset({"sse4_2"})
 _AVX2 = _V2 | {"avx2"}
 _AVX512 = _AVX2 | {"avx512"}
-_ICELAKE = _AVX512 | {"vnni", "vbmi2"}
+_ICELAKE = _AVX512 | {"vnni", "vbmi", "vbmi2"}
 _SPR = _ICELAKE | {"bf16", "fp16", "amx"}
 
 #: LLVM mcpu -> features
@@ -62,6 +64,17 @@ def host_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+#: features the cpu target adds to its mcpu's (LLVM mattr) when the host has them and the mcpu picked for the host
+#: lacks them (an AMD host gets cooperlake, which has no VBMI): only those graphopt's own kernels ask for
+HOST_MATTR = {"vbmi": "+avx512vbmi"}
+
+
+def host_mattr(mcpu: str, flags) -> list[str]:
+    """LLVM mattr for features in HOST_MATTR the host has and mcpu lacks."""
+    have, base = features_from_flags(flags), MCPU_FEATURES.get(mcpu, frozenset())
+    return [attr for feat, attr in HOST_MATTR.items() if feat in have and feat not in base]
 
 
 def features_from_flags(flags) -> set[str]:

@@ -348,6 +348,37 @@ def test_matmul_with_constant_weight(tmp_path, lead):
     _check_against_ort(q, runner, [{"x": rng.standard_normal((*lead, 40)).astype(np.float32)} for _ in range(3)])
 
 
+def test_rewrite_is_the_first_pass_of_the_build_pipeline(tmp_path):
+    """The int8 rewrite is a TVM module pass (graphopt.Int8Rewrite) that build() runs before TVM's own passes
+    (LegalizeOps would turn the quantized chains into fp32 loops first); its facts are read back from the pass."""
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["t"], name="mm"), helper.make_node("Relu", ["t"], ["y"])]
+    m = ob.model(nodes, [ob.vi("x", [4, 32])], [ob.vi("y", [4, 16])], [("w", ob.rnd(32, 16))])
+    q, _ = _quantized(graphopt.load(m), {"x": rng.standard_normal((8, 4, 32)).astype(np.float32)})
+    target = CpuTarget().tvm_target()
+    rewrite = ci.int8_rewrite_pass(target)
+    assert isinstance(rewrite, tvm.transform.ModulePass) and rewrite.info.name == "graphopt.Int8Rewrite"
+    assert rewrite.info.opt_level == 0
+
+    @tvm.instrument.pass_instrument
+    class Order:
+        def __init__(self):
+            self.names = []
+
+        def run_before_pass(self, _mod, info):
+            self.names.append(info.name)
+
+    order = Order()
+    with tvm.transform.PassContext(instruments=[order]):
+        ex = tvm_lowering.build(ci.import_qdq(q), target, passes=[rewrite])
+    names = [n for n in order.names if n != "sequential"]
+    assert names[0] == "graphopt.Int8Rewrite" and names.index("LegalizeOps") > 0
+    assert rewrite.facts["dense"] == 1 and rewrite.facts["int8_kernels"] == 1
+    tvm_lowering.export(ex, tmp_path / "m.so")
+    _check_against_ort(q, tvm_lowering.VMRunner(tmp_path / "m.so"),
+                       [{"x": rng.standard_normal((4, 32)).astype(np.float32)} for _ in range(2)])
+
+
 def test_fp32_and_weight_only_graphs_are_left_alone(zoo_onnx, tmp_path):
     m = to_onnx(graphopt.load(zoo_onnx("mlp_digits")))
     mod, facts = ci.import_int8(m, CpuTarget().tvm_target())
@@ -515,3 +546,22 @@ def test_activation_tables_run_in_the_kernels_layout(tmp_path, acts):
     assert ops.count("relax.permute_dims") <= 2       # into NHWC at the input, back to NCHW at the output only
     feeds = [{"x": np.random.default_rng(s).normal(size=(1, 3, 12, 12)).astype(np.float32)} for s in range(3)]
     _check_against_ort(model, runner, feeds)
+
+
+@pytest.mark.skipif("avx512vbmi" not in host_flags(), reason="host has no AVX-512 VBMI")
+@pytest.mark.parametrize("total,din,dout", [(64 * 9, "uint8", "uint8"), (64 * 700 + 37, "uint8", "int8"),
+                                            (50, "int8", "int8"), (64 * 3 + 1, "int8", "uint8")])
+def test_table_kernel_is_exact(total, din, dout):
+    """The vpermi2b table lookup (int8/tables.py) against numpy's indexing by the index's byte, with a tail of
+    fewer than 64 values and the parallel path; its disassembly has vpermi2b / vpermt2b."""
+    from graphopt.targets.int8.tables import table_kernel
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "cooperlake", "mattr": ["+avx512vbmi"], "num-cores": 2})
+    lib = tvm.compile(tvm.IRModule({"main": table_kernel(total, din, dout, 2)}), target=target)
+    rng = np.random.default_rng(total)
+    info_in, info_out = np.iinfo(din), np.iinfo(dout)
+    x = rng.integers(info_in.min, info_in.max + 1, total).astype(din)
+    tab = rng.integers(info_out.min, info_out.max + 1, 256).astype(dout)
+    np.testing.assert_array_equal(_run(lib, [x, tab], (total,), dout), tab[x.view(np.uint8)])
+    if total >= 64:
+        asm = tvm.tirx.build(tvm.IRModule({"main": table_kernel(total, din, dout, 2)}), target=target)
+        assert any(op in asm.inspect_source("asm") for op in ("vpermi2b", "vpermt2b"))

@@ -65,3 +65,18 @@ def test_mattr_adds_and_removes_features():
     assert x86_isa.int8_dot(x86_isa.features("cascadelake", ["-avx512vnni"])) == "avx2"
     assert x86_isa.int8_dot(x86_isa.features("haswell", ["+avx512vnni"])) == "vnni"
     assert x86_isa.vector_bits(x86_isa.features("x86-64", ["+avx512f"])) == 512
+
+
+def test_host_features_the_picked_mcpu_lacks_become_mattr(monkeypatch):
+    """An AMD Zen 4 host gets cooperlake (no VBMI in LLVM's cooperlake) plus +avx512vbmi for the table kernels; a
+    Sapphire Rapids host has VBMI in its mcpu; a host without VBMI gets none; an mcpu the user names gets none."""
+    monkeypatch.delenv("GRAPHOPT_CPU_MCPU", raising=False)
+    genoa = EPYC_GENOA | {"avx512vbmi"}
+    for flags, mattr in ((genoa, ["+avx512vbmi"]), (XEON_SPR | {"avx512vbmi"}, []), (EPYC_GENOA - {"avx512vbmi"}, []),
+                         (EPYC_MILAN, [])):
+        monkeypatch.setattr(x86_isa, "host_flags", lambda f=flags: set(f))
+        t = CpuTarget()
+        assert t.mattr == mattr and list(t.tvm_target().attrs.get("mattr", [])) == mattr
+        assert ("vbmi" in x86_isa.features(t.mcpu, t.mattr)) == ("avx512vbmi" in flags)
+    monkeypatch.setattr(x86_isa, "host_flags", lambda: set(genoa))
+    assert CpuTarget(mcpu="cooperlake").mattr == []

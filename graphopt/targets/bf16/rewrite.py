@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import x86_isa
 from ..relax_bindings import Block, act_bounds, dtype_of, fold_fp32, is_constant, op_name, shape_of
-from ..relax_layout import LayoutRewriter, Phys, rewrite_main
+from ..relax_layout import LayoutRewriter, Phys, rewrite_main, rewrite_pass
 from .kernels import NO_BOUNDS, ConvSpec, DenseSpec, conv2d_bf16, dense_bf16, dwconv2d_nhwc
 from .packing import pack_conv_weight, pack_dense_weight, padded_bias
 
@@ -167,6 +167,9 @@ def _follow(blk: Block, idx: int, n_out: int, channel_axis: int, allow_residual:
     return interior[-1], interior[:-1], scale, shift, act or NO_BOUNDS, residual, act2 or NO_BOUNDS
 
 
+# Matched by hand, not with relax.dpl patterns (as int8/relax_match.py does): a weight here is any expression
+# computed from constants only (is_constant) whose value fold_fp32 can compute, which no dpl pattern states, and the
+# epilogue is followed forward through single-use vars (batch_norm's tuple items included), which dpl cannot say.
 def _fp32_weight(blk: Block, e) -> np.ndarray | None:
     if not is_constant(blk, e):
         return None
@@ -327,3 +330,9 @@ def rewrite_bf16(mod, target):
     mod, changed = rewrite_main(mod, rw)
     facts.update(rw.count, bf16_kernels=len(rw.new_funcs) if changed else 0, bf16_max_reduction=rw.max_reduction)
     return mod, facts
+
+
+def bf16_rewrite_pass(target):
+    """rewrite_bf16 as the module pass `graphopt.Bf16Rewrite`, which tvm_lowering.build runs first (before
+    LegalizeOps, after graphopt.Int8Rewrite when both are given); its `facts` are rewrite_bf16's once it ran."""
+    return rewrite_pass("graphopt.Bf16Rewrite", rewrite_bf16, target)

@@ -2,8 +2,9 @@
 or NEON usdot (aarch64 with FEAT_I8MM, targets/arm_sve.py).
 
 TVM imports QuantizeLinear / DequantizeLinear as relax.quantize / relax.dequantize and would compute every
-quantized Conv / MatMul / Gemm in fp32 (dequantize -> fp32 op -> quantize). This module replaces those chains,
-in the Relax module right after import (before LegalizeOps / FuseOps), with calls (call_tir) to graphopt's own
+quantized Conv / MatMul / Gemm in fp32 (dequantize -> fp32 op -> quantize). This package's module pass
+`graphopt.Int8Rewrite` (int8_rewrite_pass), the first pass of tvm_lowering.build's pipeline (before
+DecomposeOpsForInference / LegalizeOps / FuseOps), replaces those chains with calls (call_tir) to graphopt's own
 integer PrimFuncs (already scheduled, marked opaque so FuseOps leaves them alone):
 
     q(x) -> dequantize -> conv2d / matmul (weight: dequantize(int8 constant, per-channel scale, zero point 0))
@@ -45,20 +46,25 @@ Modules (each one job; the names below are the package's API):
     specs         ConvSpec, DenseSpec, Epilogue: what one kernel computes
     packing       pack_conv_weight / pack_dense_weight / pack_dw_weight, epilogue_constants (numpy, compile time)
     kernels       conv2d_int8 / dense_int8 / dwconv2d_int8 / maxpool_int8: the scheduled PrimFuncs
-    relax_match   the quantized-chain matchers over one dataflow block (generic Relax reading: ../relax_bindings.py)
-    rewrite       rewrite_int8(mod, target) -> (IRModule, facts): the Relax rewrite
-    onnx_entry    import_int8(model, target) -> (IRModule, facts), prepare_onnx, build_library (tests, tools;
-                  the host's target: graphopt.targets.cpu.CpuTarget().tvm_target())
+    relax_match   the quantized-chain matchers over one dataflow block: the forms as relax.dpl patterns, the walk
+                  along the epilogue and the checks on constants hand-written (generic Relax reading:
+                  ../relax_bindings.py)
+    rewrite       rewrite_int8(mod, target) -> (IRModule, facts): the Relax rewrite; int8_rewrite_pass(target): it
+                  as the module pass graphopt.Int8Rewrite for tvm_lowering.build(passes=...), facts read back as
+                  .facts after the build
+    onnx_entry    import_qdq(model): prepare_onnx + import (what the targets build from); import_int8(model, target)
+                  -> (IRModule, facts) and build_library (tests, tools; the host's target:
+                  graphopt.targets.cpu.CpuTarget().tvm_target())
 """
 from .intrinsics import KERNEL_ATTR, register_intrinsics
 from .kernels import conv2d_int8, dense_int8, dwconv2d_int8, maxpool_int8
-from .onnx_entry import build_library, import_int8, prepare_onnx
+from .onnx_entry import build_library, import_int8, import_qdq, prepare_onnx
 from .packing import epilogue_constants, pack_conv_weight, pack_dense_weight, pack_dw_weight
-from .rewrite import rewrite_int8
+from .rewrite import int8_rewrite_pass, rewrite_int8
 from .specs import ConvSpec, DenseSpec, Epilogue
 from .target_facts import int8_dot, num_cores
 
 __all__ = ["KERNEL_ATTR", "ConvSpec", "DenseSpec", "Epilogue", "build_library", "conv2d_int8", "dense_int8",
-           "dwconv2d_int8", "epilogue_constants", "import_int8", "int8_dot", "maxpool_int8",
-           "num_cores", "pack_conv_weight", "pack_dense_weight", "pack_dw_weight", "prepare_onnx",
+           "dwconv2d_int8", "epilogue_constants", "import_int8", "import_qdq", "int8_dot", "int8_rewrite_pass",
+           "maxpool_int8", "num_cores", "pack_conv_weight", "pack_dense_weight", "pack_dw_weight", "prepare_onnx",
            "register_intrinsics", "rewrite_int8"]

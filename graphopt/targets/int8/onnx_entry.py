@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .rewrite import rewrite_int8
+from .rewrite import int8_rewrite_pass
 
 
 def prepare_onnx(model):
@@ -54,27 +54,32 @@ def prepare_onnx(model):
     return model
 
 
-def import_int8(model, target, where: str = "model"):
-    """What the cpu and arm-sve targets' lower() call instead of tvm_lowering.import_onnx: fold what TVM cannot import,
-    import, and lower the quantized chains to graphopt's integer kernels. Returns (IRModule, facts); facts go
-    into report.json (int8 kernel counts, the dot product used, fp32 leftovers)."""
+def import_qdq(model, where: str = "model"):
+    """What the cpu and arm-sve targets' lower() import with: fold what TVM cannot import, then
+    tvm_lowering.import_onnx. The quantized chains are lowered later, by int8_rewrite_pass in build's pipeline."""
     from .. import tvm_lowering
-    model = prepare_onnx(model)
-    mod = tvm_lowering.import_onnx(model, where)
-    return rewrite_int8(mod, target)
+    return tvm_lowering.import_onnx(prepare_onnx(model), where)
+
+
+def import_int8(model, target, where: str = "model"):
+    """import_qdq, then the int8 rewrite pass run on its own (tests look at the rewritten module). Returns
+    (IRModule, facts); facts are what goes into report.json (int8 kernel counts, the dot product used, fp32
+    leftovers)."""
+    rewrite = int8_rewrite_pass(target)
+    mod = rewrite(import_qdq(model, where))
+    return mod, rewrite.facts
 
 
 def build_library(model, path, target, schedule=None, tuning_db: str | None = None) -> dict:
-    """import_int8 + tvm_lowering.build + export into `path`: what the cpu target's lower() does with the int8
-    hook (tests and tools/bench_int8.py use it directly). target: a TVM target (this machine's:
+    """import_qdq + tvm_lowering.build with int8_rewrite_pass + export into `path`: what the cpu target's lower()
+    does (tests and tools/bench_int8.py use it directly). target: a TVM target (this machine's:
     graphopt.targets.cpu.CpuTarget().tvm_target()). schedule: None (TVM's naive loops for the fp32 ops
     that remain) or a callable like cpu_schedules.schedule_module. Returns the facts."""
     import time
     from pathlib import Path
     from .. import tvm_lowering
     t0 = time.perf_counter()
-    mod, facts = import_int8(model, target)
-    ex = tvm_lowering.build(mod, target, schedule=schedule, tuning_db=tuning_db)
+    rewrite = int8_rewrite_pass(target)
+    ex = tvm_lowering.build(import_qdq(model), target, schedule=schedule, tuning_db=tuning_db, passes=[rewrite])
     tvm_lowering.export(ex, Path(path))
-    facts["compile_seconds"] = round(time.perf_counter() - t0, 3)
-    return facts
+    return {**rewrite.facts, "compile_seconds": round(time.perf_counter() - t0, 3)}

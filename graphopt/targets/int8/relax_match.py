@@ -1,8 +1,22 @@
 """Matchers over one Relax dataflow block: dequantize -> conv2d / matmul -> [bias] -> [relu | clip] -> quantize
-[-> residual add -> [activation] -> quantize] chains, as Match records the rewriter turns into kernel calls."""
+[-> residual add -> [activation] -> quantize] chains, as Match records the rewriter turns into kernel calls.
+
+The forms are relax.dpl patterns (_patterns): a conv2d / matmul root with its dequantized activation and
+dequantized int8 constant weight, the quantize of the epilogue, the int32 bias. What stays hand-written, because
+dpl cannot say it:
+- the epilogue is followed forward from the root through single-use vars, taking the longest prefix of
+  bias -> activation -> quantize -> residual that matches (without a quantize, an fp32-output chain ending at the
+  last step taken): match_expr matches a producer tree under one root and knows no use counts, and
+  PatternContext.match_dfb, which has only_used_by, returns one match per block and would need one context per
+  combination of optional steps;
+- conditions on values: scalar scales and zero points, per-channel scales along the output axis, zero weight zero
+  points, an int32 bias whose scale is sx * sw, an activation not computed from constants only (is_constant).
+The rewriter (rewrite.py) resolves overlapping chains and keeps the physical layout across bindings."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -32,25 +46,57 @@ class Match:
     out_shape: tuple = ()
 
 
+@functools.cache
+def _patterns() -> SimpleNamespace:
+    """The dpl patterns of the chains' forms, made on first use (TVM is imported lazily). Each root pattern has
+    sub-patterns of its own, so a match maps every one of them to the expression it matched."""
+    from tvm.relax.dpl import is_const, is_op, wildcard
+
+    def act():          # dequantize(xq u8 | s8, constant scale, constant zero point)
+        return is_op("relax.dequantize")(wildcard().has_dtype("uint8") | wildcard().has_dtype("int8"),
+                                         is_const(), is_const())
+
+    def weight(dtype):  # dequantize(constant of dtype, constant scale, zero point: checked to be 0 by the caller)
+        return is_op("relax.dequantize")(is_const().has_dtype(dtype), is_const(), wildcard())
+
+    p = SimpleNamespace(act=act(), quantize=is_op("relax.quantize")(wildcard(), is_const(), is_const()),
+                        bias=weight("int32"), bias_in_reshape=weight("int32"),
+                        conv_act=act(), conv_w=weight("int8"), kn_act=act(), kn_w=weight("int8"),
+                        nk_act=act(), nk_w=weight("int8"))
+    p.bias_reshaped = is_op("relax.reshape")(p.bias_in_reshape, wildcard())
+    p.conv = is_op("relax.nn.conv2d")(p.conv_act, p.conv_w).has_attr(
+        {"data_layout": "NCHW", "kernel_layout": "OIHW", "out_layout": "NCHW"})
+    p.dense_kn = is_op("relax.matmul")(p.kn_act, p.kn_w)                           # MatMul: W[K, N]
+    p.nk_perm = is_op("relax.permute_dims")(p.nk_w)
+    p.dense_nk = is_op("relax.matmul")(p.nk_act, p.nk_perm)                       # Gemm transB: W[N, K]
+    return p
+
+
+def _match(blk: Block, pattern, e):
+    """{sub-pattern: matched expression} when pattern matches e (vars read through their bindings in blk)."""
+    return pattern.extract_matched_expr(e, blk.var2val())
+
+
+def _act_values(blk: Block, v):
+    """(xq, sx, zx, dtype) of the activation dequantize v when its scale and zero point are scalars and xq is not
+    computed from constants only (FoldConstant evaluates such chains on a generic target, no VNNI); else None."""
+    xq, s, z = v.args[0], const_value(v.args[1]), const_value(v.args[2])
+    if scalar(s) is None or scalar(z) is None or is_constant(blk, xq):
+        return None
+    return xq, float(scalar(s)), int(scalar(z)), dtype_of(xq)
+
+
 def match_dq_act(blk: Block, e):
     """dequantize(xq, scalar scale, scalar zero point) with xq u8/s8 -> (xq, sx, zx, dtype) or None.
     A constant xq is left alone: FoldConstant evaluates such chains on a generic target (no VNNI)."""
-    v = blk.bound(e)
-    if op_name(v) != "relax.dequantize":
-        return None
-    xq, s, z = v.args[0], const_value(v.args[1]), const_value(v.args[2])
-    dt = dtype_of(xq)
-    if dt not in ("uint8", "int8") or scalar(s) is None or scalar(z) is None or is_constant(blk, xq):
-        return None
-    return xq, float(scalar(s)), int(scalar(z)), dt
+    pat = _patterns()
+    m = _match(blk, pat.act, e)
+    return None if m is None else _act_values(blk, m[pat.act])
 
 
-def _match_dq_weight(blk: Block, e, out_axis: int):
-    """dequantize(int8 constant, scale, zero point 0) with per-channel scales along out_axis (or one scale)
-    -> (int8 values, scales broadcast to the out channels) or None."""
-    v = blk.bound(e)
-    if op_name(v) != "relax.dequantize":
-        return None
+def _match_dq_weight(v, out_axis: int):
+    """The matched weight dequantize v (int8 constant, scale, zero point) when its zero point is 0 and its scales
+    are per channel along out_axis (or one scale) -> (int8 values, scales broadcast to the out channels) or None."""
     q, s, z = const_value(v.args[0]), const_value(v.args[1]), const_value(v.args[2])
     if q is None or s is None or q.dtype != np.int8 or (z is not None and np.any(z != 0)):
         return None
@@ -66,10 +112,13 @@ def _match_dq_weight(blk: Block, e, out_axis: int):
 
 def _bias_int(blk: Block, e):
     """(int32 values, scale) when e is [reshape of] dequantize(int32 constant, scale, 0)."""
-    v = blk.bound(e)
-    if op_name(v) == "relax.reshape":
-        v = blk.bound(v.args[0])
-    if op_name(v) != "relax.dequantize":
+    pat = _patterns()
+    m = _match(blk, pat.bias, e)
+    v = m[pat.bias] if m is not None else None
+    if v is None:
+        m = _match(blk, pat.bias_reshaped, e)
+        v = m[pat.bias_in_reshape] if m is not None else None
+    if v is None:
         return None
     q, s, z = const_value(v.args[0]), const_value(v.args[1]), const_value(v.args[2])
     if q is None or s is None or q.dtype != np.int32 or (z is not None and np.any(z != 0)):
@@ -79,7 +128,7 @@ def _bias_int(blk: Block, e):
 
 def _quant_params(blk: Block, v):
     """quantize(x, scalar scale, scalar zero point) -> (scale, zp, dtype) or None."""
-    if op_name(v) != "relax.quantize":
+    if not _patterns().quantize.match(v):       # v: a binding's value
         return None
     s, z = const_value(v.args[1]), const_value(v.args[2])
     if scalar(s) is None or scalar(z) is None:
@@ -206,12 +255,14 @@ def _follow_residual(blk: Block, q_idx: int, s1: float, z1: int, dt1: str, epi1:
 
 
 def match_conv(blk: Block, idx: int, residual: bool = True):
+    pat = _patterns()
     v = blk.bindings[idx].value
     a = v.attrs
-    if str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW" or str(a.out_layout) != "NCHW":
+    m = _match(blk, pat.conv, v)
+    if m is None:
         return None
-    act = match_dq_act(blk, v.args[0])
-    wt = _match_dq_weight(blk, v.args[1], 0)
+    act = _act_values(blk, m[pat.conv_act])
+    wt = _match_dq_weight(m[pat.conv_w], 0)
     xshape = shape_of(v.args[0])
     if act is None or wt is None or xshape is None or len(xshape) != 4:
         return None
@@ -234,25 +285,31 @@ def match_conv(blk: Block, idx: int, residual: bool = True):
 
 
 def match_dense(blk: Block, idx: int):
+    pat = _patterns()
     v = blk.bindings[idx].value
-    act = match_dq_act(blk, v.args[0])
+    m = _match(blk, pat.dense_nk, v)
+    if m is not None:                                    # Gemm transB: permute_dims(dequantize(W[N, K]))
+        act, perm, w_dq = m[pat.nk_act], m[pat.nk_perm], m[pat.nk_w]
+    else:                                                # MatMul: dequantize(W[K, N]) per column
+        m = _match(blk, pat.dense_kn, v)
+        if m is None:
+            return None
+        act, perm, w_dq = m[pat.kn_act], None, m[pat.kn_w]
+    act = _act_values(blk, act)
     xshape = shape_of(v.args[0])
     if act is None or xshape is None or len(xshape) < 2:
         return None
-    wexpr = blk.bound(v.args[1])
-    if op_name(wexpr) == "relax.permute_dims":          # Gemm transB: permute_dims(dequantize(W[N, K]))
-        axes = wexpr.attrs.axes
+    if perm is not None:
+        axes = perm.attrs.axes
         if axes is not None and [int(x) for x in axes] != [1, 0]:
             return None
-        wt = _match_dq_weight(blk, wexpr.args[0], 0)
-        if wt is None:
-            return None
-        w, sw = wt
-    else:                                                # MatMul: dequantize(W[K, N]) per column
-        wt = _match_dq_weight(blk, v.args[1], 1)
-        if wt is None:
-            return None
-        w, sw = np.ascontiguousarray(wt[0].T), wt[1]
+        wt = _match_dq_weight(w_dq, 0)
+    else:
+        wt = _match_dq_weight(w_dq, 1)
+        wt = None if wt is None else (np.ascontiguousarray(wt[0].T), wt[1])
+    if wt is None:
+        return None
+    w, sw = wt
     if w.ndim != 2 or w.shape[1] != xshape[-1]:
         return None
     xq, sx, zx, dt = act

@@ -7,11 +7,12 @@ import numpy as np
 
 
 from ..relax_bindings import Block, const_value, dtype_of, op_name, scalar, shape_of
-from ..relax_layout import LayoutRewriter, Phys, rewrite_main
+from ..relax_layout import LayoutRewriter, Phys, rewrite_main, rewrite_pass
 from .kernels import conv2d_int8, dense_int8, dwconv2d_int8, maxpool_int8
 from .packing import epilogue_constants, pack_conv_weight, pack_dense_weight, pack_dw_weight
 from .relax_match import Match, match_conv, match_dense, match_dq_act, table_source
 from .specs import ConvSpec, DenseSpec
+from .tables import has_vbmi, table_kernel
 from .target_facts import int8_dot, num_cores
 
 log = logging.getLogger("graphopt.int8")
@@ -22,6 +23,7 @@ class _Rewriter(LayoutRewriter):
         super().__init__(mod, "graphopt_int8")
         self.dot = dot
         self.cores = num_cores(target)
+        self.vbmi = has_vbmi(target)         # lower-int8's tables: one vpermi2b kernel, else TVM's take
         self.count = {"conv2d": 0, "dwconv2d": 0, "dense": 0, "residual_fused": 0, "maxpool_nhwc": 0, "mean_nhwc": 0,
                       "table_lookups": 0,
                       "fp32_convs": 0, "fp32_matmuls": 0}
@@ -36,6 +38,10 @@ class _Rewriter(LayoutRewriter):
         return self.add_kernel((kind, repr(spec), residual, self.dot), make, kind)
 
     # -- the rewrite of one block -------------------------------------------------------------------------
+    # Hand-written rather than dpl's rewrite_call / rewrite_bindings, which replace one match at a time: chains are
+    # all matched first (a binding claimed by one chain is not matched again, a residual add another chain took is
+    # given up: match_root), then emitted in binding order, each kernel reading the physical NHWC / ROWS form an
+    # earlier kernel left (self.phys) and the pool, mean and table bindings after it following that form.
     def rewrite_block(self, block, outside_uses):
         from tvm import relax
         blk = Block(block, outside_uses)
@@ -218,17 +224,31 @@ class _Rewriter(LayoutRewriter):
         p = self.phys.get(q) if q is not None else None
         if p is None or dtype_of(p.var) not in ("uint8", "int8"):
             return None
+        shape, odt = shape_of(p.var), str(values.dtype)
+        y = self.dfvar("table", shape, odt)
+        if self.vbmi:                    # the tensor as one flat row (reshapes are views), 64 lookups a step
+            total = int(np.prod(shape))
+            flat = self.dfvar("flat", (total,), dtype_of(p.var))
+            gv = self.add_kernel(("table", total, dtype_of(p.var), odt),
+                                 lambda: table_kernel(total, dtype_of(p.var), odt, self.cores), "table")
+            out = self.dfvar("table_flat", (total,), odt)
+            return [self.bind(flat, relax.op.reshape(p.var, [total])),
+                    self.bind(out, relax.call_tir(gv, [flat, relax.const(values)], relax.TensorType([total], odt))),
+                    self.bind(y, relax.op.reshape(out, list(shape)))] + self._table_result(b, p, y)
         byte = p.var                     # u8 indices: TVM's take reads them as they are (no int32 copy)
         bl = []
         if dtype_of(byte) == "int8":
-            byte = self.dfvar("byte", shape_of(p.var), "uint8")
+            byte = self.dfvar("byte", shape, "uint8")
             bl.append(self.bind(byte, relax.op.astype(p.var, "uint8")))
-        y = self.dfvar("table", shape_of(p.var), str(values.dtype))
         bl.append(self.bind(y, relax.op.take(relax.const(values), byte, axis=0, mode="clip")))
+        return bl + self._table_result(b, p, y)
+
+    def _table_result(self, b, p, y):
+        """y (a table lookup of the physical p) as the physical form of b's var, with its logical view."""
         phys = Phys(y, p.layout, p.channels)
         self.phys[b.var] = phys
         self.count["table_lookups"] += 1
-        return bl + self.bind_view(b.var, phys, shape_of(b.var))
+        return self.bind_view(b.var, phys, shape_of(b.var))
 
     def maxpool(self, b):
         """max_pool2d on a quantized tensor whose physical form is NHWC: pool in NHWC."""
@@ -275,3 +295,9 @@ def rewrite_int8(mod, target):
     if changed:
         facts["int8_kernels"] = len(rw.new_funcs)
     return mod, facts
+
+
+def int8_rewrite_pass(target):
+    """rewrite_int8 as the module pass `graphopt.Int8Rewrite`, which tvm_lowering.build runs first (before
+    LegalizeOps); its `facts` are rewrite_int8's once it ran."""
+    return rewrite_pass("graphopt.Int8Rewrite", rewrite_int8, target)
