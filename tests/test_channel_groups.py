@@ -7,6 +7,7 @@ from onnx import helper
 import graphopt
 import onnx_builders as ob
 import prune_models as pm
+from node_lookup import node_of
 from graphopt import PassContext
 from graphopt.analyses import ANALYSES
 from graphopt.prune_rules import rules_for
@@ -28,6 +29,17 @@ def _units_of(groups, name):
     return groups.classes(_source(groups, name).slots)
 
 
+def _module_units(g, groups, module_path):
+    """The units of the output channels of torch module `module_path`."""
+    return _units_of(groups, node_of(g, module_path).name)
+
+
+def _module_sink(g, groups, module_path):
+    """The sink (the input channels) of torch module `module_path`."""
+    name = node_of(g, module_path).name
+    return next(s for s in groups.sinks if groups.nodes[s.node].name == name)
+
+
 def test_registered_and_cached(zoo_onnx):
     import graphopt.channel_groups  # noqa: F401 - registers the analysis
     assert "channel-groups" in ANALYSES
@@ -39,45 +51,43 @@ def test_registered_and_cached(zoo_onnx):
 def test_residual_add_couples_its_summands(zoo_onnx):
     g, groups, _ = _groups(zoo_onnx("resnet"))
     # layer1 is an identity block: the stem's channels and layer1.conv2's channels are the same units
-    stem = _units_of(groups, "/stem/stem.0/Conv")
-    conv2 = _units_of(groups, "/layer1/conv2/Conv")
+    stem = _module_units(g, groups, "stem.0")
+    conv2 = _module_units(g, groups, "layer1.conv2")
     assert np.array_equal(stem, conv2)
     assert len(set(stem.tolist())) == 16
     # layer2 has a projection shortcut: its conv2 and the downsample conv share units, the stem does not
-    assert np.array_equal(_units_of(groups, "/layer2/conv2/Conv"), _units_of(groups, "/layer2/downsample/downsample.0/Conv"))
-    assert not set(stem.tolist()) & set(_units_of(groups, "/layer2/conv2/Conv").tolist())
+    assert np.array_equal(_module_units(g, groups, "layer2.conv2"), _module_units(g, groups, "layer2.downsample.0"))
+    assert not set(stem.tolist()) & set(_module_units(g, groups, "layer2.conv2").tolist())
     # an inner conv is its own layer and prunable
-    inner = _units_of(groups, "/layer1/conv1/Conv")
+    inner = _module_units(g, groups, "layer1.conv1")
     assert all(not groups.units[k].frozen for k in inner)
 
 
 def test_se_gate_is_coupled_to_the_features(pm_onnx):
     g, groups, _ = _groups(pm_onnx("se_block"))
-    assert np.array_equal(_units_of(groups, "/a/Conv"), _units_of(groups, "/fc2/Conv"))
-    assert not set(_units_of(groups, "/fc1/Conv").tolist()) & set(_units_of(groups, "/a/Conv").tolist())
+    assert np.array_equal(_module_units(g, groups, "a"), _module_units(g, groups, "fc2"))
+    assert not set(_module_units(g, groups, "fc1").tolist()) & set(_module_units(g, groups, "a").tolist())
 
 
 def test_attention_is_head_granular_and_layernorm_freezes_the_stream(zoo_onnx):
     g, groups, _ = _groups(zoo_onnx("vit"))
-    q = _units_of(groups, "/layers/layers.0/attn/q/MatMul")
-    k = _units_of(groups, "/layers/layers.0/attn/k/MatMul")
-    v = _units_of(groups, "/layers/layers.0/attn/v/MatMul")
+    q, k, v = (_module_units(g, groups, f"layers.0.attn.{m}") for m in "qkv")
     assert np.array_equal(q, k) and np.array_equal(q, v)
     heads = [q[i * 8:(i + 1) * 8] for i in range(4)]
     assert all(len(set(h.tolist())) == 1 for h in heads) and len(set(q.tolist())) == 4
     assert all(not groups.units[u].frozen for u in q)
     # the residual stream is normalized by LayerNorm: frozen, with the reason
-    stream = _units_of(groups, "/patch_embed/Conv")
+    stream = _module_units(g, groups, "patch_embed")
     reasons = groups.units[stream[0]].frozen
     assert any("LayerNormalization" in r for r in reasons), reasons
     # the MLP hidden units are prunable
-    assert all(not groups.units[u].frozen for u in _units_of(groups, "/layers/layers.0/mlp/mlp.0/MatMul"))
+    assert all(not groups.units[u].frozen for u in _module_units(g, groups, "layers.0.mlp.0"))
 
 
 def test_graph_outputs_are_frozen(zoo_onnx):
     g, groups, _ = _groups(zoo_onnx("yolo"))
-    for name in ("/head_p3/pred/Conv", "/head_p4/pred/Conv"):
-        u = _units_of(groups, name)
+    for module in ("head_p3.pred", "head_p4.pred"):
+        u = _module_units(g, groups, module)
         assert all(any("graph output" in r for r in groups.units[k].frozen) for k in u)
 
 
@@ -87,14 +97,13 @@ def test_same_tensor_concatenated_twice(pm_onnx):
     c = groups.chan[cat.outputs[0].name]
     cls = groups.classes(c.slots)
     assert np.array_equal(cls[:32], cls[32:])
-    sink = next(s for s in groups.sinks if groups.nodes[s.node].name == "/b/Conv")
+    sink = _module_sink(g, groups, "b")
     assert len(sink.slots) == 64
 
 
 def test_grouped_conv_units_span_every_group(zoo_onnx):
     g, groups, _ = _groups(zoo_onnx("resnext"))
-    conv = "/block1/conv2/conv2.0/Conv"           # 16 -> 16, group 4
-    u = _units_of(groups, conv)
+    u = _module_units(g, groups, "block1.conv2.0")           # 16 -> 16, group 4
     assert len(set(u.tolist())) == 4
     for k in set(u.tolist()):
         pos = np.flatnonzero(u == k)
@@ -103,19 +112,17 @@ def test_grouped_conv_units_span_every_group(zoo_onnx):
 
 def test_depthwise_passes_channels_and_rewrites_group(pm_onnx):
     g, groups, _ = _groups(pm_onnx("depthwise_residual"))
-    a = _units_of(groups, "/a/Conv")
-    dw = next(s for s in groups.sources if groups.nodes[s.node].name == "/dw/Conv")
-    assert np.array_equal(groups.classes(dw.slots), a)          # depthwise out c == in c == residual
-    dw2 = next(s for s in groups.sources if groups.nodes[s.node].name == "/dw2/Conv")
-    assert np.array_equal(groups.classes(dw2.slots), np.repeat(a, 2))    # multiplier 2
+    a = _module_units(g, groups, "a")
+    assert np.array_equal(_module_units(g, groups, "dw"), a)          # depthwise out c == in c == residual
+    assert np.array_equal(_module_units(g, groups, "dw2"), np.repeat(a, 2))    # multiplier 2
     conv = rules_for("Conv")
     rewritten = {groups.nodes[r.node].name for r in groups.rewrites if r.rule in conv}
-    assert {"/dw/Conv", "/dw2/Conv"} <= rewritten
+    assert {node_of(g, "dw").name, node_of(g, "dw2").name} <= rewritten
 
 
 def test_flatten_and_view_make_feature_blocks(pm_onnx):
     g, groups, _ = _groups(pm_onnx("linear_to_deconv"))
-    fc = _units_of(groups, "/fc/Gemm")
+    fc = _module_units(g, groups, "fc")
     assert len(set(fc.tolist())) == 256
     assert all(len(set(fc[i * 16:(i + 1) * 16].tolist())) == 1 for i in range(256))
     assert any(r.rule in rules_for("Reshape") for r in groups.rewrites)
@@ -123,7 +130,7 @@ def test_flatten_and_view_make_feature_blocks(pm_onnx):
 
 def test_channel_shuffle_keeps_small_units(zoo_onnx):
     g, groups, _ = _groups(zoo_onnx("shufflenet"))
-    last_in = next(s for s in groups.sinks if groups.nodes[s.node].name == "/last/last.0/Conv")
+    last_in = _module_sink(g, groups, "last.0")
     cls = groups.classes(last_in.slots)
     sizes = np.unique(cls, return_counts=True)[1]
     assert len(sizes) > 1 and sizes.max() <= 16          # not one frozen 48-channel blob
@@ -132,14 +139,14 @@ def test_channel_shuffle_keeps_small_units(zoo_onnx):
 
 def test_unknown_op_freezes_what_it_touches(pm_onnx):
     g, groups, _ = _groups(pm_onnx("unknown_op"))
-    a = _units_of(groups, "/a/Conv")
+    a = _module_units(g, groups, "a")
     assert all(groups.units[k].frozen for k in a)
-    assert all(not groups.units[k].frozen for k in _units_of(groups, "/b/Conv"))
+    assert all(not groups.units[k].frozen for k in _module_units(g, groups, "b"))
 
 
 def test_bare_parameters_are_sliced_with_the_stream(pm_onnx):
     g, groups, _ = _groups(pm_onnx("bare_params"))
-    stream = set(_units_of(groups, "/embed/Conv").tolist())
+    stream = set(_module_units(g, groups, "embed").tolist())
     assert all(not groups.units[k].frozen for k in stream)
     data = [p for p in groups.params if p.role == "data"]
     shapes = {tuple(graphopt.graph.constant_value(groups.nodes[p.node].inputs[p.input]).shape) for p in data}
@@ -148,7 +155,7 @@ def test_bare_parameters_are_sliced_with_the_stream(pm_onnx):
 
 def test_provably_zero_channels(pm_onnx):
     g, groups, _ = _groups(pm_onnx("dead_channels"))
-    b_sink = next(s for s in groups.sinks if groups.nodes[s.node].name == "/b/Conv")
+    b_sink = _module_sink(g, groups, "b")
     cv = groups.chan[groups.nodes[b_sink.node].inputs[0].name].cval
     assert set(np.flatnonzero(cv == 0).tolist()) == set(pm.DeadChannels.DEAD_A)
 

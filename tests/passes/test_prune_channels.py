@@ -7,12 +7,14 @@ import pytest
 import graphopt
 import onnx_builders as ob
 import prune_models as pm
+from node_lookup import after, before, node_of
 from graphopt import PassContext, PassManager
 from graphopt.errors import BadInput, CheckFailed
 from graphopt.hardware import GENERIC, HardwareInfo, Structure
 from graphopt.graph import constant_value, copy as copy_graph
 from graphopt.passes import prune_channels as pc
 from graphopt.passes import prune_cost, prune_importance, prune_oracle, prune_removal
+from graphopt.pipeline_text import format_value
 
 ZOO = ["resnet", "mobilenet_v3", "densenet", "inception", "resnext", "shufflenet", "vit", "convnext", "yolo",
        "unet", "lstm", "gru", "mlp_digits", "cnn_digits"]
@@ -32,6 +34,11 @@ def _run(g, text, ctx=None):
 
 def _node(g, name):
     return next(n for n in g.nodes if n.name == name)
+
+
+def _names(g, *module_paths):
+    """The names of the nodes applying these torch modules, taken before a pass renames their weights."""
+    return [node_of(g, m).name for m in module_paths]
 
 
 # ---------------------------------------------------------------------------------------------------------- zoo
@@ -82,25 +89,31 @@ def test_oracle_on_structural_cases(zoo_onnx, pm_onnx, name, criterion):
 # -------------------------------------------------------------------------------------------- structural cases
 
 def test_cat_twice_removes_both_copies(pm_onnx):
-    res, rec = _run(graphopt.load(pm_onnx("cat_twice")), "prune-channels{ratio=0.5}")
-    a = _node(res.graph, "/a/Conv").inputs[1].values.shape[0]
-    b_in = _node(res.graph, "/b/Conv").inputs[1].values.shape[1]
+    g = graphopt.load(pm_onnx("cat_twice"))
+    a_name, b_name = _names(g, "a", "b")
+    res, rec = _run(g, "prune-channels{ratio=0.5}")
+    a = _node(res.graph, a_name).inputs[1].values.shape[0]
+    b_in = _node(res.graph, b_name).inputs[1].values.shape[1]
     assert a == 16 and b_in == 2 * a
 
 
 def test_one_output_channel_is_never_removed(pm_onnx):
-    res, rec = _run(graphopt.load(pm_onnx("one_channel")), "prune-channels{ratio=0.8,round_to=1,max_layer_ratio=1}")
-    assert _node(res.graph, "/a/Conv").inputs[1].values.shape[0] == 1
-    assert _node(res.graph, "/b/Conv").inputs[1].values.shape[0] >= 1
+    g = graphopt.load(pm_onnx("one_channel"))
+    a, b = _names(g, "a", "b")
+    res, rec = _run(g, "prune-channels{ratio=0.8,round_to=1,max_layer_ratio=1}")
+    assert _node(res.graph, a).inputs[1].values.shape[0] == 1
+    assert _node(res.graph, b).inputs[1].values.shape[0] >= 1
     assert any("single channel" in why for f in rec["info"]["frozen"] for why in f["why"])
 
 
 def test_depthwise_in_a_residual(pm_onnx):
-    res, rec = _run(graphopt.load(pm_onnx("depthwise_residual")), "prune-channels{ratio=0.5}")
+    g = graphopt.load(pm_onnx("depthwise_residual"))
+    a, dw_name, dw2_name = _names(g, "a", "dw", "dw2")
+    res, rec = _run(g, "prune-channels{ratio=0.5}")
     g = res.graph
-    kept = _node(g, "/a/Conv").inputs[1].values.shape[0]
+    kept = _node(g, a).inputs[1].values.shape[0]
     assert kept == 16
-    dw, dw2 = _node(g, "/dw/Conv"), _node(g, "/dw2/Conv")
+    dw, dw2 = _node(g, dw_name), _node(g, dw2_name)
     assert dw.attrs["group"] == kept and dw.inputs[1].values.shape == (kept, 1, 3, 3)
     assert dw2.attrs["group"] == kept and dw2.inputs[1].values.shape[0] == 2 * kept
 
@@ -118,9 +131,11 @@ def test_linear_view_convtranspose(pm_onnx):
 
 
 def test_bare_parameters_shrink_with_the_stream(pm_onnx):
-    res, rec = _run(graphopt.load(pm_onnx("bare_params")), "prune-channels{ratio=0.5}")
+    g = graphopt.load(pm_onnx("bare_params"))
+    embed, = _names(g, "embed")
+    res, rec = _run(g, "prune-channels{ratio=0.5}")
     g = res.graph
-    dim = _node(g, "/embed/Conv").inputs[1].values.shape[0]
+    dim = _node(g, embed).inputs[1].values.shape[0]
     assert dim == 16
     data = [t.values.shape for n in g.nodes if n.op in ("Concat", "Add", "Mul") for t in n.inputs
             if isinstance(t, gs.Constant) and t.values.size > 1]
@@ -129,24 +144,29 @@ def test_bare_parameters_shrink_with_the_stream(pm_onnx):
 
 
 def test_attention_heads_are_removed_whole(zoo_onnx):
-    res, rec = _run(graphopt.load(zoo_onnx("vit")), "prune-channels{flops=0.5}")
+    g = graphopt.load(zoo_onnx("vit"))
+    q_node = node_of(g, "layers.0.attn.q")
+    q_name = q_node.name
+    split_name = after(q_node, "Reshape").name                                # [B, T, heads, head_dim]
+    merge_name = before(node_of(g, "layers.0.attn.proj"), "Reshape").name   # back to [B, T, heads * head_dim]
+    res, rec = _run(g, "prune-channels{flops=0.5}")
     g = res.graph
-    q = _node(g, "/layers/layers.0/attn/q/MatMul").inputs[1].values.shape[1]
-    reshape = _node(g, "/layers/layers.0/attn/Reshape")
+    q = _node(g, q_name).inputs[1].values.shape[1]
+    reshape = _node(g, split_name)
     heads = constant_value(reshape.inputs[1]).tolist()
     assert q % 8 == 0 and heads[2] * 8 == q and heads[2] < 4 and heads[3] == 8
-    merge = constant_value(_node(g, "/layers/layers.0/attn/Reshape_3").inputs[1]).tolist()
+    merge = constant_value(_node(g, merge_name).inputs[1]).tolist()
     assert merge[2] == q
 
 
 def test_yolo_chunk_bounds_follow_the_channels(zoo_onnx):
     res, rec = _run(graphopt.load(zoo_onnx("yolo")), "prune-channels{flops=0.5}")
-    g = res.graph
-    for n in g.nodes:
-        if n.op == "Slice" and n.name.startswith("/c2f"):
-            st, en = int(constant_value(n.inputs[1])[0]), int(constant_value(n.inputs[2])[0])
-            c = n.inputs[0].shape[1]
-            assert 0 <= st < en <= c and n.outputs[0].shape[1] == en - st
+    chunks = [n for n in res.graph.nodes if n.op == "Slice"]      # the model's only slices: C2f's chunk(2, 1)
+    assert chunks
+    for n in chunks:
+        st, en = int(constant_value(n.inputs[1])[0]), int(constant_value(n.inputs[2])[0])
+        c = n.inputs[0].shape[1]
+        assert 0 <= st < en <= c and n.outputs[0].shape[1] == en - st
 
 
 def test_unet_and_shufflenet_structures(zoo_onnx):
@@ -170,12 +190,13 @@ def test_pruning_twice_in_a_row(zoo_onnx, pm_onnx):
 
 def test_dead_channels_are_removed_exactly_and_idempotently(pm_onnx):
     g = graphopt.load(pm_onnx("dead_channels"))
+    a, b = _names(g, "a", "b")
     res, rec = _run(g, "prune-channels{criterion=dead,round_to=1}")
     assert rec["exact"] and rec["max_error"] <= 1e-6          # the PassManager's exact check ran
     assert rec["info"]["units"]["removed"] == len(pm.DeadChannels.DEAD_A + pm.DeadChannels.DEAD_B + pm.DeadChannels.DEAD_H)
     out = res.graph
-    assert _node(out, "/a/Conv").inputs[1].values.shape[0] == 32 - len(pm.DeadChannels.DEAD_A)
-    assert _node(out, "/b/Conv").inputs[1].values.shape[0] == 16 - len(pm.DeadChannels.DEAD_B)
+    assert _node(out, a).inputs[1].values.shape[0] == 32 - len(pm.DeadChannels.DEAD_A)
+    assert _node(out, b).inputs[1].values.shape[0] == 16 - len(pm.DeadChannels.DEAD_B)
     again = PassManager.parse("prune-channels{criterion=dead,round_to=1}").run(out)
     assert not again.modified
 
@@ -279,8 +300,8 @@ def test_round_to_and_max_layer_ratio(zoo_onnx):
 
 def test_ignore_keeps_named_layers(zoo_onnx):
     g = graphopt.load(zoo_onnx("resnet"))
-    keep = "/layer1/conv1/Conv"
-    res, rec = _run(g, f"prune-channels{{flops=0.5,ignore=[{keep}]}}")
+    keep, = _names(g, "layer1.conv1")
+    res, rec = _run(g, f"prune-channels{{flops=0.5,ignore={format_value([keep])}}}")
     assert rec["info"]["layers"][keep] == [16, 16]
     assert any("ignored" in why for f in rec["info"]["frozen"] for why in f["why"])
 
@@ -331,24 +352,25 @@ def test_oracle_detects_a_wrong_removal(zoo_onnx):
     ctx = PassContext()
     groups = ctx.analyses.get("channel-groups", g)
     removed = np.zeros(groups.n_units, dtype=bool)
-    inner = groups.classes(next(s for s in groups.sources
-                                if groups.nodes[s.node].name == "/layer1/conv1/Conv").slots)
+    conv1, bn1 = _names(g, "layer1.conv1", "layer1.bn1")
+    inner = groups.classes(next(s for s in groups.sources if groups.nodes[s.node].name == conv1).slots)
     removed[inner[:8]] = True
     plan = prune_removal.Plan(groups, removed)
     original = copy_graph(g)
     assert prune_oracle.oracle_check(original, plan) < 1e-5
     pruned = prune_removal.apply_removal(copy_graph(original), plan)
-    bn = next(n for n in pruned.nodes if n.name == "/layer1/bn1/BatchNormalization")
+    bn = next(n for n in pruned.nodes if n.name == bn1)
     shift = bn.inputs[2].values.copy()
     shift[0] += 1.0                              # a kept channel gets a wrong parameter
     bn.inputs[2] = gs.Constant("wrong_shift", shift)
     assert prune_oracle.oracle_check(original, plan, pruned=pruned) > 1e-3
     # removing a residual summand's channels without its partners is also caught
     plan2 = prune_removal.Plan(groups, removed.copy())
-    stem = groups.classes(next(s for s in groups.sources if groups.nodes[s.node].name == "/stem/stem.0/Conv").slots)
+    stem_name, conv2 = _names(g, "stem.0", "layer1.conv2")
+    stem = groups.classes(next(s for s in groups.sources if groups.nodes[s.node].name == stem_name).slots)
     plan2.removed[stem[:4]] = True
     bad = prune_removal.apply_removal(copy_graph(original), plan2)
-    c2 = next(n for n in bad.nodes if n.name == "/layer1/conv2/Conv")
+    c2 = next(n for n in bad.nodes if n.name == conv2)
     w = c2.inputs[1].values.copy()
     w[0] += 0.5
     c2.inputs[1] = gs.Constant("wrong_w", w)
@@ -361,8 +383,8 @@ def test_float64_oracle_tells_rounding_from_a_wrong_removal(zoo_onnx):
     g = graphopt.load(zoo_onnx("resnet"))
     groups = PassContext().analyses.get("channel-groups", g)
     removed = np.zeros(groups.n_units, dtype=bool)
-    inner = groups.classes(next(s for s in groups.sources
-                                if groups.nodes[s.node].name == "/layer1/conv1/Conv").slots)
+    conv1, bn1 = _names(g, "layer1.conv1", "layer1.bn1")
+    inner = groups.classes(next(s for s in groups.sources if groups.nodes[s.node].name == conv1).slots)
     removed[inner[:8]] = True
     plan = prune_removal.Plan(groups, removed)
     feeds = graphopt.verify.seeded_inputs(g, 0)
@@ -372,7 +394,7 @@ def test_float64_oracle_tells_rounding_from_a_wrong_removal(zoo_onnx):
     info = {}
     prune_oracle.fp64_verdict(g, plan, pruned, feeds, 1e-3, info)    # as if float32 had disagreed
     assert info["oracle_fp64_max_error"] == err
-    bn = next(n for n in pruned.nodes if n.name == "/layer1/bn1/BatchNormalization")
+    bn = next(n for n in pruned.nodes if n.name == bn1)
     shift = bn.inputs[2].values.copy()
     shift[0] += 1e-4                             # a small but real mistake on a kept channel
     bn.inputs[2] = gs.Constant("wrong_shift", shift)
@@ -490,10 +512,12 @@ def test_grouped_and_depthwise_convtranspose(group, w_shape, out_ch):
 
 
 def test_split_sizes_follow_the_channels(pm_onnx):
-    res, rec = _run(graphopt.load(pm_onnx("split_branches")), "prune-channels{ratio=0.5,round_to=1}")
+    g = graphopt.load(pm_onnx("split_branches"))
+    a, = _names(g, "a")
+    res, rec = _run(g, "prune-channels{ratio=0.5,round_to=1}")
     split = next(n for n in res.graph.nodes if n.op == "Split")
     sizes = constant_value(split.inputs[1]).tolist()
-    assert sum(sizes) == _node(res.graph, "/a/Conv").inputs[1].values.shape[0] and sizes != [16, 32]
+    assert sum(sizes) == _node(res.graph, a).inputs[1].values.shape[0] and sizes != [16, 32]
     assert rec["info"]["oracle_max_error"] < 1e-5
 
 

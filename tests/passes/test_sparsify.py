@@ -3,11 +3,13 @@ import numpy as np
 import pytest
 
 import graphopt
+from node_lookup import node_of
 from graphopt import PassContext, PassManager
 from graphopt.errors import BadInput
 from graphopt.hardware import HardwareInfo, Structure
 from graphopt import metadata
 from graphopt.passes.sparsify import parse_block, weight_matrix
+from graphopt.pipeline_text import format_value
 
 pytestmark = pytest.mark.fast
 
@@ -65,10 +67,11 @@ def test_sparsify_twice_gives_the_same_mask(zoo_onnx, block):
 def test_block_default_from_the_target_and_layer_filters(zoo_onnx):
     g = graphopt.load(zoo_onnx("mobilenet_v3"))
     ctx = PassContext(hw=HardwareInfo(structure=Structure(blocks=(4, 4))))
-    res = PassManager.parse("sparsify{ignore=[/head/head.2/Gemm],min_params=300}").run(g, ctx)
+    classifier = node_of(g, "head.2").name
+    res = PassManager.parse(f"sparsify{{ignore={format_value([classifier])},min_params=300}}").run(g, ctx)
     rec = res.records[0]
     assert rec["info"]["block"] == "4x4"
-    assert rec["info"]["skipped"]["/head/head.2/Gemm"] == "ignored by the user"
+    assert rec["info"]["skipped"][classifier] == "ignored by the user"
     assert any("min_params" in why for why in rec["info"]["skipped"].values())
     assert all(info["shape"][0] * info["shape"][1] >= 300 for info in rec["info"]["layers"].values())
     assert PassManager.parse("sparsify").run(graphopt.load(zoo_onnx("mlp_digits"))).records[0]["info"]["block"] == "1x1"
@@ -76,10 +79,11 @@ def test_block_default_from_the_target_and_layer_filters(zoo_onnx):
 
 def test_only_1x1_convs_gemm_and_matmul(zoo_onnx):
     g = graphopt.load(zoo_onnx("resnet"))
+    downsample = node_of(g, "layer2.downsample.0").name                     # resnet's only 1x1 conv
     res = PassManager.parse("sparsify").run(g)
-    ops = {n.name: n.op for n in res.graph.nodes}
-    assert set(res.records[0]["info"]["layers"]) == {k for k, op in ops.items()
-                                            if op == "Gemm" or (op == "Conv" and k.endswith("downsample.0/Conv"))}
+    pointwise = {n.name for n in res.graph.nodes if n.op == "Conv" and tuple(n.inputs[1].shape[2:]) == (1, 1)}
+    assert pointwise == {downsample}
+    assert set(res.records[0]["info"]["layers"]) == {n.name for n in res.graph.nodes if n.op == "Gemm"} | pointwise
 
 
 @pytest.mark.parametrize("text,needle", [
