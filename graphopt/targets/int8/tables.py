@@ -37,19 +37,20 @@ def table_kernel(total: int, in_dtype: str, out_dtype: str, cores: int):
     def tab(buf, q):      # entries 64q..64q+63 (one expression: a local would be a per-iteration workspace buffer)
         return T.reinterpret(buf.vload([q * 64], dtype=vout), dtype="int8x64")
 
-    @T.prim_func
+    @T.prim_func(s_tir=True)
     def main(X: T.Buffer((total,), in_dtype), Tab: T.Buffer((256,), out_dtype), Y: T.Buffer((total,), out_dtype)):
         T.func_attr({"tirx.noalias": True})
-        for i in loop(nvec):
-            Y[T.ramp(i * 64, 1, 64)] = T.reinterpret(T.Select(
-                T.reinterpret(X.vload([i * 64], dtype=vin), dtype="uint8x64") >= T.broadcast(T.uint8(128), 64),
-                T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(VBMI_PERMUTE), tab(Tab, 2),
-                                        T.reinterpret(X.vload([i * 64], dtype=vin), dtype="int8x64"), tab(Tab, 3),
-                                        dtype="int8x64"),
-                T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(VBMI_PERMUTE), tab(Tab, 0),
-                                        T.reinterpret(X.vload([i * 64], dtype=vin), dtype="int8x64"), tab(Tab, 1),
-                                        dtype="int8x64")), dtype=vout)
-        for j in T.serial(tail):
-            Y[start + j] = Tab[T.Cast("int32", T.reinterpret(X[start + j], dtype="uint8"))]
+        with T.sblock("root"):      # a root block: Relax passes over the module (SplitLayoutRewritePreproc) need one
+            for i in loop(nvec):
+                Y[T.ramp(i * 64, 1, 64)] = T.reinterpret(T.Select(
+                    T.reinterpret(X.vload([i * 64], dtype=vin), dtype="uint8x64") >= T.broadcast(T.uint8(128), 64),
+                    T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(VBMI_PERMUTE), tab(Tab, 2),
+                                            T.reinterpret(X.vload([i * 64], dtype=vin), dtype="int8x64"), tab(Tab, 3),
+                                            dtype="int8x64"),
+                    T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(VBMI_PERMUTE), tab(Tab, 0),
+                                            T.reinterpret(X.vload([i * 64], dtype=vin), dtype="int8x64"), tab(Tab, 1),
+                                            dtype="int8x64")), dtype=vout)
+            for j in T.serial(tail):
+                Y[start + j] = Tab[T.Cast("int32", T.reinterpret(X[start + j], dtype="uint8"))]
 
     return main.with_attr(KERNEL_ATTR, "table_lookup")
