@@ -20,7 +20,7 @@ smoothing of the teacher's targets: QAT should match the teacher, not regularize
 straight-through gradients, and the trained weights are quantized again into the same QDQ graph. info["quantization"]
 has the PTQ graph's top-1 / agreement on eval_data beside the final (QAT) figures.
 
-Prune steps: every budget of a prune-channels pass (flops, params, ratio) is cut into cumulative fractions of the
+Prune steps: every budget of a prune-channels pass (flops, params, latency, ratio) is cut into cumulative fractions of the
 target reduction (in the kept fraction: 1 - f * (1 - target); or geometric), each step re-ranking the channels of
 the student as trained so far. Budgets are relative to the original model. When the pipeline does not set
 `round_to`, compress rounds kept channel counts to the largest power of two (up to the target's vector width)
@@ -117,9 +117,10 @@ class Schedule:
 
 
 def _prune_steps(p, schedule: Schedule | None = None) -> list[dict]:
-    """Cumulative keep-fractions for each budget of a prune-channels pass: [{"flops": 0.8}, {"flops": 0.7}, ...]."""
+    """Cumulative keep-fractions for each budget of a prune-channels pass: [{"flops": 0.8}, {"flops": 0.7}, ...]
+    (latency too: each step then asks the pass for its share of the latency left, step / the step before)."""
     s = schedule or Schedule()
-    budgets = {k: p.opts[k] for k in ("flops", "params") if p.opts[k] < 1.0}
+    budgets = {k: p.opts[k] for k in ("flops", "params", "latency") if p.opts[k] < 1.0}
     if p.opts.get("ratio", 0.0) > 0:
         budgets["ratio"] = p.opts["ratio"]
     if not budgets:
@@ -663,9 +664,13 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
             if "round_to" not in p.given and s.narrow_round_to:
                 extra["round_to"] = _auto_round_to(graph, ctx, s)
                 round_to_used[p.text()] = extra["round_to"]
+            latency_before = 1.0        # latency budgets are measured on the target: relative to the step before
             for i, step in enumerate(prune_steps[id(p)]):
                 cur = _metrics(graph)
                 opts = {**dict(p.given), **extra}
+                if "latency" in step:
+                    opts["latency"] = min(1.0, step["latency"] / latency_before)
+                    latency_before = step["latency"]
                 if "flops" in step:
                     opts["flops"] = min(1.0, step["flops"] * original_size["macs"] / max(cur["macs"], 1))
                 if "params" in step:
@@ -675,7 +680,8 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
                 light = i == 0
                 n_ep = per_step[phase_i] + carry
                 phase_i += 1
-                if opts.get("flops", 1.0) >= 1.0 and opts.get("params", 1.0) >= 1.0 and not opts.get("ratio"):
+                if opts.get("flops", 1.0) >= 1.0 and opts.get("params", 1.0) >= 1.0 and opts.get("latency", 1.0) >= 1.0 \
+                        and not opts.get("ratio"):
                     carry = n_ep                  # nothing left to prune at this step: its epochs go to the next
                     continue
                 carry = 0

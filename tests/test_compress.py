@@ -118,6 +118,21 @@ def test_prune_steps_fractions():
         Schedule(step_features="nope").validate()
 
 
+def test_latency_budget_is_cut_into_steps_relative_to_the_step_before():
+    steps = _prune_steps(make_pass("prune-channels", latency=0.5))
+    assert [round(st["latency"], 3) for st in steps] == [0.8, 0.725, 0.65, 0.575, 0.5]
+
+
+def test_latency_budget_reaches_the_pass_inside_compress(teacher, data):
+    """A latency budget alone used to be skipped as "nothing left to prune" (only flops/params/ratio counted): the
+    prune step must run the pass with it."""
+    train, _ = data
+    _, info = compress(teacher, {"x": train["x"][:128]}, "prune-channels{latency=0.7}", epochs=1,
+                       schedule=Schedule(light_fraction=1.0))
+    runs = [r for r in info["passes"] if r["pass"].startswith("prune-channels")]
+    assert len(runs) == 1 and "latency=0.7" in runs[0]["pass"] and "budget_met" in runs[0]["info"]
+
+
 def test_pca_hint_teacher(teacher, data):
     from graphopt.distill import linear_cka, predict
     from graphopt.evaluate import penultimate_tensor
