@@ -8,7 +8,7 @@ scalar code re-vectorized by LLVM at half width. Here, after scheduling and befo
     rsqrt(x)  -> 1 / sqrt(x)
     x / c     -> x * (1 / c) for a float32 constant c whose reciprocal is a normal float (at most one rounding
                  step from the division; the compile self-check compares with onnxruntime), except under round /
-                 nearbyint: a QuantizeLinear's division stays exact
+                 nearbyint (llvm.nearbyint too): a QuantizeLinear's division stays exact
 
 and the other way round, so that the fp32 ops between QuantizeLinear / DequantizeLinear round as onnxruntime's do:
 
@@ -76,6 +76,15 @@ def _is_dequantized(mul) -> bool:
     return False
 
 
+def _is_llvm_nearbyint(call) -> bool:
+    """call_llvm_pure_intrin(llvm.nearbyint, x): the int8 kernels' rounding, vectorizable unlike tirx.nearbyint."""
+    if not call.op.same_as(tvm.ir.Op.get("tirx.call_llvm_pure_intrin")) or len(call.args) != 2:
+        return False
+    from tvm.target import codegen
+    return isinstance(call.args[0], tirx.IntImm) and \
+        int(call.args[0].value) == int(codegen.llvm_lookup_intrinsic_id("llvm.nearbyint"))
+
+
 def _fence(mul):
     return tirx.call_llvm_pure_intrin(_F32, "llvm.arithmetic.fence", mul) if _is_dequantized(mul) else mul
 
@@ -94,6 +103,11 @@ def vectorizable_math(func: tirx.PrimFunc) -> tirx.PrimFunc:
 
     def on_call(call):
         make = next((f for op, f in rounding if call.op.same_as(op)), None)
+        if _is_llvm_nearbyint(call):
+            for new, div in reciprocals:
+                if call.args[1].same_as(new):
+                    return tirx.call_llvm_pure_intrin(_F32, "llvm.nearbyint", tirx.Div(new.a, div.b))
+            return call
         if make is not None and len(call.args) == 1:
             for new, div in reciprocals:
                 if call.args[0].same_as(new):

@@ -22,7 +22,10 @@ Kernels (all exact in s32; only the final requantization rounds, like onnxruntim
   innermost 16 x 4 block is tensorized with `graphopt_vnni_u8s8_16x4`: llvm.x86.avx512.vpdpbusd.512 with the
   operand types LLVM 22 wants (int32x16, int8x64, int8x64: the broadcast activation word reinterpreted as
   int8x64). vpdpbusd adds four u8*s8 products into s32 without saturation.
-* depthwise conv2d (groups = channels): the KH*KW taps summed in int32, vectorized along the channels.
+* depthwise conv2d (groups = channels): the KH*KW taps summed in int32, vectorized along the channels, a row of
+  output pixels per 16-channel block; strided ones read their input in place instead of a padded copy.
+* epilogues round with llvm.nearbyint called directly (tirx.nearbyint is not vectorizable in TVM 0.27 and made
+  them scalar).
 * max_pool2d on a quantized tensor (lower-int8 moves it onto the integers) and the global average pool's
   dequantize + mean run in NHWC too, so ResNet / MobileNet keep one layout from the first conv to the pooling.
 Activations between these kernels stay NHWC with channels padded to a multiple of 16 (weights of the padded

@@ -8,10 +8,21 @@ from .specs import ConvSpec, DenseSpec, Epilogue
 #: broadcast). aarch64: four 128-bit NEON registers each, 6 (24 registers) of the 32.
 MAX_TILE_ACC = 24
 MAX_TILE_ACC_BY_DOT = {"usdot": 6}
+#: a conv whose whole reduction is at most SHORT_REDUCTION 4-channel steps (a 1x1 conv over 16 channels) is fully
+#: unrolled by LLVM, which then keeps every weight vector of the tile in a register across the row: its tile holds
+#: at most SHORT_TILE_ACC accumulators (24 spilled: MobileNetV2's 16 -> 96 conv, 112x112, 141 -> 105 us)
+SHORT_REDUCTION, SHORT_TILE_ACC = 4, 12
+
+
+def _nearbyint(x):
+    """Round to nearest even as te.nearbyint does (llvm.nearbyint), as a call TVM's loop vectorizer keeps vector:
+    tirx.nearbyint is registered not vectorizable in TVM 0.27, so a vectorized epilogue that used it ran scalar."""
+    from tvm import tirx
+    return tirx.call_llvm_pure_intrin("float32", "llvm.nearbyint", x)
 
 
 def _epilogue_expr(epi: Epilogue, acc, bi, m, bf, r=None):
-    from tvm import te, tirx
+    from tvm import tirx
     f32 = "float32"
     v = (acc + bi).astype(f32) * m + bf
     if epi.mode == "f":
@@ -21,13 +32,13 @@ def _epilogue_expr(epi: Epilogue, acc, bi, m, bf, r=None):
             v = tirx.min(v, tirx.const(epi.fhi, f32))
         return v
     if epi.mode == "q":
-        q = te.nearbyint(v) + tirx.const(float(epi.zy), f32)
+        q = _nearbyint(v) + tirx.const(float(epi.zy), f32)
         q = tirx.min(tirx.max(q, tirx.const(epi.lo, f32)), tirx.const(epi.hi, f32))
         return q.astype(epi.out_dtype)
     # qadd: requantize the conv result as the graph does, add the dequantized residual, requantize. As in
     # onnxruntime, each dequantized value is rounded to float32 before the add (fenced: no FMA) and the last
     # QuantizeLinear divides by its scale: on rounding ties one unit in the last place is a whole step
-    t = te.nearbyint(v) + tirx.const(float(epi.z1), f32)
+    t = _nearbyint(v) + tirx.const(float(epi.z1), f32)
     t = tirx.min(tirx.max(t, tirx.const(epi.lo1, f32)), tirx.const(epi.hi1, f32))
     fence = "llvm.arithmetic.fence"
     a = tirx.call_llvm_pure_intrin(f32, fence, (t - tirx.const(float(epi.z1), f32)) * tirx.const(epi.s1, f32)) + \
@@ -37,7 +48,7 @@ def _epilogue_expr(epi: Epilogue, acc, bi, m, bf, r=None):
         a = tirx.max(a, tirx.const(epi.act2_lo, f32))
     if epi.act2_hi is not None:
         a = tirx.min(a, tirx.const(epi.act2_hi, f32))
-    q = te.nearbyint(a / tirx.const(epi.s2, f32)) + tirx.const(float(epi.zy), f32)
+    q = _nearbyint(a / tirx.const(epi.s2, f32)) + tirx.const(float(epi.zy), f32)
     q = tirx.min(tirx.max(q, tirx.const(epi.lo, f32)), tirx.const(epi.hi, f32))
     return q.astype(epi.out_dtype)
 
@@ -144,7 +155,10 @@ def _schedule_conv(func, spec: ConvSpec, dot: str, cores: int, padded: bool):
     acc = sch.get_sblock("acc")
     out = sch.get_sblock("out")
     OW, OCb = spec.OW, spec.OCp // 16
-    TM, TN = pick_tiles(OW, OCb, MAX_TILE_ACC_BY_DOT.get(dot, MAX_TILE_ACC))
+    max_acc = MAX_TILE_ACC_BY_DOT.get(dot, MAX_TILE_ACC)
+    if spec.KH * spec.KW * spec.C4 // 4 <= SHORT_REDUCTION:
+        max_acc = min(max_acc, SHORT_TILE_ACC)
+    TM, TN = pick_tiles(OW, OCb, max_acc)
     sch.set_scope(acc, 0, "local")
     n, h, w, o = sch.get_loops(out)
     wo, wi = sch.split(w, [None, TM])
@@ -244,8 +258,8 @@ def dense_int8(spec: DenseSpec, dot: str = "vnni", cores: int = 1):
 def dwconv2d_int8(spec: ConvSpec, cores: int = 1):
     """Scheduled PrimFunc (X, Wdw [KH, KW, Cp], Bi, M, Bf, Y [N, OH, OW, Cp]): depthwise conv (one filter per
     channel) in NHWC: s32 sums of the KH*KW taps, vectorized along the channels (LLVM: widening int32
-    multiplies and adds, exact), then the same requantize epilogue as the dense kernels. There is no reduction
-    over channels, so VNNI's 4-wide dot products do not apply."""
+    multiplies and adds, exact), then the same requantize epilogue as the dense kernels, a row of output pixels
+    per 16-channel block. There is no reduction over channels, so VNNI's 4-wide dot products do not apply."""
     from tvm import te, tirx
     s = spec
     OH, OW, Cp = s.OH, s.OW, s.OCp
@@ -268,24 +282,45 @@ def dwconv2d_int8(spec: ConvSpec, cores: int = 1):
         cc = tirx.min(c, cin - 1)
         src = X[n, cc, hh, ww] if s.in_layout == "NCHW" else X[n, hh, ww, cc]
         return tirx.if_then_else(cond, _to_u8(src, s.in_dtype), tirx.const(zx_u, "uint8"))
-    P = te.compute((s.N, Hp, Wpd, Cp), pad_value, name="pad")
+    # strided: every tap reads the input in place (clamped index, zero point outside: cheaper than copying an input
+    # stride^2 times the output's size); stride 1: one zero-point-padded copy, then plain loads
+    padded = tuple(s.stride) == (1, 1) or s.in_layout != "NHWC" or cin != Cp
+    if padded:
+        P = te.compute((s.N, Hp, Wpd, Cp), pad_value, name="pad")
+
+        def tapv(n, h, w, c):
+            return P[n, h, w, c]
+    else:
+        def tapv(n, h, w, c):
+            inside = tirx.all(h >= pt, h < s.H + pt, w >= pl, w < s.W + pl)
+            hh, ww = tirx.min(tirx.max(h - pt, 0), s.H - 1), tirx.min(tirx.max(w - pl, 0), s.W - 1)
+            return tirx.Select(inside, _to_u8(X[n, hh, ww, c], s.in_dtype), tirx.const(zx_u, "uint8"))
 
     def body(n, h, w, c):
         acc = None
         for i in range(s.KH):
             for j in range(s.KW):
-                t = P[n, h * sh + i * dh, w * sw + j * dw, c].astype("int32") * Wk[i, j, c].astype("int32")
+                t = tapv(n, h * sh + i * dh, w * sw + j * dw, c).astype("int32") * Wk[i, j, c].astype("int32")
                 acc = t if acc is None else acc + t
         return _epilogue_expr(s.epi, acc, Bi[c], Mq[c], Bf[c])
     Y = te.compute((s.N, OH, OW, Cp), body, name="out")
     from tvm.s_tir import Schedule
     sch = Schedule(te.create_prim_func([X, Wk, Bi, Mq, Bf, Y]))
-    for name in ("pad", "out"):
-        b = sch.get_sblock(name)
+    if padded:
+        b = sch.get_sblock("pad")
         n, h, w, c = sch.get_loops(b)
         sch.parallel(sch.fuse(n, h))
-        _, ci_ = sch.split(c, [None, 16])
-        sch.vectorize(ci_)
+        sch.vectorize(sch.split(c, [None, 16])[1])
+    # a row of TW output pixels per 16-channel block: the block's KH*KW weight vectors are loaded once for the row
+    b = sch.get_sblock("out")
+    n, h, w, c = sch.get_loops(b)
+    tw = next(t for t in (8, 7, 6, 4, 3, 2, 1) if OW % t == 0)
+    wo, wi = sch.split(w, [None, tw])
+    co, ci_ = sch.split(c, [None, 16])
+    sch.reorder(wo, co, wi, ci_)
+    sch.parallel(sch.fuse(n, h))
+    sch.unroll(wi)
+    sch.vectorize(ci_)
     return sch.mod["main"].with_attr(KERNEL_ATTR, "dwconv2d")
 
 
