@@ -351,12 +351,15 @@ def pca_hint_teacher(teacher: gs.Graph, features: np.ndarray, k: int,
 def _output_form(graph: gs.Graph, calib: dict) -> dict:
     """DistillConfig's class_axis and outputs for the graph's first output, seen on a few training examples: a CTC
     recognizer's [N, T, C] (graphopt.task_metrics.task_kind) has its classes on the last axis, and an output whose
-    rows are distributions over the class axis (a final Softmax) is distilled through its logs ("probs")."""
+    rows are distributions over the class axis (a final Softmax) is distilled through its logs ("probs"), as is a
+    one-channel map with values in [0, 1] (a final Sigmoid: distill.binary_kd_loss)."""
     from .distill import predict
     from .task_metrics import task_kind
     out = predict(graph, {k: v[:4] for k, v in calib.items()})[0]
     axis = out.ndim - 1 if task_kind(out.shape, out) == "ctc" else 1
-    probs = out.ndim > axis and bool(np.min(out) >= 0) and bool(np.allclose(out.sum(axis), 1.0, atol=1e-3))
+    binary = out.ndim > axis and out.shape[axis] == 1            # a one-channel map: probabilities when in [0, 1]
+    probs = out.ndim > axis and bool(np.min(out) >= 0) and (bool(np.max(out) <= 1) if binary else
+                                                            bool(np.allclose(out.sum(axis), 1.0, atol=1e-3)))
     return {"class_axis": axis, "outputs": "probs" if probs else "logits"}
 
 

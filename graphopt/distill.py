@@ -234,6 +234,25 @@ def kd_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, T: float, 
     return kl.mean() * (T * T)
 
 
+def binary_kd_loss(student_out: torch.Tensor, teacher_outs: Sequence[torch.Tensor], T: float,
+                   probs: bool, weights: Sequence[float] | None = None) -> torch.Tensor:
+    """KD for a one-channel map (a detector's probability map, a binary mask): every element is a Bernoulli
+    distribution, so the softmax over a class axis of size one (constant 1, no gradient) becomes the binary KL of
+    the teachers' probabilities at temperature T (averaged with `weights`) and the student's, times T^2. probs: the
+    outputs are probabilities (a final Sigmoid), distilled through their logits."""
+    def logits(out):
+        if not probs:
+            return out
+        p = out.clamp(1e-6, 1 - 1e-6)
+        return torch.log(p) - torch.log1p(-p)
+    w = np.asarray(weights if weights is not None else [1.0] * len(teacher_outs), dtype=np.float64)
+    w = w / w.sum()
+    p = sum(float(wi) * torch.sigmoid(logits(t) / T) for wi, t in zip(w, teacher_outs))
+    z = logits(student_out) / T
+    kl = torch.xlogy(p, p) + torch.xlogy(1 - p, 1 - p) - p * F.logsigmoid(z) - (1 - p) * F.logsigmoid(-z)
+    return kl.mean() * (T * T)
+
+
 def feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, normalize: bool = True,
                  mean_square: torch.Tensor | None = None) -> torch.Tensor:
     """FitNets hint loss: MSE, divided by the teacher feature's mean square when normalize (`mean_square` when
@@ -602,6 +621,10 @@ def distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, l
             if config.kd_weight:
                 kd = 0.0
                 for i in kd_positions:
+                    if s_orig[i].ndim > config.class_axis and s_orig[i].shape[config.class_axis] == 1:
+                        kd = kd + binary_kd_loss(s_orig[i], [to[i] for to in t_outs], T, config.outputs == "probs",
+                                                 config.teacher_weights)
+                        continue
                     target = teacher_targets([_as_logits(to[i], config) for to in t_outs], T, config.class_axis,
                                              config.teacher_label_smoothing, config.teacher_weights, config.ensemble)
                     kd = kd + kd_loss(_as_logits(s_orig[i], config), target, T, config.class_axis)

@@ -252,3 +252,32 @@ def test_probability_outputs_distill_like_their_logits():
         {"class_axis": 1, "outputs": "logits"}
     with pytest.raises(BadInput, match="outputs must be 'logits' or 'probs'"):
         DistillConfig(outputs="softmax").validate()
+
+
+def test_binary_kd_for_one_channel_probability_maps():
+    """A detector's [N, 1, H, W] sigmoid map: softmax over a class axis of size one is constant (no gradient), so
+    distill uses the per-element binary KL: zero when the student equals the teacher, positive otherwise, with a
+    gradient pulling the student's map toward the teacher's (the PP-OCRv4 detector's student collapsed to zero)."""
+    from graphopt.distill import binary_kd_loss
+    torch.manual_seed(0)
+    teacher = torch.sigmoid(torch.randn(2, 1, 8, 8) * 3)
+    assert float(binary_kd_loss(teacher, [teacher], 2.0, probs=True)) == pytest.approx(0.0, abs=1e-5)
+    student = torch.full_like(teacher, 1e-4, requires_grad=True)       # the collapsed map
+    loss = binary_kd_loss(student, [teacher], 1.0, probs=True)
+    loss.backward()
+    assert float(loss) > 0.1
+    assert float((student.grad * (student - teacher)).sum()) > 0        # a step against it moves toward the teacher
+    logits = torch.randn(2, 1, 8, 8)
+    assert float(binary_kd_loss(logits, [logits], 4.0, probs=False)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_one_channel_sigmoid_output_is_distilled_as_probabilities():
+    from graphopt.compress import _output_form
+    from onnx import helper, TensorProto
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Sigmoid", ["c"], ["y"])],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 8, 8])],
+                          [helper.make_tensor("w", TensorProto.FLOAT, [1, 3, 1, 1], [0.5, -1.0, 2.0])])
+    graph = graphopt.load(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    x = {"x": np.random.default_rng(0).normal(size=(4, 3, 8, 8)).astype(np.float32)}
+    assert _output_form(graph, x) == {"class_axis": 1, "outputs": "probs"}
