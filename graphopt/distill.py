@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import adapter_pairs, remove_adapters
+from .allocator import keep_freed_memory
 from .data_checks import check_finite, check_labels, class_count
 from .errors import BadInput, CheckFailed
 from .micro_batching import (DEFAULT_MICRO_BATCH, SlotSum, micro_batches, ordered_sum, owned,
@@ -471,6 +472,7 @@ def distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, l
                        f"{len(teachers)} teachers")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
+    keep_freed_memory()          # each step reuses the last step's memory instead of faulting it in again
 
     device = torch.device(config.device) if config.device else None
     s_tg = TrainableGraph(student)
