@@ -79,7 +79,7 @@ def test_mcpu_choice_from_flags():
     assert pick_mcpu({"sse4_2", "avx2", "fma"}) == "haswell"
     assert pick_mcpu({"sse4_2", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"}) == "skylake-avx512"
     assert pick_mcpu({"sse4_2", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "avx512_vnni",
-                      "avx512_vbmi2"}) == "icelake-server"
+                      "avx512vbmi", "avx512_vbmi2"}) == "icelake-server"      # Ice Lake has VBMI too
     assert pick_mcpu({"sse2"}) == "x86-64"
 
 

@@ -25,7 +25,7 @@ class _Rewriter(LayoutRewriter):
         self.cores = num_cores(target)
         self.vbmi = has_vbmi(target)         # lower-int8's tables: one vpermi2b kernel, else TVM's take
         self.count = {"conv2d": 0, "dwconv2d": 0, "dense": 0, "residual_fused": 0, "maxpool_nhwc": 0, "mean_nhwc": 0,
-                      "table_lookups": 0,
+                      "table_lookups": 0, "table_lookups_graph_layout": 0,
                       "fp32_convs": 0, "fp32_matmuls": 0}
 
     def kernel(self, kind, spec, residual=False):
@@ -213,16 +213,27 @@ class _Rewriter(LayoutRewriter):
 
     def lookup(self, b, blk):
         """take(table[256], index of q) from lower-int8's tables (ONNX Gather(table, Cast(q, int32)), negative
-        indices wrapped by the importer) with q physical: the lookup runs in the physical layout, indexed by the
-        byte of q (s8 values wrap to the table's end, as ONNX's negative indices do)."""
+        indices wrapped by the importer), indexed by the byte of q (s8 values wrap to the table's end, as ONNX's
+        negative indices do): with q physical the lookup runs in the physical layout (VBMI: table_kernel), else
+        on q as the graph has it."""
         from tvm import relax
         v = b.value
         values = const_value(v.args[0])
         if values is None or values.shape != (256,) or str(values.dtype) not in ("uint8", "int8"):
             return None
         q = table_source(blk, v.args[1])
-        p = self.phys.get(q) if q is not None else None
-        if p is None or dtype_of(p.var) not in ("uint8", "int8"):
+        if q is None:
+            return None
+        p = self.phys.get(q)
+        if p is None:                    # q in the graph's layout: the byte indexes directly (no int32 index, no
+            byte = q                     # negative-index wrap, and no take in TVM's "fast" mode, which warns)
+            bl = []
+            if dtype_of(q) == "int8":
+                byte = self.dfvar("byte", shape_of(q), "uint8")
+                bl.append(self.bind(byte, relax.op.astype(q, "uint8")))
+            self.count["table_lookups_graph_layout"] += 1
+            return bl + [self.bind(b.var, relax.op.take(relax.const(values), byte, axis=0, mode="clip"))]
+        if dtype_of(p.var) not in ("uint8", "int8"):
             return None
         shape, odt = shape_of(p.var), str(values.dtype)
         y = self.dfvar("table", shape, odt)

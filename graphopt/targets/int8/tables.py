@@ -34,23 +34,29 @@ def table_kernel(total: int, in_dtype: str, out_dtype: str, cores: int):
     loop = T.parallel if total >= PARALLEL_MIN and cores > 1 else T.serial
     vin, vout = f"{in_dtype}x64", f"{out_dtype}x64"
 
-    def tab(buf, q):      # entries 64q..64q+63 (one expression: a local would be a per-iteration workspace buffer)
+    # helpers called while the script is parsed (one expression each: a local would be a per-iteration buffer)
+    def tab(buf, q):          # table entries 64q .. 64q+63 as one vector
         return T.reinterpret(buf.vload([q * 64], dtype=vout), dtype="int8x64")
+
+    def index(buf, i, dtype):     # the 64 index bytes of step i
+        return T.reinterpret(buf.vload([i * 64], dtype=vin), dtype=dtype)
+
+    def permute(buf, tb, i, q):   # vpermi2b: entries of table quarters q, q+1 picked by the low 7 bits
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(VBMI_PERMUTE), tab(tb, q),
+                                       index(buf, i, "int8x64"), tab(tb, q + 1), dtype="int8x64")
 
     @T.prim_func(s_tir=True)
     def main(X: T.Buffer((total,), in_dtype), Tab: T.Buffer((256,), out_dtype), Y: T.Buffer((total,), out_dtype)):
         T.func_attr({"tirx.noalias": True})
-        with T.sblock("root"):      # a root block: Relax passes over the module (SplitLayoutRewritePreproc) need one
-            for i in loop(nvec):
-                Y[T.ramp(i * 64, 1, 64)] = T.reinterpret(T.Select(
-                    T.reinterpret(X.vload([i * 64], dtype=vin), dtype="uint8x64") >= T.broadcast(T.uint8(128), 64),
-                    T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(VBMI_PERMUTE), tab(Tab, 2),
-                                            T.reinterpret(X.vload([i * 64], dtype=vin), dtype="int8x64"), tab(Tab, 3),
-                                            dtype="int8x64"),
-                    T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(VBMI_PERMUTE), tab(Tab, 0),
-                                            T.reinterpret(X.vload([i * 64], dtype=vin), dtype="int8x64"), tab(Tab, 1),
-                                            dtype="int8x64")), dtype=vout)
-            for j in T.serial(tail):
-                Y[start + j] = Tab[T.Cast("int32", T.reinterpret(X[start + j], dtype="uint8"))]
+        with T.sblock("root"):        # a root block holding one opaque block: what the passes over the whole
+            with T.sblock("lookup"):  # module (SplitLayoutRewritePreproc) expect of every PrimFunc
+                T.reads(X[0:total], Tab[0:256])
+                T.writes(Y[0:total])
+                for i in loop(nvec):
+                    Y[T.ramp(i * 64, 1, 64)] = T.reinterpret(T.Select(
+                        index(X, i, "uint8x64") >= T.broadcast(T.uint8(128), 64),
+                        permute(X, Tab, i, 2), permute(X, Tab, i, 0)), dtype=vout)
+                for j in T.serial(tail):
+                    Y[start + j] = Tab[T.Cast("int32", T.reinterpret(X[start + j], dtype="uint8"))]
 
     return main.with_attr(KERNEL_ATTR, "table_lookup")
