@@ -74,6 +74,7 @@ class CpuTarget(Target):
 
     def lower(self, model: onnx.ModelProto, out_dir: Path, tuning_db: str | None = None) -> dict:
         from .int8 import import_qdq, int8_rewrite_pass
+        from .cpu_layout import nhwc_pass
         from .cpu_schedules import schedule_module
         t0 = time.perf_counter()
         mod = import_qdq(model)
@@ -83,6 +84,8 @@ class CpuTarget(Target):
         if self.precision == "bf16":
             from .bf16 import bf16_rewrite_pass
             passes.append(bf16_rewrite_pass(self.tvm_target()))
+        # the fp32 conv chains the rewrites left go channels-last (cpu_layout)
+        passes.append(nhwc_pass(self.tvm_target()))
         ex = tvm_lowering.build(mod, self.tvm_target(), schedule=schedule_module, tuning_db=tuning_db, passes=passes)
         tvm_lowering.export(ex, Path(out_dir) / self.library)
         facts = {"compile_seconds": round(time.perf_counter() - t0, 3)}

@@ -25,10 +25,10 @@ from __future__ import annotations
 
 from tvm import tirx
 
-from .cpu_sched_common import (MAX_STACK_BYTES, PREPROC, Ctx, TensorLoad, extents, inline_epilogue, int_or_none,
-                               iter_kinds, maybe_parallel, must_vectorize, param_index, read_index,
-                               root_blocks, schedule_injective_block, try_vectorize, uses_var, vectorize_inner,
-                               walk_expr)
+from .cpu_sched_common import (MAX_STACK_BYTES, MAX_UNROLLED_LANES, PREPROC, Ctx, TensorLoad, extents,
+                               inline_epilogue, int_or_none, iter_kinds, maybe_parallel, must_vectorize, param_index,
+                               read_index, root_blocks, schedule_injective_block, try_vectorize, uses_var,
+                               vectorize_inner, walk_expr)
 
 
 def find_conv(sch):
@@ -548,8 +548,12 @@ def schedule_conv_nhwc(sch, ctx: Ctx) -> bool:
     par = sch.fuse(n, y, fo)
     maybe_parallel(sch, par, work, ctx)
     if kind == "depthwise" or KH * KW <= 49 and IC == 1:
-        sch.unroll(ry)
-        sch.unroll(rx)
+        # the window unrolled around the tile, within MAX_UNROLLED_LANES (a 5x5 window over 5 x 48 lanes is not)
+        tile_lanes = ow_bn * oc_bn
+        if KW * tile_lanes <= MAX_UNROLLED_LANES:
+            sch.unroll(rx)
+            if KH * KW * tile_lanes <= MAX_UNROLLED_LANES:
+                sch.unroll(ry)
     sch.unroll(xi)
     sch.unroll(fm)
     must_vectorize(sch, fi)

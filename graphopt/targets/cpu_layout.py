@@ -16,15 +16,17 @@ from __future__ import annotations
 #: the layouts a conv2d is converted to: data NHWC, weights OHWI (a weight row for one output channel is contiguous
 #: in (kh, kw, ic); the conv schedule repacks it into blocks of output channels)
 NHWC_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "OHWI"]}
+NCHW_LAYOUTS = {"relax.nn.conv2d": ["NCHW", "OIHW"]}
 
 
 def to_nhwc(mod, target):
-    """mod with its fp32 conv2d chains in NHWC (see the module docstring); unchanged when it has no fp32 conv2d or
-    already holds scheduled kernels."""
+    """mod with its fp32 conv2d chains in NHWC (see the module docstring); unchanged when it has no fp32 conv2d,
+    already holds scheduled kernels, or has a conv2d_transpose (TVM 0.27 legalizes it only in NCHW, so a decoder
+    would switch layouts around every one: PP-OCRv4's detector ran 56 ms NCHW, 65 NHWC, 1 thread, AMD EPYC)."""
     import tvm
     from tvm import relax
 
-    if not _has_fp32_conv(mod) or _has_scheduled_kernels(mod):
+    if not _has_fp32_conv(mod) or _has_scheduled_kernels(mod) or _has_op(mod, "relax.nn.conv2d_transpose"):
         return mod
     with target:
         mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
@@ -36,19 +38,29 @@ def to_nhwc(mod, target):
     return mod
 
 
-#: convs with fewer output channels stay NCHW: channels-last vectorizes along the output channels
+def nhwc_pass(target):
+    """to_nhwc as the module pass `graphopt.ToNHWC`, for tvm_lowering.build(passes=...) after the int8 / bf16
+    rewrites (whose kernels it leaves alone)."""
+    from .relax_layout import rewrite_pass
+    return rewrite_pass("graphopt.ToNHWC", lambda mod, tgt: (to_nhwc(mod, tgt), {}), target)
+
+
+#: convs go NHWC only when their output channels are a multiple of this: channels-last vectorizes along the output
+#: channels and its schedule has no tile for other counts (EfficientNet-B0's squeeze convs of 4, 6, 10 ... channels
+#: then ran as plain loop nests: 9.8 ms, 7.1 with them NCHW; 1 thread, AMD EPYC)
 MIN_NHWC_CHANNELS = 8
 
 
 def _conv_layout(call) -> dict:
-    """ConvertLayout's per-call choice: NHWC / OHWI for an fp32 conv2d with at least MIN_NHWC_CHANNELS output
-    channels; every other op follows its inputs."""
+    """ConvertLayout's per-call choice: NHWC / OHWI for an fp32 conv2d whose output channels are a multiple of
+    MIN_NHWC_CHANNELS, NCHW / OIHW named for the other fp32 conv2d (with no choice it follows an NHWC input and
+    keeps OIHW weights, a form no schedule rule takes); every other op follows its inputs."""
     if getattr(call.op, "name", None) != "relax.nn.conv2d" or str(getattr(call.ty, "dtype", "")) != "float32":
         return {}
     shape = getattr(call.ty, "shape", None)
     if shape is None or len(shape) != 4 or str(call.attrs.data_layout) != "NCHW":
         return {}
-    return NHWC_LAYOUTS if int(shape[1]) >= MIN_NHWC_CHANNELS else {}
+    return NHWC_LAYOUTS if int(shape[1]) % MIN_NHWC_CHANNELS == 0 else NCHW_LAYOUTS
 
 
 def _calls(mod):
@@ -58,6 +70,10 @@ def _calls(mod):
         if isinstance(f, relax.Function):
             relax.analysis.post_order_visit(f, lambda e: out.append(e) if isinstance(e, relax.Call) else None)
     return out
+
+
+def _has_op(mod, name: str) -> bool:
+    return any(getattr(c.op, "name", None) == name for c in _calls(mod))
 
 
 def _has_fp32_conv(mod) -> bool:

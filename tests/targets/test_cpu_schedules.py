@@ -130,6 +130,14 @@ MODELS = {
 }
 
 
+@pytest.fixture
+def nchw(monkeypatch):
+    """Lower without the channels-last conversion, so the NCHW rules (still used for convs it leaves NCHW: odd channel
+    counts, models with ConvTranspose) get the convs."""
+    from graphopt.targets import cpu_layout
+    monkeypatch.setattr(cpu_layout, "to_nhwc", lambda mod, target: mod)
+
+
 @pytest.fixture(scope="module")
 def model_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("sched_models")
@@ -164,7 +172,7 @@ def _rules(sched):
     return {name: rule for name, (rule, _, _) in sched.items()}
 
 
-def test_conv_rules_parallel_vectorized_and_packed(model_files):
+def test_conv_rules_parallel_vectorized_and_packed(model_files, nchw):
     s = scheduled(model_files["conv_epilogues"])
     convs = {n: v for n, v in s.items() if "conv2d" in n}
     assert len(convs) == 2
@@ -180,7 +188,7 @@ def test_conv_rules_parallel_vectorized_and_packed(model_files):
     assert notes2.count("channels") == 2  # stride 2 and width 7: output channels vectorized
 
 
-def test_epilogue_fused_into_conv_tile(model_files):
+def test_epilogue_fused_into_conv_tile(model_files, nchw):
     s = scheduled(model_files["conv_epilogues"])
     # the second conv's function: conv + bias + residual add + relu
     (name, (rule, script, _)), = [(n, v) for n, v in s.items() if n.count("add") >= 2 and "relu" in n]
@@ -190,7 +198,7 @@ def test_epilogue_fused_into_conv_tile(model_files):
     assert "T.max" in script
 
 
-def test_grouped_and_depthwise_rules(model_files):
+def test_grouped_and_depthwise_rules(model_files, nchw):
     s = scheduled(model_files["grouped_depthwise"])
     rules = sorted(r for n, (r, _, _) in s.items() if "conv2d" in n)
     # wide and narrow groups -> conv rule (narrow: pixels vectorized, channels of one group per tile);
@@ -324,7 +332,7 @@ def _run_prim(lib, func, inputs, fill):
 
 
 @pytest.mark.parametrize("name", list(PAD_MODELS))
-def test_fused_pad_epilogue_writes_every_element(name, tmp_path):
+def test_fused_pad_epilogue_writes_every_element(name, tmp_path, nchw):
     """Each function ending in a Pad, scheduled by its fast rule, writes every output element: run with the output
     buffer pre-filled with NaN and with 7.0, it gives exactly what the unscheduled function gives."""
     make, rule = PAD_MODELS[name]
@@ -442,3 +450,55 @@ def test_long_softmax_rows_are_summed_in_partial_results(tmp_path):
     x64 = x.astype(np.float64)
     e = np.exp(x64 - x64.max(-1, keepdims=True))
     assert np.abs(art.run({"x": x})["y"] - e / e.sum(-1, keepdims=True)).max() < 1e-5
+
+
+def test_conv_chains_run_channels_last(model_files):
+    """By default fp32 convs with a multiple of 8 output channels are lowered NHWC and scheduled by the channels-last
+    rule (weights repacked at compile time)."""
+    s = scheduled(model_files["conv_epilogues"])
+    convs = {n: v for n, v in s.items() if "conv2d" in n}
+    assert len(convs) == 2 and {v[0] for v in convs.values()} == {"conv2d_nhwc"}, _rules(s)
+    assert all("meta_schedule.layout_rewrite_preproc" in v[1] for v in convs.values())
+
+
+def test_wide_depthwise_window_stays_within_unroll_bounds(tmp_path):
+    """A 5x5 depthwise conv over 240 channels (PP-OCRv4's recognizer): its tile (5 pixels x 48 channels) with the whole
+    window unrolled was 6000 elements of straight-line code, over check_vectorized_loops' bound, so the channels-last
+    rule failed and the conv ran as a plain loop nest; the window is now unrolled only as far as the bound allows."""
+    nodes = [conv("x", "w1", "c1", "c1"), conv("c1", "wd", "y", "dw", pads=[2, 2, 2, 2], group=240)]
+    m = model(nodes, [vi("x", [1, 16, 12, 20])], [vi("y", None)],
+              [("w1", rnd(240, 16, 1, 1)), ("w1_b", rnd(240, seed=1)), ("wd", rnd(240, 1, 5, 5, seed=2)),
+               ("wd_b", rnd(240, seed=3))])
+    onnx.save(m, str(tmp_path / "dw.onnx"))
+    s = scheduled(tmp_path / "dw.onnx")
+    notes = [" ".join(v[2]) for v in s.values() if v[0] == "conv2d_nhwc"]
+    assert any("k5x5 depthwise" in n for n in notes), _rules(s)
+    art = graphopt.compile(str(tmp_path / "dw.onnx"), out=tmp_path / "art", measure=False)
+    assert art.report["check"]["ok"], art.report["check"]
+
+
+def test_odd_channel_conv_after_channels_last_chain_is_nchw(tmp_path):
+    """A conv with 60 output channels after an NHWC conv is named NCHW / OIHW explicitly: left to follow its NHWC
+    input it kept OIHW weights, which no conv rule takes (PP-OCRv4's recognizer head ran 6.4 ms as a loop nest)."""
+    nodes = [conv("x", "w1", "c1", "c1"), conv("c1", "w2", "y", "c2", pads=[0, 1, 0, 1], kernel_shape=[1, 3])]
+    m = model(nodes, [vi("x", [1, 16, 1, 40])], [vi("y", None)],
+              [("w1", rnd(64, 16, 1, 1)), ("w1_b", rnd(64, seed=1)), ("w2", rnd(60, 64, 1, 3, seed=2)),
+               ("w2_b", rnd(60, seed=3))])
+    onnx.save(m, str(tmp_path / "odd.onnx"))
+    rules = sorted(r for n, r in _rules(scheduled(tmp_path / "odd.onnx")).items() if "conv2d" in n)
+    assert rules == ["conv2d", "conv2d_nhwc"], rules
+    art = graphopt.compile(str(tmp_path / "odd.onnx"), out=tmp_path / "art", measure=False)
+    assert art.report["check"]["ok"], art.report["check"]
+
+
+def test_models_with_conv_transpose_stay_nchw(tmp_path):
+    """TVM 0.27 legalizes conv2d_transpose only in NCHW: a model with one is lowered NCHW throughout."""
+    nodes = [conv("x", "w1", "c1", "c1", pads=[1, 1, 1, 1]),
+             helper.make_node("ConvTranspose", ["c1", "wt"], ["y"], strides=[2, 2], kernel_shape=[2, 2])]
+    m = model(nodes, [vi("x", [1, 8, 16, 16])], [vi("y", None)],
+              [("w1", rnd(16, 8, 3, 3)), ("w1_b", rnd(16, seed=1)), ("wt", rnd(16, 8, 2, 2, seed=2))])
+    onnx.save(m, str(tmp_path / "ct.onnx"))
+    rules = _rules(scheduled(tmp_path / "ct.onnx"))
+    assert "conv2d_nhwc" not in rules.values() and "conv2d" in rules.values(), rules
+    art = graphopt.compile(str(tmp_path / "ct.onnx"), out=tmp_path / "art", measure=False)
+    assert art.report["check"]["ok"], art.report["check"]
