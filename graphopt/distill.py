@@ -254,6 +254,22 @@ def binary_kd_loss(student_out: torch.Tensor, teacher_outs: Sequence[torch.Tenso
     return kl.mean() * (T * T)
 
 
+def _sigmoid_logit_taps(student: gs.Graph, teachers, student_outputs: list[str], teacher_outputs: list[str]) -> dict:
+    """{kd position: (student tensor, teacher tensor)}: the inputs of the Sigmoids whose results are the output at
+    that position in the student and the (single) teacher."""
+    def sigmoid_input(graph, name):
+        node = next((n for n in graph.nodes if any(o.name == name for o in n.outputs)), None)
+        return node.inputs[0].name if node is not None and node.op == "Sigmoid" else None
+    if len(teachers) != 1:
+        return {}
+    taps = {}
+    for i, (sn, tn) in enumerate(zip(student_outputs, teacher_outputs)):
+        s_in, t_in = sigmoid_input(student, sn), sigmoid_input(teachers[0], tn)
+        if s_in and t_in:
+            taps[i] = (s_in, t_in)
+    return taps
+
+
 def feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, normalize: bool = True,
                  mean_square: torch.Tensor | None = None) -> torch.Tensor:
     """FitNets hint loss: MSE, divided by the teacher feature's mean square when normalize (`mean_square` when
@@ -493,6 +509,12 @@ def distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, l
                            if config.attention_weight and p.channel_axis is not None} |
                           {p.student for p in pairs if p.adapted is None and config.feature_weight})
     t_feat_names = sorted({p.teacher for p in pairs})
+    # one-channel maps out of a final Sigmoid are distilled on the Sigmoid's input: a saturated student map (0.0 after
+    # a prune step) has no gradient through the probabilities, its logits do
+    logit_taps = _sigmoid_logit_taps(student, teachers, [s_tg.output_names[i] for i in s_out_idx],
+                                     t_tgs[0].output_names) if config.outputs == "probs" else {}
+    s_feat_names = sorted(set(s_feat_names) | {sn for sn, _ in logit_taps.values()})
+    t_feat_names = sorted(set(t_feat_names) | {tn for _, tn in logit_taps.values()})
     n_inputs = len(s_tg.input_names)
     for t in t_tgs:
         if len(t.input_names) != n_inputs:
@@ -624,8 +646,12 @@ def distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, l
                 kd = 0.0
                 for i in kd_positions:
                     if s_orig[i].ndim > config.class_axis and s_orig[i].shape[config.class_axis] == 1:
-                        kd = kd + binary_kd_loss(s_orig[i], [to[i] for to in t_outs], T, config.outputs == "probs",
-                                                 config.teacher_weights)
+                        if i in logit_taps:
+                            sn, tn = logit_taps[i]
+                            kd = kd + binary_kd_loss(s_feats[sn], [t_feats[tn]], T, probs=False)
+                        else:
+                            kd = kd + binary_kd_loss(s_orig[i], [to[i] for to in t_outs], T,
+                                                     config.outputs == "probs", config.teacher_weights)
                         continue
                     target = teacher_targets([_as_logits(to[i], config) for to in t_outs], T, config.class_axis,
                                              config.teacher_label_smoothing, config.teacher_weights, config.ensemble)

@@ -281,3 +281,31 @@ def test_one_channel_sigmoid_output_is_distilled_as_probabilities():
     graph = graphopt.load(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
     x = {"x": np.random.default_rng(0).normal(size=(4, 3, 8, 8)).astype(np.float32)}
     assert _output_form(graph, x) == {"class_axis": 1, "outputs": "probs"}
+
+
+def test_saturated_sigmoid_map_recovers_through_its_logits(monkeypatch):
+    """A prune step can leave a detector's map at exactly 0.0 (its Sigmoid saturated): the probabilities carry no
+    gradient there, so distillation of a one-channel Sigmoid output runs on the Sigmoid's input."""
+    import graphopt.distill as distill_module
+    from graphopt.distill import predict
+    from onnx import helper, TensorProto
+
+    def net(bias):
+        g = helper.make_graph(
+            [helper.make_node("Conv", ["x", "w", "b"], ["z"]), helper.make_node("Sigmoid", ["z"], ["y"])], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 8, 8])],
+            [helper.make_tensor("w", TensorProto.FLOAT, [1, 3, 1, 1], [2.0, -1.0, 1.5]),
+             helper.make_tensor("b", TensorProto.FLOAT, [1], [bias])])
+        return graphopt.load(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+
+    teacher, student = net(0.0), net(-30.0)          # sigmoid(-30) ~ 1e-13: below any clamp of the probabilities
+    x = {"x": np.random.default_rng(0).normal(size=(64, 3, 8, 8)).astype(np.float32)}
+    cfg = DistillConfig(outputs="probs", epochs=40, batch_size=16, lr=0.2, feature_weight=0.0, attention_weight=0.0,
+                        temperature=1.0, teacher_label_smoothing=0.0)
+    out, info = distill(student, teacher, x, config=cfg)
+    kd = info["history"]["kd"]
+    assert predict(out, x)[0].max() > 0.5 and kd[-1] < 0.5 * kd[0]      # the map came back
+    monkeypatch.setattr(distill_module, "_sigmoid_logit_taps", lambda *a: {})
+    stuck, _ = distill(student, teacher, x, config=cfg)   # through the probabilities: no gradient, still empty
+    assert predict(stuck, x)[0].max() < 1e-6
