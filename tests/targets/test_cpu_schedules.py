@@ -453,9 +453,9 @@ def test_long_softmax_rows_are_summed_in_partial_results(tmp_path):
 
 
 def test_conv_chains_run_channels_last(model_files):
-    """By default fp32 convs with a multiple of 8 output channels are lowered NHWC and scheduled by the channels-last
-    rule (weights repacked at compile time)."""
-    s = scheduled(model_files["conv_epilogues"])
+    """With layout=nhwc fp32 convs with a multiple of 8 output channels are lowered NHWC and scheduled by the
+    channels-last rule (weights repacked at compile time)."""
+    s = scheduled(model_files["conv_epilogues"], CpuTarget(layout="nhwc"))
     convs = {n: v for n, v in s.items() if "conv2d" in n}
     assert len(convs) == 2 and {v[0] for v in convs.values()} == {"conv2d_nhwc"}, _rules(s)
     assert all("meta_schedule.layout_rewrite_preproc" in v[1] for v in convs.values())
@@ -470,10 +470,11 @@ def test_wide_depthwise_window_stays_within_unroll_bounds(tmp_path):
               [("w1", rnd(240, 16, 1, 1)), ("w1_b", rnd(240, seed=1)), ("wd", rnd(240, 1, 5, 5, seed=2)),
                ("wd_b", rnd(240, seed=3))])
     onnx.save(m, str(tmp_path / "dw.onnx"))
-    s = scheduled(tmp_path / "dw.onnx")
+    s = scheduled(tmp_path / "dw.onnx", CpuTarget(layout="nhwc"))
     notes = [" ".join(v[2]) for v in s.values() if v[0] == "conv2d_nhwc"]
     assert any("k5x5 depthwise" in n for n in notes), _rules(s)
-    art = graphopt.compile(str(tmp_path / "dw.onnx"), out=tmp_path / "art", measure=False)
+    art = graphopt.compile(str(tmp_path / "dw.onnx"), out=tmp_path / "art", measure=False,
+                           target_options={"layout": "nhwc"})
     assert art.report["check"]["ok"], art.report["check"]
 
 
@@ -485,9 +486,11 @@ def test_odd_channel_conv_after_channels_last_chain_is_nchw(tmp_path):
               [("w1", rnd(64, 16, 1, 1)), ("w1_b", rnd(64, seed=1)), ("w2", rnd(60, 64, 1, 3, seed=2)),
                ("w2_b", rnd(60, seed=3))])
     onnx.save(m, str(tmp_path / "odd.onnx"))
-    rules = sorted(r for n, r in _rules(scheduled(tmp_path / "odd.onnx")).items() if "conv2d" in n)
+    rules = sorted(r for n, r in _rules(scheduled(tmp_path / "odd.onnx", CpuTarget(layout="nhwc"))).items()
+                   if "conv2d" in n)
     assert rules == ["conv2d", "conv2d_nhwc"], rules
-    art = graphopt.compile(str(tmp_path / "odd.onnx"), out=tmp_path / "art", measure=False)
+    art = graphopt.compile(str(tmp_path / "odd.onnx"), out=tmp_path / "art", measure=False,
+                           target_options={"layout": "nhwc"})
     assert art.report["check"]["ok"], art.report["check"]
 
 
@@ -498,7 +501,8 @@ def test_models_with_conv_transpose_stay_nchw(tmp_path):
     m = model(nodes, [vi("x", [1, 8, 16, 16])], [vi("y", None)],
               [("w1", rnd(16, 8, 3, 3)), ("w1_b", rnd(16, seed=1)), ("wt", rnd(16, 8, 2, 2, seed=2))])
     onnx.save(m, str(tmp_path / "ct.onnx"))
-    rules = _rules(scheduled(tmp_path / "ct.onnx"))
+    rules = _rules(scheduled(tmp_path / "ct.onnx", CpuTarget(layout="nhwc")))
     assert "conv2d_nhwc" not in rules.values() and "conv2d" in rules.values(), rules
-    art = graphopt.compile(str(tmp_path / "ct.onnx"), out=tmp_path / "art", measure=False)
+    art = graphopt.compile(str(tmp_path / "ct.onnx"), out=tmp_path / "art", measure=False,
+                           target_options={"layout": "nhwc"})
     assert art.report["check"]["ok"], art.report["check"]
