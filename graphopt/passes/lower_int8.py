@@ -29,22 +29,7 @@ from graphopt.graph import constant_value, toposort
 from graphopt.op_traits import traits
 from graphopt.passmanager import Pass, PassResult, register
 
-from .lower_int8_tables import rewrite_tables
-
-
-def _qparams(node: gs.Node):
-    """(scale, zero point) of a Q/DQ node when both are per-tensor constants, else None."""
-    if len(node.inputs) < 2:
-        return None
-    s = constant_value(node.inputs[1])
-    z = constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
-    if s is None or s.size != 1:
-        return None
-    if z is None:
-        z = np.zeros((), np.uint8)
-    if z.size != 1:
-        return None
-    return s, z
+from .lower_int8_tables import qparams as _qparams, rewrite_tables
 
 
 def _same(a, b) -> bool:

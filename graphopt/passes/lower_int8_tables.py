@@ -35,14 +35,24 @@ ELEMENTWISE = frozenset({
 INT8 = (np.dtype(np.uint8), np.dtype(np.int8))
 
 
-def _per_tensor(node: gs.Node) -> bool:
-    """A Q/DQ node whose scale and zero point are constants with one value each."""
+def qparams(node: gs.Node):
+    """(scale, zero point) of a Q/DQ node when both are per-tensor constants (no zero point: u8 zero), else None."""
     if len(node.inputs) < 2:
-        return False
+        return None
     s = constant_value(node.inputs[1])
-    z = constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else np.zeros(())
-    return s is not None and z is not None and s.size == 1 and z.size == 1 \
-        and not node.attrs.get("block_size", 0)
+    z = constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+    if s is None or s.size != 1:
+        return None
+    if z is None:
+        z = np.zeros((), np.uint8)
+    if z.size != 1:
+        return None
+    return s, z
+
+
+def _per_tensor(node: gs.Node) -> bool:
+    """A Q/DQ node whose scale and zero point are constants with one value each (not blocked)."""
+    return qparams(node) is not None and not node.attrs.get("block_size", 0)
 
 
 def _out_dtype(q: gs.Node) -> np.dtype:

@@ -7,6 +7,7 @@ rewrite leaves TVM's take (correct, scalar)."""
 from __future__ import annotations
 
 from .intrinsics import KERNEL_ATTR
+from .target_facts import x86_features
 
 VBMI_PERMUTE = "llvm.x86.avx512.vpermi2var.qi.512"
 LANES = 64
@@ -15,13 +16,7 @@ PARALLEL_MIN = 1 << 15      # values: below this one thread does the whole table
 
 def has_vbmi(target) -> bool:
     """Whether the target's code may use AVX-512 VBMI (vpermi2b): its mcpu's or mattr's features."""
-    from .. import x86_isa
-    if target is None or str(target.kind.name) != "llvm":
-        return False
-    mtriple = str(target.attrs.get("mtriple", ""))
-    if mtriple and not any(a in mtriple for a in ("x86_64", "i686", "amd64")):
-        return False
-    return "vbmi" in x86_isa.features(str(target.attrs.get("mcpu", "")), target.attrs.get("mattr", []))
+    return "vbmi" in (x86_features(target) or ())
 
 
 def table_kernel(total: int, in_dtype: str, out_dtype: str, cores: int):

@@ -32,10 +32,18 @@ def int8_dot(target) -> str | None:
         return None
     if _is_aarch64(target):
         return "usdot" if _has_i8mm(target) else None
+    feats = x86_features(target)
+    return None if feats is None else x86_isa.int8_dot(feats)
+
+
+def x86_features(target) -> set[str] | None:
+    """graphopt's x86 features (x86_isa) of an LLVM target's mcpu and mattr; None for a target that is not x86."""
+    if target is None or str(target.kind.name) != "llvm":
+        return None
     mtriple = str(target.attrs.get("mtriple", ""))
     if mtriple and not any(a in mtriple for a in ("x86_64", "i686", "amd64")):
         return None
-    return x86_isa.int8_dot(x86_isa.features(str(target.attrs.get("mcpu", "")), target.attrs.get("mattr", [])))
+    return x86_isa.features(str(target.attrs.get("mcpu", "")), target.attrs.get("mattr", []))
 
 
 def num_cores(target) -> int:
