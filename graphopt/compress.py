@@ -91,6 +91,10 @@ class Schedule:
     hint_align: bool = True              # rotate the hint onto the student's features (orthogonal Procrustes)
     hint_weight: float = 3.0             # of the PCA hint's MSE relative to the hint's variance (see pca_hint_teacher)
     narrow_round_to: bool = True         # pick round_to from the layer widths when the pipeline does not set it
+    criterion: str = "activation"        # prune-channels' criterion where the pipeline does not set one: compress
+    #                                      always has data, and l1 (the data-free default) removes channels whose
+    #                                      small weights hide a large folded bias (PP-OCRv4's recognizer lost 17% of
+    #                                      its decoded frames to 4 of 480 such channels; activation: none)
     min_widths: int = 8                  # ... so that a layer has at least this many widths to choose from
     adapter_options: dict = field(default_factory=dict)   # options of the insert-adapters pass
     hint_samples: int = 4096             # training examples for the hint's principal components and alignment
@@ -663,7 +667,7 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
             post.append(p)
             continue
         if p.name == "prune-channels":
-            extra = {}
+            extra = {} if "criterion" in p.given else {"criterion": s.criterion}
             if "round_to" not in p.given and s.narrow_round_to:
                 extra["round_to"] = _auto_round_to(graph, ctx, s)
                 round_to_used[p.text()] = extra["round_to"]

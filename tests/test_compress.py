@@ -91,6 +91,8 @@ def test_schedule_light_then_fine_then_fine_tune(runs):
     macs = [h["macs"] for h in info["history"]]
     assert macs == sorted(macs, reverse=True)
     assert info["round_to"] == {"prune-channels{flops=0.5}": 2}      # 16/32-channel layers: fine steps
+    prunes = [p for p in info["passes"] if p["pass"].startswith("prune-channels")]
+    assert prunes and all("criterion=activation" in p["pass"] for p in prunes)   # compress has data: not l1
 
 
 def test_accuracy_and_distillation_beats_plain_fine_tuning(runs):

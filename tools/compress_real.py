@@ -117,7 +117,7 @@ def make_data(model: str, n_train: int, n_eval: int, page: int, seed: int) -> tu
 def run_compress(model_path: Path, name: str, shape: tuple, train: Path, eval_: Path, out: Path, args) -> dict:
     """The CLI run, progress streamed to stderr; its JSON report with wall and CPU seconds added."""
     cmd = [GRAPHOPT, "compress", str(model_path), "--train", str(train), "--eval", str(eval_),
-           "--pipeline", f"cleanup,prune-channels{{flops={args.flops}}}", "--epochs", str(args.epochs),
+           "--pipeline", f"cleanup,prune-channels{{flops={args.flops},criterion={args.criterion}}}", "--epochs", str(args.epochs),
            "--batch-size", str(args.batch_size), "--micro-batch", str(args.batch_size), "--lr", str(args.lr),
            "--threads", str(args.threads), "--input-shape", f"{name}=" + ",".join(map(str, shape)),
            "-o", str(out), "--json"]
@@ -183,6 +183,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--lr", type=float)
     ap.add_argument("--flops", type=float, default=0.5, help="prune-channels MACs budget (kept fraction)")
+    ap.add_argument("--criterion", default="activation", help="prune-channels' importance criterion")
     ap.add_argument("--threads", type=int, default=1, help="torch threads while training (1 on a busy machine)")
     ap.add_argument("--page-size", type=int, default=320, help="ppocr-det: page side in pixels")
     ap.add_argument("--seed", type=int, default=0)

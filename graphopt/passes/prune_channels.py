@@ -51,11 +51,11 @@ from graphopt.text_table import table
 from graphopt import channel_groups as cg
 
 from .prune_cost import CostModel, total_macs
-from .prune_importance import bn_scale_ranking, dead_units, magnitude_scores, taylor_scores
+from .prune_importance import activation_scores, bn_scale_ranking, dead_units, magnitude_scores, taylor_scores
 from .prune_oracle import verify_removal
 from .prune_removal import Plan, apply_removal
 
-CRITERIA = ("l1", "l2", "bn_scale", "taylor", "random", "dead")
+CRITERIA = ("l1", "l2", "bn_scale", "activation", "taylor", "random", "dead")
 #: ops of a quantized graph: the pass refuses such graphs (prune first, then quantize)
 QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger")
 CALIBRATION_TOL = 0.05      # latency budgets: measured fraction within 5% (relative) of the budget ends calibration
@@ -97,8 +97,9 @@ class PruneChannels(Pass):
     lossy = True
     report_name = "pruning"
     options = {
-        "criterion": Option(str, "l1", "importance: l1, l2, bn_scale, taylor, random, or dead (exact: only "
-                                       "provably zero channels)", choices=CRITERIA),
+        "criterion": Option(str, "l1", "importance: l1, l2, bn_scale, activation (a channel's mean square "
+                                       "at its consumers times their weights, on data), taylor, random, or dead "
+                                       "(exact: only provably zero channels)", choices=CRITERIA),
         "ratio": Option(float, 0.0, "fraction of the prunable channels to remove (0: no channel budget)"),
         "flops": Option(float, 1.0, "fraction of the MACs to keep (0 < flops <= 1)"),
         "params": Option(float, 1.0, "fraction of the weights to keep (0 < params <= 1)"),
@@ -332,6 +333,10 @@ class PruneChannels(Pass):
             return np.random.default_rng(seed).random(g.n_units), None
         if crit == "bn_scale":
             return bn_scale_ranking(g, cand)
+        if crit == "activation":       # forward passes only: more samples than taylor's for the same cost
+            runs, data_note = _feeds_list(graph, ctx.data, seed, limit=max(16, self.opts["samples"]))
+            return activation_scores(graph, g, runs), f"activation: {len(runs)} sample(s)" + (
+                f"; {data_note}" if data_note else "")
         runs, data_note = _feeds_list(graph, ctx.data, seed, limit=self.opts["samples"])
         s, how = taylor_scores(graph, g, [k for k in range(g.n_units) if cand[k]], runs)
         return s, how + (f"; {data_note}" if data_note else "")

@@ -67,7 +67,7 @@ def test_recurrent_models_prune_after_decompose_rnn(zoo_onnx, name):
     assert rec["info"]["oracle_max_error"] < 1e-5
 
 
-@pytest.mark.parametrize("criterion", ["l2", "bn_scale", "random", "taylor"])
+@pytest.mark.parametrize("criterion", ["l2", "bn_scale", "random", "taylor", "activation"])
 @pytest.mark.parametrize("name", ["resnet", "mobilenet_v3", "densenet", "inception", "resnext", "shufflenet",
                                   "vit", "convnext", "yolo", "unet", "cnn_digits", "mlp_digits"])
 def test_oracle_for_every_criterion(zoo_onnx, name, criterion):
@@ -79,7 +79,7 @@ def test_oracle_for_every_criterion(zoo_onnx, name, criterion):
 
 
 @pytest.mark.parametrize("name", EXTRA)
-@pytest.mark.parametrize("criterion", ["l1", "taylor"])
+@pytest.mark.parametrize("criterion", ["l1", "taylor", "activation"])
 def test_oracle_on_structural_cases(zoo_onnx, pm_onnx, name, criterion):
     g = _model(zoo_onnx, pm_onnx, name)
     res, rec = _run(g, f"prune-channels{{criterion={criterion},flops=0.6,samples=1}}", PassContext(verify="structural"))
@@ -304,6 +304,40 @@ def test_ignore_keeps_named_layers(zoo_onnx):
     res, rec = _run(g, f"prune-channels{{flops=0.5,ignore={format_value([keep])}}}")
     assert rec["info"]["layers"][keep] == [16, 16]
     assert any("ignored" in why for f in rec["info"]["frozen"] for why in f["why"])
+
+
+def _bias_channel_graph():
+    """conv a (4 channels) -> Relu -> conv b: channel 0 of a has tiny weights but a large bias (a folded
+    BatchNorm's shift), so it carries a large constant that b reads with small weights; channels 1-3 have larger
+    weights and no bias but see an input of small amplitude."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    wa = rng.normal(0, 0.5, (4, 1, 3, 3)).astype(np.float32)
+    wa[0] *= 0.01
+    ba = np.array([5.0, 0, 0, 0], np.float32)
+    wb = rng.normal(0, 0.5, (2, 4, 1, 1)).astype(np.float32)
+    wb[:, 0] = 0.05
+    inits = [numpy_helper.from_array(v, n) for v, n in ((wa, "wa"), (ba, "ba"), (wb, "wb"))]
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["a"], "a", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"], "relu"),
+             helper.make_node("Conv", ["r", "wb"], ["y"], "b")]
+    graph = helper.make_graph(nodes, "bias_channel", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 8, 8])], inits)
+    return graphopt.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_activation_keeps_the_channel_that_carries_a_large_constant():
+    x = np.random.default_rng(1).normal(0, 0.1, (16, 1, 1, 8, 8)).astype(np.float32)
+    kept = {}
+    for crit in ("l1", "activation"):
+        res, rec = _run(_bias_channel_graph(), f"prune-channels{{criterion={crit},ratio=0.25,round_to=1}}",
+                        PassContext(data={"calib": {"x": x}}))
+        kept[crit] = constant_value(_node(res.graph, "a").inputs[2]).tolist()
+        assert rec["info"]["oracle_max_error"] < 1e-5
+    assert 5.0 not in kept["l1"]              # l1 sees only the small weights and drops the constant channel
+    assert 5.0 in kept["activation"]          # activation measures what the channel feeds b: the largest
+    assert rec["info"]["notes"][0].startswith("activation: 16 sample")
 
 
 def test_taylor_uses_given_data(zoo_onnx):
