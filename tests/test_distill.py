@@ -271,6 +271,26 @@ def test_binary_kd_for_one_channel_probability_maps():
     assert float(binary_kd_loss(logits, [logits], 4.0, probs=False)) == pytest.approx(0.0, abs=1e-5)
 
 
+def test_binary_kd_weighs_the_few_positives_as_much_as_the_background():
+    """A page where text covers 2% of the map: with a plain mean, the empty map (everything background) costs
+    little; balanced (the default) gives positives and negatives half the loss each, so the empty map costs as much
+    as mislabelling half the elements, and more than a map that keeps the text and misses some background."""
+    from graphopt.distill import binary_kd_loss
+    z = torch.full((1, 1, 50, 50), -8.0)
+    z[0, 0, :5, :10] = 8.0                                  # 50 of 2500 positives
+    empty = torch.full_like(z, -8.0)
+    noisy = z.clone()
+    noisy[0, 0, 20:30, :10] = 8.0                           # 100 false positives, every text element kept
+    plain_empty = float(binary_kd_loss(empty, [z], 1.0, probs=False, balanced=False))
+    bal_empty = float(binary_kd_loss(empty, [z], 1.0, probs=False))
+    bal_noisy = float(binary_kd_loss(noisy, [z], 1.0, probs=False))
+    assert bal_empty > 20 * plain_empty
+    assert bal_empty > 10 * bal_noisy
+    assert float(binary_kd_loss(z, [z], 1.0, probs=False)) == pytest.approx(0.0, abs=1e-3)
+    only_bg = torch.full_like(z, -8.0)                      # no positive at all: the plain mean
+    assert float(binary_kd_loss(only_bg, [only_bg], 1.0, probs=False)) == pytest.approx(0.0, abs=1e-3)
+
+
 def test_one_channel_sigmoid_output_is_distilled_as_probabilities():
     from graphopt.compress import _output_form
     from onnx import helper, TensorProto
