@@ -162,35 +162,47 @@ def find_chain(q: gs.Node, consumers: dict) -> tuple[gs.Tensor, list[gs.Node]] |
         boundary.update(inner_q)
 
 
-def table(src: gs.Tensor, chain: list[gs.Node], sink: gs.Node, order: dict, opset: int) -> np.ndarray:
-    """The chain (closed by sink) evaluated by onnxruntime (no graph optimizations) on all 256 values of src's
-    type, indexed by the value's byte (u8: the value; s8: the value mod 256)."""
+def tables(chains: list[tuple[gs.Tensor, list[gs.Node], gs.Node]], order: dict, opset: int) -> list[np.ndarray]:
+    """Every chain (src, nodes, closing QuantizeLinear) evaluated by onnxruntime (no graph optimizations) on all 256
+    values of its src's type, indexed by the value's byte (u8: the value; s8: the value mod 256): one model holding
+    every chain side by side, one session (a session per chain cost ~0.5 s per quantized compile)."""
     from graphopt import ort
-    dtype = _int8_dtype(src)
-    values = np.arange(256, dtype=np.uint8).view(dtype)
-    x = gs.Variable("lut_in", dtype=dtype, shape=[256])
-    mapping = {src.name: x}
+    if not chains:
+        return []
+    consts: dict[str, gs.Constant] = {}
+    nodes, inputs, outputs, feeds = [], [], [], {}
+    for i, (src, chain, sink) in enumerate(chains):
+        dtype = _int8_dtype(src)
+        x = gs.Variable(f"lut_in_{i}", dtype=dtype, shape=[256])
+        inputs.append(x)
+        feeds[x.name] = np.arange(256, dtype=np.uint8).view(dtype)
+        mapping = {src.name: x}
 
-    def tensor(t):
-        if t.name not in mapping:
-            mapping[t.name] = gs.Constant(t.name, np.asarray(t.values)) if isinstance(t, gs.Constant) \
-                else gs.Variable(t.name, dtype=t.dtype)
-        return mapping[t.name]
+        def tensor(t, i=i, mapping=mapping):
+            if isinstance(t, gs.Constant):
+                return consts.setdefault(t.name, gs.Constant(t.name, np.asarray(t.values)))
+            if t.name not in mapping:              # chains are disjoint, but two may read the same src
+                mapping[t.name] = gs.Variable(f"{t.name}/lut_{i}", dtype=t.dtype)
+            return mapping[t.name]
 
-    nodes = []
-    for n in sorted(chain, key=lambda n: order[id(n)]):
-        nodes.append(gs.Node(n.op, n.name, attrs=dict(n.attrs), inputs=[tensor(i) if i.name else gs.Variable.empty()
-                                                                         for i in n.inputs],
-                             outputs=[tensor(o) for o in n.outputs]))
-    out = mapping[sink.outputs[0].name]
-    out.dtype = _out_dtype(sink)
-    g = gs.Graph(nodes=nodes, inputs=[x], outputs=[out], opset=opset)
+        for n in sorted(chain, key=lambda n: order[id(n)]):
+            nodes.append(gs.Node(n.op, f"{n.name}/lut_{i}", attrs=dict(n.attrs),
+                                 inputs=[tensor(t) if t.name else gs.Variable.empty() for t in n.inputs],
+                                 outputs=[tensor(o) for o in n.outputs]))
+        out = mapping[sink.outputs[0].name]
+        out.dtype = _out_dtype(sink)
+        outputs.append(out)
+    g = gs.Graph(nodes=nodes, inputs=inputs, outputs=outputs, opset=opset)
     model = gs.export_onnx(g.cleanup())
     model.ir_version = min(model.ir_version, 9)
-    res = ort.run(model, {"lut_in": values})[out.name].reshape(-1)
-    if res.size != 256:
-        raise ValueError(f"chain ending at {sink.name} gave {res.size} values for 256 inputs")
-    return res
+    res = ort.run(model, feeds)
+    values = []
+    for out, (_, _, sink) in zip(outputs, chains):
+        v = res[out.name].reshape(-1)
+        if v.size != 256:
+            raise ValueError(f"chain ending at {sink.name} gave {v.size} values for 256 inputs")
+        values.append(v)
+    return values
 
 
 def rewrite_tables(graph: gs.Graph) -> int:
@@ -202,7 +214,7 @@ def rewrite_tables(graph: gs.Graph) -> int:
     for t in graph.outputs:                      # a graph output is read outside every chain
         consumers.setdefault(t.name, []).append(graph)
     order = {id(n): i for i, n in enumerate(graph.nodes)}
-    done, absorbed = 0, set()
+    absorbed, chains = set(), []
     for q in reversed([n for n in graph.nodes if n.op == "QuantizeLinear"]):     # the longest chains first
         if id(q) in absorbed or not q.outputs:
             continue
@@ -211,7 +223,9 @@ def rewrite_tables(graph: gs.Graph) -> int:
             continue
         src, chain = found
         absorbed.update(id(n) for n in chain)
-        values = table(src, chain, q, order, graph.opset)
+        chains.append((src, chain, q))
+    done = 0
+    for (src, chain, q), values in zip(chains, tables(chains, order, graph.opset)):
         if _int8_dtype(src) == values.dtype and np.array_equal(values, np.arange(256, dtype=np.uint8).view(values.dtype)):
             continue                             # the identity: nothing to gain
         out = q.outputs[0]
