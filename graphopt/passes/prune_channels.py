@@ -114,6 +114,10 @@ class PruneChannels(Pass):
                                   minimum=0.0, maximum=1.0),
         "round_to": Option(int, 0, "kept channel counts are multiples of this where a layer is wider "
                                    "(0: the target's channel step, hw.structure.channels)", minimum=0),
+        "min_widths": Option(int, 0, "per-layer steps: a layer's kept counts are multiples of the largest power of "
+                                     "two <= round_to that still leaves it this many widths to choose from (wide "
+                                     "layers snap to the vector width, narrow ones keep fine steps; 0: round_to "
+                                     "everywhere)", minimum=0),
         "ignore": Option(list, [], "node names whose channels are never pruned"),
         "only": Option(list, [], "prune only the channel groups these nodes produce (empty: every group)"),
         "allocation": Option(str, "ranking", "how the budget is spread over layers: ranking (the importance "
@@ -354,8 +358,19 @@ class PruneChannels(Pass):
         """A layer's allowed kept counts, largest first: multiples of round_to (_allowed), or with a latency budget
         and round_to=0 the counts the latency table says are worth having (prune_latency.LatencyCost.counts)."""
         snap = cost.latency_budget and not self.opts["round_to"]
-        allowed = self._allowed(len(lay.units), len(ids), 1 if snap else round_to, self.opts["max_layer_ratio"])
+        step = 1 if snap else self._layer_step(len(lay.units), round_to, self.opts["min_widths"])
+        allowed = self._allowed(len(lay.units), len(ids), step, self.opts["max_layer_ratio"])
         return cost.latency.counts(g, ids, allowed) if snap else allowed
+
+    @staticmethod
+    def _layer_step(n: int, round_to: int, min_widths: int) -> int:
+        """round_to, or with min_widths the largest power of two <= round_to leaving n // step >= min_widths."""
+        if not min_widths:
+            return round_to
+        step = 1
+        while step * 2 <= round_to and n // (step * 2) >= min_widths:
+            step *= 2
+        return step
 
     @staticmethod
     def _allowed(n: int, n_cand: int, round_to: int, max_ratio: float | None) -> list[int]:
@@ -387,7 +402,9 @@ class PruneChannels(Pass):
             rounding += self._counts(g, lay, ids, round_to, cost)[-1] - capped
         counts[f"max_layer_ratio={max_ratio:g}"] = ratio
         snap = cost.latency_budget and not self.opts["round_to"]
-        counts["narrower counts are not faster (latency table)" if snap else f"round_to={round_to}"] = rounding
+        counts["narrower counts are not faster (latency table)" if snap else
+               f"round_to={round_to}" + (f", min_widths={self.opts['min_widths']}" if self.opts["min_widths"] else "")
+               ] = rounding
         counts["a layer keeps at least one channel"] = one
         return [{"channels": n, "why": why} for why, n in counts.items() if n]
 

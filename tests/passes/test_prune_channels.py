@@ -340,6 +340,20 @@ def test_activation_keeps_the_channel_that_carries_a_large_constant():
     assert rec["info"]["notes"][0].startswith("activation: 16 sample")
 
 
+def test_min_widths_gives_each_layer_its_own_step(zoo_onnx):
+    """min_widths=8: a layer's step is the largest power of two <= round_to leaving it 8 widths (96 channels: 8,
+    16 channels: 2), so wide layers land on vector multiples and narrow ones still have choices."""
+    assert [pc.PruneChannels._layer_step(n, 16, 8) for n in (8, 16, 24, 48, 96, 240)] == [1, 2, 2, 4, 8, 16]
+    assert pc.PruneChannels._layer_step(240, 16, 0) == 16
+    res, rec = _run(graphopt.load(zoo_onnx("mobilenet_v3")), "prune-channels{flops=0.5,min_widths=8}")
+    assert rec["info"]["oracle_max_error"] < 1e-5 and rec["info"]["budget_met"]
+    changed = [(b, a) for b, a in rec["info"]["layers"].values() if a != b]
+    assert changed
+    for b, a in changed:
+        assert a % pc.PruneChannels._layer_step(b, 16, 8) == 0, (b, a)
+    assert any(a % 16 for b, a in changed), "narrow layers keep finer steps than round_to"
+
+
 def test_taylor_uses_given_data(zoo_onnx):
     g = graphopt.load(zoo_onnx("cnn_digits"))
     x = np.random.default_rng(0).random((6, 1, 8, 8)).astype(np.float32)
