@@ -353,6 +353,16 @@ def _output_form(graph: gs.Graph, calib: dict) -> dict:
     return {"class_axis": axis, "outputs": "probs" if probs else "logits"}
 
 
+def _temperature_cap(original, calib: dict, config) -> float:
+    """distill.useful_temperature of the original's first output on up to 16 calibration examples (one-channel
+    maps have no class axis to soften: no cap)."""
+    from .distill import predict, useful_temperature
+    out = predict(original, {k: v[:16] for k, v in calib.items()})[0]
+    if out.ndim <= config.class_axis or out.shape[config.class_axis] < 2:
+        return float("inf")
+    return useful_temperature(out, config.class_axis, config.outputs == "probs")
+
+
 def _fit_memory(original, config, train, max_memory, notice, student=None):
     """(config with a micro-batch whose estimated peak fits the memory budget, the figures for the report). The
     student is `original` unless given (the fake-quantized graph of QAT)."""
@@ -461,7 +471,7 @@ def compress(original: gs.Graph, train, pipeline, labels=None, eval_data=None, e
 def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, lr, seed, log, distill_config,
               distributed, distill, schedule, eval_labels, progress, micro_batch, checkpoint_dir, resume,
               checkpoint_every_s, max_memory, notice, after_training):
-    from .distill import DistillConfig, distill as run_distill
+    from .distill import DistillConfig, capped_temperature, distill as run_distill
     from .evaluate import channels_per_layer
 
     t_start = time.perf_counter()
@@ -511,6 +521,10 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
                                            micro_batch=micro_batch)
     if distill_config is None:
         base = replace(base, **_output_form(original, calib))
+    t_cap = _temperature_cap(original, calib, base)
+    if t_cap < s.light_temperature:
+        log(f"compress: distillation temperatures capped at {t_cap:.2f} (above it the original's soft targets put "
+            f"under half their mass on its top class)")
     base.validate()
     if distill_config is not None and lr is not None:
         base = replace(base, lr=lr)
@@ -573,6 +587,7 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
                 mode = "adapters" if mode == "hint" else mode
         # eval_samples=0: distill's metrics on the training data (student and teacher run over up to 2048 training
         # examples after every phase) are not used here; on PP-OCRv4's recognizer they took most of each phase
+        temperature = capped_temperature(temperature, t_cap)
         cfg = replace(config or base, epochs=n_epochs, temperature=temperature, feature_weight=0.0,
                       attention_weight=0.0, eval_samples=0)
         adapters = False
@@ -739,6 +754,7 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
             "passes": [_pass_summary(rec) for rec in records],
             "seconds": round(time.perf_counter() - t_start, 1)}
     info["memory"] = memory
+    info["temperature_cap"] = None if t_cap == float("inf") else round(t_cap, 2)
     if quantization is not None:
         info["quantization"] = quantization
     if dist_info is not None:

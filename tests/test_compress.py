@@ -86,6 +86,7 @@ def test_schedule_light_then_fine_then_fine_tune(runs):
     assert phases[0] == "prune-light" and phases[-1] == "fine-tune"
     assert set(phases[1:-1]) == {"prune-fine"}
     assert info["history"][0]["features"] == "none" and info["history"][0]["temperature"] == 8.0
+    assert info["temperature_cap"] > 8.0            # 10 confident classes: the schedule's temperatures stand
     assert all(h["features"] != "none" for h in info["history"][1:])
     assert sum(h["epochs"] for h in info["history"]) == EPOCHS
     macs = [h["macs"] for h in info["history"]]

@@ -271,6 +271,28 @@ def test_binary_kd_for_one_channel_probability_maps():
     assert float(binary_kd_loss(logits, [logits], 4.0, probs=False)) == pytest.approx(0.0, abs=1e-5)
 
 
+def test_useful_temperature_keeps_the_top_class_visible():
+    """Many classes: a high temperature flattens the targets to uniform, so the cap is low; few confident
+    classes: no cap below the schedule's 8; probabilities are read through their logs."""
+    from graphopt.distill import capped_temperature, useful_temperature
+    rng = np.random.default_rng(0)
+    many = rng.normal(0, 1, (64, 6625))
+    many[np.arange(64), rng.integers(0, 6625, 64)] += 25.0              # confident, 6625 classes
+    few = rng.normal(0, 1, (64, 10))
+    few[np.arange(64), rng.integers(0, 10, 64)] += 25.0
+    cap_many, cap_few = useful_temperature(many, 1, False), useful_temperature(few, 1, False)
+    assert 1.0 <= cap_many < 4.0 < 8.0 < cap_few
+    z = many / 4.0
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    assert useful_temperature(p, 1, True) == pytest.approx(useful_temperature(z, 1, False), rel=1e-3)
+    assert useful_temperature(np.zeros((4, 100)), 1, False) == 1.0    # uniform already: T=1
+    top = 1.0 / np.exp((many - many.max(1, keepdims=True)) / cap_many).sum(1)
+    assert np.mean(top) == pytest.approx(0.2, abs=1e-3)
+    assert capped_temperature(8.0, 2.5) == 2.5
+    assert capped_temperature(((0.5, 4.0, 2.0), (1.0, 2.0, 1.0)), 2.5) == ((0.5, 2.5, 2.0), (1.0, 2.0, 1.0))
+
+
 def test_binary_kd_weighs_the_few_positives_as_much_as_the_background():
     """A page where text covers 2% of the map: with a plain mean, the empty map (everything background) costs
     little; balanced (the default) gives positives and negatives half the loss each, so the empty map costs as much
