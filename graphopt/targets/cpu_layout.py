@@ -8,6 +8,10 @@ depthwise convs and pooling windows alike) instead of along the width.
 Before the conversion two forms the importer emits are turned into Relax ops ConvertLayout can carry, so that they
 do not cut a chain in two: Clip (the ONNX importer emits call_tir kernels max(x, lo) / min(x, hi)) and relax.clip
 (no layout rule in TVM 0.27) both become relax maximum / minimum with the same operand order TVM computes them in.
+Two ops whose TVM 0.27 layout rules fail whatever the layouts asked for are rewritten into equivalents: a squeeze's
+negative axes are counted from the front (the rule dies with std::bad_alloc on a negative axis: Silero VAD's
+`squeeze(x, axis=[-1])` after its conv1d stack), and stack becomes a concat of expand_dims (the rule fails on any
+use of the stacked tensor: "Invalid SLayout" in DNSMOS, openWakeWord's embedding and Magika).
 
 Modules with kernels already scheduled (the int8 and bf16 rewrites keep their own NHWC layout) are left as they
 are."""
@@ -31,7 +35,7 @@ def to_nhwc(mod, target):
     with target:
         mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
                                         relax.transform.FoldConstant()])(mod)
-        mod = _lift_minmax(mod)
+        mod = _layout_ready_ops(mod)
         mod = tvm.transform.Sequential([relax.transform.ConvertLayout({}, _conv_layout),
                                         relax.transform.CanonicalizeBindings(),
                                         relax.transform.FoldConstant()])(mod)
@@ -161,13 +165,37 @@ def _full_rank_constants(call):
     return relax.Call(call.op, args, call.attrs)
 
 
+def _nonnegative_squeeze_axes(call):
+    """relax.squeeze with its negative axes counted from the front (see the module docstring)."""
+    from tvm import relax
+    axes, rank = call.attrs.axis, int(getattr(call.args[0].ty, "ndim", -1))
+    if axes is None or rank < 0 or all(int(a) >= 0 for a in axes):
+        return call
+    return relax.op.squeeze(call.args[0], axis=[int(a) % rank for a in axes])
+
+
+def _stack_as_concat(call):
+    """relax.stack(xs, axis) as concat([expand_dims(x, axis) ...], axis): the same values (see the module
+    docstring)."""
+    from tvm import relax
+    xs = call.args[0]
+    if not isinstance(xs, relax.Tuple) or call.attrs.axis is None:
+        return call
+    rank = int(getattr(xs.fields[0].ty, "ndim", -1)) + 1 if len(xs.fields) else 0
+    if rank < 1:
+        return call
+    axis = int(call.attrs.axis) % rank
+    return relax.op.concat([relax.op.expand_dims(x, axis) for x in xs.fields], axis=axis)
+
+
 def _number(prim_value) -> float:
     v = prim_value.value
     return float(getattr(v, "value", v))
 
 
-def _lift_minmax(mod):
-    """call_tir(max/min against a scalar) and relax.clip -> relax.maximum / relax.minimum (see the docstring)."""
+def _layout_ready_ops(mod):
+    """call_tir(max/min against a scalar) and relax.clip -> relax.maximum / relax.minimum, constant operands of
+    binary ops to full rank, squeeze axes non-negative, stack as concat (see the module docstring)."""
     import tvm
     from tvm import relax
 
@@ -198,6 +226,10 @@ def _lift_minmax(mod):
                 dt = str(x.ty.dtype)
                 # topi.clip computes max(min(x, hi), lo)
                 return relax.op.maximum(relax.op.minimum(x, relax.const(_number(hi), dt)), relax.const(_number(lo), dt))
+            if getattr(new.op, "name", None) == "relax.squeeze":
+                return _nonnegative_squeeze_axes(new)
+            if getattr(new.op, "name", None) == "relax.stack":
+                return _stack_as_concat(new)
             return new
 
     for gv, f in list(mod.functions.items()):
