@@ -40,6 +40,38 @@ def test_float64_arbiter_rejects_a_wrong_library(zoo_onnx, tmp_path):
     assert verdict["fp64_error_graphopt"] > 100 * verdict["fp64_error_onnxruntime"] > 0
 
 
+def test_float64_arbiter_reads_softmax_and_sigmoid_outputs_as_logits():
+    """A Softmax output taken back to centred log-probabilities recovers the logits' differences (so a near-tie,
+    where the output error is largest, no longer decides the check); a Sigmoid's output its logit; the outputs
+    that have such a producer are found, a Softmax before opset 13 only over the last axis."""
+    from onnx import TensorProto, helper
+    from graphopt import api
+    from graphopt.graph import from_onnx
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 3, (2, 5, 7))
+    p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    np.testing.assert_allclose(api.logit_space(p, "Softmax", -1), z - z.mean(-1, keepdims=True), atol=1e-9)
+    np.testing.assert_allclose(api.logit_space(1 / (1 + np.exp(-z)), "Sigmoid", 0), z, atol=1e-6)
+    tied = np.array([[0.0, 0.0, -9.0]])                   # a near-tie: the same logit error, far larger output error
+    e = np.array([[1e-4, -1e-4, 0.0]])
+    sm = lambda v: np.exp(v) / np.exp(v).sum(-1, keepdims=True)   # noqa: E731
+    out_err = np.abs(sm(tied + e) - sm(tied)).max()
+    logit_err = np.abs(api.logit_space(sm(tied + e), "Softmax", -1) - api.logit_space(sm(tied), "Softmax", -1)).max()
+    assert logit_err == pytest.approx(1e-4, rel=1e-3) and out_err > 0.4 * logit_err
+
+    def graph(op, axis, opset):
+        attrs = {"axis": axis} if op == "Softmax" else {}
+        g = helper.make_graph([helper.make_node(op, ["x"], ["y"], **attrs)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 7])])
+        return from_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)]))
+    assert api._saturating_outputs(graph("Softmax", 2, 12)) == {"y": ("Softmax", 2)}
+    assert api._saturating_outputs(graph("Softmax", 1, 12)) == {}          # flattening semantics: not per row
+    assert api._saturating_outputs(graph("Softmax", 1, 13)) == {"y": ("Softmax", 1)}
+    assert api._saturating_outputs(graph("Sigmoid", 0, 13)) == {"y": ("Sigmoid", 0)}
+    assert api._saturating_outputs(graph("Relu", 0, 13)) == {}
+
+
 def test_artifact_layout_and_manifest(zoo_onnx, tmp_path):
     art = graphopt.compile(zoo_onnx("cnn_digits"), out=tmp_path / "a", pipeline="cleanup")
     files = sorted(p.name for p in art.path.iterdir())
@@ -101,13 +133,13 @@ def test_unknown_target_and_option(zoo_onnx, tmp_path):
 
 
 def test_layout_option_and_the_hint_it_gives(zoo_onnx, tmp_path):
-    """layout=nhwc (opt-in) lowers convolutions channels-last; the manifest says which layout was built; a missed
-    numeric check on the channels-last build names the NCHW build in its one line."""
+    """layout=nhwc (the default) lowers convolutions channels-last, layout=nchw as ONNX has them; the manifest says
+    which layout was built; a missed numeric check on the channels-last build names the NCHW build in its line."""
     from graphopt.targets.cpu import CpuTarget
-    assert CpuTarget().layout == "nchw" and CpuTarget().numeric_hint() is None
-    assert "layout=nchw" in CpuTarget(layout="nhwc").numeric_hint()
-    art = graphopt.compile(zoo_onnx("resnet"), out=tmp_path / "a", target_options={"layout": "nhwc"}, measure=False)
-    assert art.manifest["target"]["layout"] == "nhwc" and art.report["check"]["ok"]
+    assert CpuTarget().layout == "nhwc" and "layout=nchw" in CpuTarget().numeric_hint()
+    assert CpuTarget(layout="nchw").numeric_hint() is None
+    art = graphopt.compile(zoo_onnx("resnet"), out=tmp_path / "a", target_options={"layout": "nchw"}, measure=False)
+    assert art.manifest["target"]["layout"] == "nchw" and art.report["check"]["ok"]
 
 
 def test_recompiling_into_an_existing_artifact_replaces_it(zoo_onnx, tmp_path):
