@@ -34,6 +34,20 @@ def copy(graph: gs.Graph) -> gs.Graph:
     return from_onnx(to_onnx(graph))
 
 
+class Names:
+    """Fresh tensor / node names for a graph: base, else base_1, base_2, ... (none a name the graph has)."""
+    def __init__(self, graph: gs.Graph):
+        self.used = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
+
+    def __call__(self, base: str) -> str:
+        name, k = base, 0
+        while name in self.used:
+            k += 1
+            name = f"{base}_{k}"
+        self.used.add(name)
+        return name
+
+
 def np_dtype(t) -> np.dtype:
     dt = t.dtype
     if dt is None:

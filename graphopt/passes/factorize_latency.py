@@ -9,10 +9,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt import latency
-from graphopt.graph import to_onnx, toposort
+from graphopt.graph import Names, to_onnx, toposort
 
 from .factorize_math import analyze, lower_hull, rank_grid, svd_factors, tucker_factors
-from .factorize_rewrite import Names, apply_svd, apply_tucker
+from .factorize_rewrite import apply_svd, apply_tucker
 
 #: MAC fractions of the layer near which factorized configurations are measured
 MEASURE_AT = (0.15, 0.3, 0.5, 0.75)

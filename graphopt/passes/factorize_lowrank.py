@@ -61,14 +61,14 @@ import onnx_graphsurgeon as gs
 
 from graphopt.analyses import node_macs
 from graphopt.errors import BadInput, CheckFailed
-from graphopt.graph import toposort
+from graphopt.graph import Names, toposort
 from graphopt.hardware import GENERIC
 from graphopt.passmanager import Option, Pass, PassResult, register
 from graphopt.text_table import table
 
 from .factorize_math import (Layer, analyze, energy_rank, evbmf_spectrum, lower_hull, rank_grid, round_up,
                              svd_factors, tucker_factors)
-from .factorize_rewrite import MARK, Names, apply_svd, apply_tucker
+from .factorize_rewrite import MARK, apply_svd, apply_tucker
 
 OPS = ("gemm", "matmul", "conv")
 _MARK_RE = re.compile(re.escape(MARK) + r"(in|core|out)$")

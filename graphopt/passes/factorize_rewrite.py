@@ -5,24 +5,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.graph import np_dtype
+from graphopt.graph import Names, np_dtype
 
 from .factorize_math import Layer
 
 MARK = "/lowrank_"
-
-
-class Names:
-    """Fresh tensor / node names for a graph (base, base_1, ...)."""
-    def __init__(self, graph: gs.Graph):
-        self.used = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
-
-    def __call__(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.used:
-            name, i = f"{base}_{i}", i + 1
-        self.used.add(name)
-        return name
 
 
 def _with_channels(shape, c):

@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt import channel_groups as cg
 from graphopt.errors import BadInput, CheckFailed, GraphoptError
-from graphopt.graph import constant_value, toposort
+from graphopt.graph import Names as FreshNames, constant_value, toposort
 from graphopt.prune_rules import Edit
 from graphopt.shapes import infer
 
@@ -26,19 +26,11 @@ class Plan:
         return ~self.removed[self.groups.classes(slots)]
 
 
-class Names:
-    """Fresh tensor / node names for a graph (base, base_1, ...); `made` shares pruned constants."""
+class Names(FreshNames):
+    """graph.Names, with `made` to share pruned constants."""
     def __init__(self, graph):
-        self.used = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
+        super().__init__(graph)
         self.made = {}      # (source constant, edit) -> its pruned constant, shared by every consumer that agrees
-
-    def __call__(self, base: str) -> str:
-        name, k = base, 0
-        while name in self.used:
-            k += 1
-            name = f"{base}_{k}"
-        self.used.add(name)
-        return name
 
 
 def nodes_for(graph: gs.Graph, groups: cg.ChannelGroups) -> list[gs.Node]:

@@ -69,3 +69,43 @@ def test_cpu_compiles_conv1d_through_the_scheduled_conv2d(tmp_path):
     # the library holds scheduled (prepacked) conv2d kernels, no conv1d
     kernels = art.report.get("ops") or {}
     assert "conv1d" not in str(kernels)
+
+
+def point_model():
+    """(PP-OCRv4's recognizer: squeeze-excite over a pooled [1, C, 1, 1]) x [1, 4, 1, 1] -> 1x1 Conv -> y
+    [1, 6, 1, 1]: a column of height 1 is a row already, and the shape is what the pass's own output looks like."""
+    w = np.random.default_rng(3).standard_normal((6, 4, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="point", kernel_shape=[1, 1])]
+    return ob.model(nodes, [ob.vi("x", [1, 4, 1, 1])], [ob.vi("y", [1, 6, 1, 1])], [("w", w)])
+
+
+def unique_names(model: onnx.ModelProto) -> bool:
+    made = [o for n in model.graph.node for o in n.output] + [t.name for t in model.graph.initializer]
+    return len(made) == len(set(made)) and len({n.name for n in model.graph.node}) == len(model.graph.node)
+
+
+@pytest.mark.parametrize("build", [conv1d_model, point_model])
+def test_rewriting_its_own_output_again_is_a_no_op(build):
+    """Compiling an artifact's model.onnx runs the pass on its own output: nothing left to rewrite, names unique."""
+    first = graphopt.to_onnx(PassManager.parse("conv1d-as-2d").run(graphopt.load(build())).graph, check=True)
+    again = PassManager.parse("conv1d-as-2d").run(graphopt.load(first))
+    assert again.records[-1]["info"]["rewritten"] == 0
+    assert unique_names(graphopt.to_onnx(again.graph, check=True))
+
+
+def test_new_names_never_clash_with_the_graphs():
+    """Tensors already named like the pass's new ones (conv_a_row_in, x_row, ...) keep their names; the new ones
+    get others, and the result is still exact."""
+    model = conv1d_model()
+    clash = {"c1": "conv_a_row_in", "r1": "conv_a_row_out_shape", "w2": "w1_row"}
+    for n in model.graph.node:
+        n.input[:] = [clash.get(t, t) for t in n.input]
+        n.output[:] = [clash.get(t, t) for t in n.output]
+    for t in model.graph.initializer:
+        t.name = clash.get(t.name, t.name)
+    res = PassManager.parse("conv1d-as-2d").run(graphopt.load(model))
+    assert res.records[-1]["info"]["rewritten"] == 2
+    out = graphopt.to_onnx(res.graph, check=True)
+    assert unique_names(out)
+    x = np.random.default_rng(1).standard_normal((1, 2, 64)).astype(np.float32)
+    np.testing.assert_allclose(ort.run(out, {"x": x})["y"], ort.run(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)
