@@ -111,6 +111,31 @@ def test_accuracy_and_distillation_beats_plain_fine_tuning(runs):
     assert all(h["features"] == "none" for h in runs["plain"][1]["history"])
 
 
+def test_a_diverging_phase_is_trained_again_at_a_lower_lr(teacher, data):
+    """lr 1.0 blows the first phase up (loss 3.3 -> 5.4, top-1 10% at the end without the retry): compress trains
+    that phase again from the same start at lr 0.1, then 0.01, and keeps 0.01 for the later phases, ending as a run
+    given lr 0.01 ends."""
+    train, ev = data
+    logs = []
+    _, info = compress(teacher, {"x": train["x"]}, PIPELINE, eval_data=ev, epochs=4, lr=1.0, seed=0, log=logs.append)
+    said = [m for m in logs if "diverged" in m]
+    assert len(said) == 2 and "at lr 0.1," in said[0] and "at lr 0.01," in said[1]
+    assert [h["lr"] for h in info["history"]] == pytest.approx([0.01] * len(info["history"]))
+    _, ref = compress(teacher, {"x": train["x"]}, PIPELINE, eval_data=ev, epochs=4, lr=0.01, seed=0)
+    assert info["final"]["top1"] == ref["final"]["top1"] >= 0.95
+
+
+def test_divergence_needs_a_rise_over_the_first_step_at_one_temperature():
+    from graphopt.compress import _diverged
+    s = Schedule()
+    m = {"steps": 20, "loss_last": 5.0, "history": {"loss": [3.0] + [5.0] * 19}}
+    assert _diverged(m, 4.0, s)
+    assert not _diverged(m, ((0.5, 4.0, 2.0), (1.0, 2.0, 1.0)), s)   # a falling temperature rescales the loss
+    assert not _diverged({**m, "steps": 8}, 4.0, s)                   # too few steps to tell
+    assert not _diverged({**m, "loss_last": 3.2}, 4.0, s)
+    assert _diverged({**m, "loss_last": float("nan")}, 4.0, s)
+
+
 def test_prune_steps_fractions():
     p = make_pass("prune-channels", flops=0.25, params=0.18)
     steps = _prune_steps(p)
