@@ -90,15 +90,15 @@ class Schedule:
     fine_tune_features: str = "hint"
     hint_align: bool = True              # rotate the hint onto the student's features (orthogonal Procrustes)
     hint_weight: float = 3.0             # of the PCA hint's MSE relative to the hint's variance (see pca_hint_teacher)
-    narrow_round_to: bool = True         # per-layer channel steps (prune-channels' min_widths) when the pipeline
-    #                                      sets neither round_to nor min_widths: the target's vector width where a
-    #                                      layer keeps min_widths counts, finer steps on narrow layers (one step
-    #                                      for all, the narrowest layer's, left PP-OCRv4's detector with widths
-    #                                      like 131 and 229: 0.5x the MACs ran 1.33x slower than the original)
     criterion: str = "activation"        # prune-channels' criterion where the pipeline does not set one: compress
     #                                      always has data, and l1 (the data-free default) removes channels whose
     #                                      small weights hide a large folded bias (PP-OCRv4's recognizer lost 17% of
     #                                      its decoded frames to 4 of 480 such channels; activation: none)
+    narrow_round_to: bool = True         # per-layer channel steps (prune-channels' min_widths) when the pipeline
+    #                                      sets neither round_to nor min_widths: the target's vector width where a
+    #                                      layer keeps min_widths counts, finer steps on narrow layers (one step
+    #                                      for all, the narrowest layer's, left PP-OCRv4's detector with widths
+    #                                      like 17 and 131: 0.5x the MACs ran 1.37x slower than the original)
     min_widths: int = 8                  # ... so that a layer has at least this many widths to choose from
     adapter_options: dict = field(default_factory=dict)   # options of the insert-adapters pass
     hint_samples: int = 4096             # training examples for the hint's principal components and alignment
@@ -594,6 +594,8 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
         done = ckpts.phase(step_no) if ckpts is not None else None
         if done is not None:                    # resuming: this phase completed before the interruption
             history.append(done[1])
+            if done[1].get("lr"):               # a divergence lowered the lr before the interruption: keep it
+                lr_scale[0] = done[1]["lr"] / (config or base).lr
             log(f"compress: step {step_no} ({kind}) read from the checkpoint")
             return done[0]
         mode = features if distill else "none"
@@ -639,7 +641,10 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
                                        eval_data=eval_data, eval_labels=eval_labels)
                 except CheckFailed as e:
                     raise CheckFailed(f"compress: training step {step_no} ({kind}): {e}") from None
-                if not _diverged(m, temperature, s) or lr_scale[0] <= s.divergence_min_scale:
+                diverged = _diverged(m, temperature, s)
+                if dist_info is not None:           # each process saw its own shard's loss: rank 0 decides
+                    diverged = dist_mod.broadcast_value(diverged, dist_info)
+                if not diverged or lr_scale[0] <= s.divergence_min_scale:
                     break
                 lr_scale[0] /= 10.0
                 log(f"compress: step {step_no} ({kind}) diverged (loss {m['history']['loss'][0]:.4g} -> "

@@ -107,6 +107,16 @@ def broadcast_graph(graph, info: DistInfo):
     return from_onnx(onnx.ModelProto.FromString(box[0]))
 
 
+def broadcast_value(value, info: DistInfo):
+    """Rank 0's value (a picklable object) in every process: a decision every process must take alike."""
+    if info.world_size == 1:
+        return value
+    import torch.distributed as dist
+    box = [value if info.rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(info: DistInfo) -> None:
     import torch.distributed as dist
     if info.world_size > 1:
