@@ -342,14 +342,15 @@ def pca_hint_teacher(teacher: gs.Graph, features: np.ndarray, k: int,
     return g, hint, scale
 
 
-def _output_form(graph: gs.Graph, calib: dict) -> dict:
+def _output_form(graph: gs.Graph, calib: dict, out: np.ndarray | None = None) -> dict:
     """DistillConfig's class_axis and outputs for the graph's first output, seen on a few training examples: a CTC
     recognizer's [N, T, C] (graphopt.task_metrics.task_kind) has its classes on the last axis, and an output whose
     rows are distributions over the class axis (a final Softmax) is distilled through its logs ("probs"), as is a
     one-channel map with values in [0, 1] (a final Sigmoid: distill.binary_kd_loss)."""
     from .distill import predict
     from .task_metrics import task_kind
-    out = predict(graph, {k: v[:4] for k, v in calib.items()})[0]
+    if out is None:             # the first output on a few training examples
+        out = predict(graph, {k: v[:4] for k, v in calib.items()})[0]
     axis = out.ndim - 1 if task_kind(out.shape, out) == "ctc" else 1
     binary = out.ndim > axis and out.shape[axis] == 1            # a one-channel map: probabilities when in [0, 1]
     probs = out.ndim > axis and bool(np.min(out) >= 0) and (bool(np.max(out) <= 1) if binary else
@@ -370,11 +371,10 @@ def _diverged(m: dict, temperature, s: Schedule) -> bool:
     return bool(np.isfinite(losses[0]) and (not np.isfinite(last) or last > s.divergence_ratio * losses[0]))
 
 
-def _temperature_cap(original, calib: dict, config) -> float:
-    """distill.useful_temperature of the original's first output on up to 16 calibration examples (one-channel
-    maps have no class axis to soften: no cap)."""
-    from .distill import predict, useful_temperature
-    out = predict(original, {k: v[:16] for k, v in calib.items()})[0]
+def _temperature_cap(out: np.ndarray, config) -> float:
+    """distill.useful_temperature of the original's first output `out` (one-channel maps have no class axis to
+    soften: no cap)."""
+    from .distill import useful_temperature
     if out.ndim <= config.class_axis or out.shape[config.class_axis] < 2:
         return float("inf")
     return useful_temperature(out, config.class_axis, config.outputs == "probs")
@@ -488,7 +488,7 @@ def compress(original: gs.Graph, train, pipeline, labels=None, eval_data=None, e
 def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, lr, seed, log, distill_config,
               distributed, distill, schedule, eval_labels, progress, micro_batch, checkpoint_dir, resume,
               checkpoint_every_s, max_memory, notice, after_training):
-    from .distill import DistillConfig, capped_temperature, distill as run_distill
+    from .distill import DistillConfig, capped_temperature, distill as run_distill, predict
     from .evaluate import channels_per_layer
 
     t_start = time.perf_counter()
@@ -536,9 +536,10 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
         dist_info = dist_mod.setup()
     base = distill_config or DistillConfig(batch_size=batch_size, lr=lr if lr is not None else s.lr, seed=seed,
                                            micro_batch=micro_batch)
+    probe = predict(original, {k: v[:16] for k, v in calib.items()})[0]   # the original's first output, once
     if distill_config is None:
-        base = replace(base, **_output_form(original, calib))
-    t_cap = _temperature_cap(original, calib, base)
+        base = replace(base, **_output_form(original, calib, probe))
+    t_cap = _temperature_cap(probe, base)
     if t_cap < s.light_temperature:
         log(f"compress: distillation temperatures capped at {t_cap:.2f} (above it the original's soft targets put "
             f"under a fifth of their mass on its top class)")
