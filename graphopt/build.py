@@ -52,7 +52,8 @@ SECTIONS = {
     "evaluate": {"cka_layers": (list, None, False), "noise_std": (float, 0.0, False), "fgsm_eps": (float, 0.0, False),
                  "threads": (int, 1, False), "repeat": (int, 1, False), "robustness": (bool, None, False)},
     "compress": {"epochs": (int, 1, False), "batch_size": (int, 1, False), "lr": (float, 0.0, True),
-                 "seed": (int, 0, False), "micro_batch": (int, 1, False)},
+                 "seed": (int, 0, False), "micro_batch": (int, 1, False),
+                 "schedule": None},            # [compress.schedule]: compress.Schedule fields
 }
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
                list: "a list of strings"}
@@ -143,6 +144,12 @@ class BuildConfig:
         self.eval_opts = {"noise_std": 0.1, "fgsm_eps": 0.05, "threads": 1, "repeat": 30, "cka_layers": [],
                           "robustness": True, **self.doc.get("evaluate", {})}
         self.compress_opts = dict(self.doc.get("compress", {}))
+        if "schedule" in self.compress_opts:
+            from .compress import Schedule
+            schedule = self.compress_opts["schedule"]
+            if not isinstance(schedule, dict):
+                raise BadInput(f"{self.path}: [compress] schedule must be a table: [compress.schedule]")
+            self.compress_opts["schedule"] = Schedule.from_options(schedule, f"{self.path}: [compress.schedule]")
 
     def resolve(self, p, must_exist: bool = True) -> Path:
         if not isinstance(p, str):

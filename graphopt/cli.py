@@ -41,15 +41,20 @@ def _values(args) -> dict:
     return dict(parse_value_arg(text) for text in getattr(args, "input_value", []))
 
 
-def _target_options(args) -> dict:
-    from .pipeline_text import _value
+def _key_values(texts, flag: str, example: str, parse=lambda v: v) -> dict:
+    """{key: parse(value)} of repeated `flag KEY=VALUE` arguments."""
     out = {}
-    for text in getattr(args, "target_option", []):
+    for text in texts:
         key, sep, value = text.partition("=")
         if not sep or not key.strip():
-            raise BadInput(f"--target-option '{text}' is malformed; write KEY=VALUE (for example mcpu=haswell)")
-        out[key.strip()] = _value(value)
+            raise BadInput(f"{flag} '{printable(text)}' is malformed; write KEY=VALUE (for example {example})")
+        out[key.strip()] = parse(value)
     return out
+
+
+def _target_options(args) -> dict:
+    from .pipeline_text import _value
+    return _key_values(getattr(args, "target_option", []), "--target-option", "mcpu=haswell", _value)
 
 
 def _interactive() -> bool:
@@ -354,7 +359,7 @@ COMPRESS_REPLACES = ".onnx"
 def cmd_compress(args) -> int:
     """graphopt compress; with --distributed, one process of a torchrun launch (rank 0 writes and reports)."""
     import onnx
-    from .compress import compress
+    from .compress import Schedule, compress
     from .graph import to_onnx
     from .loading import load
     from .limits import parse_bytes
@@ -379,13 +384,14 @@ def cmd_compress(args) -> int:
         names = [t.name for t in original.inputs]
         train = _load_data(args.train, "--train", args.preprocess, names)
         ev = _load_data(args.eval, "--eval", args.preprocess, names) if args.eval else None
+        schedule = Schedule.from_options(_key_values(args.schedule, "--schedule", "light_fraction=0.2"), "--schedule")
         graph, info = compress(original, train, pm, eval_data=ev, epochs=args.epochs, batch_size=args.batch_size,
                                lr=args.lr, seed=args.seed, log=_log if not args.json and rank0 else None,
                                distributed=args.distributed, threads=args.threads, progress=_progress(rank0),
                                micro_batch=args.micro_batch, resume=args.resume,
                                checkpoint_dir=args.checkpoint_dir or f"{dest}.ckpt",
                                checkpoint_every_s=60.0 * args.checkpoint_every, notice=_note,
-                               max_memory=max_memory)
+                               max_memory=max_memory, schedule=schedule)
         if rank0:
             write_file(dest, lambda tmp: onnx.save_model(to_onnx(graph), str(tmp)), "-o", COMPRESS_REPLACES)
             final = info.get("final") or {}
@@ -560,6 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--resume", action="store_true",
                     help="continue the interrupted run saved in the checkpoint folder (same result as uninterrupted)")
     cp.add_argument("--threads", type=int, help="torch threads while training (small models: 1 is fastest)")
+    cp.add_argument("--schedule", action="append", default=[], metavar="KEY=VALUE",
+                    help="a compress.Schedule setting, e.g. light_fraction=0.2 fine_fraction=0.2 (repeatable; "
+                         "see the README's compress section)")
     cp.add_argument("--max-memory", metavar="SIZE",
                     help="memory training may use, e.g. 4G (default: what is available); a smaller micro-batch "
                          "is used when the estimate does not fit")

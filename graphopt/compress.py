@@ -51,13 +51,13 @@ one process's result bit for bit; every rank returns the same graph (write it fr
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from .data_checks import check_finite, check_labels, class_count, nonfinite_weights
-from .errors import BadInput, CheckFailed, reraise_if_strict
+from .errors import BadInput, CheckFailed, printable, reraise_if_strict
 from .graph import copy as copy_graph, input_specs, output_specs, toposort
 from .passmanager import PassContext, PassManager, make_pass
 from .micro_batching import DEFAULT_MICRO_BATCH
@@ -124,6 +124,45 @@ class Schedule:
             raise BadInput("Schedule: qat_share in (0, 1), qat_lr_scale above 0")
         if not (0 < self.light_fraction <= 1 and 0 < self.fine_fraction <= 1 and 0 <= self.fine_tune_share < 1):
             raise BadInput("Schedule: light_fraction and fine_fraction in (0, 1], fine_tune_share in [0, 1)")
+
+    @classmethod
+    def from_options(cls, options: dict, where: str = "schedule") -> "Schedule":
+        """A Schedule with `options` ({field: value}, values typed or strings as `key=value` gives them) over the
+        defaults; only the fields with a number, string or boolean value can be set this way."""
+        settable = {f.name: type(getattr(cls(), f.name)) for f in fields(cls)
+                    if isinstance(getattr(cls(), f.name), (int, float, str, bool))}
+        given = {}
+        for key, value in options.items():
+            kind = settable.get(key)
+            if kind is None:
+                raise BadInput(f"{where}: unknown key '{printable(str(key))}' (one of {', '.join(sorted(settable))})")
+            given[key] = _typed(value, kind, f"{where}: {key}")
+        s = replace(cls(), **given)
+        s.validate()
+        return s
+
+
+def _typed(value, kind, what: str):
+    """value (a string from the command line, or a TOML value) as kind (bool, int, float or str)."""
+    if isinstance(value, str) and kind is not str:
+        text = value.strip().lower()
+        if kind is bool:
+            if text not in ("true", "false", "1", "0", "yes", "no"):
+                raise BadInput(f"{what} must be true or false, got '{printable(value)}'")
+            return text in ("true", "1", "yes")
+        try:
+            value = kind(text)
+        except ValueError:
+            raise BadInput(f"{what} must be {'an integer' if kind is int else 'a number'}, "
+                           f"got '{printable(value)}'") from None
+    ok = isinstance(value, bool) if kind is bool else \
+        (isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+         isinstance(value, kind) and not isinstance(value, bool))
+    if not ok:
+        raise BadInput(f"{what} must be {kind.__name__}, got {printable(repr(value))}")
+    if kind is float and not np.isfinite(value):
+        raise BadInput(f"{what} must be a finite number, got {value}")
+    return kind(value)
 
 
 
@@ -788,6 +827,7 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
             "passes": [_pass_summary(rec) for rec in records],
             "seconds": round(time.perf_counter() - t_start, 1)}
     info["memory"] = memory
+    info["schedule"] = {f.name: getattr(s, f.name) for f in fields(s) if getattr(s, f.name) != getattr(Schedule(), f.name)}
     info["temperature_cap"] = None if t_cap == float("inf") else round(t_cap, 2)
     if quantization is not None:
         info["quantization"] = quantization

@@ -17,6 +17,9 @@ Kinds:
                                         [name, dtype, shape, values]) so that export can write it back
   quantized       {"scheme", "activations"} the quantize pass's scheme (int8, weight_int8, weight_int4) and, for
                                         int8, the activation type (u8, s8; null otherwise)
+  pruned_widths   {layer: width}        prune-channels: each layer's width before the first prune-channels run
+                                        (layer = channel_groups.Layer.name), so that max_layer_ratio caps what a
+                                        layer loses in all of a compress run's prune steps together, not per step
   adapters        {node: {"student", "teacher", "part"}}
                                         insert-adapters' FitNets adapter nodes: the student and teacher tensors the
                                         adapter pairs and the node's part (conv, matmul, bias, identity)
@@ -212,3 +215,19 @@ def set_adapter_tags(obj, tags: dict[str, AdapterTag]) -> None:
     """Replace the adapters record (removed when empty)."""
     _write(obj, "adapters", {node: {"student": t.student, "teacher": t.teacher, "part": t.part}
                              for node, t in tags.items()})
+
+
+def pruned_widths(obj) -> dict[str, int]:
+    """{layer name: width before the first prune-channels} (see Kinds); {} when the graph was never pruned."""
+    table = _read(obj, "pruned_widths")
+    if table is None:
+        return {}
+    if not isinstance(table, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                              for v in table.values()):
+        raise BadInput(f"graph doc_string: {PREFIX}pruned_widths must map layer names to positive widths")
+    return table
+
+
+def set_pruned_widths(obj, table: dict[str, int]) -> None:
+    """Replace the pruned_widths record (removed when empty)."""
+    _write(obj, "pruned_widths", table)

@@ -108,6 +108,9 @@ def test_same_inputs_same_bytes_and_cache(project, capsys):
     ("[model]\nmodule = 'missing.py:build'\ninput_shapes = {x = [1, 1, 8, 8]}\n", "'missing.py' (resolved to"),
     ("[model]\npath = 'model.onnx'\ncheckpoint = 'model.onnx'\n", "checkpoint goes with module"),
     ("[model]\npath = 'model.onnx'\n[target]\nname = 'cpu'\nprecision = 'fp16'\n", "precision must be one of"),
+    ("[model]\npath = 'model.onnx'\n[compress.schedule]\nlight_fractoin = 0.2\n", "unknown key 'light_fractoin'"),
+    ("[model]\npath = 'model.onnx'\n[compress]\nschedule = 0.2\n", "must be a table: [compress.schedule]"),
+    ("[model]\npath = 'model.onnx'\n[compress.schedule]\nlight_fraction = 'a'\n", "light_fraction must be a number"),
 ])
 def test_bad_pipeline_files(project, capsys, content, needle):
     (project / "p.toml").write_text(content)

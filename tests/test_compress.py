@@ -275,3 +275,37 @@ def test_pass_summaries_keep_the_budget_outcome_under_the_pass():
     assert _pass_summary(rec) == {"pass": "prune-channels{flops=0.5}", "position": 1, "modified": True,
                                   "seconds": 1.5, "info": {"budget_met": True, "notes": []}}
     assert "info" not in _pass_summary({**rec, "pass": "cleanup", "info": {"rounds": 2}})
+
+
+def test_schedule_from_options_types_and_refusals():
+    s = Schedule.from_options({"light_fraction": "0.2", "fine_fraction": 0.2, "divergence_steps": "8",
+                               "hint_align": "false", "step_features": "adapters"})
+    assert (s.light_fraction, s.fine_fraction, s.divergence_steps, s.hint_align, s.step_features) == \
+        (0.2, 0.2, 8, False, "adapters")
+    for options, why in [({"nope": 1}, "unknown key 'nope'"), ({"light_fraction": "x"}, "must be a number"),
+                         ({"divergence_steps": "2.5"}, "must be an integer"), ({"hint_align": "maybe"}, "true or false"),
+                         ({"light_fraction": 0.0}, "light_fraction and fine_fraction in"),
+                         ({"light_fraction": "nan"}, "finite"), ({"final_temperature": "1"}, "unknown key")]:
+        with pytest.raises(BadInput, match=why):
+            Schedule.from_options(options)
+
+
+def test_cli_schedule_reaches_compress(tmp_path, capsys, data):
+    """`--schedule light_fraction=1.0`: one prune step straight to the budget, then fine-tuning; a malformed or
+    unknown setting is one error line, exit 2, nothing written."""
+    import json
+    from graphopt.cli import main
+    train, _ = data
+    np.savez(tmp_path / "train.npz", x=train["x"][:128])
+    out = tmp_path / "s.onnx"
+    args = ["compress", str(digits.teacher_path()), "--train", str(tmp_path / "train.npz"), "--pipeline",
+            "cleanup,prune-channels{flops=0.6}", "--epochs", "2", "--batch-size", "32", "--threads", "1", "-o", str(out)]
+    for bad, why in [("light_fraction", "malformed"), ("nope=1", "unknown key 'nope'")]:
+        assert main(args + ["--schedule", bad]) == 2
+        err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("graphopt: error")]
+        assert len(err) == 1 and why in err[0] and "--schedule" in err[0]
+        assert not out.exists()
+    assert main(args + ["--schedule", "light_fraction=1.0", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["schedule"] == {"light_fraction": 1.0}
+    assert [h["phase"] for h in info["history"]] == ["prune-light", "fine-tune"]

@@ -121,6 +121,8 @@ def run_compress(model_path: Path, name: str, shape: tuple, train: Path, eval_: 
            "--batch-size", str(args.batch_size), "--micro-batch", str(args.batch_size), "--lr", str(args.lr),
            "--threads", str(args.threads), "--input-shape", f"{name}=" + ",".join(map(str, shape)),
            "-o", str(out), "--json"]
+    for setting in args.schedule:
+        cmd += ["--schedule", setting]
     print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
     ck = out.with_name(out.name + ".ckpt")
     if ck.exists() and not args.resume:
@@ -184,6 +186,8 @@ def main() -> int:
     ap.add_argument("--lr", type=float)
     ap.add_argument("--flops", type=float, default=0.5, help="prune-channels MACs budget (kept fraction)")
     ap.add_argument("--criterion", default="activation", help="prune-channels' importance criterion")
+    ap.add_argument("--schedule", action="append", default=[], metavar="KEY=VALUE",
+                    help="compress's --schedule settings (repeatable), e.g. light_fraction=0.2")
     ap.add_argument("--threads", type=int, default=1, help="torch threads while training (1 on a busy machine)")
     ap.add_argument("--page-size", type=int, default=320, help="ppocr-det: page side in pixels")
     ap.add_argument("--seed", type=int, default=0)
@@ -221,7 +225,7 @@ def main() -> int:
     agree = agreement(teacher, student, held, name, task(args.model))
     res = {"model": args.model, "file": str(src), "input": {name: list(shape)}, "train": args.train,
            "eval": args.eval, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-           "flops": args.flops, "threads": args.threads, "macs": rep["macs"] if "macs" in rep else rep.get("info", {}).get("macs"),
+           "flops": args.flops, "threads": args.threads, "schedule": args.schedule, "macs": rep["macs"] if "macs" in rep else rep.get("info", {}).get("macs"),
            "agreement": agree, "compress_wall_s": rep["wall_s"], "compress_cpu_s": rep["cpu_s"],
            "compress_command": rep["command"], "report": rep}
     if not args.no_bench:

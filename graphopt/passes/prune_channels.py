@@ -30,6 +30,12 @@ the least importance lost (LAMP) per millisecond saved, and a layer's kept count
 faster than every larger count (with round_to=0; an explicit round_to keeps its multiples). The predicted latency is
 reported beside the budget; `graphopt compile` measures the compiled result.
 
+`reconstruct=bias|lsq` compensates the removed channels on calibration data (prune_reconstruct.py): their mean
+contribution is folded into each consumer's bias, and with lsq the kept weights of 1x1 conv / Gemm / MatMul consumers
+are refitted by ridge least squares; criterion=activation then ranks by variance (what compensation cannot restore).
+The oracle checks the plain removal first; the compensated graph is kept only where it brings the outputs closer to
+the original's than the plain removal does (both errors are reported).
+
 Modules: prune_removal.py (a Plan applied to the graph), prune_oracle.py (the zeroed-channel oracle),
 prune_importance.py (the criteria's scores), prune_cost.py (MACs and parameters of a removal), prune_latency.py
 (the latency cost), prune_sensitivity.py (allocation=sensitivity); this module ranks, selects and reports.
@@ -45,6 +51,7 @@ import onnx_graphsurgeon as gs
 from graphopt.analyses import flops as flops_analysis
 from graphopt.errors import BadInput, CheckFailed, printable
 from graphopt.graph import copy as copy_graph, np_dtype, to_onnx
+from graphopt.metadata import pruned_widths, set_pruned_widths
 from graphopt.passmanager import Option, Pass, PassResult, register
 from graphopt.text_table import table
 
@@ -53,6 +60,7 @@ from graphopt import channel_groups as cg
 from .prune_cost import CostModel, total_macs
 from .prune_importance import activation_scores, bn_scale_ranking, dead_units, magnitude_scores, taylor_scores
 from .prune_oracle import verify_removal
+from .prune_reconstruct import MODES as RECONSTRUCT_MODES, reconstruct
 from .prune_removal import Plan, apply_removal
 
 CRITERIA = ("l1", "l2", "bn_scale", "activation", "taylor", "random", "dead")
@@ -98,7 +106,8 @@ class PruneChannels(Pass):
     report_name = "pruning"
     options = {
         "criterion": Option(str, "l1", "importance: l1, l2, bn_scale, activation (a channel's mean square "
-                                       "at its consumers times their weights, on data), taylor, random, or dead "
+                                       "at its consumers times their weights, on data; its variance with "
+                                       "reconstruct=), taylor, random, or dead "
                                        "(exact: only provably zero channels)", choices=CRITERIA),
         "ratio": Option(float, 0.0, "fraction of the prunable channels to remove (0: no channel budget)"),
         "flops": Option(float, 1.0, "fraction of the MACs to keep (0 < flops <= 1)"),
@@ -110,7 +119,9 @@ class PruneChannels(Pass):
                                     "is within 5% of the budget (0: trust the model)", minimum=0, maximum=10),
         "scope": Option(str, "global", "global: one LAMP-normalized ranking; local: the same ratio per layer",
                         choices=("global", "local")),
-        "max_layer_ratio": Option(float, 0.9, "at most this fraction of a layer's channels is removed",
+        "max_layer_ratio": Option(float, 0.9, "at most this fraction of a layer's channels is removed, counted "
+                                              "from its width before the graph's first prune-channels (so over all "
+                                              "of compress's prune steps together)",
                                   minimum=0.0, maximum=1.0),
         "round_to": Option(int, 0, "kept channel counts are multiples of this where a layer is wider "
                                    "(0: the target's channel step, hw.structure.channels)", minimum=0),
@@ -131,6 +142,10 @@ class PruneChannels(Pass):
         "verify_oracle": Option(bool, True, "check the pruning oracle (zeroed original == pruned) in onnxruntime"),
         "seed": Option(int, -1, "seed for criterion=random and for generated inputs (-1: the context's)"),
         "samples": Option(int, 4, "batches of data (or random inputs) used by taylor and the oracle", minimum=1),
+        "reconstruct": Option(str, "none", "compensate the removed channels on calibration data: bias (their mean "
+                                           "folded into each consumer's bias), lsq (also refit the kept weights of "
+                                           "1x1 conv / Gemm / MatMul consumers by least squares), none",
+                              choices=RECONSTRUCT_MODES),
         "strict": Option(bool, False, "fail when a budget cannot be met"),
     }
 
@@ -144,7 +159,8 @@ class PruneChannels(Pass):
 
     # ------------------------------------------------------------------ report
     REPORTED = ("criterion", "round_to", "units", "held", "layers", "macs", "params", "frozen", "oracle_max_error",
-                "oracle_fp64_max_error", "oracle_note", "budget", "budget_met", "limits", "notes", "latency")
+                "oracle_fp64_max_error", "oracle_note", "budget", "budget_met", "limits", "notes", "latency",
+                "reconstruct")
 
     def report_section(self, record):
         """Every run, also one that removed nothing (the entry then says what kept the channels)."""
@@ -178,10 +194,22 @@ class PruneChannels(Pass):
             lines.append(f"frozen: {f['layer']}: {'; '.join(f['why'])}")
         if len(p.get("frozen", [])) > 5:
             lines.append(f"frozen: ... {len(p['frozen']) - 5} more (report.json)")
+        if "reconstruct" in p:
+            lines.append(cls._reconstruct_line(p["reconstruct"]))
         if "oracle_max_error" in p:
             lines.append(f"oracle (zeroed original == pruned, onnxruntime): max error {p['oracle_max_error']:.3g}"
                          + (f"; {p['oracle_note']}" if p.get("oracle_note") else ""))
         return "\n".join(lines)
+
+    @staticmethod
+    def _reconstruct_line(r) -> str:
+        """reconstruct=: the sinks compensated and skipped, the output errors, which graph was kept."""
+        line = (f"reconstruct={r['mode']}: {r['sinks']['lsq']} sink(s) refitted, {r['sinks']['bias']} bias-compensated"
+                f", {r['skipped_count']} skipped")
+        if "output_error_after" in r:
+            line += (f"; output error vs original {r['output_error_before']:.4g} uncompensated, "
+                     f"{r['output_error_after']:.4g} compensated ({r['kept']} kept)")
+        return line + (f"; {r['note']}" if r.get("note") else "")
 
     def summary(self, record):
         """The budget's outcome."""
@@ -205,6 +233,9 @@ class PruneChannels(Pass):
         if o["criterion"] != "dead" and not targets:
             raise BadInput("pass 'prune-channels' needs a budget: ratio=, flops=, params= or latency= "
                            "(for example prune-channels{flops=0.5}), or criterion=dead")
+        if o["criterion"] == "dead" and o["reconstruct"] != "none":
+            raise BadInput(f"pass 'prune-channels': criterion=dead removes only channels that are always zero, which "
+                           f"leaves nothing to compensate; drop reconstruct={o['reconstruct']}")
         if o["allocation"] == "sensitivity" and (o["scope"] == "local" or o["criterion"] == "dead"):
             raise BadInput(f"pass 'prune-channels': allocation=sensitivity spreads a global budget; it does not go "
                            f"with {'scope=local' if o['scope'] == 'local' else 'criterion=dead'}")
@@ -219,6 +250,7 @@ class PruneChannels(Pass):
                            f"node(s), e.g. {printable(quantized[0].name)!r} ({quantized[0].op})): its weights sit "
                            f"behind DequantizeLinear and no channel could be pruned; prune the float model before "
                            f"quantize (pipeline 'prune-channels{{...}},quantize{{...}}')")
+        recon_runs = self._reconstruct_runs(graph, ctx, seed) if o["reconstruct"] != "none" else None
         names = {n.name for n in graph.nodes}
         for n in o["ignore"]:
             if n not in names:
@@ -228,6 +260,7 @@ class PruneChannels(Pass):
                     "node names look like: " + ", ".join(sorted(x for x in names if x)[:3])
                 raise BadInput(f"pass 'prune-channels': ignore names node '{n}', which is not in the graph ({hint})")
         g: cg.ChannelGroups = ctx.analyses.get("channel-groups", graph)
+        self._widths0 = pruned_widths(graph)     # max_layer_ratio counts from the widths before any pruning
         round_to = o["round_to"] or ctx.hw.structure.channels
         extra = self._ignored(g, set(o["ignore"]))
         if o["only"]:
@@ -274,11 +307,16 @@ class PruneChannels(Pass):
                 raise CheckFailed(f"pass 'prune-channels' cannot meet its budget: {info['limits']}")
             return PassResult(graph, False, info)
         plan = Plan(g, removed)
-        original = copy_graph(graph) if o["verify_oracle"] else None
+        original = copy_graph(graph) if o["verify_oracle"] or o["reconstruct"] != "none" else None
         pruned = apply_removal(graph, plan)
+        set_pruned_widths(pruned, {**{lay.name: len(lay.units) for lay in g.layers}, **self._widths0})
         if o["verify_oracle"]:
             runs, _ = _feeds_list(original, ctx.data, seed, limit=min(2, o["samples"]))
             info.update(verify_removal(original, plan, pruned, runs))
+        if recon_runs:
+            half = (len(recon_runs) + 1) // 2
+            pruned, info["reconstruct"] = reconstruct(original, plan, pruned, recon_runs[:half],
+                                                      recon_runs[half:] or recon_runs, o["reconstruct"])
         after = flops_analysis(pruned, None)
         after["macs"] = total_macs(pruned)
         info["macs"]["after"] = int(after["macs"])
@@ -291,6 +329,17 @@ class PruneChannels(Pass):
         return PassResult(pruned, True, info)
 
     # ------------------------------------------------------------------ pieces
+
+    def _reconstruct_runs(self, graph, ctx, seed) -> list[dict]:
+        """reconstruct=: the calibration runs, statistics from the first half, the check on the second (2 *
+        max(16, samples) samples at most); BadInput without calibration data (random inputs have no meaningful
+        means)."""
+        runs, note = _feeds_list(graph, ctx.data, seed, limit=2 * max(16, self.opts["samples"]))
+        if note:
+            raise BadInput(f"pass 'prune-channels': reconstruct={self.opts['reconstruct']} needs calibration data "
+                           f"(arrays named after the graph inputs: --calib FILE.npz, or data 'calib' in the API); "
+                           f"drop reconstruct= to prune without it")
+        return runs
 
     def _sensitivity_data(self, ctx) -> dict:
         from ..sensitivity import results_for
@@ -339,7 +388,9 @@ class PruneChannels(Pass):
             return bn_scale_ranking(g, cand)
         if crit == "activation":       # forward passes only: more samples than taylor's for the same cost
             runs, data_note = _feeds_list(graph, ctx.data, seed, limit=max(16, self.opts["samples"]))
-            return activation_scores(graph, g, runs), f"activation: {len(runs)} sample(s)" + (
+            centered = self.opts["reconstruct"] != "none"     # the mean is compensated: rank by variance
+            return activation_scores(graph, g, runs, centered), f"activation{' (variance)' if centered else ''}: " \
+                f"{len(runs)} sample(s)" + (
                 f"; {data_note}" if data_note else "")
         runs, data_note = _feeds_list(graph, ctx.data, seed, limit=self.opts["samples"])
         s, how = taylor_scores(graph, g, [k for k in range(g.n_units) if cand[k]], runs)
@@ -359,7 +410,7 @@ class PruneChannels(Pass):
         and round_to=0 the counts the latency table says are worth having (prune_latency.LatencyCost.counts)."""
         snap = cost.latency_budget and not self.opts["round_to"]
         step = 1 if snap else self._layer_step(len(lay.units), round_to, self.opts["min_widths"])
-        allowed = self._allowed(len(lay.units), len(ids), step, self.opts["max_layer_ratio"])
+        allowed = self._allowed(len(lay.units), len(ids), step, self.opts["max_layer_ratio"], self._width0(lay))
         return cost.latency.counts(g, ids, allowed) if snap else allowed
 
     @staticmethod
@@ -372,13 +423,18 @@ class PruneChannels(Pass):
             step *= 2
         return step
 
+    def _width0(self, lay) -> int:
+        """The layer's width before the graph's first prune-channels (graphopt.metadata pruned_widths)."""
+        return max(len(lay.units), self._widths0.get(lay.name, 0))
+
     @staticmethod
-    def _allowed(n: int, n_cand: int, round_to: int, max_ratio: float | None) -> list[int]:
-        """Allowed kept counts of a layer with n units of which n_cand are prunable, largest first."""
+    def _allowed(n: int, n_cand: int, round_to: int, max_ratio: float | None, n0: int | None = None) -> list[int]:
+        """Allowed kept counts of a layer with n units of which n_cand are prunable, largest first; max_ratio
+        caps the removal counted from n0, the width before any pruning (default n)."""
         m = round_to if n > round_to else 1
         floor = max(1, n - n_cand)
         if max_ratio is not None:
-            floor = max(floor, math.ceil(n * (1.0 - max_ratio) - 1e-9))
+            floor = max(floor, math.ceil((n0 or n) * (1.0 - max_ratio) - 1e-9))
         ks = [k for k in range(n - 1, 0, -1) if k >= floor and k % m == 0]
         return [n] + ks
 
@@ -395,7 +451,7 @@ class PruneChannels(Pass):
             if not n_cand:
                 continue
             base = max(1, n - n_cand)
-            capped = max(base, math.ceil(n * (1.0 - max_ratio) - 1e-9))
+            capped = max(base, math.ceil(self._width0(lay) * (1.0 - max_ratio) - 1e-9))
             one += base - (n - n_cand)
             ratio += capped - base
             ids = [k for k in lay.units if cand[k]]

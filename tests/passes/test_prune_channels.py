@@ -702,3 +702,21 @@ def test_cost_model_counts_a_shared_weight_once():
     pruned = prune_removal.apply_removal(copy_graph(g), prune_removal.Plan(groups, removed))
     assert cost.params0 == graphopt.analyses.flops(g, None)["params"]
     assert cost.params(removed) == graphopt.analyses.flops(pruned, None)["params"] < cost.params0
+
+
+def test_max_layer_ratio_counts_from_the_width_before_the_first_prune(zoo_onnx):
+    """compress prunes in steps; each step used to apply max_layer_ratio to the layer's current width, so five
+    steps took a 480-channel block of PP-OCRv4's recognizer down to 18 (4%). The widths before the first run are
+    recorded in the graph (graphopt.metadata pruned_widths) and the cap counts from them."""
+    from graphopt.metadata import pruned_widths
+    g = graphopt.load(zoo_onnx("mobilenet_v3"))
+    first, rec1 = _run(g, "prune-channels{flops=0.6,max_layer_ratio=0.5,round_to=1}")
+    widths0 = pruned_widths(first.graph)
+    assert widths0 and all(widths0[k] == before for k, (before, _) in rec1["info"]["layers"].items() if k in widths0)
+    second, rec2 = _run(first.graph, "prune-channels{flops=0.5,max_layer_ratio=0.5,round_to=1}")
+    assert pruned_widths(second.graph) == widths0          # the first run's widths stay
+    for name, (_, after) in rec2["info"]["layers"].items():
+        assert after >= widths0.get(name, 0) * 0.5 - 1e-9, (name, widths0.get(name), after)
+    import math
+    assert any(after == math.ceil(widths0[name] * 0.5) for name, (_, after) in rec2["info"]["layers"].items()
+               if name in widths0)                     # the cap binds (per step, these layers would go below it)
