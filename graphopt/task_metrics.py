@@ -4,7 +4,8 @@ labels (the teacher supplies the answers):
 * classifier (output [N, C]): top-1 agreement, the fraction of examples whose arg-max class is the same;
 * ctc (output [N, T, C], a CTC recognizer such as PP-OCR's: per time step a distribution over C symbols with the
   blank at index `blank`): decoded-sequence agreement, the fraction of examples whose greedy CTC decodings (arg-max
-  per step, repeats collapsed, blanks dropped) are identical;
+  per step, repeats collapsed, blanks dropped) are identical (symbol_agreement: one minus the character error rate
+  against the teacher's decodings);
 * map (output [N, 1, H, W] or [N, H, W] with values in [0, 1], a segmentation or text-detection probability map):
   the intersection over union of the maps thresholded at `threshold`, over the whole evaluation set.
 
@@ -54,6 +55,26 @@ def top1_agreement(student: np.ndarray, teacher: np.ndarray) -> float:
 def sequence_agreement(student: np.ndarray, teacher: np.ndarray, blank: int = 0) -> float:
     a, b = ctc_decode(student, blank), ctc_decode(teacher, blank)
     return float(np.mean([x == y for x, y in zip(a, b)])) if a else 0.0
+
+
+def edit_distance(a, b) -> int:
+    """Levenshtein distance between two sequences (insertions, deletions and substitutions cost 1)."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
+
+
+def symbol_agreement(student: np.ndarray, teacher: np.ndarray, blank: int = 0) -> float:
+    """1 - (edit distance between the decodings, summed) / (symbols the teacher decoded): one minus the student's
+    character error rate against the teacher; 1.0 when neither decodes anything."""
+    a, b = ctc_decode(student, blank), ctc_decode(teacher, blank)
+    total = sum(len(y) for y in b)
+    errors = sum(edit_distance(x, y) for x, y in zip(a, b))
+    return 1.0 - errors / total if total else float(errors == 0)
 
 
 def map_iou(student: np.ndarray, teacher: np.ndarray, threshold: float = 0.3) -> float:

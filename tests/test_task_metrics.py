@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from graphopt.task_metrics import agreement, ctc_decode, map_iou, task_kind
+from graphopt.task_metrics import agreement, ctc_decode, edit_distance, map_iou, symbol_agreement, task_kind
 
 pytestmark = pytest.mark.fast
 
@@ -37,6 +37,17 @@ def test_sequence_agreement_counts_whole_lines():
     s[1, 3] = np.eye(6)[4]                            # second line decodes to (1, 4, 2) instead of (1, 2)
     r = agreement(s, t, "ctc")
     assert r["metric"] == "sequence_agreement" and r["value"] == 0.5
+
+
+def test_symbol_agreement_is_one_minus_the_character_error_rate():
+    assert edit_distance((1, 2, 3), (1, 3)) == 1 and edit_distance((), (4, 5)) == 2 and edit_distance((7,), (8,)) == 1
+    t = np.eye(6)[[[0, 3, 3, 0, 5], [1, 1, 0, 2, 2]]]      # (3, 5) and (1, 2): 4 symbols
+    s = t.copy()
+    s[1, 3] = np.eye(6)[4]                                # (1, 4, 2): one insertion
+    assert symbol_agreement(s, t) == pytest.approx(0.75)
+    assert symbol_agreement(t, t) == 1.0
+    blank = np.eye(6)[[[0, 0, 0]]]
+    assert symbol_agreement(blank, blank) == 1.0 and symbol_agreement(np.eye(6)[[[0, 2, 0]]], blank) == 0.0
 
 
 def test_map_iou_and_classifier_agreement():
