@@ -92,6 +92,7 @@ class CpuTarget(Target):
     def lower(self, model: onnx.ModelProto, out_dir: Path, tuning_db: str | None = None) -> dict:
         from .int8 import import_qdq, int8_rewrite_pass
         from .cpu_layout import nhwc_pass
+        from .cpu_pad_channels import pad_channels_pass
         from .cpu_schedules import schedule_module
         t0 = time.perf_counter()
         mod = import_qdq(model)
@@ -101,7 +102,9 @@ class CpuTarget(Target):
         if self.precision == "bf16":
             from .bf16 import bf16_rewrite_pass
             passes.append(bf16_rewrite_pass(self.tvm_target()))
-        # the fp32 conv chains the rewrites left go channels-last (cpu_layout)
+        # fp32 convs with output channel counts no register tile fits are padded (cpu_pad_channels), then the fp32
+        # conv chains the rewrites left go channels-last (cpu_layout)
+        passes.append(pad_channels_pass(self.tvm_target(), nhwc=self.layout == "nhwc"))
         if self.layout == "nhwc":
             passes.append(nhwc_pass(self.tvm_target()))
         ex = tvm_lowering.build(mod, self.tvm_target(), schedule=schedule_module, tuning_db=tuning_db, passes=passes)

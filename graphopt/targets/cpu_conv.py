@@ -75,7 +75,7 @@ def _unit_stride_x(sch, conv, d_idx) -> bool:
     return False
 
 
-def _pixel_tile(OW: int, OC: int, ocg: int | None, lanes: int, min_eff: float = 0.75):
+def pixel_tile(OW: int, OC: int, ocg: int | None, lanes: int, min_eff: float = 0.75):
     """(m_bn output channels, n_bn pixels) for the pixel-vectorized variant, or None when the width does not
     fill SIMD registers to at least min_eff (the channel-vectorized variant is then better)."""
     best = None
@@ -120,7 +120,7 @@ def schedule_conv(sch, ctx: Ctx) -> bool:
     # variant P (pixels vectorized along the output width, weights broadcast, vectorized epilogue) for unit
     # stride and widths that fill vectors; variant C (output channels vectorized) otherwise
     unit = _unit_stride_x(sch, conv, d_idx)
-    pixel = _pixel_tile(OW, OC, ocg, lanes) if unit else None
+    pixel = pixel_tile(OW, OC, ocg, lanes) if unit else None
     chan = None
     if pixel is None:
         # channels per group must cover whole vectors, else lanes would read different input channels
@@ -128,7 +128,7 @@ def schedule_conv(sch, ctx: Ctx) -> bool:
         if chan is None and unit:
             # channel counts without a vector-sized divisor (detection heads: 3 x 85 ...): partly filled
             # pixel vectors still beat one channel at a time
-            pixel = _pixel_tile(OW, OC, ocg, lanes, min_eff=0.3)
+            pixel = pixel_tile(OW, OC, ocg, lanes, min_eff=0.3)
         if chan is None and pixel is None:
             return False
     w_buf = blk.reads[w_idx].source

@@ -30,7 +30,7 @@ def to_nhwc(mod, target):
     import tvm
     from tvm import relax
 
-    if not _has_fp32_conv(mod) or _has_scheduled_kernels(mod) or _has_op(mod, "relax.nn.conv2d_transpose"):
+    if not converts(mod):
         return mod
     with target:
         mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
@@ -40,6 +40,11 @@ def to_nhwc(mod, target):
                                         relax.transform.CanonicalizeBindings(),
                                         relax.transform.FoldConstant()])(mod)
     return mod
+
+
+def converts(mod) -> bool:
+    """to_nhwc changes mod: it has an fp32 conv2d, no scheduled kernels and no conv2d_transpose."""
+    return _has_fp32_conv(mod) and not _has_scheduled_kernels(mod) and not _has_op(mod, "relax.nn.conv2d_transpose")
 
 
 def nhwc_pass(target):
