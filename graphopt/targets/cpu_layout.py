@@ -13,6 +13,10 @@ negative axes are counted from the front (the rule dies with std::bad_alloc on a
 `squeeze(x, axis=[-1])` after its conv1d stack), and stack becomes a concat of expand_dims (the rule fails on any
 use of the stacked tensor: "Invalid SLayout" in DNSMOS, openWakeWord's embedding and Magika).
 
+A conv2d_transpose whose kernel equals its stride is converted too and then rewritten into an NHWC 1x1 conv and a
+depth-to-space copy (cpu_conv_transpose; TVM 0.27 legalizes conv2d_transpose only in NCHW); a model with any other
+conv2d_transpose stays NCHW.
+
 Modules with kernels already scheduled (the int8 and bf16 rewrites keep their own NHWC layout) are left as they
 are."""
 from __future__ import annotations
@@ -24,11 +28,15 @@ NCHW_LAYOUTS = {"relax.nn.conv2d": ["NCHW", "OIHW"]}
 
 
 def to_nhwc(mod, target):
-    """mod with its fp32 conv2d chains in NHWC (see the module docstring); unchanged when it has no fp32 conv2d,
-    already holds scheduled kernels, or has a conv2d_transpose (TVM 0.27 legalizes it only in NCHW, so a decoder
-    would switch layouts around every one: PP-OCRv4's detector ran 56 ms NCHW, 65 NHWC, 1 thread, AMD EPYC)."""
+    """mod with its fp32 conv2d chains in NHWC (see the module docstring), conv2d_transposes whose kernel equals
+    their stride included (cpu_conv_transpose: NHWC 1x1 convs and depth-to-space copies); unchanged when it has
+    neither, already holds scheduled kernels, or has another conv2d_transpose (TVM 0.27 legalizes it only in
+    NCHW, so a decoder would switch layouts around every one: PP-OCRv4's detector ran 56 ms NCHW, 65 NHWC with
+    such transforms, 1 thread, AMD EPYC)."""
     import tvm
     from tvm import relax
+
+    from .cpu_conv_transpose import as_conv_depth_to_space
 
     if not converts(mod):
         return mod
@@ -36,15 +44,19 @@ def to_nhwc(mod, target):
         mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
                                         relax.transform.FoldConstant()])(mod)
         mod = _layout_ready_ops(mod)
-        mod = tvm.transform.Sequential([relax.transform.ConvertLayout({}, _conv_layout),
-                                        relax.transform.CanonicalizeBindings(),
+        mod = as_conv_depth_to_space(relax.transform.ConvertLayout({}, _conv_layout)(mod), MIN_NHWC_CHANNELS)
+        mod = tvm.transform.Sequential([relax.transform.CanonicalizeBindings(),
                                         relax.transform.FoldConstant()])(mod)
     return mod
 
 
 def converts(mod) -> bool:
-    """to_nhwc changes mod: it has an fp32 conv2d, no scheduled kernels and no conv2d_transpose."""
-    return _has_fp32_conv(mod) and not _has_scheduled_kernels(mod) and not _has_op(mod, "relax.nn.conv2d_transpose")
+    """to_nhwc changes mod: it has an fp32 conv2d or conv2d_transpose, no scheduled kernels and no conv2d_transpose
+    but those whose kernel equals their stride (cpu_conv_transpose.is_depth_to_space)."""
+    from .cpu_conv_transpose import is_depth_to_space
+    deconvs = [c for c in _calls(mod) if getattr(c.op, "name", None) == "relax.nn.conv2d_transpose"]
+    return (_has_fp32_conv(mod) or bool(deconvs)) and not _has_scheduled_kernels(mod) and \
+        all(is_depth_to_space(c) for c in deconvs)
 
 
 def nhwc_pass(target):
@@ -63,7 +75,11 @@ MIN_NHWC_CHANNELS = 8
 def _conv_layout(call) -> dict:
     """ConvertLayout's per-call choice: NHWC / OHWI for an fp32 conv2d whose output channels are a multiple of
     MIN_NHWC_CHANNELS, NCHW / OIHW named for the other fp32 conv2d (with no choice it follows an NHWC input and
-    keeps OIHW weights, a form no schedule rule takes); every other op follows its inputs."""
+    keeps OIHW weights, a form no schedule rule takes); NHWC / IOHW for a conv2d_transpose (converts: one whose
+    kernel equals its stride, which to_nhwc then rewrites); every other op follows its inputs."""
+    if getattr(call.op, "name", None) == "relax.nn.conv2d_transpose":
+        from .cpu_conv_transpose import NHWC_LAYOUTS as DECONV_NHWC_LAYOUTS
+        return DECONV_NHWC_LAYOUTS
     if getattr(call.op, "name", None) != "relax.nn.conv2d" or str(getattr(call.ty, "dtype", "")) != "float32":
         return {}
     shape = getattr(call.ty, "shape", None)
@@ -79,10 +95,6 @@ def _calls(mod):
         if isinstance(f, relax.Function):
             relax.analysis.post_order_visit(f, lambda e: out.append(e) if isinstance(e, relax.Call) else None)
     return out
-
-
-def _has_op(mod, name: str) -> bool:
-    return any(getattr(c.op, "name", None) == name for c in _calls(mod))
 
 
 def _has_fp32_conv(mod) -> bool:
