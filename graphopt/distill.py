@@ -3,12 +3,16 @@
 `distill(student, teachers, train, labels, config)` trains the student graph's TrainableGraph against one or more
 teacher graphs and returns the trained student graph (same structure, new weights) and metrics. The loss is
 
-    kd_weight * KD  +  hard_weight(t) * CE(labels)  +  feature_weight * FEAT  +  attention_weight * AT
+    kd_weight * KD  +  teacher_hard_weight * CE(teacher arg-max)  +  hard_weight(t) * CE(labels)
+    +  feature_weight * FEAT  +  attention_weight * AT
 
 * KD (Hinton et al.): KL(teacher || student) of the outputs softened by the temperature T(t), times T^2. The
   teachers' softened probabilities are averaged (weighted; or their logits, ensemble="logits") and then label-
   smoothed (teacher_label_smoothing, 0.1: p = 0.9 p + 0.1 / K). Softmax runs over `class_axis` (1) of every
   original output whose shape matches the teacher's output at the same position.
+* CE(teacher arg-max): cross-entropy against the first teacher's arg-max class at every position of the distilled
+  outputs (teacher_hard_weight, default 0). KD at a temperature spends most of its signal on the teacher's tail of
+  unlikely classes; this term weighs the decision itself, what a CTC recognizer decodes frame by frame.
 * T(t) follows `temperature`: phases (until_fraction, T_at_phase_start, T_at_phase_end), linear inside a phase.
   The default anneals 10 -> 5 over the first 30% of the steps, 5 -> 3 until 70%, 2 -> 1 after: the brief's bands
   "5 to 10", "3 to 5", "1 to 2", each traversed from its high end to its low end.
@@ -85,6 +89,9 @@ class DistillConfig:
     teacher_label_smoothing: float = 0.1
     ensemble: str = "probs"                  # average the teachers' "probs" or "logits"
     teacher_weights: Sequence[float] | None = None
+    teacher_hard_weight: float = 0.0         # cross-entropy against the (first) teacher's arg-max class at every
+    #                                          position of the distilled outputs: the decision itself (a CTC
+    #                                          recognizer's frames decode by arg-max); no labels needed
     class_axis: int = 1
     outputs: str = "logits"                  # "logits", or "probs": the outputs already are probabilities over
     #                                          class_axis (a final Softmax, PP-OCR's recognizer): KD and the hard
@@ -128,6 +135,8 @@ class DistillConfig:
             raise BadInput(f"DistillConfig.micro_batch must be a positive integer or None, not {self.micro_batch!r}")
         if self.batch_size < 1 or self.epochs < 0 or (self.steps is not None and self.steps < 1):
             raise BadInput("DistillConfig: batch_size and steps must be positive, epochs non-negative")
+        if not self.teacher_hard_weight >= 0:
+            raise BadInput("DistillConfig.teacher_hard_weight must be a non-negative number")
         if not 0 <= self.teacher_label_smoothing < 1 or not 0 <= self.label_smoothing < 1:
             raise BadInput("DistillConfig: label smoothing must be in [0, 1)")
         if not 0 <= self.warmup <= 1:
@@ -270,6 +279,23 @@ def kd_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, T: float, 
     log_q = torch.log_softmax(student_logits / T, dim=axis)
     kl = (torch.xlogy(target_probs, target_probs) - target_probs * log_q).sum(dim=axis)
     return kl.mean() * (T * T)
+
+
+def teacher_hard_loss(student_outs: Sequence[torch.Tensor], teacher_outs: Sequence[torch.Tensor],
+                      config: "DistillConfig") -> torch.Tensor:
+    """Mean over the outputs of the cross-entropy of the student against the teacher's arg-max class along
+    class_axis, at every other position (one-channel maps: the thresholded map, 0.5, as binary cross-entropy)."""
+    total = 0.0
+    for s, t in zip(student_outs, teacher_outs):
+        axis = config.class_axis
+        if s.ndim > axis and s.shape[axis] == 1:
+            p = s.clamp(1e-6, 1 - 1e-6) if config.outputs == "probs" else torch.sigmoid(s)
+            total = total + F.binary_cross_entropy(p, (t.detach() > (0.5 if config.outputs == "probs" else 0.0))
+                                                   .to(p.dtype))
+            continue
+        target = t.detach().argmax(dim=axis)
+        total = total + F.cross_entropy(_as_logits(s, config).movedim(axis, 1), target)
+    return total / max(1, len(student_outs))
 
 
 def binary_kd_loss(student_out: torch.Tensor, teacher_outs: Sequence[torch.Tensor], T: float,
@@ -613,7 +639,8 @@ def _distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, 
     else:
         opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
-    history = {k: [] for k in ("loss", "kd", "hard", "feature", "attention", "T", "lr", "hard_weight", "grad_norm")}
+    history = {k: [] for k in ("loss", "kd", "teacher_hard", "hard", "feature", "attention", "T", "lr", "hard_weight",
+                               "grad_norm")}
     kd_pairs_checked = False
     kd_positions: list[int] = []
     t0 = time.perf_counter()
@@ -631,7 +658,7 @@ def _distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, 
     at_pairs = [p for p in pairs if p.channel_axis is not None] if config.attention_weight else []
     feat_pairs = pairs if config.feature_weight else []
     rank, world = config.shard or (0, 1)
-    term_names = ("loss", "kd", "hard", "feature", "attention")
+    term_names = ("loss", "kd", "teacher_hard", "hard", "feature", "attention")
     for step in range(start, total):
         xs, ys, idx = next(stream)
         xs = [_tensor(x) for x in xs]
@@ -711,6 +738,10 @@ def _distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, 
                     kd = kd + kd_loss(_as_logits(s_orig[i], config), target, T, config.class_axis)
                 terms["kd"] = kd / len(kd_positions)
                 loss = loss + config.kd_weight * terms["kd"]
+            if config.teacher_hard_weight:
+                terms["teacher_hard"] = teacher_hard_loss([s_orig[i] for i in kd_positions],
+                                                          [t_outs[0][i] for i in kd_positions], config)
+                loss = loss + config.teacher_hard_weight * terms["teacher_hard"]
             if y_all is not None:
                 terms["hard"] = F.cross_entropy(_as_logits(s_orig[config.label_output], config),
                                                 y_all[a:b].to(s_orig[0].device),

@@ -309,3 +309,26 @@ def test_cli_schedule_reaches_compress(tmp_path, capsys, data):
     info = json.loads(capsys.readouterr().out)
     assert info["schedule"] == {"light_fraction": 1.0}
     assert [h["phase"] for h in info["history"]] == ["prune-light", "fine-tune"]
+
+
+def test_ctc_recognizer_distills_at_temperature_one_with_its_frame_decisions():
+    """[N, T, C] softmax frames (a CTC recognizer): every phase at T <= Schedule.ctc_temperature (1), no label
+    smoothing, and the original's arg-max frames as targets (ctc_teacher_hard_weight); a classifier keeps the
+    schedule's temperatures (test_schedule_light_then_fine_then_fine_tune)."""
+    from onnx import TensorProto, helper, numpy_helper
+    from graphopt.graph import from_onnx
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.standard_normal((8, 32)).astype(np.float32), rng.standard_normal((32, 12)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["z"]), helper.make_node("Softmax", ["z"], ["y"], axis=-1)]
+    g = helper.make_graph(nodes, "ctc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 12])],
+                          [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = from_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    x = {"x": rng.standard_normal((64, 6, 8)).astype(np.float32)}
+    logs = []
+    _, info = compress(model, x, "prune-channels{ratio=0.25,round_to=1}", epochs=2, batch_size=16, lr=1e-3,
+                       log=logs.append)
+    assert info["temperature_cap"] == 1.0
+    assert all(h["temperature"] in (1.0, "falling to 1") for h in info["history"])
+    assert any("CTC recognizer" in m and "weight 1" in m for m in logs)

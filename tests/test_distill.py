@@ -351,3 +351,33 @@ def test_saturated_sigmoid_map_recovers_through_its_logits(monkeypatch):
     monkeypatch.setattr(distill_module, "_sigmoid_logit_taps", lambda *a: {})
     stuck, _ = distill(student, teacher, x, config=cfg)   # through the probabilities: no gradient, still empty
     assert predict(stuck, x)[0].max() < 1e-6
+
+
+def test_teacher_hard_loss_is_cross_entropy_against_the_teachers_decisions():
+    """teacher_hard_weight: cross-entropy of the student against the teacher's arg-max at every position (CTC
+    frames [N, T, C] with class_axis 2, probabilities through their logs); for a one-channel map the teacher's map
+    thresholded at 0.5 as binary targets. It trains the decisions without labels: distilling with it alone moves
+    the student's frame decisions to the teacher's."""
+    from graphopt.distill import teacher_hard_loss
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    cfg = DistillConfig(class_axis=2)
+    want = F.cross_entropy(s.reshape(-1, 7), t.argmax(2).reshape(-1))
+    assert float(teacher_hard_loss([s], [t], cfg)) == pytest.approx(float(want), rel=1e-6)
+    probs = DistillConfig(class_axis=2, outputs="probs")
+    assert float(teacher_hard_loss([s.softmax(2)], [t.softmax(2)], probs)) == pytest.approx(float(want), rel=1e-5)
+    m_s, m_t = torch.sigmoid(torch.randn(2, 1, 4, 4)), torch.sigmoid(torch.randn(2, 1, 4, 4))
+    want = F.binary_cross_entropy(m_s, (m_t > 0.5).float())
+    assert float(teacher_hard_loss([m_s], [m_t], DistillConfig(outputs="probs"))) == pytest.approx(float(want), rel=1e-5)
+    with pytest.raises(BadInput, match="teacher_hard_weight"):
+        DistillConfig(teacher_hard_weight=-1.0).validate()
+    rng = np.random.default_rng(0)
+    ws, wt = rng.standard_normal((8, 6)).astype(np.float32), rng.standard_normal((8, 6)).astype(np.float32)
+    x = {"x": rng.standard_normal((64, 4, 8)).astype(np.float32)}
+    cfg = DistillConfig(steps=40, batch_size=16, class_axis=2, outputs="probs", kd_weight=0.0, teacher_hard_weight=1.0,
+                        lr=3e-2, micro_batch=None, hard_weight=0.0)
+    teacher = _sequence_model(wt, True)
+    student, m = distill(_sequence_model(ws, True), teacher, x, config=cfg)
+    before = float(np.mean(predict(_sequence_model(ws, True), x)[0].argmax(2) == predict(teacher, x)[0].argmax(2)))
+    after = float(np.mean(predict(student, x)[0].argmax(2) == predict(teacher, x)[0].argmax(2)))
+    assert m["history"]["teacher_hard"][-1] < m["history"]["teacher_hard"][0] and after > before + 0.2, (before, after)

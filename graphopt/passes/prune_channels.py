@@ -141,7 +141,8 @@ class PruneChannels(Pass):
                                                "budget)"),
         "verify_oracle": Option(bool, True, "check the pruning oracle (zeroed original == pruned) in onnxruntime"),
         "seed": Option(int, -1, "seed for criterion=random and for generated inputs (-1: the context's)"),
-        "samples": Option(int, 4, "batches of data (or random inputs) used by taylor and the oracle", minimum=1),
+        "samples": Option(int, 4, "batches of data (or random inputs) used by taylor and the oracle (reconstruct=: "
+                                  "max(32, samples) for its statistics and as many for its check)", minimum=1),
         "reconstruct": Option(str, "none", "compensate the removed channels on calibration data: bias (their mean "
                                            "folded into each consumer's bias), lsq (also refit the kept weights of "
                                            "1x1 conv / Gemm / MatMul consumers by least squares), none",
@@ -206,6 +207,9 @@ class PruneChannels(Pass):
         """reconstruct=: the sinks compensated and skipped, the output errors, which graph was kept."""
         line = (f"reconstruct={r['mode']}: {r['sinks']['lsq']} sink(s) refitted, {r['sinks']['bias']} bias-compensated"
                 f", {r['skipped_count']} skipped")
+        if r["skipped"]:
+            line += " (" + ", ".join(f"{k['node']}: {k['why']}" for k in r["skipped"][:3]) + \
+                (", ..." if r["skipped_count"] > 3 else "") + ")"
         if "output_error_after" in r:
             line += (f"; output error vs original {r['output_error_before']:.4g} uncompensated, "
                      f"{r['output_error_after']:.4g} compensated ({r['kept']} kept)")
@@ -332,9 +336,9 @@ class PruneChannels(Pass):
 
     def _reconstruct_runs(self, graph, ctx, seed) -> list[dict]:
         """reconstruct=: the calibration runs, statistics from the first half, the check on the second (2 *
-        max(16, samples) samples at most); BadInput without calibration data (random inputs have no meaningful
+        max(32, samples) samples at most); BadInput without calibration data (random inputs have no meaningful
         means)."""
-        runs, note = _feeds_list(graph, ctx.data, seed, limit=2 * max(16, self.opts["samples"]))
+        runs, note = _feeds_list(graph, ctx.data, seed, limit=2 * max(32, self.opts["samples"]))
         if note:
             raise BadInput(f"pass 'prune-channels': reconstruct={self.opts['reconstruct']} needs calibration data "
                            f"(arrays named after the graph inputs: --calib FILE.npz, or data 'calib' in the API); "

@@ -75,9 +75,10 @@ def bn_scale_ranking(g: cg.ChannelGroups, cand: np.ndarray) -> tuple[np.ndarray,
     return s, note
 
 
-def activation_scores(graph: gs.Graph, g: cg.ChannelGroups, runs: list[dict]) -> np.ndarray:
+def activation_scores(graph: gs.Graph, g: cg.ChannelGroups, runs: list[dict], centered: bool = False) -> np.ndarray:
     """criterion=activation: what removing a unit takes away, measured on data. At every sink (an input whose
-    channels are contracted away: a Conv's, a MatMul's, a Gemm's) the channel's mean square over the runs, times
+    channels are contracted away: a Conv's, a MatMul's, a Gemm's) the channel's mean square over the runs (with
+    `centered`, its variance: what remains once the consumer absorbs the mean, prune-channels reconstruct=), times
     the squared norm of the weight slice that reads it (1 where the sink has no constant weight), summed over the
     unit's sinks. Unlike l1/l2 it sees the activation itself: a channel with small weights but a large folded
     BatchNorm bias (a constant that everything downstream relies on) scores high, and on PP-OCRv4's recognizer
@@ -92,15 +93,20 @@ def activation_scores(graph: gs.Graph, g: cg.ChannelGroups, runs: list[dict]) ->
     m.outputs.extend(x for x in {x.name: x for _, _, x in masks}.values() if x.name not in have)
     sess = ort.session(to_onnx(m))
     energy = {k: 0.0 for k in reads}
+    mean = {k: 0.0 for k in reads}
     for feeds in runs:
         vals = dict(zip(fetch, sess.run(fetch, feeds)))
         for name, axis in reads:
             v = vals[name].astype(np.float64)
             e = np.moveaxis(v, axis, 0).reshape(v.shape[axis], -1)
             energy[name, axis] = energy[name, axis] + np.mean(e * e, axis=1)
+            mean[name, axis] = mean[name, axis] + np.mean(e, axis=1)
     scores = np.zeros(g.n_units)
+    n = max(1, len(runs))
     for s, _, x in masks:
-        e = energy[x.name, s.axis] / max(1, len(runs))
+        e = energy[x.name, s.axis] / n
+        if centered:
+            e = np.maximum(e - (mean[x.name, s.axis] / n) ** 2, 0.0)
         if e.shape[0] != len(s.slots):
             continue
         if s.weight is not None:
