@@ -265,7 +265,7 @@ def main() -> int:
                                       if "teacher_under_noise" in agree else "")
            + (f"; symbols {agree['symbol_agreement']:.3f}; {agree['on_stable_lines']:.3f} of the "
               f"{agree['stable_lines']} lines the noise leaves unchanged" if "symbol_agreement" in agree else "")
-           + " | {rep['wall_s'] / 60:.1f} min / {rep['cpu_s'] / 60:.1f} min CPU | "
+           + f" | {rep['wall_s'] / 60:.1f} min / {rep['cpu_s'] / 60:.1f} min CPU | "
            + (f"{res['teacher_ms']:.2f} | {res['student_ms']:.2f} | {res['speedup']:.2f}x |"
               if "speedup" in res else "- | - | - |"))
     print("| model | MACs | agreement with teacher (held out) | compress wall / CPU | teacher ms | student ms | "

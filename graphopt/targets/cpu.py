@@ -102,8 +102,8 @@ class CpuTarget(Target):
         if self.precision == "bf16":
             from .bf16 import bf16_rewrite_pass
             passes.append(bf16_rewrite_pass(self.tvm_target()))
-        # fp32 convs with output channel counts no register tile fits are padded (cpu_pad_channels), then the fp32
-        # conv chains the rewrites left go channels-last (cpu_layout)
+        # fp32 convs with output channel counts the register tiles fit badly are padded (cpu_pad_channels), then the
+        # fp32 conv chains the rewrites left go channels-last (cpu_layout)
         passes.append(pad_channels_pass(self.tvm_target(), nhwc=self.layout == "nhwc"))
         if self.layout == "nhwc":
             passes.append(nhwc_pass(self.tvm_target()))

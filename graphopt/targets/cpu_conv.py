@@ -473,12 +473,19 @@ def _nhwc_channel_kind(expr, f, rc, rc_ext: int):
     return ("group", ocg) if ocg else None
 
 
+#: the most accumulator vectors a depthwise tile is given: beside them its unrolled window keeps a weight vector per
+#: tap (3x3 depthwise conv of 72 channels at 56x56, half-width vectors of 8 channels, 1 thread, AMD EPYC: 28-pixel
+#: tiles 69 us, 14-pixel tiles 41 us; 24 channels 22 us, 32 channels in whole vectors 11 us)
+MAX_DEPTHWISE_ACC = 16
+
+
 def _nhwc_tile(width: int, oc: int, lanes: int, kind: str, ocg: int | None):
     """(oc_bn output channels, ow_bn pixels) of a channels-last register tile: oc_bn a multiple of the SIMD width
     (half a register when no multiple divides oc), ow_bn a divisor of the width; the accumulators (ow_bn x oc_bn) fit
     MAX_STACK_BYTES, so they stay a stack array LLVM keeps in registers. Scored by vector FMAs per load, where a
     weight vector (re-read from L2 for every tile) counts three times an input broadcast (from L1); depthwise
-    tiles load a vector per FMA whatever the shape, so they only want enough accumulators to hide FMA latency."""
+    tiles load a vector per FMA whatever the shape, so they only want enough accumulators to hide FMA latency, and
+    at most MAX_DEPTHWISE_ACC."""
     limit = MAX_STACK_BYTES // 4
     cands = [m * lanes for m in (1, 2, 3, 4) if oc % (m * lanes) == 0]
     if not cands:
@@ -495,7 +502,7 @@ def _nhwc_tile(width: int, oc: int, lanes: int, kind: str, ocg: int | None):
             if acc + v + 1 > 32:
                 continue  # accumulators + weight vectors + a broadcast: the AVX-512 register file
             if kind == "depthwise":
-                score = min(acc, 12) + 0.01 * oc_bn
+                score = min(acc, 12) - max(0, acc - MAX_DEPTHWISE_ACC) + 0.01 * oc_bn
             else:
                 score = acc / (ow_bn + 3 * v) * min(1.0, acc / 8)
             if best is None or score > best[0] + 1e-9:

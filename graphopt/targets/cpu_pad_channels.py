@@ -1,14 +1,26 @@
-"""fp32 convolutions whose output channel count no register tile fits are computed at a padded count: pad_channels
-(the module pass `graphopt.PadConvChannels`, run before the channels-last conversion in both layouts) gives such a
-conv2d zero output channels up to the next multiple of a step and slices the real channels back out.
+"""fp32 convolutions whose output channel count the register tiles fit badly are computed at a padded count:
+pad_channels (the module pass `graphopt.PadConvChannels`, run before the channels-last conversion in both layouts)
+gives such a conv2d zero output channels up to the next multiple of a step and slices the real channels back out.
 
-The NCHW conv schedule tiles output channels by a divisor of their count from 4 to 12, and the channels-last
+Where the convs go channels-last (cpu_layout) and the SIMD width is above 8 (AVX-512), every count above 8 that is not
+a multiple of the width is padded to the next one (nhwc_padded_count): the channels-last schedule vectorizes the output
+channels, so a multiple of 8 but not of 16 ran in half-width vectors, and a count that is not a multiple of 8 stayed
+NCHW with layout transforms on both sides. 1x1 conv -> Conv 3x3 [1, 64, 40, 40] -> N (+ bias, relu) -> 1x1 conv to
+64, 1 thread, AMD EPYC (Zen 5), ms unpadded -> padded (onnxruntime): N = 24: 0.45 -> 0.33 (0.35); 40: 0.79 -> 0.45
+(0.49); 136: 2.37 -> 1.29 (1.41); 10: 0.28 -> 0.24 (0.30); 20: 0.41 -> 0.33 (0.36); 60: 1.04 -> 0.61 (0.61); 255:
+5.39 -> 2.32 (2.34); the same with a 1x1 conv at [1, 64, 56, 56] gained 7-44%. 8 channels stay (half a vector either
+way). The slice after the epilogue goes into the conv's kernel, which writes only the real channels (EfficientNet-B0's
+1x1 conv 144 -> 24 at 56x56 with batch-norm: 182 -> 124 us, onnxruntime 124). With AVX2 (8 lanes) padding counts
+that are not a multiple of 8 did not pay (Conv 3x3 -> 60 above: 1.47 -> 1.81 ms, mcpu haswell on the same machine),
+so there only untileable counts are padded, as in NCHW:
+
+the NCHW conv schedule tiles output channels by a divisor of their count from 4 to 12, and the channels-last
 conversion keeps convs whose count is not a multiple of 8 NCHW, so a count without such a divisor (a prime such as 17
 or 131, or 2 x a prime such as 34) ran in one- or two-channel tiles: a 17-channel 3x3 conv of a pruned PP-OCRv4
 detector took 5.9 of its 14.3 ms (Conv 3x3 [1, 64, 80, 80], 1 thread, AMD EPYC: 17 channels 3.6 ms, 24 channels
 0.9 ms; 131: 27 ms, 136: 5.3 ms).
 
-The step is the SIMD width (16 with AVX-512) where the conv's channels are vectorized: channels-last, and NCHW convs
+Their step is the SIMD width (at least 8) where the conv's channels are vectorized: channels-last, and NCHW convs
 the NCHW rule gives its channel tile (stride 2, rows that do not fill vectors); there a count that is a multiple of 8
 but not of the SIMD width gets half-width vectors (the conv above channels-last: 24 channels 1.68 ms, 32: 1.14 ms;
 136: 9.1 ms, 144: 4.7 ms; [1, 64, 40, 40] NCHW: 24 channels 0.40 ms, 32: 0.26 ms). It is PAD_STEP for NCHW convs
@@ -66,6 +78,16 @@ def padded_count(channels: int, step: int = PAD_STEP) -> int | None:
     return -(-channels // step) * step
 
 
+def nhwc_padded_count(channels: int, lanes: int) -> int | None:
+    """The count a conv that goes channels-last is computed at, or None to keep it: with a SIMD width above PAD_STEP
+    (AVX-512) a count above PAD_STEP goes up to the next multiple of the width; otherwise an untileable count
+    (padded_count) does."""
+    wide = max(PAD_STEP, lanes)
+    if wide > PAD_STEP and channels > PAD_STEP:
+        return -(-channels // wide) * wide if channels % wide else None
+    return None if padded_count(channels) is None else padded_count(channels, wide)
+
+
 @dataclass
 class _Padded:
     var: object        # the padded tensor (channels-first, `padded` channels)
@@ -117,6 +139,8 @@ class _Rewriter(LayoutRewriter):
             if got is not None:
                 call, p = got
                 changed = True
+                for u in free_vars(call):     # a padded conv reading a padded tensor it does not take whole
+                    materialize(u)
                 if p is None:                 # a conv that took padded input channels: same output
                     out.append(self.bind(v, call))
                     continue
@@ -158,9 +182,7 @@ class _Rewriter(LayoutRewriter):
         from tvm import relax
         x, w = call.args[0], const_value(call.args[1])
         oc = w.shape[0]
-        pc = padded_count(oc)
-        if pc is not None:
-            pc = padded_count(oc, self._step(call, pc))
+        pc = _padded_conv_count(call, self.lanes, self.nhwc)
         src = padded.get(x)
         if src is not None and not self._absorbs(call, src):
             src = None
@@ -174,14 +196,6 @@ class _Rewriter(LayoutRewriter):
             self.convs.append(f"{oc}->{pc}")
         new = relax.Call(call.op, [x, relax.const(np.ascontiguousarray(w), "float32")], call.attrs)
         return new, (None if pc is None else (oc, pc))
-
-    def _step(self, call, channels: int) -> int:
-        """The SIMD width, or PAD_STEP for an NCHW conv the NCHW rule vectorizes along its output width at `channels`
-        (a multiple of PAD_STEP) output channels: unit stride and a width that fills vectors."""
-        wide = max(PAD_STEP, self.lanes)
-        if self.nhwc or int(call.attrs.strides[1]) != 1 or shape_of(call) is None:
-            return wide
-        return PAD_STEP if pixel_tile(shape_of(call)[3], channels, None, self.lanes) else wide
 
     @staticmethod
     def _absorbs(call, src: _Padded) -> bool:
@@ -226,12 +240,31 @@ class _Rewriter(LayoutRewriter):
         return relax.Call(call.op, new, call.attrs), (c, pc)
 
 
-def _has_untileable_conv(mod) -> bool:
+def _nchw_step(call, channels: int, lanes: int) -> int:
+    """The SIMD width, or PAD_STEP for an NCHW conv the NCHW rule vectorizes along its output width at `channels`
+    (a multiple of PAD_STEP) output channels: unit stride and a width that fills vectors."""
+    wide = max(PAD_STEP, lanes)
+    if int(call.attrs.strides[1]) != 1 or shape_of(call) is None:
+        return wide
+    return PAD_STEP if pixel_tile(shape_of(call)[3], channels, None, lanes) else wide
+
+
+def _padded_conv_count(call, lanes: int, nhwc: bool) -> int | None:
+    """The output channel count plain conv `call` is computed at, or None to keep it: nhwc_padded_count where the
+    convs go channels-last, else padded_count at _nchw_step."""
+    oc = int(const_value(call.args[1]).shape[0])
+    if nhwc:
+        return nhwc_padded_count(oc, lanes)
+    pc = padded_count(oc)
+    return None if pc is None else padded_count(oc, _nchw_step(call, pc, lanes))
+
+
+def _has_conv_to_pad(mod, lanes: int, nhwc: bool) -> bool:
     from tvm import relax
     found = []
 
     def visit(e):
-        if isinstance(e, relax.Call) and _plain_conv(e) and padded_count(const_value(e.args[1]).shape[0]):
+        if isinstance(e, relax.Call) and _plain_conv(e) and _padded_conv_count(e, lanes, nhwc):
             found.append(e)
     for _, f in mod.functions.items():
         if isinstance(f, relax.Function):
@@ -240,15 +273,16 @@ def _has_untileable_conv(mod) -> bool:
 
 
 def pad_channels(mod, target, nhwc: bool):
-    """(mod with its fp32 convs of untileable output channel counts padded, facts): see the module docstring. nhwc:
-    the build converts convs to channels-last where it can (cpu_layout)."""
+    """(mod with its fp32 convs computed at padded output channel counts where the tiles fit theirs badly, facts):
+    see the module docstring. nhwc: the build converts convs to channels-last where it can (cpu_layout)."""
     import tvm
     from tvm import relax
 
     from .cpu_layout import converts, scalar_minmax
     from .cpu_schedules import fp32_lanes
 
-    if not _has_untileable_conv(mod):
+    lanes, nhwc = fp32_lanes(target), nhwc and converts(mod)
+    if not _has_conv_to_pad(mod, lanes, nhwc):
         return mod, {}
     with target:
         # batch-norm as arithmetic and biases as constants, so they carry the padding
@@ -256,7 +290,7 @@ def pad_channels(mod, target, nhwc: bool):
                                         relax.transform.FoldConstant()])(mod)
     minmax = {gv.name_hint: k for gv, f in mod.functions.items()
               if isinstance(f, tvm.tirx.PrimFunc) and (k := scalar_minmax(f)) is not None}
-    rw = _Rewriter(mod, minmax, fp32_lanes(target), nhwc and converts(mod))
+    rw = _Rewriter(mod, minmax, lanes, nhwc)
     try:
         new, changed = rewrite_main(mod, rw)
     except Exception as e:  # noqa: BLE001 - an unexpected form: the convs keep their counts (correct, slower)

@@ -61,6 +61,16 @@ def test_padded_counts():
     assert [cpu_pad_channels.padded_count(c) for c in (1, 2, 3, 7, 12, 16, 20, 24, 60, 255)] == [None] * 10
 
 
+def test_channels_last_padded_counts():
+    """Channels-last with AVX-512 every count above 8 goes up to the next multiple of 16; with AVX2 (8 lanes) only the
+    untileable ones, to the next multiple of 8."""
+    counts = (8, 9, 12, 16, 17, 24, 40, 60, 85, 131, 136, 255, 256)
+    assert [cpu_pad_channels.nhwc_padded_count(c, 16) for c in counts] == \
+        [None, 16, 16, None, 32, 32, 48, 64, 96, 144, 144, 256, None]
+    assert [cpu_pad_channels.nhwc_padded_count(c, 8) for c in counts] == \
+        [None, None, None, None, 24, None, None, None, None, 136, None, None, None]
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("oc", [17, 131])
 def test_prime_channel_conv_matches_onnxruntime(oc, layout, tmp_path):
@@ -95,6 +105,47 @@ def test_prime_channel_conv_gets_full_tiles(layout, hw, tmp_path):
         assert f"16->{cpu_pad_channels.padded_count(17, WIDE)} " in note, note
         assert oc_bn % CpuTarget().hw().fp32_lanes == 0, note
     assert sum("strided_slice" in n for n in s) == 1, list(s)
+
+
+@pytest.mark.parametrize("oc", [24, 136])
+def test_channels_last_conv_off_the_simd_width_gets_whole_vectors(oc, tmp_path):
+    """Channels-last, 24 and 136 channels (multiples of 8, not of 16) ran in tiles of 8 channels, half an AVX-512
+    register (`oc_bn=8`); the conv is now computed at the next multiple of the SIMD width in tiles of whole vectors,
+    with bias, relu and the slice back to `oc` channels in its kernel, and matches onnxruntime."""
+    lanes = CpuTarget().hw().fp32_lanes
+    padded = cpu_pad_channels.nhwc_padded_count(oc, lanes)      # None with AVX2: 8 lanes fit both counts
+    onnx.save(m_conv(oc, hw=32), str(tmp_path / "m.onnx"))
+    art = graphopt.compile(str(tmp_path / "m.onnx"), out=tmp_path / "art", measure=False,
+                           target_options={"layout": "nhwc"})
+    assert art.report["check"]["ok"], art.report["check"]
+    assert art.report.get("padded_conv_channels") == ([f"{oc}->{padded}"] if padded else None)
+    assert art.outputs[0]["shape"] == [1, oc, 32, 32]
+    s = scheduled(tmp_path / "m.onnx", CpuTarget(layout="nhwc"))
+    convs = {n: v for n, v in s.items() if "conv2d" in n}
+    assert len(convs) == 1, list(s)
+    (name, (rule, _, notes)), = convs.items()
+    note = " ".join(notes)
+    assert rule == "conv2d_nhwc" and "add" in name and "relu" in name, (name, rule)
+    assert ("strided_slice" in name) == bool(padded), name
+    assert f"16->{padded or oc} " in note, note
+    assert int(re.search(r"oc_bn=(\d+)", note).group(1)) % lanes == 0, note
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_padded_conv_reading_a_slice_of_a_padded_conv(layout, tmp_path):
+    """Two padded 3x3 convs in a row: the second reads the first one's slice (taking 17 padded channels whole would
+    cost more than the slice), which was never written, so the module named an undefined variable and did not build
+    (a MobileNetV3 squeeze-excite: 72 -> 18 -> 72, both padded channels-last)."""
+    nodes = [conv("x", "w1", "c1", "c1", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
+             conv("r1", "w2", "y", "c2", pads=[1, 1, 1, 1])]
+    m = model(nodes, [vi("x", [1, 16, 12, 12])], [vi("y", None)],
+              [("w1", rnd(17, 16, 3, 3)), ("w1_b", rnd(17, seed=1)), ("w2", rnd(17, 17, 3, 3, seed=2)),
+               ("w2_b", rnd(17, seed=3))])
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    art = graphopt.compile(str(tmp_path / "m.onnx"), out=tmp_path / "art", measure=False,
+                           target_options={"layout": layout})
+    assert art.report["check"]["ok"], art.report["check"]
+    assert len(art.report["padded_conv_channels"]) == 2, art.report["padded_conv_channels"]
 
 
 def test_padding_is_carried_absorbed_and_sliced():

@@ -3,6 +3,8 @@ rules): every rule is exercised by a small model that must compile and match onn
 is inspected to make sure the rule really applied (parallel + vectorized loops, packed weights)."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -478,13 +480,32 @@ def test_wide_depthwise_window_stays_within_unroll_bounds(tmp_path):
     assert art.report["check"]["ok"], art.report["check"]
 
 
+def test_half_vector_depthwise_tile_keeps_few_accumulators(tmp_path):
+    """A depthwise conv of 24 channels (half an AVX-512 register: tiles of 8 channels) on rows of 56 took 28-pixel
+    tiles, 28 accumulators beside the unrolled window's weights (spilled: 2x slower than 14-pixel tiles); a depthwise
+    tile now holds at most MAX_DEPTHWISE_ACC accumulator vectors."""
+    from graphopt.targets import cpu_conv
+    m = model([conv("x", "wd", "y", "dw", pads=[1, 1, 1, 1], group=24)], [vi("x", [1, 24, 6, 56])], [vi("y", None)],
+              [("wd", rnd(24, 1, 3, 3)), ("wd_b", rnd(24, seed=1))])
+    onnx.save(m, str(tmp_path / "dw.onnx"))
+    notes = [" ".join(v[2]) for v in scheduled(tmp_path / "dw.onnx", CpuTarget(layout="nhwc")).values()
+             if v[0] == "conv2d_nhwc"]
+    assert len(notes) == 1 and "depthwise" in notes[0], notes
+    oc_bn, ow_bn = (int(re.search(rf"{k}=(\d+)", notes[0]).group(1)) for k in ("oc_bn", "ow_bn"))
+    assert ow_bn * -(-oc_bn // CpuTarget().hw().fp32_lanes) <= cpu_conv.MAX_DEPTHWISE_ACC, notes
+    art = graphopt.compile(str(tmp_path / "dw.onnx"), out=tmp_path / "art", measure=False,
+                           target_options={"layout": "nhwc"})
+    assert art.report["check"]["ok"], art.report["check"]
+
+
 def test_odd_channel_conv_after_channels_last_chain_is_nchw(tmp_path):
-    """A conv with 60 output channels after an NHWC conv is named NCHW / OIHW explicitly: left to follow its NHWC
-    input it kept OIHW weights, which no conv rule takes (PP-OCRv4's recognizer head ran 6.4 ms as a loop nest)."""
+    """A conv with 6 output channels (not a multiple of 8, and too few for cpu_pad_channels to pad) after an NHWC conv
+    is named NCHW / OIHW explicitly: left to follow its NHWC input it kept OIHW weights, which no conv rule takes
+    (PP-OCRv4's recognizer head, 60 channels before such counts were padded, ran 6.4 ms as a loop nest)."""
     nodes = [conv("x", "w1", "c1", "c1"), conv("c1", "w2", "y", "c2", pads=[0, 1, 0, 1], kernel_shape=[1, 3])]
     m = model(nodes, [vi("x", [1, 16, 1, 40])], [vi("y", None)],
-              [("w1", rnd(64, 16, 1, 1)), ("w1_b", rnd(64, seed=1)), ("w2", rnd(60, 64, 1, 3, seed=2)),
-               ("w2_b", rnd(60, seed=3))])
+              [("w1", rnd(64, 16, 1, 1)), ("w1_b", rnd(64, seed=1)), ("w2", rnd(6, 64, 1, 3, seed=2)),
+               ("w2_b", rnd(6, seed=3))])
     onnx.save(m, str(tmp_path / "odd.onnx"))
     rules = sorted(r for n, r in _rules(scheduled(tmp_path / "odd.onnx", CpuTarget(layout="nhwc"))).items()
                    if "conv2d" in n)
