@@ -312,8 +312,8 @@ def test_cli_schedule_reaches_compress(tmp_path, capsys, data):
 
 
 def test_ctc_recognizer_distills_at_temperature_one_with_its_frame_decisions():
-    """[N, T, C] softmax frames (a CTC recognizer): every phase at T <= Schedule.ctc_temperature (1), no label
-    smoothing, and the original's arg-max frames as targets (ctc_teacher_hard_weight); a classifier keeps the
+    """[N, T, C] softmax frames (a CTC recognizer): every phase at T <= Schedule.decision_temperature (1), no label
+    smoothing, and the original's arg-max frames as targets (decision_teacher_hard_weight); a classifier keeps the
     schedule's temperatures (test_schedule_light_then_fine_then_fine_tune)."""
     from onnx import TensorProto, helper, numpy_helper
     from graphopt.graph import from_onnx
@@ -332,3 +332,22 @@ def test_ctc_recognizer_distills_at_temperature_one_with_its_frame_decisions():
     assert info["temperature_cap"] == 1.0
     assert all(h["temperature"] in (1.0, "falling to 1") for h in info["history"])
     assert any("CTC recognizer" in m and "weight 1" in m for m in logs)
+
+
+def test_probability_map_distills_at_temperature_one_with_its_thresholded_decisions():
+    """A one-channel sigmoid map (a text detector's): the same decision rule as a CTC recognizer's frames."""
+    from onnx import TensorProto, helper, numpy_helper
+    from graphopt.graph import from_onnx
+    rng = np.random.default_rng(1)
+    w1, w2 = rng.standard_normal((16, 1, 3, 3)).astype(np.float32), rng.standard_normal((1, 16, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["z"]), helper.make_node("Sigmoid", ["z"], ["y"])]
+    g = helper.make_graph(nodes, "map", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 8, 8])],
+                          [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = from_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    logs = []
+    _, info = compress(model, {"x": rng.standard_normal((64, 1, 8, 8)).astype(np.float32)},
+                       "prune-channels{ratio=0.25,round_to=1}", epochs=2, batch_size=16, lr=1e-3, log=logs.append)
+    assert info["temperature_cap"] == 1.0
+    assert any("probability map" in m and "weight 1" in m for m in logs)
