@@ -371,13 +371,57 @@ def _lower_exp(op):
     return tirx.call_llvm_pure_intrin(dt, "llvm.exp", x)
 
 
+# TVM legalizes tirx.sigmoid as 1 / (1 + exp(-x)), so every SiLU / sigmoid epilogue paid for fast_exp_f32's clamps,
+# special-case selects, floor and int conversion. Sigmoid needs e^-x only for x in [-89, 18]: above 18 the result
+# rounds to 1.0; at -89 n is 128, 2^n's bits are +inf's and the result is 0 (as onnxruntime's, so SiLU(-inf) is NaN
+# there too); below -88 the true result is under 6.1e-39. NaN propagates through the arithmetic, so there are no
+# special cases: n = round(-x log2 e) with the 1.5 * 2^23 shifter (its low bits are n, so 2^n needs no conversion),
+# s = x + n ln2 (Cody-Waite, two constants), e^-x = 2^n p(-s) with p a degree-5 fit of e^r on [-ln2/2, ln2/2]
+# (Lawson-weighted least squares for relative error: 1.0e-7). Max relative error of the sigmoid in float32: 2.6e-7
+# against float64 for x above -87, absolute error under 6.1e-39 below (onnxruntime's own Sigmoid, MLAS's rational
+# approximation, is off by up to 1.7e-7 absolute, i.e. wholly wrong relatively for x below -16). A conv 24 -> 144 at 56x56 with SiLU: 188 -> 142 us
+# (with ReLU6 87; onnxruntime: conv 116 + its separate SiLU 62), EfficientNet-B0 6.36 -> 5.81 ms (1 thread, AMD EPYC).
+_SIGMOID_EXP_P = (1.0000001192092896, -0.9999997019767761, 0.49998825788497925, -0.16667571663856506,
+                  0.04192199558019638, -0.008300413377583027)      # e^-s = sum P[k] s^k
+_SHIFTER = 12582912.0       # 1.5 * 2^23: float bits 0x4B400000 + n for an integer n, |n| < 2^22
+
+
+def fast_sigmoid_f32(x, lanes: str = ""):
+    """1 / (1 + e^-x) for float32 x (scalar, or vectors of `lanes` lanes) in vectorizable arithmetic."""
+    f = lambda v: tirx.const(v, "float32")  # noqa: E731
+    vec = (lambda v: tirx.Broadcast(f(v), int(lanes))) if lanes else f  # noqa: E731
+    xc = tirx.Select(x > f(18.0), vec(18.0), x)            # comparisons false for NaN: NaN stays NaN
+    xc = tirx.Select(xc < f(-89.0), vec(-89.0), xc)
+    t = xc * f(-1.44269504088896341) + f(_SHIFTER)
+    n = t - f(_SHIFTER)                                    # round(-x log2 e), in [-26, 128]
+    s = xc + n * f(0.693359375) + n * f(-2.12194440e-4)
+    p = f(_SIGMOID_EXP_P[-1])
+    for c in _SIGMOID_EXP_P[-2::-1]:
+        p = p * s + f(c)
+    i32, f32 = ("int32", "float32") if not lanes else (f"int32x{lanes}", f"float32x{lanes}")
+    two_n = tirx.reinterpret(f32, tirx.shift_left(tirx.reinterpret(i32, t) + tirx.const(127 - 0x4B400000, "int32"),
+                                                  tirx.const(23, "int32")))
+    return f(1.0) / (f(1.0) + p * two_n)
+
+
+def _lower_sigmoid(op):
+    x = op.args[0]
+    dt = str(x.ty.dtype) if hasattr(x.ty, "dtype") else str(x.ty)
+    base, _, lanes = dt.partition("x")
+    if base == "float32" and (not lanes or lanes.isdigit()):
+        return fast_sigmoid_f32(x, lanes)
+    one = tirx.const(1.0, base)
+    return one / (one + tirx.exp(-x))                      # TVM's own legalization
+
+
 def register_fast_math() -> None:
-    """Lower tirx.erf and tirx.exp (fp32) on llvm targets to the vectorizable approximations above
+    """Lower tirx.erf, tirx.exp and tirx.sigmoid (fp32) on llvm targets to the vectorizable approximations above
     (process-wide, idempotent)."""
     global _fast_math_registered
     if not _fast_math_registered:
         tirx.register_intrin_lowering("tirx.erf", target="llvm", f=_lower_erf, level=99)
         tirx.register_intrin_lowering("tirx.exp", target="llvm", f=_lower_exp, level=99)
+        tirx.register_intrin_lowering("tirx.sigmoid", target="llvm", f=_lower_sigmoid, level=99)
         _fast_math_registered = True
 
 

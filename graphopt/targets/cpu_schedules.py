@@ -26,8 +26,8 @@ FuseOps that tvm.compile runs again cannot re-fuse them). Constant weights a rul
 repacked through layout-rewrite preprocess blocks: SplitLayoutRewritePreproc moves them into separate
 functions and fold_prepack evaluates those at compile time (one LLVM build for all of them).
 
-On llvm targets tirx.exp and tirx.erf (fp32) are lowered to vectorizable polynomial approximations
-(cpu_sched_common.register_fast_math), instead of LLVM's scalar libm calls.
+On llvm targets tirx.exp, tirx.erf and tirx.sigmoid (fp32) are lowered to vectorizable polynomial approximations
+(cpu_sched_common.register_fast_math), instead of LLVM's scalar libm calls (sigmoid: without exp's special cases).
 """
 from __future__ import annotations
 
