@@ -312,7 +312,8 @@ def test_cli_schedule_reaches_compress(tmp_path, capsys, data):
 
 
 def test_ctc_recognizer_distills_at_temperature_one_with_its_frame_decisions():
-    """[N, T, C] softmax frames (a CTC recognizer): every phase at T <= Schedule.decision_temperature (1), no label
+    """Schedule(decisions=True), [N, T, C] softmax frames (a CTC recognizer): every phase at T <=
+    Schedule.decision_temperature (1), no label
     smoothing, and the original's arg-max frames as targets (decision_teacher_hard_weight); a classifier keeps the
     schedule's temperatures (test_schedule_light_then_fine_then_fine_tune)."""
     from onnx import TensorProto, helper, numpy_helper
@@ -328,7 +329,7 @@ def test_ctc_recognizer_distills_at_temperature_one_with_its_frame_decisions():
     x = {"x": rng.standard_normal((64, 6, 8)).astype(np.float32)}
     logs = []
     _, info = compress(model, x, "prune-channels{ratio=0.25,round_to=1}", epochs=2, batch_size=16, lr=1e-3,
-                       log=logs.append)
+                       log=logs.append, schedule=Schedule(decisions=True))
     assert info["temperature_cap"] == 1.0
     assert all(h["temperature"] in (1.0, "falling to 1") for h in info["history"])
     assert any("CTC recognizer" in m and "weight 1" in m for m in logs)
@@ -348,6 +349,11 @@ def test_probability_map_distills_at_temperature_one_with_its_thresholded_decisi
     model = from_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
     logs = []
     _, info = compress(model, {"x": rng.standard_normal((64, 1, 8, 8)).astype(np.float32)},
-                       "prune-channels{ratio=0.25,round_to=1}", epochs=2, batch_size=16, lr=1e-3, log=logs.append)
+                       "prune-channels{ratio=0.25,round_to=1}", epochs=2, batch_size=16, lr=1e-3, log=logs.append,
+                       schedule=Schedule(decisions=True))
     assert info["temperature_cap"] == 1.0
     assert any("probability map" in m and "weight 1" in m for m in logs)
+    logs.clear()
+    _, info = compress(model, {"x": rng.standard_normal((64, 1, 8, 8)).astype(np.float32)},
+                       "prune-channels{ratio=0.25,round_to=1}", epochs=1, batch_size=16, lr=1e-3, log=logs.append)
+    assert info["temperature_cap"] is None and not any("probability map" in m for m in logs)   # opt-in
