@@ -38,6 +38,21 @@ def run(model, feeds: dict[str, np.ndarray], optimize: bool = False) -> dict[str
 
 
 
+def tensor_values(graph, names: list[str], runs: list[dict]):
+    """Per run (feeds), {name: float64 value} of a gs.Graph's named tensors, outputs or intermediate, from one
+    onnxruntime session; feeds the graph does not take are dropped."""
+    from .graph import copy, to_onnx
+    m = copy(graph)
+    have = {o.name for o in m.outputs}
+    tensors = m.tensors()
+    m.outputs.extend(tensors[n] for n in names if n not in have)
+    sess = session(to_onnx(m))
+    keep = {t.name for t in m.inputs}
+    for feeds in runs:
+        yield {n: v.astype(np.float64) for n, v in zip(names, sess.run(names, {k: v for k, v in feeds.items()
+                                                                            if k in keep}))}
+
+
 def random_inputs(specs, seed: int = 0, ranges: dict | None = None) -> dict[str, np.ndarray]:
     """Seeded inputs for (name, shape, numpy dtype) specs: normal floats, small non-negative ints. ranges
     (check_inputs.input_ranges): {name: {"kind": "index", "high": n}} draws integers from [0, n);

@@ -88,16 +88,11 @@ def activation_scores(graph: gs.Graph, g: cg.ChannelGroups, runs: list[dict], ce
     reads = sorted({(x.name, s.axis) for s, _, x in masks})     # a tensor two sinks read is measured once
     if not reads:
         return np.zeros(g.n_units)
-    fetch = sorted({name for name, _ in reads})
-    have = {o.name for o in m.outputs}
-    m.outputs.extend(x for x in {x.name: x for _, _, x in masks}.values() if x.name not in have)
-    sess = ort.session(to_onnx(m))
     energy = {k: 0.0 for k in reads}
     mean = {k: 0.0 for k in reads}
-    for feeds in runs:
-        vals = dict(zip(fetch, sess.run(fetch, feeds)))
+    for vals in ort.tensor_values(m, sorted({name for name, _ in reads}), runs):
         for name, axis in reads:
-            v = vals[name].astype(np.float64)
+            v = vals[name]
             e = np.moveaxis(v, axis, 0).reshape(v.shape[axis], -1)
             energy[name, axis] = energy[name, axis] + np.mean(e * e, axis=1)
             mean[name, axis] = mean[name, axis] + np.mean(e, axis=1)

@@ -154,19 +154,6 @@ def _columns(c: Consumer, x: np.ndarray) -> list[np.ndarray]:
     return [np.moveaxis(x, c.sink.axis, 0).reshape(x.shape[c.sink.axis], -1)]
 
 
-def _fetched(graph: gs.Graph, names: list[str], runs: list[dict]):
-    """Per run, {name: float64 value} of the named tensors (onnxruntime on a copy with them as outputs)."""
-    m = copy_graph(graph)
-    have = {o.name for o in m.outputs}
-    tensors = m.tensors()
-    m.outputs.extend(tensors[n] for n in names if n not in have)
-    sess = ort.session(to_onnx(m))
-    keep = {t.name for t in m.inputs}
-    for feeds in runs:
-        yield {n: v.astype(np.float64) for n, v in zip(names, sess.run(names, {k: v for k, v in feeds.items()
-                                                                            if k in keep}))}
-
-
 def _x_name(c: Consumer) -> str:
     return c.node.inputs[c.sink.input].name
 
@@ -177,7 +164,7 @@ def _z_name(c: Consumer) -> str:
 
 def measure_means(original: gs.Graph, cons: list[Consumer], runs: list[dict]) -> None:
     """Each consumer's per-tap input means on the original graph."""
-    for vals in _fetched(original, sorted({_x_name(c) for c in cons}), runs):
+    for vals in ort.tensor_values(original, sorted({_x_name(c) for c in cons}), runs):
         for c in cons:
             cols = _columns(c, vals[_x_name(c)])
             if c.tap_sum is None:
@@ -190,8 +177,8 @@ def measure_means(original: gs.Graph, cons: list[Consumer], runs: list[dict]) ->
 def measure_joint(original: gs.Graph, compensated: gs.Graph, cons: list[Consumer], runs: list[dict]) -> None:
     """lsq consumers: cross statistics of the original input x and the compensated graph's input z on the same
     runs."""
-    xs = _fetched(original, sorted({_x_name(c) for c in cons}), runs)
-    zs = _fetched(compensated, sorted({_z_name(c) for c in cons}), runs)
+    xs = ort.tensor_values(original, sorted({_x_name(c) for c in cons}), runs)
+    zs = ort.tensor_values(compensated, sorted({_z_name(c) for c in cons}), runs)
     for xv, zv in zip(xs, zs):
         for c in cons:
             x, = _columns(c, xv[_x_name(c)])
@@ -334,22 +321,22 @@ def _write_weight(c: Consumer, w, names) -> None:
     node.inputs[1] = gs.Constant(names(wt.name + "_lsq"), np.ascontiguousarray(v).astype(dtype))
 
 
-def output_error(original: gs.Graph, candidate: gs.Graph, runs: list[dict]) -> float:
-    """Relative RMS error of the candidate's outputs (and the inputs of saturating output ops) against the
-    original's, averaged over those tensors, on the runs (onnxruntime)."""
-    a, b = with_pre_activations(original, candidate)
-    sa, sb = ort.session(to_onnx(a)), ort.session(to_onnx(b))
-    na, nb = [t.name for t in a.outputs], [t.name for t in b.outputs]
-    keep = {t.name for t in b.inputs}
-    diff, ref = np.zeros(len(na)), np.zeros(len(na))
-    for feeds in runs:
-        ya = sa.run(na, feeds)
-        yb = sb.run(nb, {k: v for k, v in feeds.items() if k in keep})
-        for i, (u, v) in enumerate(zip(ya, yb)):
-            u, v = u.astype(np.float64), v.astype(np.float64)
-            diff[i] += float(np.sum((u - v) ** 2))
-            ref[i] += float(np.sum(u * u))
-    return float(np.mean(np.sqrt(diff / np.maximum(ref, 1e-30))))
+def output_errors(original: gs.Graph, candidates: list[gs.Graph], runs: list[dict]) -> list[float]:
+    """Per candidate, the relative RMS error of its outputs (and the inputs of saturating output ops) against the
+    original's, averaged over those tensors, on the runs (onnxruntime; the original runs once for all)."""
+    pairs = [with_pre_activations(original, c) for c in candidates]
+    wanted = [[t.name for t in a.outputs] for a, _ in pairs]          # the original's tensors each one is held to
+    sessions = [(ort.session(to_onnx(b)), [t.name for t in b.outputs], {t.name for t in b.inputs}) for _, b in pairs]
+    diff = [np.zeros(len(w)) for w in wanted]
+    ref = [np.zeros(len(w)) for w in wanted]
+    union = sorted({n for w in wanted for n in w})
+    for feeds, ya in zip(runs, ort.tensor_values(original, union, runs)):
+        for c, (sess, outs, keep) in enumerate(sessions):
+            yb = sess.run(outs, {k: v for k, v in feeds.items() if k in keep})
+            for i, (name, v) in enumerate(zip(wanted[c], yb)):
+                diff[c][i] += float(np.sum((ya[name] - v.astype(np.float64)) ** 2))
+                ref[c][i] += float(np.sum(ya[name] ** 2))
+    return [float(np.mean(np.sqrt(d / np.maximum(r, 1e-30)))) for d, r in zip(diff, ref)]
 
 
 def reconstruct(original: gs.Graph, plan: Plan, pruned: gs.Graph, runs: list[dict], check_runs: list[dict],
@@ -364,8 +351,7 @@ def reconstruct(original: gs.Graph, plan: Plan, pruned: gs.Graph, runs: list[dic
         return pruned, info
     measure_means(original, cons, runs)
     fixed, info["sinks"] = compensate(original, pruned, cons, runs)
-    before = output_error(original, pruned, check_runs)
-    after = output_error(original, fixed, check_runs)
+    before, after = output_errors(original, [pruned, fixed], check_runs)
     info["output_error_before"] = round(before, 6)
     info["output_error_after"] = round(after, 6)
     if not after <= before or not math.isfinite(after):
