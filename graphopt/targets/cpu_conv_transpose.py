@@ -43,22 +43,14 @@ def is_depth_to_space(call) -> bool:
 def as_conv_depth_to_space(mod, min_channels: int):
     """mod with every NHWC conv2d_transpose that is_depth_to_space accepts replaced by a 1x1 conv2d and a
     depth-to-space copy (see the module docstring); the 1x1 conv's channels padded to a multiple of min_channels."""
-    from tvm import relax
+    from .relax_layout import rewrite_calls
 
-    @relax.expr_functor.mutator
-    class _Rewrite(relax.PyExprMutator):
-        def visit_call_(self, op):  # noqa: N802 - TVM's visitor naming
-            new = self.visit_expr_post_order(op)
-            if not isinstance(new, relax.Call) or not is_depth_to_space(new) or \
-                    str(new.attrs.data_layout) != "NHWC":
-                return new
-            return _conv_depth_to_space(self.builder_, new, min_channels)
+    def rewrite(bb, call):
+        if not is_depth_to_space(call) or str(call.attrs.data_layout) != "NHWC":
+            return call
+        return _conv_depth_to_space(bb, call, min_channels)
 
-    rw = _Rewrite(mod)
-    for gv, f in list(mod.functions.items()):
-        if isinstance(f, relax.Function):
-            rw.builder_.update_func(gv, rw.visit_expr(f))
-    return rw.builder_.get()
+    return rewrite_calls(mod, rewrite)
 
 
 def _conv_depth_to_space(bb, call, min_channels: int):

@@ -216,6 +216,7 @@ def _layout_ready_ops(mod):
     import tvm
     from tvm import relax
 
+    from .relax_layout import rewrite_calls
     call_tir = tvm.ir.Op.get("relax.call_tir")
     kinds = {}
     for gv, f in mod.functions.items():
@@ -224,32 +225,25 @@ def _layout_ready_ops(mod):
             if k is not None:
                 kinds[gv.name_hint] = k
 
-    @relax.expr_functor.mutator
-    class _Lift(relax.PyExprMutator):
-        def visit_call_(self, op):  # noqa: N802 - TVM's visitor naming
-            new = self.visit_expr_post_order(op)
-            if not isinstance(new, relax.Call):
-                return new
-            if new.op.same_as(call_tir) and new.args[0].name_hint in kinds:
-                args = new.args[1]
-                fields = list(args.fields) if isinstance(args, relax.Tuple) else [args]
-                if len(fields) == 2:
-                    f = relax.op.maximum if kinds[new.args[0].name_hint] == "max" else relax.op.minimum
-                    return f(fields[0], fields[1])
-            if getattr(new.op, "name", None) in _BINARY and len(new.args) == 2:
-                return _full_rank_constants(new)
-            if getattr(new.op, "name", None) == "relax.clip" and str(new.args[0].ty.dtype).startswith("float"):
-                x, lo, hi = new.args
-                dt = str(x.ty.dtype)
-                # topi.clip computes max(min(x, hi), lo)
-                return relax.op.maximum(relax.op.minimum(x, relax.const(_number(hi), dt)), relax.const(_number(lo), dt))
-            if getattr(new.op, "name", None) == "relax.squeeze":
-                return _nonnegative_squeeze_axes(new)
-            if getattr(new.op, "name", None) == "relax.stack":
-                return _stack_as_concat(new)
-            return new
+    def lift(_bb, new):
+        if new.op.same_as(call_tir) and new.args[0].name_hint in kinds:
+            args = new.args[1]
+            fields = list(args.fields) if isinstance(args, relax.Tuple) else [args]
+            if len(fields) == 2:
+                f = relax.op.maximum if kinds[new.args[0].name_hint] == "max" else relax.op.minimum
+                return f(fields[0], fields[1])
+        if getattr(new.op, "name", None) in _BINARY and len(new.args) == 2:
+            return _full_rank_constants(new)
+        if getattr(new.op, "name", None) == "relax.clip" and str(new.args[0].ty.dtype).startswith("float"):
+            x, lo, hi = new.args
+            dt = str(x.ty.dtype)
+            # topi.clip computes max(min(x, hi), lo)
+            return relax.op.maximum(relax.op.minimum(x, relax.const(_number(hi), dt)), relax.const(_number(lo), dt))
+        if getattr(new.op, "name", None) == "relax.squeeze":
+            return _nonnegative_squeeze_axes(new)
+        if getattr(new.op, "name", None) == "relax.stack":
+            return _stack_as_concat(new)
+        return new
 
-    for gv, f in list(mod.functions.items()):
-        if isinstance(f, relax.Function):
-            mod[gv] = _Lift(mod).visit_expr(f)
+    mod = rewrite_calls(mod, lift)
     return relax.transform.DeadCodeElimination()(mod)

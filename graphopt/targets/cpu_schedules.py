@@ -42,6 +42,7 @@ from graphopt.errors import reraise_if_strict
 
 from . import x86_isa
 from .cpu_sched_common import Ctx, check_full_coverage, check_vectorized_loops, register_fast_math
+from .relax_layout import rewrite_calls
 from .cpu_vector_math import vectorizable_math
 
 log = logging.getLogger("graphopt.cpu_schedules")
@@ -204,23 +205,15 @@ def fold_prepack(mod, target):
         lib[name](*[c.value for c in fields], *outs)
         results.append((name, fields, [o.numpy() for o in outs]))
 
-    @relax.expr_functor.mutator
-    class _Replace(relax.PyExprMutator):
-        def visit_call_(self, op):  # noqa: N802 - TVM's visitor naming
-            new = self.visit_expr_post_order(op)
-            if isinstance(new, relax.Call) and new.op.same_as(call_tir):
-                gv = new.args[0]
-                args = new.args[1]
-                fields = list(args.fields) if isinstance(args, relax.Tuple) else [args]
-                for name, consts, outs in results:
-                    if name == gv.name_hint and len(consts) == len(fields) and \
-                            all(a.same_as(c) for a, c in zip(fields, consts)):
-                        if len(outs) == 1:
-                            return relax.const(outs[0])
-                        return relax.Tuple([relax.const(o) for o in outs])
-            return new
+    def replace(_bb, new):
+        if new.op.same_as(call_tir):
+            args = new.args[1]
+            fields = list(args.fields) if isinstance(args, relax.Tuple) else [args]
+            for name, consts, outs in results:
+                if name == new.args[0].name_hint and len(consts) == len(fields) and \
+                        all(a.same_as(c) for a, c in zip(fields, consts)):
+                    return relax.const(outs[0]) if len(outs) == 1 else relax.Tuple([relax.const(o) for o in outs])
+        return new
 
-    for gv, f in list(mod.functions.items()):
-        if isinstance(f, relax.Function):
-            mod[gv] = _Replace(mod).visit_expr(f)
+    mod = rewrite_calls(mod, replace)
     return relax.transform.DeadCodeElimination()(mod)

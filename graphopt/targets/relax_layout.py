@@ -1,7 +1,8 @@
 """What the int8 and bf16 rewrites share: kernels added to the module as scheduled, opaque PrimFuncs, tensors kept in
 a physical layout between kernels (NHWC with channels padded, or [rows, padded columns]) with logical views
 (permute_dims / strided_slice / reshape) emitted for the ops that read the graph's own layout, the walk over
-the dataflow blocks of `main` that rebuilds it, and the module pass that runs a rewrite in build's pipeline."""
+the dataflow blocks of `main` that rebuilds it, the call-by-call rewrite of every Relax function (rewrite_calls),
+and the module pass that runs a rewrite in build's pipeline."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -144,6 +145,24 @@ def rewrite_main(mod, rw: LayoutRewriter):
     mod = rw.bb.get()
     mod[gv_main] = new_func
     return relax.transform.DeadCodeElimination(["main"])(mod), True
+
+
+def rewrite_calls(mod, fn):
+    """mod with every Relax call of every Relax function replaced by fn(builder, call), visited post-order (fn
+    returns the call itself to keep it; it may emit bindings through the block builder)."""
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class _Calls(relax.PyExprMutator):
+        def visit_call_(self, op):  # noqa: N802 - TVM's visitor naming
+            new = self.visit_expr_post_order(op)
+            return fn(self.builder_, new) if isinstance(new, relax.Call) else new
+
+    rw = _Calls(mod)
+    for gv, f in list(mod.functions.items()):
+        if isinstance(f, relax.Function):
+            rw.builder_.update_func(gv, rw.visit_expr(f))
+    return rw.builder_.get()
 
 
 def rewrite_pass(name: str, rewrite, target):
