@@ -54,7 +54,7 @@ def converts(mod) -> bool:
     """to_nhwc changes mod: it has an fp32 conv2d or conv2d_transpose, no scheduled kernels and no conv2d_transpose
     but those whose kernel equals their stride (cpu_conv_transpose.is_depth_to_space)."""
     from .cpu_conv_transpose import is_depth_to_space
-    deconvs = [c for c in _calls(mod) if getattr(c.op, "name", None) == "relax.nn.conv2d_transpose"]
+    deconvs = [c for c in calls(mod) if getattr(c.op, "name", None) == "relax.nn.conv2d_transpose"]
     return (_has_fp32_conv(mod) or bool(deconvs)) and not _has_scheduled_kernels(mod) and \
         all(is_depth_to_space(c) for c in deconvs)
 
@@ -88,7 +88,8 @@ def _conv_layout(call) -> dict:
     return NHWC_LAYOUTS if int(shape[1]) % MIN_NHWC_CHANNELS == 0 else NCHW_LAYOUTS
 
 
-def _calls(mod):
+def calls(mod):
+    """Every Relax call of every Relax function of mod."""
     from tvm import relax
     out = []
     for _, f in mod.functions.items():
@@ -98,7 +99,7 @@ def _calls(mod):
 
 
 def _has_fp32_conv(mod) -> bool:
-    for c in _calls(mod):
+    for c in calls(mod):
         if getattr(c.op, "name", None) == "relax.nn.conv2d" and str(getattr(c.ty, "dtype", "")) == "float32":
             return True
     return False
@@ -205,6 +206,13 @@ def _stack_as_concat(call):
     return relax.op.concat([relax.op.expand_dims(x, axis) for x in xs.fields], axis=axis)
 
 
+def minmax_kernels(mod) -> dict[str, str]:
+    """{PrimFunc name: "max" / "min"} of mod's kernels that scalar_minmax recognizes."""
+    import tvm
+    return {gv.name_hint: k for gv, f in mod.functions.items()
+            if isinstance(f, tvm.tirx.PrimFunc) and (k := scalar_minmax(f)) is not None}
+
+
 def _number(prim_value) -> float:
     v = prim_value.value
     return float(getattr(v, "value", v))
@@ -218,12 +226,7 @@ def _layout_ready_ops(mod):
 
     from .relax_layout import rewrite_calls
     call_tir = tvm.ir.Op.get("relax.call_tir")
-    kinds = {}
-    for gv, f in mod.functions.items():
-        if isinstance(f, tvm.tirx.PrimFunc):
-            k = scalar_minmax(f)
-            if k is not None:
-                kinds[gv.name_hint] = k
+    kinds = minmax_kernels(mod)
 
     def lift(_bb, new):
         if new.op.same_as(call_tir) and new.args[0].name_hint in kinds:

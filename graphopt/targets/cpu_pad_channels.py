@@ -260,16 +260,8 @@ def _padded_conv_count(call, lanes: int, nhwc: bool) -> int | None:
 
 
 def _has_conv_to_pad(mod, lanes: int, nhwc: bool) -> bool:
-    from tvm import relax
-    found = []
-
-    def visit(e):
-        if isinstance(e, relax.Call) and _plain_conv(e) and _padded_conv_count(e, lanes, nhwc):
-            found.append(e)
-    for _, f in mod.functions.items():
-        if isinstance(f, relax.Function):
-            relax.analysis.post_order_visit(f, visit)
-    return bool(found)
+    from .cpu_layout import calls
+    return any(_plain_conv(c) and _padded_conv_count(c, lanes, nhwc) for c in calls(mod))
 
 
 def pad_channels(mod, target, nhwc: bool):
@@ -278,7 +270,7 @@ def pad_channels(mod, target, nhwc: bool):
     import tvm
     from tvm import relax
 
-    from .cpu_layout import converts, scalar_minmax
+    from .cpu_layout import converts, minmax_kernels
     from .cpu_schedules import fp32_lanes
 
     lanes, nhwc = fp32_lanes(target), nhwc and converts(mod)
@@ -288,9 +280,7 @@ def pad_channels(mod, target, nhwc: bool):
         # batch-norm as arithmetic and biases as constants, so they carry the padding
         mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
                                         relax.transform.FoldConstant()])(mod)
-    minmax = {gv.name_hint: k for gv, f in mod.functions.items()
-              if isinstance(f, tvm.tirx.PrimFunc) and (k := scalar_minmax(f)) is not None}
-    rw = _Rewriter(mod, minmax, lanes, nhwc)
+    rw = _Rewriter(mod, minmax_kernels(mod), lanes, nhwc)
     try:
         new, changed = rewrite_main(mod, rw)
     except Exception as e:  # noqa: BLE001 - an unexpected form: the convs keep their counts (correct, slower)

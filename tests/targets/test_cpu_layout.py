@@ -31,7 +31,7 @@ def _squeeze_module(axis):
 
 
 def _squeeze_axes(mod):
-    return [[int(a) for a in c.attrs.axis] for c in cpu_layout._calls(mod) if c.op.name == "relax.squeeze"]
+    return [[int(a) for a in c.attrs.axis] for c in cpu_layout.calls(mod) if c.op.name == "relax.squeeze"]
 
 
 def test_squeeze_axes_are_made_non_negative():
@@ -41,7 +41,7 @@ def test_squeeze_axes_are_made_non_negative():
     assert _squeeze_axes(cpu_layout._layout_ready_ops(_squeeze_module([-1]))) == [[2]]
     assert _squeeze_axes(cpu_layout._layout_ready_ops(_squeeze_module([0, -1]))) == [[0, 2]]
     assert _squeeze_axes(cpu_layout._layout_ready_ops(_squeeze_module([2]))) == [[2]]
-    unit = [c for c in cpu_layout._calls(cpu_layout._layout_ready_ops(_squeeze_module(None)))
+    unit = [c for c in cpu_layout.calls(cpu_layout._layout_ready_ops(_squeeze_module(None)))
             if c.op.name == "relax.squeeze"]
     assert len(unit) == 1 and unit[0].attrs.axis is None
 
@@ -79,9 +79,9 @@ def test_stack_becomes_concat_of_expand_dims():
             out = bb.emit_output(bb.emit(relax.op.max(s, axis=[-1])))
         bb.emit_func_output(out)
     mod = cpu_layout._layout_ready_ops(bb.get())
-    ops = [c.op.name for c in cpu_layout._calls(mod)]
+    ops = [c.op.name for c in cpu_layout.calls(mod)]
     assert "relax.stack" not in ops and ops.count("relax.expand_dims") == 2 and "relax.concat" in ops, ops
-    concat = next(c for c in cpu_layout._calls(mod) if c.op.name == "relax.concat")
+    concat = next(c for c in cpu_layout.calls(mod) if c.op.name == "relax.concat")
     assert int(concat.attrs.axis) == 2
     relax.transform.ConvertLayout({}, lambda call: {})(mod)        # raised before the rewrite
 
