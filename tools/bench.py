@@ -1,7 +1,7 @@
 """Benchmark graphopt's CPU target against onnxruntime and OpenVINO on the models in tools/bench_models.py.
 
     .venv/bin/python tools/bench.py [--models resnet18 mobilenet_v2 ...] [--threads 1 2] [--tuned-db DIR]
-                                    [--out bench.md] [--rounds 5] [--pipeline cleanup]
+                                    [--out bench.md] [--rounds 5] [--pipeline cleanup] [--precision fp32 bf16]
 
 For every model: write its ONNX file (cached in --work; the PP-OCR models with their input shape bound, the
 `<model>_int8` rows the QDQ model of tools/bench_int8.quantize_qdq), compile it with graphopt's default schedules
@@ -20,7 +20,8 @@ the same run as the best of a few 2048^3 sgemm calls through numpy's BLAS limite
 whether the requested thread count really took effect). The header names the CPU, its AVX-512/AMX flags, the date
 and the load average. Thread counts are timed from the largest down: in one process TVM's thread pool can be
 shrunk after its first configuration but not grown again. Compiled models are checked against onnxruntime by
-graphopt.compile itself. Rows are also written as JSON beside --out.
+graphopt.compile itself. `--precision fp32 bf16` also builds and times each model with the cpu target's precision bf16
+(the summary then compares it with OpenVINO's default precision). Rows are also written as JSON beside --out.
 """
 from __future__ import annotations
 
@@ -121,10 +122,12 @@ def one_line(e: BaseException) -> str:
     return (f"{type(e).__name__}: {lines[-1] if lines else ''}")[:160]
 
 
-def compile_model(path: Path, out: Path, pipeline: str | None, tuning_db: str | None) -> tuple[object, float]:
+def compile_model(path: Path, out: Path, pipeline: str | None, tuning_db: str | None,
+                  precision: str = "fp32") -> tuple[object, float]:
     import graphopt
     t0 = time.perf_counter()
-    art = graphopt.compile(str(path), out=str(out), pipeline=pipeline or None, tuning_db=tuning_db, measure=False)
+    art = graphopt.compile(str(path), out=str(out), pipeline=pipeline or None, tuning_db=tuning_db, measure=False,
+                           target_options=None if precision == "fp32" else {"precision": precision})
     return art, time.perf_counter() - t0
 
 
@@ -181,6 +184,9 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=PIPELINE",
                     help="also build the model through PIPELINE (e.g. pruned='cleanup,prune-channels{flops=0.5}') "
                          "and time it, and onnxruntime on its model.onnx, beside the unchanged model (repeatable)")
+    ap.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                    help="graphopt builds to time: fp32 (the default build) and/or bf16 (`--precision bf16`: "
+                         "conv / matmul with bf16 inputs, fp32 accumulation; the int8 rows are always built as QDQ)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--round-seconds", type=float, default=0.4)
     args = ap.parse_args(argv)
@@ -231,12 +237,14 @@ def bench_model(name: str, args, work: Path, peaks: dict, openvino_session) -> t
     macs = flops(graphopt.load(str(onnx_path)), None)["macs"]
     builds, build_errors, notes = {}, {}, []
     db = find_db(args.tuned_db, name)
-    for label, pipeline, tuning_db in ([("graphopt default", args.pipeline, None)]
-                                       + ([("graphopt tuned", args.pipeline, db)] if db else [])
-                                       + [(f"graphopt {v.partition('=')[0]}", v.partition("=")[2], None)
-                                          for v in args.variant]):
+    bf16 = "bf16" in args.precision and not name.endswith(INT8)
+    for label, pipeline, tuning_db, precision in (
+            [("graphopt default", args.pipeline, None, "fp32")]
+            + ([("graphopt bf16", args.pipeline, None, "bf16")] if bf16 else [])
+            + ([("graphopt tuned", args.pipeline, db, "fp32")] if db else [])
+            + [(f"graphopt {v.partition('=')[0]}", v.partition("=")[2], None, "fp32") for v in args.variant]):
         try:
-            art, secs = compile_model(onnx_path, work / f"{name}.{label.split()[1]}", pipeline, tuning_db)
+            art, secs = compile_model(onnx_path, work / f"{name}.{label.split()[1]}", pipeline, tuning_db, precision)
         except Exception as e:  # noqa: BLE001 - graphopt failing on a model is a result too
             build_errors[label] = one_line(e)
             print(f"{name}: {label} failed: {build_errors[label]}", flush=True)
@@ -245,7 +253,7 @@ def bench_model(name: str, args, work: Path, peaks: dict, openvino_session) -> t
         print(f"{name}: {label} compiled in {secs:.1f} s (target lowering {art.report.get('compile_seconds')} s)",
               flush=True)
     variant_macs = {label.split()[1]: flops(graphopt.load(str(a.path / "model.onnx")), None)["macs"]
-                    for label, (a, _) in builds.items() if label.split()[1] not in ("default", "tuned")}
+                    for label, (a, _) in builds.items() if label.split()[1] not in ("default", "tuned", "bf16")}
     # one file for every engine: the artifact's model.onnx (the graph graphopt compiled), else the written model
     model_file = builds["graphopt default"][0].path / "model.onnx" if "graphopt default" in builds else onnx_path
     model_bytes = model_file.read_bytes()
@@ -316,7 +324,7 @@ def bench_model(name: str, args, work: Path, peaks: dict, openvino_session) -> t
     return rows, notes
 
 
-SUMMARY = ("onnxruntime", "openvino fp32", "openvino default", "graphopt default")
+SUMMARY = ("onnxruntime", "openvino fp32", "openvino default", "graphopt default", "graphopt bf16")
 
 
 def _cell(row: dict | None, precision: bool = False) -> str:
@@ -352,10 +360,13 @@ def write_markdown(path: Path, rows, peaks, notes, args, versions: dict, load: t
         "the execution graph. `<model>_int8` rows run the same QDQ file in every engine (graphopt: its int8 "
         "lowering). graphopt / fp32 best = graphopt latency / the faster of onnxruntime and OpenVINO fp32.",
     ]
+    bf16 = "bf16" in getattr(args, "precision", ())
     for threads in sorted({r["threads"] for r in rows}):
         lines += ["", f"## {threads} thread(s)", "",
                   "| model | onnxruntime ms | OpenVINO fp32 ms | OpenVINO default ms | graphopt ms | graphopt / ORT "
-                  "| graphopt / fp32 best | graphopt compile s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| graphopt / fp32 best | graphopt compile s |"
+                  + (" graphopt bf16 ms | graphopt bf16 / OpenVINO default |" if bf16 else ""),
+                  "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if bf16 else "")]
         for model in args.models:
             cells = {e: next((r for r in rows if r["model"] == model and r["threads"] == threads
                               and r["engine"] in (e, "all")), None) for e in SUMMARY}
@@ -366,9 +377,13 @@ def write_markdown(path: Path, rows, peaks, notes, args, versions: dict, load: t
             ratio = f"{g['ratio']:.2f}" if done and g["ratio"] else "-"
             vs_best = f"{g['vs_best_fp32']:.2f}" if done and g["vs_best_fp32"] else "-"
             compile_s = f"{g['compile_s']:.1f}" if done else "-"
-            lines.append(f"| {model} | {_cell(cells['onnxruntime'])} | {_cell(cells['openvino fp32'], True)} | "
-                         f"{_cell(cells['openvino default'], True)} | {_cell(g)} | {ratio} | {vs_best} | "
-                         f"{compile_s} |")
+            line = (f"| {model} | {_cell(cells['onnxruntime'])} | {_cell(cells['openvino fp32'], True)} | "
+                    f"{_cell(cells['openvino default'], True)} | {_cell(g)} | {ratio} | {vs_best} | {compile_s} |")
+            if bf16:
+                b, ov = cells["graphopt bf16"], cells["openvino default"]
+                both = all(c is not None and "error" not in c for c in (b, ov))
+                line += f" {_cell(b)} | {b['ms'] / ov['ms']:.2f} |" if both else f" {_cell(b)} | - |"
+            lines.append(line)
     lines += ["", "## All engines", "",
               "Min ms = fastest single call (least disturbed by other processes). CPU/wall = process CPU time / wall "
               "time while the engine ran (about the number of busy threads: shows the thread count took effect; "
