@@ -96,17 +96,19 @@ class CpuTarget(Target):
         from .cpu_schedules import schedule_module
         t0 = time.perf_counter()
         mod = import_qdq(model)
-        # build's pipeline starts with the Relax rewrites: QDQ conv / matmul chains -> graphopt's VNNI kernels,
-        # then, with precision bf16, the fp32 ones -> bf16 kernels (vdpbf16ps)
+        # build's pipeline starts with the Relax rewrites: QDQ conv / matmul chains -> graphopt's VNNI kernels; fp32
+        # convs with output channel counts the register tiles fit badly are padded (cpu_pad_channels; not for bf16,
+        # whose kernels pad channels to 16 themselves), then the fp32 conv chains go channels-last (cpu_layout);
+        # with precision bf16 the fp32 conv / matmul chains then become bf16 kernels (vdpbf16ps) in the layout
+        # they are in, so that the ops between them (SiLU, SE blocks, pooling, resize, concat) stay channels-last too
         passes = [int8_rewrite_pass(self.tvm_target())]
+        if self.precision == "fp32":
+            passes.append(pad_channels_pass(self.tvm_target(), nhwc=self.layout == "nhwc"))
+        if self.layout == "nhwc":
+            passes.append(nhwc_pass(self.tvm_target()))
         if self.precision == "bf16":
             from .bf16 import bf16_rewrite_pass
             passes.append(bf16_rewrite_pass(self.tvm_target()))
-        # fp32 convs with output channel counts the register tiles fit badly are padded (cpu_pad_channels), then the
-        # fp32 conv chains the rewrites left go channels-last (cpu_layout)
-        passes.append(pad_channels_pass(self.tvm_target(), nhwc=self.layout == "nhwc"))
-        if self.layout == "nhwc":
-            passes.append(nhwc_pass(self.tvm_target()))
         ex = tvm_lowering.build(mod, self.tvm_target(), schedule=schedule_module, tuning_db=tuning_db, passes=passes)
         tvm_lowering.export(ex, Path(out_dir) / self.library)
         facts = {"compile_seconds": round(time.perf_counter() - t0, 3)}

@@ -213,6 +213,39 @@ def minmax_kernels(mod) -> dict[str, str]:
             if isinstance(f, tvm.tirx.PrimFunc) and (k := scalar_minmax(f)) is not None}
 
 
+def minmax_op(call, kinds: dict):
+    """relax.maximum / relax.minimum for a call_tir of a kernel in kinds (minmax_kernels), with its operands in the
+    order the kernel reads them; None for any other call."""
+    import tvm
+    from tvm import relax
+    if not call.op.same_as(tvm.ir.Op.get("relax.call_tir")) or call.args[0].name_hint not in kinds:
+        return None
+    args = call.args[1]
+    fields = list(args.fields) if isinstance(args, relax.Tuple) else [args]
+    if len(fields) != 2:
+        return None
+    f = relax.op.maximum if kinds[call.args[0].name_hint] == "max" else relax.op.minimum
+    return f(fields[0], fields[1])
+
+
+def minmax_as_ops(mod):
+    """mod with every call_tir of a scalar max / min kernel (the ONNX importer's Clip) as relax.maximum /
+    relax.minimum, which the int8 / bf16 epilogue matchers and ConvertLayout read."""
+    from tvm import relax
+
+    from .relax_layout import rewrite_calls
+    kinds = minmax_kernels(mod)
+    if not kinds:
+        return mod
+
+    def lift(_bb, new):
+        op = minmax_op(new, kinds)
+        return new if op is None else op
+
+    mod = rewrite_calls(mod, lift)
+    return relax.transform.DeadCodeElimination()(mod)
+
+
 def _number(prim_value) -> float:
     v = prim_value.value
     return float(getattr(v, "value", v))
@@ -221,20 +254,14 @@ def _number(prim_value) -> float:
 def _layout_ready_ops(mod):
     """call_tir(max/min against a scalar) and relax.clip -> relax.maximum / relax.minimum, constant operands of
     binary ops to full rank, squeeze axes non-negative, stack as concat (see the module docstring)."""
-    import tvm
     from tvm import relax
 
     from .relax_layout import rewrite_calls
-    call_tir = tvm.ir.Op.get("relax.call_tir")
     kinds = minmax_kernels(mod)
 
     def lift(_bb, new):
-        if new.op.same_as(call_tir) and new.args[0].name_hint in kinds:
-            args = new.args[1]
-            fields = list(args.fields) if isinstance(args, relax.Tuple) else [args]
-            if len(fields) == 2:
-                f = relax.op.maximum if kinds[new.args[0].name_hint] == "max" else relax.op.minimum
-                return f(fields[0], fields[1])
+        if (op := minmax_op(new, kinds)) is not None:
+            return op
         if getattr(new.op, "name", None) in _BINARY and len(new.args) == 2:
             return _full_rank_constants(new)
         if getattr(new.op, "name", None) == "relax.clip" and str(new.args[0].ty.dtype).startswith("float"):

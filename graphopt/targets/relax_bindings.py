@@ -126,7 +126,8 @@ def act_bounds(blk: Block, v):
 
 
 def fold_fp32(blk: Block, e, depth=0) -> np.ndarray | None:
-    """Value of a constant fp32 expression built from constants, dequantize, reshape, astype."""
+    """Value of a constant fp32 expression built from constants, dequantize, reshape, and where(isnan(c), a, b)
+    (how the ONNX importer writes Clip's bounds)."""
     v = blk.bound(e)
     c = const_value(v)
     if c is not None:
@@ -148,4 +149,10 @@ def fold_fp32(blk: Block, e, depth=0) -> np.ndarray | None:
         x = fold_fp32(blk, v.args[0], depth + 1)
         shp = shape_of(v)
         return x.reshape(shp) if x is not None and shp is not None else None
+    if op == "relax.isnan":
+        x = fold_fp32(blk, v.args[0], depth + 1)
+        return None if x is None else np.isnan(x).astype(np.float64)
+    if op == "relax.where":
+        parts = [fold_fp32(blk, a, depth + 1) for a in v.args]
+        return None if any(p is None for p in parts) else np.where(*parts).astype(np.float64)
     return None

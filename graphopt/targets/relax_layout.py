@@ -72,11 +72,15 @@ class LayoutRewriter:
         from tvm import relax
         return relax.VarBinding(var, self.bb.normalize(call))
 
-    def bind_view(self, orig_var, phys: Phys, logical_shape):
-        """orig_var = logical (NCHW / [M, N] / N-d rows) view of the physical tensor."""
+    def bind_view(self, orig_var, phys: Phys, logical_shape, logical_layout: str = "NCHW"):
+        """orig_var = logical (NCHW or NHWC / [M, N] / N-d rows) view of the physical tensor."""
         from tvm import relax
         bindings = []
         src = phys.var
+        if phys.layout == "NHWC" and logical_layout == "NHWC":
+            if phys.channels == logical_shape[3]:
+                return [relax.VarBinding(orig_var, src)]
+            return [self.bind(orig_var, relax.op.strided_slice(src, axes=[3], begin=[0], end=[int(logical_shape[3])]))]
         if phys.layout == "NHWC":
             n, h, w, c = shape_of(src)
             t = self.dfvar("nchw", (n, c, h, w), dtype_of(src))
@@ -100,16 +104,21 @@ class LayoutRewriter:
             bindings.append(relax.VarBinding(orig_var, src))
         return bindings
 
-    def to_nhwc_padded(self, var, channels):
-        """(NHWC tensor with `channels` channels, bindings) for an NCHW var: its physical form when it has one."""
+    def to_nhwc_padded(self, var, channels, layout: str = "NCHW"):
+        """(NHWC tensor with `channels` channels, bindings) for a var in `layout` (NCHW or NHWC): its physical form
+        when it has one."""
         from tvm import relax
         p = self.phys.get(var)
         if p is not None and p.layout == "NHWC" and p.channels == channels:
             return p.var, []
-        n, c, h, w = shape_of(var)
         dt = dtype_of(var)
-        t = self.dfvar("nhwc", (n, h, w, c), dt)
-        bl = [self.bind(t, relax.op.permute_dims(var, [0, 2, 3, 1]))]
+        if layout == "NHWC":
+            n, h, w, c = shape_of(var)
+            t, bl = var, []
+        else:
+            n, c, h, w = shape_of(var)
+            t = self.dfvar("nhwc", (n, h, w, c), dt)
+            bl = [self.bind(t, relax.op.permute_dims(var, [0, 2, 3, 1]))]
         if channels != c:
             t2 = self.dfvar("nhwc_pad", (n, h, w, channels), dt)
             bl.append(self.bind(t2, relax.op.nn.pad(t, [0, 0, 0, 0, 0, 0, 0, channels - c])))

@@ -189,24 +189,106 @@ def test_bf16_check_rejects_what_is_off():
     assert relative_error(ref, ref[:-1]) == float("inf")
 
 
-@pytest.mark.parametrize("C,H,K,st,layout", [(24, 9, 3, 1, "NHWC"), (20, 10, 3, 2, "NCHW"), (32, 7, 5, 1, "NHWC")])
-def test_depthwise_kernel_matches_numpy(C, H, K, st, layout):
-    """The fp32 NHWC depthwise kernel that keeps MobileNet-style chains NHWC between bf16 convs."""
-    rng = np.random.default_rng(C + H)
-    x = rng.standard_normal((1, C, H, H)).astype(np.float32)
-    w = rng.standard_normal((C, 1, K, K)).astype(np.float32)
-    b = rng.standard_normal(C).astype(np.float32)
-    pd = K // 2
-    spec = bf16.ConvSpec(1, H, H, C, C, K, K, (st, st), (pd,) * 4, (1, 1), layout, C, act=(0.0, 6.0))
-    wk = np.zeros((K, K, spec.OCp), np.float32)
-    wk[:, :, :C] = w[:, 0].transpose(1, 2, 0)
-    xin = x if layout == "NCHW" else np.ascontiguousarray(x.transpose(0, 2, 3, 1))
-    y = _run(_build(bf16.dwconv2d_nhwc(spec)), [xin, wk, bf16.padded_bias(b, C, spec.OCp)],
-             (1, spec.OH, spec.OW, spec.OCp))
-    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pd, pd), (pd, pd)))
-    ref = np.zeros((1, spec.OH, spec.OW, C)) + b
-    for kh in range(K):
-        for kw in range(K):
-            ref += (xp[:, :, kh:kh + st * spec.OH:st, kw:kw + st * spec.OW:st] * w[:, 0, kh, kw, None, None]
-                    ).transpose(0, 2, 3, 1)
-    assert np.allclose(y[..., :C], np.clip(ref, 0, 6), rtol=1e-5, atol=1e-5)
+def _inverted_residual(stride=1):
+    """MobileNetV2's block after a stem: conv 3x3 -> BN -> Clip(0, 6) -> [1x1 conv -> BN -> Clip -> depthwise 3x3 ->
+    BN -> Clip -> 1x1 conv -> BN -> + the block's input], Clip written as the importer sees it from PyTorch (min / max
+    inputs), channel counts that are not multiples of 16 (24 -> 72 -> 24)."""
+    from onnx import helper
+    from onnx_builders import bn_node, bn_params, model, rnd, vi
+    nodes, inits = [], [("lo", np.array(0.0, np.float32)), ("hi", np.array(6.0, np.float32))]
+    convs = [("stem", "x", 24, 3, 1, 1, True), ("expand", "stem_a", 72, 1, 1, 1, True),
+             ("dw", "expand_a", 72, 3, stride, 72, True), ("project", "dw_a", 24, 1, 1, 1, False)]
+    cin = 8
+    for i, (name, src, cout, k, st, group, clip) in enumerate(convs):
+        inits += [(f"{name}_w", rnd(cout, cin // group, k, k, seed=i))] + bn_params(name, cout, seed=i)
+        nodes += [helper.make_node("Conv", [src, f"{name}_w"], [f"{name}_c"], name=name, pads=[k // 2] * 4,
+                                   strides=[st, st], group=group), bn_node(f"{name}_c", f"{name}_n", name)]
+        if clip:
+            nodes.append(helper.make_node("Clip", [f"{name}_n", "lo", "hi"], [f"{name}_a"], name=f"{name}_clip"))
+        cin = cout
+    if stride == 1:
+        nodes.append(helper.make_node("Add", ["project_n", "stem_a"], ["y"], name="residual"))
+    else:
+        nodes.append(helper.make_node("Identity", ["project_n"], ["y"], name="out"))
+    return model(nodes, [vi("x", [1, 8, 14, 14])], [vi("y", None)], inits)
+
+
+def _main_bindings(mod):
+    """(op name or None, value) of every binding of mod['main'], in order."""
+    from tvm import relax
+    return [(getattr(getattr(b.value, "op", None), "name", None), b.value)
+            for blk in mod["main"].body.blocks for b in blk.bindings if isinstance(b.value, (relax.Call, relax.Var))]
+
+
+@needs_bf16
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_inverted_residual_stays_nhwc_between_kernels(stride, layout):
+    """The ReLU6 clips end their conv chains (the importer's max / min kernels are read as bounds) and the depthwise
+    conv reads the 1x1 conv's NHWC output: the block runs as bf16 kernels and one fp32 NHWC depthwise conv with no
+    layout change between them, whether the bf16 rewrite sees the imported NCHW graph (layout nchw) or the
+    channels-last one (layout nhwc, the default: after cpu_layout.to_nhwc). The only permute_dims left read the
+    graph's input or make its output. (Before, every clip ran on an NCHW view of the conv before it and the
+    depthwise conv read that.)"""
+    from graphopt.targets.bf16.rewrite import rewrite_bf16
+    from graphopt.targets.cpu_layout import to_nhwc
+    from graphopt.targets.int8 import import_qdq
+    mod = import_qdq(_inverted_residual(stride))
+    if layout == "nhwc":
+        mod = to_nhwc(mod, _target())
+    mod, facts = rewrite_bf16(mod, _target())
+    assert facts["bf16_conv2d"] == 3 and facts["bf16_residual_fused"] == (1 if stride == 1 else 0)
+    ops = _main_bindings(mod)
+    kernels = [i for i, (op, _) in enumerate(ops) if op in ("relax.call_tir", "relax.nn.conv2d")]
+    params = set(mod["main"].params)
+    for i, (op, value) in enumerate(ops):
+        if op == "relax.permute_dims":
+            assert value.args[0] in params or i > kernels[-1], [o for o, _ in ops]
+    convs = [v for op, v in ops if op == "relax.nn.conv2d"]
+    assert len(convs) == 1 and str(convs[0].attrs.data_layout) == "NHWC" and int(convs[0].attrs.groups) in (72, 80)
+    assert sum(op == "relax.call_tir" for op, _ in ops) == 3 and facts["fp32_dwconv2d_nhwc"] == 1
+
+
+@needs_bf16
+def test_inverted_residual_bf16_matches_onnxruntime(tmp_path):
+    """The same block compiled with precision bf16 passes compile's bf16 check against onnxruntime fp32 (padded
+    channels 72 -> 80 and 24 -> 32 included)."""
+    import onnx
+
+    import graphopt
+    path = tmp_path / "block.onnx"
+    onnx.save(_inverted_residual(), str(path))
+    art = graphopt.compile(str(path), out=tmp_path / "a", target_options={"precision": "bf16"}, measure=False)
+    rep = art.report
+    assert rep["bf16_conv2d"] == 3 and rep["fp32_dwconv2d_nhwc"] == 1 and rep["bf16_residual_fused"] == 1
+    assert rep["check"]["ok"] and rep["check"]["max_relative_error"] < 0.05
+
+
+@needs_bf16
+def test_bf16_check_compares_a_saturated_sigmoid_map_in_logit_space(tmp_path):
+    """A detector-style head (conv -> conv -> Sigmoid) whose map sits near 0 on the check's inputs (logits -10 to
+    -14, as PP-OCRv4's detector on random inputs): relative to the map's tiny largest value, bf16's logit error is
+    magnified by the logits' size, so the check compares the Sigmoid output in logit space, probabilities clipped
+    at bf16_check.PROBABILITY_FLOOR (onnxruntime's own Sigmoid is off by up to 58% of a probability of 1e-7), and
+    says so."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    import graphopt
+    rng = np.random.default_rng(0)
+    w1 = (rng.standard_normal((64, 3, 3, 3)) * 0.3).astype(np.float32)
+    w2 = (rng.standard_normal((1, 64, 3, 3)) * 0.05).astype(np.float32)
+    b2 = np.array([-12.0], np.float32)
+    inits = [onnx.numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (w2, "w2"), (b2, "b2"))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Conv", ["r", "w2", "b2"], ["z"], pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["z"], ["map"])]
+    g = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
+                          [helper.make_tensor_value_info("map", TensorProto.FLOAT, [1, 1, 32, 32])], inits)
+    path = tmp_path / "head.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    art = graphopt.compile(str(path), out=tmp_path / "a", target_options={"precision": "bf16"}, measure=False)
+    chk = art.report["check"]
+    assert chk["ok"] and chk["logit_space"] == ["map"]
+    assert chk["max_relative_error"] < chk["bound"] / 4

@@ -4,16 +4,14 @@ inputs and fp32 accumulation on AVX512-BF16 (`vdpbf16ps`); everything else stays
 Modules:
     intrinsic  the 16x2 vdpbf16ps tensor intrinsic (through a small imported LLVM IR function) and TIR rounding
     packing    fp32 weights -> bf16 pairs at compile time (nearest even)
-    kernels    conv2d_bf16 / dense_bf16: scheduled PrimFuncs with fused bias, relu/clip and residual epilogues;
-               dwconv2d_nhwc: fp32 depthwise conv in NHWC (keeps MobileNet chains NHWC)
+    kernels    conv2d_bf16 / dense_bf16: scheduled PrimFuncs with fused bias, relu/clip and residual epilogues
     rewrite    rewrite_bf16(mod, target) -> (IRModule, facts): the Relax rewrite of fp32 conv2d / matmul chains;
                bf16_rewrite_pass(target): it as the module pass graphopt.Bf16Rewrite (tvm_lowering.build(passes=...),
                facts read back as .facts)
 """
-from .kernels import KERNEL_ATTR, ConvSpec, DenseSpec, conv2d_bf16, dense_bf16, dwconv2d_nhwc
+from .kernels import KERNEL_ATTR, ConvSpec, DenseSpec, conv2d_bf16, dense_bf16
 from .packing import bf16_bits, pack_conv_weight, pack_dense_weight, padded_bias
 from .rewrite import bf16_dot, bf16_rewrite_pass, rewrite_bf16
 
 __all__ = ["KERNEL_ATTR", "ConvSpec", "DenseSpec", "bf16_bits", "bf16_dot", "bf16_rewrite_pass", "conv2d_bf16",
-           "dense_bf16", "dwconv2d_nhwc",
-           "pack_conv_weight", "pack_dense_weight", "padded_bias", "rewrite_bf16"]
+           "dense_bf16", "pack_conv_weight", "pack_dense_weight", "padded_bias", "rewrite_bf16"]

@@ -147,47 +147,6 @@ def dense_bf16(spec: DenseSpec):
     return _schedule(te.create_prim_func([A, Wp, B, Y]), s.M, Np // 16, "dense")
 
 
-def dwconv2d_nhwc(spec: ConvSpec):
-    """Scheduled PrimFunc (X fp32 in spec.in_layout, Wdw fp32 [KH, KW, OCp], B fp32 [OCp], Y fp32 NHWC [N, OH, OW,
-    OCp]): depthwise conv (one filter per channel) in fp32, NHWC, vectorized along the channels, with the bias and
-    bounds fused. No reduction over channels, so bf16 dot products do not apply; it keeps the chain between two
-    bf16 convs in NHWC (MobileNet's inverted residuals)."""
-    from tvm import te, tirx
-    s = spec
-    OH, OW, Cp, cin = s.OH, s.OW, s.OCp, s.cin
-    sh, sw = s.stride
-    dh, dw = s.dilation
-    pt, pl, pb, pr = s.pad
-    X = te.placeholder((s.N, s.C, s.H, s.W) if s.in_layout == "NCHW" else (s.N, s.H, s.W, cin), "float32", name="X")
-    Wk = te.placeholder((s.KH, s.KW, Cp), "float32", name="W")
-    B = te.placeholder((Cp,), "float32", name="B")
-
-    def pad_value(n, h, w, c):
-        cond = tirx.all(h >= pt, h < s.H + pt, w >= pl, w < s.W + pl, c < min(cin, Cp))
-        hh, ww = tirx.min(tirx.max(h - pt, 0), s.H - 1), tirx.min(tirx.max(w - pl, 0), s.W - 1)
-        cc = tirx.min(c, cin - 1)
-        src = X[n, cc, hh, ww] if s.in_layout == "NCHW" else X[n, hh, ww, cc]
-        return tirx.if_then_else(cond, src, tirx.const(0.0, "float32"))
-    P = te.compute((s.N, s.H + pt + pb, s.W + pl + pr, Cp), pad_value, name="pad")
-
-    def body(n, h, w, c):
-        acc = B[c]
-        for i in range(s.KH):
-            for j in range(s.KW):
-                acc = acc + P[n, h * sh + i * dh, w * sw + j * dw, c] * Wk[i, j, c]
-        return _bounded(acc, s.act)
-    Y = te.compute((s.N, OH, OW, Cp), body, name="out")
-    from tvm.s_tir import Schedule
-    sch = Schedule(te.create_prim_func([X, Wk, B, Y]))
-    for name in ("pad", "out"):
-        b = sch.get_sblock(name)
-        n, h, w, c = sch.get_loops(b)
-        sch.parallel(sch.fuse(n, h))
-        _, ci = sch.split(c, [None, 16])
-        sch.vectorize(ci)
-    return sch.mod["main"].with_attr(KERNEL_ATTR, "dwconv2d_fp32")
-
-
 def _schedule(func, rows: int, col_blocks: int, kind: str):
     """Register tiles of TM rows (output pixels along a row) x TN 16-channel blocks, the reduction outermost inside
     the tile, the 16 x 2 block tensorized; parallel over the tiles; vectorized input stage and epilogue."""

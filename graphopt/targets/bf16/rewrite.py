@@ -1,14 +1,21 @@
 """The Relax rewrite for precision bf16: fp32 conv2d (groups 1) and matmul chains with constant weights become
-call_tir of the bf16 kernels, right after import (before LegalizeOps / FuseOps):
+call_tir of the bf16 kernels, before LegalizeOps / FuseOps, in the layout the convs are in (NCHW as imported, or
+NHWC after the cpu target's channels-last conversion, cpu_layout.to_nhwc):
 
     conv2d(x, W) | matmul(x, W) | matmul(x, permute_dims(W))
-        -> [+ bias | batch_norm (inference, conv2d only)]* -> [relu | clip | max | min]*
+        -> [+ bias | batch_norm (inference, NCHW conv2d only) | +-*/ per-channel constant]*
+        -> [relu | clip | max | min]*
         [-> + residual -> [relu | clip | max | min]*]                        (conv2d only for the residual)
 
 W, the biases and the norms' parameters are constants: folded here (norm scales into W, shifts into one bias),
-W packed to bf16 pairs. Conv outputs stay NHWC with channels padded to 16 between kernels, dense outputs [rows, padded columns]; logical views are emitted for the fp32 ops that read them
-(relax_layout). Depthwise convs (no reduction over channels: nothing for a dot product) run as an fp32 NHWC kernel
-with the same epilogue, so MobileNet-style chains stay NHWC; other grouped convs and matmuls of two activations stay
+W packed to bf16 pairs. Conv outputs stay NHWC with channels padded to 16 between kernels, dense outputs [rows, padded
+columns]; logical views are emitted for the fp32 ops that read them (relax_layout). The ONNX importer's Clip (call_tir
+of max / min kernels against a scalar) is first turned into relax maximum / minimum (cpu_layout.minmax_as_ops) so
+that ReLU6 ends a chain instead of cutting it. Depthwise convs (no reduction over channels: nothing for a dot product)
+stay fp32 in NHWC, compiled by the cpu target's channels-last depthwise schedule: after to_nhwc they are left as they
+are; an NCHW one is emitted as an NHWC conv2d with its bias and bounds as Relax ops, reading the NHWC tensor of the
+kernel before it. MobileNet-style chains (1x1 conv -> clip -> depthwise -> clip -> 1x1 conv -> residual add) so run
+with no layout change between the kernels in either layout. Other grouped convs and matmuls of two activations stay
 on TVM's fp32 path.
 """
 from __future__ import annotations
@@ -20,9 +27,10 @@ import numpy as np
 
 
 from .. import x86_isa
+from ..cpu_layout import minmax_as_ops
 from ..relax_bindings import Block, act_bounds, dtype_of, fold_fp32, is_constant, op_name, shape_of
 from ..relax_layout import LayoutRewriter, Phys, rewrite_main, rewrite_pass
-from .kernels import NO_BOUNDS, ConvSpec, DenseSpec, conv2d_bf16, dense_bf16, dwconv2d_nhwc
+from .kernels import NO_BOUNDS, ConvSpec, DenseSpec, conv2d_bf16, dense_bf16
 from .packing import pack_conv_weight, pack_dense_weight, padded_bias
 
 log = logging.getLogger("graphopt.bf16")
@@ -113,9 +121,28 @@ def _batch_norm(blk: Block, idx: int, cur, n_out: int):
     return get0, used, scale, beta - mean * scale
 
 
+#: (scale, shift) after x * scale + shift is followed by an op with a per-channel constant c
+_AFFINE = {"relax.add": lambda s, t, c: (s, t + c), "relax.subtract": lambda s, t, c: (s, t - c),
+           "relax.multiply": lambda s, t, c: (s * c, t * c), "relax.divide": lambda s, t, c: (s / c, t / c)}
+
+
+def _per_channel(blk: Block, e, n_out: int, channel_axis: int) -> np.ndarray | None:
+    """The constant e as n_out per-channel values (a scalar repeated), or None when it varies along another axis."""
+    val = fold_fp32(blk, e)
+    if val is None:
+        return None
+    if val.size == 1:
+        return np.full(n_out, float(val.reshape(())))
+    if val.size != n_out or (val.ndim > 1 and val.shape[channel_axis] != n_out):
+        return None
+    return val.reshape(n_out)
+
+
 def _follow(blk: Block, idx: int, n_out: int, channel_axis: int, allow_residual: bool):
     """(root, interior, scale, shift, act, residual, act2) of the epilogue after the compute binding idx: the
-    affine part (bias adds, inference batch norms) as a per-channel scale (folded into the weights) and shift."""
+    affine part (bias adds, inference batch norms, the arithmetic DecomposeOpsForInference makes of them: add,
+    subtract, multiply, divide by per-channel constants) as a per-channel scale (folded into the weights) and
+    shift."""
     interior, cur = [idx], blk.bindings[idx].var
     scale, shift = np.ones(n_out), np.zeros(n_out)
     act, residual, act2 = None, None, None
@@ -136,20 +163,17 @@ def _follow(blk: Block, idx: int, n_out: int, channel_axis: int, allow_residual:
             interior.append(get0)
             cur = blk.bindings[get0].var
             continue
-        if op == "relax.add":
-            other = _other(v, cur)
+        if op in _AFFINE:
+            other = _other(v, cur) if op in ("relax.add", "relax.multiply") else \
+                v.args[1] if v.args[0].same_as(cur) else None
             if other is None:
                 break
             if is_constant(blk, other):
-                val = fold_fp32(blk, other)
-                if val is None or act is not None or residual is not None:
+                val = _per_channel(blk, other, n_out, channel_axis)
+                if val is None or act is not None or residual is not None or op == "relax.divide" and (val == 0).any():
                     break
-                if val.size == 1:
-                    val = np.full(n_out, float(val.reshape(())))
-                elif val.size != n_out or (val.ndim > 1 and val.shape[channel_axis] != n_out):
-                    break
-                shift = shift + val.reshape(n_out)
-            elif allow_residual and residual is None and shape_of(other) == shape_of(cur) \
+                scale, shift = _AFFINE[op](scale, shift, val)
+            elif op == "relax.add" and allow_residual and residual is None and shape_of(other) == shape_of(cur) \
                     and dtype_of(other) == "float32":
                 residual = other
             else:
@@ -167,6 +191,11 @@ def _follow(blk: Block, idx: int, n_out: int, channel_axis: int, allow_residual:
     return interior[-1], interior[:-1], scale, shift, act or NO_BOUNDS, residual, act2 or NO_BOUNDS
 
 
+#: (data, kernel, out) layouts of the conv2d calls matched: the importer's, and cpu_layout.to_nhwc's channels-last one
+#: (NHWC depthwise convs are left to the cpu target's channels-last depthwise schedule)
+_CONV_LAYOUTS = {("NCHW", "OIHW", "NCHW"), ("NHWC", "OHWI", "NHWC")}
+
+
 # Matched by hand, not with relax.dpl patterns (as int8/relax_match.py does): a weight here is any expression
 # computed from constants only (is_constant) whose value fold_fp32 can compute, which no dpl pattern states, and the
 # epilogue is followed forward through single-use vars (batch_norm's tuple items included), which dpl cannot say.
@@ -180,7 +209,8 @@ def _fp32_weight(blk: Block, e) -> np.ndarray | None:
 def match_conv(blk: Block, idx: int, residual: bool = True) -> Chain | None:
     v = blk.bindings[idx].value
     a = v.attrs
-    if str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW" or str(a.out_layout) != "NCHW":
+    layout = str(a.data_layout)
+    if (layout, str(a.kernel_layout), str(a.out_layout)) not in _CONV_LAYOUTS:
         return None
     xshape = shape_of(v.args[0])
     if dtype_of(v.args[0]) != "float32" or dtype_of(blk.bindings[idx].var) != "float32" or xshape is None \
@@ -189,14 +219,17 @@ def match_conv(blk: Block, idx: int, residual: bool = True) -> Chain | None:
     w = _fp32_weight(blk, v.args[1])
     if w is None or w.ndim != 4:
         return None
+    if layout == "NHWC":                  # cpu_layout.to_nhwc's form: x NHWC, W OHWI
+        xshape, w = tuple(xshape[i] for i in (0, 3, 1, 2)), w.transpose(0, 3, 1, 2)
     groups = int(a.groups)
     depthwise = groups > 1 and groups == xshape[1] == w.shape[0] and w.shape[1] == 1
-    if groups != 1 and not depthwise:
-        return None                       # grouped convs (other than depthwise) stay on TVM's fp32 path
-    root, interior, scale, bias, act, res, act2 = _follow(blk, idx, w.shape[0], 1, residual and not depthwise)
+    if groups != 1 and not (depthwise and layout == "NCHW"):
+        return None                       # grouped convs (other than depthwise NCHW) stay on TVM's fp32 path
+    axis = 1 if layout == "NCHW" else 3
+    root, interior, scale, bias, act, res, act2 = _follow(blk, idx, w.shape[0], axis, residual and not depthwise)
     w = (w * scale.reshape(-1, 1, 1, 1)).astype(np.float32)
     attrs = {"stride": tuple(int(s) for s in a.strides), "pad": tuple(int(p) for p in a.padding),
-             "dilation": tuple(int(d) for d in a.dilation), "xshape": xshape}
+             "dilation": tuple(int(d) for d in a.dilation), "xshape": xshape, "layout": layout}
     out = blk.bindings[root].var
     return Chain("dwconv" if depthwise else "conv", root, interior, v.args[0], w, bias, act, res, act2, attrs, out,
                  shape_of(out))
@@ -225,6 +258,15 @@ def match_dense(blk: Block, idx: int) -> Chain | None:
                  shape_of(out))
 
 
+def _left_in_fp32(call) -> str:
+    """The count a conv2d / matmul the rewrite leaves to TVM's fp32 path goes to."""
+    if op_name(call) == "relax.matmul":
+        return "fp32_matmuls"
+    a, shape = call.attrs, shape_of(call)
+    depthwise = str(a.data_layout) == "NHWC" and shape is not None and int(a.groups) == shape[3] > 1
+    return "fp32_dwconv2d_nhwc" if depthwise else "fp32_convs"
+
+
 class _Rewriter(LayoutRewriter):
     def __init__(self, mod):
         super().__init__(mod, "graphopt_bf16")
@@ -243,7 +285,7 @@ class _Rewriter(LayoutRewriter):
                 continue
             m = self.match_root(blk, i, op, claimed, match_conv, match_dense, log)
             if m is None:
-                self.count["fp32_convs" if op == "relax.nn.conv2d" else "fp32_matmuls"] += 1
+                self.count[_left_in_fp32(b.value)] += 1
                 continue
             chains[m.root] = m
             claimed.update(m.interior + [m.root])
@@ -264,34 +306,24 @@ class _Rewriter(LayoutRewriter):
         bindings = []
         p = self.phys.get(m.x)
         if m.kind == "dwconv":
-            N, C, H, W = m.attrs["xshape"]
-            _, _, KH, KW = m.w.shape
-            nhwc = p is not None and p.layout == "NHWC"
-            spec = ConvSpec(N, H, W, C, C, KH, KW, m.attrs["stride"], m.attrs["pad"], m.attrs["dilation"],
-                            "NHWC" if nhwc else "NCHW", p.channels if nhwc else 0, m.act)
-            wk = np.zeros((KH, KW, spec.OCp), np.float32)
-            wk[:, :, :C] = m.w[:, 0].transpose(1, 2, 0)
-            args = [p.var if nhwc else m.x, relax.const(wk), relax.const(padded_bias(m.bias, C, spec.OCp))]
-            gv = self.add_kernel(("dwconv", spec), lambda: dwconv2d_nhwc(spec), "dwconv2d")
-            shape = (N, spec.OH, spec.OW, spec.OCp)
-            phys = Phys(self.dfvar("dwconv", shape, "float32"), "NHWC", spec.OCp)
-            self.count["fp32_dwconv2d_nhwc"] += 1
+            value, phys = self.depthwise(m, bindings)
         elif m.kind == "conv":
             N, C, H, W = m.attrs["xshape"]
             OC, _, KH, KW = m.w.shape
+            layout = m.attrs["layout"]
             nhwc = p is not None and p.layout == "NHWC"
+            x, cphys = (p.var, p.channels) if nhwc else (m.x, C if layout == "NHWC" else 0)
             spec = ConvSpec(N, H, W, C, OC, KH, KW, m.attrs["stride"], m.attrs["pad"], m.attrs["dilation"],
-                            "NHWC" if nhwc else "NCHW", p.channels if nhwc else 0, m.act, m.residual is not None,
-                            m.act2)
-            args = [p.var if nhwc else m.x, relax.const(pack_conv_weight(m.w, spec.C2)),
-                    relax.const(padded_bias(m.bias, OC, spec.OCp))]
+                            "NHWC" if nhwc else layout, cphys, m.act, m.residual is not None, m.act2)
+            args = [x, relax.const(pack_conv_weight(m.w, spec.C2)), relax.const(padded_bias(m.bias, OC, spec.OCp))]
             if m.residual is not None:
-                r, bl = self.to_nhwc_padded(m.residual, spec.OCp)
+                r, bl = self.to_nhwc_padded(m.residual, spec.OCp, layout)
                 bindings.extend(bl)
                 args.append(r)
                 self.count["bf16_residual_fused"] += 1
             gv = self.add_kernel(("conv", spec), lambda: conv2d_bf16(spec), "conv2d")
             shape = (N, spec.OH, spec.OW, spec.OCp)
+            value = relax.call_tir(gv, args, relax.TensorType(list(shape), "float32"))
             phys = Phys(self.dfvar("conv", shape, "float32"), "NHWC", spec.OCp)
             self.count["bf16_conv2d"] += 1
             self.max_reduction = max(self.max_reduction, C * KH * KW)
@@ -309,13 +341,41 @@ class _Rewriter(LayoutRewriter):
             args = [x, relax.const(pack_dense_weight(m.w, spec.K2)), relax.const(padded_bias(m.bias, Nf, spec.Np))]
             gv = self.add_kernel(("dense", spec), lambda: dense_bf16(spec), "dense")
             shape = (rows, spec.Np)
+            value = relax.call_tir(gv, args, relax.TensorType(list(shape), "float32"))
             phys = Phys(self.dfvar("dense", shape, "float32"), "ROWS", spec.Np)
             self.count["bf16_dense"] += 1
             self.max_reduction = max(self.max_reduction, K)
-        bindings.append(self.bind(phys.var, relax.call_tir(gv, args, relax.TensorType(list(shape), "float32"))))
-        bindings.extend(self.bind_view(m.out_var, phys, m.out_shape))
+        bindings.append(self.bind(phys.var, value))
+        bindings.extend(self.bind_view(m.out_var, phys, m.out_shape, m.attrs.get("layout", "NCHW")))
         self.phys[m.out_var] = phys
         return bindings
+
+    def depthwise(self, m: Chain, bindings: list):
+        """(value, Phys) of a depthwise chain as Relax ops in NHWC with channels padded to 16: conv2d (weights OHWI),
+        bias add, maximum / minimum, which LegalizeOps and FuseOps make one fp32 kernel for the cpu target's
+        channels-last depthwise schedule (cpu_conv.schedule_conv_nhwc); bindings of the input's NHWC form and of
+        every op but the last are appended to bindings."""
+        from tvm import relax
+        N, C, H, W = m.attrs["xshape"]
+        _, _, KH, KW = m.w.shape
+        spec = ConvSpec(N, H, W, C, C, KH, KW, m.attrs["stride"], m.attrs["pad"], m.attrs["dilation"])
+        shape, Cp = (N, spec.OH, spec.OW, spec.OCp), spec.OCp
+        x, bl = self.to_nhwc_padded(m.x, Cp)
+        bindings.extend(bl)
+        wk = np.zeros((Cp, KH, KW, 1), np.float32)
+        wk[:C] = m.w.transpose(0, 2, 3, 1)
+        value = relax.op.nn.conv2d(x, relax.const(wk), spec.stride, spec.pad, spec.dilation, groups=Cp,
+                                   data_layout="NHWC", kernel_layout="OHWI")
+        lo, hi = m.act
+        steps = [(relax.op.add, relax.const(padded_bias(m.bias, C, Cp)))]
+        steps += [] if lo is None else [(relax.op.maximum, relax.const(lo, "float32"))]
+        steps += [] if hi is None else [(relax.op.minimum, relax.const(hi, "float32"))]
+        for op, const in steps:
+            t = self.dfvar("dwconv", shape, "float32")
+            bindings.append(self.bind(t, value))
+            value = op(t, const)
+        self.count["fp32_dwconv2d_nhwc"] += 1
+        return value, Phys(self.dfvar("dwconv", shape, "float32"), "NHWC", Cp)
 
 
 def rewrite_bf16(mod, target):
@@ -326,6 +386,7 @@ def rewrite_bf16(mod, target):
     facts = {"bf16_dot": dot, "bf16_kernels": 0}
     if dot is None or "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
         return mod, facts
+    mod = minmax_as_ops(mod)               # Clip's max / min kernels as Relax ops: the epilogue matcher reads them
     rw = _Rewriter(mod)
     mod, changed = rewrite_main(mod, rw)
     facts.update(rw.count, bf16_kernels=len(rw.new_funcs) if changed else 0, bf16_max_reduction=rw.max_reduction)
@@ -333,6 +394,6 @@ def rewrite_bf16(mod, target):
 
 
 def bf16_rewrite_pass(target):
-    """rewrite_bf16 as the module pass `graphopt.Bf16Rewrite`, which tvm_lowering.build runs first (before
-    LegalizeOps, after graphopt.Int8Rewrite when both are given); its `facts` are rewrite_bf16's once it ran."""
+    """rewrite_bf16 as the module pass `graphopt.Bf16Rewrite`, which tvm_lowering.build runs before LegalizeOps
+    (the cpu target: after graphopt.Int8Rewrite and graphopt.ToNHWC); its `facts` are rewrite_bf16's once it ran."""
     return rewrite_pass("graphopt.Bf16Rewrite", rewrite_bf16, target)
