@@ -14,7 +14,7 @@ like a fine step; quantize is post-training and runs last. Exact passes run wher
 
 `quantize{qat=true}` (quantization-aware training): after the fine-tuning, the post-training quantize pass
 calibrates and writes the QDQ graph, graphopt.qat turns its integer weights and biases back into float weights read
-through QuantizeLinear (scales kept), one more phase ("qat": Schedule.qat_share of the epochs, all of them when no
+through QuantizeLinear (activation scales kept, or trained as well with `qat_scales=learned`), one more phase ("qat": Schedule.qat_share of the epochs, all of them when no
 other pass trains; lr x qat_lr_scale; logits distilled from the fp32 original at qat_temperature, 1, without label
 smoothing of the teacher's targets: QAT should match the teacher, not regularize) trains them with
 straight-through gradients, and the trained weights are quantized again into the same QDQ graph. info["quantization"]
@@ -823,19 +823,24 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
     quantization = None
     for p in post:
         qat_pass = p.name == "quantize" and p.opts.get("qat")
-        step = make_pass(p.name, **{k: v for k, v in p.given.items() if k != "qat"}) if qat_pass else p
+        step = make_pass(p.name, **{k: v for k, v in p.given.items() if k not in ("qat", "qat_scales")}) \
+            if qat_pass else p
         r = PassManager([step]).run(graph, ctx)
         graph = sync(r.graph)
         records += r.records
         if qat_pass:       # quantization-aware training from the PTQ graph (graphopt.qat), logits distilled
             from .distill import evaluate as evaluate_graph
-            from .qat import export_qdq, fake_quant
+            from .qat import activation_scales, export_qdq, fake_quant
             from .shapes import infer
             fake, made = fake_quant(infer(graph))
+            learned = activation_scales(fake) if p.opts["qat_scales"] == "learned" else []
             qat_cfg, qat_memory = _fit_memory(original, replace(base, lr=base.lr * s.qat_lr_scale,
-                                                                teacher_label_smoothing=0.0),
+                                                                teacher_label_smoothing=0.0,
+                                                                scale_params=tuple(learned)),
                                               train, max_memory, notice or log, student=fake)
-            quantization = {"qat": True, "scales": "kept (PTQ calibration)", "trained_tensors": len(made["weights"]),
+            quantization = {"qat": True, "scales": (f"{len(learned)} activation scales learned" if learned
+                                                    else "kept (PTQ calibration)"),
+                            "trained_tensors": len(made["weights"]),
                             "trained_biases": len(made["biases"]), "kept_integer": made["kept"], "epochs": qat_epochs,
                             "memory": qat_memory}
             if eval_data is not None:

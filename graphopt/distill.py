@@ -59,7 +59,7 @@ from .errors import BadInput, CheckFailed
 from .micro_batching import (DEFAULT_MICRO_BATCH, SlotSum, micro_batches, ordered_sum, owned,
                              reduce_gradients)
 from .layouts import tensor_layouts
-from .trainable import TrainableGraph
+from .trainable import TrainableGraph, parameter_names
 
 __all__ = ["DistillConfig", "distill", "evaluate", "linear_cka", "kd_loss", "attention_map", "attention_loss",
            "feature_loss", "temperature_at", "hard_weight_at", "lr_at", "predict"]
@@ -82,7 +82,12 @@ class DistillConfig:
     warmup: float = 0.05                     # fraction of the steps with linear warmup
     decay: str = "cosine"                    # "cosine" | "linear" | "constant" after warmup
     min_lr: float = 0.0                      # final lr as a fraction of lr
-    clip_grad_norm: float | None = 1.0
+    clip_grad_norm: float | None = 1.0      # over the weights (scale_params are left out)
+    scale_params: Sequence[str] = ()         # positive scale initializers trained too (QAT's learned quantization
+    #                                          steps, graphopt.qat.activation_scales): each in its own AdamW group
+    #                                          whose peak step is scale_lr x its initial value, no weight decay, kept
+    #                                          above 1% of its initial value
+    scale_lr: float = 1e-3
     # knowledge distillation
     temperature: Any = DEFAULT_TEMPERATURE   # phases (until, T_start, T_end), or a number
     kd_weight: float = 1.0
@@ -135,6 +140,8 @@ class DistillConfig:
             raise BadInput(f"DistillConfig.micro_batch must be a positive integer or None, not {self.micro_batch!r}")
         if self.batch_size < 1 or self.epochs < 0 or (self.steps is not None and self.steps < 1):
             raise BadInput("DistillConfig: batch_size and steps must be positive, epochs non-negative")
+        if not self.scale_lr > 0:
+            raise BadInput("DistillConfig.scale_lr must be above 0")
         if not self.teacher_hard_weight >= 0:
             raise BadInput("DistillConfig.teacher_hard_weight must be a non-negative number")
         if not 0 <= self.teacher_label_smoothing < 1 or not 0 <= self.label_smoothing < 1:
@@ -570,7 +577,8 @@ def _distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, 
     rng = np.random.default_rng(config.seed)
 
     device = torch.device(config.device) if config.device else None
-    s_tg = TrainableGraph(student)
+    s_tg = TrainableGraph(student, trainable=(parameter_names(student) + list(config.scale_params)
+                                              if config.scale_params else None))
     t_tgs = [TrainableGraph(t, trainable=[]) for t in teachers]
     for t in t_tgs:
         t.eval()
@@ -634,10 +642,13 @@ def _distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, 
         cache = _teacher_cache(train, s_tg.input_names, run_teachers, config)
 
     params = list(s_tg.parameters())
+    weights, scales = _split_scales(s_tg, config)
+    groups = [{"params": weights, "lr_mult": 1.0}] + [
+        {"params": [p], "lr_mult": config.scale_lr * s0 / config.lr, "weight_decay": 0.0} for p, s0 in scales]
     if config.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     else:
-        opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        opt = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
     history = {k: [] for k in ("loss", "kd", "teacher_hard", "hard", "feature", "attention", "T", "lr", "hard_weight",
                                "grad_norm")}
@@ -669,7 +680,7 @@ def _distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, 
         hw = hard_weight_at(frac, config.hard_weight) if ys is not None else 0.0
         lr = lr_at(step, total, config)
         for gp in opt.param_groups:
-            gp["lr"] = lr
+            gp["lr"] = lr * gp["lr_mult"]
         n = len(xs[0])
         chunks = micro_batches(n, config.micro_batch)
         mine = owned(len(chunks), rank, world)
@@ -780,14 +791,18 @@ def _distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, 
             raise CheckFailed(f"distill: the loss became {loss_value} at optimizer step {step + 1} of {total} "
                               f"(lr {lr:.3g}); lower the learning rate or check the data for extreme values")
         if config.clip_grad_norm:
-            gn = torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
+            gn = torch.nn.utils.clip_grad_norm_(weights, config.clip_grad_norm)
         else:
-            gn = torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in params if p.grad is not None))
-        if not math.isfinite(float(gn)):
+            gn = torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in weights if p.grad is not None))
+        gn_scales = sum(float((p.grad.detach() ** 2).sum()) for p, _ in scales if p.grad is not None)
+        if not math.isfinite(float(gn)) or not math.isfinite(gn_scales):
             raise CheckFailed(f"distill: the gradient became {float(gn)} at optimizer step {step + 1} of {total} "
                               f"(lr {lr:.3g}); lower the learning rate or check the data for extreme values")
         opt.step()
         opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, s0 in scales:
+                p.clamp_(min=0.01 * s0)
         record = {"loss": loss_value, "T": T, "lr": lr, "hard_weight": hw, "grad_norm": float(gn), **parts}
         for k, v in record.items():
             history[k].append(v)
@@ -816,6 +831,23 @@ def _distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, 
     if eval_data is not None:
         metrics["eval"] = evaluate(trained, eval_data, eval_labels, teachers[0])
     return trained, metrics
+
+
+def _split_scales(s_tg: TrainableGraph, config: DistillConfig) -> tuple[list, list]:
+    """(the weights, [(scale parameter, its initial value)]) of the student's parameters, the scales being
+    config.scale_params (positive initializers)."""
+    named = s_tg.graph_parameters()
+    scales, seen = [], set()
+    for name in config.scale_params:
+        p = named.get(name)
+        if p is None or id(p) in seen:
+            continue
+        s0 = float(p.detach().abs().min())
+        if not s0 > 0:
+            raise BadInput(f"distill: scale parameter '{name}' is not positive")
+        seen.add(id(p))
+        scales.append((p, s0))
+    return [p for p in s_tg.parameters() if id(p) not in seen], scales
 
 
 def _restore(state: dict, s_tg: TrainableGraph, opt, history: dict, total: int) -> int:

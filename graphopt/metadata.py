@@ -14,7 +14,9 @@ Kinds:
   qat_biases      {float initializer: {"node", "output", "int", "scale", "zero_point", "attrs"}}
                                         graphopt.qat: an int32 bias trained as a float initializer, with the
                                         DequantizeLinear it stands for (names, scale and zero point as
-                                        [name, dtype, shape, values]) so that export can write it back
+                                        [name, dtype, shape, values]) so that export can write it back;
+                                        optionally "x_scale", "w_scale" ([name, values]: the scales of the op's
+                                        input and weight, to recompute the bias scale when they were learned)
   quantized       {"scheme", "activations"} the quantize pass's scheme (int8, weight_int8, weight_int4) and, for
                                         int8, the activation type (u8, s8; null otherwise)
   pruned_widths   {layer: width}        prune-channels: each layer's width before the first prune-channels run
@@ -118,6 +120,7 @@ def set_sparse_nm(obj, node: str, nm: tuple[int, int]) -> None:
 
 
 _QAT_BIAS_KEYS = {"node", "output", "int", "scale", "zero_point", "attrs"}
+_QAT_BIAS_OPERANDS = {"x_scale", "w_scale"}       # both or neither: the scales of the op's input and weight
 
 
 def qat_biases(obj) -> dict[str, dict]:
@@ -128,9 +131,10 @@ def qat_biases(obj) -> dict[str, dict]:
     if not isinstance(table, dict):
         raise BadInput(f"graph doc_string: {PREFIX}qat_biases must map initializer names to records")
     for name, rec in table.items():
-        if not isinstance(rec, dict) or set(rec) != _QAT_BIAS_KEYS:
+        if not isinstance(rec, dict) or set(rec) not in (_QAT_BIAS_KEYS, _QAT_BIAS_KEYS | _QAT_BIAS_OPERANDS):
             raise BadInput(f"graph doc_string: {PREFIX}qat_biases, initializer '{printable(name)}': the record "
-                           f"needs exactly the keys {', '.join(sorted(_QAT_BIAS_KEYS))}")
+                           f"needs exactly the keys {', '.join(sorted(_QAT_BIAS_KEYS))} (and optionally "
+                           f"{', '.join(sorted(_QAT_BIAS_OPERANDS))})")
     return table
 
 

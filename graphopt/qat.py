@@ -22,11 +22,19 @@ first (onnxruntime's calibrators: the scales and zero points), then:
   target's int8 lowering (targets/int8/) consume: int8 constants + DequantizeLinear for weights, int32 +
   DequantizeLinear for biases.
 
-Scales are kept, not learned: the weight, bias and activation scales and zero points stay those of the PTQ
-calibration. This keeps the exported graph exactly the PTQ graph's structure: the bias scale stays input scale x
-weight scale, and the equal scales on both sides of MaxPool / Reshape / Relu stay equal, so lower-int8 still runs
-those ops on the integers. The weights (and biases) learn to live on the fixed grid; activations clipped by a
-calibrated range pass no gradient there (straight-through, zero where saturated).
+Scales: the weight scales and every zero point stay those of the PTQ calibration. The activation scales are kept
+too (`quantize{qat_scales=kept}`, the default), or learned (`qat_scales=learned`): `activation_scales(fake)` names
+the float per-tensor scale initializers of the QuantizeLinear nodes on activations, and compress trains them as
+parameters beside the weights (graphopt.distill, DistillConfig.scale_params: each in its own Adam group at a step
+relative to its initial value). The trainable view's QuantizeLinear / DequantizeLinear then give the learned step
+size quantization (LSQ) gradient: round(x / s) - x / s inside the range, the range's edge where x is clipped. A
+scale initializer that onnxruntime's quantizer shares between the tensors on both sides of MaxPool / Reshape /
+Transpose is one parameter, so those scales stay equal and lower-int8 still runs those ops on the integers. Since
+an int32 bias's scale is input scale x weight scale, export_qdq recomputes it from the trained input scale (the bias
+record names both scales and their values when fake_quant ran; unchanged scales keep the recorded bias scale, so an
+untrained export is the PTQ graph bit for bit). With kept scales the weights (and biases) learn to live on the
+fixed grid, and activations clipped by a calibrated range pass no gradient there (straight-through, zero where
+saturated).
 """
 from __future__ import annotations
 
@@ -97,6 +105,63 @@ def _replace_input(node: gs.Node, old, new) -> None:
             node.inputs[i] = new
 
 
+def _scale_of(t) -> gs.Constant | None:
+    """The constant scale of the DequantizeLinear that produces `t`, else None."""
+    dq = t.inputs[0] if len(t.inputs) == 1 else None
+    if dq is None or dq.op != "DequantizeLinear" or len(dq.inputs) < 2 or not isinstance(dq.inputs[1], gs.Constant):
+        return None
+    return dq.inputs[1]
+
+
+def _operand_scales(bias_out) -> dict:
+    """{"x_scale", "w_scale": [name, values]} of the op reading the bias `bias_out` as its third input (Conv / Gemm:
+    the scales of the DequantizeLinear nodes producing its input and its weight), or {} when it is not that form."""
+    readers = list(bias_out.outputs)
+    if len(readers) != 1 or len(readers[0].inputs) < 3 or readers[0].inputs[2] is not bias_out:
+        return {}
+    sx, sw = _scale_of(readers[0].inputs[0]), _scale_of(readers[0].inputs[1])
+    if sx is None or sw is None:
+        return {}
+    return {"x_scale": [sx.name, np.asarray(sx.values).reshape(-1).tolist()],
+            "w_scale": [sw.name, np.asarray(sw.values).reshape(-1).tolist()]}
+
+
+def activation_scales(g: gs.Graph) -> list[str]:
+    """Names of the scales qat_scales=learned trains: the float per-tensor (one-value, positive) scale initializers
+    of the QuantizeLinear nodes that quantize activations (not the weights' fake quantization), once each."""
+    names = []
+    for n in g.nodes:
+        if n.op != "QuantizeLinear" or len(n.inputs) < 2 or isinstance(n.inputs[0], gs.Constant):
+            continue
+        s = n.inputs[1]
+        if isinstance(s, gs.Constant) and np.asarray(s.values).dtype.kind == "f" and np.asarray(s.values).size == 1 \
+                and float(np.asarray(s.values).reshape(-1)[0]) > 0 and s.name not in names:
+            names.append(s.name)
+    return names
+
+
+def _bias_scale(rec: dict, tensors: dict) -> gs.Constant:
+    """The bias scale to export with: the recorded one while the input and weight scales are the recorded values,
+    else input scale x weight scale (float32, as onnxruntime's quantizer computes it) from the trained graph."""
+    kept = _from_record(rec["scale"], tensors)
+    if "x_scale" not in rec:
+        return kept
+    current, changed = [], False
+    for key in ("x_scale", "w_scale"):
+        name, values = rec[key]
+        t = tensors.get(name)
+        if not isinstance(t, gs.Constant):
+            return kept
+        v = np.asarray(t.values, np.float32).reshape(-1)
+        changed |= not np.array_equal(v, np.asarray(values, np.float32))
+        current.append(v)
+    product = current[0] * current[1]
+    shape = np.asarray(kept.values).shape
+    if not changed or product.size != int(np.prod(shape)):
+        return kept
+    return gs.Constant(kept.name, product.astype(np.float32).reshape(shape))
+
+
 def fake_quant(qdq: gs.Graph) -> tuple[gs.Graph, dict]:
     """(trainable copy of the QDQ graph, info): every DequantizeLinear of a constant integer tensor reads a float
     initializer through QuantizeLinear (see the module docstring). info: {"weights": names made trainable,
@@ -134,7 +199,8 @@ def fake_quant(qdq: gs.Graph) -> tuple[gs.Graph, dict]:
             zp_t = dq.inputs[2] if zp is not None else gs.Constant(c.name + "/qat_zero_point", np.zeros(scale.shape,
                                                                                                           np.int32))
             biases[w.name] = {"node": dq.name, "output": out.name, "int": c.name, "scale": _as_record(dq.inputs[1]),
-                              "zero_point": _as_record(zp_t), "attrs": {k: int(v) for k, v in dq.attrs.items()}}
+                              "zero_point": _as_record(zp_t), "attrs": {k: int(v) for k, v in dq.attrs.items()},
+                              **_operand_scales(out)}
             for n in list(out.outputs):
                 _replace_input(n, out, w)
             dq.outputs.clear()
@@ -185,7 +251,7 @@ def export_qdq(fake: gs.Graph) -> gs.Graph:
         w = tensors.get(name)
         if not isinstance(w, gs.Constant):
             raise UnsupportedModel(f"QAT export: the trained bias '{name}' is not in the graph")
-        scale, zp = _from_record(rec["scale"], tensors), _from_record(rec["zero_point"], tensors)
+        scale, zp = _bias_scale(rec, tensors), _from_record(rec["zero_point"], tensors)
         axis = int(rec["attrs"].get("axis", 1))
         ints = np.clip(quantize(np.asarray(w.values), np.asarray(scale.values), np.asarray(zp.values), axis),
                        -BIAS_LIMIT, BIAS_LIMIT)

@@ -102,7 +102,8 @@ def _to_tensor(values: np.ndarray) -> torch.Tensor:
         raise UnsupportedModel(f"initializer dtype {values.dtype} is not supported by the trainable view")
     if values.dtype.kind == "u" and values.dtype != np.uint8:
         values = values.astype(np.int64)
-    return torch.from_numpy(np.ascontiguousarray(values).copy())
+    return torch.from_numpy(np.array(values, order="C"))      # a copy; keeps 0-d arrays 0-d (ascontiguousarray
+    #                                                              makes them 1-d)
 
 
 # ----------------------------------------------------------------------------------------------------------------

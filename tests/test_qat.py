@@ -12,7 +12,7 @@ from graphopt import PassContext, PassManager, ort
 from graphopt.compress import compress
 from graphopt.errors import BadInput
 from graphopt.graph import to_onnx
-from graphopt.qat import BIAS_LIMIT, FLOAT_SUFFIX, export_qdq, fake_quant
+from graphopt.qat import BIAS_LIMIT, FLOAT_SUFFIX, activation_scales, export_qdq, fake_quant
 from graphopt.quant_check import check_criterion, within_quant_steps
 from graphopt.trainable import TrainableGraph
 
@@ -125,6 +125,57 @@ def test_trained_biases_leave_int32_headroom(split):
     assert all(np.abs(v.astype(np.int64)).max() == BIAS_LIMIT for v in biases.values())
 
 
+def test_activation_scales_are_the_activation_quantizers_scales(split):
+    """activation_scales names each per-tensor scale of a QuantizeLinear on an activation once (the graph input's and
+    every layer's), never a weight's fake-quantization scale; as parameters they get gradients (the LSQ step-size
+    gradient of the trainable view's rounding)."""
+    fake, info = fake_quant(_ptq(split))
+    names = activation_scales(fake)
+    acts = {n.inputs[1].name for n in fake.nodes if n.op == "QuantizeLinear" and not isinstance(n.inputs[0], gs.Constant)}
+    assert names and set(names) == acts and len(names) == len(set(names))
+    weight_scales = {n.inputs[1].name for n in fake.nodes if n.op == "QuantizeLinear"
+                     and isinstance(n.inputs[0], gs.Constant)}
+    assert not set(names) & weight_scales
+    tg = TrainableGraph(fake, trainable=list(TrainableGraph(fake).graph_parameters()) + names)
+    tg(split[2][:16]).square().sum().backward()
+    grads = [tg.graph_parameters()[n].grad for n in names]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) > 0 for g in grads) >= len(names) - 1
+
+
+def test_export_with_learned_scales_recomputes_the_bias_scales(split):
+    """After the activation scales moved, export_qdq writes them, quantizes each int32 bias with input scale x weight
+    scale of the new scales (what the int8 kernels need), and onnxruntime on the export computes what the trained
+    fake-quantized graph computes (but for a few one-step flips of the output quantization)."""
+    x = split[2][:64]
+    q = _ptq(split)
+    fake, info = fake_quant(q)
+    names = activation_scales(fake)
+    tg = TrainableGraph(fake, trainable=list(TrainableGraph(fake).graph_parameters()) + names)
+    with torch.no_grad():
+        for i, n in enumerate(names):
+            tg.graph_parameters()[n].mul_(0.8 + 0.1 * (i % 4))
+        trained_out = tg(x).numpy()
+    back = export_qdq(tg.to_graph())
+    assert _structure(back) == _structure(q)
+    tensors = back.tensors()
+    for dq in _bias_dq(back):
+        conv = dq.outputs[0].outputs[0]
+        sx, sw = (np.asarray(conv.inputs[i].inputs[0].inputs[1].values) for i in (0, 1))
+        np.testing.assert_array_equal(np.asarray(dq.inputs[1].values), (sx * sw).astype(np.float32))
+    assert {n: float(np.asarray(tensors[n].values)) for n in names} != \
+        {n: float(np.asarray(q.tensors()[n].values)) for n in names}
+    step = check_criterion(to_onnx(back))["steps"]
+    out_name = to_onnx(back).graph.output[0].name
+    got = _ort_outputs(back, x)
+    assert np.max(np.abs(got - trained_out)) <= step[out_name] * 1.001
+    assert np.mean(got == trained_out) >= 0.9
+
+
+def test_qat_scales_needs_qat(split):
+    with pytest.raises(BadInput, match=r"^pass 'quantize': option qat_scales applies with qat=true only$"):
+        PassManager.parse("quantize{qat_scales=learned}")
+
+
 def test_qat_alone_is_refused_in_one_line(split):
     with pytest.raises(BadInput, match=r"^pass 'quantize\{qat=true\}' trains the model: .*graphopt compress") as e:
         PassManager.parse("quantize{qat=true}").run(graphopt.load(str(digits.teacher_path())),
@@ -157,3 +208,24 @@ def test_qat_in_compress_keeps_accuracy_and_compiles(split, tmp_path):
         feeds = {"x": x_te[i:i + 1]}
         chk = within_quant_steps(ort.run(model, feeds), art.run(feeds), crit)
         assert chk["ok"], chk
+
+
+def test_qat_with_learned_scales_in_compress(split, tmp_path):
+    """quantize{qat=true,qat_scales=learned}: the activation scales train with the weights (the report says how many),
+    the result keeps the PTQ structure and the fp32 accuracy budget, and compiles to int8 kernels."""
+    x_tr, y_tr, x_te, y_te = split
+    ptq = _ptq(split)
+    graph, info = compress(graphopt.load(str(digits.teacher_path())), {"x": x_tr, "labels": y_tr},
+                           "quantize{qat=true,qat_scales=learned}", eval_data={"x": x_te, "labels": y_te},
+                           epochs=2, threads=1)
+    qi = info["quantization"]
+    assert qi["scales"].endswith("activation scales learned") and int(qi["scales"].split()[0]) >= 4
+    assert info["final"]["top1_drop"] <= 0.01
+    fake, _ = fake_quant(ptq)
+    names = activation_scales(fake)
+    before = {n: float(np.asarray(ptq.tensors()[n].values)) for n in names}
+    after = {n: float(np.asarray(graph.tensors()[n].values)) for n in names}
+    assert sum(before[n] != after[n] for n in names) >= len(names) // 2
+    assert all(v > 0 for v in after.values())
+    art = graphopt.compile(graph, target="cpu", out=tmp_path / "qat.cpu", measure=False)
+    assert art.report["int8_kernels"] >= 3 and art.report["check"]["ok"]

@@ -7,8 +7,9 @@ through fake quantization with distillation from the fp32 model, exported as the
 way. Accuracy on held-out data, and the median latency (--repeat runs, --threads threads) of each: onnxruntime on
 the fp32 model, graphopt's compiled int8 libraries:
 
-* digits-cnn (tests/fixtures/digits_cnn.onnx), digits-mobilenet (a MobileNetV2-style depthwise net trained here):
-  top-1 on the 450 held-out scikit-learn digits;
+* digits-cnn (tests/fixtures/digits_cnn.onnx), digits-mobilenet (a MobileNetV2-style depthwise net trained here),
+  digits-vit (tools/make_example.DigitsViT, a 2-layer ViT encoder trained here): top-1 on the 450 held-out
+  scikit-learn digits;
 * ppocr-rec (PP-OCRv4 recognizer from the rapidocr wheel, 1x3x48x320): text lines rendered by tools/ocr_data.py,
   exact-match accuracy of the decoded text (the model's own character table) and sequence agreement with fp32.
 
@@ -45,6 +46,10 @@ def digits_task(model: str, out: Path):
     x_tr, y_tr, x_te, y_te = digits_split()
     if model == "digits-cnn":
         path = ROOT / "tests" / "fixtures" / "digits_cnn.onnx"
+    elif model == "digits-vit":
+        from compress_digits import train_teacher
+        path = out / "vit_digits.onnx"
+        train_teacher(path, x_tr, y_tr, arch="vit")
     else:
         from targets.test_cpu_int8 import _train_mobilenet_v2_digits
         path = out / "mobilenet_v2_digits.onnx"
@@ -95,12 +100,15 @@ def run_onnxruntime(graph, data: dict) -> np.ndarray:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=("digits-cnn", "digits-mobilenet", "ppocr-rec"), default="digits-mobilenet")
+    ap.add_argument("--model", choices=("digits-cnn", "digits-mobilenet", "digits-vit", "ppocr-rec"),
+                    default="digits-mobilenet")
     ap.add_argument("--epochs", type=int, default=10, help="QAT epochs")
     ap.add_argument("--lr", type=float, default=None, help="compress lr (QAT uses Schedule.qat_lr_scale of it)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--micro-batch", type=int, default=None)
     ap.add_argument("--quantize", default="", help="extra quantize options, e.g. 'calibration=percentile'")
+    ap.add_argument("--qat-scales", choices=("kept", "learned"), default="kept",
+                    help="QAT: activation scales kept from the calibration or learned (quantize{qat_scales=...})")
     ap.add_argument("--train", type=int, default=256, help="ppocr-rec: rendered training lines")
     ap.add_argument("--eval", type=int, default=100, help="ppocr-rec: rendered evaluation lines")
     ap.add_argument("--threads", type=int, default=1)
@@ -137,7 +145,8 @@ def main(argv=None) -> int:
     _log(f"PTQ: {rows['PTQ int8 (compiled)']} ({art.report.get('int8_kernels')} int8 kernels)")
 
     t = time.perf_counter()
-    qat, info = compress(copy_graph(graph), train, f"quantize{{{opts},qat=true}}", epochs=a.epochs,
+    qat, info = compress(copy_graph(graph), train, f"quantize{{{opts},qat=true,qat_scales={a.qat_scales}}}",
+                         epochs=a.epochs,
                          batch_size=a.batch_size, lr=a.lr, threads=a.threads, log=_log, progress=Progress("lines"),
                          **({"micro_batch": a.micro_batch} if a.micro_batch else {}))
     train_s = time.perf_counter() - t
@@ -147,7 +156,7 @@ def main(argv=None) -> int:
     _log(f"QAT: {rows['QAT int8 (compiled)']} ({art.report.get('int8_kernels')} int8 kernels, {train_s:.0f} s "
          f"training)")
 
-    result = {"model": a.model, "quantize": opts, "epochs": a.epochs, "lr": a.lr, "rows": rows,
+    result = {"model": a.model, "quantize": opts, "qat_scales": a.qat_scales, "epochs": a.epochs, "lr": a.lr, "rows": rows,
               "latency_ms": latency, "threads": a.threads,
               "qat_training_seconds": round(train_s, 1), "seconds": round(time.perf_counter() - t0, 1),
               "quantization": info.get("quantization")}

@@ -155,16 +155,21 @@ class Quantize(Pass):
                                          "inputs must be at least this (0: no budget)", minimum=0.0, maximum=1.0),
         "qat": Option(bool, False, "quantization-aware training (scheme=int8): inside compress / build with "
                                    "training data, the PTQ graph's weights are trained through fake quantization "
-                                   "with distillation from the fp32 model (scales kept; graphopt/qat.py)"),
+                                   "with distillation from the fp32 model (graphopt/qat.py)"),
+        "qat_scales": Option(str, "kept", "qat=true: the activation scales stay those of the calibration (kept) or "
+                                          "train with the weights (learned: LSQ-style steps)",
+                             choices=("kept", "learned")),
     }
 
     def validate(self):
+        if "qat_scales" in self.changed() and not self.opts["qat"]:
+            raise BadInput("pass 'quantize': option qat_scales applies with qat=true only")
         bs = self.opts["block_size"]
         if bs & (bs - 1):
             raise BadInput(f"pass 'quantize': block_size={bs} must be a power of two (16, 32, 64, ...)")
         if self.opts["scheme"] != "int8":
-            for k in ("calibration", "activations", "max_drop", "calib_samples", "percentile", "qat", "exclude",
-                      "sensitivity", "exclude_threshold"):
+            for k in ("calibration", "activations", "max_drop", "calib_samples", "percentile", "qat", "qat_scales",
+                      "exclude", "sensitivity", "exclude_threshold"):
                 if k in self.changed():
                     raise BadInput(f"pass 'quantize': option {k} applies to scheme=int8 only, not "
                                    f"scheme={self.opts['scheme']}")
