@@ -444,12 +444,21 @@ def _temperature_cap(out: np.ndarray, config) -> float:
     return useful_temperature(out, config.class_axis, config.outputs == "probs")
 
 
-def _fit_memory(original, config, train, max_memory, notice, student=None):
+#: the share of the memory budget compress lets distill fill with the teacher's cached outputs (when compress made
+#: the DistillConfig): distill's own 512 MB held PP-OCRv4's recognizer out (1.1 MB of outputs per line), so the
+#: teacher ran again on every batch of 1024 training lines
+TEACHER_CACHE_SHARE = 0.125
+
+
+def _fit_memory(original, config, train, max_memory, notice, student=None, grow_cache=False):
     """(config with a micro-batch whose estimated peak fits the memory budget, the figures for the report). The
-    student is `original` unless given (the fake-quantized graph of QAT)."""
+    student is `original` unless given (the fake-quantized graph of QAT). grow_cache: raise the teacher-output cache
+    limit to TEACHER_CACHE_SHARE of the budget (counted in the estimate like the rest)."""
     from .limits import available_memory
     from .memory_estimate import fit_micro_batch, output_bytes, training_bytes
     budget = int(max_memory) if max_memory is not None else available_memory()
+    if grow_cache:
+        config = replace(config, cache_limit_mb=max(config.cache_limit_mb, TEACHER_CACHE_SHARE * budget / 2 ** 20))
     want = config.micro_batch or config.batch_size
     cached = 0
     if isinstance(train, dict) and config.cache_teacher:    # distill caches the teacher's outputs up to a limit
@@ -463,7 +472,7 @@ def _fit_memory(original, config, train, max_memory, notice, student=None):
                f"{budget / 2 ** 30:.1f} GiB budget: training {m} examples at a time instead (gradients accumulated "
                f"to the batch of {config.batch_size}: the same steps, more time)")
         config = replace(config, micro_batch=m)
-    return config, {"estimate_bytes": need, "budget_bytes": budget, "micro_batch": m}
+    return config, {"estimate_bytes": need, "budget_bytes": budget, "micro_batch": m, "teacher_cached": cached}
 
 
 def _run_key(original, train, labels, pm, config, schedule, epochs, distill, world) -> str:
@@ -628,7 +637,7 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
         """Rank 0's graph everywhere after a structural pass (distributed), so no process can diverge."""
         return dist_mod.broadcast_graph(g, dist_info) if dist_info is not None else g
 
-    base, memory = _fit_memory(original, base, train, max_memory, notice or log)
+    base, memory = _fit_memory(original, base, train, max_memory, notice or log, grow_cache=distill_config is None)
     ckpts = None
     if checkpoint_dir is not None:
         from .checkpoints import Checkpoints

@@ -60,3 +60,21 @@ def test_cli_max_memory(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "even one example at a time" in err[0]
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_compress_lets_the_teacher_cache_grow_with_the_budget():
+    """compress raises distill's teacher-output cache limit (512 MB) to TEACHER_CACHE_SHARE of the memory budget, so
+    that a model with large outputs (PP-OCRv4's recognizer: 1.1 MB per line) is not re-run by the teacher on every
+    batch; the cached outputs count in the estimate, and the report says how many examples are cached."""
+    from graphopt.compress import TEACHER_CACHE_SHARE, _fit_memory
+    from graphopt.distill import DistillConfig
+    from graphopt.memory_estimate import output_bytes
+    g = graphopt.load(digits.teacher_path())
+    n = int(600 * 2 ** 20 / output_bytes(g))                 # 600 MB of teacher outputs: above distill's 512 MB
+    train = {"x": np.broadcast_to(np.zeros((1, 1, 8, 8), np.float32), (n, 1, 8, 8))}
+    budget = 16 * 2 ** 30
+    kept, info = _fit_memory(g, DistillConfig(batch_size=32), train, budget, print)
+    assert kept.cache_limit_mb == 512.0 and info["teacher_cached"] == 0
+    grown, info = _fit_memory(g, DistillConfig(batch_size=32), train, budget, print, grow_cache=True)
+    assert grown.cache_limit_mb == TEACHER_CACHE_SHARE * budget / 2 ** 20 and info["teacher_cached"] == n
+    assert info["estimate_bytes"] >= n * output_bytes(g)
