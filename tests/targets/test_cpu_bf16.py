@@ -51,6 +51,7 @@ CONVS = [  # N, C, H, W, OC, K, stride, pad, layout
     (1, 16, 8, 8, 32, 3, 2, 1, "NHWC"),
     (1, 32, 7, 7, 48, 1, 1, 0, "NHWC"),
     (2, 7, 9, 9, 16, 3, 1, 1, "NCHW"),
+    (1, 24, 6, 10, 16, 1, 1, 0, "NHWC"),     # 24 channels: the input stage in 8-lane vectors
 ]
 
 
@@ -90,6 +91,34 @@ def test_conv_kernel_matches_numpy(case):
             ref2 += np.einsum("nchw,oc->nhwo", xp[:, :, kh:kh + st * OH:st, kw:kw + st * OW:st], wr[:, :, kh, kw])
     ref2 = np.clip(ref2 + b + r[..., :OC], 0, 6)
     _close(y[..., :OC], ref2, mag + np.abs(b) + np.abs(r[..., :OC]))
+
+
+@needs_bf16
+@pytest.mark.parametrize("case", [(16, 10, 12, 40, 1, 1, 0), (32, 9, 9, 16, 1, 2, 0), (16, 8, 7, 32, 3, 1, 1)],
+                         ids=["1x1", "1x1-s2", "3x3-pad"])
+def test_conv_kernel_with_bf16_input_and_output(case):
+    """A conv reading bf16 bits (another conv's bf16 output; an unpadded one reads them in place) computes what
+    it computes from the same values in fp32, and its bf16 output is exactly its fp32 output rounded to nearest
+    even (vcvtneps2bf16)."""
+    C, H, W, OC, K, st, pd = case
+    rng = np.random.default_rng(C + H + OC)
+    x = rng.standard_normal((1, H, W, C)).astype(np.float32)
+    w = rng.standard_normal((OC, C, K, K)).astype(np.float32)
+    b = rng.standard_normal(OC).astype(np.float32)
+    xb = bf16.bf16_bits(x)
+    xr = (xb.astype(np.uint32) << 16).view(np.float32)
+    args = dict(stride=(st, st), pad=(pd,) * 4, in_layout="NHWC", Cphys=C, act=(0.0, 6.0))
+    base = bf16.ConvSpec(1, H, W, C, OC, K, K, **args)
+    wp, bp = bf16.pack_conv_weight(w, base.C2), bf16.padded_bias(b, OC, base.OCp)
+    shape = (1, base.OH, base.OW, base.OCp)
+    ref = _run(_build(bf16.conv2d_bf16(base)), [xr, wp, bp], shape)
+    got = _run(_build(bf16.conv2d_bf16(bf16.ConvSpec(1, H, W, C, OC, K, K, **args, in_bf16=True))),
+               [xb, wp, bp], shape)
+    assert np.array_equal(got, ref)
+    lib = _build(bf16.conv2d_bf16(bf16.ConvSpec(1, H, W, C, OC, K, K, **args, in_bf16=True, out_bf16=True)))
+    yb = tvm.runtime.tensor(np.zeros(shape, np.uint16))
+    lib["main"](*[tvm.runtime.tensor(a) for a in (xb, wp, bp)], yb)
+    assert np.array_equal(yb.numpy(), bf16.bf16_bits(ref))
 
 
 @needs_bf16
@@ -177,6 +206,7 @@ def test_resnet_bf16_folds_norms_and_fuses_residuals(zoo_onnx, tmp_path):
                            measure=False)
     rep = art.report
     assert rep["bf16_conv2d"] > 0 and rep["fp32_convs"] == 0 and rep["bf16_residual_fused"] > 0
+    assert rep["bf16_stored_bf16"] > 0            # a block's first conv hands its second one bf16 bits
     assert rep["check"]["ok"] and rep["check"]["max_relative_error"] < 0.05
 
 
@@ -238,6 +268,8 @@ def test_inverted_residual_stays_nhwc_between_kernels(stride, layout):
         mod = to_nhwc(mod, _target())
     mod, facts = rewrite_bf16(mod, _target())
     assert facts["bf16_conv2d"] == 3 and facts["bf16_residual_fused"] == (1 if stride == 1 else 0)
+    # the stem's output is stored as bf16 bits where only the expand conv reads it (no residual add)
+    assert facts["bf16_stored_bf16"] == (0 if stride == 1 else 1)
     ops = _main_bindings(mod)
     kernels = [i for i, (op, _) in enumerate(ops) if op in ("relax.call_tir", "relax.nn.conv2d")]
     params = set(mod["main"].params)
@@ -250,17 +282,19 @@ def test_inverted_residual_stays_nhwc_between_kernels(stride, layout):
 
 
 @needs_bf16
-def test_inverted_residual_bf16_matches_onnxruntime(tmp_path):
+@pytest.mark.parametrize("stride", [1, 2])
+def test_inverted_residual_bf16_matches_onnxruntime(tmp_path, stride):
     """The same block compiled with precision bf16 passes compile's bf16 check against onnxruntime fp32 (padded
-    channels 72 -> 80 and 24 -> 32 included)."""
+    channels 72 -> 80 and 24 -> 32 included; with stride 2 the stem hands the expand conv bf16 bits)."""
     import onnx
 
     import graphopt
     path = tmp_path / "block.onnx"
-    onnx.save(_inverted_residual(), str(path))
+    onnx.save(_inverted_residual(stride), str(path))
     art = graphopt.compile(str(path), out=tmp_path / "a", target_options={"precision": "bf16"}, measure=False)
     rep = art.report
-    assert rep["bf16_conv2d"] == 3 and rep["fp32_dwconv2d_nhwc"] == 1 and rep["bf16_residual_fused"] == 1
+    assert rep["bf16_conv2d"] == 3 and rep["fp32_dwconv2d_nhwc"] == 1
+    assert rep["bf16_residual_fused"] == (stride == 1) and rep["bf16_stored_bf16"] == (stride == 2)
     assert rep["check"]["ok"] and rep["check"]["max_relative_error"] < 0.05
 
 

@@ -1,18 +1,22 @@
 """The scheduled bf16 PrimFuncs: conv2d and dense with bf16 inputs and fp32 accumulation (vdpbf16ps), fp32 epilogue.
 
-Inputs are fp32 (the graph's tensors); each kernel's input stage (the zero-padded copy the micro kernel reads)
-rounds them to bf16 pairs: [N, H+pads, W+pads, C2*2] for a conv (NHWC, from an NCHW or NHWC input), [M, K2*2] for
-a dense layer. Weights arrive packed (packing.py). The micro kernel is a register tile of TM output pixels (rows)
-x TN*16 channels whose innermost 16 x 2 block is tensorized with intrinsic.INTRIN. The epilogue adds the bias,
-applies relu / clip bounds, and for convs optionally adds a residual tensor (NHWC) and applies a second bound,
-in fp32, in the same loop nest. Outputs are NHWC [N, OH, OW, OCp] / [M, Np], channels padded to 16 (zero weights).
+Inputs are fp32 (the graph's tensors) or, for a conv reading another bf16 conv's output, bf16 bits (uint16 NHWC);
+each kernel's input stage (the zero-padded copy the micro kernel reads) rounds fp32 inputs to bf16 pairs:
+[N, H+pads, W+pads, C2*2] for a conv (NHWC, from an NCHW or NHWC input), [M, K2*2] for a dense layer; an unpadded
+conv over bf16 bits reads its input directly. Weights arrive packed (packing.py). The micro kernel is a register
+tile of TM output pixels (rows) x TN*16 channels whose innermost 16 x 2 block is tensorized with intrinsic.INTRIN.
+The epilogue adds the bias, applies relu / clip bounds, and for convs optionally adds a residual tensor (NHWC) and
+applies a second bound, in fp32, in the same loop nest. Outputs are NHWC [N, OH, OW, OCp] / [M, Np], channels padded
+to 16 (zero weights), fp32, or for a conv whose readers are all bf16 convs (which round their input to bf16 anyway)
+its bf16 bits rounded the same way (vcvtneps2bf16; fp32 denormals flush to zero): the same results with half the
+memory traffic and, for unpadded convs, no input stage.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ..int8.kernels import MAX_TILE_ACC, pick_tiles
-from .intrinsic import INTRIN, bf16_value, import_llvm, register_intrinsic, to_bf16_bits
+from .intrinsic import CVT_INTRIN, INTRIN, bf16_value, import_llvm, register_intrinsic, to_bf16_bits
 
 #: PrimFunc attribute naming the bf16 kernel (tests, debugging)
 KERNEL_ATTR = "graphopt.bf16_kernel"
@@ -36,6 +40,8 @@ class ConvSpec:
     act: tuple = NO_BOUNDS      # fp32 (lo, hi) after the bias; None: unbounded
     residual: bool = False      # add a residual NHWC [N, OH, OW, OCp] input, then apply act2
     act2: tuple = NO_BOUNDS
+    in_bf16: bool = False       # X holds bf16 bits (uint16, NHWC, Cphys channels, an even count)
+    out_bf16: bool = False      # Y holds the bf16 bits of the fp32 result (uint16)
 
     @property
     def OH(self):
@@ -87,15 +93,17 @@ def _bounded(v, bounds):
 
 
 def conv2d_bf16(spec: ConvSpec):
-    """Scheduled PrimFunc (X fp32 in spec.in_layout, Wp uint16 [OCp/16, KH, KW, C2, 16, 2], B fp32 [OCp][, R fp32
-    NHWC], Y fp32 NHWC [N, OH, OW, OCp])."""
+    """Scheduled PrimFunc (X fp32 in spec.in_layout or bf16 bits NHWC, Wp uint16 [OCp/16, KH, KW, C2, 16, 2],
+    B fp32 [OCp][, R fp32 NHWC], Y NHWC [N, OH, OW, OCp] fp32 or bf16 bits)."""
     from tvm import te, tirx
     s = spec
     OH, OW, C2, OCp, cin = s.OH, s.OW, s.C2, s.OCp, s.cin
     sh, sw = s.stride
     dh, dw = s.dilation
     pt, pl, pb, pr = s.pad
-    X = te.placeholder((s.N, s.C, s.H, s.W) if s.in_layout == "NCHW" else (s.N, s.H, s.W, cin), "float32", name="X")
+    assert not s.in_bf16 or (s.in_layout == "NHWC" and cin % 2 == 0), s
+    X = te.placeholder((s.N, s.C, s.H, s.W) if s.in_layout == "NCHW" else (s.N, s.H, s.W, cin),
+                       "uint16" if s.in_bf16 else "float32", name="X")
     Wp = te.placeholder((OCp // 16, s.KH, s.KW, C2, 16, 2), "uint16", name="W")
     B = te.placeholder((OCp,), "float32", name="B")
 
@@ -104,8 +112,11 @@ def conv2d_bf16(spec: ConvSpec):
         hh, ww = tirx.min(tirx.max(h - pt, 0), s.H - 1), tirx.min(tirx.max(w - pl, 0), s.W - 1)
         cc = tirx.min(c, cin - 1)
         src = X[n, cc, hh, ww] if s.in_layout == "NCHW" else X[n, hh, ww, cc]
-        return tirx.if_then_else(cond, to_bf16_bits(src), tirx.const(0, "uint16"))
-    P = te.compute((s.N, s.H + pt + pb, s.W + pl + pr, C2 * 2), pad_value, name="pad")
+        return tirx.if_then_else(cond, src if s.in_bf16 else to_bf16_bits(src), tirx.const(0, "uint16"))
+    if s.in_bf16 and not any(s.pad):
+        P = X                                        # already bf16 pairs, nothing to pad
+    else:
+        P = te.compute((s.N, s.H + pt + pb, s.W + pl + pr, C2 * 2), pad_value, name="pad")
     kh = te.reduce_axis((0, s.KH), "kh")
     kw = te.reduce_axis((0, s.KW), "kw")
     c2 = te.reduce_axis((0, C2), "c2")
@@ -125,6 +136,8 @@ def conv2d_bf16(spec: ConvSpec):
     else:
         Y = te.compute((s.N, OH, OW, OCp), lambda n, h, w, o: _bounded(acc[n, h, w, o // 16, o % 16] + B[o], s.act),
                        name="out")
+    if s.out_bf16:
+        Y = te.compute(Y.shape, lambda *i: to_bf16_bits(Y(*i)), name="cvt")
     return _schedule(te.create_prim_func(args + [Y]), OW, OCp // 16, "conv2d")
 
 
@@ -177,9 +190,21 @@ def _schedule(func, rows: int, col_blocks: int, kind: str):
     sch.vectorize(sch.get_loops(init)[-1])
     _, vi = sch.split(oi, [None, 16])
     sch.vectorize(vi)
-    pad = sch.get_sblock("pad")
-    ploops = sch.get_loops(pad)
-    sch.parallel(sch.fuse(*ploops[:2]) if kind == "conv2d" else ploops[0])
-    if int(sch.get(ploops[-1]).extent) % 16 == 0:
-        sch.vectorize(sch.split(ploops[-1], [None, 16])[1])
+    if _has_block(sch, "cvt"):             # bf16 output: the fp32 tile rounded 16 lanes at a time by vcvtneps2bf16
+        cvt = sch.get_sblock("cvt")
+        sch.reverse_compute_at(cvt, wo, preserve_unit_loops=True)
+        sch.set_scope(out, 0, "local")
+        sch.tensorize(sch.split(sch.get_loops(cvt)[-1], [None, 16])[1], CVT_INTRIN)
+    if _has_block(sch, "pad"):
+        pad = sch.get_sblock("pad")
+        ploops = sch.get_loops(pad)
+        sch.parallel(sch.fuse(*ploops[:2]) if kind == "conv2d" else ploops[0])
+        extent = int(sch.get(ploops[-1]).extent)       # channels (pairs * 2): 24 ran scalar, 300x slower
+        lanes = next((v for v in (16, 8) if extent % v == 0), 0)
+        if lanes:
+            sch.vectorize(sch.split(ploops[-1], [None, lanes])[1])
     return sch.mod["main"].with_attr(KERNEL_ATTR, kind)
+
+
+def _has_block(sch, name: str) -> bool:
+    return any(sch.get(b).name_hint == name for b in sch.get_child_blocks(sch.get_sblock("root")))

@@ -9,14 +9,15 @@ NHWC after the cpu target's channels-last conversion, cpu_layout.to_nhwc):
 
 W, the biases and the norms' parameters are constants: folded here (norm scales into W, shifts into one bias),
 W packed to bf16 pairs. Conv outputs stay NHWC with channels padded to 16 between kernels, dense outputs [rows, padded
-columns]; logical views are emitted for the fp32 ops that read them (relax_layout). The ONNX importer's Clip (call_tir
-of max / min kernels against a scalar) is first turned into relax maximum / minimum (cpu_layout.minmax_as_ops) so
-that ReLU6 ends a chain instead of cutting it. Depthwise convs (no reduction over channels: nothing for a dot product)
-stay fp32 in NHWC, compiled by the cpu target's channels-last depthwise schedule: after to_nhwc they are left as they
-are; an NCHW one is emitted as an NHWC conv2d with its bias and bounds as Relax ops, reading the NHWC tensor of the
-kernel before it. MobileNet-style chains (1x1 conv -> clip -> depthwise -> clip -> 1x1 conv -> residual add) so run
-with no layout change between the kernels in either layout. Other grouped convs and matmuls of two activations stay
-on TVM's fp32 path.
+columns]; logical views are emitted for the fp32 ops that read them (relax_layout). A conv output read only by other
+bf16 convs is stored as bf16 bits (bf16_outputs): they would round it to bf16 on input anyway. The ONNX importer's
+Clip (call_tir of max / min kernels against a scalar) is first turned into relax maximum / minimum
+(cpu_layout.minmax_as_ops) so that ReLU6 ends a chain instead of cutting it. Depthwise convs (no reduction over
+channels: nothing for a dot product) stay fp32 in NHWC, compiled by the cpu target's channels-last depthwise
+schedule: after to_nhwc they are left as they are; an NCHW one is emitted as an NHWC conv2d with its bias and bounds
+as Relax ops, reading the NHWC tensor of the kernel before it. MobileNet-style chains (1x1 conv -> clip -> depthwise
+-> clip -> 1x1 conv -> residual add) so run with no layout change between the kernels in either layout. Other
+grouped convs and matmuls of two activations stay on TVM's fp32 path.
 """
 from __future__ import annotations
 
@@ -258,6 +259,25 @@ def match_dense(blk: Block, idx: int) -> Chain | None:
                  shape_of(out))
 
 
+def _compute_index(m: Chain) -> int:
+    """Binding index of the chain's conv2d / matmul (its first binding)."""
+    return m.interior[0] if m.interior else m.root
+
+
+def bf16_outputs(blk: Block, chains: dict) -> set:
+    """Output vars of conv chains whose every reader is another conv chain's conv taking it as its input: those
+    convs round their input to bf16 anyway, so the producer stores bf16 bits (rounded the same way, but for fp32
+    denormals, which vcvtneps2bf16 flushes to zero) instead."""
+    convs = {_compute_index(m): m for m in chains.values() if m.kind == "conv"}
+    out = set()
+    for m in chains.values():
+        uses = blk.uses.get(m.out_var, [])
+        if m.kind == "conv" and uses and m.out_var not in blk.outside \
+                and all(j in convs and convs[j].x.same_as(m.out_var) for j in uses):
+            out.add(m.out_var)
+    return out
+
+
 def _left_in_fp32(call) -> str:
     """The count a conv2d / matmul the rewrite leaves to TVM's fp32 path goes to."""
     if op_name(call) == "relax.matmul":
@@ -270,8 +290,9 @@ def _left_in_fp32(call) -> str:
 class _Rewriter(LayoutRewriter):
     def __init__(self, mod):
         super().__init__(mod, "graphopt_bf16")
-        self.count = {"bf16_conv2d": 0, "bf16_dense": 0, "bf16_residual_fused": 0, "fp32_dwconv2d_nhwc": 0,
-                      "fp32_convs": 0, "fp32_matmuls": 0}
+        self.count = {"bf16_conv2d": 0, "bf16_dense": 0, "bf16_residual_fused": 0, "bf16_stored_bf16": 0,
+                      "fp32_dwconv2d_nhwc": 0, "fp32_convs": 0, "fp32_matmuls": 0}
+        self.bf16_out: set = set()
         self.max_reduction = 0
 
     def rewrite_block(self, block, outside_uses):
@@ -293,6 +314,7 @@ class _Rewriter(LayoutRewriter):
             return block, False
         drop = set().union(*(m.interior for m in chains.values()))
         self.phys = {}
+        self.bf16_out = bf16_outputs(blk, chains)
         out = []
         for i, b in enumerate(blk.bindings):
             if i in chains:
@@ -313,8 +335,10 @@ class _Rewriter(LayoutRewriter):
             layout = m.attrs["layout"]
             nhwc = p is not None and p.layout == "NHWC"
             x, cphys = (p.var, p.channels) if nhwc else (m.x, C if layout == "NHWC" else 0)
+            out_bf16 = m.out_var in self.bf16_out
             spec = ConvSpec(N, H, W, C, OC, KH, KW, m.attrs["stride"], m.attrs["pad"], m.attrs["dilation"],
-                            "NHWC" if nhwc else layout, cphys, m.act, m.residual is not None, m.act2)
+                            "NHWC" if nhwc else layout, cphys, m.act, m.residual is not None, m.act2,
+                            in_bf16=nhwc and dtype_of(x) == "uint16", out_bf16=out_bf16)
             args = [x, relax.const(pack_conv_weight(m.w, spec.C2)), relax.const(padded_bias(m.bias, OC, spec.OCp))]
             if m.residual is not None:
                 r, bl = self.to_nhwc_padded(m.residual, spec.OCp, layout)
@@ -322,10 +346,11 @@ class _Rewriter(LayoutRewriter):
                 args.append(r)
                 self.count["bf16_residual_fused"] += 1
             gv = self.add_kernel(("conv", spec), lambda: conv2d_bf16(spec), "conv2d")
-            shape = (N, spec.OH, spec.OW, spec.OCp)
-            value = relax.call_tir(gv, args, relax.TensorType(list(shape), "float32"))
-            phys = Phys(self.dfvar("conv", shape, "float32"), "NHWC", spec.OCp)
+            shape, dt = (N, spec.OH, spec.OW, spec.OCp), "uint16" if out_bf16 else "float32"
+            value = relax.call_tir(gv, args, relax.TensorType(list(shape), dt))
+            phys = Phys(self.dfvar("conv", shape, dt), "NHWC", spec.OCp)
             self.count["bf16_conv2d"] += 1
+            self.count["bf16_stored_bf16"] += out_bf16
             self.max_reduction = max(self.max_reduction, C * KH * KW)
         else:
             xshape = m.attrs["xshape"]
@@ -346,7 +371,8 @@ class _Rewriter(LayoutRewriter):
             self.count["bf16_dense"] += 1
             self.max_reduction = max(self.max_reduction, K)
         bindings.append(self.bind(phys.var, value))
-        bindings.extend(self.bind_view(m.out_var, phys, m.out_shape, m.attrs.get("layout", "NCHW")))
+        if m.out_var not in self.bf16_out:     # bf16 bits are only read by the next kernels, through phys
+            bindings.extend(self.bind_view(m.out_var, phys, m.out_shape, m.attrs.get("layout", "NCHW")))
         self.phys[m.out_var] = phys
         return bindings
 
