@@ -1,5 +1,7 @@
 """tools/bench.py and tools/bench_int8.py: an engine that fails gets an error cell while the others are timed;
-OpenVINO (the `bench` extra) takes the thread count and precision hint asked for and reports what it ran."""
+OpenVINO (the `bench` extra) takes the thread count and precision hint asked for and reports what it ran; the
+fp32 / bf16 peak that "% of peak" uses is measured (tools/peak_flops.py)."""
+import math
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,6 +16,7 @@ import onnx_builders as ob
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import bench  # noqa: E402
 import bench_int8  # noqa: E402
+import peak_flops  # noqa: E402
 
 
 def _conv_model(path):
@@ -38,10 +41,29 @@ def test_failing_engine_gets_an_error_cell_and_the_others_are_timed(tmp_path):
              "precision": None},
             {"model": "m", "threads": 1, "engine": "graphopt default", "error": errors["broken"]}]
     args = SimpleNamespace(models=["m"], rounds=2, round_seconds=0.01)
-    bench.write_markdown(tmp_path / "b.md", rows, {1: 10.0}, [], args, {"onnxruntime": "x"}, ((0.0,), (0.0,)))
+    peaks = {1: {"fp32": 280.0, "bf16": 560.0, "isa": "avx512", "sgemm": 125.0}}
+    bench.write_markdown(tmp_path / "b.md", rows, peaks, [], args, {"onnxruntime": "x"}, ((0.0,), (0.0,)))
     text = (tmp_path / "b.md").read_text()
     assert "| m | 1.00 | - | - | error: RuntimeError: second line | - | - | - |" in text
     assert "avx512f" in text and "amx_tile" in text and "Load average" in text
+    assert "1 thread(s) avx512 fp32 280.0, bf16 560.0 GFLOP/s" in text
+    assert "numpy sgemm 2048^3 (reference): 1 thread(s) 125.0 GFLOP/s" in text
+
+
+def test_peak_is_measured_per_precision_and_not_below_numpy_sgemm():
+    """The register-only loops reach at least half of what numpy's BLAS sgemm reaches (in practice about twice);
+    bf16 rows are measured against the bf16 peak where the CPU has one."""
+    peak = bench.peak_gflops(1, seconds=0.05, reps=2)
+    assert math.isfinite(peak["fp32"]) and peak["fp32"] > 0 and peak["isa"] in ("avx512", "avx2")
+    assert peak["fp32"] >= 0.5 * bench.sgemm_gflops(1, reps=3)
+    has_bf16 = {"avx512f", "avx512_bf16"} <= peak_flops.cpu_flags()
+    assert (peak["bf16"] is not None) == has_bf16
+    if has_bf16:
+        assert math.isfinite(peak["bf16"]) and peak["bf16"] > 0
+    p = {"fp32": 100.0, "bf16": 200.0}
+    assert bench.row_peak(p, "graphopt bf16", None) == bench.row_peak(p, "openvino default", "bf16 20, f32 1") == 200
+    assert bench.row_peak(p, "openvino default", "u8 20, f32 1") == bench.row_peak(p, "onnxruntime", None) == 100
+    assert bench.row_peak({"fp32": 100.0, "bf16": None}, "graphopt bf16", None) == 100
 
 
 def test_openvino_takes_threads_and_precision_hint(tmp_path):

@@ -14,11 +14,13 @@ from other processes hits every engine alike; medians (and minima) over all roun
 gets an error cell; the run goes on.
 
 The tables report median latency, the ratio to onnxruntime and to the faster fp32 engine, achieved GFLOP/s
-(2 * MACs / latency, MACs from graphopt.analyses.flops) and its fraction of this machine's fp32 peak, estimated in
-the same run as the best of a few 2048^3 sgemm calls through numpy's BLAS limited to the same thread count
-(threadpoolctl), the compile time of each graphopt build, and CPU time / wall time while each engine ran (shows
-whether the requested thread count really took effect). The header names the CPU, its AVX-512/AMX flags, the date
-and the load average. Thread counts are timed from the largest down: in one process TVM's thread pool can be
+(2 * MACs / latency, MACs from graphopt.analyses.flops) and its fraction of this machine's peak with the same thread
+count, measured in the same run by tools/peak_flops.py (register-only vfmadd231ps / vdpbf16ps loops): the bf16 peak
+for rows whose precision is bf16 (graphopt bf16, OpenVINO with bf16 compute layers) where the CPU has avx512_bf16,
+else the fp32 peak (int8 rows too); the header also gives numpy's sgemm 2048^3 rate for reference. They also give
+the compile time of each graphopt build, and CPU time / wall time while each engine ran (shows whether the
+requested thread count really took effect). The header names the CPU, its AVX-512/AMX flags, the date and the load
+average. Thread counts are timed from the largest down: in one process TVM's thread pool can be
 shrunk after its first configuration but not grown again. Compiled models are checked against onnxruntime by
 graphopt.compile itself. `--precision fp32 bf16` also builds and times each model with the cpu target's precision bf16
 (the summary then compares it with OpenVINO's default precision). Rows are also written as JSON beside --out.
@@ -44,6 +46,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import bench_models  # noqa: E402
+from peak_flops import peak_gflops  # noqa: E402
 
 INT8 = "_int8"     # "<model>_int8": the QDQ model of bench_int8.quantize_qdq
 DEFAULT_MODELS = ["resnet18", "resnet18_b8", "resnet50", "mobilenet_v2", "efficientnet_b0", "convnext_tiny",
@@ -53,8 +56,8 @@ MODEL_NAMES = bench_models.NAMES + [n + INT8 for n in bench_models.NAMES]
 CPU_FLAGS = ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 
 
-def fp32_peak_gflops(threads: int, n: int = 2048, reps: int = 5) -> float:
-    """Best-of-reps sgemm throughput through numpy's BLAS with `threads` threads."""
+def sgemm_gflops(threads: int, n: int = 2048, reps: int = 5) -> float:
+    """Best-of-reps sgemm throughput through numpy's BLAS with `threads` threads (threadpoolctl)."""
     from threadpoolctl import threadpool_limits
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
@@ -67,6 +70,22 @@ def fp32_peak_gflops(threads: int, n: int = 2048, reps: int = 5) -> float:
             a @ b
             best = min(best, time.perf_counter() - t0)
     return 2.0 * n ** 3 / best / 1e9
+
+
+def row_peak(peak: dict, engine: str, precision: str | None) -> float:
+    """The peak GFLOP/s a row is measured against: bf16 for graphopt bf16 and engines whose compute layers ran in
+    bf16 (when the CPU has a bf16 peak), else fp32."""
+    bf16 = engine == "graphopt bf16" or "bf16" in (precision or "")
+    return peak["bf16"] if bf16 and peak["bf16"] else peak["fp32"]
+
+
+def peak_text(peaks: dict) -> str:
+    """One line: the measured fp32 / bf16 peaks and numpy's sgemm rate per thread count."""
+    return ("Peak (register-only multiply-add loops, tools/peak_flops.py): "
+            + "; ".join(f"{t} thread(s) {p['isa']} fp32 {p['fp32']:.1f}"
+                        + (f", bf16 {p['bf16']:.1f}" if p["bf16"] else "") + " GFLOP/s" for t, p in peaks.items())
+            + ". numpy sgemm 2048^3 (reference): "
+            + "; ".join(f"{t} thread(s) {p['sgemm']:.1f} GFLOP/s" for t, p in peaks.items()))
 
 
 def find_db(tuned_db: str | None, model: str) -> str | None:
@@ -205,9 +224,8 @@ def main(argv=None) -> int:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="graphopt-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()
-    peaks = {t: fp32_peak_gflops(t) for t in args.threads}
-    print("fp32 peak (numpy sgemm 2048^3): " + ", ".join(f"{t} thread(s) {p:.1f} GFLOP/s" for t, p in peaks.items()),
-          flush=True)
+    peaks = {t: {**peak_gflops(t), "sgemm": sgemm_gflops(t)} for t in args.threads}
+    print(peak_text(peaks), flush=True)
     rows, notes = [], []
     for name in args.models:
         try:
@@ -302,7 +320,8 @@ def bench_model(name: str, args, work: Path, peaks: dict, openvino_session) -> t
             rows.append({
                 "model": name, "threads": threads, "engine": label, "ms": t * 1e3, "min_ms": min(samples[label]) * 1e3,
                 "ratio": t / med["onnxruntime"] if "onnxruntime" in med else None,
-                "vs_best_fp32": t / min(fp32) if fp32 else None, "gflops": gflops, "peak": gflops / peaks[threads],
+                "vs_best_fp32": t / min(fp32) if fp32 else None, "gflops": gflops,
+                "peak": gflops / row_peak(peaks[threads], label, precision.get(label)),
                 "compile_s": builds[label][1] if label in builds else None, "n": len(samples[label]),
                 "busy": busy[label], "cpu_ms": cpu_per_call[label] * 1e3, "precision": precision.get(label),
             })
@@ -351,8 +370,8 @@ def write_markdown(path: Path, rows, peaks, notes, args, versions: dict, load: t
         "",
         f"Command: `.venv/bin/python tools/bench.py {' '.join(sys.argv[1:])}`".rstrip(),
         "",
-        "fp32 peak (numpy sgemm 2048^3, same thread count): "
-        + ", ".join(f"{t} thread(s): {p:.1f} GFLOP/s" for t, p in peaks.items()),
+        peak_text(peaks) + ". % of peak = GFLOP/s / the bf16 peak for rows whose precision is bf16 (graphopt bf16, "
+        "OpenVINO with bf16 compute layers) where the CPU has one, else / the fp32 peak (int8 rows too).",
         "",
         f"Latency: median over {args.rounds} interleaved rounds of ~{args.round_seconds} s per engine, every engine "
         "on the same ONNX file with the same thread count. OpenVINO fp32 = INFERENCE_PRECISION_HINT f32; OpenVINO "
