@@ -125,7 +125,7 @@ def test_a_diverging_phase_is_trained_again_at_a_lower_lr(teacher, data):
     assert info["final"]["top1"] == ref["final"]["top1"] >= 0.95
 
 
-def test_divergence_needs_a_rise_over_the_first_step_at_one_temperature():
+def test_divergence_needs_a_rise_over_the_first_steps_at_one_temperature():
     from graphopt.compress import _diverged
     s = Schedule()
     m = {"steps": 20, "loss_last": 5.0, "history": {"loss": [3.0] + [5.0] * 19}}
@@ -134,6 +134,12 @@ def test_divergence_needs_a_rise_over_the_first_step_at_one_temperature():
     assert not _diverged({**m, "steps": 8}, 4.0, s)                   # too few steps to tell
     assert not _diverged({**m, "loss_last": 3.2}, 4.0, s)
     assert _diverged({**m, "loss_last": float("nan")}, 4.0, s)
+    # noisy batches (one epoch over distinct examples): a rise within the batches' spread is not divergence
+    rng = np.random.default_rng(0)
+    noisy = [0.10] + list(0.14 + 0.06 * rng.standard_normal(95))
+    assert not _diverged({"steps": 96, "loss_last": float(np.mean(noisy[-9:])), "history": {"loss": noisy}}, 1.0, s)
+    steady = [0.10] + [0.14] * 95
+    assert _diverged({"steps": 96, "loss_last": 0.14, "history": {"loss": steady}}, 1.0, s)
 
 
 def test_prune_steps_fractions():
