@@ -109,6 +109,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quantize", default="", help="extra quantize options, e.g. 'calibration=percentile'")
     ap.add_argument("--qat-scales", choices=("kept", "learned"), default="kept",
                     help="QAT: activation scales kept from the calibration or learned (quantize{qat_scales=...})")
+    ap.add_argument("--schedule", action="append", default=[], metavar="KEY=VALUE",
+                    help="compress's schedule settings (repeatable), e.g. decisions=true")
     ap.add_argument("--train", type=int, default=256, help="ppocr-rec: rendered training lines")
     ap.add_argument("--eval", type=int, default=100, help="ppocr-rec: rendered evaluation lines")
     ap.add_argument("--threads", type=int, default=1)
@@ -120,7 +122,7 @@ def main(argv=None) -> int:
     import graphopt
     from graphopt import PassContext, PassManager
     from graphopt.api import measure_latency
-    from graphopt.compress import compress
+    from graphopt.compress import Schedule, compress
     from graphopt.evaluate import ort_latency_ms
     from graphopt.graph import copy as copy_graph, input_specs, to_onnx
     from graphopt.progress import Progress
@@ -146,7 +148,8 @@ def main(argv=None) -> int:
 
     t = time.perf_counter()
     qat, info = compress(copy_graph(graph), train, f"quantize{{{opts},qat=true,qat_scales={a.qat_scales}}}",
-                         epochs=a.epochs,
+                         epochs=a.epochs, schedule=Schedule.from_options(dict(kv.split("=", 1) for kv in a.schedule))
+                         if a.schedule else None,
                          batch_size=a.batch_size, lr=a.lr, threads=a.threads, log=_log, progress=Progress("lines"),
                          **({"micro_batch": a.micro_batch} if a.micro_batch else {}))
     train_s = time.perf_counter() - t
@@ -156,7 +159,7 @@ def main(argv=None) -> int:
     _log(f"QAT: {rows['QAT int8 (compiled)']} ({art.report.get('int8_kernels')} int8 kernels, {train_s:.0f} s "
          f"training)")
 
-    result = {"model": a.model, "quantize": opts, "qat_scales": a.qat_scales, "epochs": a.epochs, "lr": a.lr, "rows": rows,
+    result = {"model": a.model, "quantize": opts, "qat_scales": a.qat_scales, "schedule": a.schedule, "epochs": a.epochs, "lr": a.lr, "rows": rows,
               "latency_ms": latency, "threads": a.threads,
               "qat_training_seconds": round(train_s, 1), "seconds": round(time.perf_counter() - t0, 1),
               "quantization": info.get("quantization")}
