@@ -680,7 +680,7 @@ def _distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, 
         hw = hard_weight_at(frac, config.hard_weight) if ys is not None else 0.0
         lr = lr_at(step, total, config)
         for gp in opt.param_groups:
-            gp["lr"] = lr * gp["lr_mult"]
+            gp["lr"] = lr * gp.get("lr_mult", 1.0)     # a checkpoint's groups from before lr_mult: one group
         n = len(xs[0])
         chunks = micro_batches(n, config.micro_batch)
         mine = owned(len(chunks), rank, world)
