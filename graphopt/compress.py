@@ -492,8 +492,9 @@ def _run_key(original, train, labels, pm, config, schedule, epochs, distill, wor
 
     from .checkpoints import run_key
     from .graph import to_onnx
+    # the teacher cache's limit follows the memory available at the time (_fit_memory): not part of what is trained
     cfg = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in ("progress", "checkpoint",
-                                                                                      "resume")}
+                                                                                      "resume", "cache_limit_mb")}
     parts = [to_onnx(original).SerializeToString(), pm.resolved(), cfg, asdict(schedule), epochs, distill, world]
     if isinstance(train, dict):
         parts += [np.asarray(v) for _, v in sorted(train.items())]
