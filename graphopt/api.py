@@ -140,12 +140,13 @@ def compare_with_onnxruntime(art: Artifact, seed: int = 0, feeds: dict | None = 
         from .graph import from_onnx
         # a Sigmoid / Softmax output compares in logit space (probabilities below PROBABILITY_FLOOR count as equal):
         # normalized by its largest value, a detector's probability map of 1e-4's on random inputs scales the error
-        saturating = _saturating_outputs(from_onnx(onnx.load(str(art.path / MODEL))))
+        model = onnx.load(str(art.path / MODEL))
+        saturating = _saturating_outputs(from_onnx(model))
 
         def view(outputs: dict) -> dict:
             return {k: logit_space(v, *saturating[k], tiny=PROBABILITY_FLOOR) if k in saturating else v
                     for k, v in outputs.items()}
-        res = compare_bf16(art.path / MODEL, view(ref), view(got))
+        res = compare_bf16(model, view(ref), view(got))
         if saturating:
             res["logit_space"] = sorted(saturating)
         return res

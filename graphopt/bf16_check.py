@@ -60,11 +60,11 @@ def relative_error(ref: np.ndarray, got: np.ndarray) -> float:
     return float(err.max() / scale) if scale > 0 else float(err.max(initial=0.0))
 
 
-def compare_bf16(model_path, ref: dict, got: dict) -> dict:
+def compare_bf16(model: onnx.ModelProto, ref: dict, got: dict) -> dict:
     """api.compile's check for bf16 artifacts: ref is onnxruntime's fp32 result, got the library's, on the same
     inputs. Returns {"ok", "max_abs_error", "worst_output", "max_relative_error", "bound", "reduction_length",
     "criterion", "reference", "outputs": {name: {"relative_error"}}}."""
-    k = reduction_length(onnx.load(str(model_path), load_external_data=False))
+    k = reduction_length(model)
     bound = BF16_UNIT * math.sqrt(k)
     outputs, worst, worst_name, max_abs = {}, -1.0, None, 0.0
     for name, r in ref.items():

@@ -440,7 +440,8 @@ def _diverged(m: dict, temperature, s: Schedule) -> bool:
         return False
     if not np.isfinite(last):
         return True
-    window = losses[-max(1, min(10, len(losses) // 10)):]
+    from .distill import loss_window
+    window = losses[-loss_window(len(losses)):]
     noise = 2.0 * float(np.std(window)) * math.sqrt(1.0 + 1.0 / len(window))
     return bool(last > s.divergence_ratio * first and last - first > noise)
 

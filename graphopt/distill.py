@@ -818,8 +818,8 @@ def _distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, 
         remove_adapters(trained)
     metrics = {"steps": total, "epochs": (total / per_epoch) if per_epoch else None,
                "seconds": round(time.perf_counter() - t0, 3), "history": history,
-               "loss_first": float(np.mean(history["loss"][:max(1, min(10, total // 10 or 1))])),
-               "loss_last": float(np.mean(history["loss"][-max(1, min(10, total // 10 or 1)):])),
+               "loss_first": float(np.mean(history["loss"][:loss_window(total)])),
+               "loss_last": float(np.mean(history["loss"][-loss_window(total):])),
                "feature_pairs": [{"student": p.student, "teacher": p.teacher, "adapted": p.adapted} for p in pairs],
                "config": {f.name: getattr(config, f.name) for f in fields(config)
                           if f.name not in ("progress", "checkpoint", "resume")}}
@@ -831,6 +831,11 @@ def _distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, 
     if eval_data is not None:
         metrics["eval"] = evaluate(trained, eval_data, eval_labels, teachers[0])
     return trained, metrics
+
+
+def loss_window(steps: int) -> int:
+    """How many first / last steps metrics' loss_first and loss_last average over (a tenth, 1 to 10)."""
+    return max(1, min(10, steps // 10))
 
 
 def _split_scales(s_tg: TrainableGraph, config: DistillConfig) -> tuple[list, list]:
