@@ -41,7 +41,7 @@ def _values(args) -> dict:
     return dict(parse_value_arg(text) for text in getattr(args, "input_value", []))
 
 
-def _key_values(texts, flag: str, example: str, parse=lambda v: v) -> dict:
+def key_values(texts, flag: str, example: str, parse=lambda v: v) -> dict:
     """{key: parse(value)} of repeated `flag KEY=VALUE` arguments."""
     out = {}
     for text in texts:
@@ -54,7 +54,7 @@ def _key_values(texts, flag: str, example: str, parse=lambda v: v) -> dict:
 
 def _target_options(args) -> dict:
     from .pipeline_text import _value
-    return _key_values(getattr(args, "target_option", []), "--target-option", "mcpu=haswell", _value)
+    return key_values(getattr(args, "target_option", []), "--target-option", "mcpu=haswell", _value)
 
 
 def _interactive() -> bool:
@@ -384,7 +384,7 @@ def cmd_compress(args) -> int:
         names = [t.name for t in original.inputs]
         train = _load_data(args.train, "--train", args.preprocess, names)
         ev = _load_data(args.eval, "--eval", args.preprocess, names) if args.eval else None
-        schedule = Schedule.from_options(_key_values(args.schedule, "--schedule", "light_fraction=0.2"), "--schedule")
+        schedule = Schedule.from_options(key_values(args.schedule, "--schedule", "light_fraction=0.2"), "--schedule")
         graph, info = compress(original, train, pm, eval_data=ev, epochs=args.epochs, batch_size=args.batch_size,
                                lr=args.lr, seed=args.seed, log=_log if not args.json and rank0 else None,
                                distributed=args.distributed, threads=args.threads, progress=_progress(rank0),

@@ -48,3 +48,12 @@ def test_digits_mobilenet_is_the_same_model_on_every_run(tmp_path):
         _train_mobilenet_v2_digits(tmp_path / name, epochs=1)
     a, b = (onnx.load(str(tmp_path / n)).graph.initializer for n in ("a.onnx", "b.onnx"))
     assert [t.SerializeToString() for t in a] == [t.SerializeToString() for t in b]
+
+
+@pytest.mark.parametrize("setting, says", [("decisions", "malformed; write KEY=VALUE"),
+                                           ("nosuch=1", "unknown key 'nosuch'")])
+def test_qat_accuracy_refuses_bad_schedule_settings_in_one_line(setting, says, capsys):
+    import qat_accuracy
+    assert qat_accuracy.main(["--schedule", setting]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and "\n" not in err and "Traceback" not in err

@@ -118,11 +118,20 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
+    from graphopt.cli import key_values
+    from graphopt.compress import Schedule
+    from graphopt.errors import BadInput
+    try:   # before minutes of work: a malformed or unknown setting is one line
+        schedule = (Schedule.from_options(key_values(a.schedule, "--schedule", "decisions=true"), "--schedule")
+                    if a.schedule else None)
+    except BadInput as e:
+        print(f"qat_accuracy: {e}", file=sys.stderr)
+        return 2
 
     import graphopt
     from graphopt import PassContext, PassManager
     from graphopt.api import measure_latency
-    from graphopt.compress import Schedule, compress
+    from graphopt.compress import compress
     from graphopt.evaluate import ort_latency_ms
     from graphopt.graph import copy as copy_graph, input_specs, to_onnx
     from graphopt.progress import Progress
@@ -148,8 +157,7 @@ def main(argv=None) -> int:
 
     t = time.perf_counter()
     qat, info = compress(copy_graph(graph), train, f"quantize{{{opts},qat=true,qat_scales={a.qat_scales}}}",
-                         epochs=a.epochs, schedule=Schedule.from_options(dict(kv.split("=", 1) for kv in a.schedule))
-                         if a.schedule else None,
+                         epochs=a.epochs, schedule=schedule,
                          batch_size=a.batch_size, lr=a.lr, threads=a.threads, log=_log, progress=Progress("lines"),
                          **({"micro_batch": a.micro_batch} if a.micro_batch else {}))
     train_s = time.perf_counter() - t
