@@ -78,3 +78,71 @@ def test_openvino_takes_threads_and_precision_hint(tmp_path):
     assert facts["compute_layers"] == {"f32": 1} and bench_int8.precision_text(facts) == "f32"
     _, default = bench_int8.openvino_session(path, threads=1)
     assert sum(default["compute_layers"].values()) == 1 and default["hint"] in ("f32", "bf16", "f16")
+
+
+def _no_new_children(before):
+    import psutil
+    return {p.pid for p in psutil.Process().children(recursive=True)} <= before
+
+
+def _has_openvino():
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_every_engine_is_timed_in_its_own_worker_and_none_is_left(tmp_path):
+    """The default path: each engine loads in a worker process of its own; rows carry the worker's latency and its
+    CPU time (busy > 0 although the driver only waits), OpenVINO its precision, and no worker outlives the run."""
+    import psutil
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    _conv_model(tmp_path / "tiny.onnx")
+    args = SimpleNamespace(tuned_db=None, precision=["fp32"], pipeline="", variant=[], rounds=1, round_seconds=0.05,
+                           in_process=False, threads=[1])
+    peaks = {1: {"fp32": 100.0, "bf16": None, "isa": "avx2", "sgemm": 50.0}}
+    openvino = _has_openvino()
+    rows, _ = bench.bench_model("tiny", args, tmp_path, peaks, openvino)
+    assert [r for r in rows if "error" in r] == []
+    engines = {r["engine"] for r in rows}
+    assert engines == {"onnxruntime", "graphopt default"} | ({"openvino fp32", "openvino default"} if openvino else set())
+    for r in rows:
+        assert r["threads"] == 1 and r["ms"] > 0 and r["min_ms"] > 0 and r["busy"] > 0 and r["n"] >= 3, r
+    if openvino:
+        assert next(r for r in rows if r["engine"] == "openvino fp32")["precision"] == "f32"
+    assert _no_new_children(before)
+
+
+def test_worker_that_fails_to_load_or_dies_gets_an_error_cell_and_the_run_goes_on(tmp_path):
+    import signal
+
+    import psutil
+    import bench_worker
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    model = str(_conv_model(tmp_path / "conv.onnx"))
+    base = {"feeds_from": model, "seed": 0, "threads": 1}
+    specs = {"onnxruntime": {**base, "engine": "onnxruntime", "model": model},
+             "graphopt default": {**base, "engine": "graphopt", "model": str(tmp_path)}}   # not an artifact
+    samples, busy, _, facts, errors = bench.time_in_workers(specs, rounds=2, per_round_s=0.02)
+    assert set(samples) == {"onnxruntime"} and len(samples["onnxruntime"]) >= 6 and busy["onnxruntime"] > 0
+    assert set(errors) == {"graphopt default"} and errors["graphopt default"].startswith("BadInput: ")
+    assert "not a graphopt artifact" in errors["graphopt default"] and "\n" not in errors["graphopt default"]
+
+    w = bench_worker.Worker(specs["onnxruntime"])
+    try:
+        assert w.loaded() == {}
+        assert len(w.block(0.0, 2)[0]) == 2
+        w.proc.send_signal(signal.SIGKILL)
+        with pytest.raises(bench_worker.WorkerError, match="worker killed by SIGKILL"):
+            w.block(0.0, 2)
+    finally:
+        w.close()
+    assert _no_new_children(before)
+
+
+def test_target_variant_builds_with_its_target_options(tmp_path):
+    """--target-variant LABEL=KEY=VALUE builds the model with those cpu target options (compile_model's options)."""
+    art, _ = bench.compile_model(_conv_model(tmp_path / "m.onnx"), tmp_path / "a", None, None, "fp32",
+                                 {"winograd": "off"})
+    assert art.manifest["target"]["winograd"] == "off"

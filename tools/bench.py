@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/bench.py [--models resnet18 mobilenet_v2 ...] [--threads 1 2] [--tuned-db DIR]
                                     [--out bench.md] [--rounds 5] [--pipeline cleanup] [--precision fp32 bf16]
+                                    [--in-process] [--target-variant direct=winograd=off]
 
 For every model: write its ONNX file (cached in --work; the PP-OCR models with their input shape bound, the
 `<model>_int8` rows the QDQ model of tools/bench_int8.quantize_qdq), compile it with graphopt's default schedules
@@ -10,8 +11,13 @@ count time, on the artifact's model.onnx (one file for every engine): onnxruntim
 intra-op threads = N), OpenVINO (the `bench` extra; INFERENCE_NUM_THREADS = N, latency hint) with
 INFERENCE_PRECISION_HINT=f32 and with its default precision (the precision its compute layers ran in is reported,
 from the execution graph), and each graphopt build (TVM thread pool = N), interleaved round by round, so that load
-from other processes hits every engine alike; medians (and minima) over all rounds. An engine that fails on a model
-gets an error cell; the run goes on.
+from other processes hits every engine alike; medians (and minima) over all rounds. Each engine runs in a worker
+process of its own (tools/bench_worker.py; started fresh for every model and thread count, thread env vars set
+before its engine is imported): it loads its engine once on the same seeded inputs as every other engine, and
+each round the driver has every worker in turn run its block while the others wait idle on a pipe, so that no
+engine's idle thread pool, allocator or caches share a process with the one being timed. `--in-process` times
+every engine in this one process instead (how this tool worked before; to compare). An engine that fails to load
+or run on a model, or whose worker dies, gets an error cell; the run goes on.
 
 The tables report median latency, the ratio to onnxruntime and to the faster fp32 engine, achieved GFLOP/s
 (2 * MACs / latency, MACs from graphopt.analyses.flops) and its fraction of this machine's peak with the same thread
@@ -19,9 +25,10 @@ count, measured in the same run by tools/peak_flops.py (register-only vfmadd231p
 for rows whose precision is bf16 (graphopt bf16, OpenVINO with bf16 compute layers) where the CPU has avx512_bf16,
 else the fp32 peak (int8 rows too); the header also gives numpy's sgemm 2048^3 rate for reference. They also give
 the compile time of each graphopt build, and CPU time / wall time while each engine ran (shows whether the
-requested thread count really took effect). The header names the CPU, its AVX-512/AMX flags, the date and the load
-average. Thread counts are timed from the largest down: in one process TVM's thread pool can be
-shrunk after its first configuration but not grown again. Compiled models are checked against onnxruntime by
+requested thread count really took effect; the CPU time is the worker's own). The header names the CPU, its
+AVX-512/AMX flags, the date and the load average. Thread counts are timed from the fewest up (each in fresh workers);
+with `--in-process` from the largest down: in one process TVM's thread pool can be shrunk after its first
+configuration but not grown again. Compiled models are checked against onnxruntime by
 graphopt.compile itself. `--precision fp32 bf16` also builds and times each model with the cpu target's precision bf16
 (the summary then compares it with OpenVINO's default precision). Rows are also written as JSON beside --out.
 """
@@ -29,10 +36,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -46,6 +53,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import bench_models  # noqa: E402
+from bench_worker import Worker, WorkerError, input_specs, load_engine, one_line, run_block  # noqa: E402
 from peak_flops import peak_gflops  # noqa: E402
 
 INT8 = "_int8"     # "<model>_int8": the QDQ model of bench_int8.quantize_qdq
@@ -126,70 +134,109 @@ def write_model(name: str, path: Path, work: Path) -> None:
         bench_models.export_onnx(name, path)
 
 
-def input_specs(path: Path) -> list[tuple]:
-    """(name, shape, numpy dtype) of the graph inputs of an ONNX file (weights listed as inputs left out)."""
-    import onnx
-    g = onnx.load(str(path), load_external_data=False).graph
-    weights = {i.name for i in g.initializer}
-    return [(vi.name, tuple(d.dim_value for d in vi.type.tensor_type.shape.dim),
-             onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)) for vi in g.input
-            if vi.name not in weights]
-
-
-def one_line(e: BaseException) -> str:
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    return (f"{type(e).__name__}: {lines[-1] if lines else ''}")[:160]
-
-
 def compile_model(path: Path, out: Path, pipeline: str | None, tuning_db: str | None,
-                  precision: str = "fp32") -> tuple[object, float]:
+                  precision: str = "fp32", options: dict | None = None) -> tuple[object, float]:
     import graphopt
     t0 = time.perf_counter()
+    opts = {**({} if precision == "fp32" else {"precision": precision}), **(options or {})}
     art = graphopt.compile(str(path), out=str(out), pipeline=pipeline or None, tuning_db=tuning_db, measure=False,
-                           target_options=None if precision == "fp32" else {"precision": precision})
+                           target_options=opts or None)
     return art, time.perf_counter() - t0
 
 
-def _cpu_seconds() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
+def interleave(blocks: dict, rounds: int):
+    """blocks: name -> zero-argument call that times one round's block of an engine, returning (latencies, CPU
+    seconds, wall seconds) (bench_worker.run_block). Every round calls each block in turn. Returns per-engine
+    latency samples, CPU time / wall time while each engine ran (about the number of threads it really kept busy),
+    CPU time per call, and {engine: error} for engines that raised (dropped from then on)."""
+    blocks, errors = dict(blocks), {}
+    samples = {k: [] for k in blocks}
+    cpu = {k: 0.0 for k in blocks}
+    wall = {k: 0.0 for k in blocks}
+    for _ in range(rounds):
+        for name, block in list(blocks.items()):
+            try:
+                times, c, w = block()
+            except Exception as e:  # noqa: BLE001 - an engine failing on a model is a result, not the end of the run
+                errors[name] = one_line(e)
+                del blocks[name], samples[name]
+                continue
+            samples[name] += times
+            cpu[name] += c
+            wall[name] += w
+    return (samples, {k: cpu[k] / wall[k] if wall[k] else 0.0 for k in samples},
+            {k: cpu[k] / len(v) if v else 0.0 for k, v in samples.items()}, errors)
 
 
 def time_engines(engines: dict, rounds: int, per_round_s: float, min_iters: int = 3):
-    """engines: name -> zero-argument callable. Interleaved: every round runs each engine for about
-    per_round_s (at least min_iters calls) after one warm-up call. Returns per-engine latency samples, the
-    process CPU time / wall time while each engine ran (about the number of threads it really kept busy), the
-    process CPU time per call, and {engine: error} for engines that raised (dropped from then on)."""
+    """engines: name -> zero-argument callable, all in this process (--in-process). Two warm-up calls each, then
+    interleave's rounds of about per_round_s (at least min_iters calls) per engine; returns what interleave does
+    (CPU time is this whole process's)."""
     engines, errors = dict(engines), {}
     for name, fn in list(engines.items()):  # warm-up (first call allocates)
         try:
             fn()
             fn()
-        except Exception as e:  # noqa: BLE001 - an engine failing on a model is a result, not the end of the run
+        except Exception as e:  # noqa: BLE001
             errors[name] = one_line(e)
             del engines[name]
-    samples = {k: [] for k in engines}
-    cpu = {k: 0.0 for k in engines}
-    wall = {k: 0.0 for k in engines}
-    for _ in range(rounds):
-        for name, fn in list(engines.items()):
+    samples, busy, cpu_per_call, run_errors = interleave(
+        {k: functools.partial(run_block, fn, per_round_s, min_iters) for k, fn in engines.items()}, rounds)
+    return samples, busy, cpu_per_call, {**errors, **run_errors}
+
+
+def time_in_process(specs: dict, rounds: int, per_round_s: float):
+    """Load every engine of specs (label -> bench_worker.load_engine spec) in this process and time_engines them:
+    (samples, busy, CPU per call, label -> facts, label -> error)."""
+    engines, facts, errors = {}, {}, {}
+    for label, spec in specs.items():
+        try:
+            engines[label], facts[label] = load_engine(spec)
+        except Exception as e:  # noqa: BLE001
+            errors[label] = one_line(e)
+    samples, busy, cpu_per_call, run_errors = time_engines(engines, rounds, per_round_s)
+    return samples, busy, cpu_per_call, facts, {**errors, **run_errors}
+
+
+def time_in_workers(specs: dict, rounds: int, per_round_s: float, min_iters: int = 3):
+    """Start one worker process per engine of specs (label -> bench_worker.load_engine spec), all loading at once;
+    then interleave: each round every worker in turn runs its block while the others wait idle on their pipes.
+    Returns what time_in_process does (CPU time is the worker's own). Every worker is gone when this returns or
+    raises (Ctrl-C included)."""
+    workers, facts, errors = {}, {}, {}
+    try:
+        for label, spec in specs.items():
+            workers[label] = Worker(spec)
+        for label, w in list(workers.items()):
             try:
-                fn()
-                c0, t_start = _cpu_seconds(), time.perf_counter()
-                n = 0
-                while n < min_iters or time.perf_counter() - t_start < per_round_s:
-                    t0 = time.perf_counter()
-                    fn()
-                    samples[name].append(time.perf_counter() - t0)
-                    n += 1
-            except Exception as e:  # noqa: BLE001
-                errors[name] = one_line(e)
-                del engines[name], samples[name]
-                continue
-            cpu[name] += _cpu_seconds() - c0
-            wall[name] += time.perf_counter() - t_start
-    return (samples, {k: cpu[k] / wall[k] if wall[k] else 0.0 for k in samples},
-            {k: cpu[k] / len(v) if v else 0.0 for k, v in samples.items()}, errors)
+                facts[label] = w.loaded()
+            except WorkerError as e:
+                errors[label] = one_line(e)
+                w.close()
+                del workers[label]
+        samples, busy, cpu_per_call, run_errors = interleave(
+            {k: functools.partial(w.block, per_round_s, min_iters) for k, w in workers.items()}, rounds)
+    finally:
+        for w in workers.values():
+            w.close()
+    return samples, busy, cpu_per_call, facts, {**errors, **run_errors}
+
+
+def engine_specs(model_file: Path, builds: dict, variants, threads: int, openvino: bool) -> dict:
+    """label -> bench_worker.load_engine spec of every engine timed for one model and thread count, on the feeds
+    of model_file (seed 0): onnxruntime and OpenVINO (f32 hint and default) on model_file, onnxruntime on each
+    variant's model.onnx, and each graphopt build."""
+    base = {"feeds_from": str(model_file), "seed": 0, "threads": threads}
+    specs = {"onnxruntime": {**base, "engine": "onnxruntime", "model": str(model_file)}}
+    if openvino:
+        for label, hint in (("openvino fp32", "f32"), ("openvino default", None)):
+            specs[label] = {**base, "engine": "openvino", "model": str(model_file), "hint": hint}
+    for label in variants:
+        specs[f"onnxruntime {label}"] = {**base, "engine": "onnxruntime",
+                                         "model": str(builds[f"graphopt {label}"][0].path / "model.onnx")}
+    for label, (art, _) in builds.items():
+        specs[label] = {**base, "engine": "graphopt", "model": str(art.path)}
+    return specs
 
 
 def main(argv=None) -> int:
@@ -203,11 +250,16 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=PIPELINE",
                     help="also build the model through PIPELINE (e.g. pruned='cleanup,prune-channels{flops=0.5}') "
                          "and time it, and onnxruntime on its model.onnx, beside the unchanged model (repeatable)")
+    ap.add_argument("--target-variant", action="append", default=[], metavar="LABEL=KEY=VALUE[,KEY=VALUE]",
+                    help="also build the model with these cpu target options (e.g. direct=winograd=off) and time it "
+                         "beside the default build (repeatable)")
     ap.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                     help="graphopt builds to time: fp32 (the default build) and/or bf16 (`--precision bf16`: "
                          "conv / matmul with bf16 inputs, fp32 accumulation; the int8 rows are always built as QDQ)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--round-seconds", type=float, default=0.4)
+    ap.add_argument("--in-process", action="store_true",
+                    help="time every engine in this one process, as before the worker processes (to compare)")
     args = ap.parse_args(argv)
 
     import onnxruntime
@@ -215,10 +267,9 @@ def main(argv=None) -> int:
     versions = {"onnxruntime": onnxruntime.__version__}
     try:
         import openvino
-        from bench_int8 import openvino_session
         versions["openvino"] = openvino.get_version()
     except ImportError:
-        openvino_session = None
+        openvino = None
         print("openvino is not installed (pip install -e '.[bench]'): no OpenVINO columns", flush=True)
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="graphopt-bench-"))
@@ -229,7 +280,7 @@ def main(argv=None) -> int:
     rows, notes = [], []
     for name in args.models:
         try:
-            model_rows, model_notes = bench_model(name, args, work, peaks, openvino_session)
+            model_rows, model_notes = bench_model(name, args, work, peaks, openvino is not None)
         except Exception as e:  # noqa: BLE001 - the model could not be written or read: one error row, go on
             print(f"{name}: {one_line(e)}", flush=True)
             model_rows, model_notes = [{"model": name, "threads": t, "engine": "all", "error": one_line(e)}
@@ -242,11 +293,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def bench_model(name: str, args, work: Path, peaks: dict, openvino_session) -> tuple[list[dict], list[str]]:
+def bench_model(name: str, args, work: Path, peaks: dict, openvino: bool) -> tuple[list[dict], list[str]]:
     """Rows (one per thread count and engine; an engine that failed gets {"error": ...}) and notes for one model."""
     import graphopt
     from bench_int8 import precision_text
-    from graphopt import ort as gort
     from graphopt.analyses import flops
 
     onnx_path = work / f"{name}.onnx"
@@ -256,13 +306,18 @@ def bench_model(name: str, args, work: Path, peaks: dict, openvino_session) -> t
     builds, build_errors, notes = {}, {}, []
     db = find_db(args.tuned_db, name)
     bf16 = "bf16" in args.precision and not name.endswith(INT8)
+    target_variants = {f"graphopt {v.partition('=')[0]}":
+                       dict(kv.split("=", 1) for kv in v.partition("=")[2].split(","))
+                       for v in getattr(args, "target_variant", ())}
     for label, pipeline, tuning_db, precision in (
             [("graphopt default", args.pipeline, None, "fp32")]
             + ([("graphopt bf16", args.pipeline, None, "bf16")] if bf16 else [])
             + ([("graphopt tuned", args.pipeline, db, "fp32")] if db else [])
-            + [(f"graphopt {v.partition('=')[0]}", v.partition("=")[2], None, "fp32") for v in args.variant]):
+            + [(f"graphopt {v.partition('=')[0]}", v.partition("=")[2], None, "fp32") for v in args.variant]
+            + [(label, args.pipeline, None, "fp32") for label in target_variants]):
         try:
-            art, secs = compile_model(onnx_path, work / f"{name}.{label.split()[1]}", pipeline, tuning_db, precision)
+            art, secs = compile_model(onnx_path, work / f"{name}.{label.split()[1]}", pipeline, tuning_db, precision,
+                                      target_variants.get(label))
         except Exception as e:  # noqa: BLE001 - graphopt failing on a model is a result too
             build_errors[label] = one_line(e)
             print(f"{name}: {label} failed: {build_errors[label]}", flush=True)
@@ -271,47 +326,19 @@ def bench_model(name: str, args, work: Path, peaks: dict, openvino_session) -> t
         print(f"{name}: {label} compiled in {secs:.1f} s (target lowering {art.report.get('compile_seconds')} s)",
               flush=True)
     variant_macs = {label.split()[1]: flops(graphopt.load(str(a.path / "model.onnx")), None)["macs"]
-                    for label, (a, _) in builds.items() if label.split()[1] not in ("default", "tuned", "bf16")}
+                    for label, (a, _) in builds.items()
+                    if label.split()[1] not in ("default", "tuned", "bf16") and label not in target_variants}
     # one file for every engine: the artifact's model.onnx (the graph graphopt compiled), else the written model
     model_file = builds["graphopt default"][0].path / "model.onnx" if "graphopt default" in builds else onnx_path
-    model_bytes = model_file.read_bytes()
-    feeds = gort.random_inputs(input_specs(model_file), 0)
     rows = []
-    # most threads first: TVM's thread pool can shrink after it was configured, but not grow again
-    for threads in sorted(args.threads, reverse=True):
-        engines, errors, precision = {}, dict(build_errors), {}
-        try:
-            sess = gort.session(model_bytes, optimize=True, threads=threads)
-            engines["onnxruntime"] = lambda s=sess: s.run(None, feeds)
-        except Exception as e:  # noqa: BLE001
-            errors["onnxruntime"] = one_line(e)
-        if openvino_session is not None:
-            for label, hint in (("openvino fp32", "f32"), ("openvino default", None)):
-                try:
-                    run, facts = openvino_session(model_file, threads, hint)
-                except Exception as e:  # noqa: BLE001
-                    errors[label] = one_line(e)
-                    continue
-                engines[label] = lambda r=run: r(feeds)
-                precision[label] = precision_text(facts) + ("" if facts["threads"] == threads
-                                                            else f" ({facts['threads']} threads)")
-        for label in variant_macs:
-            try:
-                vs = gort.session((builds[f"graphopt {label}"][0].path / "model.onnx").read_bytes(), optimize=True,
-                                  threads=threads)
-                engines[f"onnxruntime {label}"] = lambda s=vs: s.run(None, feeds)
-            except Exception as e:  # noqa: BLE001
-                errors[f"onnxruntime {label}"] = one_line(e)
-        for label, (a, _) in builds.items():
-            try:
-                runner = a.runner(threads)
-                arrays = a.check_inputs(feeds)
-            except Exception as e:  # noqa: BLE001
-                errors[label] = one_line(e)
-                continue
-            engines[label] = lambda r=runner, x=arrays: r(x)
-        samples, busy, cpu_per_call, run_errors = time_engines(engines, args.rounds, args.round_seconds)
-        errors.update(run_errors)
+    # in one process TVM's thread pool can shrink after it was configured, but not grow again: most threads first
+    for threads in sorted(args.threads, reverse=args.in_process):
+        specs = engine_specs(model_file, builds, variant_macs, threads, openvino)
+        timer = time_in_process if args.in_process else time_in_workers
+        samples, busy, cpu_per_call, facts, run_errors = timer(specs, args.rounds, args.round_seconds)
+        errors = {**build_errors, **run_errors}
+        precision = {label: precision_text(f) + ("" if f["threads"] == threads else f" ({f['threads']} threads)")
+                     for label, f in facts.items() if f}
         med = {k: statistics.median(v) for k, v in samples.items()}
         fp32 = [med[k] for k in ("onnxruntime", "openvino fp32") if k in med]
         for label, t in med.items():
@@ -374,7 +401,9 @@ def write_markdown(path: Path, rows, peaks, notes, args, versions: dict, load: t
         "OpenVINO with bf16 compute layers) where the CPU has one, else / the fp32 peak (int8 rows too).",
         "",
         f"Latency: median over {args.rounds} interleaved rounds of ~{args.round_seconds} s per engine, every engine "
-        "on the same ONNX file with the same thread count. OpenVINO fp32 = INFERENCE_PRECISION_HINT f32; OpenVINO "
+        + ("in this one process (--in-process)" if getattr(args, "in_process", False)
+           else "in a worker process of its own (the others idle meanwhile)")
+        + " on the same ONNX file with the same thread count. OpenVINO fp32 = INFERENCE_PRECISION_HINT f32; OpenVINO "
         "default = its own choice; in brackets the precision its compute layers (convolutions, matmuls) ran in, from "
         "the execution graph. `<model>_int8` rows run the same QDQ file in every engine (graphopt: its int8 "
         "lowering). graphopt / fp32 best = graphopt latency / the faster of onnxruntime and OpenVINO fp32.",
@@ -404,7 +433,8 @@ def write_markdown(path: Path, rows, peaks, notes, args, versions: dict, load: t
                 line += f" {_cell(b)} | {b['ms'] / ov['ms']:.2f} |" if both else f" {_cell(b)} | - |"
             lines.append(line)
     lines += ["", "## All engines", "",
-              "Min ms = fastest single call (least disturbed by other processes). CPU/wall = process CPU time / wall "
+              "Min ms = fastest single call (least disturbed by other processes). CPU/wall = the engine's process "
+              "CPU time / wall "
               "time while the engine ran (about the number of busy threads: shows the thread count took effect; "
               "below it when other processes compete for the cores). CPU ms = process CPU time per call: with one "
               "thread about the latency without competition; with more, it adds every thread's work and spinning.",
