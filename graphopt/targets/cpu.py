@@ -35,11 +35,11 @@ class CpuTarget(Target):
     legalize = "decompose-rnn,lower-int8,conv1d-as-2d"
 
     def __init__(self, mcpu: str | None = None, cores: int | None = None, precision: str | None = None,
-                 layout: str | None = None, **options):
+                 layout: str | None = None, winograd: str | None = None, **options):
         super().__init__(**options)
         if options:
             raise BadInput(f"target cpu has no option '{next(iter(options))}'; its options: mcpu, cores, precision, "
-                           f"layout")
+                           f"layout, winograd")
         if layout not in (None, "nhwc", "nchw"):
             raise BadInput(f"target cpu: layout is nhwc (convolutions channels-last) or nchw (the default); got "
                            f"{printable(repr(layout))}")
@@ -47,6 +47,10 @@ class CpuTarget(Target):
         # and passes its check channels-last (silero-vad's bad_alloc and the stack/squeeze layout rules fixed in
         # cpu_layout, the pruned PP-OCRv4 recognizer's check judged in logit space: api.logit_space)
         self.layout = layout or "nhwc"
+        if winograd not in (None, "auto", "off"):
+            raise BadInput(f"target cpu: winograd is auto (the default: Winograd F(2x2,3x3) for the fp32 channels-last "
+                           f"3x3 stride-1 convs where it is faster) or off; got {printable(repr(winograd))}")
+        self.winograd = winograd or "auto"
         picked = mcpu or os.environ.get("GRAPHOPT_CPU_MCPU")
         self.mcpu = picked or x86_isa.pick_mcpu(x86_isa.host_flags())
         # the host's features its mcpu lacks that graphopt's kernels use (VBMI on an AMD host): only when the mcpu
@@ -76,6 +80,7 @@ class CpuTarget(Target):
     def describe(self) -> dict:
         return {"name": self.name, "llvm_mcpu": self.mcpu, **({"llvm_mattr": self.mattr} if self.mattr else {}),
                 "num_cores": self.cores, "precision": self.precision, "layout": self.layout,
+                "winograd": self.winograd,
                 **self.hw().describe()}
 
     def check_supported(self, model: onnx.ModelProto, where: str) -> None:
@@ -105,7 +110,10 @@ class CpuTarget(Target):
         if self.precision == "fp32":
             passes.append(pad_channels_pass(self.tvm_target(), nhwc=self.layout == "nhwc"))
         if self.layout == "nhwc":
-            passes.append(nhwc_pass(self.tvm_target()))
+            passes.append(nhwc_pass(self.tvm_target(), any_channels=self.precision == "bf16"))
+        if self.layout == "nhwc" and self.precision == "fp32" and self.winograd == "auto":
+            from .cpu_winograd import winograd_pass
+            passes.append(winograd_pass(self.tvm_target()))    # 3x3 stride-1 NHWC convs, where measured faster
         if self.precision == "bf16":
             from .bf16 import bf16_rewrite_pass
             passes.append(bf16_rewrite_pass(self.tvm_target()))

@@ -27,12 +27,13 @@ NHWC_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "OHWI"]}
 NCHW_LAYOUTS = {"relax.nn.conv2d": ["NCHW", "OIHW"]}
 
 
-def to_nhwc(mod, target):
+def to_nhwc(mod, target, any_channels: bool = False):
     """mod with its fp32 conv2d chains in NHWC (see the module docstring), conv2d_transposes whose kernel equals
     their stride included (cpu_conv_transpose: NHWC 1x1 convs and depth-to-space copies); unchanged when it has
     neither, already holds scheduled kernels, or has another conv2d_transpose (TVM 0.27 legalizes it only in
     NCHW, so a decoder would switch layouts around every one: PP-OCRv4's detector ran 56 ms NCHW, 65 NHWC with
-    such transforms, 1 thread, AMD EPYC)."""
+    such transforms, 1 thread, AMD EPYC). any_channels: convs of any output channel count go NHWC where they are
+    groups-1 or depthwise (precision bf16, whose kernels take those and pad channels to 16 themselves)."""
     import tvm
     from tvm import relax
 
@@ -44,7 +45,8 @@ def to_nhwc(mod, target):
         mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
                                         relax.transform.FoldConstant()])(mod)
         mod = _layout_ready_ops(mod)
-        mod = as_conv_depth_to_space(relax.transform.ConvertLayout({}, _conv_layout)(mod), MIN_NHWC_CHANNELS)
+        mod = as_conv_depth_to_space(relax.transform.ConvertLayout(
+            {}, lambda call: _conv_layout(call, any_channels))(mod), MIN_NHWC_CHANNELS)
         mod = tvm.transform.Sequential([relax.transform.CanonicalizeBindings(),
                                         relax.transform.FoldConstant()])(mod)
     return mod
@@ -59,24 +61,27 @@ def converts(mod) -> bool:
         all(is_depth_to_space(c) for c in deconvs)
 
 
-def nhwc_pass(target):
-    """to_nhwc as the module pass `graphopt.ToNHWC`, for tvm_lowering.build(passes=...) after the int8 / bf16
-    rewrites (whose kernels it leaves alone)."""
+def nhwc_pass(target, any_channels: bool = False):
+    """to_nhwc as the module pass `graphopt.ToNHWC`, for tvm_lowering.build(passes=...) after the int8 rewrite
+    (whose kernels it leaves alone) and before the bf16 one."""
     from .relax_layout import rewrite_pass
-    return rewrite_pass("graphopt.ToNHWC", lambda mod, tgt: (to_nhwc(mod, tgt), {}), target)
+    return rewrite_pass("graphopt.ToNHWC", lambda mod, tgt: (to_nhwc(mod, tgt, any_channels), {}), target)
 
 
 #: convs go NHWC only when their output channels are a multiple of this: channels-last vectorizes along the output
 #: channels and its schedule has no tile for other counts (EfficientNet-B0's squeeze convs of 4, 6, 10 ... channels
-#: then ran as plain loop nests: 9.8 ms, 7.1 with them NCHW; 1 thread, AMD EPYC)
+#: then ran as plain loop nests: 9.8 ms, 7.1 with them NCHW; 1 thread, AMD EPYC). Not for precision bf16
+#: (any_channels): there PP-OCRv4's detector neck convs of 12, 18 and 42 channels pinned to NCHW cost transposes of
+#: their inputs and NCHW input stages
 MIN_NHWC_CHANNELS = 8
 
 
-def _conv_layout(call) -> dict:
+def _conv_layout(call, any_channels: bool = False) -> dict:
     """ConvertLayout's per-call choice: NHWC / OHWI for an fp32 conv2d whose output channels are a multiple of
-    MIN_NHWC_CHANNELS, NCHW / OIHW named for the other fp32 conv2d (with no choice it follows an NHWC input and
-    keeps OIHW weights, a form no schedule rule takes); NHWC / IOHW for a conv2d_transpose (converts: one whose
-    kernel equals its stride, which to_nhwc then rewrites); every other op follows its inputs."""
+    MIN_NHWC_CHANNELS (with any_channels: or that is groups-1 or depthwise), NCHW / OIHW named for the other fp32
+    conv2d (with no choice it follows an NHWC input and keeps OIHW weights, a form no schedule rule takes); NHWC /
+    IOHW for a conv2d_transpose (converts: one whose kernel equals its stride, which to_nhwc then rewrites); every
+    other op follows its inputs."""
     if getattr(call.op, "name", None) == "relax.nn.conv2d_transpose":
         from .cpu_conv_transpose import NHWC_LAYOUTS as DECONV_NHWC_LAYOUTS
         return DECONV_NHWC_LAYOUTS
@@ -85,7 +90,12 @@ def _conv_layout(call) -> dict:
     shape = getattr(call.ty, "shape", None)
     if shape is None or len(shape) != 4 or str(call.attrs.data_layout) != "NCHW":
         return {}
-    return NHWC_LAYOUTS if int(shape[1]) % MIN_NHWC_CHANNELS == 0 else NCHW_LAYOUTS
+    if int(shape[1]) % MIN_NHWC_CHANNELS == 0:
+        return NHWC_LAYOUTS
+    from .relax_bindings import shape_of
+    groups, xshape = int(call.attrs.groups), shape_of(call.args[0])
+    depthwise = xshape is not None and len(xshape) == 4 and groups == xshape[1] == int(shape[1])
+    return NHWC_LAYOUTS if any_channels and (groups == 1 or depthwise) else NCHW_LAYOUTS
 
 
 def calls(mod):

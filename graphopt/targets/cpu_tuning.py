@@ -204,11 +204,12 @@ def _flops(func) -> float:
 
 def select_tasks(tasks, min_share: float = 0.002):
     """Tasks worth tuning: functions with a reduction, heaviest first, dropping those below min_share of the
-    total estimated FLOPs."""
+    total estimated FLOPs. Kernels graphopt's Relax rewrites made already scheduled (int8, bf16, Winograd) are not
+    tuned: their schedules are built with them."""
     cands = []
     for t in tasks:
         func = t.dispatched[0]["main"]
-        if not _has_reduction(func):
+        if func.attrs is not None and "tirx.is_scheduled" in func.attrs or not _has_reduction(func):
             continue
         cands.append((t, _flops(func) * t.weight))
     total = sum(f for _, f in cands) or 1.0

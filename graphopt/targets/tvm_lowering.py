@@ -9,6 +9,7 @@ import onnx
 
 from graphopt.errors import BadInput, GraphoptError, UnsupportedModel, reraise_if_strict
 from graphopt.graph import MAX_IR_VERSION
+from graphopt.targets.bf16.amx import request_amx
 
 
 def supported_onnx_ops() -> set[str]:
@@ -167,6 +168,7 @@ class VMRunner:
         # would inherit that one core: a 2-thread onnxruntime session beside graphopt would run on 1 core
         _restore_affinity(cores)
         self._tvm = tvm
+        request_amx()      # bf16's AMX kernels (bf16/amx.py): Linux hands out the tile state on request only
         try:
             lib = tvm.runtime.load_module(str(lib_path))
         except Exception as e:

@@ -13,6 +13,7 @@ tvm = pytest.importorskip("tvm")
 from graphopt.targets import bf16  # noqa: E402
 
 HAS_BF16 = "avx512_bf16" in host_flags()
+HAS_AMX = HAS_BF16 and {"amx_tile", "amx_bf16"} <= host_flags()
 needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="host has no AVX512-BF16")
 OBJDUMP = shutil.which("objdump")
 
@@ -122,6 +123,114 @@ def test_conv_kernel_with_bf16_input_and_output(case):
 
 
 @needs_bf16
+@pytest.mark.parametrize("out_bf16", [False, True], ids=["fp32-out", "bf16-out"])
+def test_conv_kernel_hard_swish_epilogue(out_bf16):
+    """The HardSwish epilogue (v * clip(v + 3, 0, 6) / 6 * scale + shift after the bias and bounds) against numpy;
+    the channels padded from 20 to 32 stay zero despite the shift."""
+    rng = np.random.default_rng(7)
+    x = (3 * rng.standard_normal((1, 6, 7, 16))).astype(np.float32)
+    w = rng.standard_normal((20, 16, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(20).astype(np.float32)
+    spec = bf16.ConvSpec(1, 6, 7, 16, 20, 3, 3, (1, 1), (1,) * 4, (1, 1), "NHWC", 16, act=(-4.0, None),
+                         hswish=(0.75, -0.5), out_bf16=out_bf16)
+    shape = (1, spec.OH, spec.OW, spec.OCp)
+    lib = _build(bf16.conv2d_bf16(spec))
+    y = tvm.runtime.tensor(np.zeros(shape, np.uint16 if out_bf16 else np.float32))
+    lib["main"](*[tvm.runtime.tensor(a) for a in (x, bf16.pack_conv_weight(w, spec.C2), bf16.padded_bias(b, 20, 32))], y)
+    got = y.numpy()
+    if out_bf16:
+        got = (got.astype(np.uint32) << 16).view(np.float32)
+    xp = np.pad(_rounded(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    wr = _rounded(w)
+    v = np.zeros((1, 6, 7, 20))
+    for kh in range(3):
+        for kw in range(3):
+            v += np.einsum("nhwc,oc->nhwo", xp[:, kh:kh + 6, kw:kw + 7], wr[:, :, kh, kw])
+    v = np.maximum(v + b, -4.0)
+    ref = v * np.clip(v + 3, 0, 6) / 6 * 0.75 - 0.5
+    tol = 2 ** -8 * np.abs(ref) + 1e-4 if out_bf16 else 1e-4 * (1 + np.abs(ref))
+    assert np.all(np.abs(got[..., :20] - ref) <= tol), np.abs(got[..., :20] - ref).max()
+    assert np.all(got[..., 20:] == 0)
+
+
+@needs_bf16
+@pytest.mark.parametrize("in_bf16", [False, True], ids=["fp32-in", "bf16-in"])
+def test_conv_kernel_skips_the_padded_channels_of_its_input(in_bf16):
+    """A conv reading another kernel's NHWC output of 24 channels padded to 32 reduces over the 24 (12 pairs) only:
+    NaN in the padding channels does not reach the output (it did when the padding was multiplied by zero weights,
+    a third more work)."""
+    rng = np.random.default_rng(24)
+    x = rng.standard_normal((1, 6, 5, 32)).astype(np.float32)
+    x[..., 24:] = np.nan
+    w = rng.standard_normal((40, 24, 1, 1)).astype(np.float32)
+    b = rng.standard_normal(40).astype(np.float32)
+    spec = bf16.ConvSpec(1, 6, 5, 24, 40, 1, 1, in_layout="NHWC", Cphys=32, in_bf16=in_bf16)
+    assert spec.C2 == 12
+    xin = bf16.bf16_bits(x) if in_bf16 else x
+    y = _run(_build(bf16.conv2d_bf16(spec)), [xin, bf16.pack_conv_weight(w, spec.C2), bf16.padded_bias(b, 40, 48)],
+             (1, 6, 5, 48))
+    xr = _rounded(x[..., :24])
+    ref = np.einsum("nhwc,oc->nhwo", xr, _rounded(w[:, :, 0, 0])) + b
+    _close(y[..., :40], ref, np.einsum("nhwc,oc->nhwo", np.abs(xr), np.abs(_rounded(w[:, :, 0, 0]))) + np.abs(b))
+
+
+DWCONVS = [  # N, H, W, C, Cx, K, stride, pad (top, left, bottom, right), dilation
+    (1, 9, 11, 20, 20, 3, 1, (1, 1, 1, 1), 1),      # odd channels: 20 -> 32 inside the kernel
+    (2, 10, 9, 24, 32, 3, 2, (0, 0, 1, 1), 1),      # batch 2, stride 2, TF-style padding, input padded to 32
+    (1, 12, 12, 48, 48, 5, 1, (2, 2, 2, 2), 1),     # 5x5 (PP-OCR's detector)
+    (1, 13, 8, 16, 16, 3, 1, (2, 2, 2, 2), 2),      # dilation 2
+    (1, 7, 7, 40, 48, 3, 2, (1, 1, 1, 1), 1),       # stride 2 on an odd size
+]
+
+
+def _dw_reference(x, w, b, spec):
+    """float64 depthwise conv of x [N, H, W, Cx] (channels past C ignored) with w [KH, KW, Cp], plus b, bounded;
+    and the sum of |products| (the accumulation's error scale)."""
+    C, (pt, pl, pb, pr), (sh, sw), (dh, dw) = spec.C, spec.pad, spec.stride, spec.dilation
+    xp = np.pad(x.astype(np.float64)[..., :C], ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    ref = np.zeros((spec.N, spec.OH, spec.OW, C))
+    mag = np.zeros_like(ref)
+    for i in range(spec.KH):
+        for j in range(spec.KW):
+            patch = xp[:, i * dh:i * dh + sh * spec.OH:sh, j * dw:j * dw + sw * spec.OW:sw]
+            ref += patch * w[i, j, :C]
+            mag += np.abs(patch * w[i, j, :C])
+    lo, hi = spec.act
+    return np.clip(ref + b[:C], lo, hi), mag + np.abs(b[:C])
+
+
+@needs_bf16
+@pytest.mark.parametrize("case", DWCONVS,
+                         ids=lambda c: f"n{c[0]}-{c[1]}x{c[2]}x{c[3]}-cx{c[4]}-k{c[5]}-s{c[6]}-d{c[8]}")
+def test_depthwise_kernel_matches_numpy(case):
+    """The depthwise kernel (fp32 arithmetic) against float64 numpy on the same inputs: fp32 in and out, bf16 bits in
+    (the rounded values, exactly as from fp32 input holding them), bf16 bits out (exactly the fp32 result rounded to
+    nearest even); the channels from C up to the padded count come out zero."""
+    N, H, W, C, Cx, K, st, pad, dil = case
+    rng = np.random.default_rng(sum(case[:6]))
+    x = rng.standard_normal((N, H, W, Cx)).astype(np.float32)
+    spec = bf16.DwSpec(N, H, W, C, Cx, K, K, (st, st), pad, (dil, dil), act=(-1.0, 6.0))
+    w = np.zeros((K, K, spec.Cp), np.float32)
+    w[..., :C] = rng.standard_normal((K, K, C))
+    b = np.zeros(spec.Cp, np.float32)
+    b[:C] = rng.standard_normal(C)
+    shape = (N, spec.OH, spec.OW, spec.Cp)
+    y = _run(_build(bf16.dwconv2d_bf16(spec)), [x, w, b], shape)
+    ref, mag = _dw_reference(x, w, b, spec)
+    _close(y[..., :C], ref, mag)
+    assert np.all(y[..., C:] == 0)
+    xb = bf16.bf16_bits(x)
+    xr = (xb.astype(np.uint32) << 16).view(np.float32)
+    from_rounded = _run(_build(bf16.dwconv2d_bf16(spec)), [xr, w, b], shape)
+    bits_in = bf16.DwSpec(N, H, W, C, Cx, K, K, (st, st), pad, (dil, dil), act=(-1.0, 6.0), in_bf16=True)
+    assert np.array_equal(_run(_build(bf16.dwconv2d_bf16(bits_in)), [xb, w, b], shape), from_rounded)
+    both = bf16.DwSpec(N, H, W, C, Cx, K, K, (st, st), pad, (dil, dil), act=(-1.0, 6.0), in_bf16=True, out_bf16=True)
+    yb = tvm.runtime.tensor(np.zeros(shape, np.uint16))
+    _build(bf16.dwconv2d_bf16(both))["main"](*[tvm.runtime.tensor(a) for a in (xb, w, b)], yb)
+    assert np.array_equal(yb.numpy(), bf16.bf16_bits(from_rounded))
+
+
+@needs_bf16
 @pytest.mark.parametrize("M,K,N", [(1, 512, 1000), (4, 30, 10), (128, 384, 48)])
 def test_dense_kernel_matches_numpy(M, K, N):
     rng = np.random.default_rng(M + K + N)
@@ -186,7 +295,7 @@ def test_compile_precision_bf16_cli(zoo_onnx, tmp_path, capsys):
     assert "bf16 error vs onnxruntime fp32" in capsys.readouterr().out
     rep = json.loads((out / "report.json").read_text())
     man = json.loads((out / "manifest.json").read_text())
-    assert man["target"]["precision"] == "bf16" and rep["bf16_dot"] == "avx512bf16"
+    assert man["target"]["precision"] == "bf16" and rep["bf16_dot"] == ("amx" if HAS_AMX else "avx512bf16")
     assert rep["bf16_conv2d"] >= 2 and rep["bf16_dense"] >= 1 and rep["fp32_convs"] == 0
     chk = rep["check"]
     assert chk["ok"] and chk["criterion"].startswith("bf16") and chk["reference"] == "onnxruntime fp32"
@@ -219,15 +328,15 @@ def test_bf16_check_rejects_what_is_off():
     assert relative_error(ref, ref[:-1]) == float("inf")
 
 
-def _inverted_residual(stride=1):
-    """MobileNetV2's block after a stem: conv 3x3 -> BN -> Clip(0, 6) -> [1x1 conv -> BN -> Clip -> depthwise 3x3 ->
-    BN -> Clip -> 1x1 conv -> BN -> + the block's input], Clip written as the importer sees it from PyTorch (min / max
-    inputs), channel counts that are not multiples of 16 (24 -> 72 -> 24)."""
+def _inverted_residual(stride=1, batch=1, mid=72, k=3):
+    """MobileNetV2's block after a stem: conv 3x3 -> BN -> Clip(0, 6) -> [1x1 conv -> BN -> Clip -> depthwise k x k
+    -> BN -> Clip -> 1x1 conv -> BN -> + the block's input], Clip written as the importer sees it from PyTorch (min /
+    max inputs), channel counts that are not multiples of 16 (24 -> mid = 72 -> 24)."""
     from onnx import helper
     from onnx_builders import bn_node, bn_params, model, rnd, vi
     nodes, inits = [], [("lo", np.array(0.0, np.float32)), ("hi", np.array(6.0, np.float32))]
-    convs = [("stem", "x", 24, 3, 1, 1, True), ("expand", "stem_a", 72, 1, 1, 1, True),
-             ("dw", "expand_a", 72, 3, stride, 72, True), ("project", "dw_a", 24, 1, 1, 1, False)]
+    convs = [("stem", "x", 24, 3, 1, 1, True), ("expand", "stem_a", mid, 1, 1, 1, True),
+             ("dw", "expand_a", mid, k, stride, mid, True), ("project", "dw_a", 24, 1, 1, 1, False)]
     cin = 8
     for i, (name, src, cout, k, st, group, clip) in enumerate(convs):
         inits += [(f"{name}_w", rnd(cout, cin // group, k, k, seed=i))] + bn_params(name, cout, seed=i)
@@ -240,7 +349,7 @@ def _inverted_residual(stride=1):
         nodes.append(helper.make_node("Add", ["project_n", "stem_a"], ["y"], name="residual"))
     else:
         nodes.append(helper.make_node("Identity", ["project_n"], ["y"], name="out"))
-    return model(nodes, [vi("x", [1, 8, 14, 14])], [vi("y", None)], inits)
+    return model(nodes, [vi("x", [batch, 8, 14, 14])], [vi("y", None)], inits)
 
 
 def _main_bindings(mod):
@@ -255,11 +364,12 @@ def _main_bindings(mod):
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_inverted_residual_stays_nhwc_between_kernels(stride, layout):
     """The ReLU6 clips end their conv chains (the importer's max / min kernels are read as bounds) and the depthwise
-    conv reads the 1x1 conv's NHWC output: the block runs as bf16 kernels and one fp32 NHWC depthwise conv with no
-    layout change between them, whether the bf16 rewrite sees the imported NCHW graph (layout nchw) or the
+    conv reads the 1x1 conv's NHWC output: the block runs as three bf16 conv kernels and the depthwise kernel with
+    no layout change between them, whether the bf16 rewrite sees the imported NCHW graph (layout nchw) or the
     channels-last one (layout nhwc, the default: after cpu_layout.to_nhwc). The only permute_dims left read the
     graph's input or make its output. (Before, every clip ran on an NCHW view of the conv before it and the
-    depthwise conv read that.)"""
+    depthwise conv read that.) The expand conv hands the depthwise kernel bf16 bits and the depthwise kernel hands
+    the project conv bf16 bits (before, both were fp32: the depthwise conv ran on the fp32 NHWC schedule)."""
     from graphopt.targets.bf16.rewrite import rewrite_bf16
     from graphopt.targets.cpu_layout import to_nhwc
     from graphopt.targets.int8 import import_qdq
@@ -268,33 +378,38 @@ def test_inverted_residual_stays_nhwc_between_kernels(stride, layout):
         mod = to_nhwc(mod, _target())
     mod, facts = rewrite_bf16(mod, _target())
     assert facts["bf16_conv2d"] == 3 and facts["bf16_residual_fused"] == (1 if stride == 1 else 0)
-    # the stem's output is stored as bf16 bits where only the expand conv reads it (no residual add)
-    assert facts["bf16_stored_bf16"] == (0 if stride == 1 else 1)
+    # expand and depthwise outputs as bf16 bits; the stem's too where only the expand conv reads it (no residual add)
+    assert facts["bf16_stored_bf16"] == (2 if stride == 1 else 3)
     ops = _main_bindings(mod)
     kernels = [i for i, (op, _) in enumerate(ops) if op in ("relax.call_tir", "relax.nn.conv2d")]
     params = set(mod["main"].params)
     for i, (op, value) in enumerate(ops):
         if op == "relax.permute_dims":
             assert value.args[0] in params or i > kernels[-1], [o for o, _ in ops]
-    convs = [v for op, v in ops if op == "relax.nn.conv2d"]
-    assert len(convs) == 1 and str(convs[0].attrs.data_layout) == "NHWC" and int(convs[0].attrs.groups) in (72, 80)
-    assert sum(op == "relax.call_tir" for op, _ in ops) == 3 and facts["fp32_dwconv2d_nhwc"] == 1
+    assert not [v for op, v in ops if op == "relax.nn.conv2d"]
+    # channels-last, the input's NHWC transpose hands the stem bf16 bits (bf16_inputs): one more call_tir
+    converted = 1 if layout == "nhwc" else 0
+    assert facts["bf16_converted_inputs"] == converted
+    assert sum(op == "relax.call_tir" for op, _ in ops) == 4 + converted
+    assert facts["bf16_dwconv2d"] == 1 and facts["fp32_dwconv2d_nhwc"] == 0
 
 
 @needs_bf16
-@pytest.mark.parametrize("stride", [1, 2])
-def test_inverted_residual_bf16_matches_onnxruntime(tmp_path, stride):
+@pytest.mark.parametrize("stride,batch,mid,k", [(1, 1, 72, 3), (2, 1, 72, 3), (2, 2, 36, 3), (1, 2, 20, 5)],
+                         ids=["s1", "s2", "s2-batch2-36ch", "s1-batch2-20ch-5x5"])
+def test_inverted_residual_bf16_matches_onnxruntime(tmp_path, stride, batch, mid, k):
     """The same block compiled with precision bf16 passes compile's bf16 check against onnxruntime fp32 (padded
-    channels 72 -> 80 and 24 -> 32 included; with stride 2 the stem hands the expand conv bf16 bits)."""
+    channels 72 -> 80, 36 -> 48, 20 -> 32 and 24 -> 32 included; with stride 2 the stem hands the expand conv bf16
+    bits; the depthwise kernel reads and stores bf16 bits)."""
     import onnx
 
     import graphopt
     path = tmp_path / "block.onnx"
-    onnx.save(_inverted_residual(stride), str(path))
+    onnx.save(_inverted_residual(stride, batch, mid, k), str(path))
     art = graphopt.compile(str(path), out=tmp_path / "a", target_options={"precision": "bf16"}, measure=False)
     rep = art.report
-    assert rep["bf16_conv2d"] == 3 and rep["fp32_dwconv2d_nhwc"] == 1
-    assert rep["bf16_residual_fused"] == (stride == 1) and rep["bf16_stored_bf16"] == (stride == 2)
+    assert rep["bf16_conv2d"] == 3 and rep["bf16_dwconv2d"] == 1 and rep["fp32_dwconv2d_nhwc"] == 0
+    assert rep["bf16_residual_fused"] == (stride == 1) and rep["bf16_stored_bf16"] == 2 + (stride == 2)
     assert rep["check"]["ok"] and rep["check"]["max_relative_error"] < 0.05
 
 
@@ -326,3 +441,162 @@ def test_bf16_check_compares_a_saturated_sigmoid_map_in_logit_space(tmp_path):
     chk = art.report["check"]
     assert chk["ok"] and chk["logit_space"] == ["map"]
     assert chk["max_relative_error"] < chk["bound"] / 4
+
+
+def _depthwise_between_hardswish(c=24):
+    """conv 3x3 -> depthwise 3x3 -> HardSwish -> depthwise 3x3 -> 1x1 conv (PP-OCRv4 detector-style depthwise convs:
+    one whose output an activation the chain does not take reads, one reading that activation), c channels."""
+    from onnx import helper
+    from onnx_builders import model, rnd, vi
+    inits = [("wa", rnd(c, 8, 3, 3, seed=1)), ("wd1", rnd(c, 1, 3, 3, seed=2)), ("wd2", rnd(c, 1, 3, 3, seed=3)),
+             ("wb", rnd(16, c, 1, 1, seed=4))]
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["a"], pads=[1] * 4),
+             helper.make_node("Conv", ["a", "wd1"], ["d1"], pads=[1] * 4, group=c),
+             helper.make_node("HardSwish", ["d1"], ["h"]),
+             helper.make_node("Conv", ["h", "wd2"], ["d2"], pads=[1] * 4, group=c),
+             helper.make_node("Conv", ["d2", "wb"], ["y"])]
+    return model(nodes, [vi("x", [1, 8, 12, 12])], [vi("y", None)], inits)
+
+
+@needs_bf16
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_channels_last_depthwise_takes_the_bf16_kernel_only_between_bf16_kernels(layout):
+    """A channels-last depthwise conv runs as the bf16 depthwise kernel only where it both reads and stores bf16
+    bits; the detector's (one feeding a HardSwish, one reading it) stay on the fp32 NHWC schedule, which fuses the
+    HardSwish into the conv's kernel. After the imported NCHW graph (layout nchw) every depthwise conv takes the
+    kernel (the fp32 alternative there would switch layouts around it)."""
+    from graphopt.targets.bf16.rewrite import rewrite_bf16
+    from graphopt.targets.cpu_layout import to_nhwc
+    from graphopt.targets.int8 import import_qdq
+    mod = import_qdq(_depthwise_between_hardswish())
+    if layout == "nhwc":
+        mod = to_nhwc(mod, _target(), any_channels=True)
+    mod, facts = rewrite_bf16(mod, _target())
+    assert facts["bf16_conv2d"] == 2
+    if layout == "nhwc":
+        assert facts["bf16_dwconv2d"] == 0 and facts["fp32_dwconv2d_nhwc"] == 2 and facts["bf16_stored_bf16"] == 0
+        # the input's NHWC transpose and the second depthwise conv hand their convs bf16 bits
+        assert facts["bf16_converted_inputs"] == 2
+    else:
+        assert facts["bf16_dwconv2d"] == 2 and facts["fp32_dwconv2d_nhwc"] == 0
+        assert facts["bf16_converted_inputs"] == 0
+
+
+@needs_bf16
+def test_depthwise_convs_of_untileable_channel_counts_take_the_bf16_kernel(tmp_path):
+    """Depthwise convs of 12 channels go channels-last in a bf16 build (to_nhwc any_channels), where the fp32 NHWC
+    schedule has no tile for them: they run as the bf16 depthwise kernel wherever they are (here around a
+    HardSwish), and the build passes its check."""
+    import onnx
+
+    import graphopt
+    path = tmp_path / "m.onnx"
+    onnx.save(_depthwise_between_hardswish(12), str(path))
+    art = graphopt.compile(str(path), out=tmp_path / "a", target_options={"precision": "bf16"}, measure=False)
+    rep = art.report
+    assert rep["bf16_dwconv2d"] == 2 and rep["fp32_dwconv2d_nhwc"] == 0 and rep["check"]["ok"]
+
+
+@needs_bf16
+def test_bf16_build_keeps_convs_of_any_channel_count_channels_last(tmp_path):
+    """With precision bf16 a conv whose output channels are not a multiple of 8 (12 here, like PP-OCRv4's detector
+    neck) goes channels-last too: the bf16 kernels pad channels to 16 themselves, so the fp32 rule that pins such a
+    conv to NCHW would only add transposes (and NCHW input stages) around it. The fp32 build keeps the rule; the
+    bf16 build runs both convs as bf16 kernels, the first handing the second bf16 bits, and passes its check."""
+    import onnx
+    from onnx import helper
+    from onnx_builders import model, rnd, vi
+
+    import graphopt
+    from graphopt.targets.cpu_layout import to_nhwc
+    from graphopt.targets.int8 import import_qdq
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1] * 4), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["b"], pads=[1] * 4), helper.make_node("Relu", ["b"], ["y"])]
+    m = model(nodes, [vi("x", [1, 16, 10, 10])], [vi("y", None)], [("w1", rnd(12, 16, 3, 3, seed=1)),
+                                                                     ("w2", rnd(32, 12, 3, 3, seed=2))])
+
+    def layouts(mod):
+        return [str(v.attrs.data_layout) for op, v in _main_bindings(mod) if op == "relax.nn.conv2d"]
+    assert layouts(to_nhwc(import_qdq(m), _target())) == ["NCHW", "NHWC"]
+    assert layouts(to_nhwc(import_qdq(m), _target(), any_channels=True)) == ["NHWC", "NHWC"]
+    path = tmp_path / "m.onnx"
+    onnx.save(m, str(path))
+    art = graphopt.compile(str(path), out=tmp_path / "a", target_options={"precision": "bf16"}, measure=False)
+    assert art.report["bf16_conv2d"] == 2 and art.report["bf16_stored_bf16"] == 1 and art.report["check"]["ok"]
+
+
+@needs_bf16
+def test_fp32_ops_hand_convs_bf16_bits_only_where_convs_alone_read_them(tmp_path):
+    """A tensor an fp32 op makes (a HardSwish, the input's NHWC transpose) that only bf16 convs read is converted to
+    bf16 bits by an elementwise op fused into its producer (the convs then skip their input stage); not when another
+    op reads it too (the residual Add), nor a Concat's output (its fused kernel ran 2.7x slower with the conversion
+    in PP-OCRv4's detector). The build passes the bf16 check."""
+    import onnx
+    from onnx import helper
+    from onnx_builders import model, rnd, vi
+
+    import graphopt
+    from graphopt.targets.bf16.rewrite import rewrite_bf16
+    from graphopt.targets.cpu_layout import to_nhwc
+    from graphopt.targets.int8 import import_qdq
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1] * 4),
+             helper.make_node("HardSwish", ["a"], ["h"]),                      # read by a conv and the Add
+             helper.make_node("Conv", ["h", "w2"], ["b"], pads=[1] * 4),
+             helper.make_node("Add", ["b", "h"], ["s"]),
+             helper.make_node("HardSwish", ["s"], ["g"]),                      # read by one conv only: converted
+             helper.make_node("Conv", ["g", "w3"], ["c"]),
+             helper.make_node("HardSwish", ["c"], ["e"]),
+             helper.make_node("Concat", ["c", "e"], ["cat"], axis=1),          # a Concat: not converted
+             helper.make_node("Conv", ["cat", "w4"], ["y"])]
+    m = model(nodes, [vi("x", [2, 8, 9, 9])], [vi("y", None)],
+              [("w1", rnd(16, 8, 3, 3, seed=1)), ("w2", rnd(16, 16, 3, 3, seed=2)), ("w3", rnd(16, 16, 1, 1, seed=3)),
+               ("w4", rnd(8, 32, 1, 1, seed=4))])
+    _, facts = rewrite_bf16(to_nhwc(import_qdq(m), _target(), any_channels=True), _target())
+    assert facts["bf16_conv2d"] == 4 and facts["bf16_converted_inputs"] == 2    # g and the input's NHWC transpose
+    path = tmp_path / "m.onnx"
+    onnx.save(m, str(path))
+    art = graphopt.compile(str(path), out=tmp_path / "a", target_options={"precision": "bf16"}, measure=False)
+    assert art.report["bf16_converted_inputs"] == 2 and art.report["check"]["ok"]
+
+
+def _conv_hard_swish_conv(form):
+    """conv 3x3 -> HardSwish -> * 0.8 + 0.1 (one-element constants: PP-LCNet's affine blocks) -> 1x1 conv. form
+    "op": the ONNX HardSwish op; "clip": PaddlePaddle's export (Add 3, Clip 0 6, Mul, Div 6)."""
+    from onnx import helper
+    from onnx_builders import model, rnd, vi
+    inits = [("w1", rnd(24, 8, 3, 3, seed=1)), ("w2", rnd(16, 24, 1, 1, seed=2)), ("three", np.array(3.0, np.float32)),
+             ("zero", np.array(0.0, np.float32)), ("six", np.array(6.0, np.float32)),
+             ("s", np.array([0.8], np.float32)), ("t", np.array([0.1], np.float32))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1] * 4)]
+    if form == "op":
+        nodes.append(helper.make_node("HardSwish", ["a"], ["h"]))
+    else:
+        nodes += [helper.make_node("Add", ["a", "three"], ["a3"]), helper.make_node("Clip", ["a3", "zero", "six"], ["c"]),
+                  helper.make_node("Mul", ["a", "c"], ["m"]), helper.make_node("Div", ["m", "six"], ["h"])]
+    nodes += [helper.make_node("Mul", ["s", "h"], ["hs"]), helper.make_node("Add", ["hs", "t"], ["ht"]),
+              helper.make_node("Conv", ["ht", "w2"], ["y"])]
+    return model(nodes, [vi("x", [1, 8, 10, 10])], [vi("y", None)], inits)
+
+
+@needs_bf16
+@pytest.mark.parametrize("form", ["op", "clip"])
+def test_hard_swish_after_a_conv_is_its_epilogue(tmp_path, form):
+    """A HardSwish (either form) and the one-element affine after it end the conv's chain: the conv hands the next
+    one bf16 bits and no elementwise op is left between them (before, the HardSwish and the affine ran as a kernel
+    of their own, reading and writing the conv's fp32 output: 0.74 ms of PP-OCRv4's detector); the build passes
+    its check."""
+    import onnx
+
+    import graphopt
+    from graphopt.targets.bf16.rewrite import rewrite_bf16
+    from graphopt.targets.cpu_layout import to_nhwc
+    from graphopt.targets.int8 import import_qdq
+    m = _conv_hard_swish_conv(form)
+    mod, facts = rewrite_bf16(to_nhwc(import_qdq(m), _target(), any_channels=True), _target())
+    assert facts["bf16_conv2d"] == 2 and facts["bf16_hswish_fused"] == 1 and facts["bf16_stored_bf16"] == 1
+    ops = {op for op, _ in _main_bindings(mod)}
+    assert not ops & {"relax.add", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum"}, ops
+    path = tmp_path / "m.onnx"
+    onnx.save(m, str(path))
+    art = graphopt.compile(str(path), out=tmp_path / "a", target_options={"precision": "bf16"}, measure=False)
+    assert art.report["bf16_hswish_fused"] == 1 and art.report["check"]["ok"]

@@ -21,7 +21,8 @@ from targets.test_cpu_schedules import _rules, scheduled  # noqa: E402
 
 
 def _compile_and_compare(m, tmp_path):
-    """The model compiled for cpu (layout nhwc, the default) and its {function: rule}; the library matches
+    """The model compiled for cpu (layout nhwc, the default) and its {function: rule} with direct convs
+    (winograd=off, whose rules the tests read); the library matches
     onnxruntime (compile's own check, then once more on another input)."""
     path = tmp_path / "m.onnx"
     onnx.save(m, str(path))
@@ -32,7 +33,7 @@ def _compile_and_compare(m, tmp_path):
     for (name, r), g in zip(ref.items(), art.run(feeds).values()):
         assert g.shape == r.shape, name
         assert np.abs(g - r).max() <= 1e-4 * max(1.0, float(np.abs(r).max())), name
-    return _rules(scheduled(path, CpuTarget(layout="nhwc")))
+    return _rules(scheduled(path, CpuTarget(layout="nhwc", winograd="off")))     # the direct convs' rules
 
 
 def test_conv_transpose_with_kernel_equal_to_stride_goes_channels_last(tmp_path):

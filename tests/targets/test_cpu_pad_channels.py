@@ -90,7 +90,7 @@ def test_prime_channel_conv_gets_full_tiles(layout, hw, tmp_path):
     tile), else at the SIMD width (NCHW channel tiles of 20-pixel rows, channels-last: whole vectors); bias and relu
     stay in its tile, and one slice kernel gives the 17 channels."""
     onnx.save(m_conv(17, hw=hw), str(tmp_path / "m.onnx"))
-    s = scheduled(tmp_path / "m.onnx", CpuTarget(layout=layout))
+    s = scheduled(tmp_path / "m.onnx", CpuTarget(layout=layout, winograd="off"))     # the direct conv's tiles
     convs = {n: v for n, v in s.items() if "conv2d" in n}
     assert len(convs) == 1, list(s)
     (name, (rule, _, notes)), = convs.items()
@@ -120,7 +120,7 @@ def test_channels_last_conv_off_the_simd_width_gets_whole_vectors(oc, tmp_path):
     assert art.report["check"]["ok"], art.report["check"]
     assert art.report.get("padded_conv_channels") == ([f"{oc}->{padded}"] if padded else None)
     assert art.outputs[0]["shape"] == [1, oc, 32, 32]
-    s = scheduled(tmp_path / "m.onnx", CpuTarget(layout="nhwc"))
+    s = scheduled(tmp_path / "m.onnx", CpuTarget(layout="nhwc", winograd="off"))      # the direct conv's tiles
     convs = {n: v for n, v in s.items() if "conv2d" in n}
     assert len(convs) == 1, list(s)
     (name, (rule, _, notes)), = convs.items()
@@ -175,5 +175,5 @@ def test_chain_matches_onnxruntime(layout, tmp_path):
     art = graphopt.compile(str(tmp_path / "chain.onnx"), out=tmp_path / "art", measure=False,
                            target_options={"layout": layout})
     assert art.report["check"]["ok"], art.report["check"]
-    rules = {n: v[0] for n, v in scheduled(tmp_path / "chain.onnx", CpuTarget(layout=layout)).items()}
+    rules = {n: v[0] for n, v in scheduled(tmp_path / "chain.onnx", CpuTarget(layout=layout, winograd="off")).items()}
     assert None not in rules.values(), rules

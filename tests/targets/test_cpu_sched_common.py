@@ -67,7 +67,7 @@ MODELS = {"conv_silu": m_conv_silu, "depthwise_silu": m_depthwise_silu, "squeeze
 def nchw(monkeypatch):
     """Lower without the channels-last conversion (the NCHW conv rules)."""
     from graphopt.targets import cpu_layout
-    monkeypatch.setattr(cpu_layout, "to_nhwc", lambda mod, target: mod)
+    monkeypatch.setattr(cpu_layout, "to_nhwc", lambda mod, target, *_: mod)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -1,17 +1,22 @@
 """bf16 lowering for the cpu target (`precision bf16`): fp32 Conv / MatMul / Gemm with constant weights run with bf16
-inputs and fp32 accumulation on AVX512-BF16 (`vdpbf16ps`); everything else stays fp32.
+inputs and fp32 accumulation on AVX512-BF16 (`vdpbf16ps`) or AMX tiles (`tdpbf16ps`); everything else stays fp32.
 
 Modules:
     intrinsic  the 16x2 vdpbf16ps tensor intrinsic (through a small imported LLVM IR function) and TIR rounding
     packing    fp32 weights -> bf16 pairs at compile time (nearest even)
     kernels    conv2d_bf16 / dense_bf16: scheduled PrimFuncs with fused bias, relu/clip and residual epilogues
+    amx        the AMX tile micro kernel (tdpbf16ps, imported LLVM IR) and request_amx() (Linux's tile permission)
+    amx_kernels  conv2d / dense on AMX tiles, taken by kernels.py where the target has AMX and the shape fits
+    depthwise  dwconv2d_bf16: the NHWC depthwise conv in fp32 arithmetic, reading / storing bf16 bits or fp32
     rewrite    rewrite_bf16(mod, target) -> (IRModule, facts): the Relax rewrite of fp32 conv2d / matmul chains;
                bf16_rewrite_pass(target): it as the module pass graphopt.Bf16Rewrite (tvm_lowering.build(passes=...),
                facts read back as .facts)
 """
-from .kernels import KERNEL_ATTR, ConvSpec, DenseSpec, conv2d_bf16, dense_bf16
+from .depthwise import DwSpec, dwconv2d_bf16
+from .kernels import KERNEL_ATTR, ConvSpec, DenseSpec, conv2d_bf16, conv_weight, dense_bf16
 from .packing import bf16_bits, pack_conv_weight, pack_dense_weight, padded_bias
 from .rewrite import bf16_dot, bf16_rewrite_pass, rewrite_bf16
 
-__all__ = ["KERNEL_ATTR", "ConvSpec", "DenseSpec", "bf16_bits", "bf16_dot", "bf16_rewrite_pass", "conv2d_bf16",
-           "dense_bf16", "pack_conv_weight", "pack_dense_weight", "padded_bias", "rewrite_bf16"]
+__all__ = ["KERNEL_ATTR", "ConvSpec", "DenseSpec", "DwSpec", "bf16_bits", "bf16_dot", "bf16_rewrite_pass",
+           "conv2d_bf16", "conv_weight", "dense_bf16", "dwconv2d_bf16", "pack_conv_weight", "pack_dense_weight",
+           "padded_bias", "rewrite_bf16"]

@@ -8,15 +8,16 @@ tile of TM output pixels (rows) x TN*16 channels whose innermost 16 x 2 block is
 The epilogue adds the bias, applies relu / clip bounds, and for convs optionally adds a residual tensor (NHWC) and
 applies a second bound, in fp32, in the same loop nest. Outputs are NHWC [N, OH, OW, OCp] / [M, Np], channels padded
 to 16 (zero weights), fp32, or for a conv whose readers are all bf16 convs (which round their input to bf16 anyway)
-its bf16 bits rounded the same way (vcvtneps2bf16; fp32 denormals flush to zero): the same results with half the
-memory traffic and, for unpadded convs, no input stage.
+its bf16 bits rounded the same way (vcvtne2ps2bf16 / vcvtneps2bf16; fp32 denormals flush to zero): the same results
+with half the memory traffic and, for unpadded convs, no input stage. A conv reduces over its input's logical
+channels only (C2 pairs), not the zero channels another kernel padded it with.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ..int8.kernels import MAX_TILE_ACC, pick_tiles
-from .intrinsic import CVT_INTRIN, INTRIN, bf16_value, import_llvm, register_intrinsic, to_bf16_bits
+from .intrinsic import CVT2_INTRIN, CVT_INTRIN, INTRIN, bf16_value, import_llvm, register_intrinsic, to_bf16_bits
 
 #: PrimFunc attribute naming the bf16 kernel (tests, debugging)
 KERNEL_ATTR = "graphopt.bf16_kernel"
@@ -42,6 +43,8 @@ class ConvSpec:
     act2: tuple = NO_BOUNDS
     in_bf16: bool = False       # X holds bf16 bits (uint16, NHWC, Cphys channels, an even count)
     out_bf16: bool = False      # Y holds the bf16 bits of the fp32 result (uint16)
+    hswish: tuple = ()          # (scale, shift): after act, v * clip(v + 3, 0, 6) / 6 * scale + shift; (): none
+    amx: bool = False           # the target has AMX: the AMX kernel where it takes the shape (amx_kernels.conv_fits)
 
     @property
     def OH(self):
@@ -57,12 +60,14 @@ class ConvSpec:
 
     @property
     def C2(self):
-        """Channel pairs the kernel reduces over."""
-        return -(-self.cin // 2)
+        """Channel pairs the kernel reduces over: the logical channels, not an NHWC input's zero padding (a 1x1 conv
+        reading 24 channels padded to 32 did a third more work: 56x56, 24 -> 144 channels, 74 us, OpenVINO 53)."""
+        return -(-self.C // 2)
 
     @property
     def OCp(self):
         return -(-self.OC // 16) * 16
+
 
 
 @dataclass(frozen=True)
@@ -72,17 +77,36 @@ class DenseSpec:
     N: int
     Kphys: int = 0              # columns of the input (>= K; padded rows from another kernel)
     act: tuple = NO_BOUNDS
+    amx: bool = False           # the target has AMX: the AMX kernel where it takes the shape (amx_kernels.dense_fits)
 
     @property
     def K2(self):
         return -(-max(self.K, self.Kphys) // 2)
 
     @property
+    def K2w(self):
+        """Pairs of the packed weights: K2, padded to the AMX kernel's steps where it runs."""
+        from . import amx_kernels
+        return amx_kernels.padded_pairs(self.K2) if amx_kernels.dense_fits(self) else self.K2
+
+    @property
     def Np(self):
         return -(-self.N // 16) * 16
 
 
-def _bounded(v, bounds):
+def hard_swish(v, hswish):
+    """TIR: v * clip(v + 3, 0, 6) / 6, then * scale + shift, for hswish = (scale, shift); v itself for ()."""
+    from tvm import tirx
+    if not hswish:
+        return v
+    scale, shift = hswish
+    f = (lambda x: tirx.const(x, "float32"))
+    v = v * tirx.min(tirx.max(v + f(3.0), f(0.0)), f(6.0)) * f(1.0 / 6.0)
+    return v * f(scale) + f(shift)
+
+
+def bounded(v, bounds):
+    """TIR: v clamped to the fp32 (lo, hi) bounds (None: that side unbounded)."""
     from tvm import tirx
     lo, hi = bounds
     if lo is not None:
@@ -92,10 +116,36 @@ def _bounded(v, bounds):
     return v
 
 
+def conv_weight(spec: ConvSpec, w):
+    """fp32 OIHW weights packed for conv2d_bf16(spec): [OCp/16, KH, KW, C2, 16, 2], or the AMX kernel's packing
+    where it runs (amx_kernels.conv_weight)."""
+    from . import amx_kernels
+    from .packing import pack_conv_weight
+    return amx_kernels.conv_weight(spec, w) if amx_kernels.conv_fits(spec) else pack_conv_weight(w, spec.C2)
+
+
+def conv_epilogue(s: ConvSpec, acc, bias, residual, o):
+    """TIR: output channel o of a conv from its fp32 sum acc: bias, act, then the residual (fp32 value) and act2 or
+    the hard swish (the padding channels stay zero)."""
+    from tvm import tirx
+    v = bounded(acc + bias, s.act)
+    if residual is not None:
+        return bounded(v + residual, s.act2)
+    v = hard_swish(v, s.hswish)
+    if s.hswish and s.hswish[1] != 0 and s.OC < s.OCp:
+        v = tirx.Select(o < s.OC, v, tirx.const(0.0, "float32"))
+    return v
+
+
 def conv2d_bf16(spec: ConvSpec):
-    """Scheduled PrimFunc (X fp32 in spec.in_layout or bf16 bits NHWC, Wp uint16 [OCp/16, KH, KW, C2, 16, 2],
-    B fp32 [OCp][, R fp32 NHWC], Y NHWC [N, OH, OW, OCp] fp32 or bf16 bits)."""
+    """PrimFunc (X fp32 in spec.in_layout or bf16 bits NHWC, Wp uint16 (conv_weight),
+    B fp32 [OCp][, R fp32 NHWC], Y NHWC [N, OH, OW, OCp] fp32 or bf16 bits): on AMX where amx_kernels.conv_fits,
+    else scheduled for AVX512-BF16."""
     from tvm import te, tirx
+
+    from . import amx_kernels
+    if amx_kernels.conv_fits(spec):
+        return amx_kernels.conv2d_amx(spec)
     s = spec
     OH, OW, C2, OCp, cin = s.OH, s.OW, s.C2, s.OCp, s.cin
     sh, sw = s.stride
@@ -128,22 +178,24 @@ def conv2d_bf16(spec: ConvSpec):
             axis=[kh, kw, c2, ci]),
         name="acc")
     args = [X, Wp, B]
-    if s.residual:
-        R = te.placeholder((s.N, OH, OW, OCp), "float32", name="R")
-        args.append(R)
-        Y = te.compute((s.N, OH, OW, OCp), lambda n, h, w, o: _bounded(
-            _bounded(acc[n, h, w, o // 16, o % 16] + B[o], s.act) + R[n, h, w, o], s.act2), name="out")
-    else:
-        Y = te.compute((s.N, OH, OW, OCp), lambda n, h, w, o: _bounded(acc[n, h, w, o // 16, o % 16] + B[o], s.act),
-                       name="out")
+    assert not (s.residual and s.hswish), s
+    R = te.placeholder((s.N, OH, OW, OCp), "float32", name="R") if s.residual else None
+    args += [R] if s.residual else []
+    Y = te.compute((s.N, OH, OW, OCp), lambda n, h, w, o: conv_epilogue(
+        s, acc[n, h, w, o // 16, o % 16], B[o], R[n, h, w, o] if s.residual else None, o), name="out")
     if s.out_bf16:
         Y = te.compute(Y.shape, lambda *i: to_bf16_bits(Y(*i)), name="cvt")
     return _schedule(te.create_prim_func(args + [Y]), OW, OCp // 16, "conv2d")
 
 
 def dense_bf16(spec: DenseSpec):
-    """Scheduled PrimFunc (A fp32 [M, Kin], Wp uint16 [Np/16, K2, 16, 2], B fp32 [Np], Y fp32 [M, Np])."""
+    """PrimFunc (A fp32 [M, Kin], Wp uint16 [Np/16, K2w, 16, 2], B fp32 [Np], Y fp32 [M, Np]): on AMX where
+    amx_kernels.dense_fits, else scheduled for AVX512-BF16."""
     from tvm import te, tirx
+
+    from . import amx_kernels
+    if amx_kernels.dense_fits(spec):
+        return amx_kernels.dense_amx(spec)
     s = spec
     K2, Np = s.K2, s.Np
     kin = max(s.K, s.Kphys)
@@ -156,7 +208,7 @@ def dense_bf16(spec: DenseSpec):
     ki = te.reduce_axis((0, 2), "ki")
     acc = te.compute((s.M, Np // 16, 16), lambda m, nb, ni: te.sum(
         bf16_value(P[m, k2 * 2 + ki]) * bf16_value(Wp[nb, k2, ni, ki]), axis=[k2, ki]), name="acc")
-    Y = te.compute((s.M, Np), lambda m, n: _bounded(acc[m, n // 16, n % 16] + B[n], s.act), name="out")
+    Y = te.compute((s.M, Np), lambda m, n: bounded(acc[m, n // 16, n % 16] + B[n], s.act), name="out")
     return _schedule(te.create_prim_func([A, Wp, B, Y]), s.M, Np // 16, "dense")
 
 
@@ -190,11 +242,12 @@ def _schedule(func, rows: int, col_blocks: int, kind: str):
     sch.vectorize(sch.get_loops(init)[-1])
     _, vi = sch.split(oi, [None, 16])
     sch.vectorize(vi)
-    if _has_block(sch, "cvt"):             # bf16 output: the fp32 tile rounded 16 lanes at a time by vcvtneps2bf16
-        cvt = sch.get_sblock("cvt")
+    if _has_block(sch, "cvt"):             # bf16 output: the fp32 tile rounded 32 lanes at a time by vcvtne2ps2bf16
+        cvt = sch.get_sblock("cvt")        # (16 by vcvtneps2bf16 where the tile has an odd number of vectors)
         sch.reverse_compute_at(cvt, wo, preserve_unit_loops=True)
         sch.set_scope(out, 0, "local")
-        sch.tensorize(sch.split(sch.get_loops(cvt)[-1], [None, 16])[1], CVT_INTRIN)
+        lanes, intrin = (32, CVT2_INTRIN) if TN % 2 == 0 else (16, CVT_INTRIN)
+        sch.tensorize(sch.split(sch.get_loops(cvt)[-1], [None, lanes])[1], intrin)
     if _has_block(sch, "pad"):
         pad = sch.get_sblock("pad")
         ploops = sch.get_loops(pad)

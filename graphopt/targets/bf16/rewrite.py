@@ -10,14 +10,16 @@ NHWC after the cpu target's channels-last conversion, cpu_layout.to_nhwc):
 W, the biases and the norms' parameters are constants: folded here (norm scales into W, shifts into one bias),
 W packed to bf16 pairs. Conv outputs stay NHWC with channels padded to 16 between kernels, dense outputs [rows, padded
 columns]; logical views are emitted for the fp32 ops that read them (relax_layout). A conv output read only by other
-bf16 convs is stored as bf16 bits (bf16_outputs): they would round it to bf16 on input anyway. The ONNX importer's
-Clip (call_tir of max / min kernels against a scalar) is first turned into relax maximum / minimum
-(cpu_layout.minmax_as_ops) so that ReLU6 ends a chain instead of cutting it. Depthwise convs (no reduction over
-channels: nothing for a dot product) stay fp32 in NHWC, compiled by the cpu target's channels-last depthwise
-schedule: after to_nhwc they are left as they are; an NCHW one is emitted as an NHWC conv2d with its bias and bounds
-as Relax ops, reading the NHWC tensor of the kernel before it. MobileNet-style chains (1x1 conv -> clip -> depthwise
--> clip -> 1x1 conv -> residual add) so run with no layout change between the kernels in either layout. Other
-grouped convs and matmuls of two activations stay on TVM's fp32 path.
+bf16 convs is stored as bf16 bits (bf16_outputs): they would round it to bf16 on input anyway; a tensor an fp32 op
+makes that only bf16 convs read is converted to bf16 bits by an elementwise op fused into its producer
+(bf16_inputs). The ONNX importer's Clip (call_tir of max / min kernels against a scalar) is first turned into relax
+maximum / minimum (cpu_layout.minmax_as_ops) so that ReLU6 ends a chain instead of cutting it. Depthwise convs (no
+reduction over channels: nothing for a dot product) with their epilogue run as the depthwise kernel (depthwise.py:
+fp32 arithmetic, bf16 bits in and out where only kernels are around it) in NHWC whatever the layout they come in;
+channels-last ones only where that kernel both reads and stores bf16 bits (takes_depthwise), the others are left to
+the cpu target's channels-last depthwise schedule. MobileNet-style chains (1x1 conv -> clip -> depthwise -> clip ->
+1x1 conv -> residual add) so run with no layout change between the kernels in either layout, bf16 bits between them.
+Other grouped convs and matmuls of two activations stay on TVM's fp32 path.
 """
 from __future__ import annotations
 
@@ -28,29 +30,33 @@ import numpy as np
 
 
 from .. import x86_isa
-from ..cpu_layout import minmax_as_ops
+from ..cpu_layout import MIN_NHWC_CHANNELS, minmax_as_ops
 from ..relax_bindings import Block, act_bounds, dtype_of, fold_fp32, is_constant, op_name, shape_of
 from ..relax_layout import LayoutRewriter, Phys, rewrite_main, rewrite_pass
-from .kernels import NO_BOUNDS, ConvSpec, DenseSpec, conv2d_bf16, dense_bf16
-from .packing import pack_conv_weight, pack_dense_weight, padded_bias
+from .amx_kernels import conv_fits, dense_fits
+from .depthwise import DwSpec, dwconv2d_bf16
+from .intrinsic import to_bf16_bits
+from .kernels import NO_BOUNDS, ConvSpec, DenseSpec, conv2d_bf16, conv_weight, dense_bf16
+from .packing import pack_dense_weight, padded_bias
 
 log = logging.getLogger("graphopt.bf16")
 
 
 def bf16_dot(target) -> str | None:
-    """'avx512bf16' when the target's code may use AVX512-BF16, else None."""
+    """'amx' when the target's code may use AMX tiles (and AVX512-BF16: the kernels AMX does not take), 'avx512bf16'
+    when it may use AVX512-BF16 only, else None."""
     if target is None or str(target.kind.name) != "llvm":
         return None
     mtriple = str(target.attrs.get("mtriple", ""))
     if mtriple and not any(a in mtriple for a in ("x86_64", "amd64")):
         return None
     feats = x86_isa.features(str(target.attrs.get("mcpu", "")), target.attrs.get("mattr", []))
-    return "avx512bf16" if "bf16" in feats else None
+    return None if "bf16" not in feats else "amx" if "amx" in feats else "avx512bf16"
 
 
 @dataclass
 class Chain:
-    kind: str                   # conv | dense
+    kind: str                   # conv | dwconv | dense
     root: int                   # binding index of the chain's last binding (replaced by the kernel call)
     interior: list              # binding indices consumed by the chain (dropped)
     x: object
@@ -62,6 +68,7 @@ class Chain:
     attrs: dict
     out_var: object
     out_shape: tuple
+    hswish: tuple = ()          # conv: (scale, shift) of a HardSwish epilogue after act (kernels.hard_swish)
 
 
 def _other(v, cur):
@@ -139,11 +146,81 @@ def _per_channel(blk: Block, e, n_out: int, channel_axis: int) -> np.ndarray | N
     return val.reshape(n_out)
 
 
-def _follow(blk: Block, idx: int, n_out: int, channel_axis: int, allow_residual: bool):
-    """(root, interior, scale, shift, act, residual, act2) of the epilogue after the compute binding idx: the
-    affine part (bias adds, inference batch norms, the arithmetic DecomposeOpsForInference makes of them: add,
+def _scalar(blk: Block, e) -> float | None:
+    """The value of e when it is a one-element constant, else None."""
+    c = fold_fp32(blk, e) if is_constant(blk, e) else None
+    return None if c is None or c.size != 1 else float(c.reshape(()))
+
+
+def _sixth(blk: Block, v, cur) -> bool:
+    """v divides cur by 6 (or multiplies it by 1/6)."""
+    op = op_name(v)
+    if op == "relax.divide" and v.args[0].same_as(cur):
+        return _scalar(blk, v.args[1]) == 6.0
+    other = _other(v, cur) if op == "relax.multiply" else None
+    c = None if other is None else _scalar(blk, other)
+    return c is not None and abs(c - 1 / 6) < 1e-7
+
+
+def _hard_swish(blk: Block, cur):
+    """(bindings consumed, (scale, shift)) when cur's two readers compute HardSwish, cur * clip(cur + 3, 0, 6) / 6
+    (the /6 before or after the product: the ONNX importer's HardSwish and PaddlePaddle's exports), followed by
+    multiplies and adds of one-element constants (PP-LCNet's learnable affine blocks: folded into scale, shift);
+    else None."""
+    uses = blk.uses.get(cur, [])
+    if len(uses) != 2 or cur in blk.outside:
+        return None
+    for ja in uses:
+        jm = uses[1] if ja == uses[0] else uses[0]
+        v = blk.bindings[ja].value
+        other = _other(v, cur) if op_name(v) == "relax.add" else None
+        if other is None or _scalar(blk, other) != 3.0:
+            continue
+        used, t, bounds, sixth = [ja], blk.bindings[ja].var, None, False
+        while (nxt := blk.single_use(t)) is not None and nxt != jm:
+            val = blk.bindings[nxt].value
+            b = _bounds(blk, val, t)
+            if b is not None:
+                bounds = _merge(bounds, b)
+            elif not sixth and _sixth(blk, val, t):
+                sixth = True
+            else:
+                return None
+            used.append(nxt)
+            t = blk.bindings[nxt].var
+        mv = blk.bindings[jm].value
+        if nxt != jm or bounds != (0.0, 6.0) or op_name(mv) != "relax.multiply" or _other(mv, cur) is None \
+                or not _other(mv, cur).same_as(t):
+            return None
+        used.append(jm)
+        t = blk.bindings[jm].var
+        if not sixth:
+            nxt = blk.single_use(t)
+            if nxt is None or not _sixth(blk, blk.bindings[nxt].value, t):
+                return None
+            used.append(nxt)
+            t = blk.bindings[nxt].var
+        scale, shift = np.ones(1), np.zeros(1)
+        while (nxt := blk.single_use(t)) is not None:
+            val = blk.bindings[nxt].value
+            op = op_name(val)
+            other = (_other(val, t) if op in ("relax.add", "relax.multiply") else
+                     val.args[1] if op in _AFFINE and val.args[0].same_as(t) else None)
+            c = None if other is None else _scalar(blk, other)
+            if c is None or op == "relax.divide" and c == 0:
+                break
+            scale, shift = _AFFINE[op](scale, shift, np.array([c]))
+            used.append(nxt)
+            t = blk.bindings[nxt].var
+        return used, (float(scale[0]), float(shift[0]))
+    return None
+
+
+def _follow(blk: Block, idx: int, n_out: int, channel_axis: int, allow_residual: bool, allow_hswish: bool = False):
+    """(root, interior, scale, shift, act, residual, act2, hswish) of the epilogue after the compute binding idx:
+    the affine part (bias adds, inference batch norms, the arithmetic DecomposeOpsForInference makes of them: add,
     subtract, multiply, divide by per-channel constants) as a per-channel scale (folded into the weights) and
-    shift."""
+    shift; with allow_hswish and no residual, a HardSwish after the bounds (_hard_swish)."""
     interior, cur = [idx], blk.bindings[idx].var
     scale, shift = np.ones(n_out), np.zeros(n_out)
     act, residual, act2 = None, None, None
@@ -189,11 +266,14 @@ def _follow(blk: Block, idx: int, n_out: int, channel_axis: int, allow_residual:
             act, act2 = (merged, act2) if residual is None else (act, merged)
         interior.append(nxt)
         cur = blk.bindings[nxt].var
-    return interior[-1], interior[:-1], scale, shift, act or NO_BOUNDS, residual, act2 or NO_BOUNDS
+    hswish = ()
+    if allow_hswish and residual is None and (hs := _hard_swish(blk, cur)) is not None:
+        used, hswish = hs
+        interior.extend(used)
+    return interior[-1], interior[:-1], scale, shift, act or NO_BOUNDS, residual, act2 or NO_BOUNDS, hswish
 
 
 #: (data, kernel, out) layouts of the conv2d calls matched: the importer's, and cpu_layout.to_nhwc's channels-last one
-#: (NHWC depthwise convs are left to the cpu target's channels-last depthwise schedule)
 _CONV_LAYOUTS = {("NCHW", "OIHW", "NCHW"), ("NHWC", "OHWI", "NHWC")}
 
 
@@ -224,16 +304,17 @@ def match_conv(blk: Block, idx: int, residual: bool = True) -> Chain | None:
         xshape, w = tuple(xshape[i] for i in (0, 3, 1, 2)), w.transpose(0, 3, 1, 2)
     groups = int(a.groups)
     depthwise = groups > 1 and groups == xshape[1] == w.shape[0] and w.shape[1] == 1
-    if groups != 1 and not (depthwise and layout == "NCHW"):
-        return None                       # grouped convs (other than depthwise NCHW) stay on TVM's fp32 path
+    if groups != 1 and not depthwise:
+        return None                       # grouped convs (other than depthwise) stay on TVM's fp32 path
     axis = 1 if layout == "NCHW" else 3
-    root, interior, scale, bias, act, res, act2 = _follow(blk, idx, w.shape[0], axis, residual and not depthwise)
+    root, interior, scale, bias, act, res, act2, hswish = _follow(blk, idx, w.shape[0], axis,
+                                                                  residual and not depthwise, not depthwise)
     w = (w * scale.reshape(-1, 1, 1, 1)).astype(np.float32)
     attrs = {"stride": tuple(int(s) for s in a.strides), "pad": tuple(int(p) for p in a.padding),
              "dilation": tuple(int(d) for d in a.dilation), "xshape": xshape, "layout": layout}
     out = blk.bindings[root].var
     return Chain("dwconv" if depthwise else "conv", root, interior, v.args[0], w, bias, act, res, act2, attrs, out,
-                 shape_of(out))
+                 shape_of(out), hswish)
 
 
 def match_dense(blk: Block, idx: int) -> Chain | None:
@@ -252,7 +333,7 @@ def match_dense(blk: Block, idx: int) -> Chain | None:
         w = None if w is None or w.ndim != 2 else np.ascontiguousarray(w.T)
     if w is None or w.ndim != 2 or w.shape[1] != xshape[-1]:
         return None
-    root, interior, scale, bias, act, _, _ = _follow(blk, idx, w.shape[0], -1, False)
+    root, interior, scale, bias, act, _, _, _ = _follow(blk, idx, w.shape[0], -1, False)
     w = (w * scale.reshape(-1, 1)).astype(np.float32)
     out = blk.bindings[root].var
     return Chain("dense", root, interior, v.args[0], w, bias, act, None, NO_BOUNDS, {"xshape": xshape}, out,
@@ -265,17 +346,62 @@ def _compute_index(m: Chain) -> int:
 
 
 def bf16_outputs(blk: Block, chains: dict) -> set:
-    """Output vars of conv chains whose every reader is another conv chain's conv taking it as its input: those
-    convs round their input to bf16 anyway, so the producer stores bf16 bits (rounded the same way, but for fp32
-    denormals, which vcvtneps2bf16 flushes to zero) instead."""
-    convs = {_compute_index(m): m for m in chains.values() if m.kind == "conv"}
+    """Output vars of conv and depthwise chains whose every reader is another such chain's conv taking it as its
+    input, which then store bf16 bits (rounded to nearest even, but for fp32 denormals, which vcvtneps2bf16 flushes
+    to zero). A conv reader rounds its input to bf16 anyway; a depthwise reader computes in fp32 from the rounded
+    values (one more bf16 rounding, of the tensor it reads, for half the memory traffic on both sides)."""
+    convs = {_compute_index(m): m for m in chains.values() if m.kind in ("conv", "dwconv")}
     out = set()
     for m in chains.values():
         uses = blk.uses.get(m.out_var, [])
-        if m.kind == "conv" and uses and m.out_var not in blk.outside \
+        if m.kind in ("conv", "dwconv") and uses and m.out_var not in blk.outside \
                 and all(j in convs and convs[j].x.same_as(m.out_var) for j in uses):
             out.add(m.out_var)
     return out
+
+
+def bf16_inputs(blk: Block, chains: dict) -> set:
+    """Vars made by bindings of the block other than the chains (fp32 ops: activations, resize, transposes, the fp32
+    depthwise convs) that only channels-last conv chains read, each as its input, with an even channel count: they
+    are handed over as bf16 bits by a conversion FuseOps fuses into the op that makes them (to_bf16_func), so the
+    producer writes half the bytes and the convs skip their fp32 -> bf16 input stage (PP-OCRv4's detector: every 1x1
+    conv after a HardSwish, the neck's convs after its resize-adds). Not a concat's output: the conversion made the
+    detector's fused resize-multiply-concat kernel 2.7x slower (1.77 ms, 0.65 without)."""
+    convs = {_compute_index(m): m for m in chains.values() if m.kind == "conv" and m.attrs["layout"] == "NHWC"}
+    outs = {m.out_var for m in chains.values()}
+    made = {b.var for b in blk.bindings if op_name(b.value) != "relax.concat"}
+    found = set()
+    for j, m in convs.items():
+        x, uses = m.x, blk.uses.get(m.x, [])
+        shape = shape_of(x)
+        if x in outs or x not in made or x in blk.outside or dtype_of(x) != "float32" or shape is None \
+                or len(shape) != 4 or shape[3] % 2:
+            continue
+        if all(i in convs and convs[i].x.same_as(x) for i in uses):
+            found.add(x)
+    return found
+
+
+def to_bf16_func(shape):
+    """PrimFunc Y[shape] (uint16) = the bf16 bits of X[shape] (fp32), rounded to nearest even: an elementwise op
+    that FuseOps fuses into the kernel making X."""
+    from tvm import te, tirx
+    dims = [tirx.IntImm("int64", d) for d in shape]          # int64, as LegalizeOps' kernels: FuseTIR matches them
+    x = te.placeholder(dims, "float32", name="X")
+    y = te.compute(dims, lambda *i: to_bf16_bits(x(*i)), name="to_bf16")
+    return te.create_prim_func([x, y]).with_attr("op_pattern", 0)
+
+
+def takes_depthwise(m: Chain, bf16_out: set) -> bool:
+    """Whether chain m, if depthwise, runs as the bf16 depthwise kernel: NCHW ones always (one NHWC kernel between
+    the bf16 convs), channels-last ones where they both read and store bf16 bits (MobileNet-style blocks: a 1x1
+    conv before, one after) or where their channels are not a multiple of MIN_NHWC_CHANNELS (the fp32 NHWC schedule
+    has no tile for those); the others stay on the fp32 NHWC schedule, where FuseOps also fuses the elementwise ops
+    after them that the chain's epilogue does not take (PP-OCRv4's detector: the hardswish after each depthwise
+    conv, which as its own kernel cost more than the bf16 input saved) and which ran its strided ones faster from
+    fp32 inputs."""
+    return m.kind != "dwconv" or m.attrs["layout"] == "NCHW" or (m.x in bf16_out and m.out_var in bf16_out) \
+        or m.w.shape[0] % MIN_NHWC_CHANNELS != 0
 
 
 def _left_in_fp32(call) -> str:
@@ -288,9 +414,11 @@ def _left_in_fp32(call) -> str:
 
 
 class _Rewriter(LayoutRewriter):
-    def __init__(self, mod):
+    def __init__(self, mod, amx: bool = False):
         super().__init__(mod, "graphopt_bf16")
-        self.count = {"bf16_conv2d": 0, "bf16_dense": 0, "bf16_residual_fused": 0, "bf16_stored_bf16": 0,
+        self.amx = amx
+        self.count = {"bf16_conv2d": 0, "bf16_dwconv2d": 0, "bf16_dense": 0, "bf16_amx": 0, "bf16_residual_fused": 0,
+                      "bf16_hswish_fused": 0, "bf16_stored_bf16": 0, "bf16_converted_inputs": 0,
                       "fp32_dwconv2d_nhwc": 0, "fp32_convs": 0, "fp32_matmuls": 0}
         self.bf16_out: set = set()
         self.max_reduction = 0
@@ -310,18 +438,39 @@ class _Rewriter(LayoutRewriter):
                 continue
             chains[m.root] = m
             claimed.update(m.interior + [m.root])
+        self.bf16_out = bf16_outputs(blk, chains)
+        while fp32_dw := [i for i, m in chains.items() if not takes_depthwise(m, self.bf16_out)]:
+            for i in fp32_dw:
+                del chains[i]
+                self.count["fp32_dwconv2d_nhwc"] += 1
+            self.bf16_out = bf16_outputs(blk, chains)
         if not chains:
             return block, False
         drop = set().union(*(m.interior for m in chains.values()))
         self.phys = {}
-        self.bf16_out = bf16_outputs(blk, chains)
+        converted = bf16_inputs(blk, chains)
         out = []
         for i, b in enumerate(blk.bindings):
             if i in chains:
                 out.extend(self.emit(chains[i]))
             elif i not in drop:
                 out.append(b)
+                if b.var in converted:
+                    out.append(self.to_bf16(b.var))
         return relax.DataflowBlock(out), True
+
+    def to_bf16(self, var):
+        """The binding of var's bf16 bits (to_bf16_func), recorded as var's physical NHWC form."""
+        from tvm import relax
+        shape = shape_of(var)
+        key = ("to_bf16", shape)
+        if key not in self.funcs:
+            name = self.name("to_bf16")
+            self.funcs[key] = self.bb.add_func(to_bf16_func(shape).with_attr("global_symbol", name), name)
+        bits = self.dfvar("bits", shape, "uint16")
+        self.phys[var] = Phys(bits, "NHWC", shape[3])
+        self.count["bf16_converted_inputs"] += 1
+        return self.bind(bits, relax.call_tir(self.funcs[key], [var], relax.TensorType(list(shape), "uint16")))
 
     def emit(self, m: Chain):
         from tvm import relax
@@ -338,8 +487,9 @@ class _Rewriter(LayoutRewriter):
             out_bf16 = m.out_var in self.bf16_out
             spec = ConvSpec(N, H, W, C, OC, KH, KW, m.attrs["stride"], m.attrs["pad"], m.attrs["dilation"],
                             "NHWC" if nhwc else layout, cphys, m.act, m.residual is not None, m.act2,
-                            in_bf16=nhwc and dtype_of(x) == "uint16", out_bf16=out_bf16)
-            args = [x, relax.const(pack_conv_weight(m.w, spec.C2)), relax.const(padded_bias(m.bias, OC, spec.OCp))]
+                            in_bf16=nhwc and dtype_of(x) == "uint16", out_bf16=out_bf16, hswish=m.hswish,
+                            amx=self.amx)
+            args = [x, relax.const(conv_weight(spec, m.w)), relax.const(padded_bias(m.bias, OC, spec.OCp))]
             if m.residual is not None:
                 r, bl = self.to_nhwc_padded(m.residual, spec.OCp, layout)
                 bindings.extend(bl)
@@ -350,6 +500,8 @@ class _Rewriter(LayoutRewriter):
             value = relax.call_tir(gv, args, relax.TensorType(list(shape), dt))
             phys = Phys(self.dfvar("conv", shape, dt), "NHWC", spec.OCp)
             self.count["bf16_conv2d"] += 1
+            self.count["bf16_amx"] += conv_fits(spec)
+            self.count["bf16_hswish_fused"] += bool(m.hswish)
             self.count["bf16_stored_bf16"] += out_bf16
             self.max_reduction = max(self.max_reduction, C * KH * KW)
         else:
@@ -357,18 +509,19 @@ class _Rewriter(LayoutRewriter):
             K, rows = xshape[-1], int(np.prod(xshape[:-1]))
             Nf = m.w.shape[0]
             if p is not None and p.layout == "ROWS":
-                spec, x = DenseSpec(rows, K, Nf, p.channels, m.act), p.var
+                spec, x = DenseSpec(rows, K, Nf, p.channels, m.act, self.amx), p.var
             else:
-                spec, x = DenseSpec(rows, K, Nf, 0, m.act), m.x
+                spec, x = DenseSpec(rows, K, Nf, 0, m.act, self.amx), m.x
                 if len(xshape) != 2:                 # [..., K] -> [rows, K]
                     x = self.dfvar("rows", (rows, K), "float32")
                     bindings.append(self.bind(x, relax.op.reshape(m.x, [rows, K])))
-            args = [x, relax.const(pack_dense_weight(m.w, spec.K2)), relax.const(padded_bias(m.bias, Nf, spec.Np))]
+            args = [x, relax.const(pack_dense_weight(m.w, spec.K2w)), relax.const(padded_bias(m.bias, Nf, spec.Np))]
             gv = self.add_kernel(("dense", spec), lambda: dense_bf16(spec), "dense")
             shape = (rows, spec.Np)
             value = relax.call_tir(gv, args, relax.TensorType(list(shape), "float32"))
             phys = Phys(self.dfvar("dense", shape, "float32"), "ROWS", spec.Np)
             self.count["bf16_dense"] += 1
+            self.count["bf16_amx"] += dense_fits(spec)
             self.max_reduction = max(self.max_reduction, K)
         bindings.append(self.bind(phys.var, value))
         if m.out_var not in self.bf16_out:     # bf16 bits are only read by the next kernels, through phys
@@ -377,43 +530,47 @@ class _Rewriter(LayoutRewriter):
         return bindings
 
     def depthwise(self, m: Chain, bindings: list):
-        """(value, Phys) of a depthwise chain as Relax ops in NHWC with channels padded to 16: conv2d (weights OHWI),
-        bias add, maximum / minimum, which LegalizeOps and FuseOps make one fp32 kernel for the cpu target's
-        channels-last depthwise schedule (cpu_conv.schedule_conv_nhwc); bindings of the input's NHWC form and of
-        every op but the last are appended to bindings."""
+        """(value, Phys) of a depthwise chain: a call of the depthwise kernel (depthwise.py; weights [KH, KW, Cp]
+        with the norms folded in, bias and bounds in its epilogue) on the NHWC form of its input, which is the
+        physical tensor of the kernel before it where there is one (bf16 bits when that kernel stores them), else
+        the input itself (NHWC after to_nhwc; an NCHW input is transposed: its bindings are appended); its output is
+        bf16 bits where only conv and depthwise chains read it (bf16_outputs), else fp32."""
         from tvm import relax
         N, C, H, W = m.attrs["xshape"]
         _, _, KH, KW = m.w.shape
-        spec = ConvSpec(N, H, W, C, C, KH, KW, m.attrs["stride"], m.attrs["pad"], m.attrs["dilation"])
-        shape, Cp = (N, spec.OH, spec.OW, spec.OCp), spec.OCp
-        x, bl = self.to_nhwc_padded(m.x, Cp)
-        bindings.extend(bl)
-        wk = np.zeros((Cp, KH, KW, 1), np.float32)
-        wk[:C] = m.w.transpose(0, 2, 3, 1)
-        value = relax.op.nn.conv2d(x, relax.const(wk), spec.stride, spec.pad, spec.dilation, groups=Cp,
-                                   data_layout="NHWC", kernel_layout="OHWI")
-        lo, hi = m.act
-        steps = [(relax.op.add, relax.const(padded_bias(m.bias, C, Cp)))]
-        steps += [] if lo is None else [(relax.op.maximum, relax.const(lo, "float32"))]
-        steps += [] if hi is None else [(relax.op.minimum, relax.const(hi, "float32"))]
-        for op, const in steps:
-            t = self.dfvar("dwconv", shape, "float32")
-            bindings.append(self.bind(t, value))
-            value = op(t, const)
-        self.count["fp32_dwconv2d_nhwc"] += 1
-        return value, Phys(self.dfvar("dwconv", shape, "float32"), "NHWC", Cp)
+        p = self.phys.get(m.x)
+        if p is not None and p.layout == "NHWC":
+            x, cx = p.var, p.channels
+        else:
+            x, bl = self.to_nhwc_padded(m.x, C, m.attrs["layout"])
+            bindings.extend(bl)
+            cx = C
+        out_bf16 = m.out_var in self.bf16_out
+        spec = DwSpec(N, H, W, C, cx, KH, KW, m.attrs["stride"], m.attrs["pad"], m.attrs["dilation"], m.act,
+                      in_bf16=dtype_of(x) == "uint16", out_bf16=out_bf16)
+        Cp = spec.Cp
+        wk = np.zeros((KH, KW, Cp), np.float32)
+        wk[..., :C] = m.w[:, 0].transpose(1, 2, 0)
+        gv = self.add_kernel(("dwconv", spec), lambda: dwconv2d_bf16(spec), "dwconv2d")
+        shape, dt = (N, spec.OH, spec.OW, Cp), "uint16" if out_bf16 else "float32"
+        value = relax.call_tir(gv, [x, relax.const(wk), relax.const(padded_bias(m.bias, C, Cp))],
+                               relax.TensorType(list(shape), dt))
+        self.count["bf16_dwconv2d"] += 1
+        self.count["bf16_stored_bf16"] += out_bf16
+        return value, Phys(self.dfvar("dwconv", shape, dt), "NHWC", Cp)
 
 
 def rewrite_bf16(mod, target):
     """Replace the fp32 conv2d / matmul chains of mod['main'] with bf16 kernels. Returns (mod, facts): the bf16
-    instruction set used, kernel counts, the convs / matmuls left in fp32, and the longest reduction (for the
-    self-check's bound). Unchanged when the target has no AVX512-BF16."""
+    instruction set used (bf16_dot; bf16_amx: the conv / dense kernels on AMX tiles), kernel counts, the convs /
+    matmuls left in fp32, and the longest reduction (for the self-check's bound). Unchanged when the target has no
+    AVX512-BF16."""
     dot = bf16_dot(target)
     facts = {"bf16_dot": dot, "bf16_kernels": 0}
     if dot is None or "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
         return mod, facts
     mod = minmax_as_ops(mod)               # Clip's max / min kernels as Relax ops: the epilogue matcher reads them
-    rw = _Rewriter(mod)
+    rw = _Rewriter(mod, amx=dot == "amx")
     mod, changed = rewrite_main(mod, rw)
     facts.update(rw.count, bf16_kernels=len(rw.new_funcs) if changed else 0, bf16_max_reduction=rw.max_reduction)
     return mod, facts

@@ -1,0 +1,199 @@
+"""Winograd F(2x2, 3x3) for channels-last fp32 convolutions (3x3, stride 1, dilation 1, groups 1): one scheduled
+PrimFunc per conv shape, and the compile-time weight transform.
+
+    U[e, c, k] = (G g[k, c] G^T)[e]              4x4 = 16 components per (c, k), computed in float64 (pack_weight)
+    V[e, p, c] = (B^T d[p, c] B)[e]              d: the 4x4 input tile of output tile p (zero outside the image)
+    M[e, p, k] = sum_c V[e, p, c] U[e, c, k]     16 GEMMs: 9/4 fewer multiplies than the direct conv
+    Y[p, k]    = A^T M[:, p, k] A                the 2x2 output tile, then the conv's epilogue (bias, bounds,
+                                                 residual add, bounds)
+
+The kernel keeps the transformed tensors out of memory: its parallel loop runs over blocks of m_bn tiles along one
+tile row; for each block it computes V (16 x m_bn x C, in L1/L2), then for each block of nb output channels the 16
+GEMMs (register tiles of m_bn rows x nb channels, reduction over C) into a 16 x m_bn x nb scratch, and from it the
+output tile with its epilogue. Tiles past the image's edge (odd output sizes, a partial last block) read zeros and
+their outputs are not written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: F(2x2, 3x3) (Lavin & Gray): B^T (input), G (weights), A^T (output)
+BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)
+G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float64)
+AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)
+NO_BOUNDS = (None, None)
+#: PrimFunc attribute naming the kernel (tests, debugging)
+KERNEL_ATTR = "graphopt.winograd_kernel"
+
+
+@dataclass(frozen=True)
+class WinogradSpec:
+    N: int
+    H: int
+    W: int
+    C: int
+    K: int
+    pad: tuple = (1, 1, 1, 1)   # top, left, bottom, right
+    m_bn: int = 8               # output tiles per register tile (along a tile row)
+    nb: int = 32                # output channels per register tile (a multiple of vl)
+    vl: int = 16                # fp32 lanes of a vector
+    act: tuple = NO_BOUNDS      # (lo, hi) after the bias
+    residual: bool = False      # add a residual NHWC [N, OH, OW, K] input, then apply act2
+    act2: tuple = NO_BOUNDS
+
+    @property
+    def OH(self):
+        return self.H + self.pad[0] + self.pad[2] - 2
+
+    @property
+    def OW(self):
+        return self.W + self.pad[1] + self.pad[3] - 2
+
+    @property
+    def TH(self):
+        return -(-self.OH // 2)
+
+    @property
+    def TW(self):
+        return -(-self.OW // 2)
+
+    @property
+    def TWp(self):
+        return -(-self.TW // self.m_bn) * self.m_bn
+
+
+def pack_weight(w: np.ndarray, nb: int) -> np.ndarray:
+    """OIHW 3x3 weights -> fp32 U [K / nb, 16, C, nb]: G g G^T in float64, rounded once."""
+    K, C = w.shape[:2]
+    u = np.einsum("ia,kcab,jb->ijck", G, w.astype(np.float64), G).reshape(16, C, K)
+    return np.ascontiguousarray(u.reshape(16, C, K // nb, nb).transpose(2, 0, 1, 3)).astype(np.float32)
+
+
+def _combination(coef: np.ndarray, term):
+    """sum of coef[a, b] * term(a, b) over the nonzero coefficients (+-1 as additions / subtractions)."""
+    out = None
+    for (a, b), c in np.ndenumerate(coef):
+        if c == 0:
+            continue
+        t = term(a, b)
+        if out is None:
+            out = t if c == 1 else -t if c == -1 else t * float(c)
+        elif c in (1, -1):
+            out = out + t if c == 1 else out - t
+        else:
+            out = out + t * float(c)
+    return out
+
+
+def _select(index, values):
+    """values[index] for a TIR index (a chain of Selects that unrolling folds)."""
+    from tvm import tirx
+    out = values[-1]
+    for i in range(len(values) - 2, -1, -1):
+        out = tirx.Select(index == i, values[i], out)
+    return out
+
+
+def _bounded(v, bounds):
+    from tvm import tirx
+    lo, hi = bounds
+    if lo is not None:
+        v = tirx.max(v, tirx.const(lo, "float32"))
+    if hi is not None:
+        v = tirx.min(v, tirx.const(hi, "float32"))
+    return v
+
+
+def winograd_conv2d(spec: WinogradSpec):
+    """Scheduled PrimFunc (X NHWC [N, H, W, C], U [K/nb, 16, C, nb], B [K][, R NHWC [N, OH, OW, K]], Y NHWC)."""
+    from tvm import te, tirx
+    s = spec
+    pt, pl = s.pad[0], s.pad[1]
+    X = te.placeholder((s.N, s.H, s.W, s.C), "float32", name="X")
+    U = te.placeholder((s.K // s.nb, 16, s.C, s.nb), "float32", name="U")
+    B = te.placeholder((s.K,), "float32", name="B")
+    zero = tirx.const(0.0, "float32")
+
+    def tile_input(n, th, tw, c):
+        def d(a, b):
+            h, w = th * 2 + (a - pt), tw * 2 + (b - pl)
+            inside = tirx.all(h >= 0, h < s.H, w >= 0, w < s.W)
+            hh, ww = tirx.min(tirx.max(h, 0), s.H - 1), tirx.min(tirx.max(w, 0), s.W - 1)
+            return tirx.Select(inside, X[n, hh, ww, c], zero)
+        return d
+
+    def v_value(n, th, tw, e, c):
+        d = tile_input(n, th, tw, c)
+        return _select(e, [_combination(np.outer(BT[i], BT[j]), d) for i in range(4) for j in range(4)])
+
+    V = te.compute((s.N, s.TH, s.TWp, 16, s.C), v_value, name="V")
+    rc = te.reduce_axis((0, s.C), "rc")
+    M = te.compute((s.N, s.TH, s.TWp, 16, s.K),
+                   lambda n, th, tw, e, k: te.sum(V[n, th, tw, e, rc] * U[k // s.nb, e, rc, k % s.nb], axis=rc),
+                   name="M")
+    args = [X, U, B]
+    if s.residual:
+        R = te.placeholder((s.N, s.OH, s.OW, s.K), "float32", name="R")
+        args.append(R)
+
+    def y_value(n, h, w, k):
+        th, tw = h // 2, w // 2
+        m = lambda a, b: M[n, th, tw, a * 4 + b, k]  # noqa: E731
+        outs = [_combination(np.outer(AT[i], AT[j]), m) for i in range(2) for j in range(2)]
+        v = _select(h % 2, [_select(w % 2, outs[:2]), _select(w % 2, outs[2:])])
+        v = _bounded(v + B[k], s.act)
+        if s.residual:
+            v = _bounded(v + R[n, h, w, k], s.act2)
+        return v
+
+    Y = te.compute((s.N, s.OH, s.OW, s.K), y_value, name="Y")
+    return _schedule(te.create_prim_func(args + [Y]), s)
+
+
+def _schedule(func, s: WinogradSpec):
+    """Loops of the output: (n, tile row, block of m_bn tiles) fused and parallel > V for the block > blocks of nb
+    channels > [16 GEMMs into the scratch M: component, reduction, m_bn rows unrolled, nb channels vectorized] >
+    the output tiles from M with the epilogue, channels vectorized."""
+    from tvm.s_tir import Schedule
+    sch = Schedule(func)
+    vb, mb, yb = sch.get_sblock("V"), sch.get_sblock("M"), sch.get_sblock("Y")
+    n, h, w, k = sch.get_loops(yb)
+    ho, hi = sch.split(h, [s.TH, 2])
+    wo, wt, wj = sch.split(w, [s.TWp // s.m_bn, s.m_bn, 2])
+    ko, kv, kl = sch.split(k, [s.K // s.nb, s.nb // s.vl, s.vl])
+    sch.reorder(n, ho, wo, ko, hi, wt, wj, kv, kl)
+    par = sch.fuse(n, ho, wo)
+    sch.parallel(par)
+    sch.unroll(hi)
+    sch.unroll(wj)
+    sch.unroll(kv)
+    sch.vectorize(kl)
+    # the GEMMs of one block of tiles x channels, into a scratch read by the output transform
+    sch.compute_at(mb, ko)
+    t, e, kk, c = sch.get_loops(mb)[-4:]
+    sch.reorder(e, c, t, kk)
+    acc_copy = sch.cache_write(mb, 0, "local")
+    sch.reverse_compute_at(acc_copy, e)
+    kvv, kll = sch.split(kk, [s.nb // s.vl, s.vl])
+    sch.unroll(t)
+    sch.unroll(kvv)
+    sch.vectorize(kll)
+    cl = sch.get_loops(acc_copy)
+    _, cv = sch.split(cl[-1], [None, s.vl])
+    sch.vectorize(cv)
+    init = sch.decompose_reduction(mb, c)
+    il = sch.get_loops(init)
+    _, iv = sch.split(il[-1], [None, s.vl])
+    sch.vectorize(iv)
+    # the input transform of the block, once for all its channel blocks
+    sch.compute_at(vb, par)
+    vt, ve, vc = sch.get_loops(vb)[-3:]
+    cvl = next(v for v in (s.vl, 8, 4, 2, 1) if s.C % v == 0)
+    vco, vci = sch.split(vc, [None, cvl])
+    sch.reorder(vt, vco, ve, vci)
+    sch.unroll(ve)
+    if cvl > 1:
+        sch.vectorize(vci)
+    return sch.mod["main"].with_attr(KERNEL_ATTR, "f2x2_3x3")
