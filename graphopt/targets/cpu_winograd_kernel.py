@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .bf16.kernels import bounded
+
 #: F(2x2, 3x3) (Lavin & Gray): B^T (input), G (weights), A^T (output)
 BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)
 G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float64)
@@ -96,16 +98,6 @@ def _select(index, values):
     return out
 
 
-def _bounded(v, bounds):
-    from tvm import tirx
-    lo, hi = bounds
-    if lo is not None:
-        v = tirx.max(v, tirx.const(lo, "float32"))
-    if hi is not None:
-        v = tirx.min(v, tirx.const(hi, "float32"))
-    return v
-
-
 def winograd_conv2d(spec: WinogradSpec):
     """Scheduled PrimFunc (X NHWC [N, H, W, C], U [K/nb, 16, C, nb], B [K][, R NHWC [N, OH, OW, K]], Y NHWC)."""
     from tvm import te, tirx
@@ -143,9 +135,9 @@ def winograd_conv2d(spec: WinogradSpec):
         m = lambda a, b: M[n, th, tw, a * 4 + b, k]  # noqa: E731
         outs = [_combination(np.outer(AT[i], AT[j]), m) for i in range(2) for j in range(2)]
         v = _select(h % 2, [_select(w % 2, outs[:2]), _select(w % 2, outs[2:])])
-        v = _bounded(v + B[k], s.act)
+        v = bounded(v + B[k], s.act)
         if s.residual:
-            v = _bounded(v + R[n, h, w, k], s.act2)
+            v = bounded(v + R[n, h, w, k], s.act2)
         return v
 
     Y = te.compute((s.N, s.OH, s.OW, s.K), y_value, name="Y")
