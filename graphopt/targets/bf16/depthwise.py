@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..conv_geometry import ConvOutputSize
 from .intrinsic import CVT_INTRIN, bf16_value, import_llvm, register_intrinsic, to_bf16_bits
 from .kernels import KERNEL_ATTR, NO_BOUNDS, bounded
 
@@ -23,7 +24,7 @@ MAX_TILE_W = 8
 
 
 @dataclass(frozen=True)
-class DwSpec:
+class DwSpec(ConvOutputSize):
     N: int
     H: int
     W: int
@@ -37,14 +38,6 @@ class DwSpec:
     act: tuple = NO_BOUNDS      # fp32 (lo, hi) after the bias
     in_bf16: bool = False       # X holds bf16 bits (uint16)
     out_bf16: bool = False      # Y holds the bf16 bits of the fp32 result (uint16)
-
-    @property
-    def OH(self):
-        return (self.H + self.pad[0] + self.pad[2] - self.dilation[0] * (self.KH - 1) - 1) // self.stride[0] + 1
-
-    @property
-    def OW(self):
-        return (self.W + self.pad[1] + self.pad[3] - self.dilation[1] * (self.KW - 1) - 1) // self.stride[1] + 1
 
     @property
     def Cp(self):

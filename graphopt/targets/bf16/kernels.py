@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..conv_geometry import ConvOutputSize
 from ..int8.kernels import MAX_TILE_ACC, pick_tiles
 from .intrinsic import CVT2_INTRIN, CVT_INTRIN, INTRIN, bf16_value, import_llvm, register_intrinsic, to_bf16_bits
 
@@ -25,7 +26,7 @@ NO_BOUNDS = (None, None)
 
 
 @dataclass(frozen=True)
-class ConvSpec:
+class ConvSpec(ConvOutputSize):
     N: int
     H: int
     W: int
@@ -45,14 +46,6 @@ class ConvSpec:
     out_bf16: bool = False      # Y holds the bf16 bits of the fp32 result (uint16)
     hswish: tuple = ()          # (scale, shift): after act, v * clip(v + 3, 0, 6) / 6 * scale + shift; (): none
     amx: bool = False           # the target has AMX: the AMX kernel where it takes the shape (amx_kernels.conv_fits)
-
-    @property
-    def OH(self):
-        return (self.H + self.pad[0] + self.pad[2] - self.dilation[0] * (self.KH - 1) - 1) // self.stride[0] + 1
-
-    @property
-    def OW(self):
-        return (self.W + self.pad[1] + self.pad[3] - self.dilation[1] * (self.KW - 1) - 1) // self.stride[1] + 1
 
     @property
     def cin(self):
