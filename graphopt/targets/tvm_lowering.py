@@ -9,7 +9,7 @@ import onnx
 
 from graphopt.errors import BadInput, GraphoptError, UnsupportedModel, reraise_if_strict
 from graphopt.graph import MAX_IR_VERSION
-from graphopt.targets.bf16.amx import request_amx
+from graphopt.targets.amx import request_amx
 
 
 def supported_onnx_ops() -> set[str]:
@@ -168,7 +168,7 @@ class VMRunner:
         # would inherit that one core: a 2-thread onnxruntime session beside graphopt would run on 1 core
         _restore_affinity(cores)
         self._tvm = tvm
-        request_amx()      # bf16's AMX kernels (bf16/amx.py): Linux hands out the tile state on request only
+        request_amx()      # the AMX kernels (targets/amx.py): Linux hands out the tile state on request only
         try:
             lib = tvm.runtime.load_module(str(lib_path))
         except Exception as e:

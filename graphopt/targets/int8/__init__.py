@@ -44,11 +44,15 @@ Grouped (non-depthwise) convs, per-channel activation scales, non-zero weight ze
 or computed weights and anything else that does not match stay on TVM's fp32 path (still correct).
 
 Modules (each one job; the names below are the package's API):
-    target_facts  int8_dot(target) -> "vnni" | "avx2" | "usdot" | None; num_cores(target)
+    target_facts  int8_dot(target) -> "vnni" | "avx2" | "usdot" | None; int8_amx(target): AMX tiles for conv /
+                  dense (x86 with AMX and VNNI); num_cores(target)
     intrinsics    register_intrinsics(): the VNNI and usdot 16x4 tensor intrinsics
     specs         ConvSpec, DenseSpec, Epilogue: what one kernel computes
     packing       pack_conv_weight / pack_dense_weight / pack_dw_weight, epilogue_constants (numpy, compile time)
-    kernels       conv2d_int8 / dense_int8 / dwconv2d_int8 / maxpool_int8: the scheduled PrimFuncs
+    kernels       conv2d_int8 / dense_int8 / dwconv2d_int8 / maxpool_int8: the scheduled PrimFuncs; conv_weight /
+                  dense_weight: the packing of the kernel conv2d_int8 / dense_int8 build for a spec
+    amx_kernels   conv2d / dense on AMX tiles (tdpbusd, ../amx.py), taken by kernels.py where the spec's target has
+                  AMX and the shape fits; bit-exact with the VNNI kernels
     relax_match   the quantized-chain matchers over one dataflow block: the forms as relax.dpl patterns, the walk
                   along the epilogue and the checks on constants hand-written (generic Relax reading:
                   ../relax_bindings.py)
@@ -65,9 +69,9 @@ from .onnx_entry import build_library, import_int8, import_qdq, prepare_onnx
 from .packing import epilogue_constants, pack_conv_weight, pack_dense_weight, pack_dw_weight
 from .rewrite import int8_rewrite_pass, rewrite_int8
 from .specs import ConvSpec, DenseSpec, Epilogue
-from .target_facts import int8_dot, num_cores
+from .target_facts import int8_amx, int8_dot, num_cores
 
 __all__ = ["KERNEL_ATTR", "ConvSpec", "DenseSpec", "Epilogue", "build_library", "conv2d_int8", "dense_int8",
-           "dwconv2d_int8", "epilogue_constants", "import_int8", "import_qdq", "int8_dot", "int8_rewrite_pass",
-           "maxpool_int8", "num_cores", "pack_conv_weight", "pack_dense_weight", "pack_dw_weight", "prepare_onnx",
+           "dwconv2d_int8", "epilogue_constants", "import_int8", "import_qdq", "int8_amx", "int8_dot",
+           "int8_rewrite_pass", "maxpool_int8", "num_cores", "pack_conv_weight", "pack_dense_weight", "pack_dw_weight", "prepare_onnx",
            "register_intrinsics", "rewrite_int8"]

@@ -76,8 +76,27 @@ def pick_tiles(width: int, oc_blocks: int, max_acc: int = MAX_TILE_ACC) -> tuple
     return best[0], best[1]
 
 
+def conv_weight(spec: ConvSpec, w, dot: str = "vnni"):
+    """int8 OIHW weights packed for the kernel conv2d_int8 builds for spec: AMX's (amx_kernels.conv_weight) where
+    it takes the shape, else pack_conv_weight's for the dot product."""
+    from . import amx_kernels
+    from .packing import pack_conv_weight
+    return amx_kernels.conv_weight(spec, w) if amx_kernels.conv_fits(spec) else pack_conv_weight(w, spec.C4, dot)
+
+
+def dense_weight(spec: DenseSpec, w, dot: str = "vnni"):
+    """int8 [N, K] weights packed for the kernel dense_int8 builds for spec (AMX's where it takes the shape)."""
+    from . import amx_kernels
+    from .packing import pack_dense_weight
+    return amx_kernels.dense_weight(spec, w) if amx_kernels.dense_fits(spec) else pack_dense_weight(w, spec.K4, dot)
+
+
 def conv2d_int8(spec: ConvSpec, dot: str = "vnni", cores: int = 1, residual: bool = False):
-    """Scheduled PrimFunc (X, Wp, Bi, M, Bf[, R], Y): X u8/s8 in spec.in_layout, Y NHWC with OCp channels."""
+    """PrimFunc (X, Wp (conv_weight), Bi, M, Bf[, R], Y): X u8/s8 in spec.in_layout, Y NHWC with OCp channels; on
+    AMX tiles where amx_kernels.conv_fits (spec.amx: the target has AMX), else scheduled for the dot product."""
+    from . import amx_kernels
+    if amx_kernels.conv_fits(spec):
+        return amx_kernels.conv2d_amx(spec, residual)
     from tvm import te, tirx
     s = spec
     OH, OW, C4, OCp = s.OH, s.OW, s.C4, s.OCp
@@ -194,7 +213,11 @@ def _schedule_conv(func, spec: ConvSpec, dot: str, cores: int, padded: bool):
 
 
 def dense_int8(spec: DenseSpec, dot: str = "vnni", cores: int = 1):
-    """Scheduled PrimFunc (A [M, Kin] u8/s8, Wp, Bi, M, Bf, Y [M, Np])."""
+    """PrimFunc (A [M, Kin] u8/s8, Wp (dense_weight), Bi, M, Bf, Y [M, Np]): on AMX tiles where
+    amx_kernels.dense_fits, else scheduled for the dot product."""
+    from . import amx_kernels
+    if amx_kernels.dense_fits(spec):
+        return amx_kernels.dense_amx(spec)
     from tvm import te, tirx
     s = spec
     K4, Np = s.K4, s.Np

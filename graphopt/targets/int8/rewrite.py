@@ -8,12 +8,13 @@ import numpy as np
 
 from ..relax_bindings import Block, const_value, dtype_of, op_name, scalar, shape_of
 from ..relax_layout import LayoutRewriter, Phys, rewrite_main, rewrite_pass
-from .kernels import conv2d_int8, dense_int8, dwconv2d_int8, maxpool_int8
-from .packing import epilogue_constants, pack_conv_weight, pack_dense_weight, pack_dw_weight
+from . import amx_kernels
+from .kernels import conv2d_int8, conv_weight, dense_int8, dense_weight, dwconv2d_int8, maxpool_int8
+from .packing import epilogue_constants, pack_dw_weight
 from .relax_match import Match, match_conv, match_dense, match_dq_act, table_source
 from .specs import ConvSpec, DenseSpec
 from .tables import has_vbmi, table_kernel
-from .target_facts import int8_dot, num_cores
+from .target_facts import int8_amx, int8_dot, num_cores
 
 log = logging.getLogger("graphopt.int8")
 
@@ -22,10 +23,11 @@ class _Rewriter(LayoutRewriter):
     def __init__(self, mod, target, dot: str):
         super().__init__(mod, "graphopt_int8")
         self.dot = dot
+        self.amx = dot == "vnni" and int8_amx(target)     # conv / dense on AMX tiles where amx_kernels takes them
         self.cores = num_cores(target)
         self.vbmi = has_vbmi(target)         # lower-int8's tables: one vpermi2b kernel, else TVM's take
         self.count = {"conv2d": 0, "dwconv2d": 0, "dense": 0, "residual_fused": 0, "maxpool_nhwc": 0, "mean_nhwc": 0,
-                      "table_lookups": 0, "table_lookups_graph_layout": 0,
+                      "table_lookups": 0, "table_lookups_graph_layout": 0, "int8_amx": 0,
                       "fp32_convs": 0, "fp32_matmuls": 0}
 
     def kernel(self, kind, spec, residual=False):
@@ -116,13 +118,14 @@ class _Rewriter(LayoutRewriter):
             p = self.phys.get(m.xq)
             if p is not None and p.layout == "NHWC":
                 spec = ConvSpec(N, H, W, C, OC, KH, KW, m.attrs["stride"], m.attrs["pad"], m.attrs["dilation"],
-                                "NHWC", p.channels, m.in_dtype, m.zx, m.epi)
+                                "NHWC", p.channels, m.in_dtype, m.zx, m.epi, self.amx)
                 x = p.var
             else:
                 spec = ConvSpec(N, H, W, C, OC, KH, KW, m.attrs["stride"], m.attrs["pad"], m.attrs["dilation"],
-                                "NCHW", 0, m.in_dtype, m.zx, m.epi)
+                                "NCHW", 0, m.in_dtype, m.zx, m.epi, self.amx)
                 x = m.xq
-            wp = pack_conv_weight(m.w, spec.C4, self.dot)
+            wp = conv_weight(spec, m.w, self.dot)
+            self.count["int8_amx"] += amx_kernels.conv_fits(spec)
             Bi, M, Bf = epilogue_constants(m.w, m.sx, m.sw, zx_u, m.bias_i32, m.bias_f,
                                            m.sy if m.epi.mode != "f" else None, spec.OCp)
             args = [x, relax.const(wp), relax.const(Bi), relax.const(M), relax.const(Bf)]
@@ -145,15 +148,16 @@ class _Rewriter(LayoutRewriter):
             Nf = m.w.shape[0]
             p = self.phys.get(m.xq)
             if p is not None and p.layout == "ROWS":
-                spec = DenseSpec(Mrows, K, Nf, p.channels, m.in_dtype, m.zx, m.epi)
+                spec = DenseSpec(Mrows, K, Nf, p.channels, m.in_dtype, m.zx, m.epi, self.amx)
                 x = p.var
             else:
-                spec = DenseSpec(Mrows, K, Nf, 0, m.in_dtype, m.zx, m.epi)
+                spec = DenseSpec(Mrows, K, Nf, 0, m.in_dtype, m.zx, m.epi, self.amx)
                 x = m.xq
                 if len(xshape) != 2:                 # [..., K] -> [M, K] rows
                     x = self.dfvar("rows", (Mrows, K), m.in_dtype)
                     bindings.append(self.bind(x, relax.op.reshape(m.xq, [Mrows, K])))
-            wp = pack_dense_weight(m.w, spec.K4, self.dot)
+            wp = dense_weight(spec, m.w, self.dot)
+            self.count["int8_amx"] += amx_kernels.dense_fits(spec)
             Bi, M, Bf = epilogue_constants(m.w, m.sx, m.sw, zx_u, m.bias_i32, m.bias_f,
                                            m.sy if m.epi.mode != "f" else None, spec.Np)
             gv = self.kernel("dense", spec)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..conv_geometry import ConvOutputSize
+
 
 @dataclass
 class Epilogue:
@@ -33,7 +35,7 @@ class Epilogue:
 
 
 @dataclass
-class ConvSpec:
+class ConvSpec(ConvOutputSize):
     N: int
     H: int
     W: int
@@ -49,14 +51,7 @@ class ConvSpec:
     in_dtype: str = "uint8"
     zx: int = 0
     epi: Epilogue = field(default_factory=Epilogue)
-
-    @property
-    def OH(self):
-        return (self.H + self.pad[0] + self.pad[2] - self.dilation[0] * (self.KH - 1) - 1) // self.stride[0] + 1
-
-    @property
-    def OW(self):
-        return (self.W + self.pad[1] + self.pad[3] - self.dilation[1] * (self.KW - 1) - 1) // self.stride[1] + 1
+    amx: bool = False           # the target has AMX: the AMX kernel where it takes the shape (amx_kernels.conv_fits)
 
     @property
     def C4(self):
@@ -78,6 +73,7 @@ class DenseSpec:
     in_dtype: str = "uint8"
     zx: int = 0
     epi: Epilogue = field(default_factory=Epilogue)
+    amx: bool = False           # the target has AMX: the AMX kernel where it takes the shape (amx_kernels.dense_fits)
 
     @property
     def K4(self):

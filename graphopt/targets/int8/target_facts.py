@@ -36,6 +36,13 @@ def int8_dot(target) -> str | None:
     return None if feats is None else x86_isa.int8_dot(feats)
 
 
+def int8_amx(target) -> bool:
+    """Whether the target's code may use AMX tiles for the int8 conv / dense kernels (AMX with VNNI: the kernels
+    AMX does not take stay on vpdpbusd)."""
+    feats = x86_features(target)
+    return feats is not None and {"amx", "vnni"} <= feats
+
+
 def x86_features(target) -> set[str] | None:
     """graphopt's x86 features (x86_isa) of an LLVM target's mcpu and mattr; None for a target that is not x86."""
     if target is None or str(target.kind.name) != "llvm":
