@@ -13,6 +13,7 @@ from graphopt.targets.x86_isa import host_flags
 tvm = pytest.importorskip("tvm")
 from graphopt.targets import bf16  # noqa: E402
 from graphopt.targets.bf16 import amx_kernels  # noqa: E402
+from targets.test_cpu_bf16 import _close, _rounded  # noqa: E402  (the bf16 kernels' rounding and bound)
 
 HAS_AMX = {"amx_tile", "amx_bf16", "avx512_bf16"} <= host_flags()
 needs_amx = pytest.mark.skipif(not HAS_AMX, reason="host has no AMX (amx_tile, amx_bf16) with AVX512-BF16")
@@ -30,14 +31,6 @@ def _run(func, args, out_shape, out_dtype="float32"):
     lib["main"](*[tvm.runtime.tensor(a) for a in args], y)
     return y.numpy()
 
-
-def _rounded(x):
-    return (bf16.bf16_bits(x).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-
-
-def _close(got, ref, magnitude):
-    """fp32 accumulation of exact bf16 products: the error is a few fp32 ulps of the sum of |products|."""
-    assert np.all(np.abs(got - ref) <= 1e-5 * magnitude + 1e-6), np.abs(got - ref).max()
 
 
 @pytest.mark.parametrize("mcpu,mattr,dot", [
