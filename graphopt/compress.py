@@ -441,9 +441,17 @@ def _diverged(m: dict, temperature, s: Schedule) -> bool:
     if not np.isfinite(last):
         return True
     from .distill import loss_window
-    window = losses[-loss_window(len(losses)):]
-    noise = 2.0 * float(np.std(window)) * math.sqrt(1.0 + 1.0 / len(window))
+    n_last = loss_window(len(losses))
+    # the batches' spread from at least NOISE_STEPS last steps: a phase of 16 steps averages loss_last over one,
+    # whose spread of 0 made any rise divergence (PP-OCRv4's recognizer after lsq: a first batch at 0.046 took lr
+    # 1e-4 down to 1e-6 for every phase, QAT included)
+    spread = losses[-max(n_last, min(NOISE_STEPS, len(losses) - 1)):]
+    noise = 2.0 * float(np.std(spread)) * math.sqrt(1.0 + 1.0 / n_last)
     return bool(last > s.divergence_ratio * first and last - first > noise)
+
+
+#: the fewest last steps _diverged estimates the batches' spread from
+NOISE_STEPS = 8
 
 
 def _temperature_cap(out: np.ndarray, config) -> float:

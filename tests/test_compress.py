@@ -141,6 +141,10 @@ def test_divergence_needs_a_rise_over_the_first_steps_at_one_temperature():
     assert not _diverged({"steps": 96, "loss_last": float(np.mean(noisy[-9:])), "history": {"loss": noisy}}, 1.0, s)
     steady = [0.10] + [0.14] * 95
     assert _diverged({"steps": 96, "loss_last": 0.14, "history": {"loss": steady}}, 1.0, s)
+    # a short phase (16 steps: loss_last is one step) judges the rise against the spread of its last 8 steps
+    calm = [0.05] + [0.09, 0.05, 0.13, 0.07, 0.11, 0.06, 0.12, 0.08, 0.10, 0.05, 0.13, 0.07, 0.11, 0.06, 0.12]
+    assert not _diverged({"steps": 16, "loss_last": 0.12, "history": {"loss": calm}}, 1.0, s)
+    assert _diverged({"steps": 16, "loss_last": 0.5, "history": {"loss": [0.05] + [0.5] * 15}}, 1.0, s)
 
 
 def test_prune_steps_fractions():
@@ -364,3 +368,43 @@ def test_probability_map_distills_at_temperature_one_with_its_thresholded_decisi
     _, info = compress(model, {"x": rng.standard_normal((64, 1, 8, 8)).astype(np.float32)},
                        "prune-channels{ratio=0.25,round_to=1}", epochs=1, batch_size=16, lr=1e-3, log=logs.append)
     assert info["temperature_cap"] is None and not any("probability map" in m for m in logs)   # opt-in
+
+
+def _mlp(widths=(16, 40, 40, 10), seed=3):
+    """[1, 6, 16] -> MatMul 40 -> Relu -> MatMul 40 -> Relu -> MatMul 10 -> Softmax: two prunable 40-wide layers."""
+    from onnx import TensorProto, helper, numpy_helper
+    from graphopt.graph import from_onnx
+    rng = np.random.default_rng(seed)
+    inits, nodes, x = [], [], "x"
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        inits.append(numpy_helper.from_array((rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"z{i}"], name=f"mm{i}"))
+        x = f"z{i}"
+        if i < len(widths) - 2:
+            nodes.append(helper.make_node("Relu", [x], [f"r{i}"], name=f"relu{i}"))
+            x = f"r{i}"
+    nodes.append(helper.make_node("Softmax", [x], ["y"], axis=-1, name="softmax"))
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, widths[0]])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, widths[-1]])], inits)
+    return from_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_progressive_prune_steps_keep_max_layer_ratio_of_the_original_widths():
+    """compress cuts a budget into prune steps and trains (exports the trainable view) between them; each step
+    used to cap a layer's removal at max_layer_ratio of its width *then*, so the OCR example's five steps took
+    32- and 128-channel layers of PP-OCRv4's recognizer down to ONE channel. The widths before the first step
+    travel with the graph through every step's training (graphopt.metadata pruned_widths): with a budget no
+    capped allocation can reach, every layer ends exactly at the cap counted from its original width."""
+    from graphopt.passmanager import PassContext
+    model = _mlp()
+    groups = PassContext().analyses.get("channel-groups", model)
+    layers0 = {lay.name: len(lay.units) for lay in groups.layers if not groups.units[lay.units[0]].frozen}
+    assert layers0 == {"mm0": 40, "mm1": 40}
+    x = {"x": np.random.default_rng(0).standard_normal((64, 6, 16)).astype(np.float32)}
+    graph, info = compress(model, x, "prune-channels{flops=0.1,max_layer_ratio=0.5,round_to=1}", epochs=6,
+                           batch_size=16, lr=1e-3)
+    steps = [h for h in info["history"] if h["phase"].startswith("prune")]
+    assert len(steps) == 5                                 # 0.4 of the reduction, then 0.15 more per step
+    assert {k: metadata.pruned_widths(graph)[k] for k in layers0} == layers0      # the widths before step 1
+    assert info["channels"]["mm0"] == 20 and info["channels"]["mm1"] == 20     # at the cap, not below it
+    assert info["channels"]["mm2"] == 10
