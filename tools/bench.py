@@ -21,9 +21,9 @@ or run on a model, or whose worker dies, gets an error cell; the run goes on.
 
 The tables report median latency, the ratio to onnxruntime and to the faster fp32 engine, achieved GFLOP/s
 (2 * MACs / latency, MACs from graphopt.analyses.flops) and its fraction of this machine's peak with the same thread
-count, measured in the same run by tools/peak_flops.py (register-only vfmadd231ps / vdpbf16ps loops): the bf16 peak
-for rows whose precision is bf16 (graphopt bf16, OpenVINO with bf16 compute layers) where the CPU has avx512_bf16,
-else the fp32 peak (int8 rows too); the header also gives numpy's sgemm 2048^3 rate for reference. They also give
+count, measured in the same run by tools/peak_flops.py (register-only vfmadd231ps / vdpbf16ps loops, AMX tdpbf16ps
+on four tiles where the CPU has AMX): the bf16 peak (AMX's where the CPU has it) for rows whose precision is bf16
+(graphopt bf16, OpenVINO with bf16 compute layers) where the CPU has avx512_bf16, else the fp32 peak (int8 rows too); the header also gives numpy's sgemm 2048^3 rate for reference. They also give
 the compile time of each graphopt build, and CPU time / wall time while each engine ran (shows whether the
 requested thread count really took effect; the CPU time is the worker's own). The header names the CPU, its
 AVX-512/AMX flags, the date and the load average. Thread counts are timed from the fewest up (each in fresh workers);
@@ -91,7 +91,8 @@ def peak_text(peaks: dict) -> str:
     """One line: the measured fp32 / bf16 peaks and numpy's sgemm rate per thread count."""
     return ("Peak (register-only multiply-add loops, tools/peak_flops.py): "
             + "; ".join(f"{t} thread(s) {p['isa']} fp32 {p['fp32']:.1f}"
-                        + (f", bf16 {p['bf16']:.1f}" if p["bf16"] else "") + " GFLOP/s" for t, p in peaks.items())
+                        + (f", bf16 ({p.get('bf16_isa') or 'avx512'}) {p['bf16']:.1f}" if p["bf16"] else "")
+                        + " GFLOP/s" for t, p in peaks.items())
             + ". numpy sgemm 2048^3 (reference): "
             + "; ".join(f"{t} thread(s) {p['sgemm']:.1f} GFLOP/s" for t, p in peaks.items()))
 
