@@ -1,6 +1,6 @@
 """`graphopt build PIPELINE.toml`: an unattended deployment pipeline with quality gates.
 
-Stages (each cached by a content hash of everything it depends on): optimize (the [[pass]] pipeline, through
+Stages (each cached by a content hash of everything it depends on, graphopt's code included): optimize (the [[pass]] pipeline, through
 `compress` with distillation when [data].train is given and a pass is lossy), compile (the target artifact) and
 evaluate (size, MACs, latency, accuracy, agreement, CKA, robustness). Gates then decide the exit code."""
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .version import __version__
+from .version import __version__, code_fingerprint
 from .artifact import Staging, check_artifact_destination, write_json
 from .errors import BadInput, CheckFailed, printable, reraise_if_strict
 from .graph import copy as copy_graph, input_specs, to_onnx
@@ -242,7 +242,7 @@ def build(toml_path, log=None, progress=None, warn=_warn) -> dict:
     else:
         original = load(cfg.model_path, input_shapes=cfg.input_shapes)
     data = _load_data(cfg, [t.name for t in original.inputs])
-    base_key = _sha(__version__, _file_sha(cfg.model_path), cfg.torch_module,
+    base_key = _sha(__version__, code_fingerprint(), _file_sha(cfg.model_path), cfg.torch_module,
                     _file_sha(cfg.checkpoint) if cfg.checkpoint else None, cfg.input_shapes,
                     {k: _arrays_sha(v) for k, v in sorted(data.items())})
 

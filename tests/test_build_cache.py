@@ -82,6 +82,23 @@ def test_truncated_and_foreign_entries_are_rebuilt(project, capsys):
     assert json.loads(out)["cached_stages"] == ["optimize", "compile", "evaluate"] and not warnings(err)
 
 
+def test_changed_graphopt_code_builds_every_stage_again(project, capsys, monkeypatch):
+    """The cache keys hold the fingerprint of graphopt's code: an entry made by other code is not reused."""
+    from graphopt import build
+    toml = write_toml(project)
+    assert main(["build", str(toml), "--json"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(build, "code_fingerprint", lambda: "other code")
+    assert main(["build", str(toml), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cached_stages"] == []
+
+
+def test_code_fingerprint_covers_the_package_sources():
+    from graphopt.version import code_fingerprint
+    fp = code_fingerprint()
+    assert len(fp) == 64 and fp == code_fingerprint()
+
+
 @pytest.mark.fast
 def test_output_dir_that_graphopt_did_not_write_is_refused_before_any_work(project, capsys):
     site = project / "out" / "build"
