@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bf16.kernels import bounded
+from .bf16.epilogue import bounded
 
 #: F(2x2, 3x3) (Lavin & Gray): B^T (input), G (weights), A^T (output)
 BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)

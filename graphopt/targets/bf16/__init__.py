@@ -5,6 +5,7 @@ Modules:
     intrinsic  the 16x2 vdpbf16ps tensor intrinsic (through a small imported LLVM IR function) and TIR rounding
     packing    fp32 weights -> bf16 pairs at compile time (nearest even)
     kernels    conv2d_bf16 / dense_bf16: scheduled PrimFuncs with fused bias, relu/clip and residual epilogues
+    epilogue   the fp32 epilogue every bf16 kernel ends with (bias, bounds, HardSwish, residual), KERNEL_ATTR
     (../amx.py: the AMX tile micro kernel, tdpbf16ps or tdpbusd as imported LLVM IR, the GEMM over stage pixels
                and request_amx(); shared with int8/amx_kernels.py)
     amx_kernels  conv2d / dense on AMX tiles, taken by kernels.py where the target has AMX and the shape fits

@@ -15,7 +15,7 @@ A block is 32 grid rows x 32 channels (four fp32 tiles), the reduction KH*KW tap
 16, or all the pairs when there are fewer; the pairs are padded to a multiple of KP with zeros, weights included);
 a last 16-channel block uses the two-tile step. The last row block starts at Mg - 32 (it overlaps the one before:
 the same rows are written twice with the same values). The 32 x 32 block goes through a scratch buffer to the TIR
-epilogue (kernels.conv_epilogue), 16 lanes at a time; a bf16 output is rounded 32 lanes per vcvtne2ps2bf16 like the
+epilogue (epilogue.conv_epilogue), 16 lanes at a time; a bf16 output is rounded 32 lanes per vcvtne2ps2bf16 like the
 AVX512-BF16 kernel's. An input of bf16 bits that already is the stage (1x1, stride 1, no padding, channels = the
 padded pairs) is read in place.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from .. import amx
 from ..amx import BM, BN
+from .epilogue import KERNEL_ATTR, bounded, conv_epilogue
 from .intrinsic import CVT2_EXTERN, CVT_EXTERN, LLVM_IR, to_bf16_bits
 
 #: a conv or dense layer needs at least this many bf16 pairs per step for AMX (fewer: tdpbf16ps does too little)
@@ -65,7 +66,6 @@ def conv2d_amx(s):
     """PrimFunc (X, Wp uint16 (conv_weight), B[, R], Y) of conv spec s on AMX."""
     from tvm import tirx
     from tvm.script.ir_builder import tirx as T
-    from .kernels import KERNEL_ATTR, conv_epilogue
     lay = conv_layout(s)
     g = amx.Grid.conv("bf16", s, lay)
     c2a, cin, KW = g.units, s.cin, g.KW
@@ -95,7 +95,6 @@ def dense_amx(s):
     """PrimFunc (A fp32 [M, Kin], Wp uint16 [Np/16, K2w, 16, 2], B fp32 [Np], Y fp32 [M, Np]) on AMX."""
     from tvm import tirx
     from tvm.script.ir_builder import tirx as T
-    from .kernels import KERNEL_ATTR, bounded
     k2a, kin = padded_pairs(s.K2), max(s.K, s.Kphys)
     A = tirx.decl_buffer((s.M, kin), "float32", "A")
     Y = tirx.decl_buffer((s.M, s.Np), "float32", "Y")

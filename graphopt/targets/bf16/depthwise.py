@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ..conv_geometry import ConvOutputSize
 from .intrinsic import CVT_INTRIN, bf16_value, import_llvm, register_intrinsic, to_bf16_bits
-from .kernels import KERNEL_ATTR, NO_BOUNDS, bounded
+from .epilogue import KERNEL_ATTR, NO_BOUNDS, bounded
 
 #: the widest register tile along a row (output pixels x one 16-lane vector each); beside the accumulators the
 #: unrolled window keeps its KH*KW weight vectors and a few input vectors in registers

@@ -18,11 +18,9 @@ from dataclasses import dataclass
 
 from ..conv_geometry import ConvOutputSize
 from ..int8.kernels import MAX_TILE_ACC, pick_tiles
+from .epilogue import KERNEL_ATTR, NO_BOUNDS, bounded, conv_epilogue
 from .intrinsic import CVT2_INTRIN, CVT_INTRIN, INTRIN, bf16_value, import_llvm, register_intrinsic, to_bf16_bits
 
-#: PrimFunc attribute naming the bf16 kernel (tests, debugging)
-KERNEL_ATTR = "graphopt.bf16_kernel"
-NO_BOUNDS = (None, None)
 
 
 @dataclass(frozen=True)
@@ -87,47 +85,12 @@ class DenseSpec:
         return -(-self.N // 16) * 16
 
 
-def hard_swish(v, hswish):
-    """TIR: v * clip(v + 3, 0, 6) / 6, then * scale + shift, for hswish = (scale, shift); v itself for ()."""
-    from tvm import tirx
-    if not hswish:
-        return v
-    scale, shift = hswish
-    f = (lambda x: tirx.const(x, "float32"))
-    v = v * tirx.min(tirx.max(v + f(3.0), f(0.0)), f(6.0)) * f(1.0 / 6.0)
-    return v * f(scale) + f(shift)
-
-
-def bounded(v, bounds):
-    """TIR: v clamped to the fp32 (lo, hi) bounds (None: that side unbounded)."""
-    from tvm import tirx
-    lo, hi = bounds
-    if lo is not None:
-        v = tirx.max(v, tirx.const(lo, "float32"))
-    if hi is not None:
-        v = tirx.min(v, tirx.const(hi, "float32"))
-    return v
-
-
 def conv_weight(spec: ConvSpec, w):
     """fp32 OIHW weights packed for conv2d_bf16(spec): [OCp/16, KH, KW, C2, 16, 2], or the AMX kernel's packing
     where it runs (amx_kernels.conv_weight)."""
     from . import amx_kernels
     from .packing import pack_conv_weight
     return amx_kernels.conv_weight(spec, w) if amx_kernels.conv_fits(spec) else pack_conv_weight(w, spec.C2)
-
-
-def conv_epilogue(s: ConvSpec, acc, bias, residual, o):
-    """TIR: output channel o of a conv from its fp32 sum acc: bias, act, then the residual (fp32 value) and act2 or
-    the hard swish (the padding channels stay zero)."""
-    from tvm import tirx
-    v = bounded(acc + bias, s.act)
-    if residual is not None:
-        return bounded(v + residual, s.act2)
-    v = hard_swish(v, s.hswish)
-    if s.hswish and s.hswish[1] != 0 and s.OC < s.OCp:
-        v = tirx.Select(o < s.OC, v, tirx.const(0.0, "float32"))
-    return v
 
 
 def conv2d_bf16(spec: ConvSpec):

@@ -8,7 +8,7 @@ stage is the padded input split into phase images (stride > 1). The weights are 
 C4/4, 16, 4], which is tdpbusd's B layout: K/4 rows of 16 channels x 4 bytes) over the logical input channels
 padded to whole steps of KP quads (zero weights). s32 accumulation is exact, so the results equal the VNNI
 kernel's bit for bit: the 32 x 32 s32 block goes through a scratch buffer to the same requantize epilogue
-(kernels._epilogue_expr: zero points, bias, scale, bounds, fused residual), 16 lanes at a time. An u8 NHWC input
+(epilogue.epilogue_expr: zero points, bias, scale, bounds, fused residual), 16 lanes at a time. An u8 NHWC input
 that already is the stage (1x1, stride 1, no padding, its physical channels whole steps) is read in place. Grids of
 fewer than 32 rows (dense layers of few rows, tiny images) and reductions of fewer than MIN_QUADS quads (1x1:
 MIN_QUADS_1X1) stay on the VNNI kernel (kernels.py). A KxK conv of few channels (a stem's 3) is a strip
@@ -22,6 +22,7 @@ import dataclasses
 
 from .. import amx
 from ..amx import BM
+from .epilogue import epilogue_expr, to_u8
 
 #: a conv or dense layer needs at least this many quads (4 input channels; a strip: KW*C bytes) per step for AMX
 #: (MobileNetV2's 3x3/2 stem, a strip of 3 quads: 132 vs 121 us on VNNI, 1 thread)
@@ -97,8 +98,7 @@ def dense_weight(s, w):
 
 
 def _u8(x, in_dtype):
-    from .kernels import _to_u8
-    return _to_u8(x, in_dtype)
+    return to_u8(x, in_dtype)
 
 
 def _finish(epi_of, Y, Ypos):
@@ -117,7 +117,6 @@ def conv2d_amx(s, residual: bool = False):
     """PrimFunc (X, Wp int8 (conv_weight), Bi, M, Bf[, R], Y NHWC [N, OH, OW, OCp]) of int8 conv spec s on AMX."""
     from tvm import tirx
     from .intrinsics import KERNEL_ATTR
-    from .kernels import _epilogue_expr
     lay = conv_layout(s)
     g = amx.Grid.conv("int8", s, lay, s.stride[1] * s.C if lay.fold else None)
     cin = (s.Cphys or s.C) if s.in_layout == "NHWC" else s.C
@@ -136,7 +135,7 @@ def conv2d_amx(s, residual: bool = False):
         return _u8(v, s.in_dtype)
 
     def epi(acc, n, oh, ow, ch):
-        return _epilogue_expr(s.epi, acc, Bi[ch], Mq[ch], Bf[ch], R[n, oh, ow, ch] if R is not None else None)
+        return epilogue_expr(s.epi, acc, Bi[ch], Mq[ch], Bf[ch], R[n, oh, ow, ch] if R is not None else None)
     direct = _in_place(s) and cin == 4 * g.units
     source = None if direct else g.conv_source(s, lay, read, tirx.const(zx_u, "uint8"))
     args = [X, Wp, Bi, Mq, Bf] + ([R] if R is not None else []) + [Y]
@@ -148,7 +147,6 @@ def dense_amx(s):
     """PrimFunc (A [M, Kin] u8/s8, Wp int8 (dense_weight), Bi, M, Bf, Y [M, Np]) of int8 dense spec s on AMX."""
     from tvm import tirx
     from .intrinsics import KERNEL_ATTR
-    from .kernels import _epilogue_expr
     k4a = amx.padded_units(-(-s.K // 4))
     kin = max(s.K, s.Kphys)
     zx_u = s.zx + (128 if s.in_dtype == "int8" else 0)
@@ -163,7 +161,7 @@ def dense_amx(s):
         return tirx.if_then_else(c < kin, _u8(A[j, tirx.min(c, kin - 1)], s.in_dtype), tirx.const(zx_u, "uint8"))
     direct = s.in_dtype == "uint8" and kin == 4 * k4a
     g = amx.Grid("int8", 1, 1, 1, s.M, s.M, s.M, k4a, s.Np, 1, 1, lambda kh, kw: 0)
-    finish = _finish(lambda acc, n, oh, ow, ch: _epilogue_expr(s.epi, acc, Bi[ch], Mq[ch], Bf[ch]), Y,
+    finish = _finish(lambda acc, n, oh, ow, ch: epilogue_expr(s.epi, acc, Bi[ch], Mq[ch], Bf[ch]), Y,
                      lambda n, oh, ow, ch: [ow, ch])
     return amx.build(g, [A, Wp, Bi, Mq, Bf, Y], A, None if direct else source, Wp, finish,
                      {KERNEL_ATTR: "dense_amx"})

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from .intrinsics import KERNEL_ATTR, TENSOR_INTRINS, register_intrinsics
-from .specs import ConvSpec, DenseSpec, Epilogue
+from .epilogue import epilogue_expr, to_u8
+from .specs import ConvSpec, DenseSpec
 
 #: 16-lane s32 accumulators a micro tile may use. x86: one zmm each, 24 of the 32 (room for the weights and the
 #: broadcast). aarch64: four 128-bit NEON registers each, 6 (24 registers) of the 32.
@@ -12,52 +13,6 @@ MAX_TILE_ACC_BY_DOT = {"usdot": 6}
 #: unrolled by LLVM, which then keeps every weight vector of the tile in a register across the row: its tile holds
 #: at most SHORT_TILE_ACC accumulators (24 spilled: MobileNetV2's 16 -> 96 conv, 112x112, 141 -> 105 us)
 SHORT_REDUCTION, SHORT_TILE_ACC = 4, 12
-
-
-def _nearbyint(x):
-    """Round to nearest even as te.nearbyint does (llvm.nearbyint), as a call TVM's loop vectorizer keeps vector:
-    tirx.nearbyint is registered not vectorizable in TVM 0.27, so a vectorized epilogue that used it ran scalar."""
-    from tvm import tirx
-    return tirx.call_llvm_pure_intrin("float32", "llvm.nearbyint", x)
-
-
-def _epilogue_expr(epi: Epilogue, acc, bi, m, bf, r=None):
-    from tvm import tirx
-    f32 = "float32"
-    v = (acc + bi).astype(f32) * m + bf
-    if epi.mode == "f":
-        if epi.flo is not None:
-            v = tirx.max(v, tirx.const(epi.flo, f32))
-        if epi.fhi is not None:
-            v = tirx.min(v, tirx.const(epi.fhi, f32))
-        return v
-    if epi.mode == "q":
-        q = _nearbyint(v) + tirx.const(float(epi.zy), f32)
-        q = tirx.min(tirx.max(q, tirx.const(epi.lo, f32)), tirx.const(epi.hi, f32))
-        return q.astype(epi.out_dtype)
-    # qadd: requantize the conv result as the graph does, add the dequantized residual, requantize. As in
-    # onnxruntime, each dequantized value is rounded to float32 before the add (fenced: no FMA) and the last
-    # QuantizeLinear divides by its scale: on rounding ties one unit in the last place is a whole step
-    t = _nearbyint(v) + tirx.const(float(epi.z1), f32)
-    t = tirx.min(tirx.max(t, tirx.const(epi.lo1, f32)), tirx.const(epi.hi1, f32))
-    fence = "llvm.arithmetic.fence"
-    a = tirx.call_llvm_pure_intrin(f32, fence, (t - tirx.const(float(epi.z1), f32)) * tirx.const(epi.s1, f32)) + \
-        tirx.call_llvm_pure_intrin(f32, fence, (r.astype(f32) - tirx.const(float(epi.zr), f32)) *
-                                   tirx.const(epi.sr, f32))
-    if epi.act2_lo is not None:
-        a = tirx.max(a, tirx.const(epi.act2_lo, f32))
-    if epi.act2_hi is not None:
-        a = tirx.min(a, tirx.const(epi.act2_hi, f32))
-    q = _nearbyint(a / tirx.const(epi.s2, f32)) + tirx.const(float(epi.zy), f32)
-    q = tirx.min(tirx.max(q, tirx.const(epi.lo, f32)), tirx.const(epi.hi, f32))
-    return q.astype(epi.out_dtype)
-
-
-def _to_u8(x, in_dtype):
-    """u8 view of an activation value: s8 is shifted by +128 (its zero point too)."""
-    if in_dtype == "uint8":
-        return x
-    return (x.astype("int32") + 128).astype("uint8")
 
 
 def pick_tiles(width: int, oc_blocks: int, max_acc: int = MAX_TILE_ACC) -> tuple[int, int]:
@@ -135,7 +90,7 @@ def conv2d_int8(spec: ConvSpec, dot: str = "vnni", cores: int = 1, residual: boo
                 src = X[n, c, h - pt, w - pl]
             else:
                 src = X[n, h - pt, w - pl, c]
-            src = _to_u8(src, s.in_dtype)
+            src = to_u8(src, s.in_dtype)
             if not conds:
                 return src
             cond = conds[0]
@@ -157,10 +112,10 @@ def conv2d_int8(spec: ConvSpec, dot: str = "vnni", cores: int = 1, residual: boo
     if residual:
         R = te.placeholder((s.N, OH, OW, OCp), s.epi.res_dtype, name="R")
         args.append(R)
-        Y = te.compute((s.N, OH, OW, OCp), lambda n, h, w, o: _epilogue_expr(
+        Y = te.compute((s.N, OH, OW, OCp), lambda n, h, w, o: epilogue_expr(
             s.epi, acc[n, h, w, o // 16, o % 16], Bi[o], Mq[o], Bf[o], R[n, h, w, o]), name="out")
     else:
-        Y = te.compute((s.N, OH, OW, OCp), lambda n, h, w, o: _epilogue_expr(
+        Y = te.compute((s.N, OH, OW, OCp), lambda n, h, w, o: epilogue_expr(
             s.epi, acc[n, h, w, o // 16, o % 16], Bi[o], Mq[o], Bf[o]), name="out")
     func = te.create_prim_func(args + [Y])
     return _schedule_conv(func, spec, dot, cores, padded=not direct)
@@ -235,12 +190,12 @@ def dense_int8(spec: DenseSpec, dot: str = "vnni", cores: int = 1):
         P = A
     else:
         P = te.compute((s.M, K4), lambda m, k: tirx.if_then_else(
-            k < kin, _to_u8(A[m, tirx.min(k, kin - 1)], s.in_dtype), tirx.const(zx_u, "uint8")), name="pad")
+            k < kin, to_u8(A[m, tirx.min(k, kin - 1)], s.in_dtype), tirx.const(zx_u, "uint8")), name="pad")
     k4 = te.reduce_axis((0, K4 // 4), "k4")
     ki = te.reduce_axis((0, 4), "ki")
     acc = te.compute((s.M, Np // 16, 16), lambda m, nb, ni: te.sum(
         P[m, k4 * 4 + ki].astype("int32") * wl(nb, k4, ni, ki).astype("int32"), axis=[k4, ki]), name="acc")
-    Y = te.compute((s.M, Np), lambda m, n: _epilogue_expr(s.epi, acc[m, n // 16, n % 16], Bi[n], Mq[n], Bf[n]),
+    Y = te.compute((s.M, Np), lambda m, n: epilogue_expr(s.epi, acc[m, n // 16, n % 16], Bi[n], Mq[n], Bf[n]),
                    name="out")
     func = te.create_prim_func([A, Wp, Bi, Mq, Bf, Y])
     from tvm.s_tir import Schedule
@@ -304,7 +259,7 @@ def dwconv2d_int8(spec: ConvSpec, cores: int = 1):
         hh, ww = tirx.min(tirx.max(h - pt, 0), s.H - 1), tirx.min(tirx.max(w - pl, 0), s.W - 1)
         cc = tirx.min(c, cin - 1)
         src = X[n, cc, hh, ww] if s.in_layout == "NCHW" else X[n, hh, ww, cc]
-        return tirx.if_then_else(cond, _to_u8(src, s.in_dtype), tirx.const(zx_u, "uint8"))
+        return tirx.if_then_else(cond, to_u8(src, s.in_dtype), tirx.const(zx_u, "uint8"))
     # strided: every tap reads the input in place (clamped index, zero point outside: cheaper than copying an input
     # stride^2 times the output's size); stride 1: one zero-point-padded copy, then plain loads
     padded = tuple(s.stride) == (1, 1) or s.in_layout != "NHWC" or cin != Cp
@@ -317,7 +272,7 @@ def dwconv2d_int8(spec: ConvSpec, cores: int = 1):
         def tapv(n, h, w, c):
             inside = tirx.all(h >= pt, h < s.H + pt, w >= pl, w < s.W + pl)
             hh, ww = tirx.min(tirx.max(h - pt, 0), s.H - 1), tirx.min(tirx.max(w - pl, 0), s.W - 1)
-            return tirx.Select(inside, _to_u8(X[n, hh, ww, c], s.in_dtype), tirx.const(zx_u, "uint8"))
+            return tirx.Select(inside, to_u8(X[n, hh, ww, c], s.in_dtype), tirx.const(zx_u, "uint8"))
 
     def body(n, h, w, c):
         acc = None
@@ -325,7 +280,7 @@ def dwconv2d_int8(spec: ConvSpec, cores: int = 1):
             for j in range(s.KW):
                 t = tapv(n, h * sh + i * dh, w * sw + j * dw, c).astype("int32") * Wk[i, j, c].astype("int32")
                 acc = t if acc is None else acc + t
-        return _epilogue_expr(s.epi, acc, Bi[c], Mq[c], Bf[c])
+        return epilogue_expr(s.epi, acc, Bi[c], Mq[c], Bf[c])
     Y = te.compute((s.N, OH, OW, Cp), body, name="out")
     from tvm.s_tir import Schedule
     sch = Schedule(te.create_prim_func([X, Wk, Bi, Mq, Bf, Y]))
