@@ -298,6 +298,7 @@ def bench_model(name: str, args, work: Path, peaks: dict, openvino: bool) -> tup
     """Rows (one per thread count and engine; an engine that failed gets {"error": ...}) and notes for one model."""
     import graphopt
     from bench_int8 import precision_text
+    from graphopt.cli import key_values
     from graphopt.analyses import flops
 
     onnx_path = work / f"{name}.onnx"
@@ -308,7 +309,7 @@ def bench_model(name: str, args, work: Path, peaks: dict, openvino: bool) -> tup
     db = find_db(args.tuned_db, name)
     bf16 = "bf16" in args.precision and not name.endswith(INT8)
     target_variants = {f"graphopt {v.partition('=')[0]}":
-                       dict(kv.split("=", 1) for kv in v.partition("=")[2].split(","))
+                       key_values(v.partition("=")[2].split(","), "--target-variant", "direct=winograd=off")
                        for v in getattr(args, "target_variant", ())}
     for label, pipeline, tuning_db, precision in (
             [("graphopt default", args.pipeline, None, "fp32")]

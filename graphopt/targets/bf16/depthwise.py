@@ -62,25 +62,27 @@ def dwconv2d_bf16(spec: DwSpec):
     X = te.placeholder((s.N, s.H, s.W, s.Cx), "uint16" if s.in_bf16 else "float32", name="X")
     Wk = te.placeholder((s.KH, s.KW, Cp), "float32", name="W")
     B = te.placeholder((Cp,), "float32", name="B")
-    # which bounds a tap can cross (none: no test, no clamp)
-    low_h, high_h = pt > 0, (OH - 1) * sh + (s.KH - 1) * dh - pt >= s.H
-    low_w, high_w = pl > 0, (OW - 1) * sw + (s.KW - 1) * dw - pl >= s.W
+    # per spatial axis: (padding before, input size, whether a tap can cross the low / high bound: none, no test
+    # and no clamp)
+    axes = [(pt, s.H, pt > 0, (OH - 1) * sh + (s.KH - 1) * dh - pt >= s.H),
+            (pl, s.W, pl > 0, (OW - 1) * sw + (s.KW - 1) * dw - pl >= s.W)]
+
+    def clamped(x, pad, size, low, high, conds):
+        """The input index of padded position x, clamped into the input where a tap can leave it (conds gets the
+        test that it did not)."""
+        i = x - pad
+        if low:
+            conds.append(x >= pad)
+            i = tirx.max(i, 0)
+        if high:
+            conds.append(x < size + pad)
+            i = tirx.min(i, size - 1)
+        return i
 
     def tap(n, h, w, c):
         """The input at padded position (h, w) as fp32, zero outside the input and beyond its channels."""
-        conds, hh, ww, cc = [], h - pt, w - pl, c
-        if low_h:
-            conds.append(h >= pt)
-            hh = tirx.max(hh, 0)
-        if high_h:
-            conds.append(h < s.H + pt)
-            hh = tirx.min(hh, s.H - 1)
-        if low_w:
-            conds.append(w >= pl)
-            ww = tirx.max(ww, 0)
-        if high_w:
-            conds.append(w < s.W + pl)
-            ww = tirx.min(ww, s.W - 1)
+        conds, cc = [], c
+        hh, ww = (clamped(x, *axis, conds) for x, axis in zip((h, w), axes))
         if s.Cx < Cp:
             conds.append(c < s.Cx)
             cc = tirx.min(c, s.Cx - 1)
