@@ -37,6 +37,9 @@ CONFIG, RELEASE, ZERO, STEP, STEP1, STORE, STORE1 = (
 ROWS = 16
 #: block rows (two A tiles) and channels (two B tiles)
 BM, BN = 2 * ROWS, 32
+#: weights up to this size are read from L2 again for every row block (rows_first); the AMX CPUs graphopt meets
+#: (Sapphire / Granite Rapids) have 2 MB of L2 per core
+L2_WEIGHT_BYTES = 3 << 19
 #: parallel runs of consecutive blocks (enough for any thread count graphopt meets to share the work evenly)
 CHUNKS = 64
 _SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
@@ -202,6 +205,20 @@ def conv_layout(s, per_unit: int, fold_units: int) -> ConvLayout:
     return ConvLayout(fold, ah, aw, s.OH + shift_h, Wq, units, (s.OH - 1) * Wq + s.OW)
 
 
+def strip_layout(s, per_unit: int) -> ConvLayout:
+    """A strip: the stage of a KxK conv of few channels (a stem's 3) is the padded input itself, C channels exactly,
+    its rows split into sh row phases, one stage pixel per sw padded columns (sw*C elements), Wq of them a row; a
+    tile row reads the KW*C elements of a kernel row's taps (KW folded into the channels, kw-major, like `fold`)
+    straight from its pixel on, lda sw*C elements; the elements after them meet zero weights. The stage is no
+    bigger than the input (a fold writes KW*C channels per output pixel: the int8 stem's stage dominated it, 822 us
+    on 1 thread against 289 as a strip; bf16's 482 -> see bf16/amx_kernels.py). Take Grid.conv's width =
+    sw*C."""
+    sh, sw = s.stride
+    Wq = s.OW - 1 + -(-s.KW // sw)
+    return ConvLayout(True, min(sh, s.KH), 1, s.OH + (s.KH - 1) // sh, Wq, -(-s.KW * s.C // per_unit),
+                      (s.OH - 1) * Wq + s.OW)
+
+
 class Grid:
     """The GEMM: N images of `phases` x Hq x Wq stage pixels (`units` 4-byte units each, padded to whole steps),
     grid row m = oh*Wq + ow for the OW-wide outputs, `rows` of them; OCp channels; KH x KW taps, tap(kh, kw) ->
@@ -235,20 +252,25 @@ class Grid:
                    1 if lay.fold else s.KW, tap, width)
 
     def conv_source(self, s, lay: ConvLayout, read, outside):
-        """source(n, ph, i, j, c) of a conv's stage: read(n, hh, ww, cc) (the input element, clamped indices,
-        converted to the stage type) inside the input, `outside` (padding value, stage type) elsewhere."""
+        """source(n, ph, i, j, c) of a conv's stage: read(n, hh, ww, cc) (the input element at indices clamped into
+        the input, cc < s.C; converted to the stage type) inside the input, `outside` (padding value, stage type)
+        elsewhere. Where every stage channel is an input channel (no fold, width <= C) the channels are neither
+        tested nor clamped: the stage's vectors stay contiguous loads (a clamped channel index is a gather: the
+        stage of a 56x56x64 bf16 conv took a third of its time, 2 threads slower than 1)."""
         from tvm import tirx
         sh, sw = s.stride
         dw = s.dilation[1]
         pt, pl = s.pad[0], s.pad[1]
+        exact = not lay.fold and self.width <= s.C
 
         def source(n, ph, i, j, c):
             a, b = ph // lay.aw, ph % lay.aw
             kw, c = (c // s.C, c % s.C) if lay.fold else (0, c)
             h, w = i * sh + a - pt, j * sw + b + kw * dw - pl
-            inside = tirx.all(h >= 0, h < s.H, w >= 0, w < s.W, c < s.C, kw < s.KW)
+            pixel = [h >= 0, h < s.H, w >= 0, w < s.W]
+            inside = tirx.all(*pixel) if exact else tirx.all(*pixel, c < s.C, kw < s.KW)
             hh, ww = tirx.min(tirx.max(h, 0), s.H - 1), tirx.min(tirx.max(w, 0), s.W - 1)
-            return tirx.if_then_else(inside, read(n, hh, ww, tirx.min(c, s.C - 1)), outside)
+            return tirx.if_then_else(inside, read(n, hh, ww, c if exact else tirx.min(c, s.C - 1)), outside)
         return source
 
 
@@ -284,21 +306,35 @@ def build(g: Grid, args, X, source, Wp, finish, attrs: dict, import_llvm: str | 
 
 
 def _stage(g: Grid, P, source):
-    """P[(((n*phases + ph)*Hq + i)*Wq + j)*width + c] = source(n, ph, i, j, c): rows in parallel, channels
-    vectorized."""
+    """P[(((n*phases + ph)*Hq + i)*Wq + j)*width + c] = source(n, ph, i, j, c): rows in parallel (image, row, phase:
+    a thread stages the rows its blocks read, _blocks' row order), channels vectorized."""
     from tvm.script.ir_builder import tirx as T
-    width = g.width
+    width, ph = g.width, g.phases
     lanes = _lanes(width)
-    with T.parallel(0, g.N * g.phases * g.Hq) as t:
+    with T.parallel(0, g.N * g.Hq * ph) as t:
+        n, i, a = t // (g.Hq * ph), t // ph % g.Hq, t % ph
         with T.serial(0, g.Wq) as j:
             with T.serial(0, width // lanes) as cb:
                 with T.vectorized(0, lanes) as c:
-                    T.buffer_store(P, source(t // (g.phases * g.Hq), t // g.Hq % g.phases, t % g.Hq, j,
-                                             cb * lanes + c), [(t * g.Wq + j) * width + cb * lanes + c])
+                    T.buffer_store(P, source(n, a, i, j, cb * lanes + c),
+                                   [(((n * ph + a) * g.Hq + i) * g.Wq + j) * width + cb * lanes + c])
+
+
+def rows_first(g: Grid) -> bool:
+    """Whether _blocks runs the blocks row block by row block (all channel blocks of a row block on one thread)
+    rather than channel block by channel block: unless the weights are too big to re-read from L2 for every row
+    block and outweigh the stage. Threads then split the pixels, each reading the stage rows it wrote (and the
+    input rows the layer before wrote on it): tile loads of lines another core wrote are slow (bf16 3x3, 2 threads,
+    split by channels -> by rows: 56x56x64 123 -> 77 us (60 with a stage nobody wrote), 28x28x128 108 -> 87,
+    14x14x256 87 -> 79 us), while a split by channels halves each thread's weights where they stream from L3
+    (7x7x512: 4.7 MB of them, 83 KB of stage: 109 us by channels, 151 by rows)."""
+    weights = g.OCp * g.KH * g.KW * g.units
+    return 4 * weights <= L2_WEIGHT_BYTES or weights <= g.N * g.pixels * -(-g.width // g.d.per_unit)
 
 
 def _blocks(g: Grid, P, Wp, finish, import_llvm):
-    """The (channel block, image, row block) blocks in CHUNKS parallel runs of consecutive blocks, each run
+    """The (channel block, image, row block) blocks (rows_first: image, row block, channel block) in CHUNKS parallel
+    runs of consecutive blocks, each run
     configuring the tiles once (ldtilecfg per block: the bf16 stem's blocks of 7 steps ran 1.25x slower) and
     releasing them at its end; per block: zero the tiles, the taps' steps, store, epilogue."""
     from tvm import tirx
@@ -308,11 +344,15 @@ def _blocks(g: Grid, P, Wp, finish, import_llvm):
     blocks = g.col_blocks * g.N * rb
     chunks = min(blocks, CHUNKS)
     ann = {"pragma_import_llvm": import_llvm} if import_llvm else {}
+    cb = g.col_blocks
     with T.parallel(0, chunks, annotations=ann) as k:
         D = T.alloc_buffer([BM, BN], g.d.acc_dtype, scope="local")
         T.evaluate(T.call_extern("void", name(CONFIG, g.kp, g.dot)))
         with T.serial(k * blocks // chunks, (k + 1) * blocks // chunks) as t:
-            ob, n, mb = t // (g.N * rb), t // rb % g.N, t % rb
+            if rows_first(g):
+                n, mb, ob = t // (rb * cb), t // cb % rb, t % cb
+            else:
+                ob, n, mb = t // (g.N * rb), t // rb % g.N, t % rb
             start = tirx.min(mb * BM, g.rows - BM)
             T.evaluate(T.call_extern("void", name(ZERO, g.kp, g.dot)))
             if not tail:

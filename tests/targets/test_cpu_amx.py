@@ -44,7 +44,7 @@ def test_bf16_dot_follows_the_target(mcpu, mattr, dot):
     ((1, 56, 56, 64, 64, 3, 1, 1), True), ((1, 7, 7, 512, 512, 3, 1, 1), True),
     ((1, 56, 56, 64, 128, 1, 2, 0), True),       # 1x1 stride 2: a subsampled stage
     ((1, 56, 56, 64, 128, 3, 2, 1), True),       # 3x3 stride 2: four phases
-    ((1, 224, 224, 3, 64, 7, 2, 3), True),       # the stem: 7 taps of 3 channels folded into 11 pairs
+    ((1, 224, 224, 3, 64, 7, 2, 3), True),       # the stem: a strip, 7 taps of 3 channels in 11 pairs
     ((1, 4, 4, 64, 64, 1, 1, 0), False),         # 16 pixels: fewer than a block's 32 rows
     ((1, 56, 56, 6, 64, 1, 1, 0), False),        # 3 pairs, nothing to fold: too little for a tile step
 ], ids=["3x3-56", "3x3-7", "1x1-s2", "3x3-s2", "stem", "tiny", "6ch-1x1"])
@@ -82,7 +82,9 @@ CONVS = [  # N, C, H, W, OC, K, stride, pad, dilation, layout, in_bf16, out_bf16
     (1, 32, 6, 6, 32, 5, 1, 2, 1, "NHWC", True, False),       # 5x5
     (1, 32, 15, 13, 48, 3, 2, 1, 1, "NHWC", True, True),      # 3x3 stride 2: phases
     (2, 16, 20, 20, 32, 5, 3, 2, 1, "NHWC", False, False),    # 5x5 stride 3
-    (1, 3, 30, 28, 64, 7, 2, 3, 1, "NCHW", False, True),      # the stem: 7 taps x 3 channels folded
+    (1, 3, 30, 28, 64, 7, 2, 3, 1, "NCHW", False, True),      # the stem: a strip (7 taps x 3 channels a row)
+    (1, 4, 12, 11, 32, 3, 1, 1, 1, "NHWC", True, False),      # a strip of stride 1 (pixels of 2 pairs)
+    (1, 3, 12, 12, 32, 3, 1, 1, 1, "NHWC", False, False),     # 3 channels at stride 1: odd pixels, folded
     (1, 6, 12, 12, 32, 3, 1, 2, 2, "NHWC", False, False),     # folded and dilated
 ]
 
@@ -134,6 +136,30 @@ def test_amx_conv_kernel_residual_and_hard_swish_epilogues():
     hs = v * np.clip(v + 3, 0, 6) / 6 + 0.5
     _close(y[..., :OC], hs, (mag + np.abs(b)) * (1 + np.abs(v)))
     assert np.all(y[..., OC:] == 0)
+
+
+@needs_amx
+@pytest.mark.parametrize("case", [CONVS[3], CONVS[8], CONVS[9]], ids=["3x3", "5x5s3", "stem"])
+def test_amx_block_orders_give_the_same_bits(case, monkeypatch):
+    """amx.rows_first picks the order threads split the blocks in (by rows or by channel blocks) from the sizes;
+    both orders compute every block alike, so the outputs are equal bit for bit."""
+    from graphopt.targets import amx
+    N, C, H, W, OC, K, st, pd, dil, layout, in_bf16, out_bf16 = case
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    spec = bf16.ConvSpec(N, H, W, C, OC, K, K, (st, st), (pd,) * 4, (dil, dil), layout, C, act=(0.0, None),
+                         in_bf16=in_bf16, out_bf16=out_bf16, amx=True)
+    xin = x if layout == "NCHW" else np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    xin = bf16.bf16_bits(xin) if in_bf16 else xin
+    args = [xin, bf16.conv_weight(spec, rng.standard_normal((OC, C, K, K)).astype(np.float32)),
+            bf16.padded_bias(rng.standard_normal(OC).astype(np.float32), OC, spec.OCp)]
+    outs = []
+    for first in (True, False):
+        monkeypatch.setattr(amx, "rows_first", lambda g, first=first: first)
+        outs.append(_run(bf16.conv2d_bf16(spec), args, (N, spec.OH, spec.OW, spec.OCp),
+                         "uint16" if out_bf16 else "float32"))
+    assert np.array_equal(outs[0], outs[1])
+    assert np.any(outs[0] != 0)
 
 
 @needs_amx

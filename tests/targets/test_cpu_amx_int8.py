@@ -79,7 +79,12 @@ CONVS = [  # N, C, Cphys, H, W, OC, K, stride, pad, layout, dtype
 @needs_amx
 @pytest.mark.parametrize("case", CONVS, ids=lambda c: f"{c[1]}({c[2]})x{c[3]}x{c[4]}-{c[5]}-k{c[6]}s{c[7]}-{c[9]}"
                                                       f"-{c[10]}")
-def test_amx_conv_kernel_equals_vnni(case):
+@pytest.mark.parametrize("order", ["by-size", "by-channels"])
+def test_amx_conv_kernel_equals_vnni(case, order, monkeypatch):
+    """order: amx.rows_first as the sizes pick it (by rows at these sizes) or forced to split by channel blocks."""
+    from graphopt.targets import amx
+    if order == "by-channels":
+        monkeypatch.setattr(amx, "rows_first", lambda g: False)
     N, C, Cphys, H, W, OC, K, st, pd, layout, dt = case
     rng = np.random.default_rng(sum(case[:9]))
     lo, hi = (0, 256) if dt == "uint8" else (-128, 128)

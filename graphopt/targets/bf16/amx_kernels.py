@@ -33,9 +33,16 @@ FOLD_PAIRS = 8
 step_pairs, padded_pairs = amx.step_units, amx.padded_units
 
 
+def _strip(s) -> bool:
+    """Whether conv spec s takes the strip layout (amx.strip_layout): a KxK conv of fewer than FOLD_PAIRS input
+    pairs, undilated, whose stage pixels (sw*C elements) are whole pairs (a tile row starts on a pair)."""
+    return s.KW > 1 and -(-s.C // 2) < FOLD_PAIRS and tuple(s.dilation) == (1, 1) and s.stride[1] * s.C % 2 == 0
+
+
 def conv_layout(s) -> amx.ConvLayout:
-    """The stage of conv spec s (amx.ConvLayout, units = bf16 pairs)."""
-    return amx.conv_layout(s, 2, FOLD_PAIRS)
+    """The stage of conv spec s (amx.ConvLayout, units = bf16 pairs): a strip (_strip), or the padded input in
+    phase images, KW folded into the channels where they are few (FOLD_PAIRS)."""
+    return amx.strip_layout(s, 2) if _strip(s) else amx.conv_layout(s, 2, FOLD_PAIRS)
 
 
 def conv_fits(s) -> bool:
@@ -67,7 +74,7 @@ def conv2d_amx(s):
     from tvm import tirx
     from tvm.script.ir_builder import tirx as T
     lay = conv_layout(s)
-    g = amx.Grid.conv("bf16", s, lay)
+    g = amx.Grid.conv("bf16", s, lay, s.stride[1] * s.C if _strip(s) else None)
     c2a, cin, KW = g.units, s.cin, g.KW
     xshape = (s.N, s.C, s.H, s.W) if s.in_layout == "NCHW" else (s.N, s.H, s.W, cin)
     X = tirx.decl_buffer(xshape, "uint16" if s.in_bf16 else "float32", "X")
@@ -77,7 +84,7 @@ def conv2d_amx(s):
     Wp = tirx.decl_buffer((s.OCp // 16, s.KH, KW, c2a, 16, 2), "uint16", "W")
 
     def read(n, hh, ww, cc):
-        v = X[n, tirx.min(cc, cin - 1), hh, ww] if s.in_layout == "NCHW" else X[n, hh, ww, tirx.min(cc, cin - 1)]
+        v = X[n, cc, hh, ww] if s.in_layout == "NCHW" else X[n, hh, ww, cc]      # cc < C <= cin (conv_source)
         return v if s.in_bf16 else to_bf16_bits(v)
 
     def store(vals, n, oh, ow, ch):

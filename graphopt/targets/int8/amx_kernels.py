@@ -51,15 +51,10 @@ def _strip(s) -> bool:
 def conv_layout(s) -> amx.ConvLayout:
     """The stage of int8 conv spec s (amx.ConvLayout, units = quads of u8). An input read in place (_in_place)
     reduces over its physical channels (another kernel's zero padding included: zero weights) where they are whole
-    steps, which spares the stage copy. A strip (_strip; `fold`, stage pixels of sw*C bytes): the zero-point-padded
-    input with C channels exactly, its rows split into sh row phases, one stage pixel per sw padded columns, Wq of
-    them a row: a tile row reads the KW*C bytes of a kernel row's taps (KW folded into the channels, kw-major, as
-    bf16 folds) straight from its pixel on, lda sw*C bytes; the bytes after them meet zero weights."""
+    steps, which spares the stage copy. A strip (_strip, amx.strip_layout): the zero-point-padded input itself,
+    stage pixels of sw*C bytes."""
     if _strip(s):
-        sh, sw = s.stride
-        Wq = s.OW - 1 + -(-s.KW // sw)
-        return amx.ConvLayout(True, min(sh, s.KH), 1, s.OH + (s.KH - 1) // sh, Wq, -(-s.KW * s.C // 4),
-                              (s.OH - 1) * Wq + s.OW)
+        return amx.strip_layout(s, 4)
     lay = amx.conv_layout(s, 4, FOLD_QUADS)
     phys = (s.Cphys or s.C) // 4
     if _in_place(s) and (s.Cphys or s.C) % 4 == 0 and phys > lay.units and amx.padded_units(phys) == phys:
@@ -131,7 +126,7 @@ def conv2d_amx(s, residual: bool = False):
     Y = tirx.decl_buffer((s.N, s.OH, s.OW, s.OCp), s.epi.out_dtype, "Y")
 
     def read(n, hh, ww, cc):
-        v = X[n, tirx.min(cc, cin - 1), hh, ww] if s.in_layout == "NCHW" else X[n, hh, ww, tirx.min(cc, cin - 1)]
+        v = X[n, cc, hh, ww] if s.in_layout == "NCHW" else X[n, hh, ww, cc]      # cc < C <= cin (conv_source)
         return _u8(v, s.in_dtype)
 
     def epi(acc, n, oh, ow, ch):
