@@ -130,6 +130,10 @@ def test_amx_conv_kernel_residual_and_hard_swish_epilogues():
     args = [x, bf16.conv_weight(spec, w), bf16.padded_bias(b, OC, spec.OCp)]
     y = _run(bf16.conv2d_bf16(spec), args + [r], (N, H, W, spec.OCp))
     _close(y[..., :OC], np.minimum(np.maximum(ref + b, 0) + r[..., :OC], 6), mag + np.abs(b) + np.abs(r[..., :OC]))
+    spec_b = bf16.ConvSpec(**{**spec.__dict__, "res_bf16": True})      # the residual as bf16 bits
+    y = _run(bf16.conv2d_bf16(spec_b), args + [bf16.bf16_bits(r)], (N, H, W, spec.OCp))
+    rr = _rounded(r[..., :OC])
+    _close(y[..., :OC], np.minimum(np.maximum(ref + b, 0) + rr, 6), mag + np.abs(b) + np.abs(rr))
     spec = bf16.ConvSpec(N, H, W, C, OC, K, K, (1, 1), (1,) * 4, (1, 1), "NHWC", C, hswish=(1.0, 0.5), amx=True)
     y = _run(bf16.conv2d_bf16(spec), args, (N, H, W, spec.OCp))
     v = ref + b

@@ -90,8 +90,12 @@ def test_conv_kernel_matches_numpy(case):
     for kh in range(K):
         for kw in range(K):
             ref2 += np.einsum("nchw,oc->nhwo", xp[:, :, kh:kh + st * OH:st, kw:kw + st * OW:st], wr[:, :, kh, kw])
-    ref2 = np.clip(ref2 + b + r[..., :OC], 0, 6)
-    _close(y[..., :OC], ref2, mag + np.abs(b) + np.abs(r[..., :OC]))
+    _close(y[..., :OC], np.clip(ref2 + b + r[..., :OC], 0, 6), mag + np.abs(b) + np.abs(r[..., :OC]))
+    # the residual as bf16 bits (another bf16 kernel's output): the rounded values added
+    spec = bf16.ConvSpec(**{**spec.__dict__, "res_bf16": True})
+    y = _run(_build(bf16.conv2d_bf16(spec)), args + [bf16.bf16_bits(r)], (N, OH, OW, spec.OCp))
+    rr = _rounded(r[..., :OC])
+    _close(y[..., :OC], np.clip(ref2 + b + rr, 0, 6), mag + np.abs(b) + np.abs(rr))
 
 
 @needs_bf16
@@ -378,8 +382,9 @@ def test_inverted_residual_stays_nhwc_between_kernels(stride, layout):
         mod = to_nhwc(mod, _target())
     mod, facts = rewrite_bf16(mod, _target())
     assert facts["bf16_conv2d"] == 3 and facts["bf16_residual_fused"] == (1 if stride == 1 else 0)
-    # expand and depthwise outputs as bf16 bits; the stem's too where only the expand conv reads it (no residual add)
-    assert facts["bf16_stored_bf16"] == (2 if stride == 1 else 3)
+    # expand, depthwise and stem outputs as bf16 bits: the stem's is read by the expand conv and, at stride 1, added
+    # as the project conv's residual (bf16 bits, widened in its epilogue)
+    assert facts["bf16_stored_bf16"] == 3 and facts["bf16_residual_bf16"] == (1 if stride == 1 else 0)
     ops = _main_bindings(mod)
     kernels = [i for i, (op, _) in enumerate(ops) if op in ("relax.call_tir", "relax.nn.conv2d")]
     params = set(mod["main"].params)
@@ -409,7 +414,7 @@ def test_inverted_residual_bf16_matches_onnxruntime(tmp_path, stride, batch, mid
     art = graphopt.compile(str(path), out=tmp_path / "a", target_options={"precision": "bf16"}, measure=False)
     rep = art.report
     assert rep["bf16_conv2d"] == 3 and rep["bf16_dwconv2d"] == 1 and rep["fp32_dwconv2d_nhwc"] == 0
-    assert rep["bf16_residual_fused"] == (stride == 1) and rep["bf16_stored_bf16"] == 2 + (stride == 2)
+    assert rep["bf16_residual_fused"] == rep["bf16_residual_bf16"] == (stride == 1) and rep["bf16_stored_bf16"] == 3
     assert rep["check"]["ok"] and rep["check"]["max_relative_error"] < 0.05
 
 

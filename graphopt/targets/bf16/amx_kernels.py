@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from .. import amx
 from ..amx import BM, BN
-from .epilogue import KERNEL_ATTR, bounded, conv_epilogue
+from .epilogue import KERNEL_ATTR, bounded, conv_epilogue, residual_value
 from .intrinsic import CVT2_EXTERN, CVT_EXTERN, LLVM_IR, to_bf16_bits
 
 #: a conv or dense layer needs at least this many bf16 pairs per step for AMX (fewer: tdpbf16ps does too little)
@@ -79,7 +79,7 @@ def conv2d_amx(s):
     xshape = (s.N, s.C, s.H, s.W) if s.in_layout == "NCHW" else (s.N, s.H, s.W, cin)
     X = tirx.decl_buffer(xshape, "uint16" if s.in_bf16 else "float32", "X")
     Y = tirx.decl_buffer((s.N, s.OH, s.OW, s.OCp), "uint16" if s.out_bf16 else "float32", "Y")
-    R = tirx.decl_buffer((s.N, s.OH, s.OW, s.OCp), "float32", "R") if s.residual else None
+    R = tirx.decl_buffer((s.N, s.OH, s.OW, s.OCp), "uint16" if s.res_bf16 else "float32", "R") if s.residual else None
     bias = tirx.decl_buffer((s.OCp,), "float32", "B")
     Wp = tirx.decl_buffer((s.OCp // 16, s.KH, KW, c2a, 16, 2), "uint16", "W")
 
@@ -91,7 +91,7 @@ def conv2d_amx(s):
         T.buffer_store(Y, vals, [n, oh, ow, ch])
 
     def epi(acc, n, oh, ow, ch):
-        return conv_epilogue(s, acc, bias[ch], R[n, oh, ow, ch] if R is not None else None, ch)
+        return conv_epilogue(s, acc, bias[ch], residual_value(s, R[n, oh, ow, ch]) if R is not None else None, ch)
     direct = (s.in_bf16 and s.KH == s.KW == 1 and s.stride == (1, 1) and not any(s.pad) and cin == 2 * c2a)
     source = None if direct else g.conv_source(s, lay, read, tirx.const(0, "uint16"))
     args = [X, Wp, bias] + ([R] if R is not None else []) + [Y]

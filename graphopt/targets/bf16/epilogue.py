@@ -29,6 +29,12 @@ def bounded(v, bounds):
     return v
 
 
+def residual_value(s, r):
+    """TIR: the fp32 value of a residual element r (bf16 bits where s.res_bf16)."""
+    from .intrinsic import bf16_value
+    return bf16_value(r) if s.res_bf16 else r
+
+
 def conv_epilogue(s, acc, bias, residual, o):
     """TIR: output channel o of a conv (s: its kernels.ConvSpec) from its fp32 sum acc: bias, act, then the residual
     (fp32 value) and act2 or the hard swish (the padding channels stay zero)."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..conv_geometry import ConvOutputSize
 from ..int8.kernels import MAX_TILE_ACC, pick_tiles
-from .epilogue import KERNEL_ATTR, NO_BOUNDS, bounded, conv_epilogue
+from .epilogue import KERNEL_ATTR, NO_BOUNDS, bounded, conv_epilogue, residual_value
 from .intrinsic import CVT2_INTRIN, CVT_INTRIN, INTRIN, bf16_value, import_llvm, register_intrinsic, to_bf16_bits
 
 
@@ -44,6 +44,7 @@ class ConvSpec(ConvOutputSize):
     out_bf16: bool = False      # Y holds the bf16 bits of the fp32 result (uint16)
     hswish: tuple = ()          # (scale, shift): after act, v * clip(v + 3, 0, 6) / 6 * scale + shift; (): none
     amx: bool = False           # the target has AMX: the AMX kernel where it takes the shape (amx_kernels.conv_fits)
+    res_bf16: bool = False      # the residual holds bf16 bits (uint16): another bf16 kernel's output
 
     @property
     def cin(self):
@@ -135,10 +136,11 @@ def conv2d_bf16(spec: ConvSpec):
         name="acc")
     args = [X, Wp, B]
     assert not (s.residual and s.hswish), s
-    R = te.placeholder((s.N, OH, OW, OCp), "float32", name="R") if s.residual else None
+    R = te.placeholder((s.N, OH, OW, OCp), "uint16" if s.res_bf16 else "float32", name="R") if s.residual else None
     args += [R] if s.residual else []
     Y = te.compute((s.N, OH, OW, OCp), lambda n, h, w, o: conv_epilogue(
-        s, acc[n, h, w, o // 16, o % 16], B[o], R[n, h, w, o] if s.residual else None, o), name="out")
+        s, acc[n, h, w, o // 16, o % 16], B[o], residual_value(s, R[n, h, w, o]) if s.residual else None, o),
+        name="out")
     if s.out_bf16:
         Y = te.compute(Y.shape, lambda *i: to_bf16_bits(Y(*i)), name="cvt")
     return _schedule(te.create_prim_func(args + [Y]), OW, OCp // 16, "conv2d")

@@ -24,6 +24,7 @@ Other grouped convs and matmuls of two activations stay on TVM's fp32 path.
 from __future__ import annotations
 
 import logging
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -347,15 +348,25 @@ def _compute_index(m: Chain) -> int:
 
 def bf16_outputs(blk: Block, chains: dict) -> set:
     """Output vars of conv and depthwise chains whose every reader is another such chain's conv taking it as its
-    input, which then store bf16 bits (rounded to nearest even, but for fp32 denormals, which vcvtneps2bf16 flushes
-    to zero). A conv reader rounds its input to bf16 anyway; a depthwise reader computes in fp32 from the rounded
-    values (one more bf16 rounding, of the tensor it reads, for half the memory traffic on both sides)."""
+    input, or a conv chain adding it as its residual, which then store bf16 bits (rounded to nearest even, but for
+    fp32 denormals, which vcvtneps2bf16 flushes to zero). A conv reader rounds its input to bf16 anyway; a depthwise
+    reader computes in fp32 from the rounded values, a residual reader adds the rounded values in fp32 (one more bf16
+    rounding of the tensor read, for half the memory traffic on both sides: ResNet-50's residual stream, 56x56x256,
+    was 3.2 MB of fp32 written and read again by every bottleneck)."""
     convs = {_compute_index(m): m for m in chains.values() if m.kind in ("conv", "dwconv")}
+    adds = {j: m for m in chains.values() if m.kind == "conv" and m.residual is not None
+            for j in m.interior + [m.root] if j != _compute_index(m)}
+
+    def reads_bf16(j, var) -> bool:
+        """Binding j reads var as a conv's input, or as the residual a conv chain adds (in its epilogue)."""
+        if j in convs:
+            return convs[j].x.same_as(var)
+        return j in adds and adds[j].residual.same_as(var)
     out = set()
     for m in chains.values():
         uses = blk.uses.get(m.out_var, [])
         if m.kind in ("conv", "dwconv") and uses and m.out_var not in blk.outside \
-                and all(j in convs and convs[j].x.same_as(m.out_var) for j in uses):
+                and all(reads_bf16(j, m.out_var) for j in uses):
             out.add(m.out_var)
     return out
 
@@ -418,6 +429,7 @@ class _Rewriter(LayoutRewriter):
         super().__init__(mod, "graphopt_bf16")
         self.amx = amx
         self.count = {"bf16_conv2d": 0, "bf16_dwconv2d": 0, "bf16_dense": 0, "bf16_amx": 0, "bf16_residual_fused": 0,
+                      "bf16_residual_bf16": 0,
                       "bf16_hswish_fused": 0, "bf16_stored_bf16": 0, "bf16_converted_inputs": 0,
                       "fp32_dwconv2d_nhwc": 0, "fp32_convs": 0, "fp32_matmuls": 0}
         self.bf16_out: set = set()
@@ -494,7 +506,9 @@ class _Rewriter(LayoutRewriter):
                 r, bl = self.to_nhwc_padded(m.residual, spec.OCp, layout)
                 bindings.extend(bl)
                 args.append(r)
+                spec = dataclasses.replace(spec, res_bf16=dtype_of(r) == "uint16")
                 self.count["bf16_residual_fused"] += 1
+                self.count["bf16_residual_bf16"] += spec.res_bf16
             gv = self.add_kernel(("conv", spec), lambda: conv2d_bf16(spec), "conv2d")
             shape, dt = (N, spec.OH, spec.OW, spec.OCp), "uint16" if out_bf16 else "float32"
             value = relax.call_tir(gv, args, relax.TensorType(list(shape), dt))
