@@ -59,10 +59,11 @@ def _io(specs) -> list[dict]:
 def measure_latency(art: Artifact, threads: int | None = None, repeat: int = 20, budget_s: float | None = None,
                     seed: int = 0, reference: onnx.ModelProto | None = None) -> dict:
     """Median latency of graphopt's library and of onnxruntime (all optimizations on) running the artifact's
-    own model.onnx, same inputs, same thread count, timed in interleaved warm rounds (timing.time_interleaved: load
-    changes hit both alike) with the same clock. With `reference` (the original model), onnxruntime on it is timed
+    own model.onnx, same inputs, same thread count, timed in warm rounds with the same clock (timing.time_engines:
+    interleaved on one thread, so load changes hit both alike; each engine apart on more, where one engine's
+    spinning pool threads would slow the other). With `reference` (the original model), onnxruntime on it is timed
     in the same rounds too ("onnxruntime_reference_ms": what a speedup gate compares against)."""
-    from .timing import clock_name, time_interleaved
+    from .timing import clock_name, time_engines
     model_path = art.path / MODEL
     feeds = ort.random_inputs(_specs(art), seed, _input_ranges(art))
     arrays = art.check_inputs(feeds)
@@ -83,7 +84,7 @@ def measure_latency(art: Artifact, threads: int | None = None, repeat: int = 20,
             fn()
         per_round = 2 * (time.perf_counter() - t0)      # a round runs every call twice at least (warm + timed)
         rounds = max(3, min(rounds, int(budget_s / max(per_round, 1e-9))))
-    ms = time_interleaved(calls, rounds=rounds, sample_s=1e-3, threads=threads)
+    ms = time_engines(calls, rounds=rounds, sample_s=1e-3, threads=threads)
     ours, theirs = ms[0], ms[1]
     res = {"threads": threads, "graphopt_ms": round(ours, 4), "onnxruntime_ms": round(theirs, 4),
            "ratio_to_onnxruntime": round(ours / theirs, 3) if theirs > 0 else None,

@@ -380,7 +380,7 @@ def evaluate_build(cfg: BuildConfig, original, optimized, art, data: dict) -> di
     m["size_after"] = (art.path / "model.onnx").stat().st_size
     m["flops_reduction"] = 1 - m["macs_after"] / m["macs_before"] if m["macs_before"] else 0.0
     m["size_reduction"] = 1 - m["size_after"] / m["size_before"]
-    # graphopt's library and onnxruntime on the original, timed in the same interleaved rounds with the same clock
+    # graphopt's library and onnxruntime on the original, timed with the same clock (timing.time_engines)
     lat = api.measure_latency(art, threads=threads, repeat=int(cfg.eval_opts["repeat"]), reference=orig_model)
     m["latency_ms"] = lat["graphopt_ms"]
     m["onnxruntime_original_ms"] = lat["onnxruntime_reference_ms"]

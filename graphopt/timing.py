@@ -57,3 +57,26 @@ def time_interleaved(calls: list, rounds: int = ROUNDS, sample_s: float = SAMPLE
                 fn()
             samples[i].append((now() - t0) / reps[i] * 1e3)
     return [statistics.median(s) for s in samples]
+
+
+#: how long time_apart runs an engine untimed before its rounds
+SETTLE_S = 0.05
+
+
+def time_engines(calls: list, rounds: int = ROUNDS, sample_s: float = SAMPLE_S, threads: int | None = None) \
+        -> list[float]:
+    """time_interleaved for calls of different engines (graphopt's library, onnxruntime sessions): on one thread
+    interleaved; on more, each engine's rounds apart, after SETTLE_S of untimed calls. Each engine's idle pool
+    threads spin for a while after its call (onnxruntime's workers, TVM's), and on cores the other engine needs:
+    interleaved on 2 threads, graphopt's four 7x7x512 convs timed 16.0 ms right after onnxruntime calls, 3.4 ms
+    apart (onnxruntime 4.2 and 3.1)."""
+    if threads == 1 or len(calls) < 2:
+        return time_interleaved(calls, rounds, sample_s, threads)
+    out = []
+    for fn in calls:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < SETTLE_S:
+            fn()
+        out.extend(time_interleaved([fn], rounds, sample_s, threads))
+    return out
+

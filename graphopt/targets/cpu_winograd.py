@@ -48,10 +48,19 @@ def pick_tile(TW: int, K: int, lanes: int):
 #: 0.95, 4x4 256->256 0.077 vs 0.094): smaller ones were not measured and stay direct
 MIN_CHANNELS = 16
 MIN_SIZE = 4
+#: below this many output rows or columns, a conv whose direct schedule reads each weight block once for all its
+#: rows (cpu_conv.weights_first) stays direct: the Winograd kernel's weights (16/9 as many, transformed) are read
+#: for few tiles (1 thread, Intel Xeon, four 7x7 512->512 convs: 18.3 ms Winograd, 9.2 direct with channel blocks
+#: outside the rows; 14x14 256->256: 4.6 Winograd, 6.3 direct)
+MIN_SIZE_WEIGHTS_FIRST = 8
 
 
-def pays(OH: int, OW: int, C: int) -> bool:
-    """Winograd is used for a conv of this output size and input channel count: within what was measured faster."""
+def pays(OH: int, OW: int, C: int, K: int) -> bool:
+    """Winograd is used for a conv of this output size, input and output channel count: within what was measured
+    faster."""
+    from .cpu_conv import weights_first
+    if min(OH, OW) < MIN_SIZE_WEIGHTS_FIRST and weights_first(OH * OW * C, 9 * C * K):
+        return False
     return C >= MIN_CHANNELS and min(OH, OW) >= MIN_SIZE
 
 
@@ -76,7 +85,7 @@ class _Rewriter(LayoutRewriter):
         tile = pick_tile(-(-OW // 2), K, self.lanes)
         if OH < 1 or OW < 1 or tile is None:
             return None
-        if not pays(OH, OW, C):
+        if not pays(OH, OW, C, K):
             self.count["winograd_skipped"] += 1
             return None
         vl = min(self.lanes, tile[1])

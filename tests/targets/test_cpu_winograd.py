@@ -154,8 +154,11 @@ def test_other_convs_stay_direct(tmp_path):
 
 def test_small_convs_stay_direct(tmp_path):
     """Below the measured sizes (fewer than 16 input channels, a 3x3 output) the rule keeps the direct conv."""
-    assert cpu_winograd.pays(56, 56, 16) and cpu_winograd.pays(4, 4, 512)
-    assert not cpu_winograd.pays(56, 56, 8) and not cpu_winograd.pays(3, 3, 256)
+    assert cpu_winograd.pays(56, 56, 16, 16) and cpu_winograd.pays(4, 4, 64, 64)
+    assert cpu_winograd.pays(14, 14, 256, 256)
+    assert not cpu_winograd.pays(56, 56, 8, 8) and not cpu_winograd.pays(3, 3, 256, 256)
+    # small maps whose direct conv reads each weight block once for all rows (cpu_conv.weights_first) stay direct
+    assert not cpu_winograd.pays(7, 7, 512, 512) and not cpu_winograd.pays(4, 4, 512, 512)
     nodes = [conv("x", "w", "y", "c", pads=[1, 1, 1, 1])]
     onnx.save(model(nodes, [vi("x", [1, 8, 20, 20])], [vi("y", None)], [("w", rnd(16, 8, 3, 3)), ("w_b", rnd(16))]),
               str(tmp_path / "m.onnx"))
