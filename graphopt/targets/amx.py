@@ -334,9 +334,9 @@ def rows_first(g: Grid) -> bool:
 
 def _blocks(g: Grid, P, Wp, finish, import_llvm):
     """The (channel block, image, row block) blocks (rows_first: image, row block, channel block) in CHUNKS parallel
-    runs of consecutive blocks, each run
-    configuring the tiles once (ldtilecfg per block: the bf16 stem's blocks of 7 steps ran 1.25x slower) and
-    releasing them at its end; per block: zero the tiles, the taps' steps, store, epilogue."""
+    runs of consecutive blocks, each run configuring the tiles once (ldtilecfg per block: the bf16 stem's blocks of
+    7 steps ran 1.25x slower) and releasing them at its end; per block: zero the tiles, the taps' steps, store,
+    epilogue."""
     from tvm import tirx
     from tvm.script.ir_builder import tirx as T
     nb, tail = g.OCp // BN, g.OCp % BN                  # full 32-channel blocks; 16 more channels or none

@@ -23,8 +23,8 @@ Other grouped convs and matmuls of two activations stay on TVM's fp32 path.
 """
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import numpy as np
