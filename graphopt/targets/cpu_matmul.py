@@ -149,8 +149,15 @@ def schedule_matmul(sch, ctx: Ctx) -> bool:
     batch, m, n, k = loops[:-3], loops[-3], loops[-2], loops[-1]
     mo, mi = sch.split(m, [None, m_bn])
     no, ni = sch.split(n, [None, n_bn])
-    sch.reorder(*batch, no, mo, k, mi, ni)
-    par = sch.fuse(*batch, no, mo)
+    if b_const and batch:
+        # one B for every batch entry (a [1, 7, 7, K] activation times a [K, N] weight): the batch loops run inside
+        # the panel loop, so each panel of B is read from memory once, not once per batch entry (ConvNeXt-T's 7x7
+        # MLP matmuls, M = 7 rows x 7 batch entries, streamed their 9.4 MB weight 7 times: 4.5 ms, onnxruntime 2.1)
+        sch.reorder(no, *batch, mo, k, mi, ni)
+        par = sch.fuse(no, *batch, mo)
+    else:
+        sch.reorder(*batch, no, mo, k, mi, ni)
+        par = sch.fuse(*batch, no, mo)
     maybe_parallel(sch, par, work, ctx)
     sch.unroll(mi)
     must_vectorize(sch, ni)
@@ -186,6 +193,7 @@ def schedule_matmul(sch, ctx: Ctx) -> bool:
     if root_epi is not None:
         _schedule_rows(sch, root_epi, ctx)
     ctx.notes.append(f"matmul M={M} N={N} K={K} m_bn={m_bn} n_bn={n_bn} nt={nt} const_b={b_const}"
+                     + (" batch inside panels" if b_const and batch else "")
                      + (f" padded to M={m_pad} N={n_pad}" if (m_pad, n_pad) != (M, N) else ""))
     return True
 

@@ -517,6 +517,21 @@ def test_conv_with_weights_beyond_l2_runs_channel_blocks_outside_rows(tmp_path, 
         assert art.report["check"]["ok"], art.report["check"]
 
 
+def test_batched_matmul_with_a_constant_weight_reads_each_panel_once(tmp_path):
+    """A [1, 4, 4, K] activation times a constant [K, N] weight (ConvNeXt's MLP on a 7x7 map: M = 7 rows in 7 batch
+    entries) runs the batch loops inside the weight-panel loop: the batch-outer order streamed ConvNeXt-T's 9.4 MB
+    weights once per batch entry (4.5 ms per matmul, onnxruntime 2.1). It matches onnxruntime on 1 and 2 threads."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])]
+    m = model(nodes, [vi("x", [1, 4, 4, 64])], [vi("y", None)], [("w", rnd(64, 96)), ("b", rnd(96, seed=1))])
+    onnx.save(m, str(tmp_path / "mm.onnx"))
+    notes = [" ".join(v[2]) for v in scheduled(tmp_path / "mm.onnx").values() if v[0] == "matmul"]
+    assert len(notes) == 1 and "batch inside panels" in notes[0], notes
+    for threads in (1, 2):
+        art = graphopt.compile(str(tmp_path / "mm.onnx"), out=tmp_path / f"art{threads}", measure=False,
+                               threads=threads)
+        assert art.report["check"]["ok"], art.report["check"]
+
+
 def test_odd_channel_conv_after_channels_last_chain_is_nchw(tmp_path):
     """A conv with 6 output channels (not a multiple of 8, and too few for cpu_pad_channels to pad) after an NHWC conv
     is named NCHW / OIHW explicitly: left to follow its NHWC input it kept OIHW weights, which no conv rule takes
