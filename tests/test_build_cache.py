@@ -93,10 +93,27 @@ def test_changed_graphopt_code_builds_every_stage_again(project, capsys, monkeyp
     assert json.loads(capsys.readouterr().out)["cached_stages"] == []
 
 
-def test_code_fingerprint_covers_the_package_sources():
-    from graphopt.version import code_fingerprint
-    fp = code_fingerprint()
-    assert len(fp) == 64 and fp == code_fingerprint()
+def test_code_fingerprint_covers_the_package_sources(tmp_path):
+    """The fingerprint changes with any .py file's bytes or path under the package folder (a new module, an edit in
+    a subpackage, a rename), not with other files; graphopt's is that of its own folder."""
+    from pathlib import Path
+
+    import graphopt
+    from graphopt.version import code_fingerprint, sources_fingerprint
+    assert code_fingerprint() == sources_fingerprint(Path(graphopt.__file__).resolve().parent)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    seen = {sources_fingerprint(tmp_path)}
+    (tmp_path / "notes.txt").write_text("not code\n")
+    assert sources_fingerprint(tmp_path) in seen
+    for change in (lambda: (tmp_path / "sub" / "b.py").write_text("y = 3\n"),
+                   lambda: (tmp_path / "sub" / "b.py").rename(tmp_path / "sub" / "c.py"),
+                   lambda: (tmp_path / "d.py").write_text("")):
+        change()
+        fp = sources_fingerprint(tmp_path)
+        assert len(fp) == 64 and fp not in seen
+        seen.add(fp)
 
 
 @pytest.mark.fast
