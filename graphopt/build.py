@@ -1,8 +1,9 @@
 """`graphopt build PIPELINE.toml`: an unattended deployment pipeline with quality gates.
 
-Stages (each cached by a content hash of everything it depends on, graphopt's code included): optimize (the [[pass]] pipeline, through
-`compress` with distillation when [data].train is given and a pass is lossy), compile (the target artifact) and
-evaluate (size, MACs, latency, accuracy, agreement, CKA, robustness). Gates then decide the exit code."""
+Stages (each cached by a content hash of everything it depends on, graphopt's code included): optimize (the
+[[pass]] pipeline, through `compress` with distillation when [data].train is given and a pass is lossy), compile
+(the target artifact) and evaluate (size, MACs, latency, accuracy, agreement, CKA, robustness). Gates then decide
+the exit code."""
 from __future__ import annotations
 
 import hashlib

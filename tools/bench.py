@@ -23,9 +23,10 @@ The tables report median latency, the ratio to onnxruntime and to the faster fp3
 (2 * MACs / latency, MACs from graphopt.analyses.flops) and its fraction of this machine's peak with the same thread
 count, measured in the same run by tools/peak_flops.py (register-only vfmadd231ps / vdpbf16ps loops, AMX tdpbf16ps
 on four tiles where the CPU has AMX): the bf16 peak (AMX's where the CPU has it) for rows whose precision is bf16
-(graphopt bf16, OpenVINO with bf16 compute layers) where the CPU has avx512_bf16, else the fp32 peak (int8 rows too); the header also gives numpy's sgemm 2048^3 rate for reference. They also give
-the compile time of each graphopt build, and CPU time / wall time while each engine ran (shows whether the
-requested thread count really took effect; the CPU time is the worker's own). The header names the CPU, its
+(graphopt bf16, OpenVINO with bf16 compute layers) where the CPU has avx512_bf16, else the fp32 peak (int8 rows
+too); the header also gives numpy's sgemm 2048^3 rate for reference. They also give the compile time of each
+graphopt build, and CPU time / wall time while each engine ran (shows whether the requested thread count really
+took effect; the CPU time is the worker's own). The header names the CPU, its
 AVX-512/AMX flags, the date and the load average. Thread counts are timed from the fewest up (each in fresh workers);
 with `--in-process` from the largest down: in one process TVM's thread pool can be shrunk after its first
 configuration but not grown again. Compiled models are checked against onnxruntime by

@@ -210,9 +210,8 @@ def strip_layout(s, per_unit: int) -> ConvLayout:
     its rows split into sh row phases, one stage pixel per sw padded columns (sw*C elements), Wq of them a row; a
     tile row reads the KW*C elements of a kernel row's taps (KW folded into the channels, kw-major, like `fold`)
     straight from its pixel on, lda sw*C elements; the elements after them meet zero weights. The stage is no
-    bigger than the input (a fold writes KW*C channels per output pixel: the int8 stem's stage dominated it, 822 us
-    on 1 thread against 289 as a strip; bf16's 482 -> see bf16/amx_kernels.py). Take Grid.conv's width =
-    sw*C."""
+    bigger than the input (a fold writes KW*C channels per output pixel, and its stage dominated the stem: int8 822
+    us on 1 thread against 289 as a strip, bf16 482 against 260-310). Take Grid.conv's width = sw*C."""
     sh, sw = s.stride
     Wq = s.OW - 1 + -(-s.KW // sw)
     return ConvLayout(True, min(sh, s.KH), 1, s.OH + (s.KH - 1) // sh, Wq, -(-s.KW * s.C // per_unit),
@@ -344,12 +343,12 @@ def _blocks(g: Grid, P, Wp, finish, import_llvm):
     blocks = g.col_blocks * g.N * rb
     chunks = min(blocks, CHUNKS)
     ann = {"pragma_import_llvm": import_llvm} if import_llvm else {}
-    cb = g.col_blocks
+    cb, by_rows = g.col_blocks, rows_first(g)
     with T.parallel(0, chunks, annotations=ann) as k:
         D = T.alloc_buffer([BM, BN], g.d.acc_dtype, scope="local")
         T.evaluate(T.call_extern("void", name(CONFIG, g.kp, g.dot)))
         with T.serial(k * blocks // chunks, (k + 1) * blocks // chunks) as t:
-            if rows_first(g):
+            if by_rows:
                 n, mb, ob = t // (rb * cb), t // cb % rb, t % cb
             else:
                 ob, n, mb = t // (g.N * rb), t // rb % g.N, t % rb

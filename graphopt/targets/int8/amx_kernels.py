@@ -92,10 +92,6 @@ def dense_weight(s, w):
     return pack_dense_weight(w, 4 * amx.padded_units(-(-s.K // 4)), "vnni")
 
 
-def _u8(x, in_dtype):
-    return to_u8(x, in_dtype)
-
-
 def _finish(epi_of, Y, Ypos):
     """amx.build's epilogue: Y[Ypos(n, oh, ow, ch)] = epi_of(acc, n, oh, ow, ch), 16 lanes at a time."""
     from tvm.script.ir_builder import tirx as T
@@ -127,7 +123,7 @@ def conv2d_amx(s, residual: bool = False):
 
     def read(n, hh, ww, cc):
         v = X[n, cc, hh, ww] if s.in_layout == "NCHW" else X[n, hh, ww, cc]      # cc < C <= cin (conv_source)
-        return _u8(v, s.in_dtype)
+        return to_u8(v, s.in_dtype)
 
     def epi(acc, n, oh, ow, ch):
         return epilogue_expr(s.epi, acc, Bi[ch], Mq[ch], Bf[ch], R[n, oh, ow, ch] if R is not None else None)
@@ -153,7 +149,7 @@ def dense_amx(s):
     Y = tirx.decl_buffer((s.M, s.Np), s.epi.out_dtype, "Y")
 
     def source(n, ph, i, j, c):
-        return tirx.if_then_else(c < kin, _u8(A[j, tirx.min(c, kin - 1)], s.in_dtype), tirx.const(zx_u, "uint8"))
+        return tirx.if_then_else(c < kin, to_u8(A[j, tirx.min(c, kin - 1)], s.in_dtype), tirx.const(zx_u, "uint8"))
     direct = s.in_dtype == "uint8" and kin == 4 * k4a
     g = amx.Grid("int8", 1, 1, 1, s.M, s.M, s.M, k4a, s.Np, 1, 1, lambda kh, kw: 0)
     finish = _finish(lambda acc, n, oh, ow, ch: epilogue_expr(s.epi, acc, Bi[ch], Mq[ch], Bf[ch]), Y,
