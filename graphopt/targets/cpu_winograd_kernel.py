@@ -113,7 +113,10 @@ def winograd_conv2d(spec: WinogradSpec):
             h, w = th * 2 + (a - pt), tw * 2 + (b - pl)
             inside = tirx.all(h >= 0, h < s.H, w >= 0, w < s.W)
             hh, ww = tirx.min(tirx.max(h, 0), s.H - 1), tirx.min(tirx.max(w, 0), s.W - 1)
-            return tirx.Select(inside, X[n, hh, ww, c], zero)
+            # if_then_else, not Select: under a Select's condition the simplifier drops the clamp, and the load
+            # (which a Select evaluates either way) then reads the row above the image: SIGSEGV when the input
+            # starts a fresh mapping (tests/targets/guarded_kernels.py)
+            return tirx.if_then_else(inside, X[n, hh, ww, c], zero)
         return d
 
     def v_value(n, th, tw, e, c):

@@ -272,7 +272,9 @@ def dwconv2d_int8(spec: ConvSpec, cores: int = 1):
         def tapv(n, h, w, c):
             inside = tirx.all(h >= pt, h < s.H + pt, w >= pl, w < s.W + pl)
             hh, ww = tirx.min(tirx.max(h - pt, 0), s.H - 1), tirx.min(tirx.max(w - pl, 0), s.W - 1)
-            return tirx.Select(inside, to_u8(X[n, hh, ww, c], s.in_dtype), tirx.const(zx_u, "uint8"))
+            # if_then_else, not Select: under a Select's condition the simplifier drops the clamp, and the load
+            # (which a Select evaluates either way) then reads rows before the input (SIGSEGV on a fresh mapping)
+            return tirx.if_then_else(inside, to_u8(X[n, hh, ww, c], s.in_dtype), tirx.const(zx_u, "uint8"))
 
     def body(n, h, w, c):
         acc = None

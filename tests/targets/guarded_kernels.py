@@ -1,0 +1,85 @@
+"""Run one hand-written kernel with its buffers against inaccessible pages (tests/guarded_memory.py) and check the
+result equals an ordinary run: `python guarded_kernels.py CASE` exits 0, or dies of SIGSEGV when the kernel touches
+memory outside its buffers. test_guarded_reads.py runs each case in its own process, so a fault fails one test
+instead of killing the suite.
+
+The cases are the kernels whose padding reads a clamped index under a condition (a tap outside the input reads
+zero): Winograd's input transform, the strided int8 depthwise conv (taps read in place), the bf16 depthwise conv.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from guarded_memory import run_guarded  # noqa: E402
+
+
+def _winograd():
+    from graphopt.targets.cpu import CpuTarget
+    from graphopt.targets.cpu_winograd import pick_tile
+    from graphopt.targets.cpu_winograd_kernel import WinogradSpec, pack_weight, winograd_conv2d
+    lanes = CpuTarget().hw().fp32_lanes
+    N, H, W, C, K = 1, 8, 12, 16, 32
+    m_bn, nb = pick_tile(W // 2, K, lanes)
+    spec = WinogradSpec(N, H, W, C, K, (1, 1, 1, 1), m_bn, nb, min(lanes, nb), (0.0, None), True, (None, None))
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal((N, H, W, C)).astype(np.float32),
+            pack_weight(rng.standard_normal((K, C, 3, 3)).astype(np.float32), nb),
+            rng.standard_normal(K).astype(np.float32), rng.standard_normal((N, H, W, K)).astype(np.float32)]
+    return winograd_conv2d(spec), CpuTarget().tvm_target(), args, (N, H, W, K), "float32"
+
+
+def _int8_depthwise_strided():
+    import tvm
+
+    from graphopt.targets import int8 as ci
+    C, H, K = 32, 11, 3
+    rng = np.random.default_rng(1)
+    x = rng.integers(-128, 128, (1, H, H, C)).astype(np.int8)
+    w = rng.integers(-128, 128, (C, 1, K, K)).astype(np.int8)
+    spec = ci.ConvSpec(1, H, H, C, C, K, K, (2, 2), (1,) * 4, (1, 1), "NHWC", C, "int8", 3,
+                       ci.Epilogue(mode="f", out_dtype="float32"))
+    Bi, M, Bf = ci.epilogue_constants(w, 1.0, np.ones(C, np.float32), 3 + 128, None, None, None, spec.OCp)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+    return (ci.dwconv2d_int8(spec, 2), target, [x, ci.pack_dw_weight(w), Bi, M, Bf],
+            (1, spec.OH, spec.OW, spec.OCp), "float32")
+
+
+def _bf16_depthwise():
+    import tvm
+
+    from graphopt.targets import bf16
+    N, H, W, C, K = 1, 9, 10, 24, 3
+    spec = bf16.DwSpec(N, H, W, C, C, K, K, (1, 1), (1, 1, 1, 1), (1, 1), act=(-1.0, 6.0))
+    rng = np.random.default_rng(2)
+    w = np.zeros((K, K, spec.Cp), np.float32)
+    w[..., :C] = rng.standard_normal((K, K, C))
+    args = [rng.standard_normal((N, H, W, C)).astype(np.float32), w, np.zeros(spec.Cp, np.float32)]
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "cooperlake", "num-cores": 2})
+    return bf16.dwconv2d_bf16(spec), target, args, (N, spec.OH, spec.OW, spec.Cp), "float32"
+
+
+CASES = {"winograd": _winograd, "int8_depthwise_strided": _int8_depthwise_strided, "bf16_depthwise": _bf16_depthwise}
+
+
+def main(case: str) -> int:
+    import tvm
+    func, target, args, out_shape, out_dtype = CASES[case]()
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    ref = tvm.runtime.tensor(np.zeros(out_shape, out_dtype))
+    lib["main"](*[tvm.runtime.tensor(a) for a in args], ref)
+    for side in ("before", "after"):
+        got = run_guarded(lib["main"], args, out_shape, out_dtype, side)
+        if not np.array_equal(got, ref.numpy()):
+            print(f"{case}: guarded ({side}) result differs from the ordinary run")
+            return 1
+    print(f"{case}: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
