@@ -147,10 +147,26 @@ def winograd_conv2d(spec: WinogradSpec):
     return _schedule(te.create_prim_func(args + [Y]), s)
 
 
+#: transformed weights (16 C K fp32) above this many bytes, and above the image's transformed input, are read once
+#: per call (weights_outer) rather than once per block of tiles
+L2_WEIGHT_BYTES = 1 << 20
+
+
+def weights_outer(s: WinogradSpec) -> bool:
+    """Whether the kernel runs its channel blocks outside its tile blocks, with the input transform of the whole
+    image done first: when the transformed weights outgrow L2 and the transformed input. ResNet-50's 14x14 256->256
+    convs (4 MB of U, 7 tile rows) otherwise stream all of U from memory once per tile row."""
+    u_bytes = 16 * s.C * s.K * 4
+    v_bytes = 16 * s.N * s.TH * s.TWp * s.C * 4
+    return u_bytes > L2_WEIGHT_BYTES and u_bytes > v_bytes
+
+
 def _schedule(func, s: WinogradSpec):
     """Loops of the output: (n, tile row, block of m_bn tiles) fused and parallel > V for the block > blocks of nb
     channels > [16 GEMMs into the scratch M: component, reduction, m_bn rows unrolled, nb channels vectorized] >
-    the output tiles from M with the epilogue, channels vectorized."""
+    the output tiles from M with the epilogue, channels vectorized. With weights_outer: V for the whole image first
+    (its own parallel loop), then (n, channel block, tile row, tile block) parallel, so one channel block's weights
+    serve every tile row in a row."""
     from tvm.s_tir import Schedule
     sch = Schedule(func)
     vb, mb, yb = sch.get_sblock("V"), sch.get_sblock("M"), sch.get_sblock("Y")
@@ -158,15 +174,20 @@ def _schedule(func, s: WinogradSpec):
     ho, hi = sch.split(h, [s.TH, 2])
     wo, wt, wj = sch.split(w, [s.TWp // s.m_bn, s.m_bn, 2])
     ko, kv, kl = sch.split(k, [s.K // s.nb, s.nb // s.vl, s.vl])
-    sch.reorder(n, ho, wo, ko, hi, wt, wj, kv, kl)
-    par = sch.fuse(n, ho, wo)
+    outer = weights_outer(s)
+    if outer:
+        sch.reorder(n, ko, ho, wo, hi, wt, wj, kv, kl)
+        par = sch.fuse(n, ko, ho, wo)
+    else:
+        sch.reorder(n, ho, wo, ko, hi, wt, wj, kv, kl)
+        par = sch.fuse(n, ho, wo)
     sch.parallel(par)
     sch.unroll(hi)
     sch.unroll(wj)
     sch.unroll(kv)
     sch.vectorize(kl)
     # the GEMMs of one block of tiles x channels, into a scratch read by the output transform
-    sch.compute_at(mb, ko)
+    sch.compute_at(mb, par if outer else ko)
     t, e, kk, c = sch.get_loops(mb)[-4:]
     sch.reorder(e, c, t, kk)
     acc_copy = sch.cache_write(mb, 0, "local")
@@ -182,8 +203,13 @@ def _schedule(func, s: WinogradSpec):
     il = sch.get_loops(init)
     _, iv = sch.split(il[-1], [None, s.vl])
     sch.vectorize(iv)
-    # the input transform of the block, once for all its channel blocks
-    sch.compute_at(vb, par)
+    if outer:
+        # the input transform of the whole image: (n, tile row) parallel
+        vn, vh = sch.get_loops(vb)[:2]
+        sch.parallel(sch.fuse(vn, vh))
+    else:
+        # the input transform of the block, once for all its channel blocks
+        sch.compute_at(vb, par)
     vt, ve, vc = sch.get_loops(vb)[-3:]
     cvl = next(v for v in (s.vl, 8, 4, 2, 1) if s.C % v == 0)
     vco, vci = sch.split(vc, [None, cvl])
@@ -191,4 +217,4 @@ def _schedule(func, s: WinogradSpec):
     sch.unroll(ve)
     if cvl > 1:
         sch.vectorize(vci)
-    return sch.mod["main"].with_attr(KERNEL_ATTR, "f2x2_3x3")
+    return sch.mod["main"].with_attr(KERNEL_ATTR, "f2x2_3x3 weights_outer" if outer else "f2x2_3x3")

@@ -44,6 +44,7 @@ KERNELS = [  # N, H, W, C, K, pad, residual
     (2, 9, 11, 24, 24, (1, 1, 1, 1), True),      # odd sizes: partial tiles; 24 channels: half vectors
     (1, 7, 10, 20, 16, (0, 0, 0, 0), False),     # no padding, an odd output height
     (1, 13, 5, 16, 48, (1, 0, 1, 0), True),      # padding on one axis only
+    (1, 6, 7, 192, 192, (1, 1, 1, 1), True),     # 2.4 MB of transformed weights: channel blocks outside the tiles
 ]
 
 
@@ -69,6 +70,21 @@ def test_kernel_matches_direct_conv(case):
     lib["main"](*[tvm.runtime.tensor(a) for a in args], y)
     err = np.abs(y.numpy() - ref)
     assert np.all(err <= 1e-5 * mag + 1e-6), err.max()
+
+
+def test_weights_outer_where_the_transformed_weights_outgrow_l2():
+    """Channel blocks run outside the tile blocks (the whole image's input transform first) where the transformed
+    weights (16 C K fp32) are over 1 MB and over the transformed input: ResNet-50's 14x14 256 -> 256 convs (4 MB,
+    7 tile rows: 1 thread, four convs, 5.5 ms with the weights streamed per tile row, 3.9 ms outside), not its
+    56x56 64 -> 64 ones (256 KB) nor the 6x6 192 -> 192 kernel case above's opposite, a 56x56 map of 192 channels
+    (its transformed input outweighs the weights)."""
+    from graphopt.targets.cpu_winograd_kernel import weights_outer
+    spec = lambda H, C, K: WinogradSpec(1, H, H, C, K, m_bn=7, nb=32)  # noqa: E731
+    assert weights_outer(spec(14, 256, 256)) and weights_outer(spec(6, 192, 192))
+    assert not weights_outer(spec(56, 64, 64)) and not weights_outer(spec(28, 128, 128))
+    assert not weights_outer(spec(56, 192, 192))
+    func = winograd_conv2d(WinogradSpec(1, 6, 7, 192, 192, m_bn=4, nb=32, vl=min(LANES, 32)))
+    assert "weights_outer" in str(func.attrs[KERNEL_ATTR])
 
 
 def m_block():
