@@ -147,15 +147,12 @@ def winograd_conv2d(spec: WinogradSpec):
     return _schedule(te.create_prim_func(args + [Y]), s)
 
 
-#: transformed weights (16 C K fp32) above this many bytes, and above the image's transformed input, are read once
-#: per call (weights_outer) rather than once per block of tiles
-L2_WEIGHT_BYTES = 1 << 20
-
-
 def weights_outer(s: WinogradSpec) -> bool:
     """Whether the kernel runs its channel blocks outside its tile blocks, with the input transform of the whole
-    image done first: when the transformed weights outgrow L2 and the transformed input. ResNet-50's 14x14 256->256
-    convs (4 MB of U, 7 tile rows) otherwise stream all of U from memory once per tile row."""
+    image done first: when the transformed weights (16 C K fp32) outgrow L2 (the direct conv's threshold,
+    cpu_conv.L2_WEIGHT_BYTES) and the transformed input. ResNet-50's 14x14 256->256 convs (4 MB of U, 7 tile rows)
+    otherwise stream all of U from memory once per tile row."""
+    from .cpu_conv import L2_WEIGHT_BYTES
     u_bytes = 16 * s.C * s.K * 4
     v_bytes = 16 * s.N * s.TH * s.TWp * s.C * 4
     return u_bytes > L2_WEIGHT_BYTES and u_bytes > v_bytes
