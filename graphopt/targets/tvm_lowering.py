@@ -146,6 +146,12 @@ def _restore_affinity(cores) -> None:
             pass
 
 
+#: the TVM_NUM_THREADS value the last VMRunner wrote, and the last value found there that a runner did not write
+#: (the user's or the CLI's --threads: what a runner without a thread count uses)
+_THREADS_WE_SET = None
+_USER_THREADS = None
+
+
 class VMRunner:
     """Loads model.so into a Relax VM on the CPU and runs `main` on numpy inputs."""
 
@@ -153,15 +159,24 @@ class VMRunner:
         import tvm
         from tvm import relax
 
+        global _THREADS_WE_SET, _USER_THREADS
         cfg = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
         cores = _affinity()
-        n = int(threads) if threads else len(cores) if cores else (os.cpu_count() or 1)
-        # TVM sizes its pool once, when first used, from $TVM_NUM_THREADS or else its own count of "big" cores
-        # (one on a VM without cpufreq), and the pool never grows again in this process: name the count before
+        env = os.environ.get("TVM_NUM_THREADS")
+        if env != _THREADS_WE_SET:      # set by the user (or the CLI's --threads), not by a runner
+            _USER_THREADS = int(env) if env and env.isdigit() and int(env) > 0 else None
         if threads:
-            os.environ["TVM_NUM_THREADS"] = str(threads)
+            n = int(threads)
+        elif _USER_THREADS:
+            n = _USER_THREADS
         else:
-            os.environ.setdefault("TVM_NUM_THREADS", str(n))
+            n = len(cores) if cores else (os.cpu_count() or 1)
+        # TVM sizes its pool once, when first used, from $TVM_NUM_THREADS or else its own count of "big" cores
+        # (one on a VM without cpufreq), and the pool never grows again in this process: name the count before.
+        # Always this runner's count: TVM's parallel launch reads the variable on every call and runs serially
+        # when it says 1, so a runner for all cores made after a 1-thread one (compile's check, then its latency
+        # report) ran on 1 thread (ResNet-18's report: 21.9 ms against onnxruntime's 2-thread 12.2)
+        os.environ["TVM_NUM_THREADS"] = _THREADS_WE_SET = str(n)
         if cfg is not None:
             cfg(1, n)
         # TVM's pool pins the calling thread to its first core; threads started from it later (onnxruntime's, torch's)
