@@ -212,15 +212,40 @@ def test_epilogues_are_vector_code(kind):
     assert "float @llvm.nearbyint.f32(" not in ll
 
 
-def test_quantizing_division_of_the_residual_epilogue_is_kept():
-    """cpu_vector_math turns x / c into x * (1 / c) except under a rounding: the int8 kernels' llvm.nearbyint
-    counts as one, so the fused residual's last QuantizeLinear still divides by its scale."""
+def test_quantizing_division_of_the_residual_epilogue_is_exact_without_a_divide():
+    """The fused residual's last QuantizeLinear divides by its scale (as onnxruntime's does; a multiply by 1/scale
+    differs on rounding ties): the epilogue computes the correctly rounded quotient with two FMAs
+    (epilogue.divide_exact) instead of vdivps, and cpu_vector_math leaves that form alone."""
     from graphopt.targets.cpu_vector_math import vectorizable_math
     epi = ci.Epilogue(mode="qadd", out_dtype="uint8", zy=120, lo=0, hi=255, s1=0.05, z1=128, lo1=0, hi1=255,
                       res_dtype="uint8", sr=0.03, zr=120, s2=0.07)
     spec = ci.ConvSpec(1, 4, 4, 16, 16, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), "NHWC", 16, "uint8", 5, epi)
     script = vectorizable_math(ci.conv2d_int8(spec, "vnni", 1, residual=True)).script()
-    assert ") / T.float32(0.07" in script
+    assert '"llvm.fma"' in script and ") / T.float32(0.07" not in script
+
+
+@pytest.mark.parametrize("b", [0.0235, 1 / 3, 0.007843137, 0.05511, 12.5])
+def test_divide_exact_is_the_correctly_rounded_quotient(b):
+    """divide_exact(a, b) compiled (16 lanes) equals numpy's float32 a / b bit for bit: random values and values
+    within two ulps of the ties (k + 1/2) * b, where a one-ulp error would move the rounding by a whole step."""
+    from tvm import te, tirx
+    from tvm.s_tir import Schedule
+
+    from graphopt.targets.int8.epilogue import divide_exact
+    n = 1 << 18
+    A = te.placeholder((n,), "float32", name="A")
+    Y = te.compute((n,), lambda i: divide_exact(A[i], b), name="Y")
+    sch = Schedule(te.create_prim_func([A, Y]))
+    _, lanes = sch.split(sch.get_loops(sch.get_sblock("Y"))[0], [None, 16])
+    sch.vectorize(lanes)
+    lib = tvm.compile(sch.mod, target=CpuTarget().tvm_target())
+    rng = np.random.default_rng(7)
+    ties = ((rng.integers(-300, 300, n // 2) + 0.5) * np.float32(b)).astype(np.float32).view(np.int32)
+    ties = (ties + rng.integers(-2, 3, n // 2).astype(np.int32)).view(np.float32)
+    a = np.concatenate([rng.uniform(-300 * b, 300 * b, n // 2).astype(np.float32), ties])
+    y = tvm.runtime.tensor(np.zeros(n, np.float32))
+    lib["main"](tvm.runtime.tensor(a), y)
+    assert np.array_equal(y.numpy(), a / np.float32(b))
 
 
 def test_int8_dot_selection():
