@@ -72,7 +72,7 @@ def _check_bits(bits, where: str) -> int:
 
 class ArmSveTarget(Target):
     name = "arm-sve"
-    legalize = "decompose-rnn,lower-int8,conv1d-as-2d"
+    legalize = "fold-batchnorm,decompose-rnn,lower-int8,conv1d-as-2d"     # BN folded as on the cpu target
 
     def __init__(self, vector_bits: int | None = None, **options):
         super().__init__(**options)
