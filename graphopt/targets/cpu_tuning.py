@@ -217,10 +217,12 @@ def select_tasks(tasks, min_share: float = 0.002):
     return [t for t, f in cands if f >= min_share * total or len(cands) <= 4]
 
 
-def _commit_default_schedules(tasks, target, consts, database, builder, runner, errors=None) -> dict:
+def _commit_default_schedules(tasks, target, consts, database, builder, runner, errors=None,
+                              unmeasured=None) -> dict:
     """Measure graphopt's default schedule for every task (several repeats, keeping the fastest) and commit it
     as a tuning record. Keeping the fastest biases the database towards the default schedule: on a busy machine
-    a single unlucky measurement must not let a slower MetaSchedule candidate win."""
+    a single unlucky measurement must not let a slower MetaSchedule candidate win. The names of tasks that have a
+    default schedule which did not build or run are appended to `unmeasured`."""
     from tvm.s_tir import meta_schedule as ms
 
     from .cpu_schedules import default_schedule
@@ -242,6 +244,8 @@ def _commit_default_schedules(tasks, target, consts, database, builder, runner, 
     for (t, mod, sch, rule), b in zip(records, built):
         if b.error_msg:
             log.warning("default schedule of %s did not build: %s", t.task_name, b.error_msg.splitlines()[-1:])
+            if unmeasured is not None:
+                unmeasured.append(t.task_name)
             continue
         run_inputs.append(ms.runner.RunnerInput(b.artifact_path, "cpu",
                                                 ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)))
@@ -253,6 +257,8 @@ def _commit_default_schedules(tasks, target, consts, database, builder, runner, 
         if res.error_msg or not res.run_secs:
             log.warning("default schedule of %s did not run: %s", t.task_name, (res.error_msg or "").splitlines()[-1:])
             errors.append(res.error_msg or "no run time")
+            if unmeasured is not None:
+                unmeasured.append(t.task_name)
             continue
         best = min(float(s) for s in res.run_secs)
         workload = database.commit_workload(mod)
@@ -426,13 +432,23 @@ def _tune(model, target_obj, db_dir, trials, progress, rpc, key, in_process_buil
         return summary
     # defaults: 5 repeats each (the search keeps 1 per candidate)
     runner = make_runner(rpc, key, repeat=5, wait=rpc_wait)
-    errors = []
-    defaults = _commit_default_schedules(tasks, target, consts, database, builder, runner, errors)
+    errors, skipped = [], []
+    defaults = _commit_default_schedules(tasks, target, consts, database, builder, runner, errors, skipped)
     _set_repeat(runner, 1)
     log.info("default schedules measured after %.1f s", time.perf_counter() - t0)
     if rpc and errors and not defaults:
         raise GraphoptError(f"tuning through the RPC tracker {rpc} (key '{key}'): no measurement ran on the device: "
                             f"{_first_error_line(errors[0])}")
+    # a task whose default schedule could not be measured here (MobileNetV2's padded classifier matmul does not
+    # build in MetaSchedule's builder) is not tuned: nothing would keep a slower candidate from winning in the
+    # database, while compiling without a record gives it the default schedule
+    if skipped:
+        log.warning("not tuned (default schedule not measurable here): %s", ", ".join(skipped))
+        tasks = [t for t in tasks if t.task_name not in skipped]
+        summary["not_tuned"] = skipped
+    if not tasks:
+        summary["seconds"] = round(time.perf_counter() - t0, 1)
+        return summary
     per_iter = max(4, min(64, trials // max(1, 2 * len(tasks))))
     # the evolutionary population is per task; small measurement batches need only a small population, or
     # generating candidates costs more than measuring them

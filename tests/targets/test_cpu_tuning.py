@@ -101,3 +101,21 @@ def test_fresh_process_applies_records(tuned, tmp_path):
     assert any("conv2d" in n for n in res["applied"]), res
     assert res["check"]["ok"], res
     np.testing.assert_array_less(res["check"]["max_abs_error"], 1e-3)
+
+
+def test_a_task_whose_default_schedule_does_not_build_here_is_not_tuned(tmp_path):
+    """A Gemm whose output width is padded to the register tile (MobileNetV2's 1280 -> 1000 classifier; here
+    64 -> 100) has a default schedule MetaSchedule's builder cannot build ("Check failed: (load)"). Tuning it would
+    let a slower candidate win with nothing to compare against, so tune leaves it out (summary "not_tuned"), writes
+    no record for it, and compiling with the database gives it the default schedule."""
+    import graphopt
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)]
+    m = model(nodes, [vi("x", [1, 64])], [vi("y", None)], [("w", rnd(100, 64)), ("b", rnd(100, seed=1))])
+    db = tmp_path / "db"
+    summary = cpu_tuning.tune(m, CpuTarget(), str(db), trials=4)
+    assert summary["trials"] == 0 and len(summary["not_tuned"]) == 1 and "matmul" in summary["not_tuned"][0]
+    assert not (db / "database_tuning_record.json").exists() or \
+        (db / "database_tuning_record.json").read_text().strip() == ""
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    art = graphopt.compile(str(tmp_path / "m.onnx"), out=tmp_path / "a", tuning_db=str(db), measure=False)
+    assert art.report["check"]["ok"]
