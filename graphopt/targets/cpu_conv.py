@@ -473,19 +473,25 @@ def _nhwc_channel_kind(expr, f, rc, rc_ext: int):
     return ("group", ocg) if ocg else None
 
 
+#: the fewest accumulator vectors of a depthwise tile preferred for unrolling its whole window (5x5, 240 channels at
+#: 12x80: 6 accumulators fully unrolled 0.75 ms, 15 with the window rows looped 0.96)
+MIN_UNROLLED_DEPTHWISE_ACC = 6
+
 #: the most accumulator vectors a depthwise tile is given: beside them its unrolled window keeps a weight vector per
 #: tap (3x3 depthwise conv of 72 channels at 56x56, half-width vectors of 8 channels, 1 thread, AMD EPYC: 28-pixel
 #: tiles 69 us, 14-pixel tiles 41 us; 24 channels 22 us, 32 channels in whole vectors 11 us)
 MAX_DEPTHWISE_ACC = 16
 
 
-def _nhwc_tile(width: int, oc: int, lanes: int, kind: str, ocg: int | None):
+def _nhwc_tile(width: int, oc: int, lanes: int, kind: str, ocg: int | None, window: int = 9):
     """(oc_bn output channels, ow_bn pixels) of a channels-last register tile: oc_bn a multiple of the SIMD width
     (half a register when no multiple divides oc), ow_bn a divisor of the width; the accumulators (ow_bn x oc_bn) fit
     MAX_STACK_BYTES, so they stay a stack array LLVM keeps in registers. Scored by vector FMAs per load, where a
     weight vector (re-read from L2 for every tile) counts three times an input broadcast (from L1); depthwise
     tiles load a vector per FMA whatever the shape, so they only want enough accumulators to hide FMA latency, and
-    at most MAX_DEPTHWISE_ACC."""
+    at most MAX_DEPTHWISE_ACC; ahead of all, a tile of at least MIN_UNROLLED_DEPTHWISE_ACC accumulators small
+    enough that its whole window (`window` = KH * KW taps) unrolls within MAX_UNROLLED_LANES: four 5x5 depthwise convs of 240 channels at 12x80, 1 thread, Intel Xeon: 48 channels x 5
+    pixels (rows of the window looped) 0.96 ms, 16 x 8 or 16 x 10 (all 25 taps unrolled) 0.64-0.69."""
     limit = MAX_STACK_BYTES // 4
     cands = [m * lanes for m in (1, 2, 3, 4) if oc % (m * lanes) == 0]
     if not cands:
@@ -503,6 +509,8 @@ def _nhwc_tile(width: int, oc: int, lanes: int, kind: str, ocg: int | None):
                 continue  # accumulators + weight vectors + a broadcast: the AVX-512 register file
             if kind == "depthwise":
                 score = min(acc, 12) - max(0, acc - MAX_DEPTHWISE_ACC) + 0.01 * oc_bn
+                if window * ow_bn * oc_bn <= MAX_UNROLLED_LANES and acc >= MIN_UNROLLED_DEPTHWISE_ACC:
+                    score += 12     # the whole window unrolls: ahead of every tile whose window rows loop
             else:
                 score = acc / (ow_bn + 3 * v) * min(1.0, acc / 8)
             if best is None or score > best[0] + 1e-9:
@@ -543,7 +551,7 @@ def schedule_conv_nhwc(sch, ctx: Ctx) -> bool:
     if kind is None:
         return False
     kind, ocg = kind
-    tile = _nhwc_tile(OW, OC, ctx.lanes, kind, ocg)
+    tile = _nhwc_tile(OW, OC, ctx.lanes, kind, ocg, KH * KW)
     if tile is None:
         return False
     oc_bn, ow_bn = tile

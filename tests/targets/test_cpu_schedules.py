@@ -481,6 +481,24 @@ def test_wide_depthwise_window_stays_within_unroll_bounds(tmp_path):
     assert art.report["check"]["ok"], art.report["check"]
 
 
+@pytest.mark.fast
+def test_depthwise_5x5_tiles_unroll_their_whole_window():
+    """A 5x5 depthwise tile is small enough that all 25 taps unroll (four 5x5 depthwise convs of 240 channels at
+    12x80 on 1 thread: 48 channels x 5 pixels, window rows looped, 0.96 ms; 16 x 10 unrolled 0.69), with at least
+    MIN_UNROLLED_DEPTHWISE_ACC accumulators; 3x3 windows (unrolled either way) and 7x7 ones (no such tile) keep the
+    tiles they had."""
+    from graphopt.targets import cpu_conv
+    from graphopt.targets.cpu_sched_common import MAX_UNROLLED_LANES
+    for width, ch in ((80, 240), (80, 480), (28, 240), (14, 672), (7, 1152)):
+        oc_bn, ow_bn = cpu_conv._nhwc_tile(width, ch, 16, "depthwise", None, 25)
+        acc = ow_bn * -(-oc_bn // 16)
+        assert 25 * oc_bn * ow_bn <= MAX_UNROLLED_LANES and cpu_conv.MIN_UNROLLED_DEPTHWISE_ACC <= acc, (width, ch)
+    for width, ch in ((56, 144), (14, 576), (112, 32)):
+        assert cpu_conv._nhwc_tile(width, ch, 16, "depthwise", None, 9) == \
+            cpu_conv._nhwc_tile(width, ch, 16, "depthwise", None, 1)
+    assert cpu_conv._nhwc_tile(56, 96, 16, "depthwise", None, 49) == (48, 4)
+
+
 def test_half_vector_depthwise_tile_keeps_few_accumulators(tmp_path):
     """A depthwise conv of 24 channels (half an AVX-512 register: tiles of 8 channels) on rows of 56 took 28-pixel
     tiles, 28 accumulators beside the unrolled window's weights (spilled: 2x slower than 14-pixel tiles); a depthwise
