@@ -490,8 +490,9 @@ def _nhwc_tile(width: int, oc: int, lanes: int, kind: str, ocg: int | None, wind
     weight vector (re-read from L2 for every tile) counts three times an input broadcast (from L1); depthwise
     tiles load a vector per FMA whatever the shape, so they only want enough accumulators to hide FMA latency, and
     at most MAX_DEPTHWISE_ACC; ahead of all, a tile of at least MIN_UNROLLED_DEPTHWISE_ACC accumulators small
-    enough that its whole window (`window` = KH * KW taps) unrolls within MAX_UNROLLED_LANES: four 5x5 depthwise convs of 240 channels at 12x80, 1 thread, Intel Xeon: 48 channels x 5
-    pixels (rows of the window looped) 0.96 ms, 16 x 8 or 16 x 10 (all 25 taps unrolled) 0.64-0.69."""
+    enough that its whole window (`window` = KH * KW taps) unrolls within MAX_UNROLLED_LANES: four 5x5 depthwise
+    convs of 240 channels at 12x80, 1 thread, Intel Xeon: 48 channels x 5 pixels (rows of the window looped)
+    0.96 ms, 16 x 8 or 16 x 10 (all 25 taps unrolled) 0.64-0.69."""
     limit = MAX_STACK_BYTES // 4
     cands = [m * lanes for m in (1, 2, 3, 4) if oc % (m * lanes) == 0]
     if not cands:
