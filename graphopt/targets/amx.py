@@ -282,6 +282,7 @@ def build(g: Grid, args, X, source, Wp, finish, attrs: dict, import_llvm: str | 
     stage), then the blocks; finish(D, r, ob, n, oh, ow, cols) is the epilogue of block row r (output pixel (oh,
     ow)) over `cols` channels from channel ob*32, D the [32, 32] accumulator block. import_llvm: more LLVM IR the
     epilogue calls."""
+    from tvm import tirx
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
     request_amx()
@@ -300,6 +301,12 @@ def build(g: Grid, args, X, source, Wp, finish, attrs: dict, import_llvm: str | 
                 with T.sblock("amx"):
                     if source is not None:
                         _stage(g, P, source)
+                        # the pixel's worth after the stage, which a strip's last tile rows read (against zero
+                        # weights): zeros, not whatever the workspace held. NaN or Inf bits there made NaN outputs
+                        # (bf16: Inf x 0), which a ReLU turned into zeros: a 12-channel 3x3 bf16 conv was wrong at its
+                        # last pixels on some runs
+                        with T.serial(0, g.units * g.d.per_unit) as z:
+                            T.buffer_store(P, tirx.const(0, g.d.stage_dtype), [g.N * g.pixels * g.width + z])
                     _blocks(g, P, Wp, finish, import_llvm)
     return ib.get()
 
