@@ -400,3 +400,78 @@ def test_float64_view_of_a_graph_without_parameters_runs_in_float64():
     x = np.array([[1 + 2 ** -30, 3.0, 1e-20, 7.0]], np.float64)
     out = fp64_outputs(g, {"x": x})["y"]
     assert out.dtype == np.float64 and out[0, 0] == (1 + 2 ** -30) ** 2 and out[0, 2] == 1e-40
+
+
+def _hardswish_chain_model(reuse_inner=False):
+    """Conv -> Div(Mul(h, Clip(Add(h, 3), 0, 6)), 6) -> Clip(·, -1, 2.5) -> Conv: Paddle's spelled-out HardSwish
+    (with reuse_inner, the Clip's output is also a graph output, so the chain must not be fused)."""
+    from onnx import helper
+
+    from onnx_builders import model, rnd, vi
+    c = lambda name, v: (name, np.array(v, np.float32))            # noqa: E731
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["h", "three"], ["a"]),
+             helper.make_node("Clip", ["a", "zero", "six"], ["r"]),
+             helper.make_node("Mul", ["r", "h"], ["m"]),             # x second: both orders are matched
+             helper.make_node("Div", ["m", "six"], ["hs"]),
+             helper.make_node("Clip", ["hs", "lo", "hi"], ["k"]),
+             helper.make_node("Conv", ["k", "w2"], ["y"])]
+    outs = [vi("y", None)] + ([vi("r", None)] if reuse_inner else [])
+    return model(nodes, [vi("x", [1, 3, 8, 8])], outs,
+                 [("w1", rnd(8, 3, 3, 3)), ("b1", rnd(8)), ("w2", rnd(4, 8, 1, 1, seed=1)), c("three", 3.0),
+                  c("zero", 0.0), c("six", 6.0), c("lo", -1.0), c("hi", 2.5)])
+
+
+@pytest.mark.parametrize("reuse_inner", [False, True])
+def test_spelled_out_hardswish_runs_fused_with_the_same_values_and_gradients(reuse_inner, tmp_path):
+    m = _hardswish_chain_model(reuse_inner)
+    path = tmp_path / "hs.onnx"
+    onnx.save(m, str(path))
+    g = graphopt.load(str(path))
+    tg = TrainableGraph(g)
+    fused, dead = tg._plans[True]
+    assert [op.op for op in fused].count("HardSwish") == (0 if reuse_inner else 1)
+    assert len(fused) == len(tg._plans[False][0]) - (0 if reuse_inner else 3)
+    x = np.random.default_rng(0).standard_normal((5, 3, 8, 8)).astype(np.float32) * 3
+    ref = ort.session(m.SerializeToString()).run(None, {"x": x[:1]})[0]
+    y = tg(x)
+    y = y[0] if isinstance(y, tuple) else y
+    assert float(np.abs(y[:1].detach().numpy() - ref).max()) < 1e-5
+    # the node-by-node plan (asked for a tensor the fusion removed) gives the same values and gradients
+    y.square().sum().backward()
+    grads = {k: p.grad.clone() for k, p in tg.named_parameters()}
+    tg.zero_grad()
+    y2, feats = tg(x, features=["a"])
+    y2 = y2[0] if isinstance(y2, tuple) else y2
+    assert torch.equal(y, y2) and feats["a"].shape == (5, 8, 8, 8)
+    y2.square().sum().backward()
+    for k, p in tg.named_parameters():
+        assert torch.allclose(p.grad, grads[k], rtol=1e-4, atol=1e-4), (k, float((p.grad - grads[k]).abs().max()))
+
+
+def test_constant_clip_bounds_clamp_and_pass_gradients_inside():
+    from graphopt.trainable import OPS, _Op
+    node = gs.Node("Clip", inputs=[gs.Variable("x"), gs.Constant("lo", np.array(-1.0, np.float32)),
+                                   gs.Constant("hi", np.array(2.0, np.float32))], outputs=[gs.Variable("y")])
+    op = _Op(node, OPS["Clip"], 17)
+    x = torch.tensor([-3.0, -1.0, 0.5, 2.0, 5.0], requires_grad=True)
+    (y,) = op.fn(op, [x, torch.tensor(-1.0), torch.tensor(2.0)])
+    assert y.tolist() == [-1.0, -1.0, 0.5, 2.0, 2.0]
+    y.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+    w = torch.tensor(1.5, requires_grad=True)                       # a trained bound keeps its gradient
+    (y,) = op.fn(op, [x.detach(), torch.tensor(-1.0), w])
+    y.sum().backward()
+    assert float(w.grad) == 2.0                                      # 2.0 and 5.0 are above 1.5
+
+
+def test_image_inputs_run_channels_last_with_the_same_results(zoo_graphs):
+    g1, _ = zoo_graphs("mobilenet_v3")
+    tg = TrainableGraph(g1)
+    assert tg._image_convs
+    x = torch.randn((3,) + tuple(g1.inputs[0].shape[1:]))
+    y_cl = tg(x)
+    tg._image_convs = False
+    y = tg(x)
+    y, y_cl = (y[0], y_cl[0]) if isinstance(y, tuple) else (y, y_cl)
+    assert torch.allclose(y, y_cl, rtol=1e-4, atol=1e-4)
