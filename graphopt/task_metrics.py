@@ -7,7 +7,10 @@ labels (the teacher supplies the answers):
   per step, repeats collapsed, blanks dropped) are identical (symbol_agreement: one minus the character error rate
   against the teacher's decodings);
 * map (output [N, 1, H, W] or [N, H, W] with values in [0, 1], a segmentation or text-detection probability map):
-  the intersection over union of the maps thresholded at `threshold`, over the whole evaluation set.
+  the intersection over union of the maps thresholded at `threshold`, over the whole evaluation set
+  (region_f1: the same maps as regions, the F-measure of the student's regions matched one to one to the
+  teacher's at box IoU >= 0.5, the text-detection view of it; map IoU on thin text lines moves with every one-pixel
+  shift of a region's border).
 
 `task_kind(shape, values)` guesses the kind from an output's shape and values; passes and commands take it as an
 explicit option where the guess could be wrong."""
@@ -36,15 +39,20 @@ def task_kind(shape, values: np.ndarray | None = None) -> str | None:
     return None
 
 
-def ctc_decode(probs: np.ndarray, blank: int = 0) -> list[tuple[int, ...]]:
-    """Greedy CTC decoding of [N, T, C] scores: per example the symbol sequence (repeats collapsed, blanks out)."""
+def ctc_decode(probs: np.ndarray, blank: int = 0, strip: tuple[int, ...] = ()) -> list[tuple[int, ...]]:
+    """Greedy CTC decoding of [N, T, C] scores: per example the symbol sequence (repeats collapsed, blanks out),
+    with the symbols in `strip` (a recognizer's space) removed from both ends."""
     best = np.asarray(probs).argmax(-1)
     out = []
     for row in best:
         keep = np.ones(len(row), bool)
         keep[1:] = row[1:] != row[:-1]
-        seq = row[keep]
-        out.append(tuple(int(s) for s in seq[seq != blank]))
+        seq = [int(s) for s in row[keep] if s != blank]
+        while seq and seq[-1] in strip:
+            seq.pop()
+        while seq and seq[0] in strip:
+            seq.pop(0)
+        out.append(tuple(seq))
     return out
 
 
@@ -52,8 +60,8 @@ def top1_agreement(student: np.ndarray, teacher: np.ndarray) -> float:
     return float(np.mean(np.asarray(student).argmax(1) == np.asarray(teacher).argmax(1)))
 
 
-def sequence_agreement(student: np.ndarray, teacher: np.ndarray, blank: int = 0) -> float:
-    a, b = ctc_decode(student, blank), ctc_decode(teacher, blank)
+def sequence_agreement(student: np.ndarray, teacher: np.ndarray, blank: int = 0, strip: tuple[int, ...] = ()) -> float:
+    a, b = ctc_decode(student, blank, strip), ctc_decode(teacher, blank, strip)
     return float(np.mean([x == y for x, y in zip(a, b)])) if a else 0.0
 
 
@@ -82,6 +90,46 @@ def map_iou(student: np.ndarray, teacher: np.ndarray, threshold: float = 0.3) ->
     s, t = np.asarray(student) > threshold, np.asarray(teacher) > threshold
     union = np.logical_or(s, t).sum()
     return 1.0 if union == 0 else float(np.logical_and(s, t).sum() / union)
+
+
+def map_regions(prob: np.ndarray, threshold: float = 0.3, min_side: int = 3) -> list[tuple[int, int, int, int]]:
+    """Boxes (y0, x0, y1, x1) of the 8-connected regions of one [H, W] map thresholded at `threshold`, without those
+    under `min_side` pixels high or wide (DBNet's post-processing drops them too)."""
+    from scipy import ndimage
+    labels, _ = ndimage.label(np.asarray(prob) > threshold, structure=np.ones((3, 3), bool))
+    return [(sl[0].start, sl[1].start, sl[0].stop, sl[1].stop) for sl in ndimage.find_objects(labels)
+            if sl is not None and sl[0].stop - sl[0].start >= min_side and sl[1].stop - sl[1].start >= min_side]
+
+
+def _box_iou(a, b) -> float:
+    h = min(a[2], b[2]) - max(a[0], b[0])
+    w = min(a[3], b[3]) - max(a[1], b[1])
+    if h <= 0 or w <= 0:
+        return 0.0
+    inter = h * w
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def region_f1(student: np.ndarray, teacher: np.ndarray, threshold: float = 0.3, min_iou: float = 0.5) -> float:
+    """F-measure of the student's map regions against the teacher's, over the whole set: per map the regions
+    (map_regions) are matched one to one, greedily by box IoU, where it is at least `min_iou`; 2 x matched /
+    (student's regions + teacher's regions). 1.0 when neither has a region."""
+    s_maps = np.asarray(student).reshape(-1, *np.shape(student)[-2:])
+    t_maps = np.asarray(teacher).reshape(-1, *np.shape(teacher)[-2:])
+    matched = total = 0
+    for s_map, t_map in zip(s_maps, t_maps):
+        sb, tb = map_regions(s_map, threshold), map_regions(t_map, threshold)
+        total += len(sb) + len(tb)
+        pairs = sorted(((_box_iou(a, b), i, j) for i, a in enumerate(sb) for j, b in enumerate(tb)), reverse=True)
+        used_s, used_t = set(), set()
+        for iou, i, j in pairs:
+            if iou < min_iou:
+                break
+            if i not in used_s and j not in used_t:
+                used_s.add(i)
+                used_t.add(j)
+                matched += 1
+    return 1.0 if total == 0 else 2.0 * matched / total
 
 
 def agreement(student: np.ndarray, teacher: np.ndarray, kind: str | None = None, blank: int = 0,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from graphopt.task_metrics import agreement, ctc_decode, edit_distance, map_iou, symbol_agreement, task_kind
+from graphopt.task_metrics import (agreement, ctc_decode, edit_distance, map_iou, map_regions, region_f1,
+                                   sequence_agreement, symbol_agreement, task_kind)
 
 pytestmark = pytest.mark.fast
 
@@ -57,3 +58,35 @@ def test_map_iou_and_classifier_agreement():
     s[0, 0, :2, :1] = 0.8
     assert map_iou(s, t) == 0.5 and map_iou(np.zeros_like(t), np.zeros_like(t)) == 1.0
     assert agreement(np.array([[1, 0], [0, 1.0]]), np.array([[1, 0], [1, 0.0]]))["value"] == 0.5
+
+
+def test_decodings_can_ignore_a_symbol_at_their_ends():
+    t = np.eye(6)[[[0, 3, 0, 5, 0], [0, 3, 0, 5, 0]]]        # (3, 5) twice
+    s = t.copy()
+    s[0, 4] = np.eye(6)[5]                                     # 5 5 collapses: still (3, 5)
+    s[1, 4] = np.eye(6)[0]
+    s[1, 4, :] = 0
+    s[1, 4, 4] = 1                                             # (3, 5, 4): a trailing "space" (4)
+    s[1, 0, :] = 0
+    s[1, 0, 4] = 1                                             # (4, 3, 5, 4)
+    assert ctc_decode(s, strip=(4,)) == [(3, 5), (3, 5)]
+    assert sequence_agreement(s, t) == 0.5 and sequence_agreement(s, t, strip=(4,)) == 1.0
+    inner = np.eye(6)[[[0, 3, 4, 5, 0]]]                       # a space between symbols stays
+    assert ctc_decode(inner, strip=(4,)) == [(3, 4, 5)]
+
+
+def test_region_f1_matches_regions_not_pixels():
+    t = np.zeros((2, 1, 20, 40))
+    t[0, 0, 2:6, 2:30] = 0.9                                   # two thin lines on the first map
+    t[0, 0, 10:14, 5:25] = 0.9
+    assert map_regions(t[0, 0]) == [(2, 2, 6, 30), (10, 5, 14, 25)]
+    s = t.copy()
+    s[0, 0, 1:7, 1:31] = 0.9                                   # first line one pixel larger all round
+    assert map_iou(s, t) < 0.75                                # pixels: the border counts
+    assert region_f1(s, t) == 1.0                              # regions: the same two lines
+    s[0, 0, 10:14, 5:25] = 0.0                                 # second line missed
+    assert region_f1(s, t) == pytest.approx(2 * 1 / 3)
+    s[1, 0, 15:18, 0:3] = 0.9                                  # a spurious region on the empty second map
+    s[1, 0, 0:2, 0:10] = 0.9                                   # under 3 pixels high: dropped like DBNet does
+    assert region_f1(s, t) == pytest.approx(2 * 1 / 4)
+    assert region_f1(np.zeros_like(t), np.zeros_like(t)) == 1.0
