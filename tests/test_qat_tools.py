@@ -25,6 +25,23 @@ def test_ocr_lines_writes_distinct_train_and_eval_files(tmp_path):
     assert not np.array_equal(train["x"][:2], evaluation["x"])
 
 
+def test_ocr_text_is_real_catalog_phrases_the_recognizer_can_read():
+    import ocr_data
+    zh, en = ocr_data.catalog_corpus()
+    if not zh:
+        pytest.skip("no zh_CN message catalogs installed (tools/setup.sh installs iso-codes)")
+    chars = set(ocr_data.dictionary())
+    rng = np.random.default_rng(0)
+    texts = [ocr_data.catalog_text(rng) for _ in range(300)]
+    assert all(c in chars or c == " " for t in texts for c in t)
+    cjk = [t for t in texts if not t.isascii()]
+    latin = [t for t in texts if t.isascii() and any(c.isalpha() for c in t)]
+    assert len(cjk) > 60 and len(latin) > 60
+    assert all(2 <= len(t) <= 10 and any(t in p for p in zh) for t in cjk)          # runs of real translations
+    assert all(len(t) <= 16 and t == t.strip() for t in latin)
+    assert ocr_data.render_lines(2, 0, source="random")[1] != ocr_data.render_lines(2, 0)[1]
+
+
 def test_qat_accuracy_reports_accuracy_and_latency(tmp_path, capsys):
     import qat_accuracy
     out = tmp_path / "r.json"

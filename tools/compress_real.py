@@ -98,13 +98,13 @@ def real_files(n: int, seed: int) -> list[Path]:
     return [files[i] for i in pick]
 
 
-def make_data(model: str, n_train: int, n_eval: int, page: int, seed: int) -> tuple[dict, dict]:
+def make_data(model: str, n_train: int, n_eval: int, page: int, seed: int, source: str) -> tuple[dict, dict]:
     import ocr_data
     if model == "ppocr-rec":
-        return ocr_data.render_lines(n_train, seed)[0], ocr_data.render_lines(n_eval, seed + 1000)[0]
+        return ocr_data.render_lines(n_train, seed, source)[0], ocr_data.render_lines(n_eval, seed + 1000, source)[0]
     if model == "ppocr-det":
-        return (ocr_data.render_pages(n_train, seed, size=(page, page)),
-                ocr_data.render_pages(n_eval, seed + 1000, size=(page, page)))
+        return (ocr_data.render_pages(n_train, seed, size=(page, page), source=source),
+                ocr_data.render_pages(n_eval, seed + 1000, size=(page, page), source=source))
     files = real_files(n_train + n_eval, seed)      # disjoint: no file in both splits
     rows = []
     for p in files:
@@ -159,9 +159,11 @@ def outputs(path: Path, data: dict, name: str) -> np.ndarray:
 def agreement(teacher: Path, student: Path, data: dict, name: str, kind: str, seed: int, images: bool) -> dict:
     """The student's agreement with the teacher on held-out data (graphopt.task_metrics). For images also the
     metric's own noise floor: the teacher's agreement with itself when every pixel gets Gaussian noise of 1/255
-    of a grey level (invisible), and for a CTC recognizer the symbol agreement (one minus the
-    character error rate) and the sequence agreement on the lines whose decoding that noise leaves unchanged."""
-    from graphopt.task_metrics import agreement as task_agreement, ctc_decode, symbol_agreement
+    of a grey level (invisible); for a CTC recognizer the symbol agreement (one minus the character error rate),
+    the sequence agreement on the lines whose decoding that noise leaves unchanged and the agreement without spaces
+    at the lines' ends; for a map the region F-measure (graphopt.task_metrics.region_f1), with its noise floor."""
+    from graphopt.task_metrics import (agreement as task_agreement, ctc_decode, region_f1, sequence_agreement,
+                                       symbol_agreement)
     t_out, s_out = outputs(teacher, data, name), outputs(student, data, name)
     res = task_agreement(s_out, t_out, kind)
     if not images:
@@ -178,6 +180,14 @@ def agreement(teacher: Path, student: Path, data: dict, name: str, kind: str, se
         stable = [i for i, (a, b) in enumerate(zip(ctc_decode(n_out), ctc_decode(t_out))) if a == b]
         res["stable_lines"] = len(stable)
         res["on_stable_lines"] = task_agreement(s_out[stable], t_out[stable], kind)["value"] if stable else None
+        # PP-OCR's classes: blank, the dictionary, then the space; a space the model emits at a line's end (where
+        # the text meets the padding) is no text: the agreement of the decodings without spaces at their ends
+        space = (t_out.shape[-1] - 1,)
+        res["trimmed"] = sequence_agreement(s_out, t_out, strip=space)
+        res["teacher_under_noise_trimmed"] = sequence_agreement(n_out, t_out, strip=space)
+    else:
+        res["region_f1"] = region_f1(s_out, t_out)
+        res["teacher_under_noise_region_f1"] = region_f1(n_out, t_out)
     return res
 
 
@@ -215,6 +225,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads while training (1 on a busy machine)")
     ap.add_argument("--page-size", type=int, default=320, help="ppocr-det: page side in pixels")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--text", choices=("catalogs", "random"), default="catalogs",
+                    help="OCR models: the text rendered (tools/ocr_data.py; random: the generator before 2026-12-06 21:00)")
     ap.add_argument("--out-dir", default=str(ROOT / "out" / "compress_real"))
     ap.add_argument("--resume", action="store_true", help="continue an interrupted compress run")
     ap.add_argument("--no-bench", action="store_true", help="skip compiling and timing")
@@ -232,7 +244,7 @@ def main() -> int:
     src = model_file(args.model)
     name, shape = input_shape(args.model, args.page_size)
     t0 = time.perf_counter()
-    train, held = make_data(args.model, args.train, args.eval, args.page_size, args.seed)
+    train, held = make_data(args.model, args.train, args.eval, args.page_size, args.seed, args.text)
     np.savez(out / "train.npz", **train)
     np.savez(out / "eval.npz", **held)
     data_s = time.perf_counter() - t0
@@ -264,7 +276,11 @@ def main() -> int:
            f"{agree['value']:.3f}" + (f" (teacher under 1/255 noise: {agree['teacher_under_noise']:.3f})"
                                       if "teacher_under_noise" in agree else "")
            + (f"; symbols {agree['symbol_agreement']:.3f}; {agree['on_stable_lines']:.3f} of the "
-              f"{agree['stable_lines']} lines the noise leaves unchanged" if "symbol_agreement" in agree else "")
+              f"{agree['stable_lines']} lines the noise leaves unchanged; without spaces at the ends "
+              f"{agree['trimmed']:.3f} (teacher under noise {agree['teacher_under_noise_trimmed']:.3f})"
+              if "symbol_agreement" in agree else "")
+           + (f"; region F1 {agree['region_f1']:.3f} (teacher under noise {agree['teacher_under_noise_region_f1']:.3f})"
+              if "region_f1" in agree else "")
            + f" | {rep['wall_s'] / 60:.1f} min / {rep['cpu_s'] / 60:.1f} min CPU | "
            + (f"{res['teacher_ms']:.2f} | {res['student_ms']:.2f} | {res['speedup']:.2f}x |"
               if "speedup" in res else "- | - | - |"))

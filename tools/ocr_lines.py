@@ -18,10 +18,10 @@ import ocr_data  # noqa: E402
 SEEDS = {"train": 0, "eval": 1}          # distinct, so the evaluation lines are not the training lines
 
 
-def write(folder: Path, train: int, evaluation: int) -> None:
+def write(folder: Path, train: int, evaluation: int, source: str = "catalogs") -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, n in (("train", train), ("eval", evaluation)):
-        data, texts = ocr_data.render_lines(n, SEEDS[name])
+        data, texts = ocr_data.render_lines(n, SEEDS[name], source)
         np.savez(folder / f"{name}.npz", x=data["x"])
         (folder / f"{name}.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
     print(f"ocr lines: {train} training, {evaluation} evaluation lines written to {folder}")
@@ -32,8 +32,9 @@ def main(argv=None) -> int:
     ap.add_argument("folder", type=Path)
     ap.add_argument("--train", type=int, default=256)
     ap.add_argument("--eval", type=int, default=100)
+    ap.add_argument("--text", choices=("catalogs", "random"), default="catalogs", help="the lines' text (tools/ocr_data.py)")
     a = ap.parse_args(argv)
-    write(a.folder, a.train, a.eval)
+    write(a.folder, a.train, a.eval, a.text)
     return 0
 
 

@@ -60,7 +60,7 @@ def digits_task(model: str, out: Path):
     return graphopt.load(str(path)), {"x": x_tr, "labels": y_tr}, {"x": x_te}, score
 
 
-def ocr_task(n_train: int, n_eval: int):
+def ocr_task(n_train: int, n_eval: int, source: str = "catalogs"):
     import importlib.metadata
 
     import onnx
@@ -72,8 +72,8 @@ def ocr_task(n_train: int, n_eval: int):
     path = Path(importlib.metadata.distribution(REC[0]).locate_file(REC[1]))
     chars = {x.key: x.value for x in onnx.load(str(path), load_external_data=False).metadata_props}["character"]
     table = [""] + chars.splitlines() + [" "]           # CTC blank, the dictionary, the space PaddleOCR appends
-    train, _ = ocr_data.render_lines(n_train, SEEDS["train"])
-    evaluation, texts = ocr_data.render_lines(n_eval, SEEDS["eval"])
+    train, _ = ocr_data.render_lines(n_train, SEEDS["train"], source)
+    evaluation, texts = ocr_data.render_lines(n_eval, SEEDS["eval"], source)
     graph = graphopt.load(str(path), input_shapes={"x": (1, 3, 48, 320)})
     ref = {}
 
@@ -113,6 +113,8 @@ def main(argv=None) -> int:
                     help="compress's schedule settings (repeatable), e.g. decisions=true")
     ap.add_argument("--train", type=int, default=256, help="ppocr-rec: rendered training lines")
     ap.add_argument("--eval", type=int, default=100, help="ppocr-rec: rendered evaluation lines")
+    ap.add_argument("--text", choices=("catalogs", "random"), default="catalogs",
+                    help="ppocr-rec: the lines' text (tools/ocr_data.py; random: the generator before 2026-12-06 21:00)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=20, help="latency: timed runs of each model")
     ap.add_argument("--out", type=Path, default=None)
@@ -138,7 +140,7 @@ def main(argv=None) -> int:
     out = a.out or Path(tempfile.mkdtemp(prefix="qat-accuracy-"))
     out.mkdir(parents=True, exist_ok=True)
     if a.model == "ppocr-rec":
-        graph, train, evaluation, score = ocr_task(a.train, a.eval)
+        graph, train, evaluation, score = ocr_task(a.train, a.eval, a.text)
     else:
         graph, train, evaluation, score = digits_task(a.model, out)
     opts = "scheme=int8" + (f",{a.quantize}" if a.quantize else "")

@@ -12,6 +12,9 @@ command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need_apt+=(fonts-dejavu-core)
 [ -d /usr/share/fonts/truetype/liberation2 ] || need_apt+=(fonts-liberation2)
 [ -f /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ] || need_apt+=(fonts-wqy-microhei)
+# the text of those lines: Chinese translations and English originals of message catalogs (iso-codes' country, region,
+# language and currency names; coreutils, dpkg, bash, tar, libc ... are on every Debian)
+[ -f /usr/share/locale/zh_CN/LC_MESSAGES/iso_3166-2.mo ] || need_apt+=(iso-codes)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "setup: installing ${need_apt[*]} with apt-get"
