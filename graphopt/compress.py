@@ -480,9 +480,11 @@ def _fit_memory(original, config, train, max_memory, notice, student=None, grow_
         config = replace(config, cache_limit_mb=max(config.cache_limit_mb, TEACHER_CACHE_SHARE * budget / 2 ** 20))
     want = config.micro_batch or config.batch_size
     cached = 0
-    if isinstance(train, dict) and config.cache_teacher:    # distill caches the teacher's outputs up to a limit
-        n = len(next(iter(train.values())))
-        cached = n if output_bytes(original) * n <= config.cache_limit_mb * 2 ** 20 else 0
+    if isinstance(train, dict) and config.cache_teacher:    # distill caches the teacher's outputs up to a limit,
+        n = len(next(iter(train.values())))                 # in bfloat16 where only half fits (counted as half)
+        per = output_bytes(original) * n
+        limit = config.cache_limit_mb * 2 ** 20
+        cached = n if per <= limit else (n + 1) // 2 if per <= 2 * limit else 0
     student = original if student is None else student
     m, need = fit_micro_batch(student, [original], want, budget, cached)
     if m < want:

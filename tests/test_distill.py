@@ -217,6 +217,36 @@ def test_several_teachers_dataloader_and_no_labels(teacher, data):
         distill(student, [teacher], loader, config=DistillConfig(steps=2, teacher_weights=(1.0, 1.0)))
 
 
+def test_teacher_cache_keeps_bfloat16_where_float32_does_not_fit(teacher, data):
+    """Above cache_limit_mb in float32 but within it in bfloat16, the teacher's outputs are cached as bfloat16
+    tensors and read back as float32; training follows the float32 cache's run to bfloat16's precision."""
+    from graphopt.distill import _teacher_cache, cached_rows
+    from graphopt.memory_estimate import output_bytes
+    x = data[0][:128]
+    t_tg = TrainableGraph(teacher, trainable=[])
+
+    def run_teachers(xs):
+        with torch.no_grad():
+            return [_as_tuple(t_tg(*xs))], {}
+    f32 = output_bytes(teacher) * len(x)                     # bytes of the float32 cache
+    cfg = lambda mb: DistillConfig(steps=6, lr=1e-2, cache_limit_mb=mb)          # noqa: E731
+    full = _teacher_cache({"x": x}, ["x"], run_teachers, cfg(2 * f32 / 2 ** 20))
+    half = _teacher_cache({"x": x}, ["x"], run_teachers, cfg(0.75 * f32 / 2 ** 20))
+    assert isinstance(full["outputs"][0][0], np.ndarray) and half["outputs"][0][0].dtype == torch.bfloat16
+    assert _teacher_cache({"x": x}, ["x"], run_teachers, cfg(0.4 * f32 / 2 ** 20)) is None
+    rows = [5, 0, 77]
+    a, b = cached_rows(full["outputs"][0][0], rows), cached_rows(half["outputs"][0][0], rows)
+    assert b.dtype == torch.float32 and torch.allclose(a, b, rtol=1 / 128, atol=1e-30)
+    student = TrainableGraph(teacher).reinitialize(seed=2).to_graph()
+    runs = [distill(student, teacher, {"x": x}, None, cfg(mb))[1]["history"]["loss"]
+            for mb in (2 * f32 / 2 ** 20, 0.75 * f32 / 2 ** 20)]
+    assert np.allclose(runs[0], runs[1], rtol=0.02)
+
+
+def _as_tuple(y):
+    return tuple(y) if isinstance(y, (tuple, list)) else (y,)
+
+
 def _sequence_model(w: np.ndarray, softmax: bool):
     """x [1, 4, 8] -> MatMul W [8, 6] -> (Softmax over the last axis): a CTC-like [N, T, C] output."""
     from onnx import TensorProto, helper, numpy_helper

@@ -74,7 +74,10 @@ def test_compress_lets_the_teacher_cache_grow_with_the_budget():
     train = {"x": np.broadcast_to(np.zeros((1, 1, 8, 8), np.float32), (n, 1, 8, 8))}
     budget = 16 * 2 ** 30
     kept, info = _fit_memory(g, DistillConfig(batch_size=32), train, budget, print)
-    assert kept.cache_limit_mb == 512.0 and info["teacher_cached"] == 0
+    # 600 MB in float32 is over 512: distill keeps them in bfloat16, counted as half as many float32 examples
+    assert kept.cache_limit_mb == 512.0 and info["teacher_cached"] == (n + 1) // 2
     grown, info = _fit_memory(g, DistillConfig(batch_size=32), train, budget, print, grow_cache=True)
     assert grown.cache_limit_mb == TEACHER_CACHE_SHARE * budget / 2 ** 20 and info["teacher_cached"] == n
     assert info["estimate_bytes"] >= n * output_bytes(g)
+    big = {"x": np.broadcast_to(np.zeros((1, 1, 8, 8), np.float32), (2 * n, 1, 8, 8))}    # 1.2 GB: not even half
+    assert _fit_memory(g, DistillConfig(batch_size=32), big, budget, print)[1]["teacher_cached"] == 0
