@@ -114,6 +114,9 @@ class Schedule:
     #                                      frame decisions; its detector 96 steps after an lsq 0.5x prune (map IoU
     #                                      0.839): 0.841 at T=8, 0.798 at T=1, 0.850 at T=1 with the decisions
     decision_teacher_hard_weight: float = 1.0
+    map_balance: str = "half"            # DistillConfig.map_balance: a one-channel map's positives and negatives
+    #                                      weigh "half" the loss each, or "hard": DB's positives + 3x hardest
+    #                                      negatives (README: PP-OCRv4's detector)
     narrow_round_to: bool = True         # per-layer channel steps (prune-channels' min_widths) when the pipeline
     #                                      sets neither round_to nor min_widths: the target's vector width where a
     #                                      layer keeps min_widths counts, finer steps on narrow layers (one step
@@ -140,6 +143,8 @@ class Schedule:
                 raise BadInput(f"Schedule.{k} must be one of {', '.join(FEATURE_MODES)}, not '{getattr(self, k)}'")
         if self.reconstruct not in ("none", "bias", "lsq"):
             raise BadInput(f"Schedule.reconstruct must be none, bias or lsq, not '{self.reconstruct}'")
+        if self.map_balance not in ("half", "hard"):
+            raise BadInput(f"Schedule: map_balance must be 'half' or 'hard', not '{self.map_balance}'")
         if not (self.teacher_hard_weight >= 0 and self.decision_teacher_hard_weight >= 0
                 and self.decision_temperature > 0):
             raise BadInput("Schedule: teacher_hard_weight and decision_teacher_hard_weight non-negative, "
@@ -630,7 +635,8 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
         from . import distributed as dist_mod
         dist_info = dist_mod.setup()
     base = distill_config or DistillConfig(batch_size=batch_size, lr=lr if lr is not None else s.lr, seed=seed,
-                                           micro_batch=micro_batch, teacher_hard_weight=s.teacher_hard_weight)
+                                           micro_batch=micro_batch, teacher_hard_weight=s.teacher_hard_weight,
+                                           map_balance=s.map_balance)
     probe = predict(original, {k: v[:16] for k, v in calib.items()})[0]   # the original's first output, once
     if distill_config is None:
         base = replace(base, **_output_form(original, calib, probe))

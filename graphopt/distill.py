@@ -97,6 +97,8 @@ class DistillConfig:
     teacher_hard_weight: float = 0.0         # cross-entropy against the (first) teacher's arg-max class at every
     #                                          position of the distilled outputs: the decision itself (a CTC
     #                                          recognizer's frames decode by arg-max); no labels needed
+    map_balance: str = "half"                # binary_kd_loss's balance of a one-channel map's positives and
+    #                                          negatives: "half" each, or "hard" (DB's 1:3 hard negatives)
     class_axis: int = 1
     outputs: str = "logits"                  # "logits", or "probs": the outputs already are probabilities over
     #                                          class_axis (a final Softmax, PP-OCR's recognizer): KD and the hard
@@ -144,6 +146,8 @@ class DistillConfig:
             raise BadInput("DistillConfig.scale_lr must be above 0")
         if not self.teacher_hard_weight >= 0:
             raise BadInput("DistillConfig.teacher_hard_weight must be a non-negative number")
+        if self.map_balance not in ("half", "hard"):
+            raise BadInput(f"DistillConfig.map_balance must be 'half' or 'hard', not '{self.map_balance}'")
         if not 0 <= self.teacher_label_smoothing < 1 or not 0 <= self.label_smoothing < 1:
             raise BadInput("DistillConfig: label smoothing must be in [0, 1)")
         if not 0 <= self.warmup <= 1:
@@ -306,7 +310,7 @@ def teacher_hard_loss(student_outs: Sequence[torch.Tensor], teacher_outs: Sequen
 
 
 def binary_kd_loss(student_out: torch.Tensor, teacher_outs: Sequence[torch.Tensor], T: float,
-                   probs: bool, weights: Sequence[float] | None = None, balanced: bool = True) -> torch.Tensor:
+                   probs: bool, weights: Sequence[float] | None = None, balanced: bool | str = True) -> torch.Tensor:
     """KD for a one-channel map (a detector's probability map, a binary mask): every element is a Bernoulli
     distribution, so the softmax over a class axis of size one (constant 1, no gradient) becomes the binary KL of
     the teachers' probabilities at temperature T (averaged with `weights`) and the student's, times T^2. probs: the
@@ -314,7 +318,11 @@ def binary_kd_loss(student_out: torch.Tensor, teacher_outs: Sequence[torch.Tenso
     balanced: the elements the teachers call positive (p > 0.5 at T=1) and the negatives weigh half the loss each
     (where both occur), as detectors are trained (DB's balanced BCE): text covers a few percent of a page, and with a
     plain mean a pruned PP-OCRv4 detector lowered its whole map below threshold (empty map, IoU 0) while the loss
-    fell."""
+    fell.
+    balanced="hard": DB's own balance instead: the positives and the 3 x as many negatives of highest loss (all
+    when fewer), one mean over them. The hardest negatives are the pixels just outside the text, where the
+    half-and-half balance (a positive pixel weighing ~15x a background one on a page) let the student's regions
+    grow: PP-OCRv4's 0.5x detector drew them 23% taller than the teacher (map IoU 0.758, every region found)."""
     def logits(out):
         if not probs:
             return out
@@ -329,8 +337,15 @@ def binary_kd_loss(student_out: torch.Tensor, teacher_outs: Sequence[torch.Tenso
         pos = sum(float(wi) * (logits(t) > 0).to(kl.dtype) for wi, t in zip(w, teacher_outs)) > 0.5
         n_pos = int(pos.sum())
         if 0 < n_pos < pos.numel():
+            if balanced == "hard":
+                neg = kl[~pos]
+                k = min(neg.numel(), 3 * n_pos)
+                return (kl[pos].sum() + torch.topk(neg, k, sorted=False).values.sum()) / (n_pos + k) * (T * T)
             return (kl[pos].mean() + kl[~pos].mean()) * 0.5 * (T * T)
     return kl.mean() * (T * T)
+
+
+_BALANCE = {"half": True, "hard": "hard"}     # DistillConfig.map_balance -> binary_kd_loss's balanced
 
 
 def _sigmoid_logit_taps(student: gs.Graph, teachers, student_outputs: list[str], teacher_outputs: list[str]) -> dict:
@@ -739,10 +754,12 @@ def _distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, 
                     if s_orig[i].ndim > config.class_axis and s_orig[i].shape[config.class_axis] == 1:
                         if i in logit_taps:
                             sn, tn = logit_taps[i]
-                            kd = kd + binary_kd_loss(s_feats[sn], [t_feats[tn]], T, probs=False)
+                            kd = kd + binary_kd_loss(s_feats[sn], [t_feats[tn]], T, probs=False,
+                                                     balanced=_BALANCE[config.map_balance])
                         else:
                             kd = kd + binary_kd_loss(s_orig[i], [to[i] for to in t_outs], T,
-                                                     config.outputs == "probs", config.teacher_weights)
+                                                     config.outputs == "probs", config.teacher_weights,
+                                                     balanced=_BALANCE[config.map_balance])
                         continue
                     target = teacher_targets([_as_logits(to[i], config) for to in t_outs], T, config.class_axis,
                                              config.teacher_label_smoothing, config.teacher_weights, config.ensemble)

@@ -339,6 +339,14 @@ def test_binary_kd_weighs_the_few_positives_as_much_as_the_background():
     assert bal_empty > 20 * plain_empty
     assert bal_empty > 10 * bal_noisy
     assert float(binary_kd_loss(z, [z], 1.0, probs=False)) == pytest.approx(0.0, abs=1e-3)
+    # DB's balance: positives and the 150 hardest negatives; a map one element larger all round (the border of
+    # the text is where the hardest negatives are) costs more than under half-and-half, emptying still the most
+    grown = torch.full_like(z, -8.0)
+    grown[0, 0, :6, :11] = 8.0                              # 16 border elements
+    hard = lambda s: float(binary_kd_loss(s, [z], 1.0, probs=False, balanced="hard"))   # noqa: E731
+    half = lambda s: float(binary_kd_loss(s, [z], 1.0, probs=False))                    # noqa: E731
+    assert hard(grown) / hard(empty) > 3 * half(grown) / half(empty)
+    assert hard(empty) > 2 * hard(grown) and hard(z) == pytest.approx(0.0, abs=1e-3)
     only_bg = torch.full_like(z, -8.0)                      # no positive at all: the plain mean
     assert float(binary_kd_loss(only_bg, [only_bg], 1.0, probs=False)) == pytest.approx(0.0, abs=1e-3)
 
