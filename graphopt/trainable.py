@@ -249,9 +249,8 @@ def _clip(op, xs):
     if op.opset < 11:
         lo, hi = op.attr("min"), op.attr("max")
     else:
-        lo = xs[1] if len(xs) > 1 and xs[1] is not None else None
-        hi = xs[2] if len(xs) > 2 and xs[2] is not None else None
-    lo, hi = _scalar_bound(lo), _scalar_bound(hi)
+        lo = _scalar_bound(op, 1, xs[1] if len(xs) > 1 and xs[1] is not None else None)
+        hi = _scalar_bound(op, 2, xs[2] if len(xs) > 2 and xs[2] is not None else None)
     if not torch.is_tensor(lo) and not torch.is_tensor(hi):
         # constant bounds (every export's ReLU6 / HardSwish): clamp's backward is one mask, where maximum and
         # minimum with a tensor bound cost an eq, a where and a masked_fill each (a third of PP-OCR's training step)
@@ -263,10 +262,12 @@ def _clip(op, xs):
     return [x]
 
 
-def _scalar_bound(b):
-    """A Clip bound as a Python float where it is one constant value (no gradient), else as it is."""
-    if torch.is_tensor(b) and b.numel() == 1 and not b.requires_grad:
-        return float(b)
+def _scalar_bound(op: _Op, i: int, b):
+    """Clip's bound (input i) as a Python float where it is one initializer value without a gradient (not a
+    parameter, not computed), else as it is."""
+    if torch.is_tensor(b) and i < len(op.static) and op.static[i] is not None and b.numel() == 1 \
+            and not b.requires_grad:
+        return float(np.asarray(op.static[i]).reshape(-1)[0])
     return b
 
 
