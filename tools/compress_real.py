@@ -10,9 +10,11 @@ student are compiled for the cpu target and timed side by side. Prints one markd
 
 Models (from the wheels tools/setup.sh installs):
   ppocr-rec  rapidocr_onnxruntime's ch_PP-OCRv4_rec_infer.onnx, [1, 3, 48, 320]; lines by tools/ocr_data.py
-             (render_lines); metric: decoded-sequence agreement (greedy CTC) with the teacher
+             (render_lines: real phrases from Debian's message catalogs; --text random for the older random
+             characters); metric: decoded-sequence agreement (greedy CTC) with the teacher
   ppocr-det  ch_PP-OCRv4_det_infer.onnx at [1, 3, S, S] (--page-size, default 320); pages by
-             tools/ocr_data.render_pages; metric: IoU of the probability maps thresholded at 0.3
+             tools/ocr_data.render_pages; metric: IoU of the probability maps thresholded at 0.3, and the
+             region F1 (graphopt.task_metrics.region_f1: the maps' regions matched at box IoU >= 0.5)
   magika     magika's standard_v3_3 model, [1, 2048] byte tokens: first and last 1024 bytes of files under
              /usr/share and /usr/lib (train and held-out files disjoint); metric: top-1 agreement
 
