@@ -11,9 +11,9 @@ language and currency names ...; CATALOG_DOMAINS), cut into lines of 2-10 Chines
 characters of whole words, plus numbers and amounts. Only characters of the PP-OCRv4 recognizer's own dictionary
 (read from the model's metadata) are kept, so every line is something the recognizer can read. `source="random"`
 is the earlier generator (random draws from 36 invoice words and from the first 1500 characters of the dictionary,
-which is not ordered by frequency: many are rare, and the teacher itself reads only half of those lines right). Preprocessing follows PaddleOCR's:
-lines are resized to height 48 keeping the aspect ratio and padded on the right to 320; pixels are scaled to
-[-1, 1] ((x / 255 - 0.5) / 0.5), RGB, channels first. Pages are normalized with ImageNet mean/std like the detector.
+which is not ordered by frequency: many are rare, and the teacher itself reads only half of those lines right).
+Preprocessing follows PaddleOCR's: lines are resized to height 48 keeping the aspect ratio and padded on the right
+to 320; pixels are scaled to [-1, 1] ((x / 255 - 0.5) / 0.5), RGB, channels first. Pages are normalized with ImageNet mean/std like the detector.
 
     .venv/bin/python tools/ocr_data.py --lines 8 --out /tmp/lines.png     # a contact sheet to look at
 """
@@ -123,8 +123,9 @@ def number_text(rng: np.random.Generator) -> str:
 
 
 def random_text(rng: np.random.Generator) -> str:
-    """A line of 3-14 characters: Latin words, numbers, or common Chinese characters (the first 1500 of the
-    dictionary, which PaddleOCR orders roughly by frequency)."""
+    """The earlier generator: a line of 3-14 characters, Latin invoice words, numbers, or random Chinese characters
+    from the first 1500 of the dictionary (not ordered by frequency, as was assumed: many are rare, and the teacher
+    decodes only about half of these lines as rendered)."""
     kind = rng.random()
     if kind < 0.35:
         words = [LATIN[i] for i in rng.integers(0, len(LATIN), rng.integers(1, 3))]
