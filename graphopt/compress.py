@@ -480,6 +480,7 @@ def _fit_memory(original, config, train, max_memory, notice, student=None, grow_
     limit to TEACHER_CACHE_SHARE of the budget (counted in the estimate like the rest)."""
     from .limits import available_memory
     from .memory_estimate import fit_micro_batch, output_bytes, training_bytes
+    from .distill import cache_itemsize
     budget = int(max_memory) if max_memory is not None else available_memory()
     if grow_cache:
         config = replace(config, cache_limit_mb=max(config.cache_limit_mb, TEACHER_CACHE_SHARE * budget / 2 ** 20))
@@ -487,9 +488,8 @@ def _fit_memory(original, config, train, max_memory, notice, student=None, grow_
     cached = 0
     if isinstance(train, dict) and config.cache_teacher:    # distill caches the teacher's outputs up to a limit,
         n = len(next(iter(train.values())))                 # in bfloat16 where only half fits (counted as half)
-        per = output_bytes(original) * n
-        limit = config.cache_limit_mb * 2 ** 20
-        cached = n if per <= limit else (n + 1) // 2 if per <= 2 * limit else 0
+        itemsize = cache_itemsize(output_bytes(original) * n, config.cache_limit_mb)
+        cached = (n * itemsize + 3) // 4
     student = original if student is None else student
     m, need = fit_micro_batch(student, [original], want, budget, cached)
     if m < want:

@@ -901,10 +901,10 @@ def _teacher_cache(train: dict, names: list[str], run_teachers, config: DistillC
     n = len(arrays[0])
     probe_outs, probe_feats = run_teachers([_tensor(a[:1]) for a in arrays])
     per_example = sum(o.numel() for outs in probe_outs for o in outs) + sum(f.numel() for f in probe_feats.values())
-    limit = config.cache_limit_mb * 2 ** 20
-    if per_example * 2 * n > limit:
+    itemsize = cache_itemsize(per_example * 4 * n, config.cache_limit_mb)
+    if not itemsize:
         return None
-    half = per_example * 4 * n > limit
+    half = itemsize == 2
 
     def keep(t: torch.Tensor):
         return t.detach().to(torch.bfloat16).cpu() if half and t.is_floating_point() else t.cpu().numpy()
@@ -924,6 +924,13 @@ def _teacher_cache(train: dict, names: list[str], run_teachers, config: DistillC
             feats_acc.setdefault(k, []).append(keep(v))
     return {"outputs": [[join(x) for x in outs] for outs in outs_acc],
             "features": {k: join(v) for k, v in feats_acc.items()}}
+
+
+def cache_itemsize(float32_bytes: int, limit_mb: float) -> int:
+    """Bytes per cached value: 4 (float32) where the cache fits limit_mb, 2 (bfloat16) where half of it does, else 0
+    (no cache)."""
+    limit = limit_mb * 2 ** 20
+    return 4 if float32_bytes <= limit else 2 if float32_bytes <= 2 * limit else 0
 
 
 def cached_rows(cached, rows) -> torch.Tensor:
