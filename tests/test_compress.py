@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -220,6 +221,25 @@ def test_labels_are_optional_for_distillation(teacher, data):
     assert info["macs_ratio"] <= 0.7 + 1e-9 and len(info["history"]) == 2
     with pytest.raises(BadInput, match="labels"):
         compress(teacher, {"x": train["x"][:256]}, "prune-channels{flops=0.7}", epochs=1, distill=False)
+
+
+def test_phase_unit_steps_gives_each_phase_its_share_of_the_optimizer_steps(teacher, data):
+    """Whole epochs: 2 epochs and 2 prune steps leave the fine-tuning 1 epoch, not its share of 0.6 (and 4 prune
+    steps would take 4). phase_unit="steps" shares out epochs x batches: 2 x 4 = 8 steps, the fine-tuning
+    round(8 * 0.6) = 5, the two prune steps 2 and 1."""
+    train, _ = data
+    x = {"x": train["x"][:256]}
+    sch = Schedule(light_fraction=0.5, fine_fraction=0.5, fine_tune_share=0.6)
+    _, whole = compress(teacher, x, "prune-channels{flops=0.7}", epochs=2, batch_size=64, schedule=sch)
+    assert [h["epochs"] for h in whole["history"]] == [1, 1, 1]
+    _, info = compress(teacher, x, "prune-channels{flops=0.7}", epochs=2, batch_size=64,
+                       schedule=replace(sch, phase_unit="steps"))
+    assert [h["phase"] for h in info["history"]] == ["prune-light", "prune-fine", "fine-tune"]
+    assert [h["steps"] for h in info["history"]] == [2, 1, 5]
+    assert [h["epochs"] for h in info["history"]] == pytest.approx([0.5, 0.25, 1.25])
+    assert info["macs_ratio"] <= 0.7 + 1e-9
+    with pytest.raises(BadInput, match="phase_unit"):
+        compress(teacher, x, "prune-channels{flops=0.7}", epochs=1, schedule=Schedule(phase_unit="batches"))
 
 
 def test_phases_evaluate_the_held_out_data_only(teacher, data, monkeypatch):
