@@ -1173,6 +1173,14 @@ def _fuse_hardswish(plan: list[_Op], outputs: list[str], opset: int) -> tuple[li
     return fused, away
 
 
+def fused_away_tensors(graph: gs.Graph) -> set[str]:
+    """Names of the tensors the trainable view never computes: the inner tensors of the spelled-out HardSwish chains
+    it runs as one op (_fuse_hardswish). graphopt.memory_estimate leaves them out."""
+    opset = _default_opset(graph)
+    plan = [_Op(n, OPS[n.op], opset) for n in graph.nodes if n.op in OPS and (n.domain or "") in ("", "ai.onnx")]
+    return _fuse_hardswish(plan, [t.name for t in graph.outputs], opset)[1]
+
+
 def _tensor_named(node: gs.Node, name: str):
     return next(t for t in node.inputs if t is not None and t.name == name)
 

@@ -125,10 +125,10 @@ LAYERS = [
     ("targets", {"targets"}),
     ("core", {"passmanager", "instruments", "analyses", "channel_groups", "prune_rules", "verify", "loading",
               "folding", "control_flow", "shapes", "symbolic_shapes", "check_inputs", "trainable", "qat",
-              "quant_check"}),
+              "quant_check", "memory_estimate"}),
     ("foundation", {"allocator", "errors", "version", "graph", "metadata", "op_traits", "hardware", "ort", "limits", "npz",
                     "outputs", "text_table", "quiet", "progress", "pipeline_text", "plugins", "samples", "tuning_db",
-                    "library_check", "memory_estimate", "verified_json", "micro_batching", "datasets",
+                    "library_check", "verified_json", "micro_batching", "datasets",
                     "task_metrics", "bf16_check", "rewrite", "layouts", "adapters", "data_checks", "folder_data",
                     "report_html"}),
 ]

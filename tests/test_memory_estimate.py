@@ -81,3 +81,18 @@ def test_compress_lets_the_teacher_cache_grow_with_the_budget():
     assert info["estimate_bytes"] >= n * output_bytes(g)
     big = {"x": np.broadcast_to(np.zeros((1, 1, 8, 8), np.float32), (2 * n, 1, 8, 8))}    # 1.2 GB: not even half
     assert _fit_memory(g, DistillConfig(batch_size=32), big, budget, print)[1]["teacher_cached"] == 0
+
+
+@pytest.mark.parametrize("reuse_inner", [False, True])
+def test_fused_hardswish_chains_count_only_what_the_view_computes(reuse_inner, tmp_path):
+    """The trainable view runs Paddle's spelled-out HardSwish as one op: its Add, Clip and Mul outputs are never
+    computed, so the estimate leaves them out (PP-OCRv4's recognizer: 6.2 GB estimated for a 2.3 GB peak before)."""
+    import onnx
+
+    from graphopt.memory_estimate import per_example_activation_bytes
+    from test_trainable import _hardswish_chain_model
+    onnx.save(_hardswish_chain_model(reuse_inner), str(tmp_path / "hs.onnx"))
+    g = graphopt.load(str(tmp_path / "hs.onnx"))
+    per_tensor = 8 * 8 * 8 * 4                      # h, a, r, m, hs and k: [1, 8, 8, 8] float32; y: [1, 4, 8, 8]
+    inner = 0 if not reuse_inner else 3             # a, r, m
+    assert per_example_activation_bytes(g) == (3 + inner) * per_tensor + per_tensor // 2
