@@ -122,6 +122,8 @@ class Schedule:
     map_balance: str = "half"            # DistillConfig.map_balance: a one-channel map's positives and negatives
     #                                      weigh "half" the loss each, or "hard": DB's positives + 3x hardest
     #                                      negatives (README: PP-OCRv4's detector)
+    frame_balance: str = "none"          # DistillConfig.frame_balance: "half": a CTC recognizer's blank and symbol
+    #                                      frames (the teacher's decisions) weigh half the KD each
     narrow_round_to: bool = True         # per-layer channel steps (prune-channels' min_widths) when the pipeline
     #                                      sets neither round_to nor min_widths: the target's vector width where a
     #                                      layer keeps min_widths counts, finer steps on narrow layers (one step
@@ -152,6 +154,8 @@ class Schedule:
             raise BadInput(f"Schedule: phase_unit must be 'epochs' or 'steps', not '{self.phase_unit}'")
         if self.map_balance not in ("half", "hard"):
             raise BadInput(f"Schedule: map_balance must be 'half' or 'hard', not '{self.map_balance}'")
+        if self.frame_balance not in ("none", "half"):
+            raise BadInput(f"Schedule: frame_balance must be 'none' or 'half', not '{self.frame_balance}'")
         if not (self.teacher_hard_weight >= 0 and self.decision_teacher_hard_weight >= 0
                 and self.decision_temperature > 0):
             raise BadInput("Schedule: teacher_hard_weight and decision_teacher_hard_weight non-negative, "
@@ -643,7 +647,7 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
         dist_info = dist_mod.setup()
     base = distill_config or DistillConfig(batch_size=batch_size, lr=lr if lr is not None else s.lr, seed=seed,
                                            micro_batch=micro_batch, teacher_hard_weight=s.teacher_hard_weight,
-                                           map_balance=s.map_balance)
+                                           map_balance=s.map_balance, frame_balance=s.frame_balance)
     probe = predict(original, {k: v[:16] for k, v in calib.items()})[0]   # the original's first output, once
     if distill_config is None:
         base = replace(base, **_output_form(original, calib, probe))

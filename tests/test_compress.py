@@ -342,11 +342,8 @@ def test_cli_schedule_reaches_compress(tmp_path, capsys, data):
     assert [h["phase"] for h in info["history"]] == ["prune-light", "fine-tune"]
 
 
-def test_ctc_recognizer_distills_at_temperature_one_with_its_frame_decisions():
-    """Schedule(decisions=True), [N, T, C] softmax frames (a CTC recognizer): every phase at T <=
-    Schedule.decision_temperature (1), no label
-    smoothing, and the original's arg-max frames as targets (decision_teacher_hard_weight); a classifier keeps the
-    schedule's temperatures (test_schedule_light_then_fine_then_fine_tune)."""
+def _ctc_model():
+    """A tiny [1, 6, 12] softmax-frames model (a CTC recognizer's output form) and 64 inputs."""
     from onnx import TensorProto, helper, numpy_helper
     from graphopt.graph import from_onnx
     rng = np.random.default_rng(0)
@@ -357,7 +354,32 @@ def test_ctc_recognizer_distills_at_temperature_one_with_its_frame_decisions():
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 12])],
                           [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
     model = from_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
-    x = {"x": rng.standard_normal((64, 6, 8)).astype(np.float32)}
+    return model, {"x": rng.standard_normal((64, 6, 8)).astype(np.float32)}
+
+
+def test_frame_balance_reaches_the_recognizers_kd(monkeypatch):
+    """Schedule(frame_balance="half") balances a CTC output's blank and symbol frames (kd_loss's balance_blank=0)
+    in every phase; the default weighs every frame alike; a bad value is refused."""
+    import graphopt.distill as distill_mod
+    seen = []
+    real = distill_mod.kd_loss
+    monkeypatch.setattr(distill_mod, "kd_loss", lambda *a, **k: seen.append(k.get("balance_blank")) or real(*a, **k))
+    model, x = _ctc_model()
+    for balance, want in (("half", {0}), ("none", {None})):
+        seen.clear()
+        compress(model, x, "prune-channels{ratio=0.25,round_to=1}", epochs=2, batch_size=32,
+                 schedule=Schedule(frame_balance=balance, light_fraction=1.0))
+        assert seen and set(seen) == want
+    with pytest.raises(BadInput, match="frame_balance"):
+        Schedule.from_options({"frame_balance": "all"})
+
+
+def test_ctc_recognizer_distills_at_temperature_one_with_its_frame_decisions():
+    """Schedule(decisions=True), [N, T, C] softmax frames (a CTC recognizer): every phase at T <=
+    Schedule.decision_temperature (1), no label
+    smoothing, and the original's arg-max frames as targets (decision_teacher_hard_weight); a classifier keeps the
+    schedule's temperatures (test_schedule_light_then_fine_then_fine_tune)."""
+    model, x = _ctc_model()
     logs = []
     _, info = compress(model, x, "prune-channels{ratio=0.25,round_to=1}", epochs=2, batch_size=16, lr=1e-3,
                        log=logs.append, schedule=Schedule(decisions=True))

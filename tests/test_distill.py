@@ -351,6 +351,31 @@ def test_binary_kd_weighs_the_few_positives_as_much_as_the_background():
     assert float(binary_kd_loss(only_bg, [only_bg], 1.0, probs=False)) == pytest.approx(0.0, abs=1e-3)
 
 
+def test_ctc_frames_balance_blank_and_symbol_frames():
+    """frame_balance="half": a recognizer's frames the teacher decodes as blank and those it decodes as a symbol
+    weigh half the KD each. 2 symbol frames of 10: a student that drops both (blank there) costs little under the
+    plain mean, against as much as a student wrong on every blank frame when balanced."""
+    from graphopt.distill import kd_loss
+    t = torch.full((1, 10, 4), -6.0)
+    t[0, :, 0] = 6.0                                        # blank everywhere ...
+    t[0, 3, :] = torch.tensor([-6.0, 6.0, -6.0, -6.0])      # ... but a symbol at frames 3 and 7
+    t[0, 7, :] = torch.tensor([-6.0, -6.0, 6.0, -6.0])
+    target = torch.softmax(t, dim=2)
+    dropped = torch.full_like(t, -6.0)
+    dropped[0, :, 0] = 6.0                                  # the symbols read as blank
+    inserted = t.clone()
+    inserted[0, [0, 1, 2, 4, 5, 6, 8, 9], :] = torch.tensor([-6.0, -6.0, -6.0, 6.0])   # every blank misread
+    plain = lambda s: float(kd_loss(s, target, 1.0, axis=2))                           # noqa: E731
+    half = lambda s: float(kd_loss(s, target, 1.0, axis=2, balance_blank=0))           # noqa: E731
+    assert plain(dropped) < 0.3 * plain(inserted)
+    assert half(dropped) == pytest.approx(half(inserted), rel=1e-3)
+    assert half(t) == pytest.approx(0.0, abs=1e-3)
+    only_blank = torch.softmax(dropped, dim=2)               # no symbol frame: the plain mean
+    assert float(kd_loss(dropped, only_blank, 1.0, axis=2, balance_blank=0)) == pytest.approx(0.0, abs=1e-3)
+    with pytest.raises(BadInput, match="frame_balance"):
+        DistillConfig(frame_balance="all").validate()
+
+
 def test_one_channel_sigmoid_output_is_distilled_as_probabilities():
     from graphopt.compress import _output_form
     from onnx import helper, TensorProto
