@@ -96,3 +96,16 @@ def test_fused_hardswish_chains_count_only_what_the_view_computes(reuse_inner, t
     per_tensor = 8 * 8 * 8 * 4                      # h, a, r, m, hs and k: [1, 8, 8, 8] float32; y: [1, 4, 8, 8]
     inner = 0 if not reuse_inner else 3             # a, r, m
     assert per_example_activation_bytes(g) == (3 + inner) * per_tensor + per_tensor // 2
+
+
+def test_a_micro_batch_above_the_batch_is_estimated_as_the_batch():
+    """compress's default micro-batch (32) above a batch of 16 trains 16 at a time: the estimate is for 16, and a
+    budget that holds 16 but not 32 says nothing (it said a micro-batch of 32 did not fit and trained 16)."""
+    from graphopt.compress import _fit_memory
+    from graphopt.distill import DistillConfig
+    g = graphopt.load(digits.teacher_path())
+    budget = int((training_bytes(g, [g], 16) + training_bytes(g, [g], 32)) / 2 / 0.8)
+    notes = []
+    cfg, info = _fit_memory(g, DistillConfig(batch_size=16, micro_batch=32, cache_teacher=False), {"x": np.zeros(
+        (64, 1, 8, 8), np.float32)}, budget, notes.append)
+    assert notes == [] and info["micro_batch"] == 16 and info["estimate_bytes"] == training_bytes(g, [g], 16)
