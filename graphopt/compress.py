@@ -495,7 +495,7 @@ def _fit_memory(original, config, train, max_memory, notice, student=None, grow_
     budget = int(max_memory) if max_memory is not None else available_memory()
     if grow_cache:
         config = replace(config, cache_limit_mb=max(config.cache_limit_mb, TEACHER_CACHE_SHARE * budget / 2 ** 20))
-    want = min(config.micro_batch or config.batch_size, config.batch_size)   # a micro-batch above the batch is the batch
+    want = min(config.micro_batch or config.batch_size, config.batch_size)   # never more than the batch
     cached = 0
     if isinstance(train, dict) and config.cache_teacher:    # distill caches the teacher's outputs up to a limit,
         n = len(next(iter(train.values())))                 # in bfloat16 where only half fits (counted as half)
