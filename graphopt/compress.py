@@ -87,7 +87,8 @@ class Schedule:
     phase_unit: str = "epochs"           # "epochs": whole epochs per phase, at least one per prune step (5 steps in
     #                                      7 epochs leave the fine-tuning 2, not its share); "steps" (array data):
     #                                      the shares exactly, in optimizer steps (fractions of an epoch). Opt-in:
-    #                                      on digits (8 epochs of 20 batches) steps of 9 batches trained worse
+    #                                      short runs get phases of a few batches (digits: 9), too short for the
+    #                                      divergence rule (divergence_steps) to judge
     light_temperature: float = 8.0
     fine_temperature: float = 4.0
     final_temperature: tuple = ((0.5, 4.0, 2.0), (1.0, 2.0, 1.0))   # distill.temperature_at phases
