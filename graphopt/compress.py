@@ -138,7 +138,8 @@ class Schedule:
     divergence_ratio: float = 1.1        # a phase that ends this much above its first step's loss is trained
     #                                      again from the same start at a tenth of the lr
     divergence_steps: int = 16           # ... when it had at least this many steps
-    divergence_min_scale: float = 0.01   # ... down to this fraction of the lr
+    divergence_min_scale: float = 0.01   # ... down to this fraction of the lr (a retry that ends no lower than the
+    #                                      attempt before it: that attempt and its lr are kept; 1: no retries)
     qat_share: float = 0.25              # of the epochs, for quantization-aware training (all of them when no other
     #                                      pass trains)
     qat_lr_scale: float = 0.1            # QAT's peak lr, relative to lr: the weights move on the int8 grid only
@@ -467,6 +468,13 @@ def _diverged(m: dict, temperature, s: Schedule) -> bool:
     return bool(last > s.divergence_ratio * first and last - first > noise)
 
 
+def _no_lower(m: dict, before: dict) -> bool:
+    """A retry (metrics m, at a tenth of the lr, same start and batches) that ended no lower than the attempt it
+    replaced: both last losses finite and m's not below."""
+    a, b = m.get("loss_last"), before.get("loss_last")
+    return a is not None and b is not None and bool(np.isfinite(a) and np.isfinite(b) and a >= b)
+
+
 #: the fewest last steps _diverged estimates the batches' spread from
 NOISE_STEPS = 8
 
@@ -769,6 +777,7 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
                 cfg = replace(cfg, resume=ckpts.partial(k),
                               checkpoint=lambda i, state: ckpts.save_partial(k, state()) if ckpts.due() else None)
             start, lr0 = g, (config or base).lr
+            before = None               # the attempt a retry at a tenth of its lr replaced: (graph, metrics, scale)
             while True:
                 cfg = replace(cfg, lr=lr0 * lr_scale[0])
                 try:
@@ -777,10 +786,22 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
                 except CheckFailed as e:
                     raise CheckFailed(f"compress: training step {step_no} ({kind}): {e}") from None
                 diverged = _diverged(m, temperature, s)
+                no_lower = before is not None and _no_lower(m, before[1])
                 if dist_info is not None:           # each process saw its own shard's loss: rank 0 decides
                     diverged = dist_mod.broadcast_value(diverged, dist_info)
+                    no_lower = dist_mod.broadcast_value(no_lower, dist_info)
+                if no_lower:
+                    # a tenth of the lr ended no lower on the same batches: the rise was the batches, not the lr
+                    # (PP-OCRv4's recognizer, seed 1: a prune step ended at 0.75 from a first batch of 0.63 at
+                    # 1e-4, 1e-5 and 1e-6, and the fine-tuning inherited 1e-6)
+                    g, m, lr_scale[0] = before
+                    cfg = replace(cfg, lr=lr0 * lr_scale[0])
+                    log(f"compress: step {step_no} ({kind}) at lr {lr0 * lr_scale[0] / 10:g} ended no lower than at "
+                        f"{lr0 * lr_scale[0]:g}: the rise is the batches' noise; kept the first attempt and its lr")
+                    break
                 if not diverged or lr_scale[0] <= s.divergence_min_scale:
                     break
+                before = (g, m, lr_scale[0])
                 lr_scale[0] /= 10.0
                 log(f"compress: step {step_no} ({kind}) diverged (loss {m['history']['loss'][0]:.4g} -> "
                     f"{m['loss_last']:.4g}); trained again from the same start at lr {lr0 * lr_scale[0]:g}, "
