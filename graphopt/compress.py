@@ -154,10 +154,8 @@ class Schedule:
             raise BadInput(f"Schedule.reconstruct must be none, bias or lsq, not '{self.reconstruct}'")
         if self.phase_unit not in ("epochs", "steps"):
             raise BadInput(f"Schedule: phase_unit must be 'epochs' or 'steps', not '{self.phase_unit}'")
-        if self.map_balance not in ("half", "hard"):
-            raise BadInput(f"Schedule: map_balance must be 'half' or 'hard', not '{self.map_balance}'")
-        if self.frame_balance not in ("none", "half"):
-            raise BadInput(f"Schedule: frame_balance must be 'none' or 'half', not '{self.frame_balance}'")
+        from .distill import check_balances
+        check_balances(self, "Schedule: ")
         if not (self.teacher_hard_weight >= 0 and self.decision_teacher_hard_weight >= 0
                 and self.decision_temperature > 0):
             raise BadInput("Schedule: teacher_hard_weight and decision_teacher_hard_weight non-negative, "
@@ -707,11 +705,6 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
     qat_epochs = (max(1, int(round(epochs * s.qat_share))) if n_steps else epochs) if qat else 0
     fine_tune = bool(n_steps) or not qat          # QAT alone: no fp32 fine-tuning of an unchanged model
     train_epochs = max(1, epochs - qat_epochs)
-    final_epochs = max(1, int(round(train_epochs * s.fine_tune_share))) if n_steps else train_epochs
-    if n_steps and train_epochs - final_epochs < n_steps:      # every step trains at least one epoch
-        final_epochs = max(1, train_epochs - n_steps)
-    rest = max(n_steps, train_epochs - final_epochs)
-    per_step = [rest // n_steps + (1 if i < rest % n_steps else 0) for i in range(n_steps)] if n_steps else []
     # phase_unit "steps" (array data): the schedule's shares of epochs x batches per epoch, at least one step each
     per_epoch = -(-len(next(iter(train.values()))) // base.batch_size) if isinstance(train, dict) else None
     in_steps = bool(n_steps) and per_epoch is not None and s.phase_unit == "steps"
@@ -720,7 +713,12 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
         final_epochs = max(1, int(round(total * s.fine_tune_share)))
         rest = max(n_steps, total - final_epochs)
         final_epochs = min(final_epochs, max(1, total - rest))
-        per_step = [rest // n_steps + (1 if i < rest % n_steps else 0) for i in range(n_steps)]
+    else:
+        final_epochs = max(1, int(round(train_epochs * s.fine_tune_share))) if n_steps else train_epochs
+        if n_steps and train_epochs - final_epochs < n_steps:      # every step trains at least one epoch
+            final_epochs = max(1, train_epochs - n_steps)
+        rest = max(n_steps, train_epochs - final_epochs)
+    per_step = [rest // n_steps + (1 if i < rest % n_steps else 0) for i in range(n_steps)] if n_steps else []
 
     original_size = _metrics(original)
     graph = copy_graph(original)

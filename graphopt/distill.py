@@ -149,10 +149,7 @@ class DistillConfig:
             raise BadInput("DistillConfig.scale_lr must be above 0")
         if not self.teacher_hard_weight >= 0:
             raise BadInput("DistillConfig.teacher_hard_weight must be a non-negative number")
-        if self.map_balance not in ("half", "hard"):
-            raise BadInput(f"DistillConfig.map_balance must be 'half' or 'hard', not '{self.map_balance}'")
-        if self.frame_balance not in ("none", "half"):
-            raise BadInput(f"DistillConfig.frame_balance must be 'none' or 'half', not '{self.frame_balance}'")
+        check_balances(self, "DistillConfig.")
         if not 0 <= self.teacher_label_smoothing < 1 or not 0 <= self.label_smoothing < 1:
             raise BadInput("DistillConfig: label smoothing must be in [0, 1)")
         if not 0 <= self.warmup <= 1:
@@ -288,6 +285,18 @@ def teacher_targets(teacher_logits: Sequence[torch.Tensor], T: float, axis: int 
 def _as_logits(out: torch.Tensor, config: "DistillConfig") -> torch.Tensor:
     """An output as logits: itself, or the log of a probability output (DistillConfig.outputs="probs")."""
     return torch.log(out.clamp_min(1e-12)) if config.outputs == "probs" else out
+
+
+MAP_BALANCES = ("half", "hard")         # DistillConfig.map_balance (and compress's Schedule.map_balance)
+FRAME_BALANCES = ("none", "half")       # DistillConfig.frame_balance (and Schedule.frame_balance)
+
+
+def check_balances(config, prefix: str) -> None:
+    """BadInput unless config's map_balance and frame_balance are values distill knows (DistillConfig, Schedule)."""
+    for key, allowed in (("map_balance", MAP_BALANCES), ("frame_balance", FRAME_BALANCES)):
+        if getattr(config, key) not in allowed:
+            raise BadInput(f"{prefix}{key} must be " + " or ".join(f"'{a}'" for a in allowed) +
+                           f", not '{getattr(config, key)}'")
 
 
 def kd_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, T: float, axis: int = 1,

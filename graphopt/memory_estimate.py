@@ -93,11 +93,16 @@ def output_bytes(graph: gs.Graph) -> int:
 
 def training_bytes(student: gs.Graph, teachers: list[gs.Graph], micro_batch: int, cached_examples: int = 0) -> int:
     """Peak memory of distilling `student` from `teachers` with micro-batches of `micro_batch` examples."""
+    return _estimator(student, teachers, cached_examples)(micro_batch)
+
+
+def _estimator(student: gs.Graph, teachers: list[gs.Graph], cached_examples: int):
+    """training_bytes as a function of the micro-batch, the graphs read once (fit_micro_batch tries several)."""
     weights = 4 * weight_bytes(student) + sum(weight_bytes(t) for t in teachers)
-    acts = ACTIVATION_FACTOR * per_example_activation_bytes(student) * micro_batch
-    teacher_acts = sum(2 * largest_tensor_bytes(t) for t in teachers) * micro_batch
+    acts = ACTIVATION_FACTOR * per_example_activation_bytes(student)
+    teacher_acts = sum(2 * largest_tensor_bytes(t) for t in teachers)
     cache = sum(output_bytes(t) for t in teachers) * cached_examples
-    return int(FIXED_BYTES + weights + acts + teacher_acts + cache)
+    return lambda micro_batch: int(FIXED_BYTES + weights + acts * micro_batch + teacher_acts * micro_batch + cache)
 
 
 def fit_micro_batch(student: gs.Graph, teachers: list[gs.Graph], micro_batch: int, budget: int,
@@ -105,8 +110,9 @@ def fit_micro_batch(student: gs.Graph, teachers: list[gs.Graph], micro_batch: in
     """(the largest micro-batch <= micro_batch whose estimate fits SAFETY * budget, its estimate). BadInput when
     not even one example fits."""
     m = max(1, int(micro_batch))
+    estimate = _estimator(student, teachers, cached_examples)
     while True:
-        need = training_bytes(student, teachers, m, cached_examples)
+        need = estimate(m)
         if need <= SAFETY * budget:
             return m, need
         if m == 1:
