@@ -606,7 +606,7 @@ def compress(original: gs.Graph, train, pipeline, labels=None, eval_data=None, e
 def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, lr, seed, log, distill_config,
               distributed, distill, schedule, eval_labels, progress, micro_batch, checkpoint_dir, resume,
               checkpoint_every_s, max_memory, notice, after_training):
-    from .distill import DistillConfig, capped_temperature, distill as run_distill, predict
+    from .distill import DistillConfig, batches_per_epoch, capped_temperature, distill as run_distill, predict
     from .evaluate import channels_per_layer
 
     t_start = time.perf_counter()
@@ -705,8 +705,9 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
     qat_epochs = (max(1, int(round(epochs * s.qat_share))) if n_steps else epochs) if qat else 0
     fine_tune = bool(n_steps) or not qat          # QAT alone: no fp32 fine-tuning of an unchanged model
     train_epochs = max(1, epochs - qat_epochs)
-    # phase_unit "steps" (array data): the schedule's shares of epochs x batches per epoch, at least one step each
-    per_epoch = -(-len(next(iter(train.values()))) // base.batch_size) if isinstance(train, dict) else None
+    # phase_unit "steps" (arrays, or a DataLoader with a length): the schedule's shares of epochs x batches per
+    # epoch, at least one step each
+    per_epoch = batches_per_epoch(train, base.batch_size)
     in_steps = bool(n_steps) and per_epoch is not None and s.phase_unit == "steps"
     if in_steps:
         total = train_epochs * per_epoch

@@ -333,17 +333,29 @@ def teacher_hard_loss(student_outs: Sequence[torch.Tensor], teacher_outs: Sequen
     return total / max(1, len(student_outs))
 
 
+def batches_per_epoch(train, batch_size: int) -> int | None:
+    """Optimizer steps in one epoch of `train`: arrays by name (ceil(examples / batch_size)), a DataLoader (its
+    length), or None (an iterable of unknown length)."""
+    if isinstance(train, dict):
+        return -(-len(next(iter(train.values()))) // batch_size)
+    try:
+        return len(train)
+    except TypeError:
+        return None
+
+
 def binary_kd_loss(student_out: torch.Tensor, teacher_outs: Sequence[torch.Tensor], T: float,
-                   probs: bool, weights: Sequence[float] | None = None, balanced: bool | str = True) -> torch.Tensor:
+                   probs: bool, weights: Sequence[float] | None = None, balance: str = "half") -> torch.Tensor:
     """KD for a one-channel map (a detector's probability map, a binary mask): every element is a Bernoulli
     distribution, so the softmax over a class axis of size one (constant 1, no gradient) becomes the binary KL of
     the teachers' probabilities at temperature T (averaged with `weights`) and the student's, times T^2. probs: the
     outputs are probabilities (a final Sigmoid), distilled through their logits.
-    balanced: the elements the teachers call positive (p > 0.5 at T=1) and the negatives weigh half the loss each
+    balance="none": a plain mean over the elements.
+    balance="half": the elements the teachers call positive (p > 0.5 at T=1) and the negatives weigh half the loss each
     (where both occur), as detectors are trained (DB's balanced BCE): text covers a few percent of a page, and with a
     plain mean a pruned PP-OCRv4 detector lowered its whole map below threshold (empty map, IoU 0) while the loss
     fell.
-    balanced="hard": DB's own balance instead: the positives and the 3 x as many negatives of highest loss (all
+    balance="hard": DB's own balance instead: the positives and the 3 x as many negatives of highest loss (all
     when fewer), one mean over them. The hardest negatives are the pixels just outside the text, where the
     half-and-half balance (a positive pixel weighing ~15x a background one on a page) let the student's regions
     grow: PP-OCRv4's 0.5x detector drew them 23% taller than the teacher (map IoU 0.758, every region found)."""
@@ -357,19 +369,18 @@ def binary_kd_loss(student_out: torch.Tensor, teacher_outs: Sequence[torch.Tenso
     p = sum(float(wi) * torch.sigmoid(logits(t) / T) for wi, t in zip(w, teacher_outs))
     z = logits(student_out) / T
     kl = torch.xlogy(p, p) + torch.xlogy(1 - p, 1 - p) - p * F.logsigmoid(z) - (1 - p) * F.logsigmoid(-z)
-    if balanced:
+    if balance not in ("none", "half", "hard"):
+        raise ValueError(f"binary_kd_loss: balance {balance!r} is not none, half or hard")
+    if balance != "none":
         pos = sum(float(wi) * (logits(t) > 0).to(kl.dtype) for wi, t in zip(w, teacher_outs)) > 0.5
         n_pos = int(pos.sum())
         if 0 < n_pos < pos.numel():
-            if balanced == "hard":
+            if balance == "hard":
                 neg = kl[~pos]
                 k = min(neg.numel(), 3 * n_pos)
                 return (kl[pos].sum() + torch.topk(neg, k, sorted=False).values.sum()) / (n_pos + k) * (T * T)
             return (kl[pos].mean() + kl[~pos].mean()) * 0.5 * (T * T)
     return kl.mean() * (T * T)
-
-
-_BALANCE = {"half": True, "hard": "hard"}     # DistillConfig.map_balance -> binary_kd_loss's balanced
 
 
 def _sigmoid_logit_taps(student: gs.Graph, teachers, student_outputs: list[str], teacher_outputs: list[str]) -> dict:
@@ -654,13 +665,7 @@ def _distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, 
     if isinstance(train, dict):
         check_finite(dict(zip(s_tg.input_names, _array_inputs(train, s_tg.input_names, "distill"))),
                      "training data")
-        n_train = len(_array_inputs(train, s_tg.input_names, "distill")[0])
-        per_epoch = -(-n_train // config.batch_size)
-    else:
-        try:
-            per_epoch = len(train)
-        except TypeError:
-            per_epoch = None
+    per_epoch = batches_per_epoch(train, config.batch_size)
     total = config.steps if config.steps is not None else (config.epochs * per_epoch if per_epoch else None)
     if not total:
         raise BadInput("distill: set DistillConfig.steps (the DataLoader has no length) or epochs > 0")
@@ -779,11 +784,11 @@ def _distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, 
                         if i in logit_taps:
                             sn, tn = logit_taps[i]
                             kd = kd + binary_kd_loss(s_feats[sn], [t_feats[tn]], T, probs=False,
-                                                     balanced=_BALANCE[config.map_balance])
+                                                     balance=config.map_balance)
                         else:
                             kd = kd + binary_kd_loss(s_orig[i], [to[i] for to in t_outs], T,
                                                      config.outputs == "probs", config.teacher_weights,
-                                                     balanced=_BALANCE[config.map_balance])
+                                                     balance=config.map_balance)
                         continue
                     target = teacher_targets([_as_logits(to[i], config) for to in t_outs], T, config.class_axis,
                                              config.teacher_label_smoothing, config.teacher_weights, config.ensemble)

@@ -333,7 +333,7 @@ def test_binary_kd_weighs_the_few_positives_as_much_as_the_background():
     empty = torch.full_like(z, -8.0)
     noisy = z.clone()
     noisy[0, 0, 20:30, :10] = 8.0                           # 100 false positives, every text element kept
-    plain_empty = float(binary_kd_loss(empty, [z], 1.0, probs=False, balanced=False))
+    plain_empty = float(binary_kd_loss(empty, [z], 1.0, probs=False, balance="none"))
     bal_empty = float(binary_kd_loss(empty, [z], 1.0, probs=False))
     bal_noisy = float(binary_kd_loss(noisy, [z], 1.0, probs=False))
     assert bal_empty > 20 * plain_empty
@@ -343,7 +343,7 @@ def test_binary_kd_weighs_the_few_positives_as_much_as_the_background():
     # the text is where the hardest negatives are) costs more than under half-and-half, emptying still the most
     grown = torch.full_like(z, -8.0)
     grown[0, 0, :6, :11] = 8.0                              # 16 border elements
-    hard = lambda s: float(binary_kd_loss(s, [z], 1.0, probs=False, balanced="hard"))   # noqa: E731
+    hard = lambda s: float(binary_kd_loss(s, [z], 1.0, probs=False, balance="hard"))   # noqa: E731
     half = lambda s: float(binary_kd_loss(s, [z], 1.0, probs=False))                    # noqa: E731
     assert hard(grown) / hard(empty) > 3 * half(grown) / half(empty)
     assert hard(empty) > 2 * hard(grown) and hard(z) == pytest.approx(0.0, abs=1e-3)
