@@ -25,6 +25,7 @@ FIXED_BYTES = 600 * 2 ** 20    # torch + onnxruntime + graphs, resident before t
 SAFETY = 0.8                   # of the budget the estimate may use
 QUANTIZE_TEMPORARIES = 3       # float tensors the trainable view keeps per QuantizeLinear output (x / scale, clamped,
 #                                rounded), whatever its integer type: quantization-aware training (graphopt.qat)
+FUSED_QUANTIZE_BYTES = 1       # per element of a QuantizeLinear the view fuses with its DequantizeLinear: one bool
 
 
 def _numel(shape) -> int | None:
@@ -55,9 +56,11 @@ def per_example_activation_bytes(graph: gs.Graph) -> int:
     total = 0
     for node in graph.nodes:
         for t in node.outputs:
-            if t.name in skip:
-                continue
             n = _numel(t.shape)
+            if t.name in skip:
+                if n is not None and node.op == "QuantizeLinear":
+                    total += n * FUSED_QUANTIZE_BYTES
+                continue
             if n is not None and node.op == "QuantizeLinear":
                 total += n * 4 * QUANTIZE_TEMPORARIES
                 continue

@@ -40,13 +40,15 @@ def run(model, feeds: dict[str, np.ndarray], optimize: bool = False) -> dict[str
 
 def tensor_values(graph, names: list[str], runs: list[dict]):
     """Per run (feeds), {name: float64 value} of a gs.Graph's named tensors, outputs or intermediate, from one
-    onnxruntime session; feeds the graph does not take are dropped."""
+    onnxruntime session; feeds the graph does not take are dropped. For statistics (importance scores, pruning's
+    reconstruction), not as the oracle: the session optimizes the graph (the named tensors stay, as outputs), which
+    runs PP-OCRv4's recognizer in 18 ms a line where the unoptimized reference takes 33-51."""
     from .graph import copy, to_onnx
     m = copy(graph)
     have = {o.name for o in m.outputs}
     tensors = m.tensors()
     m.outputs.extend(tensors[n] for n in names if n not in have)
-    sess = session(to_onnx(m))
+    sess = session(to_onnx(m), optimize=True)
     keep = {t.name for t in m.inputs}
     for feeds in runs:
         yield {n: v.astype(np.float64) for n, v in zip(names, sess.run(names, {k: v for k, v in feeds.items()

@@ -384,23 +384,94 @@ def _qparam(op, p: torch.Tensor, x: torch.Tensor, dtype) -> torch.Tensor:
     return p.reshape(shape)
 
 
-@_op("QuantizeLinear")
-def _quantize_linear(op, xs):
-    x, scale = xs[0], xs[1]
-    zp = xs[2] if len(xs) > 2 and xs[2] is not None else None
+def _qrange(op, zp) -> tuple[int, int]:
+    """The integer range of a QuantizeLinear: its zero point's type, else its output_dtype (uint8 by default)."""
     if zp is not None:
         if zp.dtype not in _QRANGE:
             op.fail(f"quantization to {zp.dtype} is not supported")
-        lo, hi = _QRANGE[zp.dtype]
-    else:
-        lo, hi = _QRANGE_ONNX.get(int(op.attr("output_dtype", 0) or onnx.TensorProto.UINT8), (None, None))
-        if lo is None:
-            op.fail(f"output_dtype {op.attr('output_dtype')} is not supported")
+        return _QRANGE[zp.dtype]
+    lo, hi = _QRANGE_ONNX.get(int(op.attr("output_dtype", 0) or onnx.TensorProto.UINT8), (None, None))
+    if lo is None:
+        op.fail(f"output_dtype {op.attr('output_dtype')} is not supported")
+    return lo, hi
+
+
+def _scale_and_zero(op, xs):
+    """QuantizeLinear's (x, scale, zero point as floats shaped to broadcast against x, lo, hi)."""
+    x, scale = xs[0], xs[1]
+    zp = xs[2] if len(xs) > 2 and xs[2] is not None else None
+    lo, hi = _qrange(op, zp)
     s = _qparam(op, scale, x, x.dtype)
     z = _qparam(op, zp, x, x.dtype) if zp is not None else torch.zeros((), dtype=x.dtype, device=x.device)
+    return x, s, z, lo, hi
+
+
+@_op("QuantizeLinear")
+def _quantize_linear(op, xs):
+    x, s, z, lo, hi = _scale_and_zero(op, xs)
     y = torch.clamp(x / s, lo - z, hi - z)
     y = y + (torch.round(y) - y).detach()         # round half to even; the gradient passes straight through
     return [y + z]
+
+
+class _FakeQuant(torch.autograd.Function):
+    """A QuantizeLinear -> DequantizeLinear pair in one op: round(clamp(x / s, lo, hi)) * out_scale (lo, hi: the
+    integer range less the zero point), the values the two ops compute one after the other (r + z - z is exact for
+    these integers), with the same straight-through gradients: dx = g where x / s was inside the range; ds and
+    d out_scale (the pair's one scale, read by both ops) as the pair's autograd gives them. It keeps one bool per
+    element for the backward pass (and x only when a scale trains) where the pair kept x / s in float, and runs five
+    elementwise passes where the pair ran eight (PP-OCRv4's recognizer, 554 pairs: 12.4 -> 8.3 s a training step)."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, s, lo, hi, out_scale):
+        y = x / s
+        r = torch.clamp(y, lo, hi)
+        inside = r == y                             # NaN: False, as the pair's comparisons
+        r = r.round_()
+        r = r.mul_(out_scale) if r.dtype == out_scale.dtype else r.to(out_scale.dtype) * out_scale
+        return r, inside
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, s, lo, hi, out_scale = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.scales = ctx.needs_input_grad[1] or ctx.needs_input_grad[4]
+        ctx.bounds = None if torch.is_tensor(lo) else (lo, hi)
+        if not ctx.scales:
+            ctx.save_for_backward(output[1])
+        elif ctx.bounds is None:
+            ctx.save_for_backward(output[1], x, s, out_scale, lo, hi)
+        else:
+            ctx.save_for_backward(output[1], x, s, out_scale)
+
+    @staticmethod
+    def backward(ctx, g, _):
+        inside = ctx.saved_tensors[0]
+        gx = torch.where(inside, g, 0.0) if ctx.needs_input_grad[0] else None
+        g_s = g_out = None
+        if ctx.scales:
+            x, s, out_scale = ctx.saved_tensors[1:4]
+            lo, hi = ctx.bounds or ctx.saved_tensors[4:6]
+            y = x / s
+            if ctx.needs_input_grad[1]:        # through x / s: d(r * out_scale)/ds = -out_scale * y / s inside
+                g_s = (torch.where(inside, g * y, 0.0) * (-(out_scale / s).to(y.dtype))).sum_to_size(s.shape)
+            if ctx.needs_input_grad[4]:        # the dequantizing product
+                r = torch.round(torch.clamp(y, lo, hi)).to(out_scale.dtype)
+                g_out = (g * r).sum_to_size(out_scale.shape)
+        return gx, g_s, None, None, g_out
+
+
+def _fake_quant(op, xs):
+    """A fused QuantizeLinear -> DequantizeLinear pair (_fuse_qdq, not an ONNX op): inputs x, scale, zero point."""
+    x, s, z, lo, hi = _scale_and_zero(op, xs)
+    if z.numel() == 1 and not z.requires_grad:     # a per-tensor zero point: plain numbers as clamp's bounds
+        zf = float(z)
+        lo, hi = lo - zf, hi - zf
+    else:
+        lo, hi = lo - z, hi - z
+    out_scale = s if xs[1].dtype == x.dtype else _qparam(op, xs[1], x, xs[1].dtype)
+    return [_FakeQuant.apply(x, s, lo, hi, out_scale)[0]]
 
 
 @_op("DequantizeLinear")
@@ -1173,12 +1244,50 @@ def _fuse_hardswish(plan: list[_Op], outputs: list[str], opset: int) -> tuple[li
     return fused, away
 
 
+def _fuse_qdq(plan: list[_Op], outputs: list[str], opset: int) -> tuple[list[_Op], set[str]]:
+    """The plan with every QuantizeLinear -> DequantizeLinear pair of the same scale and zero point (the fake
+    quantization of a QDQ graph's activations, and of its weights after graphopt.qat.fake_quant) run as one
+    FakeQuant op (_FakeQuant): the same values, and one bool per element kept for the backward pass where the pair
+    kept a float x / scale and computed five float temporaries. Only pairs whose quantized tensor nothing else
+    reads. Returns (plan, fused-away tensor names: the QuantizeLinear outputs)."""
+    readers: dict[str, int] = {}
+    for op in plan:
+        for n in op.inputs:
+            if n is not None:
+                readers[n] = readers.get(n, 0) + 1
+    by_output = {op.outputs[0]: (i, op) for i, op in enumerate(plan) if op.outputs and op.outputs[0]}
+    drop, replace, away = set(), {}, set()
+    for i, dq in enumerate(plan):
+        if dq.op != "DequantizeLinear" or not dq.inputs or dq.inputs[0] is None:
+            continue
+        q = by_output.get(dq.inputs[0])
+        if q is None or q[1].op != "QuantizeLinear" or readers.get(dq.inputs[0]) != 1 or dq.inputs[0] in outputs:
+            continue
+        qop = q[1]
+        if (qop.inputs + [None])[1:3] != (dq.inputs + [None])[1:3] or qop.attrs.get("axis", 1) != dq.attrs.get("axis", 1) or \
+                qop.attrs.get("block_size", 0) != dq.attrs.get("block_size", 0):
+            continue
+        node = gs.Node("FakeQuant", name=f"{dq.node.name or dq.outputs[0]} (fused QuantizeLinear)",
+                       attrs=dict(qop.node.attrs), inputs=list(qop.node.inputs), outputs=[dq.node.outputs[0]])
+        replace[i] = _Op(node, _fake_quant, opset)
+        drop.add(q[0])
+        away.add(dq.inputs[0])
+    return [replace.get(i, op) for i, op in enumerate(plan) if i not in drop], away
+
+
+def _fuse(plan: list[_Op], outputs: list[str], opset: int) -> tuple[list[_Op], set[str]]:
+    """The plan the view runs (HardSwish chains and QDQ pairs fused) and the tensors it no longer computes."""
+    plan, away = _fuse_hardswish(plan, outputs, opset)
+    plan, away_qdq = _fuse_qdq(plan, outputs, opset)
+    return plan, away | away_qdq
+
+
 def fused_away_tensors(graph: gs.Graph) -> set[str]:
     """Names of the tensors the trainable view never computes: the inner tensors of the spelled-out HardSwish chains
-    it runs as one op (_fuse_hardswish). graphopt.memory_estimate leaves them out."""
+    and the quantized tensors of the QDQ pairs it runs as one op (_fuse). graphopt.memory_estimate leaves them out."""
     opset = _default_opset(graph)
     plan = [_Op(n, OPS[n.op], opset) for n in graph.nodes if n.op in OPS and (n.domain or "") in ("", "ai.onnx")]
-    return _fuse_hardswish(plan, [t.name for t in graph.outputs], opset)[1]
+    return _fuse(plan, [t.name for t in graph.outputs], opset)[1]
 
 
 def _tensor_named(node: gs.Node, name: str):
@@ -1269,10 +1378,10 @@ class TrainableGraph(nn.Module):
         self._known = {n for n in g.tensors()}
         self._image_convs = any(op.op == "Conv" and len(op.node.inputs) > 1 and op.node.inputs[1].shape is not None
                                 and len(op.node.inputs[1].shape) == 4 for op in self._plan)
-        # the node-by-node plan, and the one that runs: with HardSwish chains fused (see _fuse_hardswish), used
-        # unless a caller asks for a tensor the fusion removed as a feature
+        # the node-by-node plan, and the one that runs: with HardSwish chains and QDQ pairs fused (see _fuse),
+        # used unless a caller asks for a tensor the fusion removed as a feature
         self._plans = {False: (self._plan, _dead_after(self._plan, self.output_names))}
-        fused, self._fused_away = _fuse_hardswish(self._plan, self.output_names, self.opset)
+        fused, self._fused_away = _fuse(self._plan, self.output_names, self.opset)
         self._plans[True] = (fused, _dead_after(fused, self.output_names))
 
     # ---- introspection -----------------------------------------------------------------------------------------

@@ -109,3 +109,61 @@ def test_unsupported_quantized_type_is_one_line():
             init.CopyFrom(numpy_helper.from_array(np.array(0, np.int32), "z"))
     with pytest.raises(graphopt.errors.UnsupportedModel, match=r"QuantizeLinear.*not supported"):
         TrainableGraph(from_onnx(model))(np.zeros(SHAPE, np.float32))
+
+
+def _pair_model(scale, zp, axis, batch=1):
+    """x -> QuantizeLinear -> DequantizeLinear -> MatMul: a pair whose quantized tensor only the DequantizeLinear
+    reads, which the view runs fused (one FakeQuant op)."""
+    shape = [batch] + SHAPE[1:]
+    inits = [numpy_helper.from_array(scale, "s"), numpy_helper.from_array(zp, "z"),
+             numpy_helper.from_array(np.linspace(-1, 1, SHAPE[-1] ** 2, dtype=np.float32).reshape(SHAPE[-1:] * 2),
+                                     "w")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], axis=axis),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"], axis=axis),
+             helper.make_node("MatMul", ["d", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+@pytest.mark.parametrize("axis", [None, 1, -1])
+def test_fused_pair_equals_onnxruntime_and_the_node_by_node_gradients(dtype, axis):
+    """The fused pair computes onnxruntime's values bit for bit, and its input gradient (and the weight's) is the
+    node-by-node plan's (asked for the quantized tensor as a feature, the view runs the pair unfused)."""
+    rng = np.random.default_rng(3)
+    scale, zp, x = _case(dtype, axis, rng)
+    model = _pair_model(scale, zp, 1 if axis is None else axis, batch=SHAPE[0])
+    view = TrainableGraph(from_onnx(model))
+    fused = [op.op for op in view._plans[True][0]]
+    assert "QuantizeLinear" not in fused and "FakeQuant" in fused and "q" in view._fused_away
+    ref = ort.run(model, {"x": x})["y"]
+    xt = torch.tensor(x, requires_grad=True)
+    y = view(xt)
+    np.testing.assert_array_equal(y.detach().numpy(), ref)
+    y.square().sum().backward()
+    gx, gw = xt.grad.clone(), view.graph_parameters()["w"].grad.clone()
+    xt.grad = None
+    view.zero_grad()
+    y2, _ = view(xt, features=["q"])                # the unfused plan
+    assert torch.equal(y, y2)
+    y2.square().sum().backward()
+    assert torch.allclose(xt.grad, gx, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(view.graph_parameters()["w"].grad, gw, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_pair_trains_a_learned_scale_as_the_pair_does_under_vmap():
+    """A scale trained as a parameter (quantize{qat_scales=learned}) gets the pair's gradient from the fused op:
+    batch 6 on a batch-1 export runs through torch.vmap, whose rule the fused op generates."""
+    scale, zp = np.array(0.05, np.float32), np.array(3, np.int8)
+    view = TrainableGraph(from_onnx(_pair_model(scale, zp, 1)), trainable=["w", "s"])
+    x = torch.tensor(np.random.default_rng(5).standard_normal([6] + SHAPE[1:]).astype(np.float32) * 3)
+    grads = []
+    for feats in (None, ["q"]):
+        view.zero_grad()
+        out = view(x) if feats is None else view(x, features=feats)[0]
+        out.square().sum().backward()
+        grads.append({k: p.grad.clone() for k, p in view.graph_parameters().items()})
+    assert float(grads[0]["s"].abs()) > 0
+    for k in ("w", "s"):
+        assert torch.allclose(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-4), (k, grads[0][k], grads[1][k])

@@ -14,6 +14,9 @@ peak RSS increase over the process before the model was built (ru_maxrss). Engin
           no wheel for torch 2.13 on this machine, and refuses the Paddle export's BatchNorms of unknown rank):
           its row has the view's numbers only
   view    graphopt.trainable.TrainableGraph over the ONNX export (what compress trains)
+  qat     (with --qat) the view of the int8 QDQ graph's fake quantization (graphopt.qat.fake_quant of the quantize
+          pass's output, calibrated on the step's batch) as the student, the fp32 view as the teacher: what
+          quantize{qat=true} trains in compress
 """
 from __future__ import annotations
 
@@ -124,9 +127,15 @@ def run_one(name: str, engine: str, batch: int, steps: int, threads: int, work: 
         import graphopt
         from graphopt.trainable import TrainableGraph
         g = graphopt.PassManager.parse("cleanup").run(graphopt.load(onnx_path, input_shapes=shapes)).graph
-        student = TrainableGraph(g)
         teacher = TrainableGraph(g, trainable=[])
         teacher.eval()
+        if engine == "qat":
+            from graphopt.qat import fake_quant
+            from graphopt.shapes import infer
+            calib = {g.inputs[0].name: x[:8].numpy()}
+            q = graphopt.PassManager.parse("quantize").run(g, graphopt.PassContext(data={"calib": calib})).graph
+            g = fake_quant(infer(q))[0]
+        student = TrainableGraph(g)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4)
 
     def first(y):
@@ -151,7 +160,7 @@ def run_one(name: str, engine: str, batch: int, steps: int, threads: int, work: 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     res = {"model": name, "engine": engine, "batch": batch, "threads": threads,
            "step_ms": round(statistics.median(times) * 1e3, 1), "peak_mib": round((peak - base_rss) / 1024, 1)}
-    if engine == "view":
+    if engine in ("view", "qat"):
         from graphopt.memory_estimate import FIXED_BYTES, training_bytes
         est = training_bytes(g, [g], batch) - FIXED_BYTES
         res["estimate_mib"] = round(est / 2 ** 20, 1)
@@ -165,6 +174,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "graphopt-measure-training"))
+    ap.add_argument("--qat", action="store_true", help="also the fake-quantized int8 view (quantization-aware "
+                    "training)")
     ap.add_argument("--out")
     ap.add_argument("--_one", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -176,7 +187,7 @@ def main() -> int:
     rows = []
     for name in args.models:
         got = {}
-        for engine in ("torch", "view"):
+        for engine in ("torch", "view") + (("qat",) if args.qat else ()):
             cmd = [sys.executable, __file__, "--_one", name, engine, "--batch", str(args.batch), "--steps",
                    str(args.steps), "--threads", str(args.threads), "--work", str(work)]
             r = subprocess.run(cmd, capture_output=True, text=True)
@@ -192,15 +203,23 @@ def main() -> int:
              f"--batch {args.batch} --threads {args.threads}`", "",
              "| model | torch module ms | view ms | time ratio | torch peak MiB | view peak MiB | memory ratio "
              "| estimate MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    if args.qat:
+        lines[0] = lines[0].replace("--threads", "--qat --threads")
+        lines[2] = lines[2] + " QAT view ms | QAT view peak MiB | QAT estimate MiB |"
+        lines[3] = lines[3] + "---:|---:|---:|"
     for name, got in rows:
         t, v = got["torch"], got["view"]
+        qat = got.get("qat")
+        tail = "" if qat is None else (f" {qat['step_ms']} | {qat['peak_mib']} | {qat['estimate_mib']} |"
+                                       if "error" not in qat else f" {qat['error']} | | |")
         if "error" in t or "error" in v:
             lines.append(f"| {name} | {t.get('step_ms', t.get('error'))} | {v.get('step_ms', v.get('error'))} | "
-                         f"| {t.get('peak_mib', '')} | {v.get('peak_mib', '')} | | {v.get('estimate_mib', '')} |")
+                         f"| {t.get('peak_mib', '')} | {v.get('peak_mib', '')} | | {v.get('estimate_mib', '')} |"
+                         + tail)
             continue
         lines.append(f"| {name} | {t['step_ms']} | {v['step_ms']} | {v['step_ms'] / t['step_ms']:.2f} | "
                      f"{t['peak_mib']} | {v['peak_mib']} | {v['peak_mib'] / max(t['peak_mib'], 1e-9):.2f} | "
-                     f"{v.get('estimate_mib')} |")
+                     f"{v.get('estimate_mib')} |" + tail)
     text = "\n".join(lines)
     print(text)
     if args.out:
