@@ -53,6 +53,8 @@ def test_qat_accuracy_reports_accuracy_and_latency(tmp_path, capsys):
     assert r["rows"]["fp32 (onnxruntime)"]["top1"] > 0.9
     assert all(0 < r["rows"][k]["top1"] <= 1 and r["latency_ms"][k] > 0 for k in rows)
     assert r["quantization"]["qat"] and r["quantization"]["trained_tensors"] >= 3
+    assert list(r["float_qdq"]) == ["PTQ int8 (onnxruntime, float QDQ)", "QAT int8 (onnxruntime, float QDQ)"]
+    assert all(0 < v["top1"] <= 1 for v in r["float_qdq"].values())
     assert "| QAT int8 (compiled) |" in capsys.readouterr().out
 
 

@@ -90,10 +90,12 @@ def run_artifact(art, data: dict) -> np.ndarray:
     return np.concatenate([next(iter(art.run({"x": x[i:i + 1]}).values())) for i in range(len(x))])
 
 
-def run_onnxruntime(graph, data: dict) -> np.ndarray:
+def run_onnxruntime(graph, data: dict, optimize: bool = True) -> np.ndarray:
+    """The graph in onnxruntime: optimized (a QDQ graph runs its int8 kernels) or not (a QDQ graph runs as the float
+    arithmetic of its QuantizeLinear / DequantizeLinear nodes, what the trainable view computes and QAT trains)."""
     from graphopt import ort
     from graphopt.graph import to_onnx
-    sess = ort.session(to_onnx(graph), optimize=True)
+    sess = ort.session(to_onnx(graph), optimize=optimize)
     x = data["x"]
     return np.concatenate([sess.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
 
@@ -152,6 +154,7 @@ def main(argv=None) -> int:
 
     calib = {"x": train["x"]}
     ptq = PassManager.parse(f"quantize{{{opts}}}").run(copy_graph(graph), PassContext(data={"calib": calib})).graph
+    simulated = {"PTQ int8 (onnxruntime, float QDQ)": score(run_onnxruntime(ptq, evaluation, optimize=False))}
     art = graphopt.compile(ptq, target="cpu", out=out / "ptq.cpu", measure=False, threads=a.threads)
     rows["PTQ int8 (compiled)"] = score(run_artifact(art, evaluation))
     latency["PTQ int8 (compiled)"] = measure_latency(art, threads=a.threads, repeat=a.repeat)["graphopt_ms"]
@@ -163,14 +166,17 @@ def main(argv=None) -> int:
                          batch_size=a.batch_size, lr=a.lr, threads=a.threads, log=_log, progress=Progress("lines"),
                          **({"micro_batch": a.micro_batch} if a.micro_batch else {}))
     train_s = time.perf_counter() - t
+    # the same graphs as QAT trains them (float QDQ arithmetic): how much of a gap is the int8 kernels' rounding
+    simulated["QAT int8 (onnxruntime, float QDQ)"] = score(run_onnxruntime(qat, evaluation, optimize=False))
     art = graphopt.compile(qat, target="cpu", out=out / "qat.cpu", measure=False, threads=a.threads)
     rows["QAT int8 (compiled)"] = score(run_artifact(art, evaluation))
     latency["QAT int8 (compiled)"] = measure_latency(art, threads=a.threads, repeat=a.repeat)["graphopt_ms"]
     _log(f"QAT: {rows['QAT int8 (compiled)']} ({art.report.get('int8_kernels')} int8 kernels, {train_s:.0f} s "
          f"training)")
+    _log(f"float QDQ arithmetic: {simulated}")
 
     result = {"model": a.model, "quantize": opts, "qat_scales": a.qat_scales, "schedule": a.schedule, "epochs": a.epochs, "lr": a.lr, "rows": rows,
-              "latency_ms": latency, "threads": a.threads,
+              "float_qdq": simulated, "latency_ms": latency, "threads": a.threads,
               "qat_training_seconds": round(train_s, 1), "seconds": round(time.perf_counter() - t0, 1),
               "quantization": info.get("quantization")}
     if a.json:
