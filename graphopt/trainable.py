@@ -1198,18 +1198,23 @@ def _constant_is(op: _Op, i: int, value: float) -> bool:
     return v is not None and np.asarray(v).size == 1 and float(np.asarray(v).reshape(-1)[0]) == value
 
 
+def _plan_index(plan: list[_Op]) -> tuple[dict[str, int], dict[str, tuple[int, _Op]]]:
+    """({tensor: how many inputs of the plan read it}, {first output: (position, op)}), for the fusions."""
+    readers: dict[str, int] = {}
+    for op in plan:
+        for n in op.inputs:
+            if n is not None:
+                readers[n] = readers.get(n, 0) + 1
+    return readers, {op.outputs[0]: (i, op) for i, op in enumerate(plan) if op.outputs and op.outputs[0]}
+
+
 def _fuse_hardswish(plan: list[_Op], outputs: list[str], opset: int) -> tuple[list[_Op], set[str]]:
     """The plan with every HardSwish that an exporter spelled out, Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6) (Paddle's,
     and torch's before opset 14), run as one F.hardswish: the same arithmetic in the same order, so the same values,
     and one saved tensor and one backward kernel where the chain had four of each (with Clip's, about half
     of PP-OCRv4's training step in a torch profile). Only chains whose inner tensors nothing else reads. Returns (plan, fused-away
     tensor names)."""
-    readers: dict[str, int] = {}
-    for op in plan:
-        for n in op.inputs:
-            if n is not None:
-                readers[n] = readers.get(n, 0) + 1
-    by_output = {op.outputs[0]: (i, op) for i, op in enumerate(plan) if op.outputs and op.outputs[0]}
+    readers, by_output = _plan_index(plan)
     inner_ok = lambda n: n is not None and readers.get(n) == 1 and n not in outputs   # noqa: E731
     drop, replace, away = set(), {}, set()
     for i, div in enumerate(plan):
@@ -1250,12 +1255,7 @@ def _fuse_qdq(plan: list[_Op], outputs: list[str], opset: int) -> tuple[list[_Op
     FakeQuant op (_FakeQuant): the same values, and one bool per element kept for the backward pass where the pair
     kept a float x / scale and computed five float temporaries. Only pairs whose quantized tensor nothing else
     reads. Returns (plan, fused-away tensor names: the QuantizeLinear outputs)."""
-    readers: dict[str, int] = {}
-    for op in plan:
-        for n in op.inputs:
-            if n is not None:
-                readers[n] = readers.get(n, 0) + 1
-    by_output = {op.outputs[0]: (i, op) for i, op in enumerate(plan) if op.outputs and op.outputs[0]}
+    readers, by_output = _plan_index(plan)
     drop, replace, away = set(), {}, set()
     for i, dq in enumerate(plan):
         if dq.op != "DequantizeLinear" or not dq.inputs or dq.inputs[0] is None:
