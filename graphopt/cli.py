@@ -452,7 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", help="calibration data (.npz: arrays named after the inputs; for an input of shape S, "
                                    "[N, *S] with N samples on an added axis, or batch-first [N, *S[1:]] when S "
                                    "starts with 1)")
-    c.add_argument("--eval", help="evaluation data (.npz, inputs + labels) for accuracy-aware passes")
+    c.add_argument("--eval", help="evaluation data (.npz: the inputs, and labels when there are some) for "
+                                   "accuracy-aware passes (quantize{max_drop=P}: top-1 with labels, else agreement "
+                                   "with the fp32 graph)")
     c.add_argument("--check-inputs", metavar="FILE.npz",
                    help="inputs for the self-check against onnxruntime (arrays named after the inputs; for an input "
                         "of shape S, [N, *S] or batch-first [N, *S[1:]]; default: the first --eval or --calib "

@@ -18,10 +18,13 @@ result runs in onnxruntime as is and the cpu target lowers the Conv / MatMul / G
 * `exclude_nodes=[...]` (node names) and `exclude_ops=[...]` (op types) stay fp32; `exclude=auto` also leaves in
   fp32 the layers whose quantization alone cost more than `exclude_threshold` in `graphopt sensitivity`'s results
   (`sensitivity=FILE.json` or ctx.data["sensitivity"]; the pass info lists them under "sensitivity_excluded");
-* `max_drop=P` (accuracy-aware): with ctx.data["eval"] (the inputs plus "labels"), the top-1 accuracy of the
-  quantized graph may be at most P points (percent) below the fp32 graph's; otherwise the most sensitive
-  Conv / MatMul / Gemm layers (ranked by the logit error when each alone is left in fp32) go back to fp32, one at
-  a time, until the budget holds (or nothing is left to exclude: then the pass fails);
+* `max_drop=P` (accuracy-aware): on ctx.data["eval"], the quantized graph's score may be at most P points
+  (percent) below the fp32 graph's: top-1 accuracy when the data has "labels", else (unlabeled data, the usual case
+  for a real model) the agreement with the fp32 graph's own outputs in the terms of the task (graphopt.task_metrics:
+  top-1 agreement, decoded-sequence agreement for a CTC recognizer, IoU of thresholded probability maps; the fp32
+  graph scores 100); otherwise the most sensitive Conv / MatMul / Gemm layers (ranked by the output error when each
+  alone is left in fp32) go back to fp32, one at a time, until the budget holds (or nothing is left to exclude:
+  then the pass fails);
 * BatchNormalization right after a Conv / Gemm / MatMul is folded first (as fold-batchnorm does), so the folded
   weights are quantized once instead of a Conv whose output is renormalized in fp32;
 * `qat=true` (quantization-aware training) is carried out by `graphopt compress` (and `graphopt build` with training
@@ -119,6 +122,28 @@ def _run_outputs(model: onnx.ModelProto, feeds: list[dict]) -> list[np.ndarray]:
     return np.concatenate([sess.run([name], f)[0] for f in feeds])
 
 
+def _scorer(ref: np.ndarray, labels: np.ndarray | None, n: int):
+    """(score(outputs) in points, metric name) for max_drop: top-1 accuracy against labels, else the agreement with
+    the fp32 graph's outputs `ref` in the terms of the task (graphopt.task_metrics: top-1 agreement for a
+    classifier, decoded-sequence agreement for a CTC recognizer, IoU of thresholded maps), 100 for ref itself."""
+    if labels is not None:
+        labels = labels[:n]
+
+        def top1(out):
+            return float(np.mean(np.argmax(out.reshape(len(out), -1), 1) == labels)) * 100.0
+        return top1, "top1"
+    from ..task_metrics import agreement, task_kind
+    kind = task_kind(ref.shape, ref)
+    if kind is None:
+        raise BadInput(f"pass 'quantize': max_drop without labels needs a first output graphopt can score against "
+                       f"the fp32 graph's (a classifier [N, C], a CTC recognizer [N, T, C] or a probability map "
+                       f"[N, 1, H, W]); this one has shape {list(ref.shape[1:])}: add 'labels' to the evaluation data")
+
+    def agree(out):
+        return agreement(out, ref, kind)["value"] * 100.0
+    return agree, agreement(ref, ref, kind)["metric"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the pass
 # ---------------------------------------------------------------------------------------------------------------
@@ -146,8 +171,9 @@ class Quantize(Pass):
                                        "ctx.data['sensitivity'])"),
         "exclude_threshold": Option(float, 0.005, "exclude=auto: the drop (fraction of the metric: 0.005 = half a "
                                                   "point of top-1) above which a layer stays fp32", minimum=0.0),
-        "max_drop": Option(float, -1.0, "accuracy-aware mode: allowed top-1 drop in points on ctx.data['eval'] "
-                                        "(negative: off); the most sensitive layers go back to fp32"),
+        "max_drop": Option(float, -1.0, "accuracy-aware mode: allowed drop in points on ctx.data['eval'] (top-1 "
+                                        "with labels, else agreement with the fp32 graph; negative: off); the "
+                                        "most sensitive layers go back to fp32"),
         "calib_samples": Option(int, 512, "at most this many calibration samples", minimum=1),
         "percentile": Option(float, 99.999, "percentile for calibration=percentile", minimum=50.0, maximum=100.0),
         "block_size": Option(int, 32, "weight_int4: block length along the reduction axis", minimum=16),
@@ -330,48 +356,50 @@ class Quantize(Pass):
 
     def _accuracy_aware(self, fp32, model, quantize, base_excluded, specs, ctx):
         ev = ctx.data.get("eval")
-        if ev is None or "labels" not in ev:
-            raise BadInput("pass 'quantize': max_drop needs evaluation data with labels: "
-                           "data={'eval': {<inputs>..., 'labels': array}}")
-        labels = np.asarray(ev["labels"]).reshape(-1)
+        if ev is None:
+            raise BadInput("pass 'quantize': max_drop needs evaluation data: data={'eval': {<inputs>...}} (with "
+                           "'labels': top-1 accuracy; without: agreement with the fp32 graph's outputs)")
+        labelled = "labels" in ev
         feeds = feeds_from_samples({k: v for k, v in ev.items() if k != "labels"}, specs, "evaluation data")
-        b = len(next(iter(feeds[0].values())))
-        labels = labels[:len(feeds) * b]
         ref = _run_outputs(fp32, feeds)
+        score, metric = _scorer(ref, np.asarray(ev["labels"]).reshape(-1) if labelled else None,
+                                len(feeds) * len(next(iter(feeds[0].values()))))
         ref2 = ref.reshape(len(ref), -1)
 
-        def acc_of(m):
-            out = _run_outputs(m, feeds).reshape(len(ref), -1)
-            return float(np.mean(np.argmax(out, 1) == labels)) * 100.0, out
+        def score_of(m):
+            out = _run_outputs(m, feeds)
+            return score(out), out.reshape(len(ref), -1)
 
-        fp_acc = float(np.mean(np.argmax(ref2, 1) == labels)) * 100.0
-        q_acc, _ = acc_of(model)
-        info = {"fp32_top1": round(fp_acc, 3), "int8_top1_all_layers": round(q_acc, 3), "max_drop": self.opts["max_drop"]}
+        fp_score = score(ref)
+        q_score, _ = score_of(model)
+        info = {"metric": metric, "fp32_score": round(fp_score, 3), "int8_score_all_layers": round(q_score, 3),
+                "max_drop": self.opts["max_drop"]}
         budget = self.opts["max_drop"]
-        if fp_acc - q_acc <= budget:
-            info["int8_top1"] = round(q_acc, 3)
+        if fp_score - q_score <= budget:
+            info["int8_score"] = round(q_score, 3)
             return model, [], info
-        # sensitivity: logit error with each candidate layer alone left in fp32
+        # sensitivity: output error with each candidate layer alone left in fp32
         candidates = [n.name for n in model.graph.node if n.op_type in COMPUTE_OPS and n.name not in base_excluded
                       and any(_is_dq_output(model, i) for i in n.input[1:2])]
-        scale = float(np.mean(ref2 ** 2)) or 1.0
+        mean_square = float(np.mean(ref2 ** 2)) or 1.0
         sens = []
-        for name in candidates:
-            _, out = acc_of(quantize(base_excluded + [name]))
-            err = float(np.mean((out - ref2) ** 2)) / scale
-            sens.append((err, name))
+        progress = ctx.progress if ctx.progress is not None else Progress("off")
+        with progress.task("max_drop: each layer alone in fp32", len(candidates)) as update:
+            for i, name in enumerate(candidates):
+                _, out = score_of(quantize(base_excluded + [name]))
+                sens.append((float(np.mean((out - ref2) ** 2)) / mean_square, name))
+                update(i + 1)
         sens.sort()
         info["sensitivity"] = [{"node": n, "rel_mse_when_fp32": round(e, 6)} for e, n in sens]
         fallback: list[str] = []
-        q = model
         for _, name in sens:
             fallback.append(name)
             q = quantize(base_excluded + fallback)
-            q_acc, _ = acc_of(q)
-            if fp_acc - q_acc <= budget:
-                info["int8_top1"] = round(q_acc, 3)
+            q_score, _ = score_of(q)
+            if fp_score - q_score <= budget:
+                info["int8_score"] = round(q_score, 3)
                 return q, fallback, info
-        raise CheckFailed(f"pass 'quantize': top-1 drops {fp_acc - q_acc:.2f} points even with every "
+        raise CheckFailed(f"pass 'quantize': {metric} drops {fp_score - q_score:.2f} points even with every "
                           f"Conv/MatMul/Gemm in fp32 (budget max_drop={budget}); the drop comes from other "
                           f"quantized ops: exclude them with exclude_ops=[...]")
 
