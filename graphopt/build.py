@@ -331,7 +331,8 @@ def _optimize(cfg: BuildConfig, original, data: dict, log, progress=None):
         stages.append(final)
         return graph, stages
     graph = copy_graph(original)
-    ctx = PassContext(target=cfg.target, seed=0, data={k: v for k, v in data.items() if k in ("calib", "train")},
+    passed = ("calib", "train", "eval")          # eval: quantize{max_drop}'s scores
+    ctx = PassContext(target=cfg.target, seed=0, data={k: v for k, v in data.items() if k in passed},
                       progress=progress)
     for p in cfg.pm.passes:
         graph = PassManager([p]).run(graph, ctx).graph

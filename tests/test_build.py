@@ -69,6 +69,16 @@ def test_build_passes_gates_and_writes_reports(project, capsys):
     assert [s["stage"] for s in summary["stages"]] == ["original", "cleanup"]
 
 
+def test_quantize_max_drop_reads_the_builds_evaluation_data(project, capsys):
+    """quantize{max_drop} in a build without training data scores on [data] eval (here labelled: top-1)."""
+    toml = write_toml(project, passes='[[pass]]\nname = "quantize"\nscheme = "int8"\nmax_drop = 0.5\n',
+                      gates="max_top1_drop = 0.5\n")
+    assert main(["build", str(toml), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [s["stage"] for s in summary["stages"]][0] == "original" and "max_drop=0.5" in summary["stages"][1]["stage"]
+    assert summary["metrics"]["top1_drop"] <= 0.005
+
+
 def test_failing_gate_exits_1_and_names_it(project, capsys):
     toml = write_toml(project, gates="min_flops_reduction = true\nmax_latency_ms = 1000\n")
     code = main(["build", str(toml)])
