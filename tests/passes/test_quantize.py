@@ -137,6 +137,22 @@ def test_accuracy_aware_fallback_without_labels_scores_agreement_with_fp32(teach
         _scorer(np.zeros((4, 2, 3, 4, 5), np.float32), None, 4)
 
 
+def test_fallback_units_take_the_ops_up_to_the_next_compute_op():
+    """A layer goes back to fp32 with the elementwise ops after it (their QDQ pairs would round on their own)."""
+    from onnx import TensorProto, helper
+    from graphopt.passes.quantize import fallback_units
+    node = helper.make_node
+    nodes = [node("Conv", ["x", "w1"], ["c1"], name="conv1"), node("Relu", ["c1"], ["r1"], name="relu1"),
+             node("MaxPool", ["r1"], ["p1"], name="pool1", kernel_shape=[2, 2]),
+             node("Conv", ["p1", "w2"], ["c2"], name="conv2"), node("Add", ["c2", "p1"], ["a2"], name="add2"),
+             node("Flatten", ["a2"], ["f"], name="flat"), node("Gemm", ["f", "w3"], ["y"], name="fc")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    units = fallback_units(helper.make_model(g), ["conv1", "conv2", "fc"])
+    assert units == {"conv1": ["conv1", "relu1", "pool1", "add2", "flat"], "conv2": ["conv2", "add2", "flat"],
+                     "fc": ["fc"]}
+
+
 def test_drift_budget(teacher, data):
     with pytest.raises(CheckFailed, match="min_cosine"):
         _quantize(teacher, "quantize{min_cosine=0.99999}", _ctx(data, 32))
