@@ -4,7 +4,7 @@ compress` read (x: float32 [N, 3, 48, 320]), rendered by tools/ocr_data.render_l
 numbers and Chinese characters from the recognizer's dictionary). No labels: the fp32 recognizer is the teacher
 (graphopt.task_metrics sequence agreement); the rendered strings are written beside each file (.txt).
 
-    .venv/bin/python tools/ocr_lines.py out/ocr_data --train 256 --eval 100
+    .venv/bin/python tools/ocr_lines.py out/ocr_data --train 1024 --eval 100
 """
 import argparse
 import sys
