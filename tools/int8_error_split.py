@@ -14,7 +14,7 @@ that QDQ graph on the evaluation inputs, each against the reference's outputs in
     .venv/bin/python tools/int8_error_split.py STUDENT.onnx --calib train.npz --eval eval.npz \
         --reference ORIGINAL.onnx --quantize "calibration=percentile,percentile=99.99,calib_samples=64"
 
---reference defaults to MODEL itself (then the fp32 row is 100%). Runs on onnxruntime (CPU, all optimizations).
+--reference defaults to MODEL itself (then the fp32 row is 100%). Runs on onnxruntime (CPU, all optimizations: graphopt.passes.quantize.first_outputs).
 """
 from __future__ import annotations
 
@@ -30,18 +30,13 @@ import onnx_graphsurgeon as gs
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import graphopt  # noqa: E402
-from graphopt import PassContext, PassManager, ort  # noqa: E402
+from graphopt import PassContext, PassManager  # noqa: E402
 from graphopt.graph import to_onnx  # noqa: E402
+from graphopt.passes.quantize import first_outputs as outputs, input_specs  # noqa: E402
 from graphopt.samples import feeds_from_samples  # noqa: E402
 from graphopt.task_metrics import agreement  # noqa: E402
 
 WEIGHTED = ("Conv", "ConvTranspose", "MatMul", "Gemm")
-
-
-def outputs(model, feeds: list[dict]) -> np.ndarray:
-    sess = ort.session(model, optimize=True)
-    name = sess.get_outputs()[0].name
-    return np.concatenate([sess.run([name], f)[0] for f in feeds])
 
 
 def activation_pairs(qdq: onnx.ModelProto) -> list[str]:
@@ -104,13 +99,11 @@ def main(argv=None) -> int:
 
     shapes = {k: tuple(int(d) for d in v.split(",")) for k, v in (s.split("=", 1) for s in args.input_shape)}
     g = graphopt.load(args.model, input_shapes=shapes or None)
-    specs = [(t.name, tuple(t.shape), np.float32) for t in g.inputs]
-    feeds = feeds_from_samples(dict(np.load(args.eval)), specs, "--eval", args.samples)
+    feeds = feeds_from_samples(dict(np.load(args.eval)), input_specs(g), "--eval", args.samples)
     ref = outputs(args.reference or args.model, feeds)
-    kind = None
 
     def score(model) -> float:
-        return agreement(outputs(model, feeds), ref, kind)["value"]
+        return agreement(outputs(model, feeds), ref)["value"]
 
     quantize = "quantize{scheme=int8" + ("," + args.quantize if args.quantize else "") + "}"
     ctx = PassContext(data={"calib": dict(np.load(args.calib))}, verify="none")
