@@ -27,6 +27,11 @@ HERE = Path(__file__).resolve().parent
 THREAD_VARS = ("OMP_NUM_THREADS", "TVM_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 LOAD_S = 900.0      # longest wait for a worker to import, load and warm up its engine
 BLOCK_S = 300.0     # longest wait for one round's block beyond per_round_s
+#: idle time before each block, so the previous engine's pool threads have stopped spinning: after its last call
+#: TVM's workers spin about 0.15 s, onnxruntime's 0.04 s, OpenVINO's not at all (process CPU time while idle, 2
+#: threads, AMD EPYC); without it graphopt bf16's MobileNetV2 on 2 threads timed 3.56 ms right after graphopt fp32's
+#: block, 2.15 ms alone
+SETTLE_S = 0.3
 
 
 class WorkerError(Exception):
@@ -58,8 +63,9 @@ def cpu_seconds() -> float:
 
 
 def run_block(fn, per_round_s: float, min_iters: int) -> tuple[list[float], float, float]:
-    """One untimed call, then fn timed for about per_round_s (at least min_iters calls): (latencies in seconds,
-    process CPU seconds, wall seconds) of the timed calls."""
+    """SETTLE_S idle, one untimed call, then fn timed for about per_round_s (at least min_iters calls): (latencies
+    in seconds, process CPU seconds, wall seconds) of the timed calls."""
+    time.sleep(SETTLE_S)
     fn()
     c0, t_start = cpu_seconds(), time.perf_counter()
     samples = []
