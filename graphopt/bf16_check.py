@@ -9,7 +9,8 @@ and costs minutes on depthwise convs), per output normalized by the reference's 
     max |graphopt - onnxruntime| / max |onnxruntime|  <=  BF16_UNIT * sqrt(K)
 
 with K the longest reduction (input channels x kernel window, or the inner dimension) among the model's Conv /
-MatMul / Gemm nodes with constant weights. Outputs of a Sigmoid or a Softmax compare in logit space
+MatMul / Gemm nodes with constant weights and its MatMuls of two activations (attention's, which run in bf16 too;
+their inner dimension from shape inference). Outputs of a Sigmoid or a Softmax compare in logit space
 (probabilities clipped to PROBABILITY_FLOOR; api.compare_with_onnxruntime does that before calling compare_bf16):
 normalized by its largest value, a probability map that is near 0 everywhere on the check's inputs magnifies the
 error by the size of its logits. The bound is loose for a single layer and meant for whole networks,
@@ -32,9 +33,23 @@ PROBABILITY_FLOOR = 1e-4
 
 
 def reduction_length(model: onnx.ModelProto) -> int:
-    """The longest reduction of a Conv / MatMul / Gemm with a constant weight (1 when there is none)."""
+    """The longest reduction of a Conv / MatMul / Gemm with a constant weight or a MatMul of two activations whose
+    first operand's shape is known (1 when there is none)."""
     inits = {i.name: i for i in model.graph.initializer}
     longest = 1
+    act_matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2
+                   and n.input[1] not in inits]
+    if act_matmuls:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model).graph
+        except Exception:  # noqa: BLE001 - shapes unknown: those matmuls add nothing to the bound
+            inferred = None
+        if inferred is not None:
+            dims = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
+                    for vi in (*inferred.input, *inferred.value_info, *inferred.output)}
+            for n in act_matmuls:
+                k = (dims.get(n.input[0]) or [0])[-1]
+                longest = max(longest, int(k))
     for n in model.graph.node:
         if n.op_type not in ("Conv", "MatMul", "Gemm") or len(n.input) < 2 or n.input[1] not in inits:
             continue

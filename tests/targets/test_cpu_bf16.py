@@ -249,6 +249,57 @@ def test_dense_kernel_matches_numpy(M, K, N):
 
 
 @needs_bf16
+@pytest.mark.parametrize("batch,M,K,N,scale_op,scale", [((1, 4), 128, 64, 128, "divide", 8.0),
+                                                         ((3,), 20, 7, 32, "multiply", 0.5),
+                                                         ((2,), 5, 33, 48, None, 1.0)])
+def test_batch_matmul_kernel_matches_numpy(batch, M, K, N, scale_op, scale):
+    """Both operands rounded to bf16 in the kernel (an odd K's last pair zero-padded), the scale in the epilogue."""
+    rng = np.random.default_rng(M + K + N)
+    x = rng.standard_normal((*batch, M, K)).astype(np.float32)
+    y = rng.standard_normal((*batch, K, N)).astype(np.float32)
+    spec = bf16.BatchMatmulSpec(batch, M, K, N, scale_op, scale)
+    z = _run(_build(bf16.batch_matmul_bf16(spec)), [x, y], (*batch, M, N))
+    factor = 1 / scale if scale_op == "divide" else scale
+    ref = (_rounded(x) @ _rounded(y)) * factor
+    _close(z, ref, (np.abs(_rounded(x)) @ np.abs(_rounded(y))) * factor)
+
+
+def _attention(seq=24, heads=2, d=32, scale="Div"):
+    """Self-attention core: Q K^T / sqrt(d) (or * 1/sqrt(d)) -> Softmax -> @ V, on inputs q, k, v [1, heads, seq, d]."""
+    from onnx import TensorProto, helper
+    shape = [1, heads, seq, d]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("q", "k", "v")]
+    c = np.float32(np.sqrt(d) if scale == "Div" else 1 / np.sqrt(d))
+    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["q", "kt"], ["s"]),
+             helper.make_node(scale, ["s", "c"], ["ss"]),
+             helper.make_node("Softmax", ["ss"], ["p"], axis=-1),
+             helper.make_node("MatMul", ["p", "v"], ["out"])]
+    g = helper.make_graph(nodes, "attention", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, shape)],
+                          [helper.make_tensor("c", TensorProto.FLOAT, [], [float(c)])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@needs_bf16
+@pytest.mark.parametrize("seq,scale,bf16_mms", [(32, "Div", 2), (48, "Mul", 2), (24, "Div", 1)],
+                         ids=["div", "mul", "seq24"])
+def test_attention_matmuls_run_in_bf16(tmp_path, seq, scale, bf16_mms):
+    """QK^T (its scale fused) and PV compiled with precision bf16 become the bf16 batch matmul where the output has a
+    multiple of 16 columns (seq 24: QK^T's 24 columns stay fp32, PV's 32 go bf16), and the whole graph passes
+    compile's bf16 check against onnxruntime fp32, whose bound counts those matmuls' reductions."""
+    import onnx
+
+    import graphopt
+    path = tmp_path / "attention.onnx"
+    onnx.save(_attention(seq, scale=scale), str(path))
+    art = graphopt.compile(str(path), out=tmp_path / "a", target_options={"precision": "bf16"}, measure=False)
+    rep = art.report
+    assert rep["bf16_batch_matmul"] == bf16_mms and rep["fp32_matmuls"] == 2 - bf16_mms
+    assert rep["check"]["ok"] and rep["check"]["max_relative_error"] < 0.05
+    assert rep["check"]["reduction_length"] == max(seq, 32)   # the inner dimensions: PV's seq, QK^T's d = 32
+
+
+@needs_bf16
 @pytest.mark.skipif(OBJDUMP is None, reason="no objdump")
 def test_library_uses_vdpbf16ps(tmp_path):
     spec = bf16.ConvSpec(1, 8, 8, 16, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), "NHWC", 16)

@@ -170,6 +170,50 @@ def dense_bf16(spec: DenseSpec):
     return _schedule(te.create_prim_func([A, Wp, B, Y]), s.M, Np // 16, "dense")
 
 
+@dataclass(frozen=True)
+class BatchMatmulSpec:
+    """X[*batch, M, K] @ Y[*batch, K, N] of two fp32 activations (attention's QK^T and PV), N a multiple of 16; the
+    result optionally divided / multiplied by a scalar (scale_op "divide" | "multiply": the 1/sqrt(d) after QK^T)."""
+    batch: tuple
+    M: int
+    K: int
+    N: int
+    scale_op: str | None = None
+    scale: float = 1.0
+
+    @property
+    def K2(self):
+        return -(-self.K // 2)
+
+
+def batch_matmul_bf16(spec: BatchMatmulSpec):
+    """PrimFunc (X fp32 [*batch, M, K], Y fp32 [*batch, K, N], Z fp32 [*batch, M, N]) for AVX512-BF16: both operands
+    rounded to bf16 on the way in (X into pairs [*batch, M, K2*2], Y packed per call into [*batch, N/16, K2, 16, 2],
+    the layout dense_bf16's packed weights have), fp32 accumulation, the scale applied in the epilogue."""
+    from tvm import te, tirx
+    s = spec
+    nb, K2 = len(s.batch), s.K2
+    X = te.placeholder((*s.batch, s.M, s.K), "float32", name="X")
+    Y = te.placeholder((*s.batch, s.K, s.N), "float32", name="Y")
+    P = te.compute((*s.batch, s.M, K2 * 2), lambda *i: tirx.if_then_else(
+        i[-1] < s.K, to_bf16_bits(X[(*i[:-1], tirx.min(i[-1], s.K - 1))]), tirx.const(0, "uint16")), name="pad")
+    Wp = te.compute((*s.batch, s.N // 16, K2, 16, 2), lambda *i: tirx.if_then_else(
+        i[nb + 1] * 2 + i[nb + 3] < s.K,
+        to_bf16_bits(Y[(*i[:nb], tirx.min(i[nb + 1] * 2 + i[nb + 3], s.K - 1), i[nb] * 16 + i[nb + 2])]),
+        tirx.const(0, "uint16")), name="pack")
+    k2 = te.reduce_axis((0, K2), "k2")
+    ki = te.reduce_axis((0, 2), "ki")
+    acc = te.compute((*s.batch, s.M, s.N // 16, 16), lambda *i: te.sum(
+        bf16_value(P[(*i[:nb], i[nb], k2 * 2 + ki)]) * bf16_value(Wp[(*i[:nb], i[nb + 1], k2, i[nb + 2], ki)]),
+        axis=[k2, ki]), name="acc")
+
+    # a divide as a multiply by the reciprocal (exact for 1/sqrt(64), within an fp32 ulp else): vdivps is slow
+    mult = 1.0 / s.scale if s.scale_op == "divide" else s.scale if s.scale_op == "multiply" else None
+    Z = te.compute((*s.batch, s.M, s.N), lambda *i: acc[(*i[:-1], i[-1] // 16, i[-1] % 16)] if mult is None
+                   else acc[(*i[:-1], i[-1] // 16, i[-1] % 16)] * tirx.const(mult, "float32"), name="out")
+    return _schedule(te.create_prim_func([X, Y, Z]), s.M, s.N // 16, "batch_matmul")
+
+
 def _schedule(func, rows: int, col_blocks: int, kind: str):
     """Register tiles of TM rows (output pixels along a row) x TN 16-channel blocks, the reduction outermost inside
     the tile, the 16 x 2 block tensorized; parallel over the tiles; vectorized input stage and epilogue."""
@@ -206,10 +250,15 @@ def _schedule(func, rows: int, col_blocks: int, kind: str):
         sch.set_scope(out, 0, "local")
         lanes, intrin = (32, CVT2_INTRIN) if TN % 2 == 0 else (16, CVT_INTRIN)
         sch.tensorize(sch.split(sch.get_loops(cvt)[-1], [None, lanes])[1], intrin)
+    if _has_block(sch, "pack"):            # batch_matmul's Y, packed per call: parallel over batch entries
+        ploops = sch.get_loops(sch.get_sblock("pack"))
+        sch.parallel(sch.fuse(*ploops[:-3]))
+        sch.unroll(ploops[-1])
     if _has_block(sch, "pad"):
         pad = sch.get_sblock("pad")
         ploops = sch.get_loops(pad)
-        sch.parallel(sch.fuse(*ploops[:2]) if kind == "conv2d" else ploops[0])
+        sch.parallel(sch.fuse(*ploops[:2]) if kind == "conv2d" else ploops[0] if len(ploops) == 2
+                     else sch.fuse(*ploops[:-1]))
         extent = int(sch.get(ploops[-1]).extent)       # channels (pairs * 2): 24 ran scalar, 300x slower
         lanes = next((v for v in (16, 8) if extent % v == 0), 0)
         if lanes:

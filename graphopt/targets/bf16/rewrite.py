@@ -37,7 +37,8 @@ from ..relax_layout import LayoutRewriter, Phys, rewrite_main, rewrite_pass
 from .amx_kernels import conv_fits, dense_fits
 from .depthwise import DwSpec, dwconv2d_bf16
 from .intrinsic import to_bf16_bits
-from .kernels import NO_BOUNDS, ConvSpec, DenseSpec, conv2d_bf16, conv_weight, dense_bf16
+from .kernels import (NO_BOUNDS, BatchMatmulSpec, ConvSpec, DenseSpec, batch_matmul_bf16, conv2d_bf16, conv_weight,
+                      dense_bf16)
 from .packing import pack_dense_weight, padded_bias
 
 log = logging.getLogger("graphopt.bf16")
@@ -57,7 +58,7 @@ def bf16_dot(target) -> str | None:
 
 @dataclass
 class Chain:
-    kind: str                   # conv | dwconv | dense
+    kind: str                   # conv | dwconv | dense | batch_matmul (w, bias None; attrs: y, xshape, scale)
     root: int                   # binding index of the chain's last binding (replaced by the kernel call)
     interior: list              # binding indices consumed by the chain (dropped)
     x: object
@@ -341,6 +342,34 @@ def match_dense(blk: Block, idx: int) -> Chain | None:
                  shape_of(out))
 
 
+def match_batch_matmul(blk: Block, idx: int) -> Chain | None:
+    """matmul(X[*batch, M, K], Y[*batch, K, N]) of two fp32 activations with the same batch dims (attention's QK^T
+    and PV), N a multiple of 16, with the divide / multiply by a scalar constant that follows it where it is the
+    matmul's only reader."""
+    v = blk.bindings[idx].value
+    x, y = v.args[0], v.args[1]
+    xs, ys, out = shape_of(x), shape_of(y), blk.bindings[idx].var
+    if xs is None or ys is None or len(xs) < 3 or len(xs) != len(ys) or tuple(xs[:-2]) != tuple(ys[:-2]) \
+            or xs[-1] != ys[-2] or ys[-1] % 16 or xs[-1] < 16:
+        return None
+    if any(dtype_of(e) != "float32" for e in (x, y, out)) or is_constant(blk, x) or is_constant(blk, y):
+        return None
+    root, interior, scale = idx, [], (None, 1.0)
+    uses = blk.uses.get(out, [])
+    if len(uses) == 1 and out not in blk.outside:
+        j = uses[0]
+        nxt = blk.bindings[j].value
+        op = op_name(nxt)
+        if op in ("relax.divide", "relax.multiply") and nxt.args[0].same_as(out) \
+                and shape_of(blk.bindings[j].var) == shape_of(out):
+            c = _scalar(blk, nxt.args[1])
+            if c is not None and c != 0.0:
+                root, interior, scale = j, [idx], (op.split(".")[1], c)
+    var = blk.bindings[root].var
+    return Chain("batch_matmul", root, interior, x, None, None, NO_BOUNDS, None, NO_BOUNDS,
+                 {"y": y, "xshape": tuple(xs), "scale": scale}, var, shape_of(var))
+
+
 def _compute_index(m: Chain) -> int:
     """Binding index of the chain's conv2d / matmul (its first binding)."""
     return m.interior[0] if m.interior else m.root
@@ -428,7 +457,8 @@ class _Rewriter(LayoutRewriter):
     def __init__(self, mod, amx: bool = False):
         super().__init__(mod, "graphopt_bf16")
         self.amx = amx
-        self.count = {"bf16_conv2d": 0, "bf16_dwconv2d": 0, "bf16_dense": 0, "bf16_amx": 0, "bf16_residual_fused": 0,
+        self.count = {"bf16_conv2d": 0, "bf16_dwconv2d": 0, "bf16_dense": 0, "bf16_batch_matmul": 0, "bf16_amx": 0,
+                      "bf16_residual_fused": 0,
                       "bf16_residual_bf16": 0,
                       "bf16_hswish_fused": 0, "bf16_stored_bf16": 0, "bf16_converted_inputs": 0,
                       "fp32_dwconv2d_nhwc": 0, "fp32_convs": 0, "fp32_matmuls": 0}
@@ -445,6 +475,8 @@ class _Rewriter(LayoutRewriter):
             if op not in ("relax.nn.conv2d", "relax.matmul") or i in claimed:
                 continue
             m = self.match_root(blk, i, op, claimed, match_conv, match_dense, log)
+            if m is None and op == "relax.matmul":
+                m = self.match_root(blk, i, op, claimed, match_conv, match_batch_matmul, log)
             if m is None:
                 self.count[_left_in_fp32(b.value)] += 1
                 continue
@@ -488,6 +520,8 @@ class _Rewriter(LayoutRewriter):
         from tvm import relax
         bindings = []
         p = self.phys.get(m.x)
+        if m.kind == "batch_matmul":
+            return [self.batch_matmul(m)]
         if m.kind == "dwconv":
             value, phys = self.depthwise(m, bindings)
         elif m.kind == "conv":
@@ -542,6 +576,18 @@ class _Rewriter(LayoutRewriter):
             bindings.extend(self.bind_view(m.out_var, phys, m.out_shape, m.attrs.get("layout", "NCHW")))
         self.phys[m.out_var] = phys
         return bindings
+
+    def batch_matmul(self, m: Chain):
+        """The binding of the chain's output to the bf16 batch matmul kernel on its two fp32 operands (logical shapes:
+        its output is read as it is, with no physical form)."""
+        from tvm import relax
+        xs, (scale_op, scale) = m.attrs["xshape"], m.attrs["scale"]
+        spec = BatchMatmulSpec(tuple(xs[:-2]), xs[-2], xs[-1], m.out_shape[-1], scale_op, scale)
+        gv = self.add_kernel(("batch_matmul", spec), lambda: batch_matmul_bf16(spec), "batch_matmul")
+        self.count["bf16_batch_matmul"] += 1
+        self.max_reduction = max(self.max_reduction, spec.K)
+        return self.bind(m.out_var, relax.call_tir(gv, [m.x, m.attrs["y"]],
+                                                   relax.TensorType(list(m.out_shape), "float32")))
 
     def depthwise(self, m: Chain, bindings: list):
         """(value, Phys) of a depthwise chain: a call of the depthwise kernel (depthwise.py; weights [KH, KW, Cp]
