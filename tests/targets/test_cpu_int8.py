@@ -603,6 +603,35 @@ def test_activation_tables_run_in_the_kernels_layout(tmp_path, acts):
     _check_against_ort(model, runner, feeds)
 
 
+class _GeluMLP(torch.nn.Module):
+    """dense -> GELU -> dense on [1, 8, 32]: the quantized GELU between two int8 dense layers becomes a table applied
+    to the first layer's output as the graph has it (a BERT-style encoder's FFN)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.fc2(nn.functional.gelu(self.fc1(x)))
+
+
+@pytest.mark.skipif("avx512vbmi" not in host_flags(), reason="host has no AVX-512 VBMI")
+def test_tables_after_dense_layers_take_the_vbmi_kernel(tmp_path):
+    """A table on a dense layer's output (graph layout) runs as the vpermi2b kernel, not TVM's scalar take, and the
+    library matches onnxruntime."""
+    g = graphopt.from_torch(_GeluMLP().eval(), (torch.zeros(1, 8, 32),))
+    calib = {"x": np.random.default_rng(0).normal(size=(16, 8, 32)).astype(np.float32)}
+    model, res = _quantized(g, calib, pipeline="quantize,lower-int8")
+    assert res.records[-1]["info"]["rewritten"].get("table", 0) >= 1
+    runner, facts, _ = _compile(model, tmp_path)
+    assert facts["table_lookups_graph_layout"] >= 1 and facts["dense"] == 2
+    mod, _ = ci.import_int8(model, CpuTarget().tvm_target())
+    assert any("table" in gv.name_hint for gv in mod.get_global_vars())
+    feeds = [{"x": np.random.default_rng(s).normal(size=(1, 8, 32)).astype(np.float32)} for s in range(3)]
+    _check_against_ort(model, runner, feeds)
+
+
 @pytest.mark.skipif("avx512vbmi" not in host_flags(), reason="host has no AVX-512 VBMI")
 @pytest.mark.parametrize("total,din,dout", [(64 * 9, "uint8", "uint8"), (64 * 700 + 37, "uint8", "int8"),
                                             (50, "int8", "int8"), (64 * 3 + 1, "int8", "uint8")])
