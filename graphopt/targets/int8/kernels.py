@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .intrinsics import KERNEL_ATTR, TENSOR_INTRINS, register_intrinsics
-from .epilogue import epilogue_expr, to_u8
+from .epilogue import epilogue_expr, nearbyint, to_u8
 from .specs import ConvSpec, DenseSpec
 
 #: 16-lane s32 accumulators a micro tile may use. x86: one zmm each, 24 of the 32 (room for the weights and the
@@ -340,3 +340,81 @@ def maxpool_int8(N: int, H: int, W: int, C: int, OH: int, OW: int, pool: tuple, 
             co, ci_ = sch.split(c, [None, 16])
             sch.vectorize(ci_)
     return sch.mod["main"].with_attr(KERNEL_ATTR, "maxpool_nhwc")
+
+
+def batch_matmul_int8(spec, dot: str = "vnni"):
+    """PrimFunc (A [*batch, M, K] u8/s8, B [*batch, K, N] u8/s8, Y [*batch, M, N] u8/s8): dequantize(A) @
+    dequantize(B) -> quantize of two quantized activations (attention's QK^T and PV in a QDQ encoder) in integers.
+    A as u8 (s8 shifted by 128), B as s8 (u8 shifted by -128) packed per call into [*batch, N/16, K/4, 16, 4] (the
+    dot-product intrinsic's layout; K zero-padded to a multiple of 4), s32 sums S = sum (a - za)(b - zb) from the
+    dot products and the row sums of A and column sums of B, then requantized as the dense kernels do: nearbyint(S *
+    sa * sb / sy) + zy, saturated. N a multiple of 16."""
+    from tvm import te, tirx
+    s = spec
+    nb, K4 = len(s.batch), -(-s.K // 4) * 4
+    i32 = "int32"
+    za_u = s.za + (128 if s.a_dtype == "int8" else 0)
+    zb_s = s.zb - (128 if s.b_dtype == "uint8" else 0)
+    A = te.placeholder((*s.batch, s.M, s.K), s.a_dtype, name="A")
+    B = te.placeholder((*s.batch, s.K, s.N), s.b_dtype, name="B")
+
+    def b_s8(v):
+        return (v.astype(i32) - 128).astype("int8") if s.b_dtype == "uint8" else v
+    P = te.compute((*s.batch, s.M, K4), lambda *i: tirx.if_then_else(
+        i[-1] < s.K, to_u8(A[(*i[:-1], tirx.min(i[-1], s.K - 1))], s.a_dtype), tirx.const(0, "uint8")), name="pad")
+    Wp = te.compute((*s.batch, s.N // 16, K4 // 4, 16, 4), lambda *i: tirx.if_then_else(
+        i[nb + 1] * 4 + i[nb + 3] < s.K,
+        b_s8(B[(*i[:nb], tirx.min(i[nb + 1] * 4 + i[nb + 3], s.K - 1), i[nb] * 16 + i[nb + 2])]),
+        tirx.const(0, "int8")), name="pack")
+    ka = te.reduce_axis((0, s.K), "ka")
+    ra = te.compute((*s.batch, s.M), lambda *i: te.sum(P[(*i, ka)].astype(i32), axis=ka), name="rowsum")
+    kb = te.reduce_axis((0, s.K), "kb")
+    cb = te.compute((*s.batch, s.N), lambda *i: te.sum(b_s8(B[(*i[:-1], kb, i[-1])]).astype(i32), axis=kb),
+                    name="colsum")
+    k4 = te.reduce_axis((0, K4 // 4), "k4")
+    ki = te.reduce_axis((0, 4), "ki")
+    acc = te.compute((*s.batch, s.M, s.N // 16, 16), lambda *i: te.sum(
+        P[(*i[:nb], i[nb], k4 * 4 + ki)].astype(i32) * Wp[(*i[:nb], i[nb + 1], k4, i[nb + 2], ki)].astype(i32),
+        axis=[k4, ki]), name="acc")
+    f32 = "float32"
+    lo, hi = (0, 255) if s.out_dtype == "uint8" else (-128, 127)
+
+    def out(*i):
+        m, n = i[-2], i[-1]
+        v = acc[(*i[:-1], n // 16, n % 16)] - tirx.const(zb_s, i32) * ra[(*i[:-1],)] \
+            - tirx.const(za_u, i32) * cb[(*i[:-2], n)] + tirx.const(s.K * za_u * zb_s, i32)
+        q = nearbyint(v.astype(f32) * tirx.const(s.mult, f32)) + tirx.const(float(s.zy), f32)
+        q = tirx.min(tirx.max(q, tirx.const(float(lo), f32)), tirx.const(float(hi), f32))
+        return q.astype(s.out_dtype)
+    Y = te.compute((*s.batch, s.M, s.N), out, name="out")
+    from tvm.s_tir import Schedule
+    register_intrinsics()
+    sch = Schedule(te.create_prim_func([A, B, Y]))
+    acc_b, out_b = sch.get_sblock("acc"), sch.get_sblock("out")
+    TM, TN = pick_tiles(s.M, s.N // 16, MAX_TILE_ACC_BY_DOT.get(dot, MAX_TILE_ACC))
+    sch.set_scope(acc_b, 0, "local")
+    loops = sch.get_loops(out_b)
+    mo, mi = sch.split(loops[-2], [None, TM])
+    no, ni_ = sch.split(loops[-1], [None, TN * 16])
+    sch.reorder(*loops[:-2], no, mo, mi, ni_)
+    sch.compute_at(acc_b, mo, preserve_unit_loops=True)
+    sch.parallel(sch.fuse(*loops[:-2], no, mo))
+    lm, lnb, lni, lk4, lki = sch.get_loops(acc_b)[-5:]
+    sch.reorder(lk4, lm, lnb, lni, lki)
+    sch.decompose_reduction(acc_b, lk4)
+    sch.tensorize(lni, TENSOR_INTRINS[dot])
+    sch.unroll(lm)
+    sch.unroll(lnb)
+    sch.vectorize(sch.get_loops(sch.get_sblock("acc_init"))[-1])
+    _, vi = sch.split(ni_, [None, 16])
+    sch.vectorize(vi)
+    # the stages: a row or column sum whose zero point is 0 (u8 B at 128, u8 A at 0) is gone from the function
+    present = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    for name in ("pad", "pack", "rowsum", "colsum"):
+        if name not in present:
+            continue
+        bl = sch.get_loops(sch.get_sblock(name))
+        if name == "colsum":                             # (*batch, n, k): k outside n, so B is read by rows
+            sch.reorder(bl[-1], bl[-2])
+        sch.parallel(sch.fuse(*bl[:nb]))
+    return sch.mod["main"].with_attr(KERNEL_ATTR, f"batch_matmul_{dot}")

@@ -339,3 +339,40 @@ def table_source(blk: Block, index):
         return None
     q = e.args[0]
     return q if dtype_of(q) in ("uint8", "int8") else None
+
+
+@dataclass
+class BatchMatch:
+    """quantize(matmul(dequantize(a), dequantize(b))) of two quantized activations (kernels.batch_matmul_int8)."""
+    kind: str                   # batch_matmul
+    root: int                   # the quantize's binding index
+    interior: list              # the matmul's, and each dequantize's that only the matmul reads
+    a: object
+    b: object
+    spec_args: tuple            # BatchMatmulSpec's fields
+    out_var: object
+
+
+def match_batch_matmul(blk: Block, idx: int) -> BatchMatch | None:
+    """matmul(dequantize(A u8/s8), dequantize(B u8/s8)) [*batch, M, K] x [*batch, K, N] with scalar scales and zero
+    points, the same batch dims, N a multiple of 16, whose only reader is a quantize to u8 / s8 (attention's QK^T
+    and PV in onnxruntime's QDQ form)."""
+    v = blk.bindings[idx].value
+    a, b = match_dq_act(blk, v.args[0]), match_dq_act(blk, v.args[1])
+    if a is None or b is None:
+        return None
+    (aq, sa, za, adt), (bq, sb, zb, bdt) = a, b
+    xs, ys = shape_of(aq), shape_of(bq)
+    if xs is None or ys is None or len(xs) < 3 or len(xs) != len(ys) or tuple(xs[:-2]) != tuple(ys[:-2]) \
+            or xs[-1] != ys[-2] or ys[-1] % 16:
+        return None
+    j = blk.single_use(blk.bindings[idx].var)
+    qp = None if j is None else _quant_params(blk, blk.bindings[j].value)
+    if qp is None or qp[2] not in ("uint8", "int8"):
+        return None
+    sy, zy, odt = qp
+    mult = float(np.float32(np.float64(np.float32(sa) * np.float32(sb)) / sy))
+    interior = [idx] + [blk.index[e] for e in (v.args[0], v.args[1])
+                        if e in blk.index and blk.single_use(e) == idx]
+    spec = (tuple(int(d) for d in xs[:-2]), int(xs[-2]), int(xs[-1]), int(ys[-1]), adt, za, bdt, zb, mult, zy, odt)
+    return BatchMatch("batch_matmul", j, sorted(set(interior)), aq, bq, spec, blk.bindings[j].var)

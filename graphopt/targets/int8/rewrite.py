@@ -9,10 +9,11 @@ import numpy as np
 from ..relax_bindings import Block, const_value, dtype_of, op_name, scalar, shape_of
 from ..relax_layout import LayoutRewriter, Phys, rewrite_main, rewrite_pass
 from . import amx_kernels
-from .kernels import conv2d_int8, conv_weight, dense_int8, dense_weight, dwconv2d_int8, maxpool_int8
+from .kernels import (batch_matmul_int8, conv2d_int8, conv_weight, dense_int8, dense_weight, dwconv2d_int8,
+                      maxpool_int8)
 from .packing import epilogue_constants, pack_dw_weight
-from .relax_match import Match, match_conv, match_dense, match_dq_act, table_source
-from .specs import ConvSpec, DenseSpec
+from .relax_match import Match, match_batch_matmul, match_conv, match_dense, match_dq_act, table_source
+from .specs import BatchMatmulSpec, ConvSpec, DenseSpec
 from .tables import has_vbmi, table_kernel
 from .target_facts import int8_amx, int8_dot, num_cores
 
@@ -26,7 +27,8 @@ class _Rewriter(LayoutRewriter):
         self.amx = dot == "vnni" and int8_amx(target)     # conv / dense on AMX tiles where amx_kernels takes them
         self.cores = num_cores(target)
         self.vbmi = has_vbmi(target)         # lower-int8's tables: one vpermi2b kernel, else TVM's take
-        self.count = {"conv2d": 0, "dwconv2d": 0, "dense": 0, "residual_fused": 0, "maxpool_nhwc": 0, "mean_nhwc": 0,
+        self.count = {"conv2d": 0, "dwconv2d": 0, "dense": 0, "batch_matmul": 0, "residual_fused": 0,
+                      "maxpool_nhwc": 0, "mean_nhwc": 0,
                       "table_lookups": 0, "table_lookups_graph_layout": 0, "int8_amx": 0,
                       "fp32_convs": 0, "fp32_matmuls": 0}
 
@@ -54,6 +56,8 @@ class _Rewriter(LayoutRewriter):
             if op not in ("relax.nn.conv2d", "relax.matmul") or i in claimed:
                 continue
             m = self.match_root(blk, i, op, claimed, match_conv, match_dense, log)
+            if m is None and op == "relax.matmul" and self.dot == "vnni":    # activation x activation (x86)
+                m = self.match_root(blk, i, op, claimed, match_conv, match_batch_matmul, log)
             if m is None:
                 if match_dq_act(blk, b.value.args[0]) is not None:
                     self.count["fp32_convs" if op == "relax.nn.conv2d" else "fp32_matmuls"] += 1
@@ -92,6 +96,13 @@ class _Rewriter(LayoutRewriter):
 
     def emit_match(self, m: Match):
         from tvm import relax
+        if m.kind == "batch_matmul":
+            spec = BatchMatmulSpec(*m.spec_args)
+            gv = self.add_kernel(("batch_matmul", spec), lambda: batch_matmul_int8(spec, self.dot), "batch_matmul")
+            self.count["batch_matmul"] += 1
+            shape = (*spec.batch, spec.M, spec.N)
+            return [self.bind(m.out_var, relax.call_tir(gv, [m.a, m.b], relax.TensorType(list(shape),
+                                                                                          spec.out_dtype)))]
         bindings = []
         zx_u = m.zx + (128 if m.in_dtype == "int8" else 0)
         if m.kind == "dwconv":

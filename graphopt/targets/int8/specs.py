@@ -82,3 +82,20 @@ class DenseSpec:
     @property
     def Np(self):
         return -(-self.N // 16) * 16
+
+
+@dataclass(frozen=True)
+class BatchMatmulSpec:
+    """quantize(dequantize(A, sa, za) @ dequantize(B, sb, zb), sy, zy) of two quantized activations A [*batch, M, K],
+    B [*batch, K, N] (N a multiple of 16); mult = sa * sb / sy."""
+    batch: tuple
+    M: int
+    K: int
+    N: int
+    a_dtype: str
+    za: int
+    b_dtype: str
+    zb: int
+    mult: float
+    zy: int
+    out_dtype: str
