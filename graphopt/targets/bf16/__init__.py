@@ -22,6 +22,6 @@ from .kernels import (KERNEL_ATTR, BatchMatmulSpec, ConvSpec, DenseSpec, batch_m
 from .packing import bf16_bits, pack_conv_weight, pack_dense_weight, padded_bias
 from .rewrite import bf16_dot, bf16_rewrite_pass, rewrite_bf16
 
-__all__ = ["KERNEL_ATTR", "BatchMatmulSpec", "ConvSpec", "DenseSpec", "DwSpec", "bf16_bits", "bf16_dot", "bf16_rewrite_pass",
-           "batch_matmul_bf16", "conv2d_bf16", "conv_weight", "dense_bf16", "dwconv2d_bf16", "pack_conv_weight", "pack_dense_weight",
-           "padded_bias", "rewrite_bf16"]
+__all__ = ["KERNEL_ATTR", "BatchMatmulSpec", "ConvSpec", "DenseSpec", "DwSpec", "batch_matmul_bf16", "bf16_bits",
+           "bf16_dot", "bf16_rewrite_pass", "conv2d_bf16", "conv_weight", "dense_bf16", "dwconv2d_bf16",
+           "pack_conv_weight", "pack_dense_weight", "padded_bias", "rewrite_bf16"]

@@ -19,7 +19,9 @@ fp32 arithmetic, bf16 bits in and out where only kernels are around it) in NHWC 
 channels-last ones only where that kernel both reads and stores bf16 bits (takes_depthwise), the others are left to
 the cpu target's channels-last depthwise schedule. MobileNet-style chains (1x1 conv -> clip -> depthwise -> clip ->
 1x1 conv -> residual add) so run with no layout change between the kernels in either layout, bf16 bits between them.
-Other grouped convs and matmuls of two activations stay on TVM's fp32 path.
+MatMuls of two fp32 activations with a multiple of 16 output columns (attention's QK^T, with a scalar divide /
+multiply after it, and PV) run as the bf16 batch matmul kernel (kernels.batch_matmul_bf16). Other grouped convs
+and the other activation matmuls stay on TVM's fp32 path.
 """
 from __future__ import annotations
 

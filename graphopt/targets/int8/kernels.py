@@ -380,7 +380,7 @@ def batch_matmul_int8(spec, dot: str = "vnni"):
     lo, hi = (0, 255) if s.out_dtype == "uint8" else (-128, 127)
 
     def out(*i):
-        m, n = i[-2], i[-1]
+        n = i[-1]
         v = acc[(*i[:-1], n // 16, n % 16)] - tirx.const(zb_s, i32) * ra[(*i[:-1],)] \
             - tirx.const(za_u, i32) * cb[(*i[:-2], n)] + tirx.const(s.K * za_u * zb_s, i32)
         q = nearbyint(v.astype(f32) * tirx.const(s.mult, f32)) + tirx.const(float(s.zy), f32)

@@ -11,7 +11,9 @@ dpl cannot say it:
   combination of optional steps;
 - conditions on values: scalar scales and zero points, per-channel scales along the output axis, zero weight zero
   points, an int32 bias whose scale is sx * sw, an activation not computed from constants only (is_constant).
-The rewriter (rewrite.py) resolves overlapping chains and keeps the physical layout across bindings."""
+A MatMul of two quantized activations (attention's) is matched by hand too (match_batch_matmul: dequantize both
+-> matmul -> quantize). The rewriter (rewrite.py) resolves overlapping chains and keeps the physical layout across
+bindings."""
 from __future__ import annotations
 
 import functools
