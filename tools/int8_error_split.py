@@ -39,18 +39,19 @@ from graphopt.task_metrics import agreement  # noqa: E402
 WEIGHTED = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
+def _act_pairs(g: gs.Graph) -> list[tuple[gs.Node, gs.Node]]:
+    """(QuantizeLinear, DequantizeLinear) of every activation pair of g, in g's node order (weights' DequantizeLinear
+    read a constant and are left out)."""
+    return [(dq.inputs[0].inputs[0], dq) for dq in g.nodes
+            if dq.op == "DequantizeLinear" and not isinstance(dq.inputs[0], gs.Constant) and dq.inputs[0].inputs
+            and dq.inputs[0].inputs[0].op == "QuantizeLinear"]
+
+
 def activation_pairs(qdq: onnx.ModelProto) -> list[str]:
     """Names of the tensors that pass through an activation QuantizeLinear -> DequantizeLinear pair, in graph order."""
     g = gs.import_onnx(qdq)
     g.toposort()
-    names = []
-    for dq in g.nodes:
-        src = dq.inputs[0] if dq.op == "DequantizeLinear" else None
-        if src is not None and not isinstance(src, gs.Constant) and src.inputs and src.inputs[0].op == "QuantizeLinear":
-            name = src.inputs[0].inputs[0].name
-            if name not in names:
-                names.append(name)
-    return names
+    return list(dict.fromkeys(q.inputs[0].name for q, _ in _act_pairs(g)))
 
 
 def variant(qdq: onnx.ModelProto, fp32_weights: dict, rounded_acts, rounded_weights) -> onnx.ModelProto:
@@ -63,11 +64,7 @@ def variant(qdq: onnx.ModelProto, fp32_weights: dict, rounded_acts, rounded_weig
             w = node.inputs[1]
             if w.inputs and w.inputs[0].op == "DequantizeLinear":
                 node.inputs[1] = gs.Constant(node.name + "_fp32_weight", np.asarray(fp32_weights[node.name], np.float32))
-    for dq in [n for n in g.nodes if n.op == "DequantizeLinear"]:
-        src = dq.inputs[0]
-        if isinstance(src, gs.Constant) or not (src.inputs and src.inputs[0].op == "QuantizeLinear"):
-            continue
-        q = src.inputs[0]
+    for q, dq in _act_pairs(g):
         x = q.inputs[0]
         if "*" in rounded_acts or x.name in rounded_acts:
             continue

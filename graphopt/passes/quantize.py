@@ -149,15 +149,16 @@ def fallback_units(model: onnx.ModelProto, compute: list[str]) -> dict[str, list
 
 
 def _scorer(ref: np.ndarray, labels: np.ndarray | None, n: int):
-    """(score(outputs) in points, metric name) for max_drop: top-1 accuracy against labels, else the agreement with
-    the fp32 graph's outputs `ref` in the terms of the task (graphopt.task_metrics: top-1 agreement for a
-    classifier, decoded-sequence agreement for a CTC recognizer, IoU of thresholded maps), 100 for ref itself."""
+    """(score(outputs) in points, metric name, the fp32 graph's own score) for max_drop: top-1 accuracy against
+    labels, else the agreement with the fp32 graph's outputs `ref` in the terms of the task (graphopt.task_metrics:
+    top-1 agreement for a classifier, decoded-sequence agreement for a CTC recognizer, IoU of thresholded maps), 100
+    for ref itself."""
     if labels is not None:
         labels = labels[:n]
 
         def top1(out):
             return float(np.mean(np.argmax(out.reshape(len(out), -1), 1) == labels)) * 100.0
-        return top1, "top1"
+        return top1, "top1", top1(ref)
     from ..task_metrics import agreement, task_kind
     kind = task_kind(ref.shape, ref)
     if kind is None:
@@ -167,7 +168,8 @@ def _scorer(ref: np.ndarray, labels: np.ndarray | None, n: int):
 
     def agree(out):
         return agreement(out, ref, kind)["value"] * 100.0
-    return agree, agreement(ref, ref, kind)["metric"]
+    itself = agreement(ref, ref, kind)
+    return agree, itself["metric"], itself["value"] * 100.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -388,7 +390,7 @@ class Quantize(Pass):
         labelled = "labels" in ev
         feeds = feeds_from_samples({k: v for k, v in ev.items() if k != "labels"}, specs, "evaluation data")
         ref = first_outputs(fp32, feeds)
-        score, metric = _scorer(ref, np.asarray(ev["labels"]).reshape(-1) if labelled else None,
+        score, metric, fp_score = _scorer(ref, np.asarray(ev["labels"]).reshape(-1) if labelled else None,
                                 len(feeds) * len(next(iter(feeds[0].values()))))
         ref2 = ref.reshape(len(ref), -1)
 
@@ -396,7 +398,6 @@ class Quantize(Pass):
             out = first_outputs(m, feeds)
             return score(out), out.reshape(len(ref), -1)
 
-        fp_score = score(ref)
         q_score, _ = score_of(model)
         info = {"metric": metric, "fp32_score": round(fp_score, 3), "int8_score_all_layers": round(q_score, 3),
                 "max_drop": self.opts["max_drop"]}

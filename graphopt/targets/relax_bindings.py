@@ -31,6 +31,13 @@ def shape_of(e) -> tuple | None:
         return None
 
 
+def batch_matmul_shapes(xs, ys) -> bool:
+    """Whether [*batch, M, K] x [*batch, K, N] is a batch matmul the bf16 / int8 activation kernels take: the same
+    batch dims (no broadcast), at least one, and N a multiple of 16."""
+    return xs is not None and ys is not None and len(xs) >= 3 and len(xs) == len(ys) \
+        and tuple(xs[:-2]) == tuple(ys[:-2]) and xs[-1] == ys[-2] and ys[-1] % 16 == 0
+
+
 def dtype_of(e) -> str | None:
     ty = getattr(e, "ty", None)
     dt = getattr(ty, "dtype", None)

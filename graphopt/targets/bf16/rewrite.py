@@ -34,7 +34,8 @@ import numpy as np
 
 from .. import x86_isa
 from ..cpu_layout import MIN_NHWC_CHANNELS, minmax_as_ops
-from ..relax_bindings import Block, act_bounds, dtype_of, fold_fp32, is_constant, op_name, shape_of
+from ..relax_bindings import (Block, act_bounds, batch_matmul_shapes, dtype_of, fold_fp32, is_constant, op_name,
+                              shape_of)
 from ..relax_layout import LayoutRewriter, Phys, rewrite_main, rewrite_pass
 from .amx_kernels import conv_fits, dense_fits
 from .depthwise import DwSpec, dwconv2d_bf16
@@ -351,8 +352,7 @@ def match_batch_matmul(blk: Block, idx: int) -> Chain | None:
     v = blk.bindings[idx].value
     x, y = v.args[0], v.args[1]
     xs, ys, out = shape_of(x), shape_of(y), blk.bindings[idx].var
-    if xs is None or ys is None or len(xs) < 3 or len(xs) != len(ys) or tuple(xs[:-2]) != tuple(ys[:-2]) \
-            or xs[-1] != ys[-2] or ys[-1] % 16 or xs[-1] < 16:
+    if not batch_matmul_shapes(xs, ys) or xs[-1] < 16:
         return None
     if any(dtype_of(e) != "float32" for e in (x, y, out)) or is_constant(blk, x) or is_constant(blk, y):
         return None

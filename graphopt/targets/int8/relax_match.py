@@ -22,8 +22,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ..relax_bindings import (Block, act_bounds, const_value, dtype_of, fold_fp32, is_constant, op_name, scalar,
-                              shape_of)
+from ..relax_bindings import (Block, act_bounds, batch_matmul_shapes, const_value, dtype_of, fold_fp32, is_constant,
+                              op_name, scalar, shape_of)
 from .specs import Epilogue
 
 
@@ -365,8 +365,7 @@ def match_batch_matmul(blk: Block, idx: int) -> BatchMatch | None:
         return None
     (aq, sa, za, adt), (bq, sb, zb, bdt) = a, b
     xs, ys = shape_of(aq), shape_of(bq)
-    if xs is None or ys is None or len(xs) < 3 or len(xs) != len(ys) or tuple(xs[:-2]) != tuple(ys[:-2]) \
-            or xs[-1] != ys[-2] or ys[-1] % 16:
+    if not batch_matmul_shapes(xs, ys):
         return None
     j = blk.single_use(blk.bindings[idx].var)
     qp = None if j is None else _quant_params(blk, blk.bindings[j].value)
