@@ -622,7 +622,8 @@ def _qdq_batch_matmul(a, b, sa, za, sb, zb, sy, zy, odt):
 @pytest.mark.skipif(not HAS_VNNI, reason="host has no AVX-512 VNNI")
 @pytest.mark.parametrize("batch,M,K,N,adt,bdt,odt", [((1, 4), 128, 64, 128, "uint8", "uint8", "uint8"),
                                                       ((2,), 20, 7, 32, "int8", "uint8", "int8"),
-                                                      ((1, 2), 16, 128, 64, "uint8", "int8", "uint8")])
+                                                      ((1, 2), 16, 128, 64, "uint8", "int8", "uint8"),
+                                                      ((3,), 24, 33, 48, "int8", "int8", "int8")])
 def test_batch_matmul_kernel_matches_onnxruntime(batch, M, K, N, adt, bdt, odt):
     """The integer batch matmul (two quantized activations, zero points of any value, K not a multiple of 4) gives
     onnxruntime's QDQ result within one step, and the same values on all but a few ties."""
