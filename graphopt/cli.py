@@ -311,7 +311,9 @@ def cmd_sensitivity(args) -> int:
     from .sensitivity import SAMPLES, analyze, parse_levels, plot_png, report_html, table_rows
     if not Path(args.model).is_file():
         raise BadInput(f"{args.model}: no such model file")
-    levels = parse_levels(args.levels)
+    levels = () if args.no_prune else parse_levels(args.levels)
+    if args.no_prune and args.no_quantize:
+        raise BadInput("--no-prune with --no-quantize leaves nothing to measure: drop one of them")
     if args.samples is not None and args.samples < 1:
         raise BadInput(f"--samples must be at least 1, not {args.samples}")
     out = Path(args.out or Path(args.model).with_suffix(".sensitivity.json"))
@@ -320,6 +322,7 @@ def cmd_sensitivity(args) -> int:
         check_output_file(dest, "--out", suffix)
     data = _load_npz(args.eval, "--eval")
     res = analyze(args.model, data, target=args.target, levels=levels, quantize=not args.no_quantize,
+                  quantize_options=args.quantize,
                   samples=args.samples or SAMPLES, seed=args.seed, input_shapes=_shapes(args),
                   input_values=_values(args),
                   target_options=_target_options(args), progress=_progress())
@@ -521,6 +524,11 @@ def build_parser() -> argparse.ArgumentParser:
     sn.add_argument("--levels", default="0.25,0.5,0.75", help="fractions of a group's channels pruned (default "
                                                               "0.25,0.5,0.75)")
     sn.add_argument("--no-quantize", action="store_true", help="skip the per-layer int8 runs")
+    sn.add_argument("--no-prune", action="store_true", help="skip the pruning runs (only the per-layer int8 runs)")
+    sn.add_argument("--quantize", metavar="OPTIONS", help="quantize options of the per-layer int8 runs, as the "
+                                                           "pass takes them (e.g. 'calibration=percentile,"
+                                                           "percentile=99.99'): the calibration the int8 model "
+                                                           "will use")
     sn.add_argument("--samples", type=int, help="evaluation samples used (default 512)")
     sn.add_argument("--seed", type=int, default=0)
     sn.add_argument("--threads", type=int, help="threads for the latency table")

@@ -101,13 +101,16 @@ def _groups(graph, ctx) -> list[dict]:
 
 
 def analyze(model, eval_data: dict, target: str | None = None, levels=LEVELS, quantize: bool = True,
-            samples: int = SAMPLES, seed: int = 0, criterion: str = "l1", input_shapes: dict | None = None,
+            quantize_options: str | None = None, samples: int = SAMPLES, seed: int = 0, criterion: str = "l1",
+            input_shapes: dict | None = None,
             input_values: dict | None = None,
             target_options: dict | None = None, progress=None, cache_root: Path | None = None) -> dict:
     """The sensitivity table of model (a path, ModelProto or Graph) on eval_data ({input: array [N, ...]}, optional
     'labels'). Returns {"format", "model", "metric", "baseline", "samples", "levels", "target", "groups": [{"name",
     "node", "channels", "prunable", "levels": [{"level", "kept", "macs", "latency", "value", "drop"}]}],
-    "quantize": [{"node", "op", "value", "drop"} or {"node", "op", "error"}], "cached"}."""
+    "quantize": [{"node", "op", "value", "drop"} or {"node", "op", "error"}], "cached"}. quantize_options: the
+    quantize pass's options for the per-layer int8 runs, as pipeline text takes them ("calibration=percentile,
+    percentile=99.99"); levels (): no pruning runs."""
     from . import distill
     from .graph import copy as copy_graph, to_onnx
     from .loading import load
@@ -125,11 +128,18 @@ def analyze(model, eval_data: dict, target: str | None = None, levels=LEVELS, qu
     def context(data=None):
         return PassContext(target=target, hw=hw, seed=seed, verify="structural", data=data,
                            target_options=target_options)
+    quant_given = {}
+    if quantize_options:
+        quant_given = dict(PassManager.parse(f"quantize{{{quantize_options}}}").passes[0].given)
+        for key in ("exclude_nodes", "exclude", "qat", "max_drop"):
+            if key in quant_given:
+                raise BadInput(f"--quantize: '{key}' is chosen per layer by the sensitivity runs; leave it out")
     graph = PassManager.parse("cleanup").run(graph, context()).graph
     inputs, labels = _split(eval_data, [t.name for t in graph.inputs], samples)
     key_doc = {"format": FORMAT, "graphopt": __version__,
                "model": hashlib.sha256(to_onnx(graph).SerializeToString(deterministic=True)).hexdigest(),
-               "data": _data_digest(inputs, labels), "levels": list(levels), "quantize": quantize, "seed": seed,
+               "data": _data_digest(inputs, labels), "levels": list(levels), "quantize": quantize,
+               "quantize_options": quantize_options or "", "seed": seed,
                "criterion": criterion, "target": target, "target_options": target_options or {}}
     if target:
         from .latency import Cache, threads_used
@@ -178,7 +188,7 @@ def analyze(model, eval_data: dict, target: str | None = None, levels=LEVELS, qu
         if quantize:
             names = [n.name for n in weighted]
             for n in weighted:
-                step = {"name": "quantize", "exclude_nodes": [m for m in names if m != n.name]}
+                step = {"name": "quantize", **quant_given, "exclude_nodes": [m for m in names if m != n.name]}
                 try:
                     res = PassManager.from_steps([step]).run(copy_graph(graph), context({"calib": inputs}))
                     v = score(res.graph)

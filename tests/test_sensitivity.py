@@ -175,9 +175,34 @@ def test_cli_writes_table_json_plot_and_report(eval_data, tmp_path, monkeypatch,
     assert "data:image/png;base64," in (tmp_path / "digits.html").read_text()
 
 
+def test_cli_quantize_only_with_the_calibration_the_int8_model_will_use(eval_data, tmp_path, monkeypatch, capsys):
+    """--no-prune: only the per-layer int8 runs; --quantize: their quantize options (the calibration), which are
+    part of the cache key, so another calibration is measured again."""
+    monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path / "cache"))
+    data = tmp_path / "eval.npz"
+    np.savez(data, x=eval_data["x"][:64], labels=eval_data["labels"][:64])
+    calls = []
+    real = PassManager.from_steps
+    monkeypatch.setattr(PassManager, "from_steps", staticmethod(lambda steps: calls.append(steps) or real(steps)))
+    out = tmp_path / "q.json"
+    argv = ["sensitivity", TEACHER, "--eval", str(data), "--no-prune", "--out", str(out), "--quantize",
+            "calibration=percentile,percentile=99.9"]
+    assert cli.main(argv) == 0
+    saved = json.loads(out.read_text())
+    assert saved["levels"] == [] and all(not g["levels"] for g in saved["groups"]) and len(saved["quantize"]) == 4
+    assert all(s[0]["name"] == "quantize" and s[0]["calibration"] == "percentile" and s[0]["percentile"] == 99.9
+               for s in calls) and len(calls) == 4
+    capsys.readouterr()
+    assert cli.main(argv[:-1] + ["calibration=minmax"]) == 0 and len(calls) == 8      # not the cached results
+    assert cli.main(argv) == 0 and len(calls) == 8                                    # these are cached
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--levels", "0.5,1.5"], "--levels 0.5,1.5: give fractions"),
     (["--samples", "0"], "--samples must be at least 1"),
+    (["--no-prune", "--no-quantize"], "leaves nothing to measure"),
+    (["--quantize", "exclude_nodes=[a]"], "'exclude_nodes' is chosen per layer"),
+    (["--quantize", "calibration=nonsense"], "calibration"),
     (["--eval", "WRONG"], "lacks input(s) x"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(args, needle, eval_data, tmp_path, capsys):

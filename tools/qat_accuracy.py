@@ -109,6 +109,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--micro-batch", type=int, default=None)
     ap.add_argument("--quantize", default="", help="extra quantize options, e.g. 'calibration=percentile'")
+    ap.add_argument("--max-drop", type=float, default=None,
+                    help="mixed precision: PTQ with quantize{max_drop=...} (points of the metric) scored on the first "
+                         "--fallback-lines training examples; the layers it leaves in fp32 stay fp32 in QAT too")
+    ap.add_argument("--fallback-lines", type=int, default=256, help="training examples --max-drop scores on")
     ap.add_argument("--qat-scales", choices=("kept", "learned"), default="kept",
                     help="QAT: activation scales kept from the calibration or learned (quantize{qat_scales=...})")
     ap.add_argument("--schedule", action="append", default=[], metavar="KEY=VALUE",
@@ -153,7 +157,23 @@ def main(argv=None) -> int:
     _log(f"fp32: {rows['fp32 (onnxruntime)']}")
 
     calib = {"x": train["x"]}
-    ptq = PassManager.parse(f"quantize{{{opts}}}").run(copy_graph(graph), PassContext(data={"calib": calib})).graph
+    qat_pipeline = f"quantize{{{opts},qat=true,qat_scales={a.qat_scales}}}"
+    if a.max_drop is None:
+        ptq = PassManager.parse(f"quantize{{{opts}}}").run(copy_graph(graph), PassContext(data={"calib": calib})).graph
+        fallback = []
+    else:
+        # training examples, not the evaluation lines: the fallback is chosen without the held-out data
+        res = PassManager.parse(f"quantize{{{opts},max_drop={a.max_drop}}}").run(
+            copy_graph(graph), PassContext(data={"calib": calib, "eval": {"x": train["x"][:a.fallback_lines]}},
+                                           progress=Progress("lines")))
+        ptq, q_info = res.graph, res.records[0]["info"]
+        fallback = q_info.get("fallback_excluded", [])
+        _log(f"max_drop {a.max_drop}: {len(q_info.get('fallback', []))} layers in fp32 ({q_info.get('fallback')}); "
+             f"score on {a.fallback_lines} training examples {q_info.get('int8_score')} "
+             f"(all int8: {q_info.get('int8_score_all_layers')})")
+        from graphopt.passmanager import make_pass
+        given = dict(PassManager.parse(qat_pipeline).passes[0].given)
+        qat_pipeline = PassManager([make_pass("quantize", **given, exclude_nodes=fallback)])
     simulated = {"PTQ int8 (onnxruntime, float QDQ)": score(run_onnxruntime(ptq, evaluation, optimize=False))}
     art = graphopt.compile(ptq, target="cpu", out=out / "ptq.cpu", measure=False, threads=a.threads)
     rows["PTQ int8 (compiled)"] = score(run_artifact(art, evaluation))
@@ -161,7 +181,7 @@ def main(argv=None) -> int:
     _log(f"PTQ: {rows['PTQ int8 (compiled)']} ({art.report.get('int8_kernels')} int8 kernels)")
 
     t = time.perf_counter()
-    qat, info = compress(copy_graph(graph), train, f"quantize{{{opts},qat=true,qat_scales={a.qat_scales}}}",
+    qat, info = compress(copy_graph(graph), train, qat_pipeline,
                          epochs=a.epochs, schedule=schedule,
                          batch_size=a.batch_size, lr=a.lr, threads=a.threads, log=_log, progress=Progress("lines"),
                          **({"micro_batch": a.micro_batch} if a.micro_batch else {}))
@@ -175,7 +195,8 @@ def main(argv=None) -> int:
          f"training)")
     _log(f"float QDQ arithmetic: {simulated}")
 
-    result = {"model": a.model, "quantize": opts, "qat_scales": a.qat_scales, "schedule": a.schedule, "epochs": a.epochs, "lr": a.lr, "rows": rows,
+    result = {"model": a.model, "quantize": opts, "qat_scales": a.qat_scales, "schedule": a.schedule,
+              "epochs": a.epochs, "lr": a.lr, "rows": rows, "max_drop": a.max_drop, "fp32_fallback": fallback,
               "float_qdq": simulated, "latency_ms": latency, "threads": a.threads,
               "qat_training_seconds": round(train_s, 1), "seconds": round(time.perf_counter() - t0, 1),
               "quantization": info.get("quantization")}

@@ -429,6 +429,7 @@ class Quantize(Pass):
             if fp_score - q_score <= budget:
                 info["int8_score"] = round(q_score, 3)
                 info["fallback_nodes"] = len(excluded) - len(base_excluded)
+                info["fallback_excluded"] = [n for n in excluded if n not in base_excluded]   # exclude_nodes' form
                 return q, fallback, info
         raise CheckFailed(f"pass 'quantize': {metric} drops {fp_score - q_score:.2f} points even with every "
                           f"Conv/MatMul/Gemm in fp32 (budget max_drop={budget}); the drop comes from other "

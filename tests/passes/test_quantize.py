@@ -114,6 +114,12 @@ def test_accuracy_aware_fallback_meets_the_budget(teacher, data):
     assert len(rec["sensitivity"]) == 4 and rec["fallback"]
     assert set(rec["fallback"]) <= set(rec["fp32_nodes"]) and rec["quantized_count"] == 4 - len(rec["fallback"])
     assert abs(_top1(q, x_te, y_te) * 100 - rec["int8_score"]) < 1e-2
+    # the fallback as exclude_nodes (what a later run, e.g. QAT, takes) gives the same mixed-precision graph
+    assert set(rec["fallback"]) <= set(rec["fallback_excluded"])
+    from graphopt.passmanager import make_pass
+    again = PassManager([make_pass("quantize", exclude_nodes=rec["fallback_excluded"])]).run(
+        graphopt.load(teacher), _ctx(data, 256)).records[-1]["info"]
+    assert again["quantized"] == rec["quantized"]
     # a generous budget keeps every layer in int8
     res2, _ = _quantize(teacher, "quantize{max_drop=50}", _ctx(data, 64, eval_=True))
     assert res2.records[-1]["info"]["fallback"] == [] and res2.records[-1]["info"]["quantized_count"] == 4
