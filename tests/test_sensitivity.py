@@ -181,9 +181,12 @@ def test_cli_quantize_only_with_the_calibration_the_int8_model_will_use(eval_dat
     monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path / "cache"))
     data = tmp_path / "eval.npz"
     np.savez(data, x=eval_data["x"][:64], labels=eval_data["labels"][:64])
-    calls = []
+    calls, calibrations = [], []
     real = PassManager.from_steps
     monkeypatch.setattr(PassManager, "from_steps", staticmethod(lambda steps: calls.append(steps) or real(steps)))
+    from graphopt.passes import quantize as qp
+    real_reader = qp._reader
+    monkeypatch.setattr(qp, "_reader", lambda *a, **k: calibrations.append(1) or real_reader(*a, **k))
     out = tmp_path / "q.json"
     argv = ["sensitivity", TEACHER, "--eval", str(data), "--no-prune", "--out", str(out), "--quantize",
             "calibration=percentile,percentile=99.9"]
@@ -192,6 +195,7 @@ def test_cli_quantize_only_with_the_calibration_the_int8_model_will_use(eval_dat
     assert saved["levels"] == [] and all(not g["levels"] for g in saved["groups"]) and len(saved["quantize"]) == 4
     assert all(s[0]["name"] == "quantize" and s[0]["calibration"] == "percentile" and s[0]["percentile"] == 99.9
                for s in calls) and len(calls) == 4
+    assert len(calibrations) == 1                          # the four layers' runs share one calibration
     capsys.readouterr()
     assert cli.main(argv[:-1] + ["calibration=minmax"]) == 0 and len(calls) == 8      # not the cached results
     assert cli.main(argv) == 0 and len(calls) == 8                                    # these are cached

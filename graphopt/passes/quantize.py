@@ -11,7 +11,9 @@ result runs in onnxruntime as is and the cpu target lowers the Conv / MatMul / G
   DATA.npz` fills it): for an input of shape S, [N, *S] (N samples on an added leading axis: the layout for inputs
   whose first axis is not a batch, such as a recurrent state [layers*dirs, 1, H] or a fixed [4, 576] chunk) or,
   when S starts with a batch of 1, batch-first [N, *S[1:]] (graphopt.samples); at most `calib_samples` samples;
-  `calibration=minmax|percentile|entropy` picks onnxruntime's calibrator;
+  `calibration=minmax|percentile|entropy` picks onnxruntime's calibrator; ctx.data["calibration_cache"] (a folder):
+  the ranges are kept there and reused by every run on the same fp32 graph, batches and settings (graphopt
+  sensitivity's per-layer runs calibrate once);
 * opset: graphs below opset 13 are converted to 13 first (per-channel DequantizeLinear needs its `axis`);
 * when onnxruntime's quantizer emits an invalid graph, the node it names (its fp32 node) is left in fp32 and the
   graph quantized once more; the pass info lists it under "auto_excluded" (compile prints it);
@@ -52,6 +54,7 @@ within_quant_steps, compare_quantized.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import os
@@ -87,6 +90,20 @@ def input_specs(graph: gs.Graph) -> list[tuple[str, tuple, np.dtype]]:
             dt = onnx.helper.tensor_dtype_to_np_dtype(dt)
         out.append((t.name, tuple(t.shape or ()), np.dtype(dt)))
     return out
+
+
+def _calibration_key(fp32: onnx.ModelProto, feeds: list, args: dict, op_types: list) -> str:
+    """What onnxruntime's tensor ranges depend on: the fp32 graph, the calibration batches and the calibrator's
+    settings (not the nodes left out of quantization: the ranges cover every tensor of the op types)."""
+    h = hashlib.sha256(fp32.SerializeToString(deterministic=True))
+    for feed in feeds:
+        for name in sorted(feed):
+            a = np.ascontiguousarray(feed[name])
+            h.update(f"{name}{a.dtype}{a.shape}".encode())
+            h.update(a.tobytes())
+    h.update(repr(sorted((k, str(v)) for k, v in args.items())).encode())
+    h.update(repr(sorted(op_types)).encode())
+    return h.hexdigest()[:32]
 
 
 def _reader(feeds, update=None):
@@ -321,7 +338,9 @@ class Quantize(Pass):
         with tempfile.TemporaryDirectory(prefix="graphopt-quant-") as tmp:
             src = os.path.join(tmp, "fp32.onnx")
             onnx.save_model(fp32, src)
-            cache = os.path.join(tmp, "calib.json")
+            shared = ctx.data.get("calibration_cache")
+            cache = os.path.join(str(shared), f"calibration-{_calibration_key(fp32, feeds, args, op_types)}.json") \
+                if shared else os.path.join(tmp, "calib.json")
 
             def quantize(excluded: list[str]) -> onnx.ModelProto:
                 dst = os.path.join(tmp, "q.onnx")
