@@ -908,6 +908,13 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
         qat_pass = p.name == "quantize" and p.opts.get("qat")
         step = make_pass(p.name, **{k: v for k, v in p.given.items() if k not in ("qat", "qat_scales")}) \
             if qat_pass else p
+        if step.opts.get("max_drop", -1) >= 0 and "eval" not in ctx.data:
+            # quantize{max_drop}'s fallback is chosen on training examples (their labels when there are some, else
+            # agreement with the fp32 graph): the held-out data stays held out
+            ctx.data["eval"] = {**{k: v[:s.calib_samples] for k, v in calib.items()},
+                                **({"labels": labels[:s.calib_samples]} if labels is not None else {})}
+            log(f"compress: {step.name}{{max_drop}} scores its fallback on the first "
+                f"{len(next(iter(ctx.data['eval'].values())))} training examples")
         r = PassManager([step]).run(graph, ctx)
         graph = sync(r.graph)
         records += r.records

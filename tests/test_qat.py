@@ -230,3 +230,23 @@ def test_qat_with_learned_scales_in_compress(split, tmp_path):
     assert all(v > 0 for v in after.values())
     art = graphopt.compile(graph, target="cpu", out=tmp_path / "qat.cpu", measure=False)
     assert art.report["int8_kernels"] >= 3 and art.report["check"]["ok"]
+
+
+def test_qat_with_max_drop_in_compress_chooses_its_fallback_on_training_data(split, monkeypatch):
+    """quantize{qat=true,max_drop=0}: the accuracy-aware fallback runs inside compress on the first calib_samples
+    training examples (with their labels), never on the held-out data, and QAT trains the mixed-precision graph."""
+    from graphopt.passes import quantize as qp
+    x_tr, y_tr, x_te, y_te = split
+    seen, logs = [], []
+    real = qp.Quantize._accuracy_aware
+
+    def spy(self, fp32, model, quantize, base_excluded, specs, ctx):
+        seen.append({k: np.asarray(v).copy() for k, v in ctx.data["eval"].items()})
+        return real(self, fp32, model, quantize, base_excluded, specs, ctx)
+    monkeypatch.setattr(qp.Quantize, "_accuracy_aware", spy)
+    graph, info = compress(graphopt.load(str(digits.teacher_path())), {"x": x_tr, "labels": y_tr},
+                           "quantize{qat=true,max_drop=0.0}", eval_data={"x": x_te, "labels": y_te},
+                           epochs=1, threads=1, log=logs.append)
+    assert len(seen) == 1 and np.array_equal(seen[0]["x"], x_tr[:512]) and np.array_equal(seen[0]["labels"], y_tr[:512])
+    assert any("max_drop" in m and "training examples" in m for m in logs)
+    assert info["quantization"]["qat"] and "max_drop=0.0" in info["passes"][0]["pass"]
