@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import html
 import io
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -189,19 +188,18 @@ def analyze(model, eval_data: dict, target: str | None = None, levels=LEVELS, qu
         quant = []
         if quantize:
             names = [n.name for n in weighted]
-            ranges = tempfile.mkdtemp(prefix="graphopt-sensitivity-")    # one calibration for every layer's run
-            for n in weighted:
-                step = {"name": "quantize", **quant_given, "exclude_nodes": [m for m in names if m != n.name]}
-                try:
-                    res = PassManager.from_steps([step]).run(copy_graph(graph), context(
-                        {"calib": inputs, "calibration_cache": ranges}))
-                    v = score(res.graph)
-                    quant.append({"node": n.name, "op": n.op, "value": v, "drop": round(baseline - v, 6)})
-                except GraphoptError as e:
-                    quant.append({"node": n.name, "op": n.op, "error": printable(e, 200)})
-                done += 1
-                update(done, f"int8 {n.name}")
-            shutil.rmtree(ranges, ignore_errors=True)
+            with tempfile.TemporaryDirectory(prefix="graphopt-sensitivity-") as ranges:   # one calibration for all
+                for n in weighted:
+                    step = {"name": "quantize", **quant_given, "exclude_nodes": [m for m in names if m != n.name]}
+                    try:
+                        res = PassManager.from_steps([step]).run(copy_graph(graph), context(
+                            {"calib": inputs, "calibration_cache": ranges}))
+                        v = score(res.graph)
+                        quant.append({"node": n.name, "op": n.op, "value": v, "drop": round(baseline - v, 6)})
+                    except GraphoptError as e:
+                        quant.append({"node": n.name, "op": n.op, "error": printable(e, 200)})
+                    done += 1
+                    update(done, f"int8 {n.name}")
     result = {"format": FORMAT, "model": str(model) if isinstance(model, (str, Path)) else "model",
               "metric": metric, "baseline": baseline, "samples": len(next(iter(inputs.values()))),
               "levels": list(levels), "target": target, "groups": groups, "quantize": quant}
