@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import conv_padding_rows as padding_rows
 from ..conv_geometry import ConvOutputSize
 from ..int8.kernels import MAX_TILE_ACC, pick_tiles
 from .epilogue import KERNEL_ATTR, NO_BOUNDS, bounded, conv_epilogue, residual_value
@@ -143,7 +144,9 @@ def conv2d_bf16(spec: ConvSpec):
         name="out")
     if s.out_bf16:
         Y = te.compute(Y.shape, lambda *i: to_bf16_bits(Y(*i)), name="cvt")
-    return _schedule(te.create_prim_func(args + [Y]), OW, OCp // 16, "conv2d")
+    rows = dict(H=s.H, OH=OH, KH=s.KH, stride=sh, pad_top=pt) if padding_rows.pays(s.H, OH, s.KH, sh, pt, dh) \
+        else None
+    return _schedule(te.create_prim_func(args + [Y]), OW, OCp // 16, "conv2d", rows)
 
 
 def dense_bf16(spec: DenseSpec):
@@ -214,9 +217,10 @@ def batch_matmul_bf16(spec: BatchMatmulSpec):
     return _schedule(te.create_prim_func([X, Y, Z]), s.M, s.N // 16, "batch_matmul")
 
 
-def _schedule(func, rows: int, col_blocks: int, kind: str):
+def _schedule(func, rows: int, col_blocks: int, kind: str, padding_rows_of: dict | None = None):
     """Register tiles of TM rows (output pixels along a row) x TN 16-channel blocks, the reduction outermost inside
-    the tile, the 16 x 2 block tensorized; parallel over the tiles; vectorized input stage and epilogue."""
+    the tile, the 16 x 2 block tensorized; parallel over the tiles; vectorized input stage and epilogue. A conv
+    with padding_rows_of (conv_padding_rows.bound_kernel_rows's geometry) skips the kernel rows on its padding."""
     from tvm.s_tir import Schedule
     register_intrinsic()
     sch = Schedule(func)
@@ -263,6 +267,8 @@ def _schedule(func, rows: int, col_blocks: int, kind: str):
         lanes = next((v for v in (16, 8) if extent % v == 0), 0)
         if lanes:
             sch.vectorize(sch.split(ploops[-1], [None, lanes])[1])
+    if padding_rows_of:                    # last: it replaces a loop behind the schedule's back
+        padding_rows.bound_kernel_rows(sch, par, **padding_rows_of)
     return sch.mod["main"].with_attr(KERNEL_ATTR, kind)
 
 

@@ -1,6 +1,7 @@
 """The scheduled integer PrimFuncs: TE compute plus a hand schedule (conv2d, dense, depthwise conv2d, max pool)."""
 from __future__ import annotations
 
+from .. import conv_padding_rows as padding_rows
 from .intrinsics import KERNEL_ATTR, TENSOR_INTRINS, register_intrinsics
 from .epilogue import epilogue_expr, nearbyint, to_u8
 from .specs import ConvSpec, DenseSpec
@@ -118,10 +119,14 @@ def conv2d_int8(spec: ConvSpec, dot: str = "vnni", cores: int = 1, residual: boo
         Y = te.compute((s.N, OH, OW, OCp), lambda n, h, w, o: epilogue_expr(
             s.epi, acc[n, h, w, o // 16, o % 16], Bi[o], Mq[o], Bf[o]), name="out")
     func = te.create_prim_func(args + [Y])
-    return _schedule_conv(func, spec, dot, cores, padded=not direct)
+    # the padding rows are skipped only where they hold zeros (a u8 input with zero point 0: ReLU's output): a
+    # zero point's taps are part of the sums the epilogue's folded correction takes away
+    rows = dict(H=s.H, OH=OH, KH=s.KH, stride=sh, pad_top=pt) \
+        if not direct and zx_u == 0 and padding_rows.pays(s.H, OH, s.KH, sh, pt, dh) else None
+    return _schedule_conv(func, spec, dot, cores, padded=not direct, padding_rows_of=rows)
 
 
-def _schedule_conv(func, spec: ConvSpec, dot: str, cores: int, padded: bool):
+def _schedule_conv(func, spec: ConvSpec, dot: str, cores: int, padded: bool, padding_rows_of: dict | None = None):
     from tvm.s_tir import Schedule
     if dot in TENSOR_INTRINS:
         register_intrinsics()
@@ -164,6 +169,8 @@ def _schedule_conv(func, spec: ConvSpec, dot: str, cores: int, padded: bool):
         sch.parallel(sch.fuse(*loops[:2]))
         if spec.in_layout == "NHWC":
             sch.vectorize(loops[-1])
+    if padding_rows_of:                    # last: it replaces a loop behind the schedule's back
+        padding_rows.bound_kernel_rows(sch, par, **padding_rows_of)
     return sch.mod["main"].with_attr(KERNEL_ATTR, f"conv2d_{dot}")
 
 
