@@ -120,6 +120,9 @@ class CpuTarget(Target):
         if self.precision == "bf16":
             from .bf16 import bf16_rewrite_pass
             passes.append(bf16_rewrite_pass(self.tvm_target()))
+        if self.layout == "nhwc":
+            from .cpu_pool import maxpool_pass
+            passes.append(maxpool_pass(self.tvm_target()))      # the fp32 NHWC max pools left (cpu_pool)
         ex = tvm_lowering.build(mod, self.tvm_target(), schedule=schedule_module, tuning_db=tuning_db, passes=passes)
         tvm_lowering.export(ex, Path(out_dir) / self.library)
         facts = {"compile_seconds": round(time.perf_counter() - t0, 3)}
