@@ -233,7 +233,7 @@ class FactorizeLowRank(Pass):
                 v = float(rank)
             except ValueError:
                 v = float("nan")
-            if not (v > 0) or (v >= 1 and v != int(v)):
+            if not (0 < v < float("inf")) or (v >= 1 and v != int(v)):     # inf: int() would overflow
                 raise bad(f"option rank={o['rank']} must be an integer >= 1 or a fraction in (0, 1) of the full rank")
             self.rank_value = int(v) if v >= 1 else v
         ops = [str(x).strip().lower() for x in o["ops"]]

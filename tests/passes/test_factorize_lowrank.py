@@ -288,6 +288,7 @@ def test_lossy_second_run_leaves_factors_alone(zoo_onnx):
     ("factorize-lowrank{rank=1.5}", "rank=1.5 must be an integer >= 1 or a fraction"),
     ("factorize-lowrank{rank=0}", "rank=0 must be an integer"),
     ("factorize-lowrank{rank=lots}", "rank=lots must be an integer"),
+    ("factorize-lowrank{rank=inf}", "rank=inf must be an integer"),         # was an OverflowError (fuzzer)
     ("factorize-lowrank{ops=[conv,lstm]}", "must list some of: gemm, matmul, conv"),
     ("factorize-lowrank{energy=0.9,flops=0.5}", "energy and flops both select ranks"),
     ("factorize-lowrank{round_to=-1}", "round_to=-1 must be at least 0"),
