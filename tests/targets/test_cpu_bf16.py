@@ -53,7 +53,18 @@ CONVS = [  # N, C, H, W, OC, K, stride, pad, layout
     (1, 32, 7, 7, 48, 1, 1, 0, "NHWC"),
     (2, 7, 9, 9, 16, 3, 1, 1, "NCHW"),
     (1, 24, 6, 10, 16, 1, 1, 0, "NHWC"),     # 24 channels: the input stage in 8-lane vectors
+    (1, 3, 16, 16, 32, 7, 2, 3, "NHWC"),     # a ResNet stem: its 7 taps x 3 channels read as 11 pairs (fold_kw)
+    (1, 5, 12, 11, 16, 3, 1, 1, "NHWC"),     # folded, stride 1: odd pixels' runs start between pairs
 ]
+
+
+def test_odd_channel_counts_fold_their_kernel_rows():
+    stem = bf16.ConvSpec(1, 224, 224, 3, 64, 7, 7, (2, 2), (3,) * 4, in_layout="NHWC", Cphys=3)
+    assert stem.fold_kw and stem.fold_pairs == 11
+    assert not bf16.ConvSpec(1, 224, 224, 3, 64, 7, 7, (2, 2), (3,) * 4).fold_kw      # NCHW: the padded stage
+    assert bf16.conv_weight(stem, np.zeros((64, 3, 7, 7), np.float32)).shape == (4, 7, 1, 11, 16, 2)
+    assert not bf16.ConvSpec(1, 56, 56, 64, 64, 3, 3, (1, 1), (1,) * 4).fold_kw      # even: nothing to save
+    assert not bf16.ConvSpec(1, 56, 56, 3, 64, 1, 1).fold_kw                           # one tap per row
 
 
 @needs_bf16
@@ -77,7 +88,7 @@ def test_conv_kernel_matches_numpy(case):
             mag += np.einsum("nchw,oc->nhwo", np.abs(patch), np.abs(wr[:, :, kh, kw]))
     ref = np.maximum(ref + b, 0)
     xin = x if layout == "NCHW" else np.ascontiguousarray(x.transpose(0, 2, 3, 1))
-    args = [xin, bf16.pack_conv_weight(w, spec.C2), bf16.padded_bias(b, OC, spec.OCp)]
+    args = [xin, bf16.conv_weight(spec, w), bf16.padded_bias(b, OC, spec.OCp)]
     y = _run(_build(bf16.conv2d_bf16(spec)), args, (N, OH, OW, spec.OCp))
     _close(y[..., :OC], ref, mag + np.abs(b))
     assert np.all(y[..., OC:] == 0)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from .. import conv_padding_rows as padding_rows
 from ..conv_geometry import ConvOutputSize
 from ..int8.kernels import MAX_TILE_ACC, pick_tiles
@@ -61,6 +63,23 @@ class ConvSpec(ConvOutputSize):
     def OCp(self):
         return -(-self.OC // 16) * 16
 
+    @property
+    def fold_pairs(self) -> int:
+        """Pairs per kernel row when its KW taps are folded into the channels (fold_kw)."""
+        return -(-self.KW * self.C // 2)
+
+    @property
+    def fold_kw(self) -> bool:
+        """The AVX512-BF16 kernel reads a kernel row's KW taps x C channels as one run of pairs (an odd channel
+        count wastes a zero per tap otherwise: the 3-channel stem's 7 taps are 11 pairs, not 14): an fp32 NHWC
+        input (the stems after the input's transpose), undilated, where folding saves pairs and the AMX kernel does
+        not take the conv (it folds in its own way). 1 thread, AMD EPYC: ResNet's 7x7/2 stem on 224x224x3 1448 ->
+        1093 us, a 3x3/2 stem 204 -> 140, the detector's on 640x640 1185 -> 755. From an NCHW input the stage's
+        gather costs more: 7x7 1454 -> 1263, but 3x3 240 -> 305, so NCHW inputs keep the pair-padded stage."""
+        from . import amx_kernels
+        return (not self.in_bf16 and self.in_layout == "NHWC" and self.KW > 1 and tuple(self.dilation) == (1, 1)
+                and self.fold_pairs < self.KW * self.C2 and not amx_kernels.conv_fits(self))
+
 
 
 @dataclass(frozen=True)
@@ -88,11 +107,20 @@ class DenseSpec:
 
 
 def conv_weight(spec: ConvSpec, w):
-    """fp32 OIHW weights packed for conv2d_bf16(spec): [OCp/16, KH, KW, C2, 16, 2], or the AMX kernel's packing
-    where it runs (amx_kernels.conv_weight)."""
+    """fp32 OIHW weights packed for conv2d_bf16(spec): [OCp/16, KH, KW, C2, 16, 2]; with spec.fold_kw
+    [OCp/16, KH, 1, fold_pairs, 16, 2] (pair q of kernel row kh: taps kw*C + c = 2q, 2q + 1); or the AMX kernel's
+    packing where it runs (amx_kernels.conv_weight)."""
     from . import amx_kernels
     from .packing import pack_conv_weight
-    return amx_kernels.conv_weight(spec, w) if amx_kernels.conv_fits(spec) else pack_conv_weight(w, spec.C2)
+    if amx_kernels.conv_fits(spec):
+        return amx_kernels.conv_weight(spec, w)
+    if spec.fold_kw:
+        OC, C, KH, KW = w.shape
+        wf = w.transpose(0, 3, 1, 2).reshape(OC, KW * C, KH, 1)
+        if KW * C % 2:          # the last pair is (tap KW*C - 2, tap KW*C - 1): a zero weight for the first
+            wf = np.concatenate([wf[:, :-1], np.zeros_like(wf[:, :1]), wf[:, -1:]], axis=1)
+        return pack_conv_weight(wf, spec.fold_pairs)
+    return pack_conv_weight(w, spec.C2)
 
 
 def conv2d_bf16(spec: ConvSpec):
@@ -121,20 +149,40 @@ def conv2d_bf16(spec: ConvSpec):
         cc = tirx.min(c, cin - 1)
         src = X[n, cc, hh, ww] if s.in_layout == "NCHW" else X[n, hh, ww, cc]
         return tirx.if_then_else(cond, src if s.in_bf16 else to_bf16_bits(src), tirx.const(0, "uint16"))
-    if s.in_bf16 and not any(s.pad):
-        P = X                                        # already bf16 pairs, nothing to pad
+    if s.fold_kw:
+        # the padded rows flat, C channels per pixel and no pair padding ([N, Hp, Wp*C]): output pixel ow's kernel
+        # row is the run of KW*C values from ow*sw*C, read as fold_pairs pairs; an odd run's last pair starts one
+        # value early (its first weight zero: conv_weight), so no pair reads past the run (a NaN or inf there,
+        # times a zero weight, would reach this pixel)
+        Q, run = s.fold_pairs, s.KW * s.C
+        Wp = te.placeholder((OCp // 16, s.KH, 1, Q, 16, 2), "uint16", name="W")
+        P = te.compute((s.N, s.H + pt + pb, (s.W + pl + pr) * s.C),
+                       lambda n, h, f: pad_value(n, h, f // s.C, f % s.C), name="pad")
+        kh = te.reduce_axis((0, s.KH), "kh")
+        kw = te.reduce_axis((0, 1), "kw")
+        q = te.reduce_axis((0, Q), "c2")
+        ci = te.reduce_axis((0, 2), "ci")
+        acc = te.compute(
+            (s.N, OH, OW, OCp // 16, 16),
+            lambda n, oh, ow, ob, oi: te.sum(
+                bf16_value(P[n, oh * sh + kh, ow * sw * s.C + kw + tirx.min(q * 2, run - 2) + ci])
+                * bf16_value(Wp[ob, kh, kw, q, oi, ci]), axis=[kh, kw, q, ci]),
+            name="acc")
     else:
-        P = te.compute((s.N, s.H + pt + pb, s.W + pl + pr, C2 * 2), pad_value, name="pad")
-    kh = te.reduce_axis((0, s.KH), "kh")
-    kw = te.reduce_axis((0, s.KW), "kw")
-    c2 = te.reduce_axis((0, C2), "c2")
-    ci = te.reduce_axis((0, 2), "ci")
-    acc = te.compute(
-        (s.N, OH, OW, OCp // 16, 16),
-        lambda n, oh, ow, ob, oi: te.sum(
-            bf16_value(P[n, oh * sh + kh * dh, ow * sw + kw * dw, c2 * 2 + ci]) * bf16_value(Wp[ob, kh, kw, c2, oi, ci]),
-            axis=[kh, kw, c2, ci]),
-        name="acc")
+        if s.in_bf16 and not any(s.pad):
+            P = X                                        # already bf16 pairs, nothing to pad
+        else:
+            P = te.compute((s.N, s.H + pt + pb, s.W + pl + pr, C2 * 2), pad_value, name="pad")
+        kh = te.reduce_axis((0, s.KH), "kh")
+        kw = te.reduce_axis((0, s.KW), "kw")
+        c2 = te.reduce_axis((0, C2), "c2")
+        ci = te.reduce_axis((0, 2), "ci")
+        acc = te.compute(
+            (s.N, OH, OW, OCp // 16, 16),
+            lambda n, oh, ow, ob, oi: te.sum(
+                bf16_value(P[n, oh * sh + kh * dh, ow * sw + kw * dw, c2 * 2 + ci])
+                * bf16_value(Wp[ob, kh, kw, c2, oi, ci]), axis=[kh, kw, c2, ci]),
+            name="acc")
     args = [X, Wp, B]
     assert not (s.residual and s.hswish), s
     R = te.placeholder((s.N, OH, OW, OCp), "uint16" if s.res_bf16 else "float32", name="R") if s.residual else None
