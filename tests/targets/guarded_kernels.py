@@ -4,7 +4,9 @@ memory outside its buffers. test_guarded_reads.py runs each case in its own proc
 instead of killing the suite.
 
 The cases are the kernels whose padding reads a clamped index under a condition (a tap outside the input reads
-zero): Winograd's input transform, the strided int8 depthwise conv (taps read in place), the bf16 depthwise conv.
+zero): Winograd's input transform, the strided int8 depthwise conv (taps read in place), the bf16 depthwise conv,
+the bf16 conv whose stage folds the kernel row's taps into pairs; and the fp32 max pool, whose taps read clamped
+indices unconditionally.
 """
 from __future__ import annotations
 
@@ -63,7 +65,32 @@ def _bf16_depthwise():
     return bf16.dwconv2d_bf16(spec), target, args, (N, spec.OH, spec.OW, spec.Cp), "float32"
 
 
-CASES = {"winograd": _winograd, "int8_depthwise_strided": _int8_depthwise_strided, "bf16_depthwise": _bf16_depthwise}
+def _fp32_maxpool():
+    from graphopt.targets.cpu import CpuTarget
+    from graphopt.targets.cpu_pool import maxpool_nhwc
+    N, H, W, C = 1, 9, 10, 16
+    x = np.random.default_rng(3).standard_normal((N, H, W, C)).astype(np.float32)
+    func = maxpool_nhwc(N, H, W, C, 5, 5, (3, 3), (2, 2), (1, 1, 1, 1), lanes=CpuTarget().hw().fp32_lanes)
+    return func, CpuTarget().tvm_target(), [x], (N, 5, 5, C), "float32"
+
+
+def _bf16_stem_folded():
+    import tvm
+
+    from graphopt.targets import bf16
+    N, H, W, C, OC, K = 1, 12, 11, 3, 16, 7
+    spec = bf16.ConvSpec(N, H, W, C, OC, K, K, (2, 2), (3,) * 4, (1, 1), "NHWC", C, act=(0.0, None))
+    assert spec.fold_kw
+    rng = np.random.default_rng(4)
+    args = [rng.standard_normal((N, H, W, C)).astype(np.float32),
+            bf16.conv_weight(spec, rng.standard_normal((OC, C, K, K)).astype(np.float32)),
+            np.zeros(spec.OCp, np.float32)]
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "cooperlake", "num-cores": 2})
+    return bf16.conv2d_bf16(spec), target, args, (N, spec.OH, spec.OW, spec.OCp), "float32"
+
+
+CASES = {"winograd": _winograd, "int8_depthwise_strided": _int8_depthwise_strided, "bf16_depthwise": _bf16_depthwise,
+         "fp32_maxpool": _fp32_maxpool, "bf16_stem_folded": _bf16_stem_folded}
 
 
 def main(case: str) -> int:

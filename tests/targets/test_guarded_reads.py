@@ -16,7 +16,8 @@ from graphopt.targets.x86_isa import host_flags
 SCRIPT = Path(__file__).with_name("guarded_kernels.py")
 
 
-@pytest.mark.parametrize("case", ["winograd", "int8_depthwise_strided", "bf16_depthwise"])
+@pytest.mark.parametrize("case", ["winograd", "int8_depthwise_strided", "bf16_depthwise", "fp32_maxpool",
+                                  "bf16_stem_folded"])
 def test_kernel_stays_inside_its_buffers(case):
     if case.startswith("bf16") and "avx512_bf16" not in host_flags():
         pytest.skip("the bf16 depthwise kernel needs AVX512-BF16")
