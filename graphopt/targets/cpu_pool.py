@@ -11,13 +11,9 @@ behind a padding test: ResNet-18's 3x3/2 pool on 112x112x64, 1 thread, AMD EPYC:
 """
 from __future__ import annotations
 
-import logging
-
 from .cpu_sched_common import PAR_MIN_WORK
 from .cpu_schedules import fp32_lanes
 from .relax_layout import LayoutRewriter, rewrite_main, rewrite_pass
-
-log = logging.getLogger("graphopt.pool")
 
 KERNEL_ATTR = "graphopt.pool_kernel"
 
