@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .cpu_sched_common import PAR_MIN_WORK
 from .cpu_schedules import fp32_lanes
-from .relax_layout import LayoutRewriter, rewrite_main, rewrite_pass
+from .relax_layout import LayoutRewriter, rewrite_counted, rewrite_pass
 
 KERNEL_ATTR = "graphopt.pool_kernel"
 
@@ -102,11 +102,7 @@ class _Rewriter(LayoutRewriter):
 
 def rewrite_maxpool(mod, target):
     """Replace mod['main']'s fp32 NHWC max_pool2d calls the kernel takes (module docstring). Returns (mod, facts)."""
-    rw = _Rewriter(mod, fp32_lanes(target))
-    if "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
-        return mod, dict(rw.count)
-    mod, _ = rewrite_main(mod, rw)
-    return mod, dict(rw.count)
+    return rewrite_counted(mod, _Rewriter(mod, fp32_lanes(target)))
 
 
 def maxpool_pass(target):

@@ -12,7 +12,7 @@ import logging
 import numpy as np
 
 from .cpu_schedules import fp32_lanes
-from .relax_layout import LayoutRewriter, rewrite_main, rewrite_pass
+from .relax_layout import LayoutRewriter, rewrite_counted, rewrite_pass
 
 log = logging.getLogger("graphopt.winograd")
 
@@ -137,11 +137,7 @@ def rewrite_winograd(mod, target):
     """Replace the conv chains of mod['main'] that Winograd takes (module docstring) with Winograd kernels.
     Returns (mod, facts): convs rewritten, residual adds fused, and convs that qualified but where the rule keeps
     the direct conv."""
-    rw = _Rewriter(mod, fp32_lanes(target))
-    if "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
-        return mod, dict(rw.count)
-    mod, _ = rewrite_main(mod, rw)
-    return mod, dict(rw.count)
+    return rewrite_counted(mod, _Rewriter(mod, fp32_lanes(target)))
 
 
 def winograd_pass(target):

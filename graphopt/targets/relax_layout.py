@@ -174,6 +174,13 @@ def rewrite_calls(mod, fn):
     return rw.builder_.get()
 
 
+def rewrite_counted(mod, rw: LayoutRewriter):
+    """rewrite_main(mod, rw) where mod has a `main`; returns (mod, the rewriter's counts: its `count` dict)."""
+    if "main" in [gv.name_hint for gv in mod.get_global_vars()]:
+        mod, _ = rewrite_main(mod, rw)
+    return mod, dict(rw.count)
+
+
 def rewrite_pass(name: str, rewrite, target):
     """rewrite(mod, target) -> (mod, facts) as a TVM module pass called `name` (opt_level 0: every PassContext runs
     it), for tvm_lowering.build(passes=...). The facts of its last run are read back as the pass's `facts`."""
