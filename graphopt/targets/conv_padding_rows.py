@@ -39,7 +39,8 @@ def bound_kernel_rows(sch, par_loop, *, H: int, OH: int, KH: int, stride: int, p
     expected one."""
     from tvm import tirx
 
-    names = [b for b in ("acc_update_o", "acc_update") if _has_block(sch, b)]
+    from .cpu_sched_common import has_block, int_or_none
+    names = [b for b in ("acc_update_o", "acc_update") if has_block(sch, b)]
     if not names:
         return False
     loops = sch.get_loops(sch.get_sblock(names[0]))
@@ -51,7 +52,7 @@ def bound_kernel_rows(sch, par_loop, *, H: int, OH: int, KH: int, stride: int, p
     if kh_rv is None:
         return False
     old = sch.get(kh_rv)
-    if not (_const(old.min) == 0 and _const(old.extent) == KH):
+    if not (int_or_none(old.min) == 0 and int_or_none(old.extent) == KH):
         return False
     top = tirx.floormod(sch.get(par_loop).loop_var, OH) * stride - pad_top
     lo = tirx.max(-top, 0)
@@ -61,10 +62,3 @@ def bound_kernel_rows(sch, par_loop, *, H: int, OH: int, KH: int, stride: int, p
     sch.state.replace(sch.get_sref(kh_rv), new)
     return True
 
-
-def _const(e):
-    return int(e.value) if hasattr(e, "value") else None
-
-
-def _has_block(sch, name: str) -> bool:
-    return any(sch.get(b).name_hint == name for b in sch.get_child_blocks(sch.get_sblock("root")))

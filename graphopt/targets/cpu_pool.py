@@ -15,16 +15,13 @@ from .cpu_sched_common import PAR_MIN_WORK
 from .cpu_schedules import fp32_lanes
 from .relax_layout import LayoutRewriter, rewrite_counted, rewrite_pass
 
-KERNEL_ATTR = "graphopt.pool_kernel"
-
-
 def windows_hold_input(size: int, out: int, kernel: int, stride: int, pad_before: int) -> bool:
     """Every window of an axis (dilation 1) holds at least one element of the input."""
     return all(o * stride - pad_before + kernel - 1 >= 0 and o * stride - pad_before <= size - 1 for o in range(out))
 
 
 def maxpool_nhwc(N: int, H: int, W: int, C: int, OH: int, OW: int, pool: tuple, stride: tuple, pad: tuple,
-                 lanes: int, dtype: str = "float32"):
+                 lanes: int):
     """Scheduled PrimFunc (X [N, H, W, C], Y [N, OH, OW, C]): each output the max of its window's taps at clamped
     indices; parallel over the output rows, channels in `lanes`-wide vectors."""
     from tvm import te, tirx
@@ -32,7 +29,7 @@ def maxpool_nhwc(N: int, H: int, W: int, C: int, OH: int, OW: int, pool: tuple, 
     KH, KW = pool
     sh, sw = stride
     pt, pl = pad[0], pad[1]
-    X = te.placeholder((N, H, W, C), dtype, name="X")
+    X = te.placeholder((N, H, W, C), "float32", name="X")
 
     def window(n, oh, ow, c):
         v = None
@@ -51,7 +48,7 @@ def maxpool_nhwc(N: int, H: int, W: int, C: int, OH: int, OW: int, pool: tuple, 
     vl = next((v for v in (lanes, lanes // 2, lanes // 4) if v >= 4 and C % v == 0), 0)
     if vl:
         sch.vectorize(sch.split(c, [None, vl])[1])
-    return sch.mod["main"].with_attr(KERNEL_ATTR, "maxpool_nhwc")
+    return sch.mod["main"]
 
 
 class _Rewriter(LayoutRewriter):

@@ -101,6 +101,11 @@ def root_blocks(sch: Schedule):
     return list(sch.get_child_blocks(sch.get_sblock("root")))
 
 
+def has_block(sch: Schedule, name: str) -> bool:
+    """Whether sch's root block has a child block called name."""
+    return any(sch.get(b).name_hint == name for b in root_blocks(sch))
+
+
 def param_index(func: tirx.PrimFunc, buf) -> int | None:
     """Position of buffer buf among func's parameters (None for an allocated buffer)."""
     for i, p in enumerate(func.params):

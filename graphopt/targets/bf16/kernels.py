@@ -270,6 +270,8 @@ def _schedule(func, rows: int, col_blocks: int, kind: str, padding_rows_of: dict
     the tile, the 16 x 2 block tensorized; parallel over the tiles; vectorized input stage and epilogue. A conv
     with padding_rows_of (conv_padding_rows.bound_kernel_rows's geometry) skips the kernel rows on its padding."""
     from tvm.s_tir import Schedule
+
+    from ..cpu_sched_common import has_block
     register_intrinsic()
     sch = Schedule(func)
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
@@ -296,17 +298,17 @@ def _schedule(func, rows: int, col_blocks: int, kind: str, padding_rows_of: dict
     sch.vectorize(sch.get_loops(init)[-1])
     _, vi = sch.split(oi, [None, 16])
     sch.vectorize(vi)
-    if _has_block(sch, "cvt"):             # bf16 output: the fp32 tile rounded 32 lanes at a time by vcvtne2ps2bf16
+    if has_block(sch, "cvt"):             # bf16 output: the fp32 tile rounded 32 lanes at a time by vcvtne2ps2bf16
         cvt = sch.get_sblock("cvt")        # (16 by vcvtneps2bf16 where the tile has an odd number of vectors)
         sch.reverse_compute_at(cvt, wo, preserve_unit_loops=True)
         sch.set_scope(out, 0, "local")
         lanes, intrin = (32, CVT2_INTRIN) if TN % 2 == 0 else (16, CVT_INTRIN)
         sch.tensorize(sch.split(sch.get_loops(cvt)[-1], [None, lanes])[1], intrin)
-    if _has_block(sch, "pack"):            # batch_matmul's Y, packed per call: parallel over batch entries
+    if has_block(sch, "pack"):            # batch_matmul's Y, packed per call: parallel over batch entries
         ploops = sch.get_loops(sch.get_sblock("pack"))
         sch.parallel(sch.fuse(*ploops[:-3]))
         sch.unroll(ploops[-1])
-    if _has_block(sch, "pad"):
+    if has_block(sch, "pad"):
         pad = sch.get_sblock("pad")
         ploops = sch.get_loops(pad)
         sch.parallel(sch.fuse(*ploops[:2]) if kind == "conv2d" else ploops[0] if len(ploops) == 2
@@ -318,7 +320,3 @@ def _schedule(func, rows: int, col_blocks: int, kind: str, padding_rows_of: dict
     if padding_rows_of:                    # last: it replaces a loop behind the schedule's back
         padding_rows.bound_kernel_rows(sch, par, **padding_rows_of)
     return sch.mod["main"].with_attr(KERNEL_ATTR, kind)
-
-
-def _has_block(sch, name: str) -> bool:
-    return any(sch.get(b).name_hint == name for b in sch.get_child_blocks(sch.get_sblock("root")))
