@@ -58,6 +58,19 @@ def test_qat_accuracy_reports_accuracy_and_latency(tmp_path, capsys):
     assert "| QAT int8 (compiled) |" in capsys.readouterr().out
 
 
+def test_qat_accuracy_without_qat_compares_quantize_settings(tmp_path, capsys):
+    """--no-qat: the fp32 and PTQ rows only, with the quantize options given (ops=compute here)."""
+    import qat_accuracy
+    out = tmp_path / "r.json"
+    assert qat_accuracy.main(["--model", "digits-cnn", "--no-qat", "--quantize", "ops=compute", "--repeat", "3",
+                              "--out", str(tmp_path / "work"), "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert list(r["rows"]) == ["fp32 (onnxruntime)", "PTQ int8 (compiled)"] and r["quantize"].endswith("ops=compute")
+    assert list(r["float_qdq"]) == ["PTQ int8 (onnxruntime, float QDQ)"] and r["qat_training_seconds"] is None
+    assert r["rows"]["PTQ int8 (compiled)"]["top1"] > 0.9
+    assert "QAT" not in capsys.readouterr().out
+
+
 def test_digits_mobilenet_is_the_same_model_on_every_run(tmp_path):
     """qat_accuracy's digits-mobilenet is trained by the tool: seeded, so its fp32 accuracy repeats run to run."""
     import onnx

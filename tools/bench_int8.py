@@ -50,7 +50,7 @@ def build_int8(q_model, out: Path, threads: int):
     return art.runner(threads), dict(art.report), art.path / "model.so"
 
 
-def quantize_qdq(src, calib_samples: int = 8, activations: str = "u8"):
+def quantize_qdq(src, calib_samples: int = 8, activations: str = "u8", ops: str = "all"):
     """(fp32, QDQ) ModelProtos of the ONNX file src: fold-constants + fold-batchnorm, then quantize (seeded normal
     calibration data shaped like input "x"). The QDQ model is what onnxruntime's quantizer writes, what every engine
     is given; graphopt's cpu target legalizes it with lower-int8 itself."""
@@ -60,7 +60,7 @@ def quantize_qdq(src, calib_samples: int = 8, activations: str = "u8"):
     fp32 = to_onnx(PassManager.parse("fold-constants,fold-batchnorm").run(graphopt.load(src)).graph)
     dims = [d.dim_value for d in next(i for i in fp32.graph.input if i.name == "x").type.tensor_type.shape.dim]
     calib = {"x": np.random.default_rng(0).standard_normal([calib_samples] + dims[1:]).astype(np.float32)}
-    res = PassManager.parse(f"quantize{{calib_samples={calib_samples},activations={activations}}}").run(
+    res = PassManager.parse(f"quantize{{calib_samples={calib_samples},activations={activations},ops={ops}}}").run(
         graphopt.load(fp32), PassContext(data={"calib": calib}))
     return fp32, to_onnx(res.graph)
 

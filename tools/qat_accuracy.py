@@ -124,6 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=20, help="latency: timed runs of each model")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--no-qat", action="store_true", help="fp32 and PTQ rows only (compare quantize settings)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     from graphopt.cli import key_values
@@ -180,6 +181,9 @@ def main(argv=None) -> int:
     latency["PTQ int8 (compiled)"] = measure_latency(art, threads=a.threads, repeat=a.repeat)["graphopt_ms"]
     _log(f"PTQ: {rows['PTQ int8 (compiled)']} ({art.report.get('int8_kernels')} int8 kernels)")
 
+    if a.no_qat:
+        _log(f"float QDQ arithmetic: {simulated}")
+        return _report(a, opts, rows, latency, simulated, fallback, None, None, t0)
     t = time.perf_counter()
     qat, info = compress(copy_graph(graph), train, qat_pipeline,
                          epochs=a.epochs, schedule=schedule,
@@ -195,11 +199,17 @@ def main(argv=None) -> int:
          f"training)")
     _log(f"float QDQ arithmetic: {simulated}")
 
+    return _report(a, opts, rows, latency, simulated, fallback, train_s, info, t0)
+
+
+def _report(a, opts, rows, latency, simulated, fallback, train_s, info, t0) -> int:
+    """The JSON (--json) and the markdown table of the rows."""
     result = {"model": a.model, "quantize": opts, "qat_scales": a.qat_scales, "schedule": a.schedule,
               "epochs": a.epochs, "lr": a.lr, "rows": rows, "max_drop": a.max_drop, "fp32_fallback": fallback,
               "float_qdq": simulated, "latency_ms": latency, "threads": a.threads,
-              "qat_training_seconds": round(train_s, 1), "seconds": round(time.perf_counter() - t0, 1),
-              "quantization": info.get("quantization")}
+              "qat_training_seconds": None if train_s is None else round(train_s, 1),
+              "seconds": round(time.perf_counter() - t0, 1),
+              "quantization": None if info is None else info.get("quantization")}
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(result, indent=2, default=str))

@@ -104,6 +104,48 @@ def test_exclusions_by_name_and_op(teacher, data):
             assert producers.get(n.input[1]) is None or producers[n.input[1]].op_type != "DequantizeLinear"
 
 
+def _quantized_elsewhere(q: onnx.ModelProto) -> set:
+    """Op types whose output is quantized although no Conv / MatMul / Gemm produces or reads that tensor (through
+    its QuantizeLinear -> DequantizeLinear pair)."""
+    compute = {"Conv", "MatMul", "Gemm"}
+    prod = {o: n for n in q.graph.node for o in n.output}
+    reads = {}
+    for n in q.graph.node:
+        for i in n.input:
+            reads.setdefault(i, []).append(n.op_type)
+    out = set()
+    for qn in _nodes(q, "QuantizeLinear"):
+        src = prod.get(qn.input[0])
+        dqs = [n for n in _nodes(q, "DequantizeLinear") if n.input[0] == qn.output[0]]
+        users = {u for d in dqs for u in reads.get(d.output[0], [])}
+        if src is not None and src.op_type not in compute and not users & compute:
+            out.add(src.op_type)
+    return out
+
+
+def test_ops_compute_quantizes_only_the_inputs_of_compute_ops(zoo_onnx):
+    """ops=compute: a tensor is quantized only where a Conv / MatMul / Gemm writes or reads it (MobileNetV3's SE
+    gates are not: ops=all quantizes them), the same layers are int8 as with ops=all, and the outputs stay as close
+    to fp32 as with every op quantized."""
+    path = zoo_onnx("mobilenet_v3")
+    g = graphopt.load(path)
+    rng = np.random.default_rng(0)
+    shape = tuple(g.inputs[0].shape)
+    calib = {"x": rng.standard_normal((16,) + shape[1:]).astype(np.float32)}
+    every, q_all = _quantize(path, "quantize{calib_samples=16}", PassContext(data={"calib": calib}))
+    compute, q_cmp = _quantize(path, "quantize{calib_samples=16,ops=compute}", PassContext(data={"calib": calib}))
+    assert _quantized_elsewhere(q_all) and not _quantized_elsewhere(q_cmp), _quantized_elsewhere(q_all)
+    info = compute.records[-1]["info"]
+    assert info["ops"] == "compute" and info["quantized"] == every.records[-1]["info"]["quantized"]
+    assert len(_nodes(q_cmp, "QuantizeLinear")) < len(_nodes(q_all, "QuantizeLinear"))
+    fp32 = to_onnx(graphopt.load(path))
+    x = {"x": rng.standard_normal((1,) + shape[1:]).astype(np.float32)}
+    ref = ort.run(fp32, x)
+    err = {name: float(np.linalg.norm(m[k] - ref[k]) / np.linalg.norm(ref[k]))
+           for name, m in (("all", ort.run(q_all, x)), ("compute", ort.run(q_cmp, x))) for k in ref}
+    assert err["compute"] <= err["all"] * 1.25, err
+
+
 def test_accuracy_aware_fallback_meets_the_budget(teacher, data):
     x_tr, y_tr, x_te, y_te = data
     res, q = _quantize(teacher, "quantize{max_drop=0.0}", _ctx(data, 256, eval_=True))
@@ -180,6 +222,10 @@ def test_bad_inputs(teacher, data):
         PassManager.parse("quantize{scheme=weight_int8,calibration=entropy}")
     with pytest.raises(BadInput, match="one of"):
         PassManager.parse("quantize{activations=u4}")
+    with pytest.raises(BadInput, match="one of"):
+        PassManager.parse("quantize{ops=elementwise}")
+    with pytest.raises(BadInput, match="option ops applies to scheme=int8 only"):
+        PassManager.parse("quantize{scheme=weight_int8,ops=compute}")
     with pytest.raises(BadInput, match="power of two"):
         PassManager.parse("quantize{scheme=weight_int4,block_size=48}")
     res = PassManager.parse("quantize").run(g, _ctx(data, 8))

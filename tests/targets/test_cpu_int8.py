@@ -373,8 +373,11 @@ def test_mobilenet_v2_style_int8_compiled_accuracy(tmp_path):
 
 
 @pytest.mark.parametrize("name,acts", [("resnet", "u8"), ("mobilenet_v3", "u8"), ("resnet", "s8"),
-                                       ("mlp_digits", "u8")])
+                                       ("mlp_digits", "u8"), ("mobilenet_v3", "u8,ops=compute"),
+                                       ("resnet", "u8,ops=compute")])
 def test_zoo_models_match_onnxruntime(zoo_onnx, tmp_path, name, acts):
+    """Every zoo model's QDQ graph compiles to integer kernels and matches onnxruntime on it; ops=compute too (its
+    activations between the convs are fp32 or tables, the kernels' inputs still int8)."""
     path = zoo_onnx(name)
     g = graphopt.load(path)
     shape = tuple(g.inputs[0].shape)
