@@ -123,6 +123,7 @@ class Schedule:
     map_balance: str = "half"            # DistillConfig.map_balance: a one-channel map's positives and negatives
     #                                      weigh "half" the loss each, or "hard": DB's positives + 3x hardest
     #                                      negatives (README: PP-OCRv4's detector)
+    map_threshold: float = 0.5           # DistillConfig.map_threshold: where a one-channel map's positives start
     frame_balance: str = "none"          # DistillConfig.frame_balance: "half": a CTC recognizer's blank and symbol
     #                                      frames (the teacher's decisions) weigh half the KD each
     narrow_round_to: bool = True         # per-layer channel steps (prune-channels' min_widths) when the pipeline
@@ -156,6 +157,8 @@ class Schedule:
             raise BadInput(f"Schedule: phase_unit must be 'epochs' or 'steps', not '{self.phase_unit}'")
         from .distill import check_balances
         check_balances(self, "Schedule: ")
+        if not 0 < self.map_threshold < 1:
+            raise BadInput(f"Schedule: map_threshold must be a probability in (0, 1), not {self.map_threshold!r}")
         if not (self.teacher_hard_weight >= 0 and self.decision_teacher_hard_weight >= 0
                 and self.decision_temperature > 0):
             raise BadInput("Schedule: teacher_hard_weight and decision_teacher_hard_weight non-negative, "
@@ -654,7 +657,8 @@ def _compress(original, train, pipeline, labels, eval_data, epochs, batch_size, 
         dist_info = dist_mod.setup()
     base = distill_config or DistillConfig(batch_size=batch_size, lr=lr if lr is not None else s.lr, seed=seed,
                                            micro_batch=micro_batch, teacher_hard_weight=s.teacher_hard_weight,
-                                           map_balance=s.map_balance, frame_balance=s.frame_balance)
+                                           map_balance=s.map_balance, frame_balance=s.frame_balance,
+                                           map_threshold=s.map_threshold)
     probe = predict(original, {k: v[:16] for k, v in calib.items()})[0]   # the original's first output, once
     if distill_config is None:
         base = replace(base, **_output_form(original, calib, probe))

@@ -99,6 +99,9 @@ class DistillConfig:
     #                                          recognizer's frames decode by arg-max); no labels needed
     map_balance: str = "half"                # binary_kd_loss's balance of a one-channel map's positives and
     #                                          negatives: "half" each, or "hard" (DB's 1:3 hard negatives)
+    map_threshold: float = 0.5               # a one-channel map's positives: the teacher's probability above this
+    #                                          (the balance's split and the decisions' targets); a detector whose
+    #                                          map is read at DB's 0.3 (task_metrics.map_iou) can split there
     frame_balance: str = "none"              # "half": a CTC output's ([N, T, C], class_axis 2, blank 0) frames the
     #                                          teacher decodes as blank and those it decodes as a symbol weigh half
     #                                          the KD each (kd_loss's balance_blank); "none": every frame alike
@@ -150,6 +153,8 @@ class DistillConfig:
         if not self.teacher_hard_weight >= 0:
             raise BadInput("DistillConfig.teacher_hard_weight must be a non-negative number")
         check_balances(self, "DistillConfig.")
+        if not 0 < self.map_threshold < 1:
+            raise BadInput(f"DistillConfig.map_threshold must be a probability in (0, 1), not {self.map_threshold!r}")
         if not 0 <= self.teacher_label_smoothing < 1 or not 0 <= self.label_smoothing < 1:
             raise BadInput("DistillConfig: label smoothing must be in [0, 1)")
         if not 0 <= self.warmup <= 1:
@@ -319,14 +324,16 @@ def kd_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, T: float, 
 def teacher_hard_loss(student_outs: Sequence[torch.Tensor], teacher_outs: Sequence[torch.Tensor],
                       config: "DistillConfig") -> torch.Tensor:
     """Mean over the outputs of the cross-entropy of the student against the teacher's arg-max class along
-    class_axis, at every other position (one-channel maps: the thresholded map, 0.5, as binary cross-entropy)."""
+    class_axis, at every other position (one-channel maps: the map thresholded at config.map_threshold, as binary
+    cross-entropy)."""
     total = 0.0
     for s, t in zip(student_outs, teacher_outs):
         axis = config.class_axis
         if s.ndim > axis and s.shape[axis] == 1:
             p = s.clamp(1e-6, 1 - 1e-6) if config.outputs == "probs" else torch.sigmoid(s)
-            total = total + F.binary_cross_entropy(p, (t.detach() > (0.5 if config.outputs == "probs" else 0.0))
-                                                   .to(p.dtype))
+            th = config.map_threshold
+            total = total + F.binary_cross_entropy(p, (t.detach() > (th if config.outputs == "probs" else
+                                                                     math.log(th / (1 - th)))).to(p.dtype))
             continue
         target = t.detach().argmax(dim=axis)
         total = total + F.cross_entropy(_as_logits(s, config).movedim(axis, 1), target)
@@ -345,13 +352,14 @@ def batches_per_epoch(train, batch_size: int) -> int | None:
 
 
 def binary_kd_loss(student_out: torch.Tensor, teacher_outs: Sequence[torch.Tensor], T: float,
-                   probs: bool, weights: Sequence[float] | None = None, balance: str = "half") -> torch.Tensor:
+                   probs: bool, weights: Sequence[float] | None = None, balance: str = "half",
+                   threshold: float = 0.5) -> torch.Tensor:
     """KD for a one-channel map (a detector's probability map, a binary mask): every element is a Bernoulli
     distribution, so the softmax over a class axis of size one (constant 1, no gradient) becomes the binary KL of
     the teachers' probabilities at temperature T (averaged with `weights`) and the student's, times T^2. probs: the
     outputs are probabilities (a final Sigmoid), distilled through their logits.
     balance="none": a plain mean over the elements.
-    balance="half": the elements the teachers call positive (p > 0.5 at T=1) and the negatives weigh half the loss each
+    balance="half": the elements the teachers call positive (p > threshold at T=1) and the negatives weigh half the loss each
     (where both occur), as detectors are trained (DB's balanced BCE): text covers a few percent of a page, and with a
     plain mean a pruned PP-OCRv4 detector lowered its whole map below threshold (empty map, IoU 0) while the loss
     fell.
@@ -372,7 +380,8 @@ def binary_kd_loss(student_out: torch.Tensor, teacher_outs: Sequence[torch.Tenso
     if balance not in ("none", "half", "hard"):
         raise ValueError(f"binary_kd_loss: balance {balance!r} is not none, half or hard")
     if balance != "none":
-        pos = sum(float(wi) * (logits(t) > 0).to(kl.dtype) for wi, t in zip(w, teacher_outs)) > 0.5
+        cut = math.log(threshold / (1 - threshold))
+        pos = sum(float(wi) * (logits(t) > cut).to(kl.dtype) for wi, t in zip(w, teacher_outs)) > 0.5
         n_pos = int(pos.sum())
         if 0 < n_pos < pos.numel():
             if balance == "hard":
@@ -784,11 +793,11 @@ def _distill(student: gs.Graph, teachers: Sequence[gs.Graph] | gs.Graph, train, 
                         if i in logit_taps:
                             sn, tn = logit_taps[i]
                             kd = kd + binary_kd_loss(s_feats[sn], [t_feats[tn]], T, probs=False,
-                                                     balance=config.map_balance)
+                                                     balance=config.map_balance, threshold=config.map_threshold)
                         else:
                             kd = kd + binary_kd_loss(s_orig[i], [to[i] for to in t_outs], T,
                                                      config.outputs == "probs", config.teacher_weights,
-                                                     balance=config.map_balance)
+                                                     balance=config.map_balance, threshold=config.map_threshold)
                         continue
                     target = teacher_targets([_as_logits(to[i], config) for to in t_outs], T, config.class_axis,
                                              config.teacher_label_smoothing, config.teacher_weights, config.ensemble)

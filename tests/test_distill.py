@@ -416,6 +416,35 @@ def test_saturated_sigmoid_map_recovers_through_its_logits(monkeypatch):
     assert predict(stuck, x)[0].max() < 1e-6
 
 
+def test_map_threshold_moves_the_split_between_positives_and_negatives():
+    """map_threshold: a teacher's element at p = 0.4 is a negative at the default 0.5 and a positive at DB's 0.3, in
+    the balance's split (the hard balance then always counts it) and in the decisions' targets; out of (0, 1) is
+    refused."""
+    from graphopt.compress import Schedule
+    from graphopt.distill import binary_kd_loss, teacher_hard_loss
+    z = torch.full((1, 1, 20, 20), -6.0)
+    z[0, 0, :4, :5] = 6.0                                   # 20 clear positives
+    z[0, 0, 10:12, :5] = math.log(0.4 / 0.6)                # 10 elements the teacher puts at p = 0.4
+    s = z.clone()
+    s[0, 0, 10:12, :5] = -6.0                               # the student calls them background
+    at = lambda th, b: float(binary_kd_loss(s, [z], 1.0, probs=False, balance=b, threshold=th))  # noqa: E731
+    assert at(0.3, "half") > 5 * at(0.5, "half") > 0        # 10 of 30 positives wrong instead of 10 of 380 negatives
+    # hard: the 10 are among 20 positives + 60 hardest negatives at 0.5, among 30 + 90 at 0.3
+    assert at(0.3, "hard") / at(0.5, "hard") == pytest.approx(80 / 120, rel=1e-4)
+    assert float(binary_kd_loss(z, [z], 1.0, probs=False, balance="hard", threshold=0.3)) == pytest.approx(0, abs=1e-3)
+    p = torch.sigmoid(z)
+    for th in (0.5, 0.3):
+        want = F.binary_cross_entropy(p, (p > th).float())
+        got = teacher_hard_loss([p], [p], DistillConfig(outputs="probs", map_threshold=th))
+        assert float(got) == pytest.approx(float(want), rel=1e-5)
+        got = teacher_hard_loss([z], [z], DistillConfig(map_threshold=th))              # logits
+        assert float(got) == pytest.approx(float(F.binary_cross_entropy(p, (p > th).float())), rel=1e-4)
+    with pytest.raises(BadInput, match="map_threshold"):
+        DistillConfig(map_threshold=1.0).validate()
+    with pytest.raises(BadInput, match="map_threshold"):
+        Schedule(map_threshold=0.0).validate()
+
+
 def test_teacher_hard_loss_is_cross_entropy_against_the_teachers_decisions():
     """teacher_hard_weight: cross-entropy of the student against the teacher's arg-max at every position (CTC
     frames [N, T, C] with class_axis 2, probabilities through their logs); for a one-channel map the teacher's map
