@@ -18,10 +18,12 @@ result runs in onnxruntime as is and the cpu target lowers the Conv / MatMul / G
 * when onnxruntime's quantizer emits an invalid graph, the node it names (its fp32 node) is left in fp32 and the
   graph quantized once more; the pass info lists it under "auto_excluded" (compile prints it);
 * `ops=all` (default) quantizes every op onnxruntime's quantizer knows: the elementwise chains between convs become
-  int8 tables (lower-int8) and residual adds fuse into the integer kernels; `ops=compute` only the inputs of Conv /
-  ConvTranspose / MatMul / Gemm, everything between them fp32 (the kernels then write fp32): fewer roundings, for a
-  model whose elementwise and normalization ops are many (a transformer's decomposed LayerNorm, hardswish):
-  PP-OCRv4's recognizer decodes 98.0% of 300 rendered lines right against 96.0% with every op (fp32 98.67%);
+  int8 tables (lower-int8) and residual adds fuse into the integer kernels; `ops=compute` only the tensors Conv /
+  ConvTranspose / MatMul / Gemm read and write (onnxruntime's quantizer still quantizes their outputs), the ops
+  between them in fp32 (or as lower-int8 tables without the rounding inside the chain): fewer roundings, for a model
+  whose elementwise and normalization ops are many (a transformer's decomposed LayerNorm, hardswish): PP-OCRv4's
+  recognizer decodes 98.7% of 1000 rendered lines right against 67.0% with every op (minmax; fp32 98.8%); int8
+  CNNs run 10-20% slower (their Relu / residual Add no longer fuse into the kernels' requantization);
 * `exclude_nodes=[...]` (node names) and `exclude_ops=[...]` (op types) stay fp32; `exclude=auto` also leaves in
   fp32 the layers whose quantization alone cost more than `exclude_threshold` in `graphopt sensitivity`'s results
   (`sensitivity=FILE.json` or ctx.data["sensitivity"]; the pass info lists them under "sensitivity_excluded");
@@ -222,8 +224,8 @@ class Quantize(Pass):
         "exclude_ops": Option(list, [], "op types left in fp32"),
         "ops": Option(str, "all", "which ops are quantized: all (every op onnxruntime's quantizer knows: elementwise "
                                   "chains become int8 tables, residual adds fuse into the kernels) or compute (only "
-                                  "the inputs of Conv / ConvTranspose / MatMul / Gemm; the rest stays fp32: more "
-                                  "accurate, a little slower)", choices=("all", "compute")),
+                                  "the tensors Conv / ConvTranspose / MatMul / Gemm read and write; the ops between "
+                                  "them stay fp32: more accurate, int8 CNNs 10-20% slower)", choices=("all", "compute")),
         "exclude": Option(str, "", "auto: also leave in fp32 every layer whose quantization alone costs more than "
                                    "exclude_threshold of the metric in `graphopt sensitivity`'s results",
                           choices=("", "auto")),
