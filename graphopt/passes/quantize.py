@@ -225,7 +225,8 @@ class Quantize(Pass):
         "ops": Option(str, "all", "which ops are quantized: all (every op onnxruntime's quantizer knows: elementwise "
                                   "chains become int8 tables, residual adds fuse into the kernels) or compute (only "
                                   "the tensors Conv / ConvTranspose / MatMul / Gemm read and write; the ops between "
-                                  "them stay fp32: more accurate, int8 CNNs 10-20% slower)", choices=("all", "compute")),
+                                  "them stay fp32: more accurate, int8 CNNs 10-20% slower)",
+                      choices=("all", "compute")),
         "exclude": Option(str, "", "auto: also leave in fp32 every layer whose quantization alone costs more than "
                                    "exclude_threshold of the metric in `graphopt sensitivity`'s results",
                           choices=("", "auto")),
