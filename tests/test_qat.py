@@ -45,7 +45,8 @@ def _ort_outputs(graph, x):
     return np.concatenate([sess.run(None, {"x": xi[None]})[0] for xi in x])
 
 
-@pytest.mark.parametrize("pipeline", ["quantize", "quantize{per_channel=false,activations=s8}"])
+@pytest.mark.parametrize("pipeline", ["quantize", "quantize{per_channel=false,activations=s8}",
+                                      "quantize{ops=compute}"])
 def test_untrained_export_is_the_ptq_graph(split, pipeline):
     """fake_quant then export_qdq gives back the PTQ graph exactly: same nodes, names, attributes, initializer names,
     dtypes and values; the fake-quantized graph's weights and biases are float and trainable."""
