@@ -361,8 +361,8 @@ def binary_kd_loss(student_out: torch.Tensor, teacher_outs: Sequence[torch.Tenso
     balance="none": a plain mean over the elements.
     balance="half": the elements the teachers call positive (p > threshold at T=1) and the negatives weigh half the
     loss each (where both occur), as detectors are trained (DB's balanced BCE): text covers a few percent of a page,
-    and with a plain mean a pruned PP-OCRv4 detector lowered its whole map below threshold (empty map, IoU 0) while the loss
-    fell.
+    and with a plain mean a pruned PP-OCRv4 detector lowered its whole map below threshold (empty map, IoU 0) while
+    the loss fell.
     balance="hard": DB's own balance instead: the positives and the 3 x as many negatives of highest loss (all
     when fewer), one mean over them. The hardest negatives are the pixels just outside the text, where the
     half-and-half balance (a positive pixel weighing ~15x a background one on a page) let the student's regions
