@@ -121,6 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval", type=int, default=100, help="ppocr-rec: rendered evaluation lines")
     ap.add_argument("--text", choices=("catalogs", "random"), default="catalogs",
                     help="ppocr-rec: the lines' text (tools/ocr_data.py; random: the generator before 2026-12-06 21:00)")
+    ap.add_argument("--seed", type=int, default=0, help="compress's seed (QAT's batch order and sampling)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=20, help="latency: timed runs of each model")
     ap.add_argument("--out", type=Path, default=None)
@@ -187,7 +188,8 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     qat, info = compress(copy_graph(graph), train, qat_pipeline,
                          epochs=a.epochs, schedule=schedule,
-                         batch_size=a.batch_size, lr=a.lr, threads=a.threads, log=_log, progress=Progress("lines"),
+                         batch_size=a.batch_size, lr=a.lr, seed=a.seed, threads=a.threads, log=_log,
+                         progress=Progress("lines"),
                          **({"micro_batch": a.micro_batch} if a.micro_batch else {}))
     train_s = time.perf_counter() - t
     # the same graphs as QAT trains them (float QDQ arithmetic): how much of a gap is the int8 kernels' rounding
@@ -205,7 +207,7 @@ def main(argv=None) -> int:
 def _report(a, opts, rows, latency, simulated, fallback, train_s, info, t0) -> int:
     """The JSON (--json) and the markdown table of the rows."""
     result = {"model": a.model, "quantize": opts, "qat_scales": a.qat_scales, "schedule": a.schedule,
-              "epochs": a.epochs, "lr": a.lr, "rows": rows, "max_drop": a.max_drop, "fp32_fallback": fallback,
+              "epochs": a.epochs, "lr": a.lr, "seed": a.seed, "rows": rows, "max_drop": a.max_drop, "fp32_fallback": fallback,
               "float_qdq": simulated, "latency_ms": latency, "threads": a.threads,
               "qat_training_seconds": None if train_s is None else round(train_s, 1),
               "seconds": round(time.perf_counter() - t0, 1),
