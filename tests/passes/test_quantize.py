@@ -123,7 +123,7 @@ def _quantized_elsewhere(q: onnx.ModelProto) -> set:
     return out
 
 
-def test_ops_compute_quantizes_only_the_inputs_of_compute_ops(zoo_onnx):
+def test_ops_compute_quantizes_only_the_tensors_compute_ops_read_and_write(zoo_onnx):
     """ops=compute: a tensor is quantized only where a Conv / MatMul / Gemm writes or reads it (MobileNetV3's SE
     gates are not: ops=all quantizes them), the same layers are int8 as with ops=all, and the outputs stay as close
     to fp32 as with every op quantized."""
