@@ -331,9 +331,8 @@ def teacher_hard_loss(student_outs: Sequence[torch.Tensor], teacher_outs: Sequen
         axis = config.class_axis
         if s.ndim > axis and s.shape[axis] == 1:
             p = s.clamp(1e-6, 1 - 1e-6) if config.outputs == "probs" else torch.sigmoid(s)
-            th = config.map_threshold
-            total = total + F.binary_cross_entropy(p, (t.detach() > (th if config.outputs == "probs" else
-                                                                     math.log(th / (1 - th)))).to(p.dtype))
+            cut = config.map_threshold if config.outputs == "probs" else _logit(config.map_threshold)
+            total = total + F.binary_cross_entropy(p, (t.detach() > cut).to(p.dtype))
             continue
         target = t.detach().argmax(dim=axis)
         total = total + F.cross_entropy(_as_logits(s, config).movedim(axis, 1), target)
@@ -349,6 +348,11 @@ def batches_per_epoch(train, batch_size: int) -> int | None:
         return len(train)
     except TypeError:
         return None
+
+
+def _logit(p: float) -> float:
+    """The logit of a probability in (0, 1): where a map's logits cross a probability threshold."""
+    return math.log(p / (1 - p))
 
 
 def binary_kd_loss(student_out: torch.Tensor, teacher_outs: Sequence[torch.Tensor], T: float,
@@ -380,8 +384,7 @@ def binary_kd_loss(student_out: torch.Tensor, teacher_outs: Sequence[torch.Tenso
     if balance not in ("none", "half", "hard"):
         raise ValueError(f"binary_kd_loss: balance {balance!r} is not none, half or hard")
     if balance != "none":
-        cut = math.log(threshold / (1 - threshold))
-        pos = sum(float(wi) * (logits(t) > cut).to(kl.dtype) for wi, t in zip(w, teacher_outs)) > 0.5
+        pos = sum(float(wi) * (logits(t) > _logit(threshold)).to(kl.dtype) for wi, t in zip(w, teacher_outs)) > 0.5
         n_pos = int(pos.sum())
         if 0 < n_pos < pos.numel():
             if balance == "hard":

@@ -85,7 +85,7 @@ from graphopt.quant_check import (COMPUTE_OPS, STEP_FRACTION, check_criterion,  
 #: outputs' QDQ pairs too); the elementwise and normalization ops between them stay fp32, where each quantized one
 #: adds a rounding (PP-OCRv4's recognizer, minmax PTQ on 1000 rendered lines: 67.0% decoded right with every op
 #: quantized, 98.7% with these only, fp32 98.8%)
-QUANTIZED_COMPUTE = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+QUANTIZED_COMPUTE = COMPUTE_OPS + ("ConvTranspose",)
 
 #: passes that may follow quantize (they understand or leave alone QDQ graphs)
 SAFE_AFTER = {"quantize", "lower-int8", "cleanup", "eliminate-dead-code", "remove-identity", "infer-shapes",

@@ -15,6 +15,7 @@ from .cpu_sched_common import PAR_MIN_WORK
 from .cpu_schedules import fp32_lanes
 from .relax_layout import LayoutRewriter, rewrite_counted, rewrite_pass
 
+
 def windows_hold_input(size: int, out: int, kernel: int, stride: int, pad_before: int) -> bool:
     """Every window of an axis (dilation 1) holds at least one element of the input."""
     return all(o * stride - pad_before + kernel - 1 >= 0 and o * stride - pad_before <= size - 1 for o in range(out))
