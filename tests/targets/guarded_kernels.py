@@ -4,7 +4,8 @@ memory outside its buffers. test_guarded_reads.py runs each case in its own proc
 instead of killing the suite.
 
 The cases are the kernels whose padding reads a clamped index under a condition (a tap outside the input reads
-zero): Winograd's input transform, the strided int8 depthwise conv (taps read in place), the bf16 depthwise conv,
+zero): Winograd's input transform, the strided int8 depthwise conv (taps read in place), the VNNI int8 depthwise conv
+(unclamped loads under the condition), the bf16 depthwise conv,
 the bf16 conv whose stage folds the kernel row's taps into pairs; and the fp32 max pool, whose taps read clamped
 indices unconditionally.
 """
@@ -51,6 +52,23 @@ def _int8_depthwise_strided():
             (1, spec.OH, spec.OW, spec.OCp), "float32")
 
 
+def _int8_depthwise_quads():
+    import tvm
+
+    from graphopt.targets import int8 as ci
+    from graphopt.targets.int8 import dw_quads
+    C, H, K = 32, 9, 5                # 5x5 on 9 rows: every block reads rows and columns past the input
+    rng = np.random.default_rng(4)
+    x = rng.integers(-128, 128, (1, H, H, C)).astype(np.int8)
+    w = rng.integers(-128, 128, (C, 1, K, K)).astype(np.int8)
+    spec = ci.ConvSpec(1, H, H, C, C, K, K, (1, 1), (2,) * 4, (1, 1), "NHWC", C, "int8", 3,
+                       ci.Epilogue(mode="f", out_dtype="float32"))
+    Bi, M, Bf = ci.epilogue_constants(w, 1.0, np.ones(C, np.float32), 3 + 128, None, None, None, spec.OCp)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
+    return (dw_quads.dwconv2d_quads(spec, 2), target, [x, dw_quads.pack_weight(w, spec), Bi, M, Bf],
+            (1, spec.OH, spec.OW, spec.OCp), "float32")
+
+
 def _bf16_depthwise():
     import tvm
 
@@ -89,7 +107,8 @@ def _bf16_stem_folded():
     return bf16.conv2d_bf16(spec), target, args, (N, spec.OH, spec.OW, spec.OCp), "float32"
 
 
-CASES = {"winograd": _winograd, "int8_depthwise_strided": _int8_depthwise_strided, "bf16_depthwise": _bf16_depthwise,
+CASES = {"winograd": _winograd, "int8_depthwise_strided": _int8_depthwise_strided,
+         "int8_depthwise_quads": _int8_depthwise_quads, "bf16_depthwise": _bf16_depthwise,
          "fp32_maxpool": _fp32_maxpool, "bf16_stem_folded": _bf16_stem_folded}
 
 

@@ -365,6 +365,7 @@ def test_mobilenet_v2_style_int8_compiled_accuracy(tmp_path):
                         eval_={"x": x_tr[-300:], "labels": y_tr[-300:]})
     runner, facts, _ = _compile(q, tmp_path)
     assert facts["conv2d"] >= 9 and facts["dwconv2d"] == 4 and facts["fp32_convs"] == 0
+    assert facts["dwconv2d_vnni"] == (4 if facts["int8_dot"] == "vnni" else 0)   # dw_quads on every VNNI host
     assert facts["residual_fused"] >= 1
     _check_against_ort(q, runner, [{"x": x_te[i:i + 1]} for i in range(0, 450, 90)])
     acc_fp, acc_int8 = _top1_ort(fp32, x_te, y_te), _top1_compiled(runner, x_te, y_te)

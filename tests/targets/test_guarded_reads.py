@@ -2,7 +2,8 @@
 (guarded_kernels.py runs each against inaccessible pages, in its own process). Winograd's input transform and the
 strided int8 depthwise conv used tirx.Select there: the simplifier dropped the clamp under the Select's condition and
 the unconditional load read the row above the image, which killed a ResNet-50 block's compile (its self-check run)
-with SIGSEGV when that input was a fresh mapping."""
+with SIGSEGV when that input was a fresh mapping. The VNNI depthwise conv's loads carry no clamp at all: each is
+executed only where its row and column lie inside the input (if_then_else), which this checks too."""
 from __future__ import annotations
 
 import subprocess
@@ -16,11 +17,13 @@ from graphopt.targets.x86_isa import host_flags
 SCRIPT = Path(__file__).with_name("guarded_kernels.py")
 
 
-@pytest.mark.parametrize("case", ["winograd", "int8_depthwise_strided", "bf16_depthwise", "fp32_maxpool",
-                                  "bf16_stem_folded"])
+@pytest.mark.parametrize("case", ["winograd", "int8_depthwise_strided", "int8_depthwise_quads", "bf16_depthwise",
+                                  "fp32_maxpool", "bf16_stem_folded"])
 def test_kernel_stays_inside_its_buffers(case):
     if case.startswith("bf16") and "avx512_bf16" not in host_flags():
         pytest.skip("the bf16 depthwise kernel needs AVX512-BF16")
+    if case == "int8_depthwise_quads" and "avx512_vnni" not in host_flags():
+        pytest.skip("the VNNI depthwise kernel needs AVX-512 VNNI")
     r = subprocess.run([sys.executable, str(SCRIPT), case], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"{case}: exit {r.returncode} ({'SIGSEGV' if r.returncode in (-11, 139) else ''})\n" \
                               f"{r.stdout[-2000:]}{r.stderr[-2000:]}"

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..relax_bindings import Block, const_value, dtype_of, op_name, scalar, shape_of
 from ..relax_layout import LayoutRewriter, Phys, rewrite_main, rewrite_pass
-from . import amx_kernels
+from . import amx_kernels, dw_quads
 from .kernels import (batch_matmul_int8, conv2d_int8, conv_weight, dense_int8, dense_weight, dwconv2d_int8,
                       maxpool_int8)
 from .packing import epilogue_constants, pack_dw_weight
@@ -27,7 +27,7 @@ class _Rewriter(LayoutRewriter):
         self.amx = dot == "vnni" and int8_amx(target)     # conv / dense on AMX tiles where amx_kernels takes them
         self.cores = num_cores(target)
         self.vbmi = has_vbmi(target)         # lower-int8's tables: one vpermi2b kernel, else TVM's take
-        self.count = {"conv2d": 0, "dwconv2d": 0, "dense": 0, "batch_matmul": 0, "residual_fused": 0,
+        self.count = {"conv2d": 0, "dwconv2d": 0, "dwconv2d_vnni": 0, "dense": 0, "batch_matmul": 0, "residual_fused": 0,
                       "maxpool_nhwc": 0, "mean_nhwc": 0,
                       "table_lookups": 0, "table_lookups_graph_layout": 0, "int8_amx": 0,
                       "fp32_convs": 0, "fp32_matmuls": 0}
@@ -38,6 +38,8 @@ class _Rewriter(LayoutRewriter):
                 return conv2d_int8(spec, self.dot, self.cores, residual=residual)
             if kind == "dwconv":
                 return dwconv2d_int8(spec, self.cores)
+            if kind == "dwconv_vnni":
+                return dw_quads.dwconv2d_quads(spec, self.cores)
             return dense_int8(spec, self.dot, self.cores)
         return self.add_kernel((kind, repr(spec), residual, self.dot), make, kind)
 
@@ -115,14 +117,17 @@ class _Rewriter(LayoutRewriter):
             x = p.var if nhwc else m.xq
             Bi, M, Bf = epilogue_constants(m.w, m.sx, m.sw, zx_u, m.bias_i32, m.bias_f,
                                            m.sy if m.epi.mode != "f" else None, spec.OCp)
-            args = [x, relax.const(pack_dw_weight(m.w)), relax.const(Bi), relax.const(M), relax.const(Bf)]
-            gv = self.kernel("dwconv", spec)
+            quads = dw_quads.fits(spec, self.dot)      # VNNI over the filter's rows, else tap by tap
+            wp = dw_quads.pack_weight(m.w, spec) if quads else pack_dw_weight(m.w)
+            args = [x, relax.const(wp), relax.const(Bi), relax.const(M), relax.const(Bf)]
+            gv = self.kernel("dwconv_vnni" if quads else "dwconv", spec)
             odt = m.epi.out_dtype
             y = self.dfvar("dwconv", (N, spec.OH, spec.OW, spec.OCp), odt)
             bindings.append(self.bind(y, relax.call_tir(gv, args, relax.TensorType(
                 [N, spec.OH, spec.OW, spec.OCp], odt))))
             phys = Phys(y, "NHWC", spec.OCp)
             self.count["dwconv2d"] += 1
+            self.count["dwconv2d_vnni"] += quads
         elif m.kind == "conv":
             N, C, H, W = m.attrs["xshape"]
             OC, _, KH, KW = m.w.shape
