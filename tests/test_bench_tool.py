@@ -66,8 +66,14 @@ def test_peak_is_measured_per_precision_and_not_below_numpy_sgemm():
     assert peak["bf16_isa"] == ("amx" if amx else "avx512" if has_bf16 else None)
     if amx:
         assert peak["bf16"] > 4 * peak["fp32"]
-    p = {"fp32": 100.0, "bf16": 200.0}
+    vnni = {"avx512f", "avx512_vnni"} <= peak_flops.cpu_flags()
+    assert (peak["int8"] is not None) == (vnni or {"amx_tile", "amx_int8"} <= peak_flops.cpu_flags())
+    if vnni and not amx:    # vpdpbusd: 64 multiply-adds per instruction against vfmadd231ps' 16
+        assert peak["int8_isa"] == "vnni" and peak["int8"] > 2 * peak["fp32"]
+    p = {"fp32": 100.0, "bf16": 200.0, "int8": 400.0}
     assert bench.row_peak(p, "graphopt bf16", None) == bench.row_peak(p, "openvino default", "bf16 20, f32 1") == 200
+    assert bench.row_peak(p, "openvino default", "u8", int8=True) == bench.row_peak(p, "graphopt default", None, True) \
+        == 400
     assert bench.row_peak(p, "openvino default", "u8 20, f32 1") == bench.row_peak(p, "onnxruntime", None) == 100
     assert bench.row_peak({"fp32": 100.0, "bf16": None}, "graphopt bf16", None) == 100
 

@@ -81,9 +81,11 @@ def sgemm_gflops(threads: int, n: int = 2048, reps: int = 5) -> float:
     return 2.0 * n ** 3 / best / 1e9
 
 
-def row_peak(peak: dict, engine: str, precision: str | None) -> float:
-    """The peak GFLOP/s a row is measured against: bf16 for graphopt bf16 and engines whose compute layers ran in
-    bf16 (when the CPU has a bf16 peak), else fp32."""
+def row_peak(peak: dict, engine: str, precision: str | None, int8: bool = False) -> float:
+    """The peak GFLOP/s a row is measured against: int8 for the int8 (QDQ) models (when the CPU has an int8 peak),
+    bf16 for graphopt bf16 and engines whose compute layers ran in bf16 (when the CPU has a bf16 peak), else fp32."""
+    if int8 and peak.get("int8"):
+        return peak["int8"]
     bf16 = engine == "graphopt bf16" or "bf16" in (precision or "")
     return peak["bf16"] if bf16 and peak["bf16"] else peak["fp32"]
 
@@ -93,6 +95,7 @@ def peak_text(peaks: dict) -> str:
     return ("Peak (register-only multiply-add loops, tools/peak_flops.py): "
             + "; ".join(f"{t} thread(s) {p['isa']} fp32 {p['fp32']:.1f}"
                         + (f", bf16 ({p.get('bf16_isa') or 'avx512'}) {p['bf16']:.1f}" if p["bf16"] else "")
+                        + (f", int8 ({p.get('int8_isa')}) {p['int8']:.1f}" if p.get("int8") else "")
                         + " GFLOP/s" for t, p in peaks.items())
             + ". numpy sgemm 2048^3 (reference): "
             + "; ".join(f"{t} thread(s) {p['sgemm']:.1f} GFLOP/s" for t, p in peaks.items()))
@@ -351,7 +354,7 @@ def bench_model(name: str, args, work: Path, peaks: dict, openvino: bool) -> tup
                 "model": name, "threads": threads, "engine": label, "ms": t * 1e3, "min_ms": min(samples[label]) * 1e3,
                 "ratio": t / med["onnxruntime"] if "onnxruntime" in med else None,
                 "vs_best_fp32": t / min(fp32) if fp32 else None, "gflops": gflops,
-                "peak": gflops / row_peak(peaks[threads], label, precision.get(label)),
+                "peak": gflops / row_peak(peaks[threads], label, precision.get(label), name.endswith(INT8)),
                 "compile_s": builds[label][1] if label in builds else None, "n": len(samples[label]),
                 "busy": busy[label], "cpu_ms": cpu_per_call[label] * 1e3, "precision": precision.get(label),
             })
@@ -401,7 +404,8 @@ def write_markdown(path: Path, rows, peaks, notes, args, versions: dict, load: t
         f"Command: `.venv/bin/python tools/bench.py {' '.join(sys.argv[1:])}`".rstrip(),
         "",
         peak_text(peaks) + ". % of peak = GFLOP/s / the bf16 peak for rows whose precision is bf16 (graphopt bf16, "
-        "OpenVINO with bf16 compute layers) where the CPU has one, else / the fp32 peak (int8 rows too).",
+        "OpenVINO with bf16 compute layers) where the CPU has one, / the int8 peak (GOP/s) for the int8 models' "
+        "rows, else / the fp32 peak.",
         "",
         f"Latency: median over {args.rounds} interleaved rounds of ~{args.round_seconds} s per engine, every engine "
         + ("in this one process (--in-process)" if getattr(args, "in_process", False)

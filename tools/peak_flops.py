@@ -1,13 +1,15 @@
-"""This machine's fp32 and bf16 peak FLOP/s on N threads, measured with register-only multiply-add loops.
+"""This machine's fp32, bf16 and int8 peak FLOP/s (int8: OP/s) on N threads, measured with register-only multiply-add loops.
 
 A small C library (compiled once per process with the system C compiler, $CC or gcc) holds loops of independent
 accumulator chains: `vfmadd231ps zmm` (fp32, AVX-512), `vdpbf16ps zmm` (bf16 pairs into fp32, AVX512-BF16),
 `tdpbf16ps` on four AMX accumulator tiles (bf16, where the CPU has AMX: the process first asks Linux for the tile
-state) and `vfmadd231ps ymm` (fp32, AVX2 + FMA, used where there is no AVX-512). Only the loops whose CPU flags
+state), `vpdpbusd zmm` (u8 x s8 quads into s32, AVX-512 VNNI), `tdpbusd` on four AMX tiles (int8, AMX-INT8) and
+`vfmadd231ps ymm` (fp32, AVX2 + FMA, used where there is no AVX-512). Only the loops whose CPU flags
 /proc/cpuinfo lists are run. N Python threads call the loop at once (ctypes releases the GIL); the rate, from each
 thread's own CPU time (load from other processes does not lower it), is the best of a few runs of about `seconds`
 each. Flops: an FMA is 2 per fp32 lane; vdpbf16ps is 4 per fp32 lane (2 products, 2 adds); tdpbf16ps is
-2 x 16 x 16 x 32 (a 16x16 fp32 tile += 16x32 bf16 x 32x16 bf16).
+2 x 16 x 16 x 32 (a 16x16 fp32 tile += 16x32 bf16 x 32x16 bf16); int8 ops likewise count a multiply-add as 2:
+vpdpbusd 8 per s32 lane (4 products, 4 adds), tdpbusd 2 x 16 x 16 x 64.
 """
 from __future__ import annotations
 
@@ -57,6 +59,40 @@ __attribute__((target("avx512f,avx512bf16"))) float dpbf16_zmm(long n) {
 #undef INIT
 }
 
+__attribute__((target("avx512f,avx512vnni"))) float dpbusd_zmm(long n) {
+#define INIT(i) __m512i c##i = _mm512_set1_epi32(i);
+  R24(INIT)
+  __m512i a = _mm512_set1_epi8(1), b = _mm512_set1_epi8(2);
+  __asm__ volatile("" : "+v"(a), "+v"(b));
+  for (long k = 0; k < n; k++) {
+#define STEP(i) c##i = _mm512_dpbusd_epi32(c##i, a, b);
+    R24(STEP)
+#undef STEP
+  }
+  int s = 0;
+#define ISUM(i) s += _mm512_reduce_add_epi32(c##i);
+  R24(ISUM)
+#undef ISUM
+  return (float)s;
+#undef INIT
+}
+
+__attribute__((target("amx-tile,amx-int8"))) float dpbusd_amx(long n) {
+  unsigned char cfg[64] = {1};                  /* palette 1; tiles 0-7: 16 rows of 64 bytes */
+  for (int t = 0; t < 8; t++) { cfg[16 + 2 * t] = 64; cfg[48 + t] = 16; }
+  static const unsigned char ab[16 * 64];
+  int out[16 * 16];
+  _tile_loadconfig(cfg);
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  _tile_loadd(4, ab, 64); _tile_loadd(5, ab, 64); _tile_loadd(6, ab, 64); _tile_loadd(7, ab, 64);
+  for (long k = 0; k < n; k++) {
+    _tile_dpbusd(0, 4, 6); _tile_dpbusd(1, 4, 7); _tile_dpbusd(2, 5, 6); _tile_dpbusd(3, 5, 7);
+  }
+  _tile_stored(0, out, 64);
+  _tile_release();
+  return (float)out[0];
+}
+
 __attribute__((target("amx-tile,amx-bf16"))) float dpbf16_amx(long n) {
   unsigned char cfg[64] = {1};                  /* palette 1; tiles 0-7: 16 rows of 64 bytes */
   for (int t = 0; t < 8; t++) { cfg[16 + 2 * t] = 64; cfg[48 + t] = 16; }
@@ -98,6 +134,8 @@ LOOPS = {
     "bf16 avx512": ("dpbf16_zmm", CHAINS * 16 * 4, ("avx512f", "avx512_bf16")),
     "bf16 amx": ("dpbf16_amx", 4 * 2 * 16 * 16 * 32, ("amx_tile", "amx_bf16")),
     "fp32 avx2": ("fma_ymm", CHAINS * 8 * 2, ("avx2", "fma")),
+    "int8 vnni": ("dpbusd_zmm", CHAINS * 16 * 4 * 2, ("avx512f", "avx512_vnni")),
+    "int8 amx": ("dpbusd_amx", 4 * 2 * 16 * 16 * 64, ("amx_tile", "amx_int8")),
 }
 
 
@@ -120,7 +158,7 @@ def _library() -> ctypes.CDLL:
         dll = ctypes.CDLL(str(lib))  # stays mapped after the file is removed
     for fn, _, _ in LOOPS.values():
         getattr(dll, fn).argtypes, getattr(dll, fn).restype = [ctypes.c_long], ctypes.c_float
-    if {"amx_tile", "amx_bf16"} <= cpu_flags() and dll.amx_request() != 0:
+    if "amx_tile" in cpu_flags() and dll.amx_request() != 0:
         raise RuntimeError("peak_flops: Linux refused this process the AMX tile state (arch_prctl)")
     return dll
 
@@ -159,18 +197,22 @@ def loop_gflops(name: str, threads: int, seconds: float = 0.15, reps: int = 3) -
 
 def peak_gflops(threads: int, seconds: float = 0.15, reps: int = 3) -> dict:
     """{"fp32": GFLOP/s, "bf16": GFLOP/s or None (neither AMX nor avx512_bf16), "bf16_isa": "amx" or "avx512" (or
-    None), "isa": "avx512" or "avx2"} on `threads` threads: bf16 is the AMX tiles' peak where the CPU has AMX (what
-    graphopt's and OpenVINO's bf16 convs run on there), else vdpbf16ps'. RuntimeError when the CPU has neither
-    AVX-512 nor AVX2 + FMA."""
+    None), "int8": GOP/s or None (neither AMX-INT8 nor AVX-512 VNNI), "int8_isa": "amx" or "vnni" (or None), "isa":
+    "avx512" or "avx2"} on `threads` threads: bf16 and int8 are the AMX tiles' peaks where the CPU has AMX (what
+    graphopt's and OpenVINO's bf16 and int8 convs run on there), else vdpbf16ps' and vpdpbusd's. RuntimeError when
+    the CPU has neither AVX-512 nor AVX2 + FMA."""
     flags = cpu_flags()
     have = [n for n, (_, _, need) in LOOPS.items() if set(need) <= flags]
     fp32 = next((n for n in have if n.startswith("fp32")), None)
     if fp32 is None:
         raise RuntimeError("peak_flops: the CPU lists neither avx512f nor avx2 + fma in /proc/cpuinfo")
     bf16 = next((n for n in ("bf16 amx", "bf16 avx512") if n in have), None)
+    int8 = next((n for n in ("int8 amx", "int8 vnni") if n in have), None)
     return {"fp32": loop_gflops(fp32, threads, seconds, reps),
             "bf16": loop_gflops(bf16, threads, seconds, reps) if bf16 else None,
-            "bf16_isa": bf16 and bf16.split()[1], "isa": fp32.split()[1]}
+            "bf16_isa": bf16 and bf16.split()[1],
+            "int8": loop_gflops(int8, threads, seconds, reps) if int8 else None,
+            "int8_isa": int8 and int8.split()[1], "isa": fp32.split()[1]}
 
 
 if __name__ == "__main__":
