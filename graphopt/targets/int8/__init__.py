@@ -51,6 +51,8 @@ Modules (each one job; the names below are the package's API):
     packing       pack_conv_weight / pack_dense_weight / pack_dw_weight, epilogue_constants (numpy, compile time)
     kernels       conv2d_int8 / dense_int8 / dwconv2d_int8 / maxpool_int8: the scheduled PrimFuncs; conv_weight /
                   dense_weight: the packing of the kernel conv2d_int8 / dense_int8 build for a spec
+    dw_quads      the depthwise conv on VNNI (vpdpbusd over four input rows interleaved per column): fits(spec,
+                  dot), pack_weight, dwconv2d_quads; the rewrite takes it over dwconv2d_int8 wherever it fits
     amx_kernels   conv2d / dense on AMX tiles (tdpbusd, ../amx.py), taken by kernels.py where the spec's target has
                   AMX and the shape fits; bit-exact with the VNNI kernels
     relax_match   the quantized-chain matchers over one dataflow block: the forms as relax.dpl patterns, the walk
