@@ -5,7 +5,7 @@ instead of killing the suite.
 
 The cases are the kernels whose padding reads a clamped index under a condition (a tap outside the input reads
 zero): Winograd's input transform, the strided int8 depthwise conv (taps read in place), the VNNI int8 depthwise conv
-(unclamped loads under the condition), the bf16 depthwise conv,
+(unclamped loads under the condition), the bf16 depthwise convs (tap by tap; in pairs: unclamped guarded loads),
 the bf16 conv whose stage folds the kernel row's taps into pairs; and the fp32 max pool, whose taps read clamped
 indices unconditionally.
 """
@@ -69,6 +69,20 @@ def _int8_depthwise_quads():
             (1, spec.OH, spec.OW, spec.OCp), "float32")
 
 
+def _bf16_depthwise_pairs():
+    import tvm
+
+    from graphopt.targets.bf16 import DwSpec, bf16_bits, dw_pairs
+    N, H, W, C, K = 1, 9, 10, 32, 5   # 5x5 on 9 rows: every block reads rows and columns past the input
+    spec = DwSpec(N, H, W, C, C, K, K, (1, 1), (2, 2, 2, 2), (1, 1), in_bf16=True)
+    rng = np.random.default_rng(5)
+    x = bf16_bits(rng.standard_normal((N, H, W, C)).astype(np.float32))
+    args = [x, dw_pairs.pack_weight(rng.standard_normal((C, 1, K, K)).astype(np.float32), spec),
+            np.zeros(C, np.float32)]
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "cooperlake", "num-cores": 2})
+    return dw_pairs.dwconv2d_pairs(spec, 2), target, args, (N, spec.OH, spec.OW, spec.Cp), "float32"
+
+
 def _bf16_depthwise():
     import tvm
 
@@ -108,7 +122,7 @@ def _bf16_stem_folded():
 
 
 CASES = {"winograd": _winograd, "int8_depthwise_strided": _int8_depthwise_strided,
-         "int8_depthwise_quads": _int8_depthwise_quads, "bf16_depthwise": _bf16_depthwise,
+         "int8_depthwise_quads": _int8_depthwise_quads, "bf16_depthwise_pairs": _bf16_depthwise_pairs, "bf16_depthwise": _bf16_depthwise,
          "fp32_maxpool": _fp32_maxpool, "bf16_stem_folded": _bf16_stem_folded}
 
 

@@ -476,6 +476,7 @@ def test_inverted_residual_bf16_matches_onnxruntime(tmp_path, stride, batch, mid
     art = graphopt.compile(str(path), out=tmp_path / "a", target_options={"precision": "bf16"}, measure=False)
     rep = art.report
     assert rep["bf16_conv2d"] == 3 and rep["bf16_dwconv2d"] == 1 and rep["fp32_dwconv2d_nhwc"] == 0
+    assert rep["bf16_dwconv2d_pairs"] == 1        # bf16 bits in, padded channels: vdpbf16ps over the rows
     assert rep["bf16_residual_fused"] == rep["bf16_residual_bf16"] == (stride == 1) and rep["bf16_stored_bf16"] == 3
     assert rep["check"]["ok"] and rep["check"]["max_relative_error"] < 0.05
 

@@ -2,7 +2,7 @@
 (guarded_kernels.py runs each against inaccessible pages, in its own process). Winograd's input transform and the
 strided int8 depthwise conv used tirx.Select there: the simplifier dropped the clamp under the Select's condition and
 the unconditional load read the row above the image, which killed a ResNet-50 block's compile (its self-check run)
-with SIGSEGV when that input was a fresh mapping. The VNNI depthwise conv's loads carry no clamp at all: each is
+with SIGSEGV when that input was a fresh mapping. The VNNI int8 and the paired bf16 depthwise convs' loads carry no clamp at all: each is
 executed only where its row and column lie inside the input (if_then_else), which this checks too."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ SCRIPT = Path(__file__).with_name("guarded_kernels.py")
 
 
 @pytest.mark.parametrize("case", ["winograd", "int8_depthwise_strided", "int8_depthwise_quads", "bf16_depthwise",
-                                  "fp32_maxpool", "bf16_stem_folded"])
+                                  "bf16_depthwise_pairs", "fp32_maxpool", "bf16_stem_folded"])
 def test_kernel_stays_inside_its_buffers(case):
     if case.startswith("bf16") and "avx512_bf16" not in host_flags():
         pytest.skip("the bf16 depthwise kernel needs AVX512-BF16")

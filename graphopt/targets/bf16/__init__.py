@@ -12,6 +12,8 @@ Modules:
                and request_amx(); shared with int8/amx_kernels.py)
     amx_kernels  conv2d / dense on AMX tiles, taken by kernels.py where the target has AMX and the shape fits
     depthwise  dwconv2d_bf16: the NHWC depthwise conv in fp32 arithmetic, reading / storing bf16 bits or fp32
+    dw_pairs   dwconv2d_pairs: the depthwise conv on vdpbf16ps (two input rows interleaved per column, bf16
+               weights) where the input is bf16 bits with padded channels; fits(spec), pack_weight
     rewrite    rewrite_bf16(mod, target) -> (IRModule, facts): the Relax rewrite of fp32 conv2d / matmul chains;
                bf16_rewrite_pass(target): it as the module pass graphopt.Bf16Rewrite (tvm_lowering.build(passes=...),
                facts read back as .facts)

@@ -34,9 +34,11 @@ import numpy as np
 
 from .. import x86_isa
 from ..cpu_layout import MIN_NHWC_CHANNELS, minmax_as_ops
+from ..int8.target_facts import num_cores
 from ..relax_bindings import (Block, act_bounds, batch_matmul_shapes, dtype_of, fold_fp32, is_constant, op_name,
                               shape_of)
 from ..relax_layout import LayoutRewriter, Phys, rewrite_main, rewrite_pass
+from . import dw_pairs
 from .amx_kernels import conv_fits, dense_fits
 from .depthwise import DwSpec, dwconv2d_bf16
 from .intrinsic import to_bf16_bits
@@ -456,11 +458,12 @@ def _left_in_fp32(call) -> str:
 
 
 class _Rewriter(LayoutRewriter):
-    def __init__(self, mod, amx: bool = False):
+    def __init__(self, mod, amx: bool = False, cores: int = 1):
         super().__init__(mod, "graphopt_bf16")
         self.amx = amx
-        self.count = {"bf16_conv2d": 0, "bf16_dwconv2d": 0, "bf16_dense": 0, "bf16_batch_matmul": 0, "bf16_amx": 0,
-                      "bf16_residual_fused": 0,
+        self.cores = cores          # the parallel split of the kernels that choose one (dw_pairs)
+        self.count = {"bf16_conv2d": 0, "bf16_dwconv2d": 0, "bf16_dwconv2d_pairs": 0, "bf16_dense": 0,
+                      "bf16_batch_matmul": 0, "bf16_amx": 0, "bf16_residual_fused": 0,
                       "bf16_residual_bf16": 0,
                       "bf16_hswish_fused": 0, "bf16_stored_bf16": 0, "bf16_converted_inputs": 0,
                       "fp32_dwconv2d_nhwc": 0, "fp32_convs": 0, "fp32_matmuls": 0}
@@ -611,9 +614,16 @@ class _Rewriter(LayoutRewriter):
         spec = DwSpec(N, H, W, C, cx, KH, KW, m.attrs["stride"], m.attrs["pad"], m.attrs["dilation"], m.act,
                       in_bf16=dtype_of(x) == "uint16", out_bf16=out_bf16)
         Cp = spec.Cp
-        wk = np.zeros((KH, KW, Cp), np.float32)
-        wk[..., :C] = m.w[:, 0].transpose(1, 2, 0)
-        gv = self.add_kernel(("dwconv", spec), lambda: dwconv2d_bf16(spec), "dwconv2d")
+        if dw_pairs.fits(spec):        # bf16 bits in: vdpbf16ps over the filter's rows, bf16 weights
+            wk = dw_pairs.pack_weight(m.w, spec)
+            gv = self.add_kernel(("dwconv_pairs", spec), lambda: dw_pairs.dwconv2d_pairs(spec, self.cores),
+                                 "dwconv2d_pairs")
+            self.count["bf16_dwconv2d_pairs"] += 1
+            self.max_reduction = max(self.max_reduction, KH * KW)
+        else:
+            wk = np.zeros((KH, KW, Cp), np.float32)
+            wk[..., :C] = m.w[:, 0].transpose(1, 2, 0)
+            gv = self.add_kernel(("dwconv", spec), lambda: dwconv2d_bf16(spec), "dwconv2d")
         shape, dt = (N, spec.OH, spec.OW, Cp), "uint16" if out_bf16 else "float32"
         value = relax.call_tir(gv, [x, relax.const(wk), relax.const(padded_bias(m.bias, C, Cp))],
                                relax.TensorType(list(shape), dt))
@@ -632,7 +642,7 @@ def rewrite_bf16(mod, target):
     if dot is None or "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
         return mod, facts
     mod = minmax_as_ops(mod)               # Clip's max / min kernels as Relax ops: the epilogue matcher reads them
-    rw = _Rewriter(mod, amx=dot == "amx")
+    rw = _Rewriter(mod, amx=dot == "amx", cores=num_cores(target))
     mod, changed = rewrite_main(mod, rw)
     facts.update(rw.count, bf16_kernels=len(rw.new_funcs) if changed else 0, bf16_max_reduction=rw.max_reduction)
     return mod, facts
