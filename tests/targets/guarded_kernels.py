@@ -121,14 +121,17 @@ def _bf16_stem_folded():
     return bf16.conv2d_bf16(spec), target, args, (N, spec.OH, spec.OW, spec.OCp), "float32"
 
 
-CASES = {"winograd": _winograd, "int8_depthwise_strided": _int8_depthwise_strided,
-         "int8_depthwise_quads": _int8_depthwise_quads, "bf16_depthwise_pairs": _bf16_depthwise_pairs, "bf16_depthwise": _bf16_depthwise,
-         "fp32_maxpool": _fp32_maxpool, "bf16_stem_folded": _bf16_stem_folded}
+#: case -> (builder, the /proc/cpuinfo flags its kernel's code needs)
+CASES = {"winograd": (_winograd, ()), "int8_depthwise_strided": (_int8_depthwise_strided, ()),
+         "int8_depthwise_quads": (_int8_depthwise_quads, ("avx512_vnni",)),
+         "bf16_depthwise": (_bf16_depthwise, ("avx512_bf16",)),
+         "bf16_depthwise_pairs": (_bf16_depthwise_pairs, ("avx512_bf16",)),
+         "fp32_maxpool": (_fp32_maxpool, ()), "bf16_stem_folded": (_bf16_stem_folded, ("avx512_bf16",))}
 
 
 def main(case: str) -> int:
     import tvm
-    func, target, args, out_shape, out_dtype = CASES[case]()
+    func, target, args, out_shape, out_dtype = CASES[case][0]()
     lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
     ref = tvm.runtime.tensor(np.zeros(out_shape, out_dtype))
     lib["main"](*[tvm.runtime.tensor(a) for a in args], ref)

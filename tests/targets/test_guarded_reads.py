@@ -13,17 +13,16 @@ from pathlib import Path
 import pytest
 
 from graphopt.targets.x86_isa import host_flags
+from targets.guarded_kernels import CASES
 
 SCRIPT = Path(__file__).with_name("guarded_kernels.py")
 
 
-@pytest.mark.parametrize("case", ["winograd", "int8_depthwise_strided", "int8_depthwise_quads", "bf16_depthwise",
-                                  "bf16_depthwise_pairs", "fp32_maxpool", "bf16_stem_folded"])
+@pytest.mark.parametrize("case", list(CASES))
 def test_kernel_stays_inside_its_buffers(case):
-    if case.startswith("bf16") and "avx512_bf16" not in host_flags():
-        pytest.skip("the bf16 depthwise kernel needs AVX512-BF16")
-    if case == "int8_depthwise_quads" and "avx512_vnni" not in host_flags():
-        pytest.skip("the VNNI depthwise kernel needs AVX-512 VNNI")
+    missing = [f for f in CASES[case][1] if f not in host_flags()]
+    if missing:
+        pytest.skip(f"the {case} kernel needs {', '.join(missing)}")
     r = subprocess.run([sys.executable, str(SCRIPT), case], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"{case}: exit {r.returncode} ({'SIGSEGV' if r.returncode in (-11, 139) else ''})\n" \
                               f"{r.stdout[-2000:]}{r.stderr[-2000:]}"
