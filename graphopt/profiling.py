@@ -82,6 +82,17 @@ class ModelIndex:
         self.producer = {o: n for n in self.nodes for o in n.output}
         self.inits = {i.name for i in g.initializer}
 
+    def weight_numel(self, node) -> int | None:
+        """Elements of a node's constant weight (second input): an initializer, or a DequantizeLinear of one (QDQ
+        graphs), else None."""
+        if len(node.input) < 2:
+            return None
+        w = node.input[1]
+        dq = self.producer.get(w)
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            w = dq.input[0]
+        return _numel(self.shapes.get(w)) if w in self.inits else None
+
     def in_shape(self, node) -> list | None:
         return self.shapes.get(node.input[0]) if node.input else None
 
@@ -113,8 +124,7 @@ def map_kernels(calls: list[dict], index: ModelIndex) -> None:
         fits = [n for n in index.nodes if n.op_type in onnx_ops and n.name not in used
                 and _numel(index.in_shape(n)) == first and _numel(index.out_shape(n)) == last]
         # a weight the kernel takes whole (packed, not padded) tells convs of equal input and output sizes apart
-        best = [n for n in fits if len(n.input) > 1 and n.input[1] in index.inits
-                and _numel(index.shapes.get(n.input[1])) in sizes]
+        best = [n for n in fits if index.weight_numel(n) in sizes]
         for n in (best or fits)[:1]:
             used.add(n.name)
             c["node"], c["op"] = n.name, n.op_type

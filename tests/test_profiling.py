@@ -31,6 +31,26 @@ def test_kernels_map_to_nodes_by_packed_weight_size_not_order():
     assert [(c["node"], c["op"]) for c in calls] == [("conv1", "Conv"), (None, "vm builtins"), ("down", "Conv")]
 
 
+def test_quantized_weights_behind_dequantize_linear_tell_convs_apart():
+    """QDQ graphs feed a conv its weight through DequantizeLinear of an int8 initializer: that initializer's size
+    tells ResNet's 1x1 stride-2 downsample (56x56x256 -> 28x28x512) from the block's first 1x1 conv (56x56x256 ->
+    56x56x128, the same element counts, earlier in graph order), which the int8 kernel was mislabeled as."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    def conv(name, w, out, **kw):
+        return [helper.make_node("DequantizeLinear", [f"{w}_q", f"{w}_s"], [w], name=f"{name}_dq"),
+                helper.make_node("Conv", ["x", w], [out], name=name, **kw)]
+    m = ob.model(conv("conv1", "w1", "c") + conv("down", "wd", "d", strides=[2, 2]),
+                 [ob.vi("x", [1, 16, 8, 8])], [ob.vi("c", [1, 8, 8, 8]), ob.vi("d", [1, 32, 4, 4])], [])
+    for name, shape in (("w1", (8, 16, 1, 1)), ("wd", (32, 16, 1, 1))):
+        m.graph.initializer.extend([numpy_helper.from_array(np.ones(shape, np.int8), f"{name}_q"),
+                                    numpy_helper.from_array(np.float32(0.1), f"{name}_s")])
+    calls = [{"kernel": "graphopt_int8_conv3", "shapes": [[1, 8, 8, 16], [2, 1, 1, 4, 16, 4], [32], [1, 4, 4, 32]]}]
+    map_kernels(calls, ModelIndex(m))
+    assert calls[0]["node"] == "down"
+
+
 def test_kernel_op_labels():
     assert kernel_op("fused_matmul4_add3_divide1_erf_add4_multiply_prepacked") == ("MatMul", ("MatMul", "Gemm"))
     assert kernel_op("graphopt_int8_dwconv3")[0] == "Conv"
