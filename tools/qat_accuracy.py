@@ -182,9 +182,11 @@ def main(argv=None) -> int:
     latency["PTQ int8 (compiled)"] = measure_latency(art, threads=a.threads, repeat=a.repeat)["graphopt_ms"]
     _log(f"PTQ: {rows['PTQ int8 (compiled)']} ({art.report.get('int8_kernels')} int8 kernels)")
 
+    run = {"quantize": opts, "rows": rows, "fp32_fallback": fallback, "float_qdq": simulated, "latency_ms": latency,
+           "qat_training_seconds": None, "quantization": None}
     if a.no_qat:
         _log(f"float QDQ arithmetic: {simulated}")
-        return _report(a, opts, rows, latency, simulated, fallback, None, None, t0)
+        return _report(a, run, t0)
     t = time.perf_counter()
     qat, info = compress(copy_graph(graph), train, qat_pipeline,
                          epochs=a.epochs, schedule=schedule,
@@ -200,18 +202,17 @@ def main(argv=None) -> int:
     _log(f"QAT: {rows['QAT int8 (compiled)']} ({art.report.get('int8_kernels')} int8 kernels, {train_s:.0f} s "
          f"training)")
     _log(f"float QDQ arithmetic: {simulated}")
+    run.update(qat_training_seconds=round(train_s, 1), quantization=info.get("quantization"))
+    return _report(a, run, t0)
 
-    return _report(a, opts, rows, latency, simulated, fallback, train_s, info, t0)
 
-
-def _report(a, opts, rows, latency, simulated, fallback, train_s, info, t0) -> int:
-    """The JSON (--json) and the markdown table of the rows."""
-    result = {"model": a.model, "quantize": opts, "qat_scales": a.qat_scales, "schedule": a.schedule,
-              "epochs": a.epochs, "lr": a.lr, "seed": a.seed, "rows": rows, "max_drop": a.max_drop, "fp32_fallback": fallback,
-              "float_qdq": simulated, "latency_ms": latency, "threads": a.threads,
-              "qat_training_seconds": None if train_s is None else round(train_s, 1),
-              "seconds": round(time.perf_counter() - t0, 1),
-              "quantization": None if info is None else info.get("quantization")}
+def _report(a, run: dict, t0: float) -> int:
+    """The JSON (--json: the arguments, run's rows, latencies, fallback and QAT facts, the seconds since t0) and
+    the markdown table of run's rows."""
+    rows, latency = run["rows"], run["latency_ms"]
+    result = {"model": a.model, "qat_scales": a.qat_scales, "schedule": a.schedule, "epochs": a.epochs, "lr": a.lr,
+              "seed": a.seed, "max_drop": a.max_drop, "threads": a.threads, **run,
+              "seconds": round(time.perf_counter() - t0, 1)}
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(result, indent=2, default=str))

@@ -33,7 +33,9 @@ result runs in onnxruntime as is and the cpu target lowers the Conv / MatMul / G
   top-1 agreement, decoded-sequence agreement for a CTC recognizer, IoU of thresholded probability maps; the fp32
   graph scores 100); otherwise the most sensitive Conv / MatMul / Gemm layers (ranked by the output error when each
   alone is left in fp32) go back to fp32, one at a time, each with the ops after it up to the next Conv / MatMul /
-  Gemm (fallback_units), until the budget holds (or nothing is left to exclude: then the pass fails);
+  Gemm (fallback_units), until the budget holds (or nothing is left to exclude: then the pass fails). With `ops`
+  left at its default, ops=compute is scored first: when it holds the budget it is taken with every layer int8
+  (info "ops": "compute"), else the fallback starts from whichever of the two scored higher;
 * BatchNormalization right after a Conv / Gemm / MatMul is folded first (as fold-batchnorm does), so the folded
   weights are quantized once instead of a Conv whose output is renormalized in fp32;
 * `qat=true` (quantization-aware training) is carried out by `graphopt compress` (and `graphopt build` with training
@@ -347,7 +349,8 @@ class Quantize(Pass):
         feeds = feeds_from_samples(calib, specs, "calibration data", self.opts["calib_samples"])
         excluded_ops = set(self.opts["exclude_ops"])
         known = set(QLinearOpsRegistry) | set(QDQRegistry)
-        op_types = sorted((known if self.opts["ops"] == "all" else known & set(QUANTIZED_COMPUTE)) - excluded_ops)
+        ops_of = {"all": sorted(known - excluded_ops), "compute": sorted(known & set(QUANTIZED_COMPUTE) - excluded_ops)}
+        op_types = ops_of[self.opts["ops"]]
         base_excluded = list(self.opts["exclude_nodes"])
         sensitive = self._sensitive_nodes(graph, ctx, base_excluded)
         base_excluded += sensitive
@@ -358,10 +361,14 @@ class Quantize(Pass):
             src = os.path.join(tmp, "fp32.onnx")
             onnx.save_model(fp32, src)
             shared = ctx.data.get("calibration_cache")
-            cache = os.path.join(str(shared), f"calibration-{_calibration_key(fp32, feeds, args, op_types)}.json") \
-                if shared else os.path.join(tmp, "calib.json")
 
-            def quantize(excluded: list[str]) -> onnx.ModelProto:
+            def quantizer(op_types: list[str]):
+                """quantize(excluded nodes) -> the QDQ model of these op types (calibrated once per op set)."""
+                key = _calibration_key(fp32, feeds, args, op_types)
+                cache = os.path.join(str(shared) if shared else tmp, f"calibration-{key}.json")
+                return lambda excluded: quantize_with(op_types, cache, excluded)
+
+            def quantize_with(op_types: list[str], cache: str, excluded: list[str]) -> onnx.ModelProto:
                 dst = os.path.join(tmp, "q.onnx")
                 have_cache = os.path.exists(cache)
                 kw = dict(quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
@@ -384,6 +391,7 @@ class Quantize(Pass):
                 _tidy(m)
                 return m
 
+            quantize = quantizer(op_types)
             model, auto_excluded = quantize_checked(quantize, base_excluded, {n.name for n in fp32.graph.node})
             base_excluded += [a["node"] for a in auto_excluded]
             info = {"scheme": "int8", "ops": self.opts["ops"], "calibration": self.opts["calibration"],
@@ -396,7 +404,11 @@ class Quantize(Pass):
                 info["opset"] = {"before": opset, "after": graph.opset}
             fallback: list[str] = []
             if self.opts["max_drop"] >= 0:
-                model, fallback, acc = self._accuracy_aware(fp32, model, quantize, base_excluded, specs, ctx)
+                # ops left at its default: before any layer goes back to fp32, ops=compute is tried (every Conv /
+                # MatMul int8, the ops between them fp32)
+                compute = quantizer(ops_of["compute"]) if "ops" not in self.given else None
+                model, fallback, acc = self._accuracy_aware(fp32, model, quantize, compute, base_excluded, specs,
+                                                            ctx)
                 info.update(acc)
         quantized = sorted({n.name for n in model.graph.node if n.op_type in COMPUTE_OPS
                             and any(_is_dq_output(model, i) for i in n.input[1:2])})
@@ -421,7 +433,7 @@ class Quantize(Pass):
         return [n for n in quantize_excludes(results, self.opts["exclude_threshold"])
                 if n in present and n not in already]
 
-    def _accuracy_aware(self, fp32, model, quantize, base_excluded, specs, ctx):
+    def _accuracy_aware(self, fp32, model, quantize, quantize_compute, base_excluded, specs, ctx):
         ev = ctx.data.get("eval")
         if ev is None:
             raise BadInput("pass 'quantize': max_drop needs evaluation data: data={'eval': {<inputs>...}} (with "
@@ -444,6 +456,16 @@ class Quantize(Pass):
         if fp_score - q_score <= budget:
             info["int8_score"] = round(q_score, 3)
             return model, [], info
+        if quantize_compute is not None:
+            c_model = quantize_compute(base_excluded)
+            c_score = score_of(c_model)[0] if invalid_node(c_model) is None else -np.inf
+            info["int8_score_compute_ops"] = round(c_score, 3) if np.isfinite(c_score) else None
+            if fp_score - c_score <= budget:
+                info.update(int8_score=round(c_score, 3), ops="compute")
+                return c_model, [], info
+            if c_score > q_score:       # the per-layer fallback starts from the closer of the two
+                model, quantize, q_score = c_model, quantize_compute, c_score
+                info["ops"] = "compute"
         # sensitivity: output error with each candidate layer alone left in fp32
         candidates = [n.name for n in model.graph.node if n.op_type in COMPUTE_OPS and n.name not in base_excluded
                       and any(_is_dq_output(model, i) for i in n.input[1:2])]

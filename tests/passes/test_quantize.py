@@ -448,3 +448,41 @@ def test_order_is_checked_when_the_pipeline_runs(teacher, data):
     pm.passes.append(graphopt.passmanager.make_pass("prune-channels", flops=0.5))
     with pytest.raises(BadInput, match="runs after 'quantize'"):
         pm.run(graphopt.load(teacher), _ctx(data, 8))
+
+
+def _offset_mlp(d=16, classes=10):
+    """x -> MatMul -> +1000 -> -1000 -> Relu -> MatMul: the shifted tensor's int8 range must include zero (u8 zero
+    point), so with ops=all its 8 bits span [0, 1003] and the signal (about +-3) is lost; ops=compute keeps the
+    shifts in fp32."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    const = lambda name, v: numpy_helper.from_array(np.asarray(v, np.float32), name)  # noqa: E731
+    inits = [const("w1", rng.standard_normal((d, d)) / np.sqrt(d)),
+             const("w2", rng.standard_normal((d, classes)) / np.sqrt(d)), const("up", 1000.0), const("down", -1000.0)]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Add", ["h", "up"], ["hu"], name="shift_up"),
+             helper.make_node("Add", ["hu", "down"], ["hd"], name="shift_down"),
+             helper.make_node("Relu", ["hd"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="head")]
+    g = helper.make_graph(nodes, "offset", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, d])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, classes])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_accuracy_aware_mode_tries_compute_ops_before_any_fp32_layer():
+    from graphopt.graph import from_onnx
+    rng = np.random.default_rng(1)
+    ctx = lambda: PassContext(data={"calib": {"x": rng.standard_normal((64, 16)).astype(np.float32)},  # noqa: E731
+                                    "eval": {"x": rng.standard_normal((200, 16)).astype(np.float32)}})
+    res = PassManager.parse("quantize{max_drop=2}").run(from_onnx(_offset_mlp()), ctx())
+    info = res.records[-1]["info"]
+    assert info["int8_score_all_layers"] < 70 <= 98 <= info["int8_score_compute_ops"]
+    assert info["ops"] == "compute" and info["fallback"] == [] and info["quantized"] == ["head", "mm1"]
+    q = to_onnx(res.graph)
+    producer = {o: n.op_type for n in q.graph.node for o in n.output}
+    down = next(n for n in q.graph.node if n.name == "shift_down")
+    assert producer[down.input[0]] == "Add"             # the shifted tensor stays fp32: no QDQ pair between
+    # ops given explicitly is kept: the fallback sends layers back to fp32 instead
+    res = PassManager.parse("quantize{max_drop=2,ops=all}").run(from_onnx(_offset_mlp()), ctx())
+    info = res.records[-1]["info"]
+    assert info["ops"] == "all" and "int8_score_compute_ops" not in info and info["fallback"]
