@@ -62,6 +62,17 @@ def _numel(shape) -> int | None:
     return math.prod(shape) if shape is not None and all(isinstance(d, int) and d > 0 for d in shape) else None
 
 
+def _sizes(shape) -> set:
+    """Element counts a kernel's tensor for this ONNX tensor may have: as is, or with its channels (axis 1) padded
+    to a multiple of 16, as the integer and bf16 kernels keep them (24 -> 32, a classifier's 1000 -> 1008)."""
+    n = _numel(shape)
+    if n is None:
+        return set()
+    if len(shape) < 2:
+        return {n}
+    return {n, n // shape[1] * (-(-shape[1] // 16) * 16)}
+
+
 class ModelIndex:
     """The nodes of model.onnx in graph order with their tensor shapes (static after graphopt.load)."""
 
@@ -112,7 +123,8 @@ class ModelIndex:
 def map_kernels(calls: list[dict], index: ModelIndex) -> None:
     """Set call["op"] (group label) and call["node"] (the ONNX node name, or None) on graphopt's VM calls: an
     anchor kernel takes the first unmatched node of its op types, in graph order, whose first input and output
-    have the kernel's first and last tensors' element counts (layouts and packed weights differ, sizes do not)."""
+    have the kernel's first and last tensors' element counts (layouts and packed weights differ, sizes do not;
+    channels may be padded to 16: _sizes)."""
     used = set()
     for c in calls:
         c["op"], onnx_ops = kernel_op(c["kernel"])
@@ -122,7 +134,7 @@ def map_kernels(calls: list[dict], index: ModelIndex) -> None:
         first, last = _numel(c["shapes"][0]), _numel(c["shapes"][-1])
         sizes = {_numel(s) for s in c["shapes"]}
         fits = [n for n in index.nodes if n.op_type in onnx_ops and n.name not in used
-                and _numel(index.in_shape(n)) == first and _numel(index.out_shape(n)) == last]
+                and first in _sizes(index.in_shape(n)) and last in _sizes(index.out_shape(n))]
         # a weight the kernel takes whole (packed, not padded) tells convs of equal input and output sizes apart
         best = [n for n in fits if index.weight_numel(n) in sizes]
         for n in (best or fits)[:1]:

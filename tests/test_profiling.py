@@ -46,9 +46,11 @@ def test_quantized_weights_behind_dequantize_linear_tell_convs_apart():
     for name, shape in (("w1", (8, 16, 1, 1)), ("wd", (32, 16, 1, 1))):
         m.graph.initializer.extend([numpy_helper.from_array(np.ones(shape, np.int8), f"{name}_q"),
                                     numpy_helper.from_array(np.float32(0.1), f"{name}_s")])
-    calls = [{"kernel": "graphopt_int8_conv3", "shapes": [[1, 8, 8, 16], [2, 1, 1, 4, 16, 4], [32], [1, 4, 4, 32]]}]
+    calls = [{"kernel": "graphopt_int8_conv3", "shapes": [[1, 8, 8, 16], [2, 1, 1, 4, 16, 4], [32], [1, 4, 4, 32]]},
+             # conv1's 8 output channels padded to 16 in the kernel's NHWC output
+             {"kernel": "graphopt_int8_conv4", "shapes": [[1, 8, 8, 16], [1, 1, 1, 4, 16, 4], [16], [1, 8, 8, 16]]}]
     map_kernels(calls, ModelIndex(m))
-    assert calls[0]["node"] == "down"
+    assert [c["node"] for c in calls] == ["down", "conv1"]
 
 
 def test_kernel_op_labels():
