@@ -9,6 +9,7 @@ from graphopt.targets.bf16 import dw_pairs
 from graphopt.targets.bf16.depthwise import DwSpec, dwconv2d_bf16
 from graphopt.targets.bf16.packing import bf16_bits
 from graphopt.targets.x86_isa import host_flags
+from targets.depthwise_geometries import GEOMETRIES, geometry_id
 
 tvm = pytest.importorskip("tvm")
 
@@ -30,16 +31,6 @@ def _from_bits(b):
     return (b.astype(np.uint32) << 16).view(np.float32)
 
 
-GEOMETRIES = [  # C, H, W, K, stride, pad
-    (32, 12, 16, 3, 1, (1, 1, 1, 1)),
-    (48, 9, 9, 3, 1, (1, 1, 1, 1)),        # partial row block and partial tile
-    (16, 11, 13, 3, 2, (1, 1, 1, 1)),
-    (24, 10, 10, 3, 2, (0, 0, 1, 1)),      # channels padded to 32; TF-style asymmetric padding
-    (32, 14, 14, 5, 1, (2, 2, 2, 2)),
-    (32, 15, 15, 5, 2, (2, 2, 2, 2)),
-]
-
-
 def _case(C, H, W, K, st, pad, act, out_bf16, seed=0):
     rng = np.random.default_rng(seed)
     Cp = -(-C // 16) * 16
@@ -51,7 +42,7 @@ def _case(C, H, W, K, st, pad, act, out_bf16, seed=0):
 
 
 @needs_bf16
-@pytest.mark.parametrize("geom", GEOMETRIES, ids=lambda g: "c{}_{}x{}_k{}_s{}".format(*g[:5]))
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=geometry_id)
 def test_sums_match_float64_of_the_bf16_operands(geom):
     C, H, W, K, st, pad = geom
     spec, x, w, b = _case(C, H, W, K, st, pad, (None, None), False)
@@ -70,8 +61,8 @@ def test_sums_match_float64_of_the_bf16_operands(geom):
 
 
 @needs_bf16
-@pytest.mark.parametrize("geom", [GEOMETRIES[1], GEOMETRIES[3], GEOMETRIES[5]],
-                         ids=lambda g: "c{}_{}x{}_k{}_s{}".format(*g[:5]))
+@pytest.mark.parametrize("geom", [GEOMETRIES[1], GEOMETRIES[3], GEOMETRIES[6]],
+                         ids=geometry_id)
 def test_bf16_output_within_a_step_of_the_tap_by_tap_kernel(geom):
     C, H, W, K, st, pad = geom
     spec, x, w, b = _case(C, H, W, K, st, pad, (0.0, 6.0), True, seed=1)

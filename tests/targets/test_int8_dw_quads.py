@@ -8,6 +8,7 @@ import pytest
 from graphopt.targets import int8 as ci
 from graphopt.targets.int8 import dw_quads
 from graphopt.targets.x86_isa import host_flags
+from targets.depthwise_geometries import GEOMETRIES, geometry_id
 
 tvm = pytest.importorskip("tvm")
 
@@ -54,19 +55,8 @@ def _reference_sums(x, w, zx, spec):
     return ref
 
 
-GEOMETRIES = [  # C, H, W, K, stride, pad
-    (32, 12, 16, 3, 1, (1, 1, 1, 1)),
-    (48, 9, 9, 3, 1, (1, 1, 1, 1)),        # partial row block and partial tile
-    (16, 11, 13, 3, 2, (1, 1, 1, 1)),
-    (24, 10, 10, 3, 2, (0, 0, 1, 1)),      # channels padded to 32; TF-style asymmetric padding
-    (32, 14, 14, 5, 1, (2, 2, 2, 2)),
-    (16, 7, 7, 5, 1, (2, 2, 2, 2)),        # fewer rows than a block of four
-    (32, 15, 15, 5, 2, (2, 2, 2, 2)),
-]
-
-
 @needs_vnni
-@pytest.mark.parametrize("geom", GEOMETRIES, ids=lambda g: "c{}_{}x{}_k{}_s{}".format(*g[:5]))
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=geometry_id)
 @pytest.mark.parametrize("dt", ["uint8", "int8"])
 def test_sums_are_exact(geom, dt):
     C, H, W, K, st, pad = geom
@@ -80,7 +70,7 @@ def test_sums_are_exact(geom, dt):
 @needs_vnni
 @pytest.mark.parametrize("vbmi", [True, False], ids=["vbmi", "no_vbmi"])
 @pytest.mark.parametrize("geom", [GEOMETRIES[1], GEOMETRIES[3], GEOMETRIES[6]],
-                         ids=lambda g: "c{}_{}x{}_k{}_s{}".format(*g[:5]))
+                         ids=geometry_id)
 def test_requantized_output_equals_the_tap_by_tap_kernel(geom, vbmi):
     C, H, W, K, st, pad = geom
     epi = ci.Epilogue(mode="q", out_dtype="uint8", zy=3, lo=3.0, hi=200.0)   # a clamp inside u8: ReLU6-like
