@@ -143,6 +143,27 @@ def test_dense_kernel_is_exact(M, K, N, dt, dot):
     assert np.array_equal(y[:, :N].astype(np.int64), ref)
 
 
+@pytest.mark.parametrize("dot", DOTS)
+@pytest.mark.parametrize("K,pd", [(1, 0), (3, 1)], ids=["1x1-direct", "3x3-padded"])
+def test_conv_reads_only_the_logical_channels_of_a_padded_nhwc_input(K, pd, dot):
+    """An NHWC input another kernel left with its channels padded to 16 (24 -> 32): the conv reduces over the 24
+    logical channels (6 quads, not 8), in place for a 1x1 conv without padding; the padded channels' values (garbage
+    here) never reach the sums."""
+    rng = np.random.default_rng(7)
+    C, Cphys, OC, H = 24, 32, 40, 9
+    x = rng.integers(0, 256, (1, H, H, Cphys)).astype(np.uint8)
+    w = rng.integers(-128, 128, (OC, C, K, K)).astype(np.int8)
+    zx = 5
+    spec = ci.ConvSpec(1, H, H, C, OC, K, K, (1, 1), (pd,) * 4, in_layout="NHWC", Cphys=Cphys, in_dtype="uint8",
+                       zx=zx, epi=ci.Epilogue(mode="f", out_dtype="float32"))
+    assert spec.C4 == 24
+    acc = reference_acc_conv(np.ascontiguousarray(x[..., :C].transpose(0, 3, 1, 2)), w, spec)
+    Bi, M, Bf = ci.epilogue_constants(w, 1.0, np.ones(OC, np.float32), zx, None, None, None, spec.OCp)
+    y = _run(_build(ci.conv2d_int8(spec, dot, 2), dot), [x, ci.pack_conv_weight(w, spec.C4, dot), Bi, M, Bf],
+             (1, spec.OH, spec.OW, spec.OCp), "float32")
+    assert np.array_equal(y[..., :OC].astype(np.int64), acc)
+
+
 @pytest.mark.parametrize("C,H,K,st,layout,dt", [(24, 9, 3, 1, "NHWC", "uint8"), (20, 10, 3, 2, "NCHW", "uint8"),
                                                  (32, 7, 5, 1, "NCHW", "int8"), (48, 16, 3, 1, "NHWC", "uint8"),
                                                  (32, 11, 3, 2, "NHWC", "int8")])   # strided: no padded copy

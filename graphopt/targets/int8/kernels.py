@@ -71,7 +71,7 @@ def conv2d_int8(spec: ConvSpec, dot: str = "vnni", cores: int = 1, residual: boo
     Bf = te.placeholder((OCp,), "float32", name="Bf")
     Hp, Wpd = s.H + pt + pb, s.W + pl + pr
     cin = s.Cphys or s.C if s.in_layout == "NHWC" else s.C
-    direct = (s.in_layout == "NHWC" and s.in_dtype == "uint8" and not any(s.pad) and cin == C4)
+    direct = (s.in_layout == "NHWC" and s.in_dtype == "uint8" and not any(s.pad) and cin >= C4)
     if direct:
         P = X
     else:

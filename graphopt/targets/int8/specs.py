@@ -55,9 +55,10 @@ class ConvSpec(ConvOutputSize):
 
     @property
     def C4(self):
-        """Channels the kernel reduces over (multiple of 4)."""
-        c = self.Cphys if self.in_layout == "NHWC" and self.Cphys else self.C
-        return -(-c // 4) * 4
+        """Channels the kernel reduces over: the logical input channels rounded up to 4. An NHWC input from another
+        kernel has more (Cphys, padded to 16): the reduction reads past them instead of multiplying zero weights
+        (MobileNetV2's 24-channel inputs: 6 channel quads instead of 8)."""
+        return -(-self.C // 4) * 4
 
     @property
     def OCp(self):
