@@ -241,9 +241,10 @@ def test_qat_with_max_drop_in_compress_chooses_its_fallback_on_training_data(spl
     seen, logs = [], []
     real = qp.Quantize._accuracy_aware
 
-    def spy(self, fp32, model, quantize, base_excluded, specs, ctx):
+    def spy(self, *args):
+        ctx = args[-1]
         seen.append({k: np.asarray(v).copy() for k, v in ctx.data["eval"].items()})
-        return real(self, fp32, model, quantize, base_excluded, specs, ctx)
+        return real(self, *args)
     monkeypatch.setattr(qp.Quantize, "_accuracy_aware", spy)
     graph, info = compress(graphopt.load(str(digits.teacher_path())), {"x": x_tr, "labels": y_tr},
                            "quantize{qat=true,max_drop=0.0}", eval_data={"x": x_te, "labels": y_te},

@@ -175,6 +175,7 @@ def main(argv=None) -> int:
              f"(all int8: {q_info.get('int8_score_all_layers')})")
         from graphopt.passmanager import make_pass
         given = dict(PassManager.parse(qat_pipeline).passes[0].given)
+        given["ops"] = q_info.get("ops", given.get("ops", "all"))     # max_drop may have chosen ops=compute
         qat_pipeline = PassManager([make_pass("quantize", **given, exclude_nodes=fallback)])
     simulated = {"PTQ int8 (onnxruntime, float QDQ)": score(run_onnxruntime(ptq, evaluation, optimize=False))}
     art = graphopt.compile(ptq, target="cpu", out=out / "ptq.cpu", measure=False, threads=a.threads)
