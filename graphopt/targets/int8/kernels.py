@@ -10,10 +10,12 @@ from .specs import ConvSpec, DenseSpec
 #: broadcast). aarch64: four 128-bit NEON registers each, 6 (24 registers) of the 32.
 MAX_TILE_ACC = 24
 MAX_TILE_ACC_BY_DOT = {"usdot": 6}
-#: a conv whose whole reduction is at most SHORT_REDUCTION 4-channel steps (a 1x1 conv over 16 channels) is fully
-#: unrolled by LLVM, which then keeps every weight vector of the tile in a register across the row: its tile holds
-#: at most SHORT_TILE_ACC accumulators (24 spilled: MobileNetV2's 16 -> 96 conv, 112x112, 141 -> 105 us)
-SHORT_REDUCTION, SHORT_TILE_ACC = 4, 12
+#: a conv whose whole reduction is at most SHORT_REDUCTION 4-channel steps (a 1x1 conv over up to 32 channels) is
+#: fully unrolled by LLVM, which then keeps every weight vector of the tile in a register across the row, and its
+#: requantize epilogue outweighs its vpdpbusd: its tile holds at most SHORT_TILE_ACC accumulators (24 spilled:
+#: MobileNetV2's 16 -> 96 conv, 112x112, 141 -> 105 us with 12; one Zen 4 core, 2 x 3 tiles against the 24- and
+#: 12-accumulator ones: 112x112 16 -> 96 199 -> 185 us, 56x56 24 -> 144 108 -> 92, 28x28 32 -> 192 49 -> 43)
+SHORT_REDUCTION, SHORT_TILE_ACC = 8, 6
 
 
 def pick_tiles(width: int, oc_blocks: int, max_acc: int = MAX_TILE_ACC) -> tuple[int, int]:
