@@ -1,6 +1,7 @@
 """tools/bench.py and tools/bench_int8.py: an engine that fails gets an error cell while the others are timed;
 OpenVINO (the `bench` extra) takes the thread count and precision hint asked for and reports what it ran; the
-fp32 / bf16 peak that "% of peak" uses is measured (tools/peak_flops.py)."""
+fp32 / bf16 / int8 peak that "% of peak" uses is measured (tools/peak_flops.py); tools/profile_openvino.py sets
+graphopt's kernels beside OpenVINO's profiled nodes."""
 import math
 import sys
 from pathlib import Path
@@ -158,3 +159,18 @@ def test_target_variant_builds_with_its_target_options(tmp_path):
     art, _ = bench.compile_model(_conv_model(tmp_path / "m.onnx"), tmp_path / "a", None, None, "fp32",
                                  {"winograd": "off"})
     assert art.manifest["target"]["winograd"] == "off"
+
+
+def test_profile_openvino_sets_graphopt_kernels_beside_openvino_nodes(tmp_path, capsys):
+    """tools/profile_openvino.py: per ONNX node, graphopt's kernel time and OpenVINO's PERF_COUNT time of the node
+    it fused (the '/WithoutBiases' suffix stripped), on the artifact's model.onnx."""
+    pytest.importorskip("openvino")
+    import graphopt
+    import profile_openvino
+    assert profile_openvino.onnx_node_of("/a/conv/Conv/WithoutBiases", {"/a/conv/Conv", "/a"}) == "/a/conv/Conv"
+    assert profile_openvino.onnx_node_of("x_QuantizeLinear", {"/a/conv/Conv"}) is None
+    graphopt.compile(str(_conv_model(tmp_path / "m.onnx")), target="cpu", out=tmp_path / "art", measure=False)
+    c = profile_openvino.compare(str(tmp_path / "art"), threads=1, repeat=3)
+    assert [r[0] for r in c["rows"]] == ["conv"] and c["rows"][0][1] > 0 and c["rows"][0][2] > 0
+    assert profile_openvino.main([str(tmp_path / "art"), "--repeat", "3"]) == 0
+    assert "nodes both name" in capsys.readouterr().out
