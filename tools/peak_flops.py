@@ -77,37 +77,24 @@ __attribute__((target("avx512f,avx512vnni"))) float dpbusd_zmm(long n) {
 #undef INIT
 }
 
-__attribute__((target("amx-tile,amx-int8"))) float dpbusd_amx(long n) {
-  unsigned char cfg[64] = {1};                  /* palette 1; tiles 0-7: 16 rows of 64 bytes */
-  for (int t = 0; t < 8; t++) { cfg[16 + 2 * t] = 64; cfg[48 + t] = 16; }
-  static const unsigned char ab[16 * 64];
-  int out[16 * 16];
-  _tile_loadconfig(cfg);
-  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-  _tile_loadd(4, ab, 64); _tile_loadd(5, ab, 64); _tile_loadd(6, ab, 64); _tile_loadd(7, ab, 64);
-  for (long k = 0; k < n; k++) {
-    _tile_dpbusd(0, 4, 6); _tile_dpbusd(1, 4, 7); _tile_dpbusd(2, 5, 6); _tile_dpbusd(3, 5, 7);
-  }
-  _tile_stored(0, out, 64);
-  _tile_release();
-  return (float)out[0];
+/* four AMX accumulator tiles (0-3) += products of tiles 4-7: palette 1, 16 rows of 64 bytes, zero operands (the
+   timing does not depend on values) */
+#define AMX_LOOP(NAME, FEATURE, ELEM, OUT, DOT) \
+__attribute__((target("amx-tile," FEATURE))) float NAME(long n) { \
+  unsigned char cfg[64] = {1}; \
+  for (int t = 0; t < 8; t++) { cfg[16 + 2 * t] = 64; cfg[48 + t] = 16; } \
+  static const ELEM ab[16 * 64 / sizeof(ELEM)]; \
+  OUT out[16 * 16]; \
+  _tile_loadconfig(cfg); \
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3); \
+  _tile_loadd(4, ab, 64); _tile_loadd(5, ab, 64); _tile_loadd(6, ab, 64); _tile_loadd(7, ab, 64); \
+  for (long k = 0; k < n; k++) { DOT(0, 4, 6); DOT(1, 4, 7); DOT(2, 5, 6); DOT(3, 5, 7); } \
+  _tile_stored(0, out, 64); \
+  _tile_release(); \
+  return (float)out[0]; \
 }
-
-__attribute__((target("amx-tile,amx-bf16"))) float dpbf16_amx(long n) {
-  unsigned char cfg[64] = {1};                  /* palette 1; tiles 0-7: 16 rows of 64 bytes */
-  for (int t = 0; t < 8; t++) { cfg[16 + 2 * t] = 64; cfg[48 + t] = 16; }
-  static const unsigned short ab[16 * 32];      /* zero operands: the timing does not depend on values */
-  float out[16 * 16];
-  _tile_loadconfig(cfg);
-  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-  _tile_loadd(4, ab, 64); _tile_loadd(5, ab, 64); _tile_loadd(6, ab, 64); _tile_loadd(7, ab, 64);
-  for (long k = 0; k < n; k++) {
-    _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
-  }
-  _tile_stored(0, out, 64);
-  _tile_release();
-  return out[0];
-}
+AMX_LOOP(dpbusd_amx, "amx-int8", unsigned char, int, _tile_dpbusd)
+AMX_LOOP(dpbf16_amx, "amx-bf16", unsigned short, float, _tile_dpbf16ps)
 
 #include <sys/syscall.h>
 #include <unistd.h>

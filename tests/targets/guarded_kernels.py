@@ -36,37 +36,30 @@ def _winograd():
     return winograd_conv2d(spec), CpuTarget().tvm_target(), args, (N, H, W, K), "float32"
 
 
-def _int8_depthwise_strided():
-    import tvm
-
-    from graphopt.targets import int8 as ci
-    C, H, K = 32, 11, 3
-    rng = np.random.default_rng(1)
-    x = rng.integers(-128, 128, (1, H, H, C)).astype(np.int8)
-    w = rng.integers(-128, 128, (C, 1, K, K)).astype(np.int8)
-    spec = ci.ConvSpec(1, H, H, C, C, K, K, (2, 2), (1,) * 4, (1, 1), "NHWC", C, "int8", 3,
-                       ci.Epilogue(mode="f", out_dtype="float32"))
-    Bi, M, Bf = ci.epilogue_constants(w, 1.0, np.ones(C, np.float32), 3 + 128, None, None, None, spec.OCp)
-    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
-    return (ci.dwconv2d_int8(spec, 2), target, [x, ci.pack_dw_weight(w), Bi, M, Bf],
-            (1, spec.OH, spec.OW, spec.OCp), "float32")
-
-
-def _int8_depthwise_quads():
+def _int8_depthwise(C, H, K, stride, seed, mcpu, quads):
+    """An s8 depthwise conv (zero point 3, padding K // 2) by the tap-by-tap kernel or dw_quads, fp32 out."""
     import tvm
 
     from graphopt.targets import int8 as ci
     from graphopt.targets.int8 import dw_quads
-    C, H, K = 32, 9, 5                # 5x5 on 9 rows: every block reads rows and columns past the input
-    rng = np.random.default_rng(4)
+    rng = np.random.default_rng(seed)
     x = rng.integers(-128, 128, (1, H, H, C)).astype(np.int8)
     w = rng.integers(-128, 128, (C, 1, K, K)).astype(np.int8)
-    spec = ci.ConvSpec(1, H, H, C, C, K, K, (1, 1), (2,) * 4, (1, 1), "NHWC", C, "int8", 3,
+    spec = ci.ConvSpec(1, H, H, C, C, K, K, (stride, stride), (K // 2,) * 4, (1, 1), "NHWC", C, "int8", 3,
                        ci.Epilogue(mode="f", out_dtype="float32"))
     Bi, M, Bf = ci.epilogue_constants(w, 1.0, np.ones(C, np.float32), 3 + 128, None, None, None, spec.OCp)
-    target = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
-    return (dw_quads.dwconv2d_quads(spec, 2), target, [x, dw_quads.pack_weight(w, spec), Bi, M, Bf],
-            (1, spec.OH, spec.OW, spec.OCp), "float32")
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": 2})
+    func, wp = ((dw_quads.dwconv2d_quads(spec, 2), dw_quads.pack_weight(w, spec)) if quads
+                else (ci.dwconv2d_int8(spec, 2), ci.pack_dw_weight(w)))
+    return func, target, [x, wp, Bi, M, Bf], (1, spec.OH, spec.OW, spec.OCp), "float32"
+
+
+def _int8_depthwise_strided():
+    return _int8_depthwise(32, 11, 3, 2, 1, "haswell", quads=False)
+
+
+def _int8_depthwise_quads():
+    return _int8_depthwise(32, 9, 5, 1, 4, "cascadelake", quads=True)   # 5x5 on 9 rows: reads past every edge
 
 
 def _bf16_depthwise_pairs():

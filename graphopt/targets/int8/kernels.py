@@ -87,7 +87,7 @@ def conv2d_int8(spec: ConvSpec, dot: str = "vnni", cores: int = 1, residual: boo
                 conds.append(w >= pl)
             if pr:
                 conds.append(w < s.W + pl)
-            if C4 != cin:
+            if C4 > cin:         # channels past the input's (C rounded up to 4) read the zero point
                 conds.append(c < cin)
             if s.in_layout == "NCHW":
                 src = X[n, c, h - pt, w - pl]
