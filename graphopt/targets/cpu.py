@@ -51,8 +51,9 @@ class CpuTarget(Target):
         # cpu_layout, the pruned PP-OCRv4 recognizer's check judged in logit space: api.logit_space)
         self.layout = layout or "nhwc"
         if winograd not in (None, "auto", "off"):
-            raise BadInput(f"target cpu: winograd is auto (the default: Winograd F(2x2,3x3) for the fp32 channels-last "
-                           f"3x3 stride-1 convs where it is faster) or off; got {printable(repr(winograd))}")
+            raise BadInput(f"target cpu: winograd is auto (the default: Winograd F(2x2,3x3) for the channels-last "
+                           f"3x3 stride-1 convs where it is faster, fp32 and bf16) or off; got "
+                           f"{printable(repr(winograd))}")
         self.winograd = winograd or "auto"
         picked = mcpu or os.environ.get("GRAPHOPT_CPU_MCPU")
         self.mcpu = picked or x86_isa.pick_mcpu(x86_isa.host_flags())
@@ -119,7 +120,7 @@ class CpuTarget(Target):
             passes.append(winograd_pass(self.tvm_target()))    # 3x3 stride-1 NHWC convs, where measured faster
         if self.precision == "bf16":
             from .bf16 import bf16_rewrite_pass
-            passes.append(bf16_rewrite_pass(self.tvm_target()))
+            passes.append(bf16_rewrite_pass(self.tvm_target(), winograd=self.winograd == "auto"))
         if self.layout == "nhwc":
             from .cpu_pool import maxpool_pass
             passes.append(maxpool_pass(self.tvm_target()))      # the fp32 NHWC max pools left (cpu_pool)

@@ -20,11 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .bf16.epilogue import bounded
+from .winograd_transforms import input_components, output_values, select, transformed_weight
 
-#: F(2x2, 3x3) (Lavin & Gray): B^T (input), G (weights), A^T (output)
-BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)
-G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float64)
-AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)
 NO_BOUNDS = (None, None)
 #: PrimFunc attribute naming the kernel (tests, debugging)
 KERNEL_ATTR = "graphopt.winograd_kernel"
@@ -69,33 +66,8 @@ class WinogradSpec:
 def pack_weight(w: np.ndarray, nb: int) -> np.ndarray:
     """OIHW 3x3 weights -> fp32 U [K / nb, 16, C, nb]: G g G^T in float64, rounded once."""
     K, C = w.shape[:2]
-    u = np.einsum("ia,kcab,jb->ijck", G, w.astype(np.float64), G).reshape(16, C, K)
+    u = transformed_weight(w)
     return np.ascontiguousarray(u.reshape(16, C, K // nb, nb).transpose(2, 0, 1, 3)).astype(np.float32)
-
-
-def _combination(coef: np.ndarray, term):
-    """sum of coef[a, b] * term(a, b) over the nonzero coefficients (+-1 as additions / subtractions)."""
-    out = None
-    for (a, b), c in np.ndenumerate(coef):
-        if c == 0:
-            continue
-        t = term(a, b)
-        if out is None:
-            out = t if c == 1 else -t if c == -1 else t * float(c)
-        elif c in (1, -1):
-            out = out + t if c == 1 else out - t
-        else:
-            out = out + t * float(c)
-    return out
-
-
-def _select(index, values):
-    """values[index] for a TIR index (a chain of Selects that unrolling folds)."""
-    from tvm import tirx
-    out = values[-1]
-    for i in range(len(values) - 2, -1, -1):
-        out = tirx.Select(index == i, values[i], out)
-    return out
 
 
 def winograd_conv2d(spec: WinogradSpec):
@@ -121,7 +93,7 @@ def winograd_conv2d(spec: WinogradSpec):
 
     def v_value(n, th, tw, e, c):
         d = tile_input(n, th, tw, c)
-        return _select(e, [_combination(np.outer(BT[i], BT[j]), d) for i in range(4) for j in range(4)])
+        return select(e, input_components(d))
 
     V = te.compute((s.N, s.TH, s.TWp, 16, s.C), v_value, name="V")
     rc = te.reduce_axis((0, s.C), "rc")
@@ -136,8 +108,8 @@ def winograd_conv2d(spec: WinogradSpec):
     def y_value(n, h, w, k):
         th, tw = h // 2, w // 2
         m = lambda a, b: M[n, th, tw, a * 4 + b, k]  # noqa: E731
-        outs = [_combination(np.outer(AT[i], AT[j]), m) for i in range(2) for j in range(2)]
-        v = _select(h % 2, [_select(w % 2, outs[:2]), _select(w % 2, outs[2:])])
+        outs = output_values(m)
+        v = select(h % 2, [select(w % 2, outs[:2]), select(w % 2, outs[2:])])
         v = bounded(v + B[k], s.act)
         if s.residual:
             v = bounded(v + R[n, h, w, k], s.act2)

@@ -6,7 +6,8 @@ instead of killing the suite.
 The cases are the kernels whose padding reads a clamped index under a condition (a tap outside the input reads
 zero): Winograd's input transform, the strided int8 depthwise conv (taps read in place), the VNNI int8 depthwise conv
 (unclamped loads under the condition), the bf16 depthwise convs (tap by tap; in pairs: unclamped guarded loads),
-the bf16 conv whose stage folds the kernel row's taps into pairs; and the fp32 max pool, whose taps read clamped
+the bf16 conv whose stage folds the kernel row's taps into pairs, the bf16 Winograd conv's input
+transform; and the fp32 max pool, whose taps read clamped
 indices unconditionally.
 """
 from __future__ import annotations
@@ -114,12 +115,30 @@ def _bf16_stem_folded():
     return bf16.conv2d_bf16(spec), target, args, (N, spec.OH, spec.OW, spec.OCp), "float32"
 
 
+def _bf16_winograd():
+    """bf16 Winograd with bf16 bits in: its input transform reads clamped taps under the condition (odd size:
+    a partial tile block at the right and bottom edges)."""
+    import tvm
+
+    from graphopt.targets import bf16
+    from graphopt.targets.bf16 import winograd
+    N, H, W, C, OC = 1, 9, 11, 16, 32
+    spec = bf16.ConvSpec(N, H, W, C, OC, 3, 3, (1, 1), (1,) * 4, (1, 1), "NHWC", C, act=(0.0, None), in_bf16=True)
+    rng = np.random.default_rng(5)
+    args = [bf16.bf16_bits(rng.standard_normal((N, H, W, C)).astype(np.float32)),
+            winograd.pack_weight(rng.standard_normal((OC, C, 3, 3)).astype(np.float32), spec),
+            np.zeros(spec.OCp, np.float32)]
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "cooperlake", "num-cores": 2})
+    return winograd.winograd_conv2d_bf16(spec), target, args, (N, spec.OH, spec.OW, spec.OCp), "float32"
+
+
 #: case -> (builder, the /proc/cpuinfo flags its kernel's code needs)
 CASES = {"winograd": (_winograd, ()), "int8_depthwise_strided": (_int8_depthwise_strided, ()),
          "int8_depthwise_quads": (_int8_depthwise_quads, ("avx512_vnni",)),
          "bf16_depthwise": (_bf16_depthwise, ("avx512_bf16",)),
          "bf16_depthwise_pairs": (_bf16_depthwise_pairs, ("avx512_bf16",)),
-         "fp32_maxpool": (_fp32_maxpool, ()), "bf16_stem_folded": (_bf16_stem_folded, ("avx512_bf16",))}
+         "fp32_maxpool": (_fp32_maxpool, ()), "bf16_stem_folded": (_bf16_stem_folded, ("avx512_bf16",)),
+         "bf16_winograd": (_bf16_winograd, ("avx512_bf16",))}
 
 
 def main(case: str) -> int:

@@ -45,6 +45,7 @@ from .intrinsic import to_bf16_bits
 from .kernels import (NO_BOUNDS, BatchMatmulSpec, ConvSpec, DenseSpec, batch_matmul_bf16, conv2d_bf16, conv_weight,
                       dense_bf16)
 from .packing import pack_dense_weight, padded_bias
+from .winograd import pack_weight as winograd_weight, pays as winograd_pays, winograd_conv2d_bf16
 
 log = logging.getLogger("graphopt.bf16")
 
@@ -458,11 +459,13 @@ def _left_in_fp32(call) -> str:
 
 
 class _Rewriter(LayoutRewriter):
-    def __init__(self, mod, amx: bool = False, cores: int = 1):
+    def __init__(self, mod, amx: bool = False, cores: int = 1, winograd: bool = True):
         super().__init__(mod, "graphopt_bf16")
         self.amx = amx
         self.cores = cores          # the parallel split of the kernels that choose one (dw_pairs)
-        self.count = {"bf16_conv2d": 0, "bf16_dwconv2d": 0, "bf16_dwconv2d_pairs": 0, "bf16_dense": 0,
+        self.winograd = winograd    # 3x3 stride-1 NHWC convs as winograd.winograd_conv2d_bf16 where it pays
+        self.count = {"bf16_conv2d": 0, "bf16_winograd": 0, "bf16_dwconv2d": 0, "bf16_dwconv2d_pairs": 0,
+                      "bf16_dense": 0,
                       "bf16_batch_matmul": 0, "bf16_amx": 0, "bf16_residual_fused": 0,
                       "bf16_residual_bf16": 0,
                       "bf16_hswish_fused": 0, "bf16_stored_bf16": 0, "bf16_converted_inputs": 0,
@@ -548,7 +551,12 @@ class _Rewriter(LayoutRewriter):
                 spec = dataclasses.replace(spec, res_bf16=dtype_of(r) == "uint16")
                 self.count["bf16_residual_fused"] += 1
                 self.count["bf16_residual_bf16"] += spec.res_bf16
-            gv = self.add_kernel(("conv", spec), lambda: conv2d_bf16(spec), "conv2d")
+            if self.winograd and winograd_pays(spec):
+                args[1] = relax.const(winograd_weight(m.w, spec))
+                gv = self.add_kernel(("winograd", spec), lambda: winograd_conv2d_bf16(spec), "conv2d")
+                self.count["bf16_winograd"] += 1
+            else:
+                gv = self.add_kernel(("conv", spec), lambda: conv2d_bf16(spec), "conv2d")
             shape, dt = (N, spec.OH, spec.OW, spec.OCp), "uint16" if out_bf16 else "float32"
             value = relax.call_tir(gv, args, relax.TensorType(list(shape), dt))
             phys = Phys(self.dfvar("conv", shape, dt), "NHWC", spec.OCp)
@@ -632,23 +640,24 @@ class _Rewriter(LayoutRewriter):
         return value, Phys(self.dfvar("dwconv", shape, dt), "NHWC", Cp)
 
 
-def rewrite_bf16(mod, target):
-    """Replace the fp32 conv2d / matmul chains of mod['main'] with bf16 kernels. Returns (mod, facts): the bf16
-    instruction set used (bf16_dot; bf16_amx: the conv / dense kernels on AMX tiles), kernel counts, the convs /
-    matmuls left in fp32, and the longest reduction (for the self-check's bound). Unchanged when the target has no
-    AVX512-BF16."""
+def rewrite_bf16(mod, target, winograd: bool = True):
+    """Replace the fp32 conv2d / matmul chains of mod['main'] with bf16 kernels (3x3 stride-1 channels-last convs as
+    Winograd kernels where that pays, unless `winograd` is False). Returns (mod, facts): the bf16 instruction set
+    used (bf16_dot; bf16_amx: the conv / dense kernels on AMX tiles), kernel counts, the convs / matmuls left in
+    fp32, and the longest reduction (for the self-check's bound). Unchanged when the target has no AVX512-BF16."""
     dot = bf16_dot(target)
     facts = {"bf16_dot": dot, "bf16_kernels": 0}
     if dot is None or "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
         return mod, facts
     mod = minmax_as_ops(mod)               # Clip's max / min kernels as Relax ops: the epilogue matcher reads them
-    rw = _Rewriter(mod, amx=dot == "amx", cores=num_cores(target))
+    rw = _Rewriter(mod, amx=dot == "amx", cores=num_cores(target), winograd=winograd)
     mod, changed = rewrite_main(mod, rw)
     facts.update(rw.count, bf16_kernels=len(rw.new_funcs) if changed else 0, bf16_max_reduction=rw.max_reduction)
     return mod, facts
 
 
-def bf16_rewrite_pass(target):
+def bf16_rewrite_pass(target, winograd: bool = True):
     """rewrite_bf16 as the module pass `graphopt.Bf16Rewrite`, which tvm_lowering.build runs before LegalizeOps
     (the cpu target: after graphopt.Int8Rewrite and graphopt.ToNHWC); its `facts` are rewrite_bf16's once it ran."""
-    return rewrite_pass("graphopt.Bf16Rewrite", rewrite_bf16, target)
+    import functools
+    return rewrite_pass("graphopt.Bf16Rewrite", functools.partial(rewrite_bf16, winograd=winograd), target)
