@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .bf16.epilogue import bounded
-from .winograd_transforms import input_components, output_values, select, transformed_weight
+from .winograd_transforms import input_components, output_at, select, transformed_weight
 
 NO_BOUNDS = (None, None)
 #: PrimFunc attribute naming the kernel (tests, debugging)
@@ -108,8 +108,7 @@ def winograd_conv2d(spec: WinogradSpec):
     def y_value(n, h, w, k):
         th, tw = h // 2, w // 2
         m = lambda a, b: M[n, th, tw, a * 4 + b, k]  # noqa: E731
-        outs = output_values(m)
-        v = select(h % 2, [select(w % 2, outs[:2]), select(w % 2, outs[2:])])
+        v = output_at(m, h, w)
         v = bounded(v + B[k], s.act)
         if s.residual:
             v = bounded(v + R[n, h, w, k], s.act2)

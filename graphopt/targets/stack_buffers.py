@@ -24,18 +24,14 @@ ANNOTATION = "disable_lower_builtin"
 
 
 def _bytes(buffer) -> int | None:
+    """The buffer's size in bytes, or None when its shape is not constant."""
     n = 1
     for d in buffer.shape:
         if not hasattr(d, "value"):
             return None
         n *= int(d.value)
     dt = buffer.dtype
-    bits = dt.bits * dt.lanes if hasattr(dt, "bits") else None
-    if bits is None:
-        import tvm
-        t = tvm.DataType(str(dt))
-        bits = t.bits * t.lanes
-    return n * bits // 8
+    return n * max(int(dt.bits), 8) * int(dt.lanes) // 8
 
 
 def _walk(stmt, fn):

@@ -47,6 +47,7 @@ def input_components(d):
     return [combination(np.outer(BT[i], BT[j]), d) for i in range(4) for j in range(4)]
 
 
-def output_values(m):
-    """The 2x2 output tile A^T M A for m(a, b) component 4 a + b of M: [(0, 0), (0, 1), (1, 0), (1, 1)]."""
-    return [combination(np.outer(AT[i], AT[j]), m) for i in range(2) for j in range(2)]
+def output_at(m, h, w):
+    """Output pixel (h, w) of its 2x2 tile A^T M A, for m(a, b) component 4 a + b of the tile's M (TIR)."""
+    outs = [combination(np.outer(AT[i], AT[j]), m) for i in range(2) for j in range(2)]
+    return select(h % 2, [select(w % 2, outs[:2]), select(w % 2, outs[2:])])

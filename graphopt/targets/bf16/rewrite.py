@@ -7,22 +7,22 @@ NHWC after the cpu target's channels-last conversion, cpu_layout.to_nhwc):
         -> [relu | clip | max | min]*
         [-> + residual -> [relu | clip | max | min]*]                        (conv2d only for the residual)
 
-W, the biases and the norms' parameters are constants: folded here (norm scales into W, shifts into one bias),
-W packed to bf16 pairs. Conv outputs stay NHWC with channels padded to 16 between kernels, dense outputs [rows, padded
-columns]; logical views are emitted for the fp32 ops that read them (relax_layout). A conv output read only by other
-bf16 convs is stored as bf16 bits (bf16_outputs): they would round it to bf16 on input anyway; a tensor an fp32 op
-makes that only bf16 convs read is converted to bf16 bits by an elementwise op fused into its producer
-(bf16_inputs). The ONNX importer's Clip (call_tir of max / min kernels against a scalar) is first turned into relax
-maximum / minimum (cpu_layout.minmax_as_ops) so that ReLU6 ends a chain instead of cutting it. Depthwise convs (no
-reduction over channels: nothing for a dot product) with their epilogue run as the depthwise kernel (depthwise.py:
-fp32 arithmetic, bf16 bits in and out where only kernels are around it) in NHWC whatever the layout they come in;
-channels-last ones only where that kernel both reads and stores bf16 bits (takes_depthwise), the others are left to
-the cpu target's channels-last depthwise schedule. MobileNet-style chains (1x1 conv -> clip -> depthwise -> clip ->
-1x1 conv -> residual add) so run with no layout change between the kernels in either layout, bf16 bits between them.
-MatMuls of two fp32 activations with a multiple of 16 output columns (attention's QK^T, with a scalar divide /
-multiply after it, and PV) run as the bf16 batch matmul kernel (kernels.batch_matmul_bf16). Other grouped convs
-and the other activation matmuls stay on TVM's fp32 path.
-"""
+W, the biases and the norms' parameters are constants: folded here (norm scales into W, shifts into one bias), W
+packed to bf16 pairs; 3x3 stride-1 convs on a channels-last input run as Winograd F(2x2,3x3) kernels where that pays
+(winograd.py; the target option winograd=off keeps them direct). Conv outputs stay NHWC with channels padded to 16
+between kernels, dense outputs [rows, padded columns]; logical views are emitted for the fp32 ops that read them
+(relax_layout). A conv output read only by other bf16 convs is stored as bf16 bits (bf16_outputs): they would round
+it to bf16 on input anyway; a tensor an fp32 op makes that only bf16 convs read is converted to bf16 bits by an
+elementwise op fused into its producer (bf16_inputs). The ONNX importer's Clip (call_tir of max / min kernels
+against a scalar) is first turned into relax maximum / minimum (cpu_layout.minmax_as_ops) so that ReLU6 ends a chain
+instead of cutting it. Depthwise convs (no reduction over channels: nothing for a dot product) with their epilogue
+run as the depthwise kernel (depthwise.py: fp32 arithmetic, bf16 bits in and out where only kernels are around it)
+in NHWC whatever the layout they come in; channels-last ones only where that kernel both reads and stores bf16 bits
+(takes_depthwise), the others are left to the cpu target's channels-last depthwise schedule. MobileNet-style chains
+(1x1 conv -> clip -> depthwise -> clip -> 1x1 conv -> residual add) so run with no layout change between the kernels
+in either layout, bf16 bits between them. MatMuls of two fp32 activations with a multiple of 16 output columns
+(attention's QK^T, with a scalar divide / multiply after it, and PV) run as the bf16 batch matmul kernel
+(kernels.batch_matmul_bf16). Other grouped convs and the other activation matmuls stay on TVM's fp32 path."""
 from __future__ import annotations
 
 import dataclasses

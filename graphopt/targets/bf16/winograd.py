@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..winograd_transforms import input_components, output_values, select, transformed_weight
+from ..winograd_transforms import input_components, output_at, select, transformed_weight
 from .epilogue import KERNEL_ATTR, conv_epilogue, residual_value
 from .intrinsic import CVT_INTRIN, INTRIN, bf16_value, import_llvm, register_intrinsic, to_bf16_bits
 from .packing import bf16_bits
@@ -132,8 +132,7 @@ def winograd_conv2d_bf16(spec, tiling: Tiling | None = None):
     def y_value(n, h, w, o):
         th, tw = h // 2, w // 2
         m = lambda a, b: M[n, th, tw, a * 4 + b, o // 16, o % 16]  # noqa: E731
-        outs = output_values(m)
-        v = select(h % 2, [select(w % 2, outs[:2]), select(w % 2, outs[2:])])
+        v = output_at(m, h, w)
         return conv_epilogue(s, v, B[o], residual_value(s, R[n, h, w, o]) if s.residual else None, o)
 
     Y = te.compute((s.N, s.OH, s.OW, OCp), y_value, name="out")
