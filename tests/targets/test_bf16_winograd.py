@@ -63,6 +63,7 @@ CASES = [  # H, W, C, OC, pad, Cphys, in_bf16, out_bf16, residual (None | "fp32"
     (13, 11, 24, 40, (1, 1, 1, 1), 32, True, True, None),          # a padded bf16 input; partial tile blocks
     (12, 12, 32, 32, (0, 0, 0, 0), 32, False, True, "bf16"),       # no padding; whole tile blocks stored bf16
     (10, 9, 16, 48, (0, 1, 1, 0), 16, True, False, "bf16"),        # asymmetric padding
+    (9, 8, 16, 32, (1, 1, 1, 1), 16, False, True, None),           # stored bf16 with a partial last tile row
     (28, 28, 64, 64, (1, 1, 1, 1), 64, True, True, "bf16"),        # a ResNet block's shape (4 vectors a tile)
 ]
 

@@ -4,7 +4,7 @@ accumulation (vdpbf16ps, intrinsic.INTRIN), the transforms in fp32.
     U[e, c, k] = (G g[k, c] G^T)[e]        float64 at compile time, rounded once to bf16: [OCp/16, 16, C2, 16, 2]
     V[e, p, c] = (B^T d[p, c] B)[e]        fp32 from the input tile (fp32 or bf16 bits), rounded to bf16 pairs
     M[e, p, k] = sum_c V[e, p, c] U[e, c, k]
-    Y[p, k]    = A^T M[:, p, k] A          fp32, then the conv's epilogue (bias.epilogue.conv_epilogue: bounds,
+    Y[p, k]    = A^T M[:, p, k] A          fp32, then the conv's epilogue (epilogue.conv_epilogue: bias, bounds,
                                            residual and its bounds) and, for a bf16 output, its bf16 bits
 
 The direct bf16 conv (kernels.conv2d_bf16) already runs ResNet's 3x3 convs at about 94% of the vdpbf16ps peak; the
@@ -168,9 +168,9 @@ def _schedule(func, s, t: Tiling, TH: int, TWp: int):
         sch.reverse_compute_at(cvt, ko, preserve_unit_loops=True)
         sch.set_scope(yb, 0, "local")
         lanes = sch.split(sch.get_loops(cvt)[-1], [None, 16])[1]
-        if TWp * 2 == s.OW:          # no partial tile block: vcvtneps2bf16
+        if TWp * 2 == s.OW and TH * 2 == s.OH:       # no partial tile block: vcvtneps2bf16
             sch.tensorize(lanes, CVT_INTRIN)
-        else:                        # the store of a partial block is predicated: to_bf16_bits' integer arithmetic
+        else:               # the store of a partial block is predicated: to_bf16_bits' integer arithmetic
             sch.vectorize(lanes)
     # the GEMMs of one block of tiles x channel vectors into a scratch the output transform reads
     sch.compute_at(mb, ko, preserve_unit_loops=True)
