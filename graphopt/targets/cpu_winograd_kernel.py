@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .bf16.epilogue import bounded
-from .winograd_transforms import input_components, output_at, select, transformed_weight
+from .winograd_transforms import output_at, transformed_input, transformed_weight
 
 NO_BOUNDS = (None, None)
 #: PrimFunc attribute naming the kernel (tests, debugging)
@@ -72,30 +72,15 @@ def pack_weight(w: np.ndarray, nb: int) -> np.ndarray:
 
 def winograd_conv2d(spec: WinogradSpec):
     """Scheduled PrimFunc (X NHWC [N, H, W, C], U [K/nb, 16, C, nb], B [K][, R NHWC [N, OH, OW, K]], Y NHWC)."""
-    from tvm import te, tirx
+    from tvm import te
     s = spec
     pt, pl = s.pad[0], s.pad[1]
     X = te.placeholder((s.N, s.H, s.W, s.C), "float32", name="X")
     U = te.placeholder((s.K // s.nb, 16, s.C, s.nb), "float32", name="U")
     B = te.placeholder((s.K,), "float32", name="B")
-    zero = tirx.const(0.0, "float32")
 
-    def tile_input(n, th, tw, c):
-        def d(a, b):
-            h, w = th * 2 + (a - pt), tw * 2 + (b - pl)
-            inside = tirx.all(h >= 0, h < s.H, w >= 0, w < s.W)
-            hh, ww = tirx.min(tirx.max(h, 0), s.H - 1), tirx.min(tirx.max(w, 0), s.W - 1)
-            # if_then_else, not Select: under a Select's condition the simplifier drops the clamp, and the load
-            # (which a Select evaluates either way) then reads the row above the image: SIGSEGV when the input
-            # starts a fresh mapping (tests/targets/guarded_kernels.py)
-            return tirx.if_then_else(inside, X[n, hh, ww, c], zero)
-        return d
-
-    def v_value(n, th, tw, e, c):
-        d = tile_input(n, th, tw, c)
-        return select(e, input_components(d))
-
-    V = te.compute((s.N, s.TH, s.TWp, 16, s.C), v_value, name="V")
+    V = te.compute((s.N, s.TH, s.TWp, 16, s.C), lambda n, th, tw, e, c: transformed_input(
+        th, tw, e, pt, pl, s.H, s.W, lambda h, w: X[n, h, w, c]), name="V")
     rc = te.reduce_axis((0, s.C), "rc")
     M = te.compute((s.N, s.TH, s.TWp, 16, s.K),
                    lambda n, th, tw, e, k: te.sum(V[n, th, tw, e, rc] * U[k // s.nb, e, rc, k % s.nb], axis=rc),

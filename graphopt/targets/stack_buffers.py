@@ -3,7 +3,7 @@
 TVM 0.27 lowers every buffer a kernel allocates in a scope other than "global" (our tile accumulators, staged
 quads, cache_write tiles: scope "local") to a TVMBackendAllocWorkspace / TVMBackendFreeWorkspace pair, however
 small, and a buffer allocated inside a parallel loop pays that pair on every iteration. MobileNetV2 int8 made
-7,300 such calls per inference (4 to 1,344 bytes each; 4-5% of its time in the pool's list walks). Older TVM kept
+7,300 such calls per inference (4 to 1,344 bytes each; 4-5% of its perf samples in the pool's functions). Older TVM kept
 constant-size CPU buffers under 1 KB on the stack; its LowerTVMBuiltin still honours the `disable_lower_builtin`
 annotation on an allocation, which leaves it to LLVM's codegen as an alloca at the entry of the function that runs
 it (the parallel body's closure for buffers inside a parallel loop, so one per worker thread).

@@ -94,6 +94,10 @@ def build(mod, target, schedule=None, tuning_db: str | None = None, passes=()):
 
     # LLVM (CPU) builds keep kernels' small scratch buffers on the stack (stack_buffers.py)
     tir = stack_buffers.register() if target.kind.name == "llvm" else "default"
+
+    def compile_(m):
+        return tvm.compile(m, target=target, tir_pipeline=tir)
+
     with target:
         seq = [*passes, relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
                relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
@@ -115,16 +119,16 @@ def build(mod, target, schedule=None, tuning_db: str | None = None, passes=()):
             with db:
                 mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
         if schedule is None:
-            return tvm.compile(mod, target=target, tir_pipeline=tir)
+            return compile_(mod)
         scheduled = schedule(mod, target)
         try:
-            return tvm.compile(scheduled, target=target, tir_pipeline=tir)
+            return compile_(scheduled)
         except Exception as e:   # a schedule rule broke the build: TVM's own lowering is slower but correct
             reraise_if_strict(e)
             import warnings
             first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             warnings.warn(f"graphopt: default schedules failed to build ({first[:200]}); building unscheduled")
-            return tvm.compile(mod, target=target, tir_pipeline=tir)
+            return compile_(mod)
 
 
 #: TVM's LLVM code carries DWARF debug info, about as large as the code of an unrolled RNN (1.2 MB of a 4.7 MB

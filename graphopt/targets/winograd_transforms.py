@@ -42,9 +42,20 @@ def select(index, values):
     return out
 
 
-def input_components(d):
-    """The 16 components of B^T d B for d(a, b) the 4x4 input tile (TIR expressions), e = 4 i + j."""
-    return [combination(np.outer(BT[i], BT[j]), d) for i in range(4) for j in range(4)]
+def transformed_input(th, tw, e, pad_top: int, pad_left: int, H: int, W: int, load, also=None):
+    """Component e of B^T d B for tile (th, tw) (TIR): d(a, b) = load(h, w) at the tap's input row and column,
+    clamped into the image, and zero outside it (or where the condition `also` is false)."""
+    from tvm import tirx
+
+    def d(a, b):
+        h, w = th * 2 + (a - pad_top), tw * 2 + (b - pad_left)
+        inside = tirx.all(h >= 0, h < H, w >= 0, w < W, *([] if also is None else [also]))
+        hh, ww = tirx.min(tirx.max(h, 0), H - 1), tirx.min(tirx.max(w, 0), W - 1)
+        # if_then_else, not Select: under a Select's condition the simplifier drops the clamp, and the load (which a
+        # Select evaluates either way) then reads the row above the image: SIGSEGV when the input starts a fresh
+        # mapping (tests/targets/guarded_kernels.py)
+        return tirx.if_then_else(inside, load(hh, ww), tirx.const(0.0, "float32"))
+    return select(e, [combination(np.outer(BT[i], BT[j]), d) for i in range(4) for j in range(4)])
 
 
 def output_at(m, h, w):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..winograd_transforms import input_components, output_at, select, transformed_weight
+from ..winograd_transforms import output_at, transformed_input, transformed_weight
 from .epilogue import KERNEL_ATTR, conv_epilogue, residual_value
 from .intrinsic import CVT_INTRIN, INTRIN, bf16_value, import_llvm, register_intrinsic, to_bf16_bits
 from .packing import bf16_bits
@@ -102,21 +102,12 @@ def winograd_conv2d_bf16(spec, tiling: Tiling | None = None):
     X = te.placeholder((s.N, s.H, s.W, cin), "uint16" if s.in_bf16 else "float32", name="X")
     U = te.placeholder((OCp // 16, 16, C2, 16, 2), "uint16", name="U")
     B = te.placeholder((OCp,), "float32", name="B")
-    zero = tirx.const(0.0, "float32")
 
-    def tile_input(n, th, tw, c):
-        def d(a, b):
-            h, w = th * 2 + (a - pt), tw * 2 + (b - pl)
-            inside = tirx.all(h >= 0, h < s.H, w >= 0, w < s.W, c < s.C)
-            hh, ww = tirx.min(tirx.max(h, 0), s.H - 1), tirx.min(tirx.max(w, 0), s.W - 1)
-            v = X[n, hh, ww, tirx.min(c, cin - 1)]
-            # if_then_else, not Select: the clamped load must not be evaluated outside (cpu_winograd_kernel)
-            return tirx.if_then_else(inside, bf16_value(v) if s.in_bf16 else v, zero)
-        return d
-
-    def v_value(n, th, tw, e, c):
-        d = tile_input(n, th, tw, c)
-        return to_bf16_bits(select(e, input_components(d)))
+    def v_value(n, th, tw, e, c):     # channels past the logical ones (a padded input's, the last pair's) read 0
+        def load(h, w):
+            v = X[n, h, w, tirx.min(c, cin - 1)]
+            return bf16_value(v) if s.in_bf16 else v
+        return to_bf16_bits(transformed_input(th, tw, e, pt, pl, s.H, s.W, load, c < s.C))
 
     V = te.compute((s.N, TH, TWp, 16, C2 * 2), v_value, name="V")
     c2 = te.reduce_axis((0, C2), "c2")
