@@ -1,11 +1,13 @@
 """Survey of the real third-party models in tests/real_models.py: for each installed one, graphopt loads it with its
-dynamic dimensions bound, then three jobs, each in its own subprocess with a time limit (one stuck compile does not
+dynamic dimensions bound, then four jobs, each in its own subprocess with a time limit (one stuck compile does not
 stop the survey):
 
     fp32   graphopt.compile(graph, target="cpu")                         (the compile's own self-check decides ok)
     prune  pipeline "cleanup,prune-channels{flops=0.7}"
     int8   pipeline "cleanup,quantize{scheme=int8}", calibrated on the model's own inputs (8 samples, in the
            layout `graphopt compile --calib` takes: graphopt.samples)
+    bf16   graphopt.compile(graph, target="cpu", target_options={"precision": "bf16"}) (on a CPU with AVX512-BF16;
+           the self-check is the bf16 check against onnxruntime fp32)
 
 Every artifact is also run on one of the model's realistic inputs (seed 100, not a calibration sample) and compared
 with onnxruntime on the original file: the largest error (scaled by max(1, max |output|)), the cosine, and, for
@@ -14,7 +16,7 @@ cost, not a compiler error). For int8 the same numbers are given for onnxruntime
 model.onnx, the bar a compiled int8 library should clear. Latency: the artifact against onnxruntime on
 its model.onnx, one thread, median of a 2 s budget (machine shared: indicative only).
 
-    .venv/bin/python tools/real_models_report.py [--models NAME ...] [--jobs fp32 prune int8] [--timeout 900]
+    .venv/bin/python tools/real_models_report.py [--models NAME ...] [--jobs fp32 prune int8 bf16] [--timeout 900]
                                                  [--out report.md]   (JSON details beside it: report.json)
     .venv/bin/python tools/real_models_report.py --render report.json [--out report.md]   (redraw the tables)
 """
@@ -36,7 +38,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import real_models  # noqa: E402
 
-PIPELINES = {"fp32": None, "prune": "cleanup,prune-channels{flops=0.7}", "int8": "cleanup,quantize{scheme=int8}"}
+PIPELINES = {"fp32": None, "prune": "cleanup,prune-channels{flops=0.7}", "int8": "cleanup,quantize{scheme=int8}",
+             "bf16": None}
+TARGET_OPTIONS = {"bf16": {"precision": "bf16"}}
 CALIB_SAMPLES = 8
 TOP1_KINDS = ("classifier", "ocr-ctc")      # kinds whose last axis is classes: top-1 agreement means something
 CHECK_SEED = 100
@@ -108,7 +112,8 @@ def run_job(name: str, job: str, result_path: Path, phase_path: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="realmodel-") as d:
             t = time.perf_counter()
             art = graphopt.compile(graph, target="cpu", out=Path(d) / "art", pipeline=PIPELINES[job], measure=False,
-                                   data=data, log=lambda msg: phase(f"compiling: {msg}"))
+                                   data=data, target_options=TARGET_OPTIONS.get(job),
+                                   log=lambda msg: phase(f"compiling: {msg}"))
             res["compile_wall_s"] = round(time.perf_counter() - t, 1)
             rep = art.report
             res["check"] = rep.get("check")
@@ -244,10 +249,11 @@ def tables(models, results: dict) -> str:
               "graphopt / onnxruntime ms, 1 thread.", "",
               "| model | fp32 | fp32 real input | fp32 latency | prune{flops=0.7} | MACs, params after/before "
               "| pruned real input | int8 | int8 real input (graphopt) | int8 real input (onnxruntime QDQ) "
-              "| int8 latency |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| int8 latency | bf16 | bf16 real input | bf16 latency |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in models:
         r = results.get(m.name, {})
-        f, p, q = r.get("fp32", {}), r.get("prune", {}), r.get("int8", {})
+        f, p, q, b = r.get("fp32", {}), r.get("prune", {}), r.get("int8", {}), r.get("bf16", {})
 
         def status(x):
             if not x:
@@ -258,7 +264,8 @@ def tables(models, results: dict) -> str:
                  f"{ratio(p.get('params_after'), p.get('params_before'))}" if p.get("macs_before") else "")
         k = m.kind
         lines.append(f"| {m.name} | {status(f)} | {_real(f, k)} | {_lat(f)} | {status(p)} | {sizes} | {_real(p, k)} "
-                     f"| {status(q)} | {_real(q, k)} | {_real(q, k, 'real_input_ort_qdq')} | {_lat(q)} |")
+                     f"| {status(q)} | {_real(q, k)} | {_real(q, k, 'real_input_ort_qdq')} | {_lat(q)} "
+                     f"| {status(b)} | {_real(b, k)} | {_lat(b)} |")
     lines += ["", "## Failures", "", "| model | job | error (where) |", "|---|---|---|"]
     for m in models:
         for job in PIPELINES:

@@ -1,4 +1,7 @@
-"""fold-batchnorm: fold inference BatchNormalization into the Conv, ConvTranspose, Gemm or MatMul before it."""
+"""fold-batchnorm: fold inference BatchNormalization into the Conv, ConvTranspose, Gemm or MatMul before it, and
+a per-channel constant Add after a Conv or ConvTranspose (a bias some exporters write as a node of its own:
+paddle2onnx's ConvTranspose -> Add -> BatchNormalization in PP-OCR's detector head) into that conv's bias, which
+lets a BatchNormalization after the Add fold too."""
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -100,12 +103,76 @@ def _fold_matmul(prod: gs.Node, bn: gs.Node, scale, shift, graph) -> bool:
     return True
 
 
+def _channel_bias(add: gs.Node, conv_out: gs.Variable, cout: int):
+    """The per-output-channel values of add's other operand when `add` adds a constant that broadcasts along the
+    conv output's channel axis only (shape (), (1,), (C, 1, .., 1) or (1, C, 1, .., 1)) and leaves its shape as it
+    is; else None."""
+    if len(add.inputs) != 2 or len(add.outputs) != 1:
+        return None
+    other = add.inputs[1] if add.inputs[0] is conv_out else add.inputs[0]
+    if other is conv_out or not isinstance(other, gs.Constant) or conv_out.shape is None:
+        return None
+    v = other.values
+    rank = len(conv_out.shape)
+    if v.dtype.kind != "f" or v.ndim > rank:
+        return None
+    if v.size == 1:
+        return np.full(cout, float(v.reshape(())), np.float64)
+    shape = (1,) * (rank - v.ndim) + tuple(v.shape)
+    if shape != (1, cout) + (1,) * (rank - 2):
+        return None
+    return v.reshape(cout).astype(np.float64)
+
+
+def _folded_bias(prod: gs.Node, add: gs.Node):
+    """The bias Conv / ConvTranspose `prod` has with the per-channel constant Add after it folded in (exact: the same
+    sum), or None when `add` is not such an Add."""
+    w = prod.inputs[1] if len(prod.inputs) > 1 else None
+    if not isinstance(w, gs.Constant) or w.values.ndim < 3 or \
+            (len(prod.inputs) > 2 and not isinstance(prod.inputs[2], gs.Constant)):
+        return None
+    cout = w.values.shape[0] if prod.op == "Conv" else w.values.shape[1] * int(prod.attrs.get("group", 1))
+    extra = _channel_bias(add, prod.outputs[0], cout)
+    if extra is None:
+        return None
+    b = prod.inputs[2].values.astype(np.float64) if len(prod.inputs) > 2 else np.zeros(cout)
+    return gs.Constant(prod.name + "_bias_addfolded", (b + extra).astype(w.values.dtype))
+
+
+def fold_bias_adds(graph) -> int:
+    """Fold every per-channel constant Add that is the only consumer of a Conv / ConvTranspose output (whose bias is
+    not shared) into that conv's bias; the number folded."""
+    folded = 0
+    for add in list(graph.nodes):
+        if add.op != "Add" or not add.inputs:
+            continue
+        x = next((t for t in add.inputs if not isinstance(t, gs.Constant) and len(t.inputs) == 1), None)
+        if x is None or single_consumer(x, graph) is not add:
+            continue
+        prod = x.inputs[0]
+        if prod.op not in ("Conv", "ConvTranspose") or len(prod.inputs) < 2:
+            continue
+        if len(prod.inputs) > 2 and len(prod.inputs[2].outputs) > 1:      # a shared bias stays as it is
+            continue
+        bias = _folded_bias(prod, add)
+        if bias is None or not bypass(graph, add, keep_input=add.inputs.index(x)):
+            continue
+        if len(prod.inputs) > 2:
+            prod.inputs[2] = bias
+        else:
+            prod.inputs.append(bias)
+        folded += 1
+    return folded
+
+
 @register
 class FoldBatchNorm(Pass):
     name = "fold-batchnorm"
-    help = "Fold inference BatchNormalization into the preceding Conv, ConvTranspose, Gemm or MatMul"
+    help = ("Fold inference BatchNormalization into the preceding Conv, ConvTranspose, Gemm or MatMul, and a "
+            "per-channel constant Add after a Conv / ConvTranspose into its bias")
 
     def run(self, graph, ctx):
+        bias_adds = fold_bias_adds(graph)
         folded = 0
         for bn in list(graph.nodes):
             if bn.op != "BatchNormalization" or not bn.inputs or bn.inputs[0].inputs == []:
@@ -132,6 +199,6 @@ class FoldBatchNorm(Pass):
                 continue
             if ok and bypass(graph, bn):   # bypass cannot fail here: BN's input has a producer
                 folded += 1
-        if folded:
+        if folded or bias_adds:
             toposort(graph.cleanup(remove_unused_graph_inputs=False))
-        return PassResult(graph, folded > 0, {"folded": folded})
+        return PassResult(graph, folded + bias_adds > 0, {"folded": folded, "bias_adds": bias_adds})

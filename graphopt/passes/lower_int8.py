@@ -5,7 +5,7 @@ that only move or select values, with the same scale and zero point on both side
 identity on the integers, so the op can run on the quantized tensor itself:
 
     DequantizeLinear(q, s, z) -> MaxPool | Reshape | Flatten | Transpose | Squeeze | Unsqueeze
-        -> QuantizeLinear(s, z)                       ==>  the op on q
+        | Resize (mode nearest) -> QuantizeLinear(s, z)   ==>  the op on q
     DequantizeLinear(q, s, z) -> Relu -> QuantizeLinear(s, z)   ==>  Max(q, z)   (z is zero for s8: plain max)
 
 Exactness: DequantizeLinear then QuantizeLinear with the same (s, z) returns q exactly, MaxPool / Max commute
@@ -41,10 +41,17 @@ def _consumers(graph_consumers, tensor):
     return graph_consumers.get(tensor.name, [])
 
 
+def _nearest_resize(node: gs.Node) -> bool:
+    """A Resize in mode nearest (ONNX's default): it copies input values, so it runs on the integers as they are."""
+    mode = node.attrs.get("mode", "nearest")
+    return node.op == "Resize" and (mode.decode() if isinstance(mode, bytes) else mode) == "nearest"
+
+
 @register
 class LowerInt8(Pass):
     name = "lower-int8"
-    help = "Run MaxPool/Reshape/Flatten/Transpose/Relu between QDQ pairs on the integer tensors (exact)"
+    help = ("Run MaxPool/Reshape/Flatten/Transpose/Relu/nearest Resize between QDQ pairs on the integer tensors "
+            "(exact)")
     options = {}
 
     def run(self, graph: gs.Graph, ctx) -> PassResult:
@@ -60,8 +67,8 @@ class LowerInt8(Pass):
                 for t in n.inputs:
                     cons.setdefault(t.name, []).append(n)
             for node in list(graph.nodes):
-                if not (traits(node.op).int8_passthrough or node.op == "Relu") or not node.inputs \
-                        or len(node.outputs) != 1:
+                if not (traits(node.op).int8_passthrough or node.op == "Relu" or _nearest_resize(node)) \
+                        or not node.inputs or len(node.outputs) != 1:
                     continue
                 x = node.inputs[0]
                 if len(x.inputs) != 1 or x.inputs[0].op != "DequantizeLinear":

@@ -32,7 +32,6 @@ On llvm targets tirx.exp, tirx.erf and tirx.sigmoid (fp32) are lowered to vector
 from __future__ import annotations
 
 import logging
-import os
 
 import tvm
 from tvm import relax, tirx
@@ -41,6 +40,7 @@ from tvm.s_tir import Schedule
 from graphopt.errors import reraise_if_strict
 
 from . import x86_isa
+from .target_attrs import num_cores
 from .cpu_sched_common import Ctx, check_full_coverage, check_vectorized_loops, register_fast_math
 from .relax_layout import rewrite_calls
 from .cpu_vector_math import vectorizable_math
@@ -58,14 +58,6 @@ def fp32_lanes(target) -> int:
     if target is None:
         return 4
     return x86_isa.vector_bits(x86_isa.features(str(target.attrs.get("mcpu", "")), target.attrs.get("mattr", []))) // 32
-
-
-def _num_cores(target) -> int:
-    n = target.attrs.get("num-cores") if target is not None else None
-    try:
-        return max(1, int(n))
-    except (TypeError, ValueError):
-        return os.cpu_count() or 1
 
 
 def constant_params(mod) -> dict[str, set[int]]:
@@ -110,7 +102,7 @@ def default_schedule(func_or_mod, target, const_params=frozenset()):
         if func.attrs is None or "global_symbol" not in func.attrs:
             func = func.with_attr("global_symbol", "main")
         mod = tvm.IRModule({"main": func})
-    lanes, cores = fp32_lanes(target), _num_cores(target)
+    lanes, cores = fp32_lanes(target), num_cores(target)
     for name, rule in _rules():
         sch = Schedule(mod)
         ctx = Ctx(lanes=lanes, cores=cores, const_params=set(const_params))

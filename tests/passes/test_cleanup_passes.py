@@ -128,3 +128,56 @@ def test_cleanup_repeats_its_pipeline_to_a_fixed_point_within_the_cap():
     assert again.records[0]["info"] == {"rounds": 1, "changed_by": {}} and not again.modified
     capped = PassManager.parse("cleanup{max_iterations=1}").run(_load(ob.gemm_bn()))
     assert capped.records[0]["info"] == {"rounds": 1, "changed_by": {"fold-batchnorm": 1}} and capped.modified
+
+
+def _conv_add_bn(op: str, add_shape, bias: bool, swap: bool = False, group: int = 1):
+    """x [1, 4, 6, 6] -> op (Conv 3x3 pad 1, or ConvTranspose 2x2 stride 2) [+ bias input] -> Add(constant of
+    add_shape, operands swapped when swap) -> BatchNormalization -> y: paddle2onnx's ConvTranspose + Add + BN."""
+    from onnx import helper
+    cout = 6
+    if op == "Conv":
+        w, attrs, out_hw = ob.rnd(cout, 4 // group, 3, 3), {"pads": [1, 1, 1, 1], "group": group}, 6
+    else:
+        w, attrs, out_hw = ob.rnd(4, cout // group, 2, 2), {"strides": [2, 2], "group": group}, 12
+    ins = ["x", "w"] + (["b"] if bias else [])
+    add_in = ["k", "t"] if swap else ["t", "k"]
+    nodes = [helper.make_node(op, ins, ["t"], name="conv", **attrs),
+             helper.make_node("Add", add_in, ["a"], name="bias_add"), ob.bn_node("a", "y", "bn")]
+    inits = [("w", w), ("k", ob.rnd(*add_shape, seed=3))] + ([("b", ob.rnd(cout, seed=1))] if bias else [])
+    return ob.model(nodes, [ob.vi("x", [1, 4, 6, 6])], [ob.vi("y", [1, cout, out_hw, out_hw])],
+                    inits + ob.bn_params("bn", cout))
+
+
+@pytest.mark.parametrize("op,add_shape,bias,swap,group", [
+    ("ConvTranspose", (1, 6, 1, 1), False, False, 1), ("ConvTranspose", (6, 1, 1), True, True, 1),
+    ("ConvTranspose", (1, 6, 1, 1), True, False, 2), ("Conv", (1, 6, 1, 1), True, False, 1),
+    ("Conv", (1,), False, True, 2), ("Conv", (), True, False, 1)])
+def test_fold_batchnorm_folds_a_bias_add_then_the_bn_after_it(op, add_shape, bias, swap, group):
+    """A per-channel constant Add after a Conv / ConvTranspose (either operand order, any broadcastable channel
+    shape, with or without the conv's own bias) folds into the conv's bias; the BN after it then folds too. Exact
+    (the manager compares with onnxruntime on the input graph) and idempotent."""
+    res = PassManager.parse("fold-batchnorm").run(_load(_conv_add_bn(op, add_shape, bias, swap, group)))
+    assert res.records[0]["info"] == {"folded": 1, "bias_adds": 1}
+    assert [n.op for n in res.graph.nodes] == [op] and len(res.graph.nodes[0].inputs) == 3
+    assert res.records[0]["max_error"] < 1e-4
+    assert not PassManager.parse("fold-batchnorm").run(res.graph).modified
+
+
+@pytest.mark.parametrize("add_shape", [(1, 6, 6, 1), (1, 1, 1, 6), (6, 6, 6)])
+def test_fold_batchnorm_leaves_adds_that_are_not_per_channel(add_shape):
+    """An Add that varies along a spatial axis (or broadcasts along the wrong one) is not a bias: it stays, and so
+    does the BN after it."""
+    res = PassManager.parse("fold-batchnorm").run(_load(_conv_add_bn("Conv", add_shape, True)))
+    assert [n.op for n in res.graph.nodes] == ["Conv", "Add", "BatchNormalization"]
+    assert not res.modified
+
+
+def test_fold_batchnorm_leaves_a_bias_add_whose_conv_output_has_other_readers():
+    from onnx import helper
+    nodes = [helper.make_node("Conv", ["x", "w"], ["t"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["t", "k"], ["y"], name="bias_add"),
+             helper.make_node("Relu", ["t"], ["z"], name="relu")]
+    m = ob.model(nodes, [ob.vi("x", [1, 4, 6, 6])], [ob.vi("y", [1, 6, 6, 6]), ob.vi("z", [1, 6, 6, 6])],
+                 [("w", ob.rnd(6, 4, 3, 3)), ("k", ob.rnd(1, 6, 1, 1, seed=3))])
+    res = PassManager.parse("fold-batchnorm").run(_load(m))
+    assert sorted(n.op for n in res.graph.nodes) == ["Add", "Conv", "Relu"] and not res.modified

@@ -34,7 +34,7 @@ import numpy as np
 
 from .. import x86_isa
 from ..cpu_layout import MIN_NHWC_CHANNELS, minmax_as_ops
-from ..int8.target_facts import num_cores
+from ..target_attrs import num_cores
 from ..relax_bindings import (Block, act_bounds, batch_matmul_shapes, dtype_of, fold_fp32, is_constant, op_name,
                               shape_of)
 from ..relax_layout import LayoutRewriter, Phys, rewrite_main, rewrite_pass

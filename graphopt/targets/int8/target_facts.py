@@ -1,9 +1,8 @@
 """What the int8 lowering reads from a TVM target: which integer dot product its code may use, and its cores."""
 from __future__ import annotations
 
-import os
-
 from .. import x86_isa
+from ..target_attrs import num_cores  # noqa: F401  (re-exported: the int8 package's callers read it here)
 
 
 def _is_aarch64(target) -> bool:
@@ -53,9 +52,3 @@ def x86_features(target) -> set[str] | None:
     return x86_isa.features(str(target.attrs.get("mcpu", "")), target.attrs.get("mattr", []))
 
 
-def num_cores(target) -> int:
-    """The target's num-cores (else this machine's CPU count): the kernels' parallel split."""
-    try:
-        return max(1, int(target.attrs.get("num-cores")))
-    except (TypeError, ValueError):
-        return os.cpu_count() or 1
