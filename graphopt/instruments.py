@@ -97,12 +97,18 @@ class _OutputCheck(Instrument):
         after = result.graph
         ref = ort.run(to_onnx(before), self.feeds)
         got = ort.run(to_onnx(after), {k: v for k, v in self.feeds.items() if k in {t.name for t in after.inputs}})
-        return self.judge(p, ref, verify.outputs_by_position(before, ref, after, got), record)
+        self.graphs = (before, after)
+        try:
+            return self.judge(p, ref, verify.outputs_by_position(before, ref, after, got), record)
+        finally:
+            self.graphs = None
 
 
 class NumericCheck(_OutputCheck):
     """Exact passes keep every output: compared with their input graph at verify.EXACT_RTOL / EXACT_ATOL (atol
-    scaled by each output's magnitude); adds "max_error" to the record."""
+    scaled by each output's magnitude); adds "max_error" to the record. An output a Sigmoid / Softmax / Tanh
+    produces in both graphs that misses is judged at that op's input (verify.compare_before_squashing; the record
+    gets "max_error_before_squashing")."""
 
     def applies(self, p):
         return p.exact
@@ -110,6 +116,14 @@ class NumericCheck(_OutputCheck):
     def judge(self, p, ref, got, record):
         ok, err, name = verify.compare(ref, got, verify.EXACT_RTOL, verify.EXACT_ATOL, scale_atol=True)
         record["max_error"] = err
+        if not ok:
+            missed = [k for k in ref if not verify.compare({k: ref[k]}, {k: got[k]}, verify.EXACT_RTOL,
+                                                           verify.EXACT_ATOL, scale_atol=True)[0]]
+            logits = verify.compare_before_squashing(*self.graphs, self.feeds, missed, verify.EXACT_RTOL,
+                                                     verify.EXACT_ATOL)
+            if logits is not None and logits[0]:
+                record["max_error_before_squashing"] = logits[1]
+                return None
         return None if ok else f"is exact but changed output '{name}' (max abs error {err:.3g})"
 
 

@@ -118,6 +118,46 @@ def test_numeric_check_catches_an_exact_pass_that_changes_outputs():
     assert around(NumericCheck(), _Scale(error=5.0), tiny()) == (None, {})     # lossy: not its business
 
 
+SQUASHED = """
+g (float[64] x) => (float[64] y)
+<float a = {50.0}, float c = {0.0}>
+{
+    h = Mul(x, a)
+    l = Add(h, c)
+    y = Sigmoid(l)
+}"""
+
+
+class _NudgeLogits(Pass):
+    """Claims to be exact, moves the logits (up to 50 in magnitude) by `shift`, or swaps the Sigmoid for a Tanh."""
+    name = "test-nudge-logits"
+    options = {"shift": Option(float, 0.0), "swap": Option(bool, False)}
+
+    def run(self, graph, ctx):
+        add = next(n for n in graph.nodes if n.op == "Add")
+        add.inputs[1].values = np.array(self.opts["shift"], np.float32)
+        if self.opts["swap"]:
+            next(n for n in graph.nodes if n.op == "Sigmoid").op = "Tanh"
+        return PassResult(graph, True)
+
+
+def _squashed() -> gs.Graph:
+    return graphopt.load(parse(SQUASHED))
+
+
+def test_numeric_check_judges_a_sigmoid_output_at_its_logits():
+    """Logits up to 50 moved by 4e-5 (8e-7 of their largest: float reassociation's size) move a probability of 0.5
+    by 1e-5, over the output tolerance: judged at the Sigmoid's input, where it is within it. A shift of 1e-3 (2e-5
+    of the largest logit) fails there too, and so does a pass that changes the Sigmoid itself."""
+    feeds = {"x": np.linspace(-1, 1, 64, dtype=np.float32)}
+    problem, record = around(NumericCheck(feeds), _NudgeLogits(shift=4e-5), _squashed())
+    assert problem is None and record["max_error"] > 5e-6 and record["max_error_before_squashing"] <= 5e-5
+    problem, _ = around(NumericCheck(feeds), _NudgeLogits(shift=1e-3), _squashed())
+    assert problem.startswith("is exact but changed output 'y'")
+    problem, _ = around(NumericCheck(feeds), _NudgeLogits(shift=4e-5, swap=True), _squashed())
+    assert problem.startswith("is exact but changed output 'y'")
+
+
 def test_drift_check_records_drift_and_applies_the_pass_budget():
     problem, record = around(DriftCheck(), _Scale(error=0.1, budget=100.0), tiny())
     assert problem is None and 0 < record["drift"]["y"]["max_abs"] < 100 and record["drift"]["y"]["cosine"] > 0.99

@@ -1,7 +1,8 @@
 """fold-batchnorm: fold inference BatchNormalization into the Conv, ConvTranspose, Gemm or MatMul before it, and
-a per-channel constant Add after a Conv or ConvTranspose (a bias some exporters write as a node of its own:
-paddle2onnx's ConvTranspose -> Add -> BatchNormalization in PP-OCR's detector head) into that conv's bias, which
-lets a BatchNormalization after the Add fold too."""
+a per-channel constant Add or Mul after a Conv or ConvTranspose into that conv's bias or weight: a bias some
+exporters write as a node of its own (paddle2onnx's ConvTranspose -> Add -> BatchNormalization in PP-OCR's detector
+head; the BN after it then folds too), a BatchNormalization exported as its arithmetic (Conv -> Mul -> Add: a
+torch.export CRNN)."""
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -103,13 +104,13 @@ def _fold_matmul(prod: gs.Node, bn: gs.Node, scale, shift, graph) -> bool:
     return True
 
 
-def _channel_bias(add: gs.Node, conv_out: gs.Variable, cout: int):
-    """The per-output-channel values of add's other operand when `add` adds a constant that broadcasts along the
-    conv output's channel axis only (shape (), (1,), (C, 1, .., 1) or (1, C, 1, .., 1)) and leaves its shape as it
-    is; else None."""
-    if len(add.inputs) != 2 or len(add.outputs) != 1:
+def _channel_values(node: gs.Node, conv_out: gs.Variable, cout: int):
+    """The per-output-channel values of node's other operand when node (an Add or Mul) combines conv_out with a
+    constant that broadcasts along the conv output's channel axis only (shape (), (1,), (C, 1, .., 1) or
+    (1, C, 1, .., 1)) and leaves its shape as it is; else None."""
+    if len(node.inputs) != 2 or len(node.outputs) != 1:
         return None
-    other = add.inputs[1] if add.inputs[0] is conv_out else add.inputs[0]
+    other = node.inputs[1] if node.inputs[0] is conv_out else node.inputs[0]
     if other is conv_out or not isinstance(other, gs.Constant) or conv_out.shape is None:
         return None
     v = other.values
@@ -124,55 +125,62 @@ def _channel_bias(add: gs.Node, conv_out: gs.Variable, cout: int):
     return v.reshape(cout).astype(np.float64)
 
 
-def _folded_bias(prod: gs.Node, add: gs.Node):
-    """The bias Conv / ConvTranspose `prod` has with the per-channel constant Add after it folded in (exact: the same
-    sum), or None when `add` is not such an Add."""
+def _fold_affine(prod: gs.Node, node: gs.Node, graph) -> bool:
+    """Fold `node`, an Add (a bias: into prod's bias) or Mul (a scale: into prod's weight and bias) of a
+    per-channel constant after Conv / ConvTranspose prod, into prod; False (nothing changed) when it is not one."""
     w = prod.inputs[1] if len(prod.inputs) > 1 else None
     if not isinstance(w, gs.Constant) or w.values.ndim < 3 or \
             (len(prod.inputs) > 2 and not isinstance(prod.inputs[2], gs.Constant)):
-        return None
-    cout = w.values.shape[0] if prod.op == "Conv" else w.values.shape[1] * int(prod.attrs.get("group", 1))
-    extra = _channel_bias(add, prod.outputs[0], cout)
-    if extra is None:
-        return None
+        return False
+    group = int(prod.attrs.get("group", 1))
+    cout = w.values.shape[0] if prod.op == "Conv" else w.values.shape[1] * group
+    values = _channel_values(node, prod.outputs[0], cout)
+    if values is None:
+        return False
+    if node.op == "Mul":                # a scale: the weight is rewritten, so it must be prod's alone
+        return len(w.outputs) == 1 and _fold_conv(prod, values, np.zeros(cout), graph)
     b = prod.inputs[2].values.astype(np.float64) if len(prod.inputs) > 2 else np.zeros(cout)
-    return gs.Constant(prod.name + "_bias_addfolded", (b + extra).astype(w.values.dtype))
+    bias = gs.Constant(prod.name + "_bias_addfolded", (b + values).astype(w.values.dtype))
+    if len(prod.inputs) > 2:
+        prod.inputs[2] = bias
+    else:
+        prod.inputs.append(bias)
+    return True
 
 
-def fold_bias_adds(graph) -> int:
-    """Fold every per-channel constant Add that is the only consumer of a Conv / ConvTranspose output (whose bias is
-    not shared) into that conv's bias; the number folded."""
-    folded = 0
-    for add in list(graph.nodes):
-        if add.op != "Add" or not add.inputs:
+def fold_channel_affine(graph) -> dict[str, int]:
+    """Fold every per-channel constant Add (bias) or Mul (scale) that is the only consumer of a Conv /
+    ConvTranspose output (whose bias is not shared) into that conv (exact up to float rounding, as folding a
+    BatchNormalization is): {"bias_adds": n, "scale_muls": m}. A Conv -> Mul -> Add chain (a BatchNormalization
+    exported as its arithmetic) folds whole, in node order."""
+    counts = {"bias_adds": 0, "scale_muls": 0}
+    for node in list(graph.nodes):
+        if node.op not in ("Add", "Mul") or not node.inputs:
             continue
-        x = next((t for t in add.inputs if not isinstance(t, gs.Constant) and len(t.inputs) == 1), None)
-        if x is None or single_consumer(x, graph) is not add:
+        x = next((t for t in node.inputs if not isinstance(t, gs.Constant) and len(t.inputs) == 1), None)
+        if x is None or single_consumer(x, graph) is not node:
             continue
         prod = x.inputs[0]
         if prod.op not in ("Conv", "ConvTranspose") or len(prod.inputs) < 2:
             continue
         if len(prod.inputs) > 2 and len(prod.inputs[2].outputs) > 1:      # a shared bias stays as it is
             continue
-        bias = _folded_bias(prod, add)
-        if bias is None or not bypass(graph, add, keep_input=add.inputs.index(x)):
-            continue
-        if len(prod.inputs) > 2:
-            prod.inputs[2] = bias
-        else:
-            prod.inputs.append(bias)
-        folded += 1
-    return folded
+        keep = node.inputs.index(x)
+        # bypass cannot fail here (x has one producer and is not a graph output), so the fold is never left
+        # without the node's removal
+        if _fold_affine(prod, node, graph) and bypass(graph, node, keep_input=keep):
+            counts["bias_adds" if node.op == "Add" else "scale_muls"] += 1
+    return counts
 
 
 @register
 class FoldBatchNorm(Pass):
     name = "fold-batchnorm"
     help = ("Fold inference BatchNormalization into the preceding Conv, ConvTranspose, Gemm or MatMul, and a "
-            "per-channel constant Add after a Conv / ConvTranspose into its bias")
+            "per-channel constant Add / Mul after a Conv / ConvTranspose into its bias / weight")
 
     def run(self, graph, ctx):
-        bias_adds = fold_bias_adds(graph)
+        by_affine = fold_channel_affine(graph)
         folded = 0
         for bn in list(graph.nodes):
             if bn.op != "BatchNormalization" or not bn.inputs or bn.inputs[0].inputs == []:
@@ -199,6 +207,7 @@ class FoldBatchNorm(Pass):
                 continue
             if ok and bypass(graph, bn):   # bypass cannot fail here: BN's input has a producer
                 folded += 1
-        if folded or bias_adds:
+        changed = folded + sum(by_affine.values()) > 0
+        if changed:
             toposort(graph.cleanup(remove_unused_graph_inputs=False))
-        return PassResult(graph, folded + bias_adds > 0, {"folded": folded, "bias_adds": bias_adds})
+        return PassResult(graph, changed, {"folded": folded, **by_affine})

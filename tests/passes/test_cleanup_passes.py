@@ -157,7 +157,7 @@ def test_fold_batchnorm_folds_a_bias_add_then_the_bn_after_it(op, add_shape, bia
     shape, with or without the conv's own bias) folds into the conv's bias; the BN after it then folds too. Exact
     (the manager compares with onnxruntime on the input graph) and idempotent."""
     res = PassManager.parse("fold-batchnorm").run(_load(_conv_add_bn(op, add_shape, bias, swap, group)))
-    assert res.records[0]["info"] == {"folded": 1, "bias_adds": 1}
+    assert res.records[0]["info"] == {"folded": 1, "bias_adds": 1, "scale_muls": 0}
     assert [n.op for n in res.graph.nodes] == [op] and len(res.graph.nodes[0].inputs) == 3
     assert res.records[0]["max_error"] < 1e-4
     assert not PassManager.parse("fold-batchnorm").run(res.graph).modified
@@ -181,3 +181,41 @@ def test_fold_batchnorm_leaves_a_bias_add_whose_conv_output_has_other_readers():
                  [("w", ob.rnd(6, 4, 3, 3)), ("k", ob.rnd(1, 6, 1, 1, seed=3))])
     res = PassManager.parse("fold-batchnorm").run(_load(m))
     assert sorted(n.op for n in res.graph.nodes) == ["Add", "Conv", "Relu"] and not res.modified
+
+
+@pytest.mark.parametrize("op,group", [("Conv", 1), ("Conv", 2), ("ConvTranspose", 1), ("ConvTranspose", 2)])
+def test_fold_batchnorm_folds_a_batchnorm_exported_as_mul_and_add(op, group):
+    """Conv -> Mul(per-channel scale) -> Add(per-channel shift) -> Relu (a BatchNormalization written out as its
+    arithmetic: a torch.export CRNN) becomes Conv -> Relu; exact, idempotent."""
+    from onnx import helper
+    cout = 6
+    if op == "Conv":
+        w, attrs, hw = ob.rnd(cout, 4 // group, 3, 3), {"pads": [1, 1, 1, 1], "group": group}, 6
+    else:
+        w, attrs, hw = ob.rnd(4, cout // group, 2, 2), {"strides": [2, 2], "group": group}, 12
+    nodes = [helper.make_node(op, ["x", "w", "b"], ["t"], name="conv", **attrs),
+             helper.make_node("Mul", ["t", "s"], ["m"], name="scale"),
+             helper.make_node("Add", ["sh", "m"], ["a"], name="shift"),
+             helper.make_node("Relu", ["a"], ["y"], name="relu")]
+    m = ob.model(nodes, [ob.vi("x", [1, 4, 6, 6])], [ob.vi("y", [1, cout, hw, hw])],
+                 [("w", w), ("b", ob.rnd(cout, seed=1)), ("s", ob.rnd(1, cout, 1, 1, seed=2)),
+                  ("sh", ob.rnd(cout, 1, 1, seed=3))])
+    res = PassManager.parse("fold-batchnorm").run(_load(m))
+    assert res.records[0]["info"] == {"folded": 0, "bias_adds": 1, "scale_muls": 1}
+    assert [n.op for n in res.graph.nodes] == [op, "Relu"] and res.records[0]["max_error"] < 1e-4
+    assert not PassManager.parse("fold-batchnorm").run(res.graph).modified
+
+
+def test_fold_batchnorm_leaves_a_scale_on_a_shared_weight():
+    """Scaling a weight two convs share would change the other conv: the Mul stays (a bias Add would not need to
+    touch the weight and folds)."""
+    from onnx import helper
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "w"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["c1", "s"], ["y1"], name="scale"),
+             helper.make_node("Add", ["c2", "s"], ["y2"], name="shift")]
+    m = ob.model(nodes, [ob.vi("x", [1, 3, 8, 8])], [ob.vi("y1", [1, 4, 8, 8]), ob.vi("y2", [1, 4, 8, 8])],
+                 [("w", ob.rnd(4, 3, 3, 3)), ("s", ob.rnd(1, 4, 1, 1, seed=2))])
+    res = PassManager.parse("fold-batchnorm").run(_load(m))
+    assert res.records[0]["info"] == {"folded": 0, "bias_adds": 1, "scale_muls": 0}
+    assert sorted(n.op for n in res.graph.nodes) == ["Conv", "Conv", "Mul"]

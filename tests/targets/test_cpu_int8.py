@@ -428,6 +428,28 @@ def test_matmul_with_constant_weight(tmp_path, lead):
     _check_against_ort(q, runner, [{"x": rng.standard_normal((*lead, 40)).astype(np.float32)} for _ in range(3)])
 
 
+def test_dense_layers_whose_outputs_are_added_stay_integer(tmp_path):
+    """An LSTM cell's gates, x W_ih + b_ih + h W_hh + b_hh as Gemms whose quantized outputs are added (captcha-crnn's
+    unrolled LSTM): the dense kernel has no residual input, so each Gemm is its own integer kernel (quantized
+    output) and the add runs after them; before, the matcher took the add into the chain and then refused the
+    whole Gemm, which ran in fp32 (80 of that model's Gemms)."""
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("Gemm", ["x", "wi", "bi"], ["gi"], name="gemm_ih", transB=1),
+             helper.make_node("Gemm", ["h", "wh", "bh"], ["gh"], name="gemm_hh", transB=1),
+             helper.make_node("Add", ["gi", "gh"], ["y"], name="gates")]
+    m = ob.model(nodes, [ob.vi("x", [1, 64]), ob.vi("h", [1, 32])], [ob.vi("y", [1, 128])],
+                 [("wi", ob.rnd(128, 64)), ("bi", ob.rnd(128, seed=3)), ("wh", ob.rnd(128, 32, seed=4)),
+                  ("bh", ob.rnd(128, seed=5))])
+    calib = {"x": rng.standard_normal((8, 1, 64)).astype(np.float32),
+             "h": np.tanh(rng.standard_normal((8, 1, 32))).astype(np.float32)}
+    q, _ = _quantized(graphopt.load(m), calib)
+    runner, facts, _ = _compile(q, tmp_path)
+    assert facts["dense"] == 2 and facts["fp32_matmuls"] == 0
+    _check_against_ort(q, runner, [{"x": rng.standard_normal((1, 64)).astype(np.float32),
+                                    "h": np.tanh(rng.standard_normal((1, 32))).astype(np.float32)}
+                                   for _ in range(3)])
+
+
 def test_rewrite_is_the_first_pass_of_the_build_pipeline(tmp_path):
     """The int8 rewrite is a TVM module pass (graphopt.Int8Rewrite) that build() runs before TVM's own passes
     (LegalizeOps would turn the quantized chains into fp32 loops first); its facts are read back from the pass."""

@@ -315,12 +315,12 @@ def match_dense(blk: Block, idx: int):
     if w.ndim != 2 or w.shape[1] != xshape[-1]:
         return None
     xq, sx, zx, dt = act
-    chain = _follow_epilogue(blk, idx, w.shape[0], -1, sx, sw)
+    # residual adds after a dense layer are not fused (the kernel has no residual input): the chain ends at its
+    # quantize and the add runs after it (an LSTM cell's x W_ih + h W_hh: both Gemms integer, the add in fp32)
+    chain = _follow_epilogue(blk, idx, w.shape[0], -1, sx, sw, residual=False)
     if chain is None:
         return None
     root, interior, bias_i32, bias_f, epi, sy, rq = chain
-    if epi.mode == "qadd":
-        return None       # residual adds on dense layers stay on the fp32 path
     out_var = blk.bindings[root].var
     return Match("dense", root, interior, xq, zx, sx, dt, w, sw, bias_i32, bias_f, {"xshape": xshape}, epi, sy,
                   None, out_var, shape_of(out_var))
