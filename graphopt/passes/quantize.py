@@ -81,6 +81,7 @@ from graphopt import metadata
 from graphopt.errors import BadInput, CheckFailed, printable
 from graphopt.progress import Progress
 from graphopt.samples import feeds_from_samples
+from graphopt.shapes import infer
 from graphopt.graph import MAX_IR_VERSION, constant_value, from_onnx, to_onnx, toposort
 from graphopt.passmanager import Option, Pass, PassResult, register
 from graphopt.passes.deconv_as_depth_to_space import rewrite_deconvs
@@ -422,7 +423,9 @@ class Quantize(Pass):
         compute = {n.name for n in fp32.graph.node if n.op_type in COMPUTE_OPS}
         info.update({"quantized": quantized, "quantized_count": len(quantized),
                      "fp32_nodes": sorted(compute - set(quantized)), "fallback": fallback})
-        out = from_onnx(model)
+        # the quantizer writes no shapes for the tensors it adds (every DequantizeLinear output): annotated here, so
+        # the passes after quantize (the targets' legalization: conv1d-as-2d takes static shapes only) see them
+        out = infer(from_onnx(model))
         metadata.set_quantization(out, metadata.Quantization("int8", self.opts["activations"]))
         return PassResult(out, True, info)
 
