@@ -37,7 +37,11 @@ def _weight_values(w):
     if isinstance(w, gs.Constant):
         return w.values if w.values.dtype.kind == "f" else None
     dq = _dequantized(w)
-    return dq[1].values if dq is not None and int(dq[0].attrs.get("axis", 1)) == 0 else None
+    if dq is None:
+        return None
+    q, scale = dq[1].values, dq[0].inputs[1]
+    per_tensor = isinstance(scale, gs.Constant) and scale.values.size == 1
+    return q if per_tensor or int(dq[0].attrs.get("axis", 1)) % q.ndim == 0 else None
 
 
 def _kind(node: gs.Node) -> str | None:
@@ -133,6 +137,6 @@ class Conv1dAs2d(Pass):
             node.outputs = [y2]
             _reshape(graph, y2, list(y.shape), f"{name}_row_out", names, out=y)
             count += 1
-        if count:
-            graph.toposort()
+        if count:       # a quantized conv's old DequantizeLinear nodes may be left without readers
+            graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return PassResult(graph, count > 0, {"rewritten": count})

@@ -111,14 +111,16 @@ def test_new_names_never_clash_with_the_graphs():
     np.testing.assert_allclose(ort.run(out, {"x": x})["y"], ort.run(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)
 
 
-def test_quantized_1d_convs_become_integer_row_convs(tmp_path):
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_quantized_1d_convs_become_integer_row_convs(tmp_path, per_channel):
     """In a QDQ graph (an audio model's quantized STFT / encoder convs: silero-vad's ran as TVM's unscheduled fp32
     conv1d, 5.4 of 6.4 ms) the weight's integers are reshaped under the same per-channel DequantizeLinear and the
     activation on its integers, so the int8 lowering still sees DequantizeLinear -> Conv: every conv an integer
     kernel, the compiled library passing the int8 check. Exact (the manager checks it); idempotent."""
     from graphopt import PassContext
     calib = {"x": np.random.default_rng(4).standard_normal((8, 1, 2, 64)).astype(np.float32)}
-    q = PassManager.parse("quantize{calib_samples=8}").run(graphopt.load(conv1d_model()),
+    q = PassManager.parse(f"quantize{{calib_samples=8,per_channel={str(per_channel).lower()}}}").run(
+        graphopt.load(conv1d_model()),
                                                              PassContext(data={"calib": calib})).graph
     res = PassManager.parse("conv1d-as-2d").run(q)
     assert res.records[-1]["info"]["rewritten"] == 2
