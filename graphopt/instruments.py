@@ -73,6 +73,7 @@ class _OutputCheck(Instrument):
 
     def __init__(self, feeds: dict | None = None):
         self.given_feeds = feeds
+        self.graphs = None          # (before, after) while judge runs
 
     def applies(self, p) -> bool:
         raise NotImplementedError

@@ -36,9 +36,9 @@ result runs in onnxruntime as is and the cpu target lowers the Conv / MatMul / G
   Gemm (fallback_units), until the budget holds (or nothing is left to exclude: then the pass fails). With `ops`
   left at its default, ops=compute is scored first: when it holds the budget it is taken with every layer int8
   (info "ops": "compute"), else the fallback starts from whichever of the two scored higher;
-* BatchNormalization right after a Conv / Gemm / MatMul (and a bias Add after a Conv) is folded first (as
-  fold-batchnorm does), so the folded weights are quantized once instead of a Conv whose output is renormalized in
-  fp32; a ConvTranspose whose kernel equals its stride becomes a 1x1 Conv and a DepthToSpace
+* BatchNormalization right after a Conv / Gemm / MatMul (and a per-channel constant Add or Mul after a Conv: a
+  bias, a BatchNormalization written as its arithmetic) is folded first (as fold-batchnorm does), so the folded
+  weights are quantized once instead of a Conv whose output is renormalized in fp32; a ConvTranspose whose kernel equals its stride becomes a 1x1 Conv and a DepthToSpace
   (deconv-as-depth-to-space: exact), so the int8 lowering's integer convs take it (unless excluded by name or
   exclude_ops=[ConvTranspose]);
 * `qat=true` (quantization-aware training) is carried out by `graphopt compress` (and `graphopt build` with training
@@ -567,7 +567,8 @@ class Quantize(Pass):
 # ---------------------------------------------------------------------------------------------------------------
 
 def _fold_batchnorm(graph: gs.Graph, ctx) -> tuple[gs.Graph, int]:
-    """fold-batchnorm (BatchNormalization and bias Adds folded into the conv before them); the BNs folded."""
+    """fold-batchnorm (BatchNormalization, per-channel Adds and Muls folded into the conv before them); the BNs
+    folded."""
     from graphopt.passes.fold_batchnorm import FoldBatchNorm
     res = FoldBatchNorm().run(graph, ctx)
     return res.graph, int(res.info.get("folded", 0))
