@@ -135,3 +135,50 @@ def test_quantized_1d_convs_become_integer_row_convs(tmp_path, per_channel):
     rep = art.report
     if rep["int8_dot"]:                  # a CPU with an integer dot product (VNNI, AVX2, usdot)
         assert rep["conv2d"] + rep["dwconv2d"] + rep["dwconv2d_vnni"] == 2 and rep["fp32_convs"] == 0, rep
+
+
+def stft_model(bias=True):
+    """(an audio front end: openWakeWord's melspectrogram) x [1, 1, 800] -> Conv1d over one channel, 96 taps,
+    stride 40, 33 output channels [+ bias] -> Relu -> y [1, 33, 18]."""
+    rng = np.random.default_rng(5)
+    ins = ["x", "w"] + (["b"] if bias else [])
+    nodes = [helper.make_node("Conv", ins, ["c"], name="stft", strides=[40], kernel_shape=[96]),
+             helper.make_node("Relu", ["c"], ["y"], name="relu")]
+    inits = [("w", rng.standard_normal((33, 1, 96)).astype(np.float32))] + \
+        ([("b", rng.standard_normal(33).astype(np.float32))] if bias else [])
+    return ob.model(nodes, [ob.vi("x", [1, 1, 800])], [ob.vi("y", [1, 33, 18])], inits)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_long_single_channel_conv_becomes_frames_and_a_matmul(bias, tmp_path):
+    """A conv over one input channel with >= FRAMES_MIN_TAPS taps is a GEMM of overlapping frames: Gather of the
+    frames, MatMul with the transposed weight, Transpose back. Exact (checked by the manager and here), idempotent,
+    and the cpu target compiles it (the MatMul as a scheduled dense kernel)."""
+    model = stft_model(bias)
+    res = PassManager.parse("conv1d-as-2d").run(graphopt.load(model))
+    assert res.records[-1]["info"] == {"rewritten": 1, "as_frames": 1}
+    ops = [n.op for n in res.graph.nodes]
+    assert "Conv" not in ops and {"Gather", "MatMul", "Transpose"} <= set(ops)
+    x = np.random.default_rng(1).standard_normal((1, 1, 800)).astype(np.float32)
+    got = ort.run(graphopt.to_onnx(res.graph, check=True), {"x": x})["y"]
+    np.testing.assert_allclose(got, ort.run(model, {"x": x})["y"], rtol=1e-5, atol=1e-4)
+    assert not PassManager.parse("conv1d-as-2d").run(res.graph).modified
+    assert api.compile(model, "cpu", out=tmp_path / "a", measure=False).report["check"]["ok"]
+
+
+def test_quantized_frames_conv_becomes_an_integer_dense_kernel(tmp_path):
+    """Quantized, the frames are gathered on the integers and the transposed weight keeps its per-channel scales
+    (axis 1 now), so the int8 lowering takes the MatMul as an integer dense kernel."""
+    from graphopt import PassContext
+    calib = {"x": np.random.default_rng(4).standard_normal((8, 1, 1, 800)).astype(np.float32)}
+    q = PassManager.parse("quantize{calib_samples=8}").run(graphopt.load(stft_model()),
+                                                             PassContext(data={"calib": calib})).graph
+    res = PassManager.parse("conv1d-as-2d").run(q)
+    assert res.records[-1]["info"]["as_frames"] == 1
+    gather = next(n for n in res.graph.nodes if n.op == "Gather")
+    assert gather.inputs[0].dtype == np.uint8
+    art = api.compile(q, "cpu", out=tmp_path / "a", measure=False)
+    rep = art.report
+    assert rep["check"]["ok"]
+    if rep["int8_dot"]:
+        assert rep["dense"] == 1 and rep["fp32_matmuls"] == 0 and rep["fp32_convs"] == 0, rep
