@@ -73,12 +73,13 @@ class _OutputCheck(Instrument):
 
     def __init__(self, feeds: dict | None = None):
         self.given_feeds = feeds
-        self.graphs = None          # (before, after) while judge runs
 
     def applies(self, p) -> bool:
         raise NotImplementedError
 
-    def judge(self, p, ref: dict, got: dict, record: dict) -> str | None:
+    def judge(self, p, ref: dict, got: dict, record: dict, graphs: tuple) -> str | None:
+        """The problem with the pass's outputs (got) against its input graph's (ref), or None; graphs: (before,
+        after)."""
         raise NotImplementedError
 
     def enter_pipeline(self, graph, passes, ctx):
@@ -98,11 +99,7 @@ class _OutputCheck(Instrument):
         after = result.graph
         ref = ort.run(to_onnx(before), self.feeds)
         got = ort.run(to_onnx(after), {k: v for k, v in self.feeds.items() if k in {t.name for t in after.inputs}})
-        self.graphs = (before, after)
-        try:
-            return self.judge(p, ref, verify.outputs_by_position(before, ref, after, got), record)
-        finally:
-            self.graphs = None
+        return self.judge(p, ref, verify.outputs_by_position(before, ref, after, got), record, (before, after))
 
 
 class NumericCheck(_OutputCheck):
@@ -114,13 +111,13 @@ class NumericCheck(_OutputCheck):
     def applies(self, p):
         return p.exact
 
-    def judge(self, p, ref, got, record):
+    def judge(self, p, ref, got, record, graphs):
         ok, err, name = verify.compare(ref, got, verify.EXACT_RTOL, verify.EXACT_ATOL, scale_atol=True)
         record["max_error"] = err
         if not ok:
             missed = [k for k in ref if not verify.compare({k: ref[k]}, {k: got[k]}, verify.EXACT_RTOL,
                                                            verify.EXACT_ATOL, scale_atol=True)[0]]
-            logits = verify.compare_before_squashing(*self.graphs, self.feeds, missed, verify.EXACT_RTOL,
+            logits = verify.compare_before_squashing(*graphs, self.feeds, missed, verify.EXACT_RTOL,
                                                      verify.EXACT_ATOL)
             if logits is not None and logits[0]:
                 record["max_error_before_squashing"] = logits[1]
@@ -135,7 +132,7 @@ class DriftCheck(_OutputCheck):
     def applies(self, p):
         return not p.exact
 
-    def judge(self, p, ref, got, record):
+    def judge(self, p, ref, got, record, graphs):
         record["drift"] = verify.drift(ref, got)
         problem = p.check_drift(record["drift"])
         return f"exceeded its budget: {problem}" if problem else None

@@ -36,6 +36,11 @@ def _dequantized(t):
     return (dq, q) if isinstance(q, gs.Constant) and q.values.dtype.kind in "iu" else None
 
 
+def _per_tensor(dq: gs.Node) -> bool:
+    """The DequantizeLinear has one scale (its axis attribute, if any, means nothing)."""
+    return isinstance(dq.inputs[1], gs.Constant) and dq.inputs[1].values.size == 1
+
+
 def _weight_values(w):
     """The weight's array: a float constant, or the integer constant of a quantized weight; else None."""
     if isinstance(w, gs.Constant):
@@ -43,9 +48,8 @@ def _weight_values(w):
     dq = _dequantized(w)
     if dq is None:
         return None
-    q, scale = dq[1].values, dq[0].inputs[1]
-    per_tensor = isinstance(scale, gs.Constant) and scale.values.size == 1
-    return q if per_tensor or int(dq[0].attrs.get("axis", 1)) % q.ndim == 0 else None
+    q = dq[1].values
+    return q if _per_tensor(dq[0]) or int(dq[0].attrs.get("axis", 1)) % q.ndim == 0 else None
 
 
 #: a 1-D conv over one input channel with at least this many taps (an STFT or filterbank front end: 256-512) is a
@@ -81,33 +85,19 @@ def _kind(node: gs.Node) -> str | None:
     return None
 
 
-def _row_weight(graph: gs.Graph, w, names: Names):
-    """The weight [O, I, K] or [O, I, K, 1] as [O, I, 1, K]: a float constant, or for a quantized weight its integer
-    constant reshaped and read through a DequantizeLinear with the same scale, zero point and axis."""
-    v = _weight_values(w)
-    k = v.shape[2]
-    row = np.ascontiguousarray(v.reshape(v.shape[0], v.shape[1], 1, k))
+def _reweighted(graph: gs.Graph, w, values: np.ndarray, suffix: str, names: Names, axis: int = 0):
+    """The weight w laid out as `values` (its array, reshaped / transposed by the caller): a float constant, or for
+    a quantized weight the integers under a DequantizeLinear with the same scale and zero point, per channel along
+    `axis` of the new layout."""
+    values = np.ascontiguousarray(values)
     if isinstance(w, gs.Constant):
-        return gs.Constant(names(f"{w.name}_row"), row)
+        return gs.Constant(names(f"{w.name}_{suffix}"), values)
     dq, q = _dequantized(w)
-    out = gs.Variable(names(f"{w.name}_row"), dtype=w.dtype, shape=list(row.shape))
-    graph.nodes.append(gs.Node("DequantizeLinear", name=names(f"{dq.name}_row"), attrs=dict(dq.attrs),
-                               inputs=[gs.Constant(names(f"{q.name}_row"), row)] + list(dq.inputs[1:]),
+    attrs = dict(dq.attrs) if _per_tensor(dq) else dict(dq.attrs, axis=axis)
+    out = gs.Variable(names(f"{w.name}_{suffix}"), dtype=w.dtype, shape=list(values.shape))
+    graph.nodes.append(gs.Node("DequantizeLinear", name=names(f"{dq.name}_{suffix}"), attrs=attrs,
+                               inputs=[gs.Constant(names(f"{q.name}_{suffix}"), values)] + list(dq.inputs[1:]),
                                outputs=[out]))
-    return out
-
-
-def _row_input(graph: gs.Graph, x, shape, name: str, names: Names):
-    """x reshaped to the row shape; a dequantized activation is reshaped on its integers (a Reshape between a
-    DequantizeLinear and the Conv would hide the quantized conv from the int8 lowering) and dequantized again."""
-    dq = x.inputs[0] if len(x.inputs) == 1 and x.inputs[0].op == "DequantizeLinear" else None
-    if dq is None or isinstance(dq.inputs[0], gs.Constant) or \
-            int(dq.attrs.get("axis", 1)) % len(x.shape) != 1:      # per channel: the channel axis stays axis 1
-        return _reshape(graph, x, shape, name, names)
-    qx = _reshape(graph, dq.inputs[0], shape, name, names)
-    out = gs.Variable(names(f"{name}_dequantized"), dtype=x.dtype, shape=list(shape))
-    graph.nodes.append(gs.Node("DequantizeLinear", name=names(f"{dq.name}_row"), attrs=dict(dq.attrs),
-                               inputs=[qx] + list(dq.inputs[1:]), outputs=[out]))
     return out
 
 
@@ -118,39 +108,27 @@ def _reshape(graph: gs.Graph, x, shape, name: str, names: Names, out=None):
     return out
 
 
-def _on_integers(graph: gs.Graph, x, op: str, extra_inputs, attrs, shape, name: str, names: Names):
-    """op(x, *extra_inputs) for a data-movement op (Reshape, Gather); when x is a dequantized activation, on its
-    integers and dequantized again (so the int8 lowering still sees DequantizeLinear -> MatMul)."""
+def _on_integers(graph: gs.Graph, x, op: str, shape, name: str, names: Names, extra_inputs=(), attrs=None,
+                 keeps_channel_axis: bool = False):
+    """op(x, *extra_inputs) of output shape `shape` for a data-movement op (a Reshape: to `shape`; a Gather); when x
+    is a dequantized activation, on its integers and dequantized again: an op between a DequantizeLinear and the
+    Conv / MatMul would hide it from the int8 lowering. A per-channel DequantizeLinear (axis 1) qualifies only when
+    the op keeps_channel_axis."""
+    if op == "Reshape":
+        extra_inputs = [gs.Constant(names(f"{name}_shape"), np.array(shape, np.int64))]
     dq = x.inputs[0] if len(x.inputs) == 1 and x.inputs[0].op == "DequantizeLinear" else None
-    per_tensor = dq is not None and isinstance(dq.inputs[1], gs.Constant) and dq.inputs[1].values.size == 1
-    src = dq.inputs[0] if per_tensor and not isinstance(dq.inputs[0], gs.Constant) else x
+    movable = dq is not None and not isinstance(dq.inputs[0], gs.Constant) and (
+        _per_tensor(dq) or keeps_channel_axis and int(dq.attrs.get("axis", 1)) % len(x.shape) == 1)
+    src = dq.inputs[0] if movable else x
     out = gs.Variable(names(name), dtype=src.dtype, shape=list(shape))
-    graph.nodes.append(gs.Node(op, name=names(f"{name}_{op.lower()}"), attrs=attrs, inputs=[src, *extra_inputs],
-                               outputs=[out]))
+    graph.nodes.append(gs.Node(op, name=names(f"{name}_{op.lower()}"), attrs=attrs or {},
+                               inputs=[src, *extra_inputs], outputs=[out]))
     if src is x:
         return out
     deq = gs.Variable(names(f"{name}_dequantized"), dtype=x.dtype, shape=list(shape))
     graph.nodes.append(gs.Node("DequantizeLinear", name=names(f"{dq.name}_{name}"), attrs=dict(dq.attrs),
                                inputs=[out] + list(dq.inputs[1:]), outputs=[deq]))
     return deq
-
-
-def _frames_weight(graph: gs.Graph, w, names: Names):
-    """The weight [O, 1, K] as the MatMul's [K, O]: a float constant, or its integer constant transposed under a
-    DequantizeLinear whose per-channel axis is now 1."""
-    v = _weight_values(w)
-    t = np.ascontiguousarray(v.reshape(v.shape[0], v.shape[2]).T)
-    if isinstance(w, gs.Constant):
-        return gs.Constant(names(f"{w.name}_frames"), t)
-    dq, q = _dequantized(w)
-    attrs = dict(dq.attrs)
-    if dq.inputs[1].values.size > 1:
-        attrs["axis"] = 1
-    out = gs.Variable(names(f"{w.name}_frames"), dtype=w.dtype, shape=list(t.shape))
-    graph.nodes.append(gs.Node("DequantizeLinear", name=names(f"{dq.name}_frames"), attrs=attrs,
-                               inputs=[gs.Constant(names(f"{q.name}_frames"), t)] + list(dq.inputs[1:]),
-                               outputs=[out]))
-    return out
 
 
 def _as_frames(graph: gs.Graph, node: gs.Node, weights: dict, names: Names) -> None:
@@ -162,14 +140,14 @@ def _as_frames(graph: gs.Graph, node: gs.Node, weights: dict, names: Names) -> N
     o, ol = y.shape[1], y.shape[2]
     k = _weight_values(w).shape[2]
     s = int(list(node.attrs.get("strides", [1]))[0])
-    flat = _on_integers(graph, x, "Reshape", [gs.Constant(names(f"{name}_flat_shape"), np.array([n, length], np.int64))],
-                        {}, [n, length], f"{name}_flat", names)
+    flat = _on_integers(graph, x, "Reshape", [n, length], f"{name}_flat", names)
     index = gs.Constant(names(f"{name}_frame_index"),
                         (np.arange(ol)[:, None] * s + np.arange(k)[None, :]).astype(np.int64))
-    frames = _on_integers(graph, flat, "Gather", [index], {"axis": 1}, [n, ol, k], f"{name}_frames", names)
+    frames = _on_integers(graph, flat, "Gather", [n, ol, k], f"{name}_frames", names, [index], {"axis": 1})
     wt = weights.get(("frames", w.name))
-    if wt is None:
-        wt = weights[("frames", w.name)] = _frames_weight(graph, w, names)
+    if wt is None:              # [O, 1, K] as the MatMul's [K, O]: the output channels move to axis 1
+        v = _weight_values(w)
+        wt = weights[("frames", w.name)] = _reweighted(graph, w, v.reshape(v.shape[0], k).T, "frames", names, 1)
     cur = gs.Variable(names(f"{name}_frames_out"), dtype=y.dtype, shape=[n, ol, o])
     graph.nodes.append(gs.Node("MatMul", name=names(f"{name}_frames_matmul"), inputs=[frames, wt], outputs=[cur]))
     if len(node.inputs) > 2:
@@ -205,10 +183,13 @@ class Conv1dAs2d(Pass):
             name = node.name or f"conv1d_{count}"
             n, c, length = x.shape[0], x.shape[1], x.shape[2]
             out_len = y.shape[2]
-            x2 = _row_input(graph, x, [n, c, 1, length], f"{name}_row_in", names)
+            x2 = _on_integers(graph, x, "Reshape", [n, c, 1, length], f"{name}_row_in", names,
+                              keeps_channel_axis=True)
             w2 = weights.get(w.name)
-            if w2 is None:
-                w2 = weights[w.name] = _row_weight(graph, w, names)
+            if w2 is None:              # [O, I, K] or [O, I, K, 1] as [O, I, 1, K]
+                v = _weight_values(w)
+                w2 = weights[w.name] = _reweighted(graph, w, v.reshape(v.shape[0], v.shape[1], 1, v.shape[2]),
+                                                   "row", names)
             attrs = dict(node.attrs)
             for key in ("kernel_shape", "strides", "dilations"):
                 if key in attrs:

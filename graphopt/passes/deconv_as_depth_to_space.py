@@ -3,8 +3,9 @@ dilation, one group: the 2x2 stride-2 upsampling of U-Nets and of DBNet's head, 
 input pixel's k x k block of outputs and no two blocks overlap, so it is a 1x1 Conv to k*k*C_out channels followed
 by DepthToSpace (mode DCR, blocksize k):
 
-    y[n, o, h*k + i, w*k + j] = b[o] + sum_c x[n, c, h, w] * W[c, o, i, j]                    (W: C_in x C_out x k x k)
-                              = conv1x1(x, W', b')[n, (i*k + j)*C_out + o, h, w]  W'[(i*k + j)*C_out + o, c] = W[c, o, i, j]
+    y[n, o, h*k + i, w*k + j] = b[o] + sum_c x[n, c, h, w] * W[c, o, i, j]          (W: C_in x C_out x k x k)
+                              = conv1x1(x, W', b')[n, (i*k + j)*C_out + o, h, w]
+    with W'[(i*k + j)*C_out + o, c] = W[c, o, i, j] and b' = b repeated k*k times
 
 Exact: every output is the same sum of the same products. quantize{scheme=int8} applies it before calibrating, so
 the 1x1 Conv becomes an integer conv (the cpu target's int8 lowering has no transposed conv, and onnxruntime's

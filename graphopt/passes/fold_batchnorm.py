@@ -24,6 +24,14 @@ def _bn_affine(bn: gs.Node):
     return scale, beta - mean * scale
 
 
+def _set_bias(prod: gs.Node, bias: gs.Constant) -> None:
+    """prod's third input (Conv / ConvTranspose bias, Gemm C) becomes bias, added when prod had none."""
+    if len(prod.inputs) > 2:
+        prod.inputs[2] = bias
+    else:
+        prod.inputs.append(bias)
+
+
 def _fold_conv(prod: gs.Node, scale, shift, graph) -> bool:
     w = prod.inputs[1]
     if not isinstance(w, gs.Constant) or (len(prod.inputs) > 2 and not isinstance(prod.inputs[2], gs.Constant)):
@@ -47,10 +55,7 @@ def _fold_conv(prod: gs.Node, scale, shift, graph) -> bool:
     dtype = w.values.dtype
     prod.inputs[1] = gs.Constant(w.name + "_bnfolded", Wn.astype(dtype))
     bias = gs.Constant(prod.name + "_bias_bnfolded", (b * scale + shift).astype(dtype))
-    if len(prod.inputs) > 2:
-        prod.inputs[2] = bias
-    else:
-        prod.inputs.append(bias)
+    _set_bias(prod, bias)
     return True
 
 
@@ -77,10 +82,7 @@ def _fold_gemm(prod: gs.Node, scale, shift, graph) -> bool:
     dtype = b_t.values.dtype
     prod.inputs[1] = gs.Constant(b_t.name + "_bnfolded", (Bn).astype(dtype))
     bias = gs.Constant(prod.name + "_bias_bnfolded", Cn.astype(dtype))
-    if len(prod.inputs) > 2:
-        prod.inputs[2] = bias
-    else:
-        prod.inputs.append(bias)
+    _set_bias(prod, bias)
     prod.attrs["beta"] = 1.0
     prod.attrs["alpha"] = alpha
     return True
@@ -141,10 +143,7 @@ def _fold_affine(prod: gs.Node, node: gs.Node, graph) -> bool:
         return len(w.outputs) == 1 and _fold_conv(prod, values, np.zeros(cout), graph)
     b = prod.inputs[2].values.astype(np.float64) if len(prod.inputs) > 2 else np.zeros(cout)
     bias = gs.Constant(prod.name + "_bias_addfolded", (b + values).astype(w.values.dtype))
-    if len(prod.inputs) > 2:
-        prod.inputs[2] = bias
-    else:
-        prod.inputs.append(bias)
+    _set_bias(prod, bias)
     return True
 
 
